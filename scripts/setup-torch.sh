@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates (once) the Python virtual environment that tch builds and links against.
+# It lives outside the repository, keyed by the torch version, and is reused when present.
+# Prints the environment's folder on stdout.
+set -euo pipefail
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
+VENV="$CACHE/torch-$TORCH_VERSION"
+if [ ! -f "$VENV/.complete" ]; then
+  echo "installing torch $TORCH_VERSION into $VENV (once; about 5 GB)" >&2
+  rm -rf "$VENV"
+  mkdir -p "$CACHE"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION" numpy safetensors >&2
+  touch "$VENV/.complete"
+fi
+echo "$VENV"

@@ -1,0 +1,81 @@
+//! The models one pod serves. The operator renders this list as JSON into the environment
+//! variable [`MODELS_ENV`] of both the sidecar and the workers, so they agree by construction.
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable holding the JSON list of [`ModelSource`].
+pub const MODELS_ENV: &str = "KZC_MODELS";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelFormat {
+    Safetensors,
+    TorchScript,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// Unique within a pipeline; workers refer to models by this name.
+    pub name: String,
+    pub format: ModelFormat,
+    /// `file://`, `http://` or `https://`.
+    pub uri: String,
+    /// Expected sha256 of the source file, 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// For safetensors: the built-in architecture the worker builds (see the worker crate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+}
+
+pub fn models_to_json(models: &[ModelSource]) -> String {
+    serde_json::to_string(models).expect("model sources serialize")
+}
+
+pub fn models_from_json(json: &str) -> anyhow::Result<Vec<ModelSource>> {
+    let models: Vec<ModelSource> = serde_json::from_str(json)
+        .map_err(|e| anyhow::anyhow!("invalid {MODELS_ENV} (a JSON list of models): {e}"))?;
+    if models.is_empty() {
+        anyhow::bail!("{MODELS_ENV} lists no models");
+    }
+    for (i, m) in models.iter().enumerate() {
+        if models[..i].iter().any(|o| o.name == m.name) {
+            anyhow::bail!("model name {:?} appears twice in {MODELS_ENV}", m.name);
+        }
+        if let Some(sha) = &m.sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!("model {:?}: sha256 must be 64 hex digits, got {sha:?}", m.name);
+            }
+        }
+    }
+    Ok(models)
+}
+
+pub fn models_from_env() -> anyhow::Result<Vec<ModelSource>> {
+    let json = std::env::var(MODELS_ENV)
+        .map_err(|_| anyhow::anyhow!("{MODELS_ENV} is not set: it must list the models"))?;
+    models_from_json(&json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_duplicates_and_bad_digests() {
+        let m = ModelSource {
+            name: "a".into(),
+            format: ModelFormat::TorchScript,
+            uri: "file:///m.pt".into(),
+            sha256: None,
+            architecture: None,
+        };
+        let json = models_to_json(std::slice::from_ref(&m));
+        assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);
+        let dup = models_to_json(&[m.clone(), m.clone()]);
+        assert!(models_from_json(&dup).unwrap_err().to_string().contains("twice"));
+        let bad = models_to_json(&[ModelSource { sha256: Some("abc".into()), ..m }]);
+        assert!(models_from_json(&bad).unwrap_err().to_string().contains("64 hex"));
+        assert!(models_from_json("[]").is_err());
+    }
+}

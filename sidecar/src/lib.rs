@@ -1,0 +1,18 @@
+//! The weight server's library. It owns the shared-memory layout, the one format that the
+//! sidecar writes and every worker reads, so both sides link this crate.
+//!
+//! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
+//! - [`layout`]: content-addressed store, manifest, atomic publication, bindings.
+//! - [`source`]: fetching `file://` and `http(s)://` sources with sha256 verification.
+//! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
+//! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
+
+pub mod config;
+pub mod formats;
+pub mod layout;
+pub mod pickle;
+pub mod publish;
+pub mod source;
+
+pub use config::{ModelFormat, ModelSource};
+pub use layout::{Bindings, DType, Manifest, Store, TensorEntry, ALIGNMENT};
