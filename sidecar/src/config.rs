@@ -44,7 +44,10 @@ pub fn models_from_json(json: &str) -> anyhow::Result<Vec<ModelSource>> {
         }
         if let Some(sha) = &m.sha256 {
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                anyhow::bail!("model {:?}: sha256 must be 64 hex digits, got {sha:?}", m.name);
+                anyhow::bail!(
+                    "model {:?}: sha256 must be 64 hex digits, got {sha:?}",
+                    m.name
+                );
             }
         }
     }
@@ -73,9 +76,18 @@ mod tests {
         let json = models_to_json(std::slice::from_ref(&m));
         assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);
         let dup = models_to_json(&[m.clone(), m.clone()]);
-        assert!(models_from_json(&dup).unwrap_err().to_string().contains("twice"));
-        let bad = models_to_json(&[ModelSource { sha256: Some("abc".into()), ..m }]);
-        assert!(models_from_json(&bad).unwrap_err().to_string().contains("64 hex"));
+        assert!(models_from_json(&dup)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let bad = models_to_json(&[ModelSource {
+            sha256: Some("abc".into()),
+            ..m
+        }]);
+        assert!(models_from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex"));
         assert!(models_from_json("[]").is_err());
     }
 }

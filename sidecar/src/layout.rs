@@ -112,11 +112,19 @@ impl Manifest {
         let mut end_of_previous = 0u64;
         for t in by_offset {
             if t.offset % ALIGNMENT != 0 {
-                bail!("tensor {:?} starts at unaligned offset {}", t.name, t.offset);
+                bail!(
+                    "tensor {:?} starts at unaligned offset {}",
+                    t.name,
+                    t.offset
+                );
             }
             let expected = t.numel().checked_mul(t.dtype.size());
             if expected != Some(t.length) {
-                bail!("tensor {:?}: length {} does not match its shape and dtype", t.name, t.length);
+                bail!(
+                    "tensor {:?}: length {} does not match its shape and dtype",
+                    t.name,
+                    t.length
+                );
             }
             if t.offset < end_of_previous {
                 bail!("tensor {:?} overlaps the tensor before it", t.name);
@@ -131,12 +139,20 @@ impl Manifest {
 }
 
 /// Assigns aligned offsets, in the given order. Returns the entries and the total size.
-pub fn plan(tensors: impl IntoIterator<Item = (String, DType, Vec<u64>)>) -> (Vec<TensorEntry>, u64) {
+pub fn plan(
+    tensors: impl IntoIterator<Item = (String, DType, Vec<u64>)>,
+) -> (Vec<TensorEntry>, u64) {
     let mut offset = 0u64;
     let mut entries = Vec::new();
     for (name, dtype, shape) in tensors {
         let length = shape.iter().product::<u64>() * dtype.size();
-        entries.push(TensorEntry { name, dtype, shape, offset, length });
+        entries.push(TensorEntry {
+            name,
+            dtype,
+            shape,
+            offset,
+            length,
+        });
         offset = (offset + length).div_ceil(ALIGNMENT) * ALIGNMENT;
     }
     (entries, offset)
@@ -168,8 +184,9 @@ impl Store {
     /// Reads and checks a published model's manifest.
     pub fn open(&self, digest: &str) -> Result<Manifest> {
         let dir = self.model_dir(digest);
-        let text = fs::read_to_string(dir.join(MANIFEST_FILE))
-            .with_context(|| format!("model {digest} is not published in {}", self.root.display()))?;
+        let text = fs::read_to_string(dir.join(MANIFEST_FILE)).with_context(|| {
+            format!("model {digest} is not published in {}", self.root.display())
+        })?;
         let manifest: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("manifest of {digest} is not valid"))?;
         if manifest.digest != digest {
@@ -178,7 +195,9 @@ impl Store {
         let len = fs::metadata(dir.join(TENSORS_FILE))
             .with_context(|| format!("{TENSORS_FILE} of {digest} is missing"))?
             .len();
-        manifest.validate(len).with_context(|| format!("published model {digest} is inconsistent"))?;
+        manifest
+            .validate(len)
+            .with_context(|| format!("published model {digest} is inconsistent"))?;
         if let Some(skeleton) = &manifest.skeleton {
             if !dir.join(skeleton).is_file() {
                 bail!("published model {digest} lacks its {skeleton}");
@@ -199,7 +218,8 @@ impl Store {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        file.lock().with_context(|| format!("locking {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
         Ok(file)
     }
 
@@ -210,7 +230,11 @@ impl Store {
         fs::create_dir_all(&staging_root)
             .with_context(|| format!("creating {}", staging_root.display()))?;
         for entry in fs::read_dir(&staging_root)?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&format!("{digest}.")) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{digest}."))
+            {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -220,7 +244,11 @@ impl Store {
             .unwrap_or(0);
         let dir = staging_root.join(format!("{digest}.{}.{nanos}", std::process::id()));
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Staging { dir, target: self.model_dir(digest), published: false })
+        Ok(Staging {
+            dir,
+            target: self.model_dir(digest),
+            published: false,
+        })
     }
 }
 
@@ -242,7 +270,9 @@ impl Staging {
         let path = self.dir.join(TENSORS_FILE);
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         if size > 0 {
-            if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            if let Err(e) =
+                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)
+            {
                 let free = rustix::fs::statvfs(&self.dir)
                     .map(|s| s.f_bavail * s.f_frsize)
                     .unwrap_or(0);
@@ -277,7 +307,9 @@ impl Staging {
             Err(_) if self.target.join(MANIFEST_FILE).is_file() => {
                 let _ = fs::remove_dir_all(&self.dir);
             }
-            Err(e) => return Err(e).with_context(|| format!("publishing {}", self.target.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("publishing {}", self.target.display()))
+            }
         }
         File::open(parent)?.sync_all()?;
         self.published = true;
@@ -331,7 +363,9 @@ impl Bindings {
 
     pub fn write(&self, digests: &BTreeMap<String, String>) -> Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join(format!(".{READY_FILE}.{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".{READY_FILE}.{}", std::process::id()));
         let mut f = File::create(&tmp)?;
         f.write_all(serde_json::to_string_pretty(digests)?.as_bytes())?;
         f.sync_all()?;
@@ -342,7 +376,9 @@ impl Bindings {
     /// The digests, or None while the sidecar has not finished.
     pub fn read(&self) -> Result<Option<BTreeMap<String, String>>> {
         match fs::read_to_string(self.path()) {
-            Ok(text) => Ok(Some(serde_json::from_str(&text).context("ready.json is not valid")?)),
+            Ok(text) => Ok(Some(
+                serde_json::from_str(&text).context("ready.json is not valid")?,
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -350,13 +386,18 @@ impl Bindings {
 
     /// The digest of one model, with its manifest checked.
     pub fn resolve(&self, store: &Store, model: &str) -> Result<(String, Manifest)> {
-        let digests = self
-            .read()?
-            .with_context(|| format!("the weights are not ready: {} does not exist", self.path().display()))?;
+        let digests = self.read()?.with_context(|| {
+            format!(
+                "the weights are not ready: {} does not exist",
+                self.path().display()
+            )
+        })?;
         let digest = digests
             .get(model)
             .with_context(|| format!("model {model:?} is not among the published models"))?;
-        let manifest = store.open(digest).with_context(|| format!("model {model:?}"))?;
+        let manifest = store
+            .open(digest)
+            .with_context(|| format!("model {model:?}"))?;
         Ok((digest.clone(), manifest))
     }
 }
@@ -384,7 +425,10 @@ mod tests {
             ("b".to_string(), DType::BF16, vec![5, 7]),
             ("c".to_string(), DType::Bool, vec![1]),
         ]);
-        assert_eq!(entries.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![0, 64, 192]);
+        assert_eq!(
+            entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            vec![0, 64, 192]
+        );
         assert_eq!(entries[1].length, 70);
         assert_eq!(total, 256);
         manifest(entries, total).validate(total).unwrap();

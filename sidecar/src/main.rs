@@ -19,7 +19,12 @@ struct Cli {
     #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
     store: PathBuf,
     /// This pod's bindings folder (model name -> digest).
-    #[arg(long, env = "KZC_BINDINGS", global = true, default_value = "/kzc/bindings")]
+    #[arg(
+        long,
+        env = "KZC_BINDINGS",
+        global = true,
+        default_value = "/kzc/bindings"
+    )]
     bindings: PathBuf,
     /// Where http(s) sources are downloaded before they are laid out.
     #[arg(long, env = "KZC_DOWNLOAD_DIR", global = true, default_value_os_t = std::env::temp_dir())]
@@ -66,7 +71,9 @@ fn run(cli: Cli) -> Result<()> {
         bindings: Bindings::new(&cli.bindings),
         download_dir: cli.download_dir,
     };
-    match cli.command.unwrap_or(Command::Serve { listen: "0.0.0.0:8471".into() }) {
+    match cli.command.unwrap_or(Command::Serve {
+        listen: "0.0.0.0:8471".into(),
+    }) {
         Command::Probe => publisher.check_ready(&models),
         Command::Publish => publisher.publish_all(&models).map(|_| ()),
         Command::Serve { listen } => {

@@ -72,19 +72,27 @@ impl<'a> Reader<'a> {
     }
     fn line(&mut self) -> Result<String> {
         let rest = &self.bytes[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').context("unterminated pickle line")?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("unterminated pickle line")?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
     }
     fn string(&mut self, n: usize) -> Result<Value> {
-        Ok(Value::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
+        Ok(Value::Str(
+            String::from_utf8_lossy(self.take(n)?).into_owned(),
+        ))
     }
 }
 
 /// Every storage the pickle refers to, each key once, in order of first appearance.
 pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
-    let mut r = Reader { bytes: pickle, pos: 0 };
+    let mut r = Reader {
+        bytes: pickle,
+        pos: 0,
+    };
     let mut stack: Vec<Value> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: std::collections::HashMap<u64, Value> = Default::default();
@@ -123,7 +131,9 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
             }
             b'Q' => {
                 let pid = pop(&mut stack)?;
-                let Value::Tuple(items) = &pid else { bail!("persistent id at byte {at} is not a tuple") };
+                let Value::Tuple(items) = &pid else {
+                    bail!("persistent id at byte {at} is not a tuple")
+                };
                 match items.as_slice() {
                     [Value::Str(kind), Value::Global(module, name), Value::Str(key), Value::Str(_location), Value::Int(numel)]
                         if kind == "storage" =>
@@ -135,10 +145,16 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
                         let numel = *numel as u64;
                         match refs.iter().find(|s| &s.key == key) {
                             Some(s) if s.dtype != dtype || s.numel != numel => {
-                                bail!("storage {key} is declared twice with different types or sizes")
+                                bail!(
+                                    "storage {key} is declared twice with different types or sizes"
+                                )
                             }
                             Some(_) => {}
-                            None => refs.push(StorageRef { key: key.clone(), dtype, numel }),
+                            None => refs.push(StorageRef {
+                                key: key.clone(),
+                                dtype,
+                                numel,
+                            }),
                         }
                     }
                     _ => bail!("persistent id at byte {at} is not a tensor storage"),
@@ -190,10 +206,18 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
             b'K' => stack.push(Value::Int(r.u8()? as i64)),
             b'M' => stack.push(Value::Int(r.u16()? as i64)),
             0x8a | 0x8b => {
-                let n = if op == 0x8a { r.u8()? as usize } else { r.u32()? as usize };
+                let n = if op == 0x8a {
+                    r.u8()? as usize
+                } else {
+                    r.u32()? as usize
+                };
                 let bytes = r.take(n)?;
                 let value = if n <= 8 && n > 0 {
-                    let mut buf = if bytes[n - 1] & 0x80 != 0 { [0xffu8; 8] } else { [0u8; 8] };
+                    let mut buf = if bytes[n - 1] & 0x80 != 0 {
+                        [0xffu8; 8]
+                    } else {
+                        [0u8; 8]
+                    };
                     buf[..n].copy_from_slice(bytes);
                     Value::Int(i64::from_le_bytes(buf))
                 } else if n == 0 {
@@ -228,12 +252,21 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
                     b'r' => r.u32()? as u64,
                     _ => memo.len() as u64,
                 };
-                let top = stack.last().context("pickle memoizes an empty stack")?.clone();
+                let top = stack
+                    .last()
+                    .context("pickle memoizes an empty stack")?
+                    .clone();
                 memo.insert(key, top);
             }
             b'h' | b'j' => {
-                let key = if op == b'h' { r.u8()? as u64 } else { r.u32()? as u64 };
-                let v = memo.get(&key).with_context(|| format!("pickle memo {key} is unset"))?;
+                let key = if op == b'h' {
+                    r.u8()? as u64
+                } else {
+                    r.u32()? as u64
+                };
+                let v = memo
+                    .get(&key)
+                    .with_context(|| format!("pickle memo {key} is unset"))?;
                 stack.push(v.clone());
             }
             b'R' | 0x81 => {
@@ -272,7 +305,14 @@ mod tests {
         p.extend_from_slice(b"cpu");
         p.extend_from_slice(&[b'K', 6, b't', b'q', 0, b'Q', b'h', 0, b'Q', b'0', b'.']);
         let refs = storage_refs(&p).unwrap();
-        assert_eq!(refs, vec![StorageRef { key: "0".into(), dtype: DType::F32, numel: 6 }]);
+        assert_eq!(
+            refs,
+            vec![StorageRef {
+                key: "0".into(),
+                dtype: DType::F32,
+                numel: 6
+            }]
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ impl Publisher {
     /// one node serialise on a lock: the second finds it published and only verifies it.
     pub fn publish(&self, model: &ModelSource) -> Result<String> {
         let expected = model.sha256.as_ref().map(|s| s.to_ascii_lowercase());
-        let lock_key = expected.clone().unwrap_or_else(|| format!("uri-{}", sha256_hex(model.uri.as_bytes())));
+        let lock_key = expected
+            .clone()
+            .unwrap_or_else(|| format!("uri-{}", sha256_hex(model.uri.as_bytes())));
         info!(model = %model.name, "waiting for the model's lock");
         let _lock = self.store.lock(&lock_key)?;
         if let Some(digest) = &expected {
@@ -57,12 +59,19 @@ impl Publisher {
         info!(model = %model.name, bytes = fetched.size, secs = started.elapsed().as_secs_f32(), "fetched");
         if let Some(digest) = &expected {
             if *digest != fetched.sha256 {
-                bail!("sha256 mismatch: expected {digest}, the source has {}", fetched.sha256);
+                bail!(
+                    "sha256 mismatch: expected {digest}, the source has {}",
+                    fetched.sha256
+                );
             }
         }
         let digest = fetched.sha256.clone();
         // Without an expected digest the lock was keyed by the URI: also hold the digest's.
-        let _digest_lock = if lock_key != digest { Some(self.store.lock(&digest)?) } else { None };
+        let _digest_lock = if lock_key != digest {
+            Some(self.store.lock(&digest)?)
+        } else {
+            None
+        };
         if self.store.is_published(&digest) {
             self.store.open(&digest)?;
             info!(model = %model.name, %digest, "already published; verified");

@@ -29,7 +29,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Copies `reader` to `out` (if any) while hashing; returns (sha256, bytes).
-fn hash_stream(mut reader: impl Read, mut out: Option<&mut File>) -> std::io::Result<(String, u64)> {
+fn hash_stream(
+    mut reader: impl Read,
+    mut out: Option<&mut File>,
+) -> std::io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -51,8 +54,14 @@ fn hash_stream(mut reader: impl Read, mut out: Option<&mut File>) -> std::io::Re
 pub fn fetch(uri: &str, download_dir: &Path) -> Result<Fetched> {
     if let Some(path) = uri.strip_prefix("file://") {
         let file = File::open(path).with_context(|| format!("cannot open source {uri}"))?;
-        let (sha256, size) = hash_stream(file, None).with_context(|| format!("reading source {uri}"))?;
-        return Ok(Fetched { path: PathBuf::from(path), sha256, size, downloaded: false });
+        let (sha256, size) =
+            hash_stream(file, None).with_context(|| format!("reading source {uri}"))?;
+        return Ok(Fetched {
+            path: PathBuf::from(path),
+            sha256,
+            size,
+            downloaded: false,
+        });
     }
     if uri.starts_with("http://") || uri.starts_with("https://") {
         return download(uri, download_dir);
@@ -76,11 +85,13 @@ fn download(uri: &str, download_dir: &Path) -> Result<Fetched> {
         let path = download_dir.join(format!(".download-{}-{attempt}", std::process::id()));
         let result = (|| -> Result<(String, u64)> {
             let response = agent.get(uri).call().map_err(|e| match e {
-                ureq::Error::StatusCode(code) => anyhow::anyhow!("source {uri} answered HTTP {code}"),
+                ureq::Error::StatusCode(code) => {
+                    anyhow::anyhow!("source {uri} answered HTTP {code}")
+                }
                 other => anyhow::anyhow!("source {uri} is unreachable: {other}"),
             })?;
-            let mut file = File::create(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
+            let mut file =
+                File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             let reader = response.into_body().into_reader();
             let (sha, size) = hash_stream(reader, Some(&mut file))
                 .with_context(|| format!("downloading {uri}"))?;
@@ -88,7 +99,14 @@ fn download(uri: &str, download_dir: &Path) -> Result<Fetched> {
             Ok((sha, size))
         })();
         match result {
-            Ok((sha256, size)) => return Ok(Fetched { path, sha256, size, downloaded: true }),
+            Ok((sha256, size)) => {
+                return Ok(Fetched {
+                    path,
+                    sha256,
+                    size,
+                    downloaded: true,
+                })
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 // A 4xx will not change on retry.

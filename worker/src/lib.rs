@@ -1,0 +1,21 @@
+//! The worker runtime: maps a published model read-only and hands libtorch tensors that point
+//! into that mapping, without copying.
+//!
+//! - [`shared`]: [`SharedModel`], the read-only mapping of one published model, and zero-copy
+//!   tensor views whose storages keep the mapping alive (it is unmapped after the last view).
+//! - [`nn`]: binding those views to tch::nn modules built in Rust, never initialising weights.
+//! - [`jit`]: TorchScript modules whose parameters, buffers and constants live in the mapping.
+//! - [`model`]: one loaded model of either format, on cpu or cuda.
+//! - [`memory`]: RSS/PSS/USS from /proc, to prove the sharing.
+//! - [`task`]: the Task-mode shard runner behind `kube-zerocopy-worker task`.
+
+mod ffi;
+pub mod jit;
+pub mod memory;
+pub mod model;
+pub mod nn;
+pub mod shared;
+pub mod task;
+
+pub use model::{LoadedModel, Pipeline};
+pub use shared::SharedModel;

@@ -1,1 +1,230 @@
-fn main() {}
+//! `kube-zerocopy-worker`: maps the pod's published models and runs them.
+//!
+//! - `task`: one shard of the input folder (Task mode, one pod per completion index).
+//! - `inspect`: load, run one input, report load time, pointers and memory as JSON; `--hold`
+//!   keeps the process alive until stdin closes, so that /proc can be read while it runs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kube_zerocopy_sidecar::config::models_from_env;
+use kube_zerocopy_sidecar::{Bindings, ModelSource, Store};
+use kube_zerocopy_worker::memory::MemoryStats;
+use kube_zerocopy_worker::{task, LoadedModel, Pipeline};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+#[command(name = "kube-zerocopy-worker", version, about)]
+struct Cli {
+    #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
+    store: PathBuf,
+    #[arg(
+        long,
+        env = "KZC_BINDINGS",
+        global = true,
+        default_value = "/kzc/bindings"
+    )]
+    bindings: PathBuf,
+    /// cpu, or cuda / cuda:N (weights are copied once from the shared memory to the GPU).
+    #[arg(long, env = "KZC_DEVICE", global = true, default_value = "cpu")]
+    device: String,
+    /// Fault every page of the mapping in at load (MAP_POPULATE) instead of on first use.
+    #[arg(long, env = "KZC_PREFAULT", global = true)]
+    prefault: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Loader {
+    /// Map the published layout (zero-copy).
+    Shared,
+    /// VarStore::load / CModule::load from the source file (the copying baseline).
+    Copy,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one shard of the input folder through the models, in order.
+    Task {
+        /// The shard: the Indexed Job's completion index.
+        #[arg(long, env = "JOB_COMPLETION_INDEX")]
+        shard_index: usize,
+        #[arg(long, env = "KZC_INPUT")]
+        input: PathBuf,
+        #[arg(long, env = "KZC_OUTPUT")]
+        output: PathBuf,
+    },
+    /// Load the models, run one input, print a JSON report.
+    Inspect {
+        #[arg(long, value_enum, default_value = "shared")]
+        loader: Loader,
+        /// A safetensors file with tensor "input".
+        #[arg(long)]
+        input_file: PathBuf,
+        /// Where the output tensor is written (safetensors, tensor "output").
+        #[arg(long)]
+        output_file: Option<PathBuf>,
+        /// Stay alive after the report until stdin closes.
+        #[arg(long)]
+        hold: bool,
+    },
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("device {other:?}: use cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        let message = format!("{e:#}");
+        eprintln!("error: {message}");
+        let _ = std::fs::write("/dev/termination-log", &message);
+        std::process::exit(1);
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let started = Instant::now();
+    let device = parse_device(&cli.device)?;
+    let models = models_from_env()?;
+    let store = Store::new(&cli.store);
+    let bindings = Bindings::new(&cli.bindings);
+    // libtorch's own start-up (thread pools, allocator), measured apart from the load.
+    let init = Instant::now();
+    let _ = Tensor::zeros([1], (Kind::Float, device));
+    let libtorch_init_ms = ms(init);
+
+    match cli.command {
+        Command::Task {
+            shard_index,
+            input,
+            output,
+        } => {
+            let load = Instant::now();
+            let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
+            let load_ms = ms(load);
+            let infer = Instant::now();
+            let out = task::run_shard(&pipeline, &input, &output, shard_index)?;
+            let report = json!({
+                "shard": shard_index,
+                "output": out,
+                "libtorch_init_ms": libtorch_init_ms,
+                "load_ms": load_ms,
+                "infer_ms": ms(infer),
+                "total_ms": ms(started),
+                "memory": MemoryStats::of_process("self")?,
+            });
+            println!("{report}");
+            Ok(())
+        }
+        Command::Inspect {
+            loader,
+            input_file,
+            output_file,
+            hold,
+        } => {
+            let load = Instant::now();
+            let loaded = models
+                .iter()
+                .map(|m| match loader {
+                    Loader::Shared => {
+                        LoadedModel::load_shared(&store, &bindings, m, device, cli.prefault)
+                    }
+                    Loader::Copy => LoadedModel::load_copying(&source_path(m)?, m, device),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let load_ms = ms(load);
+            let x = task::read_input(&input_file)?.to_device(device);
+            let infer = Instant::now();
+            let mut y = x;
+            for m in &loaded {
+                y = m.forward(&y)?;
+            }
+            let infer_ms = ms(infer);
+            if let Some(path) = &output_file {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                task::write_output(dir, &path.file_name().unwrap().to_string_lossy(), &y)?;
+            }
+            let report = json!({
+                "libtorch_init_ms": libtorch_init_ms,
+                "load_ms": load_ms,
+                "first_infer_ms": infer_ms,
+                "since_start_ms": ms(started),
+                "models": loaded.iter().map(pointer_report).collect::<Result<Vec<_>>>()?,
+                "memory": MemoryStats::of_process("self")?,
+            });
+            println!("{report}");
+            std::io::stdout().flush()?;
+            if hold {
+                let mut line = String::new();
+                while std::io::stdin().read_line(&mut line)? > 0 {}
+            }
+            Ok(())
+        }
+    }
+}
+
+fn source_path(m: &ModelSource) -> Result<PathBuf> {
+    m.uri
+        .strip_prefix("file://")
+        .map(PathBuf::from)
+        .with_context(|| {
+            format!(
+                "the copying loader needs a file:// source, model {:?} has {}",
+                m.name, m.uri
+            )
+        })
+}
+
+/// Where each parameter and buffer's data lies relative to the model's shared mapping.
+fn pointer_report(m: &LoadedModel) -> Result<serde_json::Value> {
+    let tensors = m.tensors()?;
+    let (range, mapping) = match &m.shared {
+        Some(s) => (s.mapping_range(), Some(s.mapping_path().to_owned())),
+        None => (0..0, None),
+    };
+    let outside: Vec<&str> = tensors
+        .iter()
+        .filter(|(_, t)| {
+            let p = t.data_ptr() as usize;
+            let end = p + t.numel() * t.kind().elt_size_in_bytes();
+            t.numel() > 0 && !(range.contains(&p) && end <= range.end)
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mapping_memory = match &mapping {
+        Some(p) => Some(MemoryStats::of_mapping("self", p)?),
+        None => None,
+    };
+    Ok(json!({
+        "name": m.name,
+        "tensors": tensors.len(),
+        "tensor_bytes": tensors.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum::<usize>(),
+        "outside_mapping": outside,
+        "mapping": mapping,
+        "mapping_memory": mapping_memory,
+    }))
+}

@@ -31,12 +31,20 @@ pub fn lay_out(source: &[u8], staging: &Staging) -> Result<LaidOut> {
     let mut wanted = Vec::with_capacity(views.len());
     for (name, view) in &views {
         let dtype = dtype(view.dtype()).map_err(|e| anyhow::anyhow!("tensor {name:?}: {e}"))?;
-        wanted.push((name.clone(), dtype, view.shape().iter().map(|&d| d as u64).collect()));
+        wanted.push((
+            name.clone(),
+            dtype,
+            view.shape().iter().map(|&d| d as u64).collect(),
+        ));
     }
     let (tensors, tensors_bytes) = plan(wanted);
     let out = staging.create_tensors_file(tensors_bytes)?;
     for (entry, (_, view)) in tensors.iter().zip(&views) {
         out.write_at(entry.offset, view.data())?;
     }
-    Ok(LaidOut { tensors, tensors_bytes, skeleton: None })
+    Ok(LaidOut {
+        tensors,
+        tensors_bytes,
+        skeleton: None,
+    })
 }

@@ -30,10 +30,16 @@ pub fn lay_out(source: &[u8], staging: &Staging) -> Result<LaidOut> {
         .context("TorchScript archive has an unreadable record name")?;
     let prefix = names
         .iter()
-        .find_map(|n| n.strip_suffix("data.pkl").filter(|p| p.ends_with('/') && p.matches('/').count() == 1))
+        .find_map(|n| {
+            n.strip_suffix("data.pkl")
+                .filter(|p| p.ends_with('/') && p.matches('/').count() == 1)
+        })
         .map(str::to_owned)
         .context("TorchScript archive is missing its record data.pkl")?;
-    if !names.iter().any(|n| n.starts_with(&format!("{prefix}code/"))) {
+    if !names
+        .iter()
+        .any(|n| n.starts_with(&format!("{prefix}code/")))
+    {
         bail!("TorchScript archive is missing its code/ records");
     }
 
@@ -70,24 +76,32 @@ pub fn lay_out(source: &[u8], staging: &Staging) -> Result<LaidOut> {
         let mut done = 0u64;
         while done < entry.length {
             let want = buf.len().min((entry.length - done) as usize);
-            f.read_exact(&mut buf[..want]).with_context(|| format!("reading record {record}"))?;
+            f.read_exact(&mut buf[..want])
+                .with_context(|| format!("reading record {record}"))?;
             out.write_at(entry.offset + done, &buf[..want])?;
             done += want as u64;
         }
         // Reading to the end makes the zip reader check the record's CRC.
-        std::io::copy(&mut f, &mut std::io::sink()).with_context(|| format!("reading record {record}"))?;
+        std::io::copy(&mut f, &mut std::io::sink())
+            .with_context(|| format!("reading record {record}"))?;
     }
 
     let skeleton = staging.path().join(SKELETON_FILE);
     let mut writer = zip::ZipWriter::new(File::create(&skeleton)?);
     for name in &names {
-        let is_storage = ARCHIVES.iter().any(|a| name.starts_with(&format!("{prefix}{a}/")));
+        let is_storage = ARCHIVES
+            .iter()
+            .any(|a| name.starts_with(&format!("{prefix}{a}/")));
         if !is_storage {
             writer.raw_copy_file(zip.by_name(name)?)?;
         }
     }
     writer.finish()?;
-    Ok(LaidOut { tensors, tensors_bytes, skeleton: Some(SKELETON_FILE.to_owned()) })
+    Ok(LaidOut {
+        tensors,
+        tensors_bytes,
+        skeleton: Some(SKELETON_FILE.to_owned()),
+    })
 }
 
 fn read_record(zip: &mut ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8>> {
@@ -97,6 +111,7 @@ fn read_record(zip: &mut ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8
         Err(e) => return Err(e).with_context(|| format!("reading record {name}")),
     };
     let mut bytes = Vec::with_capacity(f.size() as usize);
-    f.read_to_end(&mut bytes).with_context(|| format!("reading record {name}"))?;
+    f.read_to_end(&mut bytes)
+        .with_context(|| format!("reading record {name}"))?;
     Ok(bytes)
 }

@@ -1,0 +1,156 @@
+// The few libtorch calls that tch does not expose, behind a C ABI:
+//  - tensors over caller-owned memory whose release callback runs when the last view is gone;
+//  - loading a TorchScript archive whose tensor storages come from caller memory (the shared
+//    mapping) instead of being read from the archive: libtorch's deserializer, minus the copy.
+// Every function catches C++ exceptions and reports them through `error` (free with kzc_free).
+#include <torch/script.h>
+#include <torch/csrc/jit/serialization/import.h>
+#include <torch/csrc/jit/serialization/import_read.h>
+#include <torch/csrc/jit/serialization/import_source.h>
+#include <torch/csrc/jit/serialization/storage_context.h>
+#include <torch/csrc/jit/operator_upgraders/upgraders_entry.h>
+#include <caffe2/serialize/inline_container.h>
+
+#include <cstring>
+#include <string>
+
+extern "C" {
+
+typedef void (*kzc_release_fn)(void*);
+
+typedef struct {
+  const char* key;
+  void* data;
+  size_t nbytes;
+  void* ctx;  // released through `release` when libtorch drops the storage
+} kzc_storage;
+
+typedef void (*kzc_named_tensor_fn)(void* user, const char* name, int is_buffer, torch::Tensor* t);
+
+static char* kzc_strdup(const std::string& s) {
+  char* out = static_cast<char*>(malloc(s.size() + 1));
+  memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+#define KZC_TRY(error, fallback, ...)       \
+  try {                                     \
+    __VA_ARGS__                             \
+  } catch (const std::exception& e) {       \
+    *(error) = kzc_strdup(e.what());        \
+    return fallback;                        \
+  }
+
+void kzc_free(char* p) { free(p); }
+
+torch::Tensor* kzc_tensor_from_memory(void* data, const int64_t* sizes, int ndim, int scalar_type,
+                                      void* ctx, kzc_release_fn release, char** error) {
+  KZC_TRY(error, nullptr, {
+    auto options = torch::TensorOptions().dtype(static_cast<at::ScalarType>(scalar_type)).device(torch::kCPU);
+    auto t = torch::from_blob(data, at::IntArrayRef(sizes, ndim), [ctx, release](void*) { release(ctx); }, options);
+    return new torch::Tensor(std::move(t));
+  })
+}
+
+static std::shared_ptr<torch::jit::DeserializationStorageContext> storage_context(
+    const kzc_storage* storages, size_t n, kzc_release_fn release) {
+  auto context = std::make_shared<torch::jit::DeserializationStorageContext>();
+  for (size_t i = 0; i < n; i++) {
+    const kzc_storage& s = storages[i];
+    c10::DataPtr ptr(s.data, s.ctx, release, c10::Device(c10::kCPU));
+    context->addStorage(s.key, c10::Storage(c10::Storage::use_byte_size_t(), s.nbytes, std::move(ptr),
+                                            /*allocator=*/nullptr, /*resizable=*/false));
+  }
+  return context;
+}
+
+torch::jit::Module* kzc_jit_load(const char* skeleton_path, const kzc_storage* data, size_t n_data,
+                                 const kzc_storage* constants, size_t n_constants, kzc_release_fn release,
+                                 char** error) {
+  // Storages that libtorch never received must still be released by us.
+  bool handed_over = false;
+  auto release_unclaimed = [&]() {
+    if (!handed_over) {
+      for (size_t i = 0; i < n_data; i++) release(data[i].ctx);
+      for (size_t i = 0; i < n_constants; i++) release(constants[i].ctx);
+    }
+  };
+  try {
+    auto data_context = storage_context(data, n_data, release);
+    auto constants_context = storage_context(constants, n_constants, release);
+    handed_over = true;
+    torch::jit::populate_upgraders_graph_map();
+    auto reader = std::make_shared<caffe2::serialize::PyTorchStreamReader>(std::string(skeleton_path));
+    auto cu = std::make_shared<torch::jit::CompilationUnit>();
+    std::vector<c10::IValue> constants_table;
+    torch::jit::SourceImporter importer(
+        cu, &constants_table,
+        [&reader](const std::string& qualifier) -> std::shared_ptr<torch::jit::Source> {
+          std::string path = "code/" + qualifier;
+          std::replace(path.begin() + 5, path.end(), '.', '/');
+          path += ".py";
+          if (!reader->hasRecord(path)) return nullptr;
+          auto [bytes, size] = reader->getRecord(path);
+          return std::make_shared<torch::jit::Source>(
+              std::string_view(static_cast<const char*>(bytes.get()), size), path, 1, nullptr,
+              torch::jit::Source::COPIES_STRING);
+        },
+        reader->version());
+    auto resolve = [&](const c10::QualifiedName& name) {
+      return c10::StrongTypePtr(cu, importer.loadType(name));
+    };
+    auto constants_tuple = torch::jit::readArchiveAndTensors(
+                               "constants", "", "", resolve, torch::jit::ObjLoaderFunc, std::nullopt, *reader,
+                               torch::jit::Unpickler::defaultTypeParser, constants_context)
+                               .toTuple();
+    for (const auto& constant : constants_tuple->elements()) constants_table.push_back(constant);
+    auto root = torch::jit::readArchiveAndTensors("data", "", "", resolve, torch::jit::ObjLoaderFunc, std::nullopt,
+                                                  *reader, torch::jit::Unpickler::defaultTypeParser, data_context);
+    auto module = new torch::jit::Module(root.toObject());
+    module->eval();
+    return module;
+  } catch (const std::exception& e) {
+    release_unclaimed();
+    *error = kzc_strdup(e.what());
+    return nullptr;
+  }
+}
+
+void kzc_jit_free(torch::jit::Module* m) { delete m; }
+
+torch::Tensor* kzc_jit_forward(torch::jit::Module* m, torch::Tensor* const* inputs, int n, char** error) {
+  KZC_TRY(error, nullptr, {
+    torch::NoGradGuard no_grad;
+    std::vector<c10::IValue> args;
+    for (int i = 0; i < n; i++) args.emplace_back(*inputs[i]);
+    auto out = m->forward(args);
+    if (out.isTuple() && !out.toTupleRef().elements().empty()) out = out.toTupleRef().elements()[0];
+    if (!out.isTensor()) throw std::runtime_error("forward returned " + out.tagKind() + ", not a tensor");
+    return new torch::Tensor(out.toTensor());
+  })
+}
+
+int kzc_jit_named_tensors(torch::jit::Module* m, void* user, kzc_named_tensor_fn f, char** error) {
+  KZC_TRY(error, -1, {
+    int n = 0;
+    for (const auto& p : m->named_parameters(true)) {
+      f(user, p.name.c_str(), 0, new torch::Tensor(p.value));
+      n++;
+    }
+    for (const auto& b : m->named_buffers(true)) {
+      f(user, b.name.c_str(), 1, new torch::Tensor(b.value));
+      n++;
+    }
+    return n;
+  })
+}
+
+// Moves every parameter and buffer to `device` (one copy; the shared storages are released).
+int kzc_jit_to(torch::jit::Module* m, int device_type, int device_index, char** error) {
+  KZC_TRY(error, -1, {
+    m->to(c10::Device(static_cast<c10::DeviceType>(device_type), static_cast<c10::DeviceIndex>(device_index)));
+    return 0;
+  })
+}
+
+}  // extern "C"

@@ -1,0 +1,96 @@
+//! Memory of a process from /proc: the figures that prove (or disprove) sharing.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Kibibytes, as /proc reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// Resident set: every page mapped and present.
+    pub rss_kib: u64,
+    /// Proportional set: shared pages divided among the processes that map them.
+    pub pss_kib: u64,
+    /// Unique set: pages only this process maps (Private_Clean + Private_Dirty).
+    pub uss_kib: u64,
+    /// Anonymous memory: heap and private copies; a copied model shows up here.
+    pub anon_kib: u64,
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+    rest.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+fn add_fields(stats: &mut MemoryStats, line: &str) {
+    if let Some(v) = field(line, "Rss") {
+        stats.rss_kib += v;
+    } else if let Some(v) = field(line, "Pss") {
+        stats.pss_kib += v;
+    } else if let Some(v) = field(line, "Private_Clean").or_else(|| field(line, "Private_Dirty")) {
+        stats.uss_kib += v;
+    } else if let Some(v) = field(line, "Anonymous") {
+        stats.anon_kib += v;
+    }
+}
+
+impl MemoryStats {
+    /// The whole process (`pid` or "self").
+    pub fn of_process(pid: &str) -> Result<Self> {
+        let path = format!("/proc/{pid}/smaps_rollup");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let mut stats = MemoryStats::default();
+        text.lines().for_each(|l| add_fields(&mut stats, l));
+        Ok(stats)
+    }
+
+    /// Only the mappings of `file` in the process.
+    pub fn of_mapping(pid: &str, file: &Path) -> Result<Self> {
+        let path = format!("/proc/{pid}/smaps");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let file = file.to_string_lossy();
+        let mut stats = MemoryStats::default();
+        let mut inside = false;
+        for line in text.lines() {
+            // A mapping's header line: "start-end perms offset dev inode [path]".
+            let is_header = line.split_whitespace().next().is_some_and(|w| {
+                w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            });
+            if is_header {
+                inside = line.ends_with(&*file);
+            } else if inside {
+                add_fields(&mut stats, line);
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_has_memory_and_pss_at_most_rss() {
+        let s = MemoryStats::of_process("self").unwrap();
+        assert!(
+            s.rss_kib > 0 && s.pss_kib <= s.rss_kib && s.uss_kib <= s.rss_kib,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn mapping_stats_follow_a_mapped_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+        let sum: u64 = map.iter().step_by(4096).map(|&b| b as u64).sum();
+        assert_eq!(sum, 7 * 256);
+        let s = MemoryStats::of_mapping("self", &path).unwrap();
+        assert_eq!(s.rss_kib, 1024, "{s:?}");
+        assert_eq!(s.anon_kib, 0);
+    }
+}

@@ -1,0 +1,175 @@
+//! One loaded model of either format, and a pipeline of them run in order.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
+use tch::nn::Module as _;
+use tch::{CModule, Device, Tensor};
+
+use crate::jit::SharedScriptModule;
+use crate::nn::Mlp;
+use crate::shared::SharedModel;
+
+pub const DEFAULT_ARCHITECTURE: &str = "Mlp";
+
+pub enum Module {
+    Mlp(Mlp),
+    Script(SharedScriptModule),
+    /// The copying baseline for TorchScript (`CModule::load`).
+    CModule(CModule),
+}
+
+pub struct LoadedModel {
+    pub name: String,
+    pub module: Module,
+    /// The mapping behind a zero-copy model (None for the copying baselines).
+    pub shared: Option<SharedModel>,
+}
+
+fn check_architecture(source: &ModelSource) -> Result<()> {
+    match source.architecture.as_deref().unwrap_or(DEFAULT_ARCHITECTURE) {
+        DEFAULT_ARCHITECTURE => Ok(()),
+        other => bail!(
+            "model {:?}: architecture {other:?} is not built in (built in: {DEFAULT_ARCHITECTURE}); \
+             write a worker with the kube-zerocopy-worker library for other architectures",
+            source.name
+        ),
+    }
+}
+
+impl LoadedModel {
+    /// Maps the published model and binds it, without copying the weights.
+    pub fn load_shared(
+        store: &Store,
+        bindings: &Bindings,
+        source: &ModelSource,
+        device: Device,
+        prefault: bool,
+    ) -> Result<Self> {
+        let shared = SharedModel::open(store, bindings, &source.name, prefault)?;
+        let module = match source.format {
+            ModelFormat::Safetensors => {
+                check_architecture(source)?;
+                let mut mlp = Mlp::bind(&shared)?;
+                mlp.to_device(device);
+                Module::Mlp(mlp)
+            }
+            ModelFormat::TorchScript => {
+                let mut m = SharedScriptModule::load(&shared)?;
+                m.to_device(device)?;
+                Module::Script(m)
+            }
+        };
+        Ok(LoadedModel {
+            name: source.name.clone(),
+            module,
+            shared: Some(shared),
+        })
+    }
+
+    /// The ordinary, copying way: `VarStore::load` into an initialised tch::nn model, or
+    /// `CModule::load`. The baseline for tests and benchmarks.
+    pub fn load_copying(path: &Path, source: &ModelSource, device: Device) -> Result<Self> {
+        let module = match source.format {
+            ModelFormat::Safetensors => {
+                check_architecture(source)?;
+                let sizes = mlp_sizes_from_file(path)?;
+                let mut vs = tch::nn::VarStore::new(device);
+                let mlp = Mlp::build_in(&vs.root(), &sizes);
+                vs.load(path)
+                    .with_context(|| format!("VarStore::load {}", path.display()))?;
+                Module::Mlp(mlp)
+            }
+            ModelFormat::TorchScript => {
+                let mut m = CModule::load_on_device(path, device)
+                    .with_context(|| format!("CModule::load {}", path.display()))?;
+                m.set_eval();
+                Module::CModule(m)
+            }
+        };
+        Ok(LoadedModel {
+            name: source.name.clone(),
+            module,
+            shared: None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| match &self.module {
+            Module::Mlp(m) => Ok(m.forward(x)),
+            Module::Script(m) => m.forward(std::slice::from_ref(x)),
+            Module::CModule(m) => Ok(m.forward_ts(&[x])?),
+        })
+        .with_context(|| format!("running model {:?}", self.name))
+    }
+
+    /// Parameters and buffers, with their names.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match &self.module {
+            Module::Mlp(m) => m
+                .parameters()
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("param{i}"), t.shallow_clone()))
+                .collect(),
+            Module::Script(m) => m
+                .named_tensors()?
+                .into_iter()
+                .map(|n| (n.name, n.tensor))
+                .collect(),
+            Module::CModule(m) => m.named_parameters()?,
+        })
+    }
+}
+
+/// The Mlp's layer sizes from a safetensors file's header (reads only the header).
+pub fn mlp_sizes_from_file(path: &Path) -> Result<Vec<i64>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    let n = crate::nn::mlp_layer_count(header.keys().cloned());
+    let shape = |i: usize| -> Result<Vec<i64>> {
+        let s = &header[&format!("layers.{i}.weight")]["shape"];
+        serde_json::from_value(s.clone()).context("bad shape in safetensors header")
+    };
+    let mut sizes = vec![shape(0)?[1]];
+    for i in 0..n {
+        sizes.push(shape(i)?[0]);
+    }
+    Ok(sizes)
+}
+
+/// Several models run in order, the output of one the input of the next.
+pub struct Pipeline {
+    pub models: Vec<LoadedModel>,
+    pub device: Device,
+}
+
+impl Pipeline {
+    pub fn load_shared(
+        store: &Store,
+        bindings: &Bindings,
+        sources: &[ModelSource],
+        device: Device,
+        prefault: bool,
+    ) -> Result<Self> {
+        let models = sources
+            .iter()
+            .map(|s| LoadedModel::load_shared(store, bindings, s, device, prefault))
+            .collect::<Result<_>>()?;
+        Ok(Pipeline { models, device })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.to_device(self.device);
+        for m in &self.models {
+            x = m.forward(&x)?;
+        }
+        Ok(x)
+    }
+}

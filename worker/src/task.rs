@@ -1,0 +1,71 @@
+//! Task mode: one shard of the input folder through the pipeline, into the output folder.
+//!
+//! The input is a folder of safetensors files; shard `i` is the i-th file in name order (the
+//! Indexed Job's completion index). Its tensor `input` runs through the models in order and the
+//! result is written as tensor `output` to a file of the same name in the output folder, by an
+//! atomic rename: a re-run shard replaces its output whole, and no reader sees half a file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Tensor};
+
+use crate::model::Pipeline;
+
+pub const INPUT_TENSOR: &str = "input";
+pub const OUTPUT_TENSOR: &str = "output";
+
+/// The shard files of an input folder, in order.
+pub fn list_shards(input: &Path) -> Result<Vec<PathBuf>> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("reading input folder {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    Ok(shards)
+}
+
+pub fn read_input(path: &Path) -> Result<Tensor> {
+    let tensors = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading shard {}", path.display()))?;
+    tensors
+        .into_iter()
+        .find(|(n, _)| n == INPUT_TENSOR)
+        .map(|(_, t)| t)
+        .with_context(|| format!("shard {} has no tensor {INPUT_TENSOR:?}", path.display()))
+}
+
+/// Writes `tensor` as `output/<file_name>` atomically.
+pub fn write_output(output: &Path, file_name: &str, tensor: &Tensor) -> Result<PathBuf> {
+    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+    let target = output.join(file_name);
+    let tmp = output.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let cpu = tensor.to_device(Device::Cpu).contiguous();
+    Tensor::write_safetensors(&[(OUTPUT_TENSOR, &cpu)], &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("replacing {}", target.display()))?;
+    Ok(target)
+}
+
+/// Runs shard `index`; returns the output file.
+pub fn run_shard(
+    pipeline: &Pipeline,
+    input: &Path,
+    output: &Path,
+    index: usize,
+) -> Result<PathBuf> {
+    let shards = list_shards(input)?;
+    let Some(shard) = shards.get(index) else {
+        bail!(
+            "shard {index} does not exist: {} holds {} shard files",
+            input.display(),
+            shards.len()
+        );
+    };
+    let x = read_input(shard)?;
+    let y = pipeline.forward(&x)?;
+    let name = shard.file_name().unwrap().to_string_lossy().into_owned();
+    write_output(output, &name, &y)
+}
