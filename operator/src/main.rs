@@ -1,1 +1,103 @@
-fn main() {}
+//! `kube-zerocopy`: the operator's binary and CLI.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use kube::CustomResourceExt;
+use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy::local;
+
+#[derive(Parser)]
+#[command(name = "kube-zerocopy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinition as YAML.
+    Crd,
+    /// Run pipelines on this machine, without a cluster.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Run a Task pipeline: one sidecar, worker processes sharing /dev/shm.
+    Run {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// How many workers at once (default: the pipeline's task.parallelism).
+        #[arg(long)]
+        parallelism: Option<usize>,
+        /// Where kube-zerocopy-sidecar and kube-zerocopy-worker are (default: beside this binary).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The folder that plays the node's /dev/shm.
+        #[arg(long, default_value = "/dev/shm")]
+        shm_dir: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", serde_yaml::to_string(&InferencePipeline::crd())?);
+            Ok(())
+        }
+        Command::Local {
+            command:
+                LocalCommand::Run {
+                    file,
+                    parallelism,
+                    bin_dir,
+                    shm_dir,
+                    json,
+                },
+        } => {
+            let opts = local::Options {
+                file,
+                parallelism,
+                bin_dir,
+                shm_dir,
+                json,
+            };
+            let summary = local::run(&opts)?;
+            if opts.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+            if !summary.failed.is_empty() {
+                anyhow::bail!(
+                    "{} of {} shards failed",
+                    summary.failed.len(),
+                    summary.shards
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -91,3 +91,16 @@ mod tests {
         assert!(models_from_json("[]").is_err());
     }
 }
+
+/// The shard files of a Task pipeline's input folder, in order: shard `i` is the i-th
+/// `*.safetensors` file by name. The operator, the local runner and the worker all use this.
+pub fn shard_files(input: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use anyhow::Context;
+    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("reading input folder {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    Ok(shards)
+}

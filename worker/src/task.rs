@@ -15,16 +15,7 @@ use crate::model::Pipeline;
 pub const INPUT_TENSOR: &str = "input";
 pub const OUTPUT_TENSOR: &str = "output";
 
-/// The shard files of an input folder, in order.
-pub fn list_shards(input: &Path) -> Result<Vec<PathBuf>> {
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(input)
-        .with_context(|| format!("reading input folder {}", input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    shards.sort();
-    Ok(shards)
-}
+pub use kube_zerocopy_sidecar::config::shard_files as list_shards;
 
 pub fn read_input(path: &Path) -> Result<Tensor> {
     let tensors = Tensor::read_safetensors(path)
