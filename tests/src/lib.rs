@@ -1,1 +1,234 @@
+//! Harness for the end-to-end tests: real sidecar and worker processes, sharing a real
+//! folder in /dev/shm, on models built by scripts/make_models.py.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+
+use anyhow::{bail, Context, Result};
+use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
+use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
+use serde_json::Value;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A binary of the workspace, built in the same profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `make test`",
+        path.display()
+    );
+    path
+}
+
+/// Runs scripts/make_models.py with the project's torch environment.
+pub fn make_model(args: &[&str]) {
+    let python = std::env::var("KZC_VENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| "python3".into());
+    let status = Command::new(python)
+        .arg(repo().join("scripts/make_models.py"))
+        .args(args)
+        .status()
+        .expect("running scripts/make_models.py (run through `make test`)");
+    assert!(status.success(), "make_models.py {args:?} failed");
+}
+
+pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
+    ModelSource {
+        name: name.into(),
+        format,
+        uri: format!("file://{}", path.display()),
+        sha256: None,
+        architecture: None,
+    }
+}
+
+/// One pod's volumes in a fresh folder of /dev/shm, removed on drop.
+pub struct Pod {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub bindings: PathBuf,
+}
+
+impl Pod {
+    pub fn new() -> Self {
+        Self::in_dir(Path::new("/dev/shm"))
+    }
+
+    pub fn in_dir(parent: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kzc-test-")
+            .tempdir_in(parent)
+            .unwrap();
+        let store = dir.path().join("store");
+        let bindings = dir.path().join("bindings");
+        Pod {
+            dir,
+            store,
+            bindings,
+        }
+    }
+
+    /// A pod with its own bindings on the store of `other` (node sharing).
+    pub fn sharing_store_of(other: &Pod) -> Self {
+        let mut pod = Self::new();
+        pod.store = other.store.clone();
+        pod
+    }
+
+    pub fn env(&self, models: &[ModelSource]) -> Vec<(String, String)> {
+        vec![
+            (MODELS_ENV.into(), models_to_json(models)),
+            ("KZC_STORE".into(), self.store.to_string_lossy().into()),
+            (
+                "KZC_BINDINGS".into(),
+                self.bindings.to_string_lossy().into(),
+            ),
+            (
+                "KZC_DOWNLOAD_DIR".into(),
+                self.dir.path().join("downloads").to_string_lossy().into(),
+            ),
+        ]
+    }
+
+    pub fn command(&self, binary: &str, models: &[ModelSource]) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        cmd.envs(self.env(models));
+        cmd
+    }
+
+    /// `kube-zerocopy-sidecar publish`, to completion.
+    pub fn publish(&self, models: &[ModelSource]) -> Output {
+        self.command("kube-zerocopy-sidecar", models)
+            .arg("publish")
+            .output()
+            .unwrap()
+    }
+
+    pub fn store(&self) -> Store {
+        Store::new(&self.store)
+    }
+
+    pub fn bindings(&self) -> Bindings {
+        Bindings::new(&self.bindings)
+    }
+
+    /// The published model folders.
+    pub fn published(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.store.join("blobs"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Folders left in the staging area.
+    pub fn staging(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.store.join(".staging"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts `kube-zerocopy-worker inspect --hold`; returns once it has reported.
+    pub fn spawn_inspect(
+        &self,
+        models: &[ModelSource],
+        loader: &str,
+        input: &Path,
+        output: &Path,
+    ) -> Result<Worker> {
+        let mut child = self
+            .command("kube-zerocopy-worker", models)
+            .args(["inspect", "--hold", "--loader", loader])
+            .arg("--input-file")
+            .arg(input)
+            .arg("--output-file")
+            .arg(output)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        if line.trim().is_empty() {
+            let out = child.wait_with_output()?;
+            bail!(
+                "worker reported nothing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let report: Value =
+            serde_json::from_str(&line).with_context(|| format!("report {line:?}"))?;
+        let stdin = child.stdin.take();
+        Ok(Worker {
+            child,
+            stdin,
+            report,
+        })
+    }
+}
+
+impl Default for Pod {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A worker process held alive after its report.
+pub struct Worker {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    pub report: Value,
+}
+
+impl Worker {
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Lets the worker exit and checks that it exited cleanly.
+    pub fn finish(mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.flush();
+        }
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "worker exited with {status}");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tensor "output" of a safetensors file.
+pub fn read_output(path: &Path) -> tch::Tensor {
+    tch::Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "output")
+        .map(|(_, t)| t)
+        .expect("an output tensor")
+}
+
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}

@@ -74,9 +74,10 @@ impl LoadedModel {
         let module = match source.format {
             ModelFormat::Safetensors => {
                 check_architecture(source)?;
-                let sizes = mlp_sizes_from_file(path)?;
+                let (sizes, kind) = mlp_header(path)?;
                 let mut vs = tch::nn::VarStore::new(device);
                 let mlp = Mlp::build_in(&vs.root(), &sizes);
+                vs.set_kind(kind);
                 vs.load(path)
                     .with_context(|| format!("VarStore::load {}", path.display()))?;
                 Module::Mlp(mlp)
@@ -123,8 +124,8 @@ impl LoadedModel {
     }
 }
 
-/// The Mlp's layer sizes from a safetensors file's header (reads only the header).
-pub fn mlp_sizes_from_file(path: &Path) -> Result<Vec<i64>> {
+/// The Mlp's layer sizes and dtype from a safetensors file's header (reads only the header).
+pub fn mlp_header(path: &Path) -> Result<(Vec<i64>, tch::Kind)> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut len = [0u8; 8];
@@ -141,7 +142,14 @@ pub fn mlp_sizes_from_file(path: &Path) -> Result<Vec<i64>> {
     for i in 0..n {
         sizes.push(shape(i)?[0]);
     }
-    Ok(sizes)
+    let kind = match header["layers.0.weight"]["dtype"].as_str() {
+        Some("F32") => tch::Kind::Float,
+        Some("F16") => tch::Kind::Half,
+        Some("BF16") => tch::Kind::BFloat16,
+        Some("F64") => tch::Kind::Double,
+        other => bail!("unsupported Mlp dtype {other:?}"),
+    };
+    Ok((sizes, kind))
 }
 
 /// Several models run in order, the output of one the input of the next.
