@@ -60,6 +60,19 @@ pub fn models_from_env() -> anyhow::Result<Vec<ModelSource>> {
     models_from_json(&json)
 }
 
+/// The shard files of a Task pipeline's input folder, in order: shard `i` is the i-th
+/// `*.safetensors` file by name. The operator, the local runner and the worker all use this.
+pub fn shard_files(input: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use anyhow::Context;
+    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("reading input folder {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    Ok(shards)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,17 +103,4 @@ mod tests {
             .contains("64 hex"));
         assert!(models_from_json("[]").is_err());
     }
-}
-
-/// The shard files of a Task pipeline's input folder, in order: shard `i` is the i-th
-/// `*.safetensors` file by name. The operator, the local runner and the worker all use this.
-pub fn shard_files(input: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    use anyhow::Context;
-    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(input)
-        .with_context(|| format!("reading input folder {}", input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    shards.sort();
-    Ok(shards)
 }

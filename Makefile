@@ -1,0 +1,29 @@
+# The README's two commands are `make demo` and `make test`; each does its own set-up
+# (a torch environment for tch, cached outside the repository) on a fresh machine.
+SHELL := /bin/bash
+ENV := source scripts/env.sh
+
+.PHONY: setup build demo test lint bench-load clean
+
+setup:
+	@scripts/setup-torch.sh >/dev/null
+
+build: setup
+	$(ENV) && cargo build --release --workspace --bins
+
+demo: build
+	scripts/demo.sh
+
+lint: setup
+	$(ENV) && cargo fmt --all -- --check
+	$(ENV) && cargo clippy --release --workspace --all-targets -- -D warnings
+
+test: build lint
+	$(ENV) && cargo test --release --workspace -- --test-threads=2
+
+bench-load: build
+	scripts/bench-load.sh
+
+clean:
+	cargo clean
+	rm -rf out

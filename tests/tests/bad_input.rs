@@ -1,0 +1,211 @@
+//! Bad input: each case gives an error naming the model and the cause, a non-zero exit, and
+//! nothing published (no model folder, no staging left behind, no bindings).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+
+/// Publishes and expects a failure whose message contains `cause`.
+fn expect_rejected(pod: &Pod, model: ModelSource, cause: &str) -> String {
+    let out = pod.publish(std::slice::from_ref(&model));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_owned();
+    println!("{error}");
+    assert!(!out.status.success(), "publish of {} succeeded", model.uri);
+    assert!(error.contains(&format!("model {:?}", model.name)), "error does not name the model: {error}");
+    assert!(error.contains(cause), "error lacks {cause:?}: {error}");
+    assert!(pod.published().is_empty(), "something was published: {:?}", pod.published());
+    assert!(pod.staging().is_empty(), "staging left behind: {:?}", pod.staging());
+    assert!(pod.bindings().read().unwrap().is_none(), "bindings were written");
+    error
+}
+
+fn small_mlp(dir: &Path) -> PathBuf {
+    let file = dir.join("mlp.safetensors");
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "64,128,10"]);
+    file
+}
+
+fn small_script(dir: &Path) -> PathBuf {
+    let file = dir.join("net.pt");
+    make_model(&["script", file.to_str().unwrap(), "--sizes", "64,128,10"]);
+    file
+}
+
+/// A safetensors file from a raw JSON header and data section.
+fn raw_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, data_len));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn truncated_safetensors_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_mlp(dir.path());
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+}
+
+#[test]
+fn safetensors_header_with_overlapping_offsets_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("overlap.safetensors");
+    raw_safetensors(
+        &file,
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+        24,
+    );
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+}
+
+#[test]
+fn safetensors_header_running_past_the_end_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("overrun.safetensors");
+    raw_safetensors(&file, r#"{"a":{"dtype":"F32","shape":[64],"data_offsets":[0,256]}}"#, 16);
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+}
+
+/// Rewrites a TorchScript archive without one of its records.
+fn drop_record(from: &Path, to: &Path, suffix: &str) {
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(from).unwrap()).unwrap();
+    let mut out = zip::ZipWriter::new(std::fs::File::create(to).unwrap());
+    let names: Vec<String> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
+    let mut dropped = false;
+    for name in names {
+        if name.ends_with(suffix) {
+            dropped = true;
+            continue;
+        }
+        out.raw_copy_file(zip.by_name(&name).unwrap()).unwrap();
+    }
+    out.finish().unwrap();
+    assert!(dropped, "no record ends with {suffix}");
+}
+
+#[test]
+fn torchscript_archive_missing_a_storage_record_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_script(dir.path());
+    let broken = dir.path().join("broken.pt");
+    drop_record(&file, &broken, "/data/1");
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &broken), "missing record");
+}
+
+#[test]
+fn torchscript_archive_missing_its_pickle_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_script(dir.path());
+    let broken = dir.path().join("broken.pt");
+    drop_record(&file, &broken, "/data.pkl");
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &broken), "missing its record data.pkl");
+}
+
+#[test]
+fn a_file_that_is_not_an_archive_is_rejected_as_torchscript() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_mlp(dir.path());
+    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &file), "not a valid zip file");
+}
+
+#[test]
+fn wrong_sha256_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_mlp(dir.path());
+    let model = ModelSource { sha256: Some("0".repeat(64)), ..source("encoder", ModelFormat::Safetensors, &file) };
+    expect_rejected(&Pod::new(), model, "sha256 mismatch");
+}
+
+#[test]
+fn missing_source_file_is_rejected() {
+    let model = source("encoder", ModelFormat::Safetensors, Path::new("/nonexistent/model.safetensors"));
+    expect_rejected(&Pod::new(), model, "cannot open source");
+}
+
+#[test]
+fn unreachable_http_source_is_rejected() {
+    // A port that nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let model = ModelSource {
+        uri: format!("http://127.0.0.1:{port}/model.safetensors"),
+        ..source("encoder", ModelFormat::Safetensors, Path::new("/x"))
+    };
+    expect_rejected(&Pod::new(), model, "is unreachable");
+}
+
+/// Serves `file` at /model and answers 404 elsewhere, on 127.0.0.1, for a bounded number of
+/// requests.
+fn serve_once(file: PathBuf) -> (String, std::thread::JoinHandle<()>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let handle = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let Ok(Some(request)) = server.recv_timeout(std::time::Duration::from_secs(20)) else { return };
+            if request.url() == "/model" {
+                let mut bytes = Vec::new();
+                std::fs::File::open(&file).unwrap().read_to_end(&mut bytes).unwrap();
+                request.respond(tiny_http::Response::from_data(bytes)).unwrap();
+            } else {
+                request.respond(tiny_http::Response::from_string("no").with_status_code(404)).unwrap();
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn http_source_is_published_and_http_404_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = small_mlp(dir.path());
+    let (addr, server) = serve_once(file.clone());
+    let digest = {
+        let mut h = std::process::Command::new("sha256sum").arg(&file).output().unwrap().stdout;
+        h.truncate(64);
+        String::from_utf8(h).unwrap()
+    };
+    let pod = Pod::new();
+    let good = ModelSource { uri: format!("{addr}/model"), sha256: Some(digest.clone()), ..source("encoder", ModelFormat::Safetensors, &file) };
+    let out = pod.publish(std::slice::from_ref(&good));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(pod.published(), vec![digest]);
+
+    let missing = ModelSource { uri: format!("{addr}/nothing"), sha256: None, ..good };
+    expect_rejected(&Pod::new(), missing, "answered HTTP 404");
+    server.join().unwrap();
+}
+
+/// A shared-memory folder too small for the model: a 1 MiB tmpfs.
+#[test]
+fn full_shared_memory_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mlp.safetensors");
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "1024,1024,10"]);
+    let shm = dir.path().join("small-shm");
+    std::fs::create_dir(&shm).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&shm)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a small tmpfs needs root (CI runs as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(shm.clone());
+    let pod = Pod::in_dir(&shm);
+    expect_rejected(&pod, source("encoder", ModelFormat::Safetensors, &file), "shared memory is full");
+    // The space is given back: a model that fits publishes afterwards.
+    let small = dir.path().join("small.safetensors");
+    make_model(&["mlp", small.to_str().unwrap(), "--sizes", "64,64,10"]);
+    let out = pod.publish(&[source("encoder", ModelFormat::Safetensors, &small)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::io::stdout().flush().unwrap();
+}
