@@ -277,7 +277,11 @@ impl Staging {
                     .map(|s| s.f_bavail * s.f_frsize)
                     .unwrap_or(0);
                 if e == rustix::io::Errno::NOSPC {
-                    let store = self.dir.parent().and_then(Path::parent).unwrap_or(&self.dir);
+                    let store = self
+                        .dir
+                        .parent()
+                        .and_then(Path::parent)
+                        .unwrap_or(&self.dir);
                     bail!(
                         "shared memory is full: the model needs {size} bytes, {free} are free in {}",
                         store.display()

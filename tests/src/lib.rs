@@ -18,10 +18,16 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
-/// A binary of the workspace, built in the same profile as this test.
+/// A binary of the workspace, built in the same profile as the running test (which lives in
+/// target/<profile>/deps) or benchmark (target/<profile>).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

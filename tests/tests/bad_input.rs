@@ -11,14 +11,32 @@ use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 fn expect_rejected(pod: &Pod, model: ModelSource, cause: &str) -> String {
     let out = pod.publish(std::slice::from_ref(&model));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_owned();
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default()
+        .to_owned();
     println!("{error}");
     assert!(!out.status.success(), "publish of {} succeeded", model.uri);
-    assert!(error.contains(&format!("model {:?}", model.name)), "error does not name the model: {error}");
+    assert!(
+        error.contains(&format!("model {:?}", model.name)),
+        "error does not name the model: {error}"
+    );
     assert!(error.contains(cause), "error lacks {cause:?}: {error}");
-    assert!(pod.published().is_empty(), "something was published: {:?}", pod.published());
-    assert!(pod.staging().is_empty(), "staging left behind: {:?}", pod.staging());
-    assert!(pod.bindings().read().unwrap().is_none(), "bindings were written");
+    assert!(
+        pod.published().is_empty(),
+        "something was published: {:?}",
+        pod.published()
+    );
+    assert!(
+        pod.staging().is_empty(),
+        "staging left behind: {:?}",
+        pod.staging()
+    );
+    assert!(
+        pod.bindings().read().unwrap().is_none(),
+        "bindings were written"
+    );
     error
 }
 
@@ -48,7 +66,11 @@ fn truncated_safetensors_is_rejected() {
     let file = small_mlp(dir.path());
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::Safetensors, &file),
+        "not a valid safetensors file",
+    );
 }
 
 #[test]
@@ -60,15 +82,27 @@ fn safetensors_header_with_overlapping_offsets_is_rejected() {
         r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
         24,
     );
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::Safetensors, &file),
+        "not a valid safetensors file",
+    );
 }
 
 #[test]
 fn safetensors_header_running_past_the_end_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("overrun.safetensors");
-    raw_safetensors(&file, r#"{"a":{"dtype":"F32","shape":[64],"data_offsets":[0,256]}}"#, 16);
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::Safetensors, &file), "not a valid safetensors file");
+    raw_safetensors(
+        &file,
+        r#"{"a":{"dtype":"F32","shape":[64],"data_offsets":[0,256]}}"#,
+        16,
+    );
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::Safetensors, &file),
+        "not a valid safetensors file",
+    );
 }
 
 /// Rewrites a TorchScript archive without one of its records.
@@ -94,7 +128,11 @@ fn torchscript_archive_missing_a_storage_record_is_rejected() {
     let file = small_script(dir.path());
     let broken = dir.path().join("broken.pt");
     drop_record(&file, &broken, "/data/1");
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &broken), "missing record");
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::TorchScript, &broken),
+        "missing record",
+    );
 }
 
 #[test]
@@ -103,34 +141,53 @@ fn torchscript_archive_missing_its_pickle_is_rejected() {
     let file = small_script(dir.path());
     let broken = dir.path().join("broken.pt");
     drop_record(&file, &broken, "/data.pkl");
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &broken), "missing its record data.pkl");
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::TorchScript, &broken),
+        "missing its record data.pkl",
+    );
 }
 
 #[test]
 fn a_file_that_is_not_an_archive_is_rejected_as_torchscript() {
     let dir = tempfile::tempdir().unwrap();
     let file = small_mlp(dir.path());
-    expect_rejected(&Pod::new(), source("encoder", ModelFormat::TorchScript, &file), "not a valid zip file");
+    expect_rejected(
+        &Pod::new(),
+        source("encoder", ModelFormat::TorchScript, &file),
+        "not a valid zip file",
+    );
 }
 
 #[test]
 fn wrong_sha256_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let file = small_mlp(dir.path());
-    let model = ModelSource { sha256: Some("0".repeat(64)), ..source("encoder", ModelFormat::Safetensors, &file) };
+    let model = ModelSource {
+        sha256: Some("0".repeat(64)),
+        ..source("encoder", ModelFormat::Safetensors, &file)
+    };
     expect_rejected(&Pod::new(), model, "sha256 mismatch");
 }
 
 #[test]
 fn missing_source_file_is_rejected() {
-    let model = source("encoder", ModelFormat::Safetensors, Path::new("/nonexistent/model.safetensors"));
+    let model = source(
+        "encoder",
+        ModelFormat::Safetensors,
+        Path::new("/nonexistent/model.safetensors"),
+    );
     expect_rejected(&Pod::new(), model, "cannot open source");
 }
 
 #[test]
 fn unreachable_http_source_is_rejected() {
     // A port that nothing listens on: bind one, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let model = ModelSource {
         uri: format!("http://127.0.0.1:{port}/model.safetensors"),
         ..source("encoder", ModelFormat::Safetensors, Path::new("/x"))
@@ -145,13 +202,22 @@ fn serve_once(file: PathBuf) -> (String, std::thread::JoinHandle<()>) {
     let addr = format!("http://{}", server.server_addr().to_ip().unwrap());
     let handle = std::thread::spawn(move || {
         for _ in 0..3 {
-            let Ok(Some(request)) = server.recv_timeout(std::time::Duration::from_secs(20)) else { return };
+            let Ok(Some(request)) = server.recv_timeout(std::time::Duration::from_secs(20)) else {
+                return;
+            };
             if request.url() == "/model" {
                 let mut bytes = Vec::new();
-                std::fs::File::open(&file).unwrap().read_to_end(&mut bytes).unwrap();
-                request.respond(tiny_http::Response::from_data(bytes)).unwrap();
+                std::fs::File::open(&file)
+                    .unwrap()
+                    .read_to_end(&mut bytes)
+                    .unwrap();
+                request
+                    .respond(tiny_http::Response::from_data(bytes))
+                    .unwrap();
             } else {
-                request.respond(tiny_http::Response::from_string("no").with_status_code(404)).unwrap();
+                request
+                    .respond(tiny_http::Response::from_string("no").with_status_code(404))
+                    .unwrap();
             }
         }
     });
@@ -164,17 +230,33 @@ fn http_source_is_published_and_http_404_is_rejected() {
     let file = small_mlp(dir.path());
     let (addr, server) = serve_once(file.clone());
     let digest = {
-        let mut h = std::process::Command::new("sha256sum").arg(&file).output().unwrap().stdout;
+        let mut h = std::process::Command::new("sha256sum")
+            .arg(&file)
+            .output()
+            .unwrap()
+            .stdout;
         h.truncate(64);
         String::from_utf8(h).unwrap()
     };
     let pod = Pod::new();
-    let good = ModelSource { uri: format!("{addr}/model"), sha256: Some(digest.clone()), ..source("encoder", ModelFormat::Safetensors, &file) };
+    let good = ModelSource {
+        uri: format!("{addr}/model"),
+        sha256: Some(digest.clone()),
+        ..source("encoder", ModelFormat::Safetensors, &file)
+    };
     let out = pod.publish(std::slice::from_ref(&good));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(pod.published(), vec![digest]);
 
-    let missing = ModelSource { uri: format!("{addr}/nothing"), sha256: None, ..good };
+    let missing = ModelSource {
+        uri: format!("{addr}/nothing"),
+        sha256: None,
+        ..good
+    };
     expect_rejected(&Pod::new(), missing, "answered HTTP 404");
     server.join().unwrap();
 }
@@ -192,7 +274,10 @@ fn full_shared_memory_is_rejected() {
         .arg(&shm)
         .status()
         .unwrap();
-    assert!(mounted.success(), "mounting a small tmpfs needs root (CI runs as root)");
+    assert!(
+        mounted.success(),
+        "mounting a small tmpfs needs root (CI runs as root)"
+    );
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -201,11 +286,19 @@ fn full_shared_memory_is_rejected() {
     }
     let _unmount = Unmount(shm.clone());
     let pod = Pod::in_dir(&shm);
-    expect_rejected(&pod, source("encoder", ModelFormat::Safetensors, &file), "shared memory is full");
+    expect_rejected(
+        &pod,
+        source("encoder", ModelFormat::Safetensors, &file),
+        "shared memory is full",
+    );
     // The space is given back: a model that fits publishes afterwards.
     let small = dir.path().join("small.safetensors");
     make_model(&["mlp", small.to_str().unwrap(), "--sizes", "64,64,10"]);
     let out = pod.publish(&[source("encoder", ModelFormat::Safetensors, &small)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::io::stdout().flush().unwrap();
 }

@@ -10,19 +10,33 @@ use kube_zerocopy_e2e::{make_model, source, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
 
 fn sha256_of(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)[..64].to_owned()
 }
 
 /// Reads the store as a worker would, as fast as it can, until told to stop: every read must
 /// find either nothing or a complete, consistent model. Returns how many complete reads it saw.
-fn watch(store: Store, digest: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
+fn watch(
+    store: Store,
+    digest: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
         let (mut absent, mut complete) = (0, 0);
         while !stop.load(Ordering::SeqCst) {
             if store.model_dir(&digest).exists() {
-                let m = store.open(&digest).expect("a visible model folder must be complete");
-                assert_eq!(std::fs::metadata(store.model_dir(&digest).join("tensors.bin")).unwrap().len(), m.tensors_bytes);
+                let m = store
+                    .open(&digest)
+                    .expect("a visible model folder must be complete");
+                assert_eq!(
+                    std::fs::metadata(store.model_dir(&digest).join("tensors.bin"))
+                        .unwrap()
+                        .len(),
+                    m.tensors_bytes
+                );
                 complete += 1;
             } else {
                 absent += 1;
@@ -37,14 +51,26 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("big.safetensors");
     // 4 x 4096 x 4096 f32: 256 MiB, long enough to be caught while it is being written.
-    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "4096,4096,4096,4096,4096"]);
+    make_model(&[
+        "mlp",
+        file.to_str().unwrap(),
+        "--sizes",
+        "4096,4096,4096,4096,4096",
+    ]);
     let digest = sha256_of(&file);
-    let model = ModelSource { sha256: Some(digest.clone()), ..source("big", ModelFormat::Safetensors, &file) };
+    let model = ModelSource {
+        sha256: Some(digest.clone()),
+        ..source("big", ModelFormat::Safetensors, &file)
+    };
     let pod = Pod::new();
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = watch(pod.store(), digest.clone(), stop.clone());
 
-    let mut sidecar = pod.command("kube-zerocopy-sidecar", std::slice::from_ref(&model)).arg("publish").spawn().unwrap();
+    let mut sidecar = pod
+        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .arg("publish")
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     // Kill it as soon as it writes into its staging folder.
     let killed_while_staging = loop {
@@ -57,29 +83,62 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
             sidecar.wait().unwrap();
             break true;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no staging folder appeared");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no staging folder appeared"
+        );
         std::thread::yield_now();
     };
     assert!(killed_while_staging);
-    println!("killed after {:?}; staging left: {:?}", started.elapsed(), pod.staging());
-    assert!(pod.published().is_empty(), "a killed sidecar published {:?}", pod.published());
+    println!(
+        "killed after {:?}; staging left: {:?}",
+        started.elapsed(),
+        pod.staging()
+    );
+    assert!(
+        pod.published().is_empty(),
+        "a killed sidecar published {:?}",
+        pod.published()
+    );
     assert!(pod.bindings().read().unwrap().is_none());
     // The probe says not ready, and a worker refuses to start with a clear error.
-    let probe = pod.command("kube-zerocopy-sidecar", std::slice::from_ref(&model)).arg("probe").output().unwrap();
+    let probe = pod
+        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .arg("probe")
+        .output()
+        .unwrap();
     assert!(!probe.status.success());
-    assert!(String::from_utf8_lossy(&probe.stderr).contains("not ready"), "{}", String::from_utf8_lossy(&probe.stderr));
+    assert!(
+        String::from_utf8_lossy(&probe.stderr).contains("not ready"),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
 
     // A restarted sidecar completes the publication and removes the dead one's staging.
     let out = pod.publish(std::slice::from_ref(&model));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(pod.published(), vec![digest.clone()]);
-    assert!(pod.staging().is_empty(), "staging left: {:?}", pod.staging());
-    let probe = pod.command("kube-zerocopy-sidecar", std::slice::from_ref(&model)).arg("probe").status().unwrap();
+    assert!(
+        pod.staging().is_empty(),
+        "staging left: {:?}",
+        pod.staging()
+    );
+    let probe = pod
+        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .arg("probe")
+        .status()
+        .unwrap();
     assert!(probe.success());
 
     stop.store(true, Ordering::SeqCst);
     let (absent, complete) = watcher.join().unwrap();
-    println!("reader saw the model absent {absent} times and complete {complete} times, never partial");
+    println!(
+        "reader saw the model absent {absent} times and complete {complete} times, never partial"
+    );
     assert!(absent > 0 && complete > 0);
 }
 
@@ -87,9 +146,17 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
 fn two_sidecars_on_one_node_load_a_model_once() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.safetensors");
-    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "2048,2048,2048,10"]);
+    make_model(&[
+        "mlp",
+        file.to_str().unwrap(),
+        "--sizes",
+        "2048,2048,2048,10",
+    ]);
     let digest = sha256_of(&file);
-    let model = ModelSource { sha256: Some(digest.clone()), ..source("m", ModelFormat::Safetensors, &file) };
+    let model = ModelSource {
+        sha256: Some(digest.clone()),
+        ..source("m", ModelFormat::Safetensors, &file)
+    };
     let first = Pod::new();
     let second = Pod::sharing_store_of(&first);
     let spawn = |pod: &Pod| {
@@ -104,13 +171,25 @@ fn two_sidecars_on_one_node_load_a_model_once() {
         .into_iter()
         .map(|c| {
             let out = c.wait_with_output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8_lossy(&out.stderr).into_owned()
         })
         .collect();
     let loaded = logs.iter().filter(|l| l.contains("laid out")).count();
-    let verified = logs.iter().filter(|l| l.contains("already published; verified")).count();
-    assert_eq!((loaded, verified), (1, 1), "logs:\n{}", logs.join("\n---\n"));
+    let verified = logs
+        .iter()
+        .filter(|l| l.contains("already published; verified"))
+        .count();
+    assert_eq!(
+        (loaded, verified),
+        (1, 1),
+        "logs:\n{}",
+        logs.join("\n---\n")
+    );
     assert_eq!(first.published(), vec![digest.clone()]);
     // Both pods are bound to the one copy.
     for pod in [&first, &second] {

@@ -31,9 +31,28 @@ spec:
 fn local_run_processes_every_shard_like_the_ordinary_models() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_model(&["script", d.join("encoder.pt").to_str().unwrap(), "--sizes", "128,256,64"]);
-    make_model(&["mlp", d.join("head.safetensors").to_str().unwrap(), "--sizes", "64,32,5"]);
-    make_model(&["inputs", d.join("input").to_str().unwrap(), "--shards", "6", "--batch", "4", "--features", "128"]);
+    make_model(&[
+        "script",
+        d.join("encoder.pt").to_str().unwrap(),
+        "--sizes",
+        "128,256,64",
+    ]);
+    make_model(&[
+        "mlp",
+        d.join("head.safetensors").to_str().unwrap(),
+        "--sizes",
+        "64,32,5",
+    ]);
+    make_model(&[
+        "inputs",
+        d.join("input").to_str().unwrap(),
+        "--shards",
+        "6",
+        "--batch",
+        "4",
+        "--features",
+        "128",
+    ]);
     std::fs::write(d.join("pipeline.yaml"), pipeline_yaml(d, 3)).unwrap();
 
     let out = std::process::Command::new(bin("kube-zerocopy"))
@@ -42,22 +61,46 @@ fn local_run_processes_every_shard_like_the_ordinary_models() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "local run failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "local run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     println!("{summary}");
     assert_eq!(summary["succeeded"], 6);
     assert!(summary["median_memory"]["pss_kib"].as_u64().unwrap() > 0);
 
-    let encoder = LoadedModel::load_copying(&d.join("encoder.pt"), &source("encoder", ModelFormat::TorchScript, &d.join("encoder.pt")), tch::Device::Cpu).unwrap();
-    let head = LoadedModel::load_copying(&d.join("head.safetensors"), &source("head", ModelFormat::Safetensors, &d.join("head.safetensors")), tch::Device::Cpu).unwrap();
+    let encoder = LoadedModel::load_copying(
+        &d.join("encoder.pt"),
+        &source("encoder", ModelFormat::TorchScript, &d.join("encoder.pt")),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let head = LoadedModel::load_copying(
+        &d.join("head.safetensors"),
+        &source(
+            "head",
+            ModelFormat::Safetensors,
+            &d.join("head.safetensors"),
+        ),
+        tch::Device::Cpu,
+    )
+    .unwrap();
     for shard in list_shards(&d.join("input")).unwrap() {
-        let expected = head.forward(&encoder.forward(&read_input(&shard).unwrap()).unwrap()).unwrap();
+        let expected = head
+            .forward(&encoder.forward(&read_input(&shard).unwrap()).unwrap())
+            .unwrap();
         let got = read_output(&d.join("output").join(shard.file_name().unwrap()));
         assert!(got.equal(&expected), "shard {} differs", shard.display());
     }
     // The pod's shared-memory folder is gone after the run.
     let leftovers = std::fs::read_dir("/dev/shm/kube-zerocopy-local")
-        .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("test-task-")).count())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("test-task-"))
+                .count()
+        })
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
 }
@@ -66,10 +109,28 @@ fn local_run_processes_every_shard_like_the_ordinary_models() {
 fn a_rerun_shard_replaces_its_output_atomically() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_model(&["mlp", d.join("m.safetensors").to_str().unwrap(), "--sizes", "32,16,4"]);
-    make_model(&["inputs", d.join("input").to_str().unwrap(), "--shards", "2", "--batch", "2", "--features", "32"]);
+    make_model(&[
+        "mlp",
+        d.join("m.safetensors").to_str().unwrap(),
+        "--sizes",
+        "32,16,4",
+    ]);
+    make_model(&[
+        "inputs",
+        d.join("input").to_str().unwrap(),
+        "--shards",
+        "2",
+        "--batch",
+        "2",
+        "--features",
+        "32",
+    ]);
     let pod = Pod::new();
-    let models = [source("m", ModelFormat::Safetensors, &d.join("m.safetensors"))];
+    let models = [source(
+        "m",
+        ModelFormat::Safetensors,
+        &d.join("m.safetensors"),
+    )];
     assert!(pod.publish(&models).status.success());
     let run = || {
         let out = pod
@@ -80,7 +141,11 @@ fn a_rerun_shard_replaces_its_output_atomically() {
             .arg(d.join("output"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run();
     let target = d.join("output/shard-00001.safetensors");
@@ -91,10 +156,21 @@ fn a_rerun_shard_replaces_its_output_atomically() {
     // Replaced by a rename (a new file), with the same content; no temporary file left.
     assert_ne!(first_inode, second_inode);
     assert!(read_output(&target).equal(&first));
-    let names: Vec<String> = std::fs::read_dir(d.join("output")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(d.join("output"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, vec!["shard-00001.safetensors".to_string()]);
     // A shard index past the input is an error naming the count.
-    let out = pod.command("kube-zerocopy-worker", &models).args(["task", "--shard-index", "7", "--input"]).arg(d.join("input")).arg("--output").arg(d.join("output")).output().unwrap();
+    let out = pod
+        .command("kube-zerocopy-worker", &models)
+        .args(["task", "--shard-index", "7", "--input"])
+        .arg(d.join("input"))
+        .arg("--output")
+        .arg(d.join("output"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 shard files"));
 }

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# make bench-load: see tests/src/bin/bench_load.rs. A benchmark, not a test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo build --release -p kube-zerocopy-e2e --bin bench_load
+./target/release/bench_load

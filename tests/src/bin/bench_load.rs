@@ -1,0 +1,243 @@
+//! `make bench-load`: the load step of a 400 MiB model in new worker processes, zero-copy map
+//! against tch's copying loaders, side by side in one run on one machine.
+//!
+//! For each format, rounds of fresh processes alternate between the loaders; each reports its
+//! load step (opening the model to ready for inference), libtorch's own start-up (apart), its
+//! first inference, and the process's time to that first inference is measured from outside.
+//! Then 4 workers of each kind run at once and their PSS/USS is read from /proc.
+//! The last line is `load-ratio varstore_load/zero_copy = X` (ratio of the median load steps).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use kube_zerocopy_e2e::{make_model, mib, source, Pod};
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_worker::memory::MemoryStats;
+
+const ROUNDS: usize = 7;
+const WORKERS: usize = 4;
+/// 4 x Linear(5120, 5120) + Linear(5120, 128), f32: 402.5 MiB.
+const SIZES: &str = "5120,5120,5120,5120,5120,128";
+
+#[derive(Default)]
+struct Samples {
+    load_ms: Vec<f64>,
+    first_infer_ms: Vec<f64>,
+    to_first_inference_ms: Vec<f64>,
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Variant {
+    label: &'static str,
+    loader: &'static str,
+    prefault: bool,
+}
+
+fn measure(
+    pod: &Pod,
+    models: &[ModelSource],
+    input: &Path,
+    variants: &[Variant],
+    work: &Path,
+) -> Result<Vec<Samples>> {
+    let mut samples: Vec<Samples> = variants.iter().map(|_| Samples::default()).collect();
+    for round in 0..ROUNDS {
+        // Alternate the order so neither side always runs on a warmer machine.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..variants.len()).collect()
+        } else {
+            (0..variants.len()).rev().collect()
+        };
+        for i in order {
+            let v = &variants[i];
+            let mut env = pod.env(models);
+            if v.prefault {
+                env.push(("KZC_PREFAULT".into(), "true".into()));
+            }
+            let started = Instant::now();
+            let out = std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+                .envs(env)
+                .args(["inspect", "--loader", v.loader, "--input-file"])
+                .arg(input)
+                .arg("--output-file")
+                .arg(work.join("bench-out.safetensors"))
+                .output()?;
+            let wall = started.elapsed().as_secs_f64() * 1000.0;
+            anyhow::ensure!(
+                out.status.success(),
+                "{}: {}",
+                v.label,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let s = &mut samples[i];
+            s.load_ms.push(report["load_ms"].as_f64().unwrap());
+            s.first_infer_ms
+                .push(report["first_infer_ms"].as_f64().unwrap());
+            // The report is printed after the first inference: the process's wall time up to
+            // it, minus the output write and exit, which are the same for every loader.
+            s.to_first_inference_ms.push(wall);
+        }
+    }
+    Ok(samples)
+}
+
+/// PSS and USS per worker, with `WORKERS` of one loader alive at once.
+fn memory(
+    pod: &Pod,
+    models: &[ModelSource],
+    input: &Path,
+    loader: &str,
+    work: &Path,
+) -> Result<(f64, f64)> {
+    let workers = (0..WORKERS)
+        .map(|i| {
+            pod.spawn_inspect(
+                models,
+                loader,
+                input,
+                &work.join(format!("mem-{loader}-{i}.safetensors")),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let stats = workers
+        .iter()
+        .map(|w| MemoryStats::of_process(&w.pid()))
+        .collect::<Result<Vec<_>>>()?;
+    for w in workers {
+        w.finish();
+    }
+    let pss: Vec<f64> = stats.iter().map(|s| mib(s.pss_kib)).collect();
+    let uss: Vec<f64> = stats.iter().map(|s| mib(s.uss_kib)).collect();
+    Ok((median(&pss), median(&uss)))
+}
+
+fn bench(
+    format: ModelFormat,
+    file: &Path,
+    input: &Path,
+    baseline: &'static str,
+    work: &Path,
+) -> Result<f64> {
+    let pod = Pod::new();
+    let models = vec![source("bench", format, file)];
+    let out = pod.publish(&models);
+    anyhow::ensure!(
+        out.status.success(),
+        "publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, manifest) = pod.bindings().resolve(&pod.store(), "bench")?;
+    println!(
+        "\n{format:?} model: {:.1} MiB of weights ({}), {ROUNDS} rounds of new processes",
+        manifest.tensors_bytes as f64 / (1 << 20) as f64,
+        file.display()
+    );
+    let variants = [
+        Variant {
+            label: "zero_copy",
+            loader: "shared",
+            prefault: false,
+        },
+        Variant {
+            label: "zero_copy+prefault",
+            loader: "shared",
+            prefault: true,
+        },
+        Variant {
+            label: baseline,
+            loader: "copy",
+            prefault: false,
+        },
+    ];
+    let samples = measure(&pod, &models, input, &variants, work)?;
+    println!(
+        "  {:<20} {:>12} {:>18} {:>24}",
+        "loader", "load step ms", "first inference ms", "process to 1st infer ms"
+    );
+    for (v, s) in variants.iter().zip(&samples) {
+        println!(
+            "  {:<20} {:>12.1} {:>18.1} {:>24.1}",
+            v.label,
+            median(&s.load_ms),
+            median(&s.first_infer_ms),
+            median(&s.to_first_inference_ms)
+        );
+    }
+    for loader in ["shared", "copy"] {
+        let (pss, uss) = memory(&pod, &models, input, loader, work)?;
+        let label = if loader == "shared" {
+            "zero_copy"
+        } else {
+            baseline
+        };
+        println!("  {WORKERS} workers at once, {label:<14}: PSS {pss:.1} MiB, USS {uss:.1} MiB per worker (median)");
+    }
+    let ratio = median(&samples[2].load_ms) / median(&samples[0].load_ms);
+    println!(
+        "  process-to-first-inference ratio {baseline}/zero_copy = {:.2}",
+        median(&samples[2].to_first_inference_ms) / median(&samples[0].to_first_inference_ms)
+    );
+    Ok(ratio)
+}
+
+fn main() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    println!("bench-load on {cores} cores, {mem}");
+    let mlp = w.join("mlp.safetensors");
+    let script = w.join("net.pt");
+    make_model(&["mlp", mlp.to_str().unwrap(), "--sizes", SIZES]);
+    make_model(&["script", script.to_str().unwrap(), "--sizes", SIZES]);
+    make_model(&[
+        "inputs",
+        w.join("in").to_str().unwrap(),
+        "--shards",
+        "1",
+        "--batch",
+        "8",
+        "--features",
+        "5120",
+    ]);
+    let input = w.join("in/shard-00000.safetensors");
+    // libtorch's own start-up, apart from any load: a worker process that loads libtorch (a
+    // linked library) and exits at once.
+    let startup: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            let t = Instant::now();
+            let ok = std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+                .arg("--version")
+                .output()
+                .map(|o| o.status.success());
+            assert!(
+                matches!(ok, Ok(true)),
+                "kube-zerocopy-worker --version failed"
+            );
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    println!(
+        "libtorch start-up (a worker process that loads libtorch and exits): {:.1} ms median",
+        median(&startup)
+    );
+    let cmodule = bench(ModelFormat::TorchScript, &script, &input, "cmodule_load", w)?;
+    let varstore = bench(ModelFormat::Safetensors, &mlp, &input, "varstore_load", w)?;
+    println!();
+    println!("load-ratio cmodule_load/zero_copy = {cmodule:.1}");
+    println!("load-ratio varstore_load/zero_copy = {varstore:.1}");
+    Ok(())
+}
