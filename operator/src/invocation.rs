@@ -80,13 +80,32 @@ pub fn task_worker(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation 
     };
     env.push(("KZC_INPUT".into(), folder(&spec.input)));
     env.push(("KZC_OUTPUT".into(), folder(&spec.output)));
-    let device = match spec.device {
-        DeviceKind::Cpu => "cpu",
-        DeviceKind::Cuda => "cuda",
-    };
-    env.push(("KZC_DEVICE".into(), device.into()));
+    env.push(("KZC_DEVICE".into(), device(spec).into()));
     Invocation {
         command: vec![WORKER_BINARY.into(), "task".into()],
         env,
+    }
+}
+
+/// The port an Actor worker serves batches on.
+pub const ACTOR_PORT: i32 = 8080;
+/// The sidecar's health port (/readyz, /livez).
+pub const SIDECAR_PORT: i32 = 8471;
+
+/// An Actor-mode worker: maps the models once, then serves batches over HTTP.
+pub fn actor_worker(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
+    let mut env = common_env(spec, mounts);
+    env.push(("KZC_DEVICE".into(), device(spec).into()));
+    env.push(("KZC_LISTEN".into(), format!("0.0.0.0:{ACTOR_PORT}")));
+    Invocation {
+        command: vec![WORKER_BINARY.into(), "actor".into()],
+        env,
+    }
+}
+
+fn device(spec: &InferencePipelineSpec) -> &'static str {
+    match spec.device {
+        DeviceKind::Cpu => "cpu",
+        DeviceKind::Cuda => "cuda",
     }
 }

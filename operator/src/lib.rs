@@ -1,6 +1,8 @@
-//! kube-zerocopy's operator crate: the `InferencePipeline` resource, what its pods run, and
-//! the local runner. The Kubernetes rendering and reconcile loop build on these.
+//! kube-zerocopy's operator crate: the `InferencePipeline` resource, what its pods run, the
+//! pure rendering into Jobs and Deployments, and the local runner.
 
 pub mod crd;
 pub mod invocation;
 pub mod local;
+pub mod quantity;
+pub mod render;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
-use kube_zerocopy::local;
+use kube_zerocopy::{local, render};
 
 #[derive(Parser)]
 #[command(name = "kube-zerocopy", version, about)]
@@ -19,6 +19,14 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinition as YAML.
     Crd,
+    /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster.
+    Render {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// The runtime image (sidecar and worker) the pods run.
+        #[arg(long, env = "KZC_RUNTIME_IMAGE")]
+        runtime_image: Option<String>,
+    },
     /// Run pipelines on this machine, without a cluster.
     Local {
         #[command(subcommand)]
@@ -65,6 +73,18 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&InferencePipeline::crd())?);
+            Ok(())
+        }
+        Command::Render {
+            file,
+            runtime_image,
+        } => {
+            let pipeline = local::load_pipeline(&file)?;
+            let mut settings = render::Settings::default();
+            if let Some(image) = runtime_image {
+                settings.runtime_image = image;
+            }
+            print!("{}", render::render(&pipeline, &settings)?.to_yaml()?);
             Ok(())
         }
         Command::Local {

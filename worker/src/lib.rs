@@ -8,7 +8,9 @@
 //! - [`model`]: one loaded model of either format, on cpu or cuda.
 //! - [`memory`]: RSS/PSS/USS from /proc, to prove the sharing.
 //! - [`task`]: the Task-mode shard runner behind `kube-zerocopy-worker task`.
+//! - [`actor`]: the Actor-mode batch server behind `kube-zerocopy-worker actor`.
 
+pub mod actor;
 mod ffi;
 pub mod jit;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! `kube-zerocopy-worker`: maps the pod's published models and runs them.
 //!
 //! - `task`: one shard of the input folder (Task mode, one pod per completion index).
+//! - `actor`: map once, serve batches over HTTP (Actor mode).
 //! - `inspect`: load, run one input, report load time, pointers and memory as JSON; `--hold`
 //!   keeps the process alive until stdin closes, so that /proc can be read while it runs.
 
@@ -58,6 +59,11 @@ enum Command {
         input: PathBuf,
         #[arg(long, env = "KZC_OUTPUT")]
         output: PathBuf,
+    },
+    /// Load the models once, then serve batches over HTTP (POST /infer).
+    Actor {
+        #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: String,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -139,6 +145,10 @@ fn run(cli: Cli) -> Result<()> {
             });
             println!("{report}");
             Ok(())
+        }
+        Command::Actor { listen } => {
+            let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
+            kube_zerocopy_worker::actor::serve(&pipeline, &listen)
         }
         Command::Inspect {
             loader,

@@ -1,0 +1,484 @@
+//! A pipeline rendered into the objects that run it: pure functions, no IO.
+//!
+//! Task mode becomes an Indexed Job (one completion per shard); Actor mode a Deployment and a
+//! Service. Every pod has the weight server as a native sidecar (an init container with
+//! `restartPolicy: Always`) whose startup probe passes only once every model is published, so
+//! the workers start only then; the workers mount the shared store read-only.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
+    HTTPGetAction, HostPathVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::{DeviceKind, InferencePipeline, Mode, Sharing};
+use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
+use crate::quantity;
+
+/// The uid and gid every container runs as (not root).
+pub const RUN_AS: i64 = 65532;
+/// Where Node sharing keeps its store on the host (a folder of the host's /dev/shm).
+pub const NODE_SHM: &str = "/dev/shm";
+/// Memory the sidecar process needs beyond the weights it writes.
+const SIDECAR_OVERHEAD: u64 = 128 << 20;
+
+const STORE_VOLUME: &str = "kzc-store";
+const BINDINGS_VOLUME: &str = "kzc-bindings";
+const DOWNLOADS_VOLUME: &str = "kzc-downloads";
+
+/// What the operator itself decides, not the pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The runtime image: kube-zerocopy-sidecar and kube-zerocopy-worker with libtorch.
+    pub runtime_image: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            runtime_image: format!("kube-zerocopy/runtime:{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// The objects of one pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rendered {
+    Task {
+        job: Job,
+    },
+    Actor {
+        deployment: Deployment,
+        service: Service,
+    },
+}
+
+impl Rendered {
+    /// Every object, as YAML documents (what `kube-zerocopy render` prints).
+    pub fn to_yaml(&self) -> Result<String> {
+        let docs = match self {
+            Rendered::Task { job } => vec![serde_yaml::to_string(job)?],
+            Rendered::Actor {
+                deployment,
+                service,
+            } => {
+                vec![
+                    serde_yaml::to_string(deployment)?,
+                    serde_yaml::to_string(service)?,
+                ]
+            }
+        };
+        Ok(docs.iter().map(|d| format!("---\n{d}")).collect())
+    }
+}
+
+/// The name of every object a pipeline owns.
+pub fn object_name(pipeline: &InferencePipeline) -> String {
+    format!(
+        "{}-zerocopy",
+        pipeline.metadata.name.as_deref().unwrap_or("pipeline")
+    )
+}
+
+pub fn labels(pipeline: &InferencePipeline) -> BTreeMap<String, String> {
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    let component = match pipeline.spec.mode {
+        Mode::Task => "task",
+        Mode::Actor => "actor",
+    };
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "kube-zerocopy".into()),
+        ("app.kubernetes.io/instance".into(), name.clone()),
+        ("app.kubernetes.io/component".into(), component.into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "kube-zerocopy".into(),
+        ),
+        ("kube-zerocopy.io/pipeline".into(), name),
+    ])
+}
+
+/// The labels that select a pipeline's pods (stable across spec changes).
+pub fn selector_labels(pipeline: &InferencePipeline) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "kube-zerocopy.io/pipeline".into(),
+        pipeline.metadata.name.clone().unwrap_or_default(),
+    )])
+}
+
+fn metadata(pipeline: &InferencePipeline) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(object_name(pipeline)),
+        namespace: pipeline.metadata.namespace.clone(),
+        labels: Some(labels(pipeline)),
+        owner_references: owner_reference(pipeline).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// The controller reference, when the pipeline came from a cluster (it has a uid).
+fn owner_reference(pipeline: &InferencePipeline) -> Option<OwnerReference> {
+    pipeline.controller_owner_ref(&())
+}
+
+/// Bytes of all models, when every model gives its size.
+pub fn total_model_bytes(pipeline: &InferencePipeline) -> Result<Option<u64>> {
+    let mut total = 0u64;
+    for m in &pipeline.spec.models {
+        match &m.source.size {
+            Some(q) => {
+                total +=
+                    quantity::to_bytes(&q.0).with_context(|| format!("model {:?}: size", m.name))?
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(total))
+}
+
+fn env(inv: &Invocation) -> Vec<EnvVar> {
+    inv.env
+        .iter()
+        .map(|(k, v)| EnvVar {
+            name: k.clone(),
+            value: Some(v.clone()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &std::path::Path, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.to_string_lossy().into_owned(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+fn memory(bytes: u64) -> BTreeMap<String, Quantity> {
+    BTreeMap::from([("memory".to_string(), Quantity(quantity::mebibytes(bytes)))])
+}
+
+/// The pod's volumes and where the containers see them.
+fn volumes(
+    pipeline: &InferencePipeline,
+    model_bytes: Option<u64>,
+) -> (Vec<Volume>, Mounts, String) {
+    let in_pod = Mounts::in_pod();
+    // Room for alignment padding and TorchScript skeletons beyond the model files.
+    let store_limit = model_bytes.map(|b| Quantity(quantity::mebibytes(b + b / 20 + (16 << 20))));
+    let (store, mounts, store_mount) = match pipeline.spec.sharing {
+        Sharing::Pod => (
+            Volume {
+                name: STORE_VOLUME.into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    size_limit: store_limit,
+                }),
+                ..Default::default()
+            },
+            in_pod.clone(),
+            in_pod.store.to_string_lossy().into_owned(),
+        ),
+        // The host's /dev/shm is world-writable (sticky): the non-root sidecar creates its
+        // store folder there, and every pod on the node finds the same content-addressed store.
+        Sharing::Node => (
+            Volume {
+                name: STORE_VOLUME.into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: NODE_SHM.into(),
+                    type_: Some("Directory".into()),
+                }),
+                ..Default::default()
+            },
+            Mounts {
+                store: "/kzc/node-shm/kube-zerocopy".into(),
+                ..in_pod.clone()
+            },
+            "/kzc/node-shm".into(),
+        ),
+    };
+    let small_memory = EmptyDirVolumeSource {
+        medium: Some("Memory".into()),
+        size_limit: Some(Quantity("1Mi".into())),
+    };
+    let mut all = vec![
+        store,
+        Volume {
+            name: BINDINGS_VOLUME.into(),
+            empty_dir: Some(small_memory),
+            ..Default::default()
+        },
+        Volume {
+            name: DOWNLOADS_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: model_bytes.map(|b| Quantity(quantity::mebibytes(b))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if let Some(extra) = pipeline
+        .spec
+        .template
+        .as_ref()
+        .and_then(|t| t.volumes.clone())
+    {
+        all.extend(extra);
+    }
+    (all, mounts, store_mount)
+}
+
+/// The pod template shared by both modes.
+fn pod_template(
+    pipeline: &InferencePipeline,
+    settings: &Settings,
+    worker: Invocation,
+    mounts: &Mounts,
+    volumes: Vec<Volume>,
+    store_mount: &str,
+    model_bytes: Option<u64>,
+) -> PodTemplateSpec {
+    let spec = &pipeline.spec;
+    let overrides = spec.template.clone().unwrap_or_default();
+    let image = overrides
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.runtime_image.clone());
+    let store_path = std::path::Path::new(store_mount);
+
+    let sidecar_inv = invocation::sidecar(spec, mounts, &format!("0.0.0.0:{SIDECAR_PORT}"));
+    let probe_inv = invocation::probe(spec, mounts);
+    // tmpfs pages are charged to the container that writes them: the sidecar.
+    let sidecar_resources = model_bytes.map(|b| {
+        let m = memory(b + SIDECAR_OVERHEAD);
+        ResourceRequirements {
+            requests: Some(m.clone()),
+            limits: Some(m),
+            ..Default::default()
+        }
+    });
+    let sidecar = Container {
+        name: "weight-server".into(),
+        image: Some(image.clone()),
+        command: Some(sidecar_inv.command.clone()),
+        env: Some(env(&sidecar_inv)),
+        restart_policy: Some("Always".into()),
+        ports: Some(vec![ContainerPort {
+            name: Some("health".into()),
+            container_port: SIDECAR_PORT,
+            ..Default::default()
+        }]),
+        startup_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(probe_inv.command.clone()),
+            }),
+            period_seconds: Some(2),
+            // Large models take a while: up to an hour.
+            failure_threshold: Some(1800),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/livez".into()),
+                port: IntOrString::String("health".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        resources: sidecar_resources,
+        security_context: Some(restricted()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(vec![
+            mount(STORE_VOLUME, store_path, false),
+            mount(BINDINGS_VOLUME, &mounts.bindings, false),
+            mount(DOWNLOADS_VOLUME, &mounts.downloads, false),
+        ]),
+        ..Default::default()
+    };
+
+    let mut worker_mounts = vec![
+        mount(STORE_VOLUME, store_path, true),
+        mount(BINDINGS_VOLUME, &mounts.bindings, true),
+    ];
+    worker_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
+    let mut resources = overrides.resources.clone().unwrap_or_default();
+    if spec.device == DeviceKind::Cuda {
+        let gpu = ("nvidia.com/gpu".to_string(), Quantity("1".into()));
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .entry(gpu.0.clone())
+            .or_insert(gpu.1.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .entry(gpu.0)
+            .or_insert(gpu.1);
+    }
+    let is_actor = spec.mode == Mode::Actor;
+    let worker = Container {
+        name: "worker".into(),
+        image: Some(image),
+        command: Some(worker.command.clone()),
+        env: Some(env(&worker)),
+        ports: is_actor.then(|| {
+            vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: ACTOR_PORT,
+                ..Default::default()
+            }]
+        }),
+        readiness_probe: is_actor.then(|| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::String("http".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            ..Default::default()
+        }),
+        resources: Some(resources),
+        security_context: Some(restricted()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(worker_mounts),
+        ..Default::default()
+    };
+
+    let mut labels = labels(pipeline);
+    labels.extend(selector_labels(pipeline));
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            init_containers: Some(vec![sidecar]),
+            containers: vec![worker],
+            volumes: Some(volumes),
+            restart_policy: Some(if is_actor { "Always" } else { "Never" }.into()),
+            service_account_name: overrides.service_account_name.clone(),
+            automount_service_account_token: Some(false),
+            node_selector: overrides.node_selector.clone(),
+            tolerations: overrides.tolerations.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS),
+                run_as_group: Some(RUN_AS),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Renders a pipeline. Pure: the same pipeline and settings always give the same objects.
+pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rendered> {
+    let spec = &pipeline.spec;
+    let model_bytes = total_model_bytes(pipeline)?;
+    let (volumes, mounts, store_mount) = volumes(pipeline, model_bytes);
+    match spec.mode {
+        Mode::Task => {
+            let task = spec.task.clone().unwrap_or_default();
+            let shards = task.shards.context("mode Task needs spec.task.shards")?;
+            let worker = invocation::task_worker(spec, &mounts);
+            let template = pod_template(
+                pipeline,
+                settings,
+                worker,
+                &mounts,
+                volumes,
+                &store_mount,
+                model_bytes,
+            );
+            let job = Job {
+                metadata: metadata(pipeline),
+                spec: Some(JobSpec {
+                    completion_mode: Some("Indexed".into()),
+                    completions: Some(shards),
+                    parallelism: Some(task.parallelism.unwrap_or(1).min(shards)),
+                    // A failing shard is retried on its own; the others go on.
+                    backoff_limit_per_index: Some(2),
+                    template,
+                    ..Default::default()
+                }),
+                status: None,
+            };
+            Ok(Rendered::Task { job })
+        }
+        Mode::Actor => {
+            let actor = spec.actor.clone().context("mode Actor needs spec.actor")?;
+            let worker = invocation::actor_worker(spec, &mounts);
+            let template = pod_template(
+                pipeline,
+                settings,
+                worker,
+                &mounts,
+                volumes,
+                &store_mount,
+                model_bytes,
+            );
+            let deployment = Deployment {
+                metadata: metadata(pipeline),
+                spec: Some(DeploymentSpec {
+                    replicas: Some(actor.replicas),
+                    selector: LabelSelector {
+                        match_labels: Some(selector_labels(pipeline)),
+                        ..Default::default()
+                    },
+                    template,
+                    ..Default::default()
+                }),
+                status: None,
+            };
+            let service = Service {
+                metadata: metadata(pipeline),
+                spec: Some(ServiceSpec {
+                    selector: Some(selector_labels(pipeline)),
+                    ports: Some(vec![ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        target_port: Some(IntOrString::String("http".into())),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                status: None,
+            };
+            Ok(Rendered::Actor {
+                deployment,
+                service,
+            })
+        }
+    }
+}
