@@ -19,7 +19,7 @@ lint: setup
 	$(ENV) && cargo clippy --release --workspace --all-targets -- -D warnings
 
 test: build lint
-	$(ENV) && cargo test --release --workspace -- --test-threads=2
+	scripts/test.sh
 
 bench-load: build
 	scripts/bench-load.sh

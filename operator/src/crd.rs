@@ -177,12 +177,27 @@ pub struct ActorSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferencePipelineStatus {
+    /// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// Task: shards succeeded/total. Actor: replicas available/desired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardStatus>,
+    /// WeightsReady, Progressing, Succeeded, Failed, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ShardStatus {
+    pub total: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+    pub active: i32,
 }
 
 impl InferencePipelineSpec {

@@ -1,8 +1,11 @@
 //! kube-zerocopy's operator crate: the `InferencePipeline` resource, what its pods run, the
 //! pure rendering into Jobs and Deployments, and the local runner.
 
+pub mod controller;
 pub mod crd;
 pub mod invocation;
 pub mod local;
+pub mod metrics;
 pub mod quantity;
 pub mod render;
+pub mod status;

@@ -17,6 +17,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: reconcile InferencePipelines into Jobs and Deployments.
+    Operator {
+        /// Watch one namespace only (default: all).
+        #[arg(long, env = "KZC_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// The runtime image (sidecar and worker) the pods run.
+        #[arg(long, env = "KZC_RUNTIME_IMAGE")]
+        runtime_image: Option<String>,
+        /// Address of /metrics, /livez and /readyz.
+        #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+        metrics_listen: String,
+    },
     /// Print the CustomResourceDefinition as YAML.
     Crd,
     /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster.
@@ -71,6 +83,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Operator { namespace, runtime_image, metrics_listen } => {
+            let mut settings = render::Settings::default();
+            if let Some(image) = runtime_image {
+                settings.runtime_image = image;
+            }
+            let metrics = std::sync::Arc::new(kube_zerocopy::metrics::Metrics::default());
+            kube_zerocopy::metrics::serve(&metrics_listen, metrics.clone())?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default().await?;
+                kube_zerocopy::controller::run(client, settings, namespace, metrics).await
+            })
+        }
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&InferencePipeline::crd())?);
             Ok(())

@@ -283,7 +283,7 @@ fn pod_template(
         }
     });
     let sidecar = Container {
-        name: "weight-server".into(),
+        name: crate::status::SIDECAR_CONTAINER.into(),
         image: Some(image.clone()),
         command: Some(sidecar_inv.command.clone()),
         env: Some(env(&sidecar_inv)),

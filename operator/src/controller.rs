@@ -1,0 +1,207 @@
+//! The reconcile loop: each InferencePipeline is rendered (a pure function) and its objects
+//! are applied by server-side apply; its status is computed from what those objects report
+//! (also pure, see [`crate::status`]) and applied to the status subresource.
+//!
+//! Owner references make Kubernetes delete a pipeline's objects with it, so no finalizer is
+//! needed. A Task pipeline whose spec changes while its Job runs is refused with a condition
+//! (a Job's pod template cannot change); once the Job has finished it is replaced.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::crd::InferencePipeline;
+use crate::metrics::Metrics;
+use crate::render::{self, Rendered, Settings};
+use crate::status::{self, Observed};
+
+/// The field manager of everything the operator applies.
+pub const MANAGER: &str = "kube-zerocopy";
+/// A hash of the rendered Job spec, to tell a changed pipeline from an unchanged one.
+pub const SPEC_HASH: &str = "kube-zerocopy.io/spec-hash";
+pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot render the pipeline: {0:#}")]
+    Render(anyhow::Error),
+}
+
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+fn spec_hash(job: &Job) -> String {
+    kube_zerocopy_sidecar::source::sha256_hex(serde_json::to_string(&job.spec).unwrap_or_default().as_bytes())[..16]
+        .to_owned()
+}
+
+fn annotate(meta: &mut ObjectMeta, hash: &str) {
+    meta.annotations.get_or_insert_with(Default::default).insert(SPEC_HASH.into(), hash.into());
+}
+
+fn finished(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"))
+}
+
+/// Applies the Job unless a running one would have to change. Returns the Job as it is now
+/// and, when refused, why.
+async fn apply_task(api: &Api<Job>, mut job: Job) -> Result<(Option<Job>, Option<String>), Error> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let hash = spec_hash(&job);
+    annotate(&mut job.metadata, &hash);
+    if let Some(current) = api.get_opt(&name).await? {
+        if current.annotations().get(SPEC_HASH) != Some(&hash) {
+            if finished(&current) {
+                // A finished Job with an old spec: replace it (the new spec runs afresh).
+                api.delete(&name, &DeleteParams::background()).await?;
+                return Ok((None, None));
+            }
+            let why = "the spec changed while the pipeline's Job is running, and a running Job cannot change: \
+                       wait for it to finish (it is then replaced), or delete and re-create the pipeline";
+            return Ok((Some(current), Some(why.into())));
+        }
+    }
+    let applied = api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
+    Ok((Some(applied), None))
+}
+
+pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
+    let name = pipeline.name_any();
+    let client = ctx.client.clone();
+    let apply = PatchParams::apply(MANAGER).force();
+
+    let (job, deployment, refused) = match render::render(&pipeline, &ctx.settings).map_err(Error::Render)? {
+        Rendered::Task { job } => {
+            let (job, refused) = apply_task(&Api::namespaced(client.clone(), &ns), job).await?;
+            (job, None, refused)
+        }
+        Rendered::Actor { deployment, service } => {
+            let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+            services.patch(&render::object_name(&pipeline), &apply, &Patch::Apply(&service)).await?;
+            let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let d = deployments.patch(&render::object_name(&pipeline), &apply, &Patch::Apply(&deployment)).await?;
+            (None, Some(d), None)
+        }
+    };
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{PIPELINE_LABEL}={name}")))
+        .await?;
+    let observed = Observed { job: job.as_ref(), deployment: deployment.as_ref(), pods: &pods.items, refused };
+    let new_status = status::compute(&pipeline, &observed, Timestamp::now());
+
+    // Events for transitions: the phase, and a newly refused spec.
+    let old = pipeline.status.clone().unwrap_or_default();
+    let reference = pipeline.object_ref(&());
+    if old.phase != new_status.phase {
+        let phase = new_status.phase.clone().unwrap_or_default();
+        let warning = matches!(phase.as_str(), "Failed" | "Degraded");
+        let note = new_status
+            .conditions
+            .iter()
+            .find(|c| c.status == "True" && !c.message.is_empty())
+            .map(|c| c.message.clone());
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: phase,
+            note: note.or(new_status.progress.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "cannot record an event");
+        }
+    }
+    let changed_condition = |t: &str| {
+        let find = |s: &crate::crd::InferencePipelineStatus| s.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
+        find(&old) != find(&new_status)
+    };
+    if changed_condition(status::DEGRADED) {
+        if let Some(c) = new_status.conditions.iter().find(|c| c.type_ == status::DEGRADED && c.status == "True") {
+            let event = Event { type_: EventType::Warning, reason: c.reason.clone(), note: Some(c.message.clone()), action: "Reconcile".into(), secondary: None };
+            let _ = ctx.recorder.publish(&event, &reference).await;
+        }
+    }
+
+    let api: Api<InferencePipeline> = Api::namespaced(client, &ns);
+    let patch = json!({
+        "apiVersion": InferencePipeline::api_version(&()),
+        "kind": InferencePipeline::kind(&()),
+        "status": new_status,
+    });
+    api.patch_status(&name, &apply, &Patch::Apply(&patch)).await?;
+    ctx.metrics.observe(started.elapsed());
+    let done = matches!(new_status.phase.as_deref(), Some("Succeeded" | "Failed" | "Ready"));
+    Ok(Action::requeue(if done { Duration::from_secs(300) } else { Duration::from_secs(15) }))
+}
+
+pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.errors.inc();
+    warn!(pipeline = %pipeline.name_any(), error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C. `namespace`: watch one namespace, or all.
+pub async fn run(client: Client, settings: Settings, namespace: Option<String>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let pipelines: Api<InferencePipeline> = api(&client, &namespace);
+    pipelines
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list InferencePipelines (is the CRD installed?): {e}"))?;
+    let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context { client: client.clone(), settings, recorder: Recorder::new(client.clone(), reporter), metrics });
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-zerocopy");
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "operator running");
+    Controller::new(pipelines, watcher::Config::default())
+        .owns(api::<Job>(&client, &namespace), managed.clone())
+        .owns(api::<Deployment>(&client, &namespace), managed.clone())
+        .owns(api::<Service>(&client, &namespace), managed)
+        .watches(api::<Pod>(&client, &namespace), watcher::Config::default().labels(PIPELINE_LABEL), |pod: Pod| {
+            let name = pod.labels().get(PIPELINE_LABEL)?.clone();
+            Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => info!(pipeline = %object.name, "reconciled"),
+                Err(e) => warn!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Prometheus metrics and the health endpoints of the operator (/metrics, /livez, /readyz).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub errors: Counter,
+    pub duration: Histogram,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Counter::default();
+        let errors = Counter::default();
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let mut registry = Registry::with_prefix("kube_zerocopy");
+        registry.register("reconciles", "Reconciliations run", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciliations that failed", errors.clone());
+        registry.register("reconcile_duration_seconds", "Time per successful reconciliation", duration.clone());
+        Metrics { reconciles, errors, duration, registry }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("metrics encode to a string");
+        out
+    }
+}
+
+/// Serves /metrics, /livez and /readyz on `listen` from a thread of its own.
+pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let server = tiny_http::Server::http(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let response = match request.url() {
+                "/metrics" => tiny_http::Response::from_string(metrics.render()),
+                "/livez" | "/readyz" => tiny_http::Response::from_string("ok"),
+                _ => tiny_http::Response::from_string("not found").with_status_code(404),
+            };
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_show_up_in_the_text_format() {
+        let m = super::Metrics::default();
+        m.reconciles.inc();
+        m.observe(std::time::Duration::from_millis(20));
+        let text = m.render();
+        assert!(text.contains("kube_zerocopy_reconciles_total 1"), "{text}");
+        assert!(text.contains("kube_zerocopy_reconcile_duration_seconds_count 1"), "{text}");
+    }
+}
