@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test lint bench-load clean
+.PHONY: setup build demo test lint generate bench-load clean
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -27,3 +27,6 @@ bench-load: build
 clean:
 	cargo clean
 	rm -rf out
+
+generate: setup
+	scripts/generate.sh

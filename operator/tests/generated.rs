@@ -1,0 +1,146 @@
+//! What the repository commits from `kube-zerocopy` must match what it generates now
+//! (`make generate` rewrites them): the CRD, in crds/ and in the chart, and the rendered
+//! examples. And the rendered pods keep their promises.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use kube::CustomResourceExt;
+use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
+use kube_zerocopy::invocation::{self, Mounts};
+use kube_zerocopy::local::load_pipeline;
+use kube_zerocopy::render::{render, Rendered, Settings};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn committed_crds_match_the_generated_one() {
+    let generated = serde_yaml::to_string(&InferencePipeline::crd()).unwrap();
+    for path in [
+        "crds/inferencepipelines.kube-zerocopy.io.yaml",
+        "charts/kube-zerocopy/crds/inferencepipelines.kube-zerocopy.io.yaml",
+    ] {
+        assert!(read(path) == generated, "{path} drifted from `kube-zerocopy crd`: run `make generate`");
+    }
+}
+
+const EXAMPLES: [&str; 4] = ["task-torchscript", "task-safetensors", "actor-torchscript", "actor-safetensors"];
+
+fn pipeline(name: &str) -> InferencePipeline {
+    load_pipeline(&repo().join(format!("examples/{name}.yaml"))).unwrap()
+}
+
+fn rendered(name: &str) -> Rendered {
+    render(&pipeline(name), &Settings::default()).unwrap()
+}
+
+#[test]
+fn committed_renders_match_the_examples() {
+    for name in EXAMPLES {
+        let yaml = rendered(name).to_yaml().unwrap();
+        assert!(
+            read(&format!("examples/rendered/{name}.yaml")) == yaml,
+            "examples/rendered/{name}.yaml drifted: run `make generate`"
+        );
+    }
+}
+
+fn pod_spec(r: &Rendered) -> PodSpec {
+    match r {
+        Rendered::Task { job } => job.spec.clone().unwrap().template.spec.unwrap(),
+        Rendered::Actor { deployment, .. } => deployment.spec.clone().unwrap().template.spec.unwrap(),
+    }
+}
+
+fn env_of(c: &Container) -> Vec<(String, String)> {
+    c.env.clone().unwrap().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect()
+}
+
+#[test]
+fn rendered_pods_keep_their_promises() {
+    for name in EXAMPLES {
+        let pipeline = pipeline(name);
+        let spec = pod_spec(&rendered(name));
+        // The weight server is a native sidecar with a startup probe, before any worker.
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "{name}");
+        let probe = sidecar.startup_probe.as_ref().unwrap().exec.as_ref().unwrap().command.clone().unwrap();
+        assert_eq!(probe, vec!["kube-zerocopy-sidecar", "probe"], "{name}");
+        // Non-root everywhere; workers mount the store read-only.
+        assert_eq!(spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        let worker = &spec.containers[0];
+        for c in [sidecar, worker] {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(
+                (sc.run_as_non_root, sc.allow_privilege_escalation, sc.read_only_root_filesystem),
+                (Some(true), Some(false), Some(true)),
+                "{name}/{}",
+                c.name
+            );
+        }
+        let store = worker.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "kzc-store").unwrap();
+        assert_eq!(store.read_only, Some(true), "{name}: the worker must mount the store read-only");
+        // cuda asks for a GPU.
+        let gpu = worker
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("nvidia.com/gpu"))
+            .is_some();
+        assert_eq!(gpu, name == "task-safetensors", "{name}");
+        // The same commands and environment as `kube-zerocopy local`, at the pod's paths.
+        let mounts = match pipeline.spec.sharing {
+            Sharing::Pod => Mounts::in_pod(),
+            Sharing::Node => Mounts { store: "/kzc/node-shm/kube-zerocopy".into(), ..Mounts::in_pod() },
+        };
+        let expected = match pipeline.spec.mode {
+            Mode::Task => invocation::task_worker(&pipeline.spec, &mounts),
+            Mode::Actor => invocation::actor_worker(&pipeline.spec, &mounts),
+        };
+        assert_eq!(worker.command.clone().unwrap(), expected.command, "{name}");
+        assert_eq!(env_of(worker), expected.env, "{name}");
+        let sidecar_expected = invocation::sidecar(&pipeline.spec, &mounts, "0.0.0.0:8471");
+        assert_eq!(sidecar.command.clone().unwrap(), sidecar_expected.command, "{name}");
+        assert_eq!(env_of(sidecar), sidecar_expected.env, "{name}");
+    }
+}
+
+#[test]
+fn memory_is_sized_from_the_models() {
+    // task-torchscript: one 400Mi model.
+    let spec = pod_spec(&rendered("task-torchscript"));
+    let store = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "kzc-store").unwrap();
+    let empty_dir = store.empty_dir.as_ref().unwrap();
+    assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));
+    assert_eq!(empty_dir.size_limit.as_ref().unwrap().0, "436Mi");
+    let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+    let limits = sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "528Mi");
+    // Node sharing: the host's /dev/shm, not an emptyDir.
+    let spec = pod_spec(&rendered("actor-safetensors"));
+    let store = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "kzc-store").unwrap();
+    assert_eq!(store.host_path.as_ref().unwrap().path, "/dev/shm");
+}
+
+#[test]
+fn owned_objects_point_back_at_the_pipeline() {
+    let mut pipeline = pipeline("actor-torchscript");
+    pipeline.metadata.uid = Some("1234".into());
+    let Rendered::Actor { deployment, service } = render(&pipeline, &Settings::default()).unwrap() else {
+        panic!("an Actor pipeline renders a Deployment and a Service")
+    };
+    for meta in [&deployment.metadata, &service.metadata] {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str(), owner.controller),
+            ("InferencePipeline", "ranker", "1234", Some(true))
+        );
+    }
+    assert_eq!(deployment.spec.unwrap().replicas, Some(4));
+}

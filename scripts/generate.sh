@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# make generate: writes what `kube-zerocopy` generates and the repository commits: the CRD
+# (crds/ and the chart's crds/) and the rendered examples. Tests fail when these drift.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo build --release -p kube-zerocopy
+bin=./target/release/kube-zerocopy
+$bin crd > crds/inferencepipelines.kube-zerocopy.io.yaml
+cp crds/inferencepipelines.kube-zerocopy.io.yaml charts/kube-zerocopy/crds/
+for f in examples/*.yaml; do
+  case "$f" in examples/local-*) continue ;; esac
+  $bin render -f "$f" > "examples/rendered/$(basename "$f")"
+done
