@@ -11,6 +11,7 @@
 //! - [`actor`]: the Actor-mode batch server behind `kube-zerocopy-worker actor`.
 
 pub mod actor;
+pub mod cuda;
 mod ffi;
 pub mod jit;
 pub mod memory;

@@ -115,6 +115,9 @@ fn ms(since: Instant) -> f64 {
 fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
     let device = parse_device(&cli.device)?;
+    if device.is_cuda() {
+        kube_zerocopy_worker::cuda::load_backend()?;
+    }
     let models = models_from_env()?;
     let store = Store::new(&cli.store);
     let bindings = Bindings::new(&cli.bindings);
@@ -216,8 +219,16 @@ fn pointer_report(m: &LoadedModel) -> Result<serde_json::Value> {
         Some(s) => (s.mapping_range(), Some(s.mapping_path().to_owned())),
         None => (0..0, None),
     };
+    let mut devices: Vec<String> = tensors
+        .iter()
+        .map(|(_, t)| format!("{:?}", t.device()))
+        .collect();
+    devices.sort();
+    devices.dedup();
+    // Only host tensors can lie in the mapping; on cuda every tensor is a device copy.
     let outside: Vec<&str> = tensors
         .iter()
+        .filter(|(_, t)| t.device() == Device::Cpu)
         .filter(|(_, t)| {
             let p = t.data_ptr() as usize;
             let end = p + t.numel() * t.kind().elt_size_in_bytes();
@@ -234,6 +245,7 @@ fn pointer_report(m: &LoadedModel) -> Result<serde_json::Value> {
         "tensors": tensors.len(),
         "tensor_bytes": tensors.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum::<usize>(),
         "outside_mapping": outside,
+        "devices": devices,
         "mapping": mapping,
         "mapping_memory": mapping_memory,
     }))

@@ -48,6 +48,17 @@ impl LoadedModel {
         prefault: bool,
     ) -> Result<Self> {
         let shared = SharedModel::open(store, bindings, &source.name, prefault)?;
+        // cuda: one host-to-device copy, from pinned pages when the driver allows it.
+        let _pinned = match device {
+            Device::Cuda(_) if pin_for_cuda() => match shared.pin_for_cuda() {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    tracing::warn!(model = %source.name, error = %e, "copying to the GPU from unpinned memory");
+                    None
+                }
+            },
+            _ => None,
+        };
         let module = match source.format {
             ModelFormat::Safetensors => {
                 check_architecture(source)?;
@@ -122,6 +133,13 @@ impl LoadedModel {
             Module::CModule(m) => m.named_parameters()?,
         })
     }
+}
+
+/// Whether to pin the mapping before copying to the GPU (`KZC_PIN_HOST`, default true).
+fn pin_for_cuda() -> bool {
+    std::env::var("KZC_PIN_HOST")
+        .map(|v| v != "false" && v != "0")
+        .unwrap_or(true)
 }
 
 /// The Mlp's layer sizes and dtype from a safetensors file's header (reads only the header).

@@ -162,6 +162,19 @@ impl SharedModel {
         Ok(t)
     }
 
+    /// Pins the mapping for fast host-to-device copies (see [`crate::cuda`]). Returns a guard
+    /// that unpins it when dropped.
+    pub fn pin_for_cuda(&self) -> Result<PinGuard> {
+        let range = self.mapping.range();
+        if range.is_empty() {
+            return Ok(PinGuard { ptr: None });
+        }
+        crate::cuda::pin(range.start as *mut c_void, range.len())?;
+        Ok(PinGuard {
+            ptr: Some(range.start as *mut c_void),
+        })
+    }
+
     pub(crate) fn release_fn() -> ffi::ReleaseFn {
         release_mapping
     }
@@ -169,5 +182,18 @@ impl SharedModel {
     /// Number of mapping references alive (this model plus every tensor viewing it).
     pub fn mapping_refs(&self) -> usize {
         Arc::strong_count(&self.mapping)
+    }
+}
+
+/// Unpins a pinned mapping when dropped.
+pub struct PinGuard {
+    ptr: Option<*mut c_void>,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.ptr {
+            crate::cuda::unpin(p);
+        }
     }
 }
