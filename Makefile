@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test lint generate bench-load clean
+.PHONY: setup build demo test lint generate bench-load bench-operator clean
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -30,3 +30,6 @@ clean:
 
 generate: setup
 	scripts/generate.sh
+
+bench-operator: build
+	scripts/bench-operator.sh

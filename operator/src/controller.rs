@@ -50,19 +50,28 @@ pub struct Context {
 }
 
 fn spec_hash(job: &Job) -> String {
-    kube_zerocopy_sidecar::source::sha256_hex(serde_json::to_string(&job.spec).unwrap_or_default().as_bytes())[..16]
+    kube_zerocopy_sidecar::source::sha256_hex(
+        serde_json::to_string(&job.spec)
+            .unwrap_or_default()
+            .as_bytes(),
+    )[..16]
         .to_owned()
 }
 
 fn annotate(meta: &mut ObjectMeta, hash: &str) {
-    meta.annotations.get_or_insert_with(Default::default).insert(SPEC_HASH.into(), hash.into());
+    meta.annotations
+        .get_or_insert_with(Default::default)
+        .insert(SPEC_HASH.into(), hash.into());
 }
 
 fn finished(job: &Job) -> bool {
     job.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"))
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        })
 }
 
 /// Applies the Job unless a running one would have to change. Returns the Job as it is now
@@ -83,11 +92,20 @@ async fn apply_task(api: &Api<Job>, mut job: Job) -> Result<(Option<Job>, Option
             return Ok((Some(current), Some(why.into())));
         }
     }
-    let applied = api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&job),
+        )
+        .await?;
     Ok((Some(applied), None))
 }
 
-pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    pipeline: Arc<InferencePipeline>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
@@ -95,23 +113,45 @@ pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> R
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
 
-    let (job, deployment, refused) = match render::render(&pipeline, &ctx.settings).map_err(Error::Render)? {
+    let (job, deployment, refused) = match render::render(&pipeline, &ctx.settings)
+        .map_err(Error::Render)?
+    {
         Rendered::Task { job } => {
-            let (job, refused) = apply_task(&Api::namespaced(client.clone(), &ns), job).await?;
+            let (job, refused) = apply_task(&Api::namespaced(client.clone(), &ns), *job).await?;
             (job, None, refused)
         }
-        Rendered::Actor { deployment, service } => {
+        Rendered::Actor {
+            deployment,
+            service,
+        } => {
             let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-            services.patch(&render::object_name(&pipeline), &apply, &Patch::Apply(&service)).await?;
+            services
+                .patch(
+                    &render::object_name(&pipeline),
+                    &apply,
+                    &Patch::Apply(&service),
+                )
+                .await?;
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-            let d = deployments.patch(&render::object_name(&pipeline), &apply, &Patch::Apply(&deployment)).await?;
+            let d = deployments
+                .patch(
+                    &render::object_name(&pipeline),
+                    &apply,
+                    &Patch::Apply(&deployment),
+                )
+                .await?;
             (None, Some(d), None)
         }
     };
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&format!("{PIPELINE_LABEL}={name}")))
         .await?;
-    let observed = Observed { job: job.as_ref(), deployment: deployment.as_ref(), pods: &pods.items, refused };
+    let observed = Observed {
+        job: job.as_ref(),
+        deployment: deployment.as_ref(),
+        pods: &pods.items,
+        refused,
+    };
     let new_status = status::compute(&pipeline, &observed, Timestamp::now());
 
     // Events for transitions: the phase, and a newly refused spec.
@@ -126,7 +166,11 @@ pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> R
             .find(|c| c.status == "True" && !c.message.is_empty())
             .map(|c| c.message.clone());
         let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: phase,
             note: note.or(new_status.progress.clone()),
             action: "Reconcile".into(),
@@ -137,12 +181,27 @@ pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> R
         }
     }
     let changed_condition = |t: &str| {
-        let find = |s: &crate::crd::InferencePipelineStatus| s.conditions.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()));
+        let find = |s: &crate::crd::InferencePipelineStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
         find(&old) != find(&new_status)
     };
     if changed_condition(status::DEGRADED) {
-        if let Some(c) = new_status.conditions.iter().find(|c| c.type_ == status::DEGRADED && c.status == "True") {
-            let event = Event { type_: EventType::Warning, reason: c.reason.clone(), note: Some(c.message.clone()), action: "Reconcile".into(), secondary: None };
+        if let Some(c) = new_status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == status::DEGRADED && c.status == "True")
+        {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
             let _ = ctx.recorder.publish(&event, &reference).await;
         }
     }
@@ -153,10 +212,18 @@ pub async fn reconcile(pipeline: Arc<InferencePipeline>, ctx: Arc<Context>) -> R
         "kind": InferencePipeline::kind(&()),
         "status": new_status,
     });
-    api.patch_status(&name, &apply, &Patch::Apply(&patch)).await?;
+    api.patch_status(&name, &apply, &Patch::Apply(&patch))
+        .await?;
     ctx.metrics.observe(started.elapsed());
-    let done = matches!(new_status.phase.as_deref(), Some("Succeeded" | "Failed" | "Ready"));
-    Ok(Action::requeue(if done { Duration::from_secs(300) } else { Duration::from_secs(15) }))
+    let done = matches!(
+        new_status.phase.as_deref(),
+        Some("Succeeded" | "Failed" | "Ready")
+    );
+    Ok(Action::requeue(if done {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(15)
+    }))
 }
 
 pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -166,10 +233,18 @@ pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Co
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C. `namespace`: watch one namespace, or all.
-pub async fn run(client: Client, settings: Settings, namespace: Option<String>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         match ns {
@@ -181,19 +256,36 @@ pub async fn run(client: Client, settings: Settings, namespace: Option<String>, 
     pipelines
         .list(&ListParams::default().limit(1))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot list InferencePipelines (is the CRD installed?): {e}"))?;
-    let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-    let ctx = Arc::new(Context { client: client.clone(), settings, recorder: Recorder::new(client.clone(), reporter), metrics });
+        .map_err(|e| {
+            anyhow::anyhow!("cannot list InferencePipelines (is the CRD installed?): {e}")
+        })?;
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+    });
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-zerocopy");
-    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "operator running");
+    info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        "operator running"
+    );
     Controller::new(pipelines, watcher::Config::default())
         .owns(api::<Job>(&client, &namespace), managed.clone())
         .owns(api::<Deployment>(&client, &namespace), managed.clone())
         .owns(api::<Service>(&client, &namespace), managed)
-        .watches(api::<Pod>(&client, &namespace), watcher::Config::default().labels(PIPELINE_LABEL), |pod: Pod| {
-            let name = pod.labels().get(PIPELINE_LABEL)?.clone();
-            Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
-        })
+        .watches(
+            api::<Pod>(&client, &namespace),
+            watcher::Config::default().labels(PIPELINE_LABEL),
+            |pod: Pod| {
+                let name = pod.labels().get(PIPELINE_LABEL)?.clone();
+                Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
+            },
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

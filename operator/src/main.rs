@@ -83,7 +83,11 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Operator { namespace, runtime_image, metrics_listen } => {
+        Command::Operator {
+            namespace,
+            runtime_image,
+            metrics_listen,
+        } => {
             let mut settings = render::Settings::default();
             if let Some(image) = runtime_image {
                 settings.runtime_image = image;

@@ -22,9 +22,22 @@ impl Default for Metrics {
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let mut registry = Registry::with_prefix("kube_zerocopy");
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciliations that failed", errors.clone());
-        registry.register("reconcile_duration_seconds", "Time per successful reconciliation", duration.clone());
-        Metrics { reconciles, errors, duration, registry }
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time per successful reconciliation",
+            duration.clone(),
+        );
+        Metrics {
+            reconciles,
+            errors,
+            duration,
+            registry,
+        }
     }
 }
 
@@ -42,7 +55,8 @@ impl Metrics {
 
 /// Serves /metrics, /livez and /readyz on `listen` from a thread of its own.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let server = tiny_http::Server::http(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     std::thread::spawn(move || {
         for request in server.incoming_requests() {
             let response = match request.url() {
@@ -65,6 +79,9 @@ mod tests {
         m.observe(std::time::Duration::from_millis(20));
         let text = m.render();
         assert!(text.contains("kube_zerocopy_reconciles_total 1"), "{text}");
-        assert!(text.contains("kube_zerocopy_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("kube_zerocopy_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 }

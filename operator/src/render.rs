@@ -55,11 +55,11 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Rendered {
     Task {
-        job: Job,
+        job: Box<Job>,
     },
     Actor {
-        deployment: Deployment,
-        service: Service,
+        deployment: Box<Deployment>,
+        service: Box<Service>,
     },
 }
 
@@ -434,7 +434,7 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
                 }),
                 status: None,
             };
-            Ok(Rendered::Task { job })
+            Ok(Rendered::Task { job: Box::new(job) })
         }
         Mode::Actor => {
             let actor = spec.actor.clone().context("mode Actor needs spec.actor")?;
@@ -476,8 +476,8 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
                 status: None,
             };
             Ok(Rendered::Actor {
-                deployment,
-                service,
+                deployment: Box::new(deployment),
+                service: Box::new(service),
             })
         }
     }

@@ -36,7 +36,12 @@ struct Cond {
 }
 
 fn cond(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Cond {
-    Cond { type_, status, reason: reason.into(), message: message.into() }
+    Cond {
+        type_,
+        status,
+        reason: reason.into(),
+        message: message.into(),
+    }
 }
 
 /// The weight servers' state across the pods: ready, failing (with why), or still publishing.
@@ -44,8 +49,15 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
     let mut failure = None;
     let mut started = any_worker_done;
     for pod in observed.pods {
-        let statuses = pod.status.as_ref().and_then(|s| s.init_container_statuses.as_ref());
-        for s in statuses.into_iter().flatten().filter(|s| s.name == SIDECAR_CONTAINER) {
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref());
+        for s in statuses
+            .into_iter()
+            .flatten()
+            .filter(|s| s.name == SIDECAR_CONTAINER)
+        {
             if s.started == Some(true) || s.ready {
                 started = true;
             }
@@ -56,15 +68,31 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
                 .or_else(|| s.last_state.as_ref().and_then(|st| st.terminated.as_ref()));
             if let Some(t) = terminated.filter(|t| t.exit_code != 0) {
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();
-                let why = t.message.clone().unwrap_or_else(|| format!("exit code {}", t.exit_code));
-                failure = Some(format!("weight server in pod {pod_name} failed: {}", why.trim()));
+                let why = t
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {}", t.exit_code));
+                failure = Some(format!(
+                    "weight server in pod {pod_name} failed: {}",
+                    why.trim()
+                ));
             }
         }
     }
     match (started, failure) {
         (_, Some(why)) => cond(WEIGHTS_READY, false, "WeightServerFailed", why),
-        (true, None) => cond(WEIGHTS_READY, true, "Published", "every model is published in shared memory"),
-        (false, None) => cond(WEIGHTS_READY, false, "Publishing", "the weight servers are publishing the models"),
+        (true, None) => cond(
+            WEIGHTS_READY,
+            true,
+            "Published",
+            "every model is published in shared memory",
+        ),
+        (false, None) => cond(
+            WEIGHTS_READY,
+            false,
+            "Publishing",
+            "the weight servers are publishing the models",
+        ),
     }
 }
 
@@ -86,19 +114,41 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardS
     let mut conds = vec![];
     let phase = if let Some(c) = job_condition("Complete") {
         let _ = c;
-        conds.push(cond(SUCCEEDED, true, "AllShardsSucceeded", format!("{}/{} shards succeeded", shards.succeeded, total)));
+        conds.push(cond(
+            SUCCEEDED,
+            true,
+            "AllShardsSucceeded",
+            format!("{}/{} shards succeeded", shards.succeeded, total),
+        ));
         conds.push(cond(FAILED, false, "AllShardsSucceeded", ""));
         conds.push(cond(PROGRESSING, false, "Finished", "the Job is complete"));
         "Succeeded"
     } else if let Some(c) = job_condition("Failed") {
         let why = c.message.clone().unwrap_or_default();
         conds.push(cond(SUCCEEDED, false, "JobFailed", ""));
-        conds.push(cond(FAILED, true, c.reason.as_deref().unwrap_or("JobFailed"), why));
+        conds.push(cond(
+            FAILED,
+            true,
+            c.reason.as_deref().unwrap_or("JobFailed"),
+            why,
+        ));
         conds.push(cond(PROGRESSING, false, "Finished", "the Job failed"));
         "Failed"
     } else if job.is_some() {
-        conds.push(cond(PROGRESSING, true, "ShardsRunning", format!("{}/{} shards succeeded, {} running", shards.succeeded, total, shards.active)));
-        if shards.active > 0 || shards.succeeded > 0 { "Running" } else { "Pending" }
+        conds.push(cond(
+            PROGRESSING,
+            true,
+            "ShardsRunning",
+            format!(
+                "{}/{} shards succeeded, {} running",
+                shards.succeeded, total, shards.active
+            ),
+        ));
+        if shards.active > 0 || shards.succeeded > 0 {
+            "Running"
+        } else {
+            "Pending"
+        }
     } else {
         conds.push(cond(PROGRESSING, true, "Creating", "creating the Job"));
         "Pending"
@@ -110,21 +160,48 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardS
 
 fn actor_status(observed: &Observed) -> (String, String, Vec<Cond>) {
     let d = observed.deployment;
-    let desired = d.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0);
+    let desired = d
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
     let st = d.and_then(|d| d.status.as_ref());
     let available = st.and_then(|s| s.available_replicas).unwrap_or(0);
     let updated = st.and_then(|s| s.updated_replicas).unwrap_or(0);
-    let current_generation = st.and_then(|s| s.observed_generation) >= d.and_then(|d| d.metadata.generation);
-    let rolled_out = d.is_some() && current_generation && updated == desired && available == desired && st.and_then(|s| s.replicas) == Some(desired);
+    let current_generation =
+        st.and_then(|s| s.observed_generation) >= d.and_then(|d| d.metadata.generation);
+    let rolled_out = d.is_some()
+        && current_generation
+        && updated == desired
+        && available == desired
+        && st.and_then(|s| s.replicas) == Some(desired);
     let weights = weights(observed, available > 0);
     let progress = format!("{available}/{desired}");
     let (phase, conds) = if rolled_out {
-        ("Ready", vec![cond(PROGRESSING, false, "RolledOut", format!("{available}/{desired} replicas available"))])
+        (
+            "Ready",
+            vec![cond(
+                PROGRESSING,
+                false,
+                "RolledOut",
+                format!("{available}/{desired} replicas available"),
+            )],
+        )
     } else {
         let degraded = weights.reason == "WeightServerFailed";
         (
-            if degraded { "Degraded" } else if d.is_some() { "Progressing" } else { "Pending" },
-            vec![cond(PROGRESSING, true, "RollingOut", format!("{available}/{desired} replicas available, {updated} updated"))],
+            if degraded {
+                "Degraded"
+            } else if d.is_some() {
+                "Progressing"
+            } else {
+                "Pending"
+            },
+            vec![cond(
+                PROGRESSING,
+                true,
+                "RollingOut",
+                format!("{available}/{desired} replicas available, {updated} updated"),
+            )],
         )
     };
     let mut all = vec![weights];
@@ -133,11 +210,17 @@ fn actor_status(observed: &Observed) -> (String, String, Vec<Cond>) {
 }
 
 /// The new status. Conditions keep their last transition time while their status holds.
-pub fn compute(pipeline: &InferencePipeline, observed: &Observed, now: Timestamp) -> InferencePipelineStatus {
+pub fn compute(
+    pipeline: &InferencePipeline,
+    observed: &Observed,
+    now: Timestamp,
+) -> InferencePipelineStatus {
     let (mut phase, progress, shards, mut conds) = match pipeline.spec.mode {
         Mode::Task => {
             let (phase, shards, conds) = task_status(observed.job, observed);
-            let progress = shards.as_ref().map(|s| format!("{}/{}", s.succeeded, s.total));
+            let progress = shards
+                .as_ref()
+                .map(|s| format!("{}/{}", s.succeeded, s.total));
             (phase, progress, shards, conds)
         }
         Mode::Actor => {
@@ -145,10 +228,17 @@ pub fn compute(pipeline: &InferencePipeline, observed: &Observed, now: Timestamp
             (phase, Some(progress), None, conds)
         }
     };
-    let weights_failed = conds.iter().any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
+    let weights_failed = conds
+        .iter()
+        .any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
     let degraded = match (&observed.refused, weights_failed) {
         (Some(why), _) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
-        (None, true) => cond(DEGRADED, true, "WeightServerFailed", "a weight server cannot publish the models"),
+        (None, true) => cond(
+            DEGRADED,
+            true,
+            "WeightServerFailed",
+            "a weight server cannot publish the models",
+        ),
         (None, false) => cond(DEGRADED, false, "AsExpected", ""),
     };
     if degraded.status && pipeline.spec.mode == Mode::Actor && phase != "Ready" {
@@ -156,7 +246,11 @@ pub fn compute(pipeline: &InferencePipeline, observed: &Observed, now: Timestamp
     }
     conds.push(degraded);
 
-    let previous = pipeline.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let previous = pipeline
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
     let generation = pipeline.metadata.generation;
     let conditions = conds
         .into_iter()
@@ -177,14 +271,22 @@ pub fn compute(pipeline: &InferencePipeline, observed: &Observed, now: Timestamp
             }
         })
         .collect();
-    InferencePipelineStatus { phase: Some(phase), progress, shards, conditions, observed_generation: generation }
+    InferencePipelineStatus {
+        phase: Some(phase),
+        progress,
+        shards,
+        conditions,
+        observed_generation: generation,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::batch::v1::{JobCondition, JobSpec, JobStatus};
-    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
 
     fn pipeline(mode: &str) -> InferencePipeline {
         let yaml = format!(
@@ -195,11 +297,21 @@ mod tests {
 
     fn job(succeeded: i32, condition: Option<&str>) -> Job {
         Job {
-            spec: Some(JobSpec { completions: Some(4), ..Default::default() }),
+            spec: Some(JobSpec {
+                completions: Some(4),
+                ..Default::default()
+            }),
             status: Some(JobStatus {
                 succeeded: Some(succeeded),
                 active: Some(4 - succeeded),
-                conditions: condition.map(|c| vec![JobCondition { type_: c.into(), status: "True".into(), message: Some("why".into()), ..Default::default() }]),
+                conditions: condition.map(|c| {
+                    vec![JobCondition {
+                        type_: c.into(),
+                        status: "True".into(),
+                        message: Some("why".into()),
+                        ..Default::default()
+                    }]
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -214,17 +326,41 @@ mod tests {
     fn task_progress_and_success() {
         let p = pipeline("Task");
         let j = job(2, None);
-        let s = compute(&p, &Observed { job: Some(&j), ..Default::default() }, Timestamp::UNIX_EPOCH);
-        assert_eq!((s.phase.as_deref(), s.progress.as_deref()), (Some("Running"), Some("2/4")));
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(
+            (s.phase.as_deref(), s.progress.as_deref()),
+            (Some("Running"), Some("2/4"))
+        );
         assert_eq!(get(&s, PROGRESSING).status, "True");
         assert_eq!(get(&s, WEIGHTS_READY).status, "True");
         assert_eq!(s.observed_generation, Some(3));
         let done = job(4, Some("Complete"));
-        let s = compute(&p, &Observed { job: Some(&done), ..Default::default() }, Timestamp::UNIX_EPOCH);
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&done),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(s.phase.as_deref(), Some("Succeeded"));
         assert_eq!(get(&s, SUCCEEDED).status, "True");
         let failed = job(1, Some("Failed"));
-        let s = compute(&p, &Observed { job: Some(&failed), ..Default::default() }, Timestamp::UNIX_EPOCH);
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&failed),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(s.phase.as_deref(), Some("Failed"));
         assert_eq!(get(&s, FAILED).message, "why");
     }
@@ -233,12 +369,19 @@ mod tests {
     fn a_failing_weight_server_degrades_with_its_message() {
         let p = pipeline("Task");
         let pod = Pod {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { name: Some("p-0".into()), ..Default::default() },
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("p-0".into()),
+                ..Default::default()
+            },
             status: Some(PodStatus {
                 init_container_statuses: Some(vec![ContainerStatus {
                     name: SIDECAR_CONTAINER.into(),
                     last_state: Some(ContainerState {
-                        terminated: Some(ContainerStateTerminated { exit_code: 1, message: Some("model \"m\": sha256 mismatch".into()), ..Default::default() }),
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: 1,
+                            message: Some("model \"m\": sha256 mismatch".into()),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -249,10 +392,25 @@ mod tests {
         };
         let j = job(0, None);
         let pods = [pod];
-        let s = compute(&p, &Observed { job: Some(&j), pods: &pods, ..Default::default() }, Timestamp::UNIX_EPOCH);
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                pods: &pods,
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
         let w = get(&s, WEIGHTS_READY);
-        assert_eq!((w.status.as_str(), w.reason.as_str()), ("False", "WeightServerFailed"));
-        assert!(w.message.contains("sha256 mismatch") && w.message.contains("p-0"), "{}", w.message);
+        assert_eq!(
+            (w.status.as_str(), w.reason.as_str()),
+            ("False", "WeightServerFailed")
+        );
+        assert!(
+            w.message.contains("sha256 mismatch") && w.message.contains("p-0"),
+            "{}",
+            w.message
+        );
         assert_eq!(get(&s, DEGRADED).status, "True");
     }
 
@@ -260,13 +418,37 @@ mod tests {
     fn transition_time_is_kept_while_the_status_holds() {
         let mut p = pipeline("Task");
         let j = job(1, None);
-        let first = compute(&p, &Observed { job: Some(&j), ..Default::default() }, Timestamp::UNIX_EPOCH);
+        let first = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
         p.status = Some(first.clone());
         let later = Timestamp::from_second(1000).unwrap();
-        let second = compute(&p, &Observed { job: Some(&j), ..Default::default() }, later);
-        assert_eq!(get(&second, PROGRESSING).last_transition_time, get(&first, PROGRESSING).last_transition_time);
+        let second = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                ..Default::default()
+            },
+            later,
+        );
+        assert_eq!(
+            get(&second, PROGRESSING).last_transition_time,
+            get(&first, PROGRESSING).last_transition_time
+        );
         let done = job(4, Some("Complete"));
-        let third = compute(&p, &Observed { job: Some(&done), ..Default::default() }, later);
+        let third = compute(
+            &p,
+            &Observed {
+                job: Some(&done),
+                ..Default::default()
+            },
+            later,
+        );
         assert_eq!(get(&third, PROGRESSING).last_transition_time.0, later);
     }
 
@@ -274,8 +456,19 @@ mod tests {
     fn refused_spec_change_is_degraded_with_the_reason() {
         let p = pipeline("Task");
         let j = job(1, None);
-        let s = compute(&p, &Observed { job: Some(&j), refused: Some("a running Job cannot change".into()), ..Default::default() }, Timestamp::UNIX_EPOCH);
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                refused: Some("a running Job cannot change".into()),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
         let d = get(&s, DEGRADED);
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SpecChangeRefused"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "SpecChangeRefused")
+        );
     }
 }

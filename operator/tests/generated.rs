@@ -12,7 +12,10 @@ use kube_zerocopy::local::load_pipeline;
 use kube_zerocopy::render::{render, Rendered, Settings};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn read(path: &str) -> String {
@@ -26,11 +29,19 @@ fn committed_crds_match_the_generated_one() {
         "crds/inferencepipelines.kube-zerocopy.io.yaml",
         "charts/kube-zerocopy/crds/inferencepipelines.kube-zerocopy.io.yaml",
     ] {
-        assert!(read(path) == generated, "{path} drifted from `kube-zerocopy crd`: run `make generate`");
+        assert!(
+            read(path) == generated,
+            "{path} drifted from `kube-zerocopy crd`: run `make generate`"
+        );
     }
 }
 
-const EXAMPLES: [&str; 4] = ["task-torchscript", "task-safetensors", "actor-torchscript", "actor-safetensors"];
+const EXAMPLES: [&str; 4] = [
+    "task-torchscript",
+    "task-safetensors",
+    "actor-torchscript",
+    "actor-safetensors",
+];
 
 fn pipeline(name: &str) -> InferencePipeline {
     load_pipeline(&repo().join(format!("examples/{name}.yaml"))).unwrap()
@@ -54,12 +65,19 @@ fn committed_renders_match_the_examples() {
 fn pod_spec(r: &Rendered) -> PodSpec {
     match r {
         Rendered::Task { job } => job.spec.clone().unwrap().template.spec.unwrap(),
-        Rendered::Actor { deployment, .. } => deployment.spec.clone().unwrap().template.spec.unwrap(),
+        Rendered::Actor { deployment, .. } => {
+            deployment.spec.clone().unwrap().template.spec.unwrap()
+        }
     }
 }
 
 fn env_of(c: &Container) -> Vec<(String, String)> {
-    c.env.clone().unwrap().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect()
+    c.env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect()
 }
 
 #[test]
@@ -70,22 +88,48 @@ fn rendered_pods_keep_their_promises() {
         // The weight server is a native sidecar with a startup probe, before any worker.
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "{name}");
-        let probe = sidecar.startup_probe.as_ref().unwrap().exec.as_ref().unwrap().command.clone().unwrap();
+        let probe = sidecar
+            .startup_probe
+            .as_ref()
+            .unwrap()
+            .exec
+            .as_ref()
+            .unwrap()
+            .command
+            .clone()
+            .unwrap();
         assert_eq!(probe, vec!["kube-zerocopy-sidecar", "probe"], "{name}");
         // Non-root everywhere; workers mount the store read-only.
-        assert_eq!(spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        assert_eq!(
+            spec.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
         let worker = &spec.containers[0];
         for c in [sidecar, worker] {
             let sc = c.security_context.as_ref().unwrap();
             assert_eq!(
-                (sc.run_as_non_root, sc.allow_privilege_escalation, sc.read_only_root_filesystem),
+                (
+                    sc.run_as_non_root,
+                    sc.allow_privilege_escalation,
+                    sc.read_only_root_filesystem
+                ),
                 (Some(true), Some(false), Some(true)),
                 "{name}/{}",
                 c.name
             );
         }
-        let store = worker.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "kzc-store").unwrap();
-        assert_eq!(store.read_only, Some(true), "{name}: the worker must mount the store read-only");
+        let store = worker
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "kzc-store")
+            .unwrap();
+        assert_eq!(
+            store.read_only,
+            Some(true),
+            "{name}: the worker must mount the store read-only"
+        );
         // cuda asks for a GPU.
         let gpu = worker
             .resources
@@ -97,7 +141,10 @@ fn rendered_pods_keep_their_promises() {
         // The same commands and environment as `kube-zerocopy local`, at the pod's paths.
         let mounts = match pipeline.spec.sharing {
             Sharing::Pod => Mounts::in_pod(),
-            Sharing::Node => Mounts { store: "/kzc/node-shm/kube-zerocopy".into(), ..Mounts::in_pod() },
+            Sharing::Node => Mounts {
+                store: "/kzc/node-shm/kube-zerocopy".into(),
+                ..Mounts::in_pod()
+            },
         };
         let expected = match pipeline.spec.mode {
             Mode::Task => invocation::task_worker(&pipeline.spec, &mounts),
@@ -106,7 +153,11 @@ fn rendered_pods_keep_their_promises() {
         assert_eq!(worker.command.clone().unwrap(), expected.command, "{name}");
         assert_eq!(env_of(worker), expected.env, "{name}");
         let sidecar_expected = invocation::sidecar(&pipeline.spec, &mounts, "0.0.0.0:8471");
-        assert_eq!(sidecar.command.clone().unwrap(), sidecar_expected.command, "{name}");
+        assert_eq!(
+            sidecar.command.clone().unwrap(),
+            sidecar_expected.command,
+            "{name}"
+        );
         assert_eq!(env_of(sidecar), sidecar_expected.env, "{name}");
     }
 }
@@ -115,7 +166,13 @@ fn rendered_pods_keep_their_promises() {
 fn memory_is_sized_from_the_models() {
     // task-torchscript: one 400Mi model.
     let spec = pod_spec(&rendered("task-torchscript"));
-    let store = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "kzc-store").unwrap();
+    let store = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "kzc-store")
+        .unwrap();
     let empty_dir = store.empty_dir.as_ref().unwrap();
     assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));
     assert_eq!(empty_dir.size_limit.as_ref().unwrap().0, "436Mi");
@@ -124,7 +181,13 @@ fn memory_is_sized_from_the_models() {
     assert_eq!(limits["memory"].0, "528Mi");
     // Node sharing: the host's /dev/shm, not an emptyDir.
     let spec = pod_spec(&rendered("actor-safetensors"));
-    let store = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "kzc-store").unwrap();
+    let store = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "kzc-store")
+        .unwrap();
     assert_eq!(store.host_path.as_ref().unwrap().path, "/dev/shm");
 }
 
@@ -132,13 +195,22 @@ fn memory_is_sized_from_the_models() {
 fn owned_objects_point_back_at_the_pipeline() {
     let mut pipeline = pipeline("actor-torchscript");
     pipeline.metadata.uid = Some("1234".into());
-    let Rendered::Actor { deployment, service } = render(&pipeline, &Settings::default()).unwrap() else {
+    let Rendered::Actor {
+        deployment,
+        service,
+    } = render(&pipeline, &Settings::default()).unwrap()
+    else {
         panic!("an Actor pipeline renders a Deployment and a Service")
     };
     for meta in [&deployment.metadata, &service.metadata] {
         let owner = &meta.owner_references.as_ref().unwrap()[0];
         assert_eq!(
-            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str(), owner.controller),
+            (
+                owner.kind.as_str(),
+                owner.name.as_str(),
+                owner.uid.as_str(),
+                owner.controller
+            ),
             ("InferencePipeline", "ranker", "1234", Some(true))
         );
     }

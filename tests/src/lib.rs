@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: real sidecar and worker processes, sharing a real
 //! folder in /dev/shm, on models built by scripts/make_models.py.
 
+pub mod cluster;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};

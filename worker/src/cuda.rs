@@ -42,7 +42,11 @@ fn symbol(name: &str) -> Option<*mut c_void> {
 const CUDA_HOST_REGISTER_READ_ONLY: c_uint = 8;
 
 /// Page-locks `len` bytes at `ptr` for fast copies to the GPU.
-pub fn pin(ptr: *mut c_void, len: usize) -> Result<()> {
+///
+/// # Safety
+/// `ptr..ptr+len` must be one live mapping of this process, unpinned with [`unpin`] before it
+/// is unmapped.
+pub unsafe fn pin(ptr: *mut c_void, len: usize) -> Result<()> {
     let Some(f) = symbol("cudaHostRegister") else {
         bail!("cudaHostRegister is not loaded")
     };
@@ -55,9 +59,11 @@ pub fn pin(ptr: *mut c_void, len: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn unpin(ptr: *mut c_void) {
+/// # Safety
+/// `ptr` must have been pinned with [`pin`] and still be mapped.
+pub unsafe fn unpin(ptr: *mut c_void) {
     if let Some(f) = symbol("cudaHostUnregister") {
-        let unregister: HostUnregister = unsafe { std::mem::transmute(f) };
-        unsafe { unregister(ptr) };
+        let unregister: HostUnregister = std::mem::transmute(f);
+        unregister(ptr);
     }
 }

@@ -169,7 +169,9 @@ impl SharedModel {
         if range.is_empty() {
             return Ok(PinGuard { ptr: None });
         }
-        crate::cuda::pin(range.start as *mut c_void, range.len())?;
+        // SAFETY: the range is this model's live mapping; the guard unpins it, and the guard
+        // lives in the loader, shorter than the model that holds the mapping.
+        unsafe { crate::cuda::pin(range.start as *mut c_void, range.len())? };
         Ok(PinGuard {
             ptr: Some(range.start as *mut c_void),
         })
@@ -193,7 +195,8 @@ pub struct PinGuard {
 impl Drop for PinGuard {
     fn drop(&mut self) {
         if let Some(p) = self.ptr {
-            crate::cuda::unpin(p);
+            // SAFETY: pinned by `pin_for_cuda`, and the mapping outlives this guard.
+            unsafe { crate::cuda::unpin(p) };
         }
     }
 }

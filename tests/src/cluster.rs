@@ -1,0 +1,825 @@
+//! A real Kubernetes control plane for the end-to-end tests, on 127.0.0.1 only: etcd,
+//! kube-apiserver, kube-controller-manager and kube-scheduler built from the official Go modules
+//! by scripts/control-plane.sh, and kwok, which plays the kubelet of one or more fake Nodes so
+//! that pods get scheduled, go Running, and (Job pods) Succeeded. No container ever runs.
+//!
+//! Everything lives in a temporary folder: certificates (made with `openssl`), etcd's data, the
+//! admin kubeconfig and one log file per component (stdout and stderr). Every process is killed
+//! when the [`ControlPlane`] is dropped, and also if the test process dies (PR_SET_PDEATHSIG).
+//! The folder is removed on drop, unless a step failed, the test panicked or `KZC_KEEP_CLUSTER`
+//! is set: then its path is printed and it stays for the logs.
+//!
+//! `KZC_CONTROL_PLANE_BIN` names a folder with the binaries instead of running the script.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+/// The annotation that makes kwok manage a Node.
+pub const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
+/// Names a folder holding the binaries; scripts/control-plane.sh is not run then.
+pub const BIN_ENV: &str = "KZC_CONTROL_PLANE_BIN";
+/// Keeps the temporary folder (logs, kubeconfig) after the control plane is dropped.
+pub const KEEP_ENV: &str = "KZC_KEEP_CLUSTER";
+
+/// The Services' virtual IP range; its first address is the "kubernetes" Service.
+const SERVICE_CIDR: &str = "10.96.0.0/12";
+const SERVICE_IP: &str = "10.96.0.1";
+/// The fake pods' IPs (kwok hands them out; nothing routes to them).
+const POD_CIDR: &str = "10.244.0.0/16";
+const STEP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How many fake Nodes, named kwok-node-0, kwok-node-1, ...
+    pub nodes: usize,
+    /// kwok's stages (one multi-document YAML file).
+    pub stages: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 2,
+            stages: crate::repo().join("tests/cluster/kwok-stages.yaml"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    etcd_client: u16,
+    etcd_peer: u16,
+    apiserver: u16,
+    controller_manager: u16,
+    scheduler: u16,
+    kwok: u16,
+}
+
+/// One running component.
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The control plane; see the module's documentation.
+pub struct ControlPlane {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    bin: PathBuf,
+    ports: Ports,
+    options: Options,
+    spawner: Spawner,
+    processes: Vec<Process>,
+    apiserver: Option<Process>,
+    keep: bool,
+    startup: Duration,
+}
+
+impl ControlPlane {
+    /// Starts a control plane with two fake Nodes; returns once they are Ready and the
+    /// controllers run.
+    pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Result<ControlPlane> {
+        let began = Instant::now();
+        // The first run builds the binaries (many minutes): off the async workers.
+        let bin = tokio::task::spawn_blocking(bin_dir).await??;
+        let dir = tempfile::Builder::new()
+            .prefix("kzc-control-plane-")
+            .tempdir()
+            .context("creating the control plane's folder")?;
+        let path = dir.path().to_owned();
+        let ports = Ports {
+            etcd_client: free_port()?,
+            etcd_peer: free_port()?,
+            apiserver: free_port()?,
+            controller_manager: free_port()?,
+            scheduler: free_port()?,
+            kwok: free_port()?,
+        };
+        let mut cp = ControlPlane {
+            dir: Some(dir),
+            path,
+            bin,
+            ports,
+            options,
+            spawner: Spawner::new()?,
+            processes: Vec::new(),
+            apiserver: None,
+            keep: false,
+            startup: Duration::ZERO,
+        };
+        if let Err(e) = cp.boot().await {
+            cp.keep = true;
+            return Err(e.context(format!(
+                "starting the control plane (its files and logs: {})",
+                cp.path.display()
+            )));
+        }
+        cp.startup = began.elapsed();
+        Ok(cp)
+    }
+
+    async fn boot(&mut self) -> Result<()> {
+        self.make_certificates()?;
+        self.write_kubeconfig()?;
+
+        let etcd = self.spawn("etcd", self.etcd_command(), false)?;
+        self.processes.push(etcd);
+        self.wait_for_port("etcd", self.ports.etcd_client).await?;
+
+        self.start_apiserver().await?;
+
+        let kcm = self.spawn(
+            "kube-controller-manager",
+            self.controller_manager_command(),
+            false,
+        )?;
+        self.processes.push(kcm);
+        let sched = self.spawn("kube-scheduler", self.scheduler_command(), false)?;
+        self.processes.push(sched);
+        let kwok = self.spawn("kwok", self.kwok_command(), false)?;
+        self.processes.push(kwok);
+        for (name, port) in [
+            ("kube-controller-manager", self.ports.controller_manager),
+            ("kube-scheduler", self.ports.scheduler),
+            ("kwok", self.ports.kwok),
+        ] {
+            self.wait_for_port(name, port).await?;
+        }
+
+        let client = self.client().await?;
+        self.create_nodes(&client).await?;
+        self.wait_for_nodes(&client).await?;
+        // The service-account controller has run: pods can be admitted in new namespaces.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, "default");
+        self.wait_until(
+            "kube-controller-manager",
+            "the default ServiceAccount",
+            || {
+                let accounts = accounts.clone();
+                async move { Ok(accounts.get_opt("default").await?.is_some()) }
+            },
+        )
+        .await
+    }
+
+    /// The folder with kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok, helm.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The temporary folder: certificates, etcd's data, kubeconfig, logs (`<component>.log`).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// A component's log file (stdout and stderr), e.g. `log_path("kube-apiserver")`.
+    pub fn log_path(&self, component: &str) -> PathBuf {
+        self.path.join(format!("{component}.log"))
+    }
+
+    /// The admin kubeconfig (client certificate in group system:masters).
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.path.join("kubeconfig")
+    }
+
+    /// https://127.0.0.1:<port>
+    pub fn apiserver_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.apiserver)
+    }
+
+    /// How long `start` took.
+    pub fn startup_time(&self) -> Duration {
+        self.startup
+    }
+
+    /// The fake Nodes' names.
+    pub fn node_names(&self) -> Vec<String> {
+        (0..self.options.nodes)
+            .map(|i| format!("kwok-node-{i}"))
+            .collect()
+    }
+
+    /// An admin client, from the kubeconfig.
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig_path())?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// `helm` from the bin folder, on this cluster, with its cache, config and data in the
+    /// temporary folder.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("helm"));
+        cmd.env("KUBECONFIG", self.kubeconfig_path());
+        for (var, sub) in [
+            ("HELM_CACHE_HOME", "helm/cache"),
+            ("HELM_CONFIG_HOME", "helm/config"),
+            ("HELM_DATA_HOME", "helm/data"),
+        ] {
+            cmd.env(var, self.path.join(sub));
+        }
+        cmd
+    }
+
+    /// Whether the apiserver process runs.
+    pub fn apiserver_running(&self) -> bool {
+        self.apiserver.is_some()
+    }
+
+    /// Stops kube-apiserver: SIGTERM (it stops listening at once), then SIGKILL after 3 s,
+    /// since its graceful shutdown can otherwise wait a minute for watch connections. The
+    /// other components keep running and retry.
+    pub async fn stop_apiserver(&mut self) -> Result<()> {
+        if let Some(p) = self.apiserver.take() {
+            terminate(p, Duration::from_secs(3)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts kube-apiserver (again, on the same port and storage) and waits until it is ready.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        if self.apiserver.is_some() {
+            return Ok(());
+        }
+        let p = self.spawn("kube-apiserver", self.apiserver_command(), true)?;
+        self.apiserver = Some(p);
+        let client = self.client().await?;
+        self.wait_until("kube-apiserver", "/readyz", || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                Ok(client.request_text(req).await.is_ok_and(|t| t == "ok"))
+            }
+        })
+        .await
+    }
+
+    // ---- commands ----
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn etcd_command(&self) -> Command {
+        let client = format!("http://127.0.0.1:{}", self.ports.etcd_client);
+        let peer = format!("http://127.0.0.1:{}", self.ports.etcd_peer);
+        let mut cmd = Command::new(self.bin.join("etcd"));
+        cmd.arg("--name=default")
+            .arg(flag("data-dir", self.file("etcd")))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=default={peer}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--unsafe-no-fsync=true")
+            .arg("--log-level=warn");
+        cmd
+    }
+
+    fn apiserver_command(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kube-apiserver"));
+        cmd.arg("--advertise-address=127.0.0.1")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.ports.apiserver))
+            .arg(flag("cert-dir", self.file("apiserver")))
+            .arg(flag("tls-cert-file", self.file("apiserver.crt")))
+            .arg(flag("tls-private-key-file", self.file("apiserver.key")))
+            .arg(flag("client-ca-file", self.file("ca.crt")))
+            .arg(format!(
+                "--etcd-servers=http://127.0.0.1:{}",
+                self.ports.etcd_client
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(flag("service-account-key-file", self.file("sa.pub")))
+            .arg(flag(
+                "service-account-signing-key-file",
+                self.file("sa.key"),
+            ))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--allow-privileged=true")
+            // The aggregation layer's front proxy (kubeadm's set): the controller-manager and
+            // the scheduler read this CA from kube-system/extension-apiserver-authentication.
+            .arg(flag("requestheader-client-ca-file", self.file("ca.crt")))
+            .arg("--requestheader-allowed-names=front-proxy-client")
+            .arg("--requestheader-username-headers=X-Remote-User")
+            .arg("--requestheader-group-headers=X-Remote-Group")
+            .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+            .arg(flag(
+                "proxy-client-cert-file",
+                self.file("front-proxy-client.crt"),
+            ))
+            .arg(flag(
+                "proxy-client-key-file",
+                self.file("front-proxy-client.key"),
+            ))
+            // The "kubernetes" Service's endpoints would be 127.0.0.1, which Endpoints reject;
+            // nothing runs in the cluster to use them.
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--v=1");
+        cmd
+    }
+
+    fn controller_manager_command(&self) -> Command {
+        let kubeconfig = self.kubeconfig_path();
+        let mut cmd = Command::new(self.bin.join("kube-controller-manager"));
+        cmd.arg(flag("kubeconfig", &kubeconfig))
+            .arg(flag("authentication-kubeconfig", &kubeconfig))
+            .arg(flag("authorization-kubeconfig", &kubeconfig))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.ports.controller_manager))
+            .arg(flag("cert-dir", self.file("kube-controller-manager")))
+            .arg("--leader-elect=false")
+            .arg("--controllers=*")
+            .arg(flag(
+                "service-account-private-key-file",
+                self.file("sa.key"),
+            ))
+            .arg(flag("root-ca-file", self.file("ca.crt")))
+            .arg(flag("cluster-signing-cert-file", self.file("ca.crt")))
+            .arg(flag("cluster-signing-key-file", self.file("ca.key")))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--v=1");
+        cmd
+    }
+
+    fn scheduler_command(&self) -> Command {
+        let kubeconfig = self.kubeconfig_path();
+        let mut cmd = Command::new(self.bin.join("kube-scheduler"));
+        cmd.arg(flag("kubeconfig", &kubeconfig))
+            .arg(flag("authentication-kubeconfig", &kubeconfig))
+            .arg(flag("authorization-kubeconfig", &kubeconfig))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.ports.scheduler))
+            .arg(flag("cert-dir", self.file("kube-scheduler")))
+            .arg("--leader-elect=false")
+            .arg("--v=1");
+        cmd
+    }
+
+    fn kwok_command(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kwok"));
+        cmd.arg(flag("kubeconfig", self.kubeconfig_path()))
+            .arg(flag("config", &self.options.stages))
+            .arg("--manage-all-nodes=false")
+            .arg(format!(
+                "--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake"
+            ))
+            .arg(format!("--server-address=127.0.0.1:{}", self.ports.kwok))
+            .arg("--node-ip=127.0.0.1")
+            .arg(format!("--cidr={POD_CIDR}"))
+            .arg("--node-lease-duration-seconds=40")
+            // kwok also reads ~/.kwok/kwok.yaml when it exists: not ours.
+            .env("HOME", &self.path);
+        cmd
+    }
+
+    // ---- files ----
+
+    fn make_certificates(&self) -> Result<()> {
+        let cnf = self.file("openssl.cnf");
+        std::fs::write(
+            &cnf,
+            format!(
+                "[req]\ndistinguished_name = dn\n[dn]\n\
+                 [ca]\nbasicConstraints = critical,CA:TRUE\n\
+                 keyUsage = critical,keyCertSign,cRLSign,digitalSignature\n\
+                 subjectKeyIdentifier = hash\n\
+                 [server]\nbasicConstraints = critical,CA:FALSE\n\
+                 keyUsage = critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage = serverAuth\n\
+                 subjectAltName = IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,\
+                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+                 DNS:kubernetes.default.svc.cluster.local\n\
+                 authorityKeyIdentifier = keyid\n\
+                 [client]\nbasicConstraints = critical,CA:FALSE\n\
+                 keyUsage = critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage = clientAuth\n\
+                 authorityKeyIdentifier = keyid\n"
+            ),
+        )?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let cnf = cnf.to_str().context("non-UTF-8 temporary folder")?;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&self.path)
+                .output()
+                .context("running openssl (is it installed?)")?;
+            if !out.status.success() {
+                bail!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        openssl(
+            &[
+                &["req", "-x509", "-config", cnf, "-extensions", "ca"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "3650",
+                    "-subj",
+                    "/CN=kube-zerocopy-ca",
+                ],
+            ]
+            .concat(),
+        )?;
+        for (name, subject, ext) in [
+            ("apiserver", "/CN=kube-apiserver", "server"),
+            (
+                "admin",
+                "/O=system:masters/CN=kube-zerocopy-admin",
+                "client",
+            ),
+            ("front-proxy-client", "/CN=front-proxy-client", "client"),
+        ] {
+            let (key, csr, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+            );
+            openssl(
+                &[
+                    &["req", "-new", "-config", cnf][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", subject],
+                ]
+                .concat(),
+            )?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                cnf,
+                "-extensions",
+                ext,
+                "-out",
+                &crt,
+            ])?;
+        }
+        // The service accounts' token signing key pair.
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "sa.key",
+        ])?;
+        openssl(&["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])
+    }
+
+    fn write_kubeconfig(&self) -> Result<()> {
+        let p = |name: &str| self.file(name).display().to_string();
+        let text = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: kube-zerocopy\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
+             contexts:\n- name: kube-zerocopy\n  context:\n    cluster: kube-zerocopy\n    user: admin\n    namespace: default\n\
+             current-context: kube-zerocopy\n",
+            server = self.apiserver_url(),
+            ca = p("ca.crt"),
+            crt = p("admin.crt"),
+            key = p("admin.key"),
+        );
+        std::fs::write(self.kubeconfig_path(), text)?;
+        Ok(())
+    }
+
+    // ---- nodes ----
+
+    async fn create_nodes(&self, client: &Client) -> Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        for name in self.node_names() {
+            let resources = json!({ "cpu": "32", "memory": "256Gi", "pods": "110" });
+            let node: Node = serde_json::from_value(json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {
+                        KWOK_ANNOTATION: "fake",
+                        "node.alpha.kubernetes.io/ttl": "0",
+                    },
+                    "labels": {
+                        "type": "kwok",
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "node-role.kubernetes.io/agent": "",
+                    },
+                },
+                "spec": {},
+                "status": {
+                    "allocatable": resources,
+                    "capacity": resources,
+                    "nodeInfo": {
+                        "architecture": "amd64",
+                        "operatingSystem": "linux",
+                        "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "",
+                        "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                        "osImage": "", "systemUUID": "",
+                    },
+                },
+            }))?;
+            nodes
+                .create(&PostParams::default(), &node)
+                .await
+                .with_context(|| format!("creating Node {name}"))?;
+        }
+        Ok(())
+    }
+
+    async fn wait_for_nodes(&mut self, client: &Client) -> Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let names = self.node_names();
+        self.wait_until("kwok", "the fake Nodes to be Ready", || {
+            let nodes = nodes.clone();
+            let names = names.clone();
+            async move {
+                for name in names {
+                    let node = nodes.get(&name).await?;
+                    if !node_ready(&node) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    // ---- processes ----
+
+    fn spawn(&self, name: &'static str, mut cmd: Command, append: bool) -> Result<Process> {
+        let log = self.log_path(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&log)
+            .with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let child = self
+            .spawner
+            .spawn(cmd)
+            .with_context(|| format!("starting {name} from {}", self.bin.display()))?;
+        Ok(Process { name, child, log })
+    }
+
+    /// The running process called `name` (apiserver included).
+    fn process_mut(&mut self, name: &str) -> Option<&mut Process> {
+        self.apiserver
+            .iter_mut()
+            .chain(self.processes.iter_mut())
+            .find(|p| p.name == name)
+    }
+
+    /// Fails with the component's log when it has exited.
+    fn check_alive(&mut self, name: &str) -> Result<()> {
+        let Some(p) = self.process_mut(name) else {
+            return Ok(());
+        };
+        if let Some(status) = p.child.try_wait()? {
+            let log = p.log.clone();
+            bail!(
+                "{name} exited with {status}; its log {}:\n{}",
+                log.display(),
+                tail(&log, 30)
+            );
+        }
+        Ok(())
+    }
+
+    async fn wait_for_port(&mut self, name: &str, port: u16) -> Result<()> {
+        self.wait_until(name, &format!("port {port}"), || async move {
+            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })
+        .await
+    }
+
+    /// Polls `ready` every 200 ms until it is true, `component` exits or STEP_TIMEOUT passes.
+    async fn wait_until<F, Fut>(&mut self, component: &str, what: &str, mut ready: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let start = Instant::now();
+        let mut last_error = None;
+        loop {
+            self.check_alive(component)?;
+            match tokio::time::timeout(Duration::from_secs(10), ready()).await {
+                Ok(Ok(true)) => return Ok(()),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => last_error = Some(anyhow!("a check took over 10 s")),
+            }
+            if start.elapsed() > STEP_TIMEOUT {
+                let log = self.log_path(component);
+                bail!(
+                    "waited {:?} for {what} ({component}); last error: {}; its log {}:\n{}",
+                    STEP_TIMEOUT,
+                    last_error.map_or("none".into(), |e| format!("{e:#}")),
+                    log.display(),
+                    tail(&log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Reverse order of start: kwok, scheduler, controller-manager, apiserver, etcd.
+        let mut all: Vec<Process> = self.processes.drain(..).collect();
+        if let Some(p) = self.apiserver.take() {
+            all.insert(1.min(all.len()), p);
+        }
+        for mut p in all.into_iter().rev() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let keep = self.keep || std::thread::panicking() || std::env::var_os(KEEP_ENV).is_some();
+        if let Some(dir) = self.dir.take() {
+            if keep {
+                eprintln!(
+                    "control plane files and logs kept in {}",
+                    dir.keep().display()
+                );
+            }
+        }
+    }
+}
+
+/// Starts processes from one long-lived thread, so that PR_SET_PDEATHSIG (which fires when the
+/// thread that forked exits) kills them only when this control plane or the test process ends.
+struct Spawner {
+    tx: Option<mpsc::Sender<(Command, mpsc::Sender<io::Result<Child>>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Spawner {
+    fn new() -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<io::Result<Child>>)>();
+        let thread = std::thread::Builder::new()
+            .name("control-plane-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        Ok(Spawner {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn spawn(&self, cmd: Command) -> io::Result<Child> {
+        let (reply, rx) = mpsc::channel();
+        let gone = || io::Error::other("the spawner thread is gone");
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((cmd, reply))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn terminate(mut p: Process, grace: Duration) -> Result<()> {
+    // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+    unsafe {
+        libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while p.child.try_wait()?.is_none() {
+        if start.elapsed() > grace {
+            p.child.kill()?;
+            p.child.wait()?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Runs scripts/control-plane.sh (building what is missing; its log goes to stderr), unless
+/// KZC_CONTROL_PLANE_BIN names the folder.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(BIN_ENV) {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = crate::repo().join("scripts/control-plane.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed with {}", script.display(), out.status);
+    }
+    let dir = String::from_utf8(out.stdout)?.trim().to_owned();
+    if dir.is_empty() {
+        bail!("{} printed no folder", script.display());
+    }
+    Ok(PathBuf::from(dir))
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn flag(name: &str, value: impl AsRef<Path>) -> OsString {
+    let mut s = OsString::from(format!("--{name}="));
+    s.push(value.as_ref());
+    s
+}
+
+/// The last `lines` lines of a file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = File::open(path)
+        .and_then(|mut f| {
+            let mut s = String::new();
+            io::Read::read_to_string(&mut f, &mut s).map(|_| s)
+        })
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

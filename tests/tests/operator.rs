@@ -1,0 +1,481 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler built from the official modules, kwok nodes): the chart installed with helm,
+//! the operator running under the chart's ServiceAccount token (so its RBAC is proven
+//! sufficient), Task and Actor pipelines reconciled, invalid ones rejected by the API server,
+//! and recovery from a killed operator and a stopped API server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Client, ResourceExt};
+use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy::render::{self, Rendered, Settings};
+use kube_zerocopy_e2e::cluster::ControlPlane;
+use kube_zerocopy_e2e::{bin, repo};
+use serde_json::json;
+
+const OPERATOR_NS: &str = "kube-zerocopy";
+const RELEASE: &str = "kzc";
+const NS: &str = "pipelines";
+const RUNTIME_IMAGE: &str = "kube-zerocopy/runtime:e2e";
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn pipeline(yaml: &str) -> InferencePipeline {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn task_pipeline(name: &str, shards: i32) -> InferencePipeline {
+    pipeline(&format!(
+        r#"apiVersion: kube-zerocopy.io/v1alpha1
+kind: InferencePipeline
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  mode: Task
+  models:
+    - {{name: encoder, format: TorchScript, source: {{uri: "file:///models/encoder.pt", size: 64Mi}}}}
+  input: {{uri: "file:///data/in"}}
+  output: {{uri: "file:///data/out"}}
+  task: {{shards: {shards}, parallelism: 2}}
+"#
+    ))
+}
+
+fn actor_pipeline(name: &str, replicas: i32, uri: &str) -> InferencePipeline {
+    pipeline(&format!(
+        r#"apiVersion: kube-zerocopy.io/v1alpha1
+kind: InferencePipeline
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  mode: Actor
+  models:
+    - {{name: mlp, format: Safetensors, architecture: Mlp, source: {{uri: "{uri}", size: 32Mi}}}}
+  actor: {{replicas: {replicas}}}
+"#
+    ))
+}
+
+/// The operator as a process, authenticated with the chart's ServiceAccount token.
+struct Operator {
+    child: Child,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(kubeconfig: &Path, log: &Path) -> Operator {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin("kube-zerocopy"))
+            .arg("operator")
+            .env("KUBECONFIG", kubeconfig)
+            .env("KZC_RUNTIME_IMAGE", RUNTIME_IMAGE)
+            .env("KZC_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info,kube=warn")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        Operator {
+            child,
+            kubeconfig: kubeconfig.to_owned(),
+            log: log.to_owned(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        *self = Operator::start(&self.kubeconfig.clone(), &self.log.clone());
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A kubeconfig that authenticates as the chart's ServiceAccount, with a token from the
+/// TokenRequest API (what a pod of the chart's Deployment would get).
+async fn service_account_kubeconfig(cp: &ControlPlane, admin: &Client, dir: &Path) -> PathBuf {
+    let sa_name = format!("{RELEASE}-kube-zerocopy");
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), OPERATOR_NS);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token: TokenRequest = sas
+        .create_subresource("token", &sa_name, &PostParams::default(), &request)
+        .await
+        .expect("a token for the chart's ServiceAccount");
+    let token = token.status.expect("token status").token;
+    let admin_config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig_path()).unwrap()).unwrap();
+    let cluster = admin_config["clusters"][0]["cluster"].clone();
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": cluster}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
+        "current-context": "operator",
+    });
+    let path = dir.join("operator.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn helm_install(cp: &ControlPlane) {
+    let out = Command::new(cp.bin_dir().join("helm"))
+        .args(["install", RELEASE])
+        .arg(repo().join("charts/kube-zerocopy"))
+        .args([
+            "--namespace",
+            OPERATOR_NS,
+            "--create-namespace",
+            "--wait=false",
+        ])
+        .args(["--set", &format!("runtimeImage={RUNTIME_IMAGE}")])
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Invalid pipelines and a piece of the message the API server must give for each.
+fn invalid_pipelines() -> Vec<(&'static str, String, &'static str)> {
+    let base = |spec: &str| {
+        format!("apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: bad, namespace: {NS}}}\nspec:\n{spec}")
+    };
+    let model = "  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n";
+    let task =
+        "  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 2}\n";
+    vec![
+        ("no models", base(&format!("  mode: Task\n  models: []\n{task}")), "should have at least 1 items"),
+        (
+            "duplicate model names",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///a.pt'}}}}, {{name: m, format: TorchScript, source: {{uri: 'file:///b.pt'}}}}]\n{task}")),
+            "model names must be unique",
+        ),
+        (
+            "short sha256",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', sha256: abc}}}}]\n{task}")),
+            "64 lowercase hex digits",
+        ),
+        (
+            "unsupported scheme",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'ftp://host/m.pt'}}}}]\n{task}")),
+            "must start with file:///, http:// or https://",
+        ),
+        ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
+        ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
+        ("zero replicas", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 0}}\n")), "actor.replicas must be at least 1"),
+        ("unknown mode", base(&format!("  mode: Batch\n{model}")), "Unsupported value: \"Batch\""),
+        ("Task without shards", base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n")), "needs spec.task.shards"),
+        (
+            "bad model name",
+            base(&format!("  mode: Task\n  models: [{{name: Encoder_1, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
+            "model name must be lowercase",
+        ),
+        (
+            "architecture on TorchScript",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, architecture: Mlp, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
+            "architecture applies only to format Safetensors",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_end_to_end_against_a_real_control_plane() {
+    let work = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start()
+        .await
+        .expect("the control plane starts");
+    let admin = cp.client().await.unwrap();
+    helm_install(&cp);
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let kubeconfig = service_account_kubeconfig(&cp, &admin, work.path()).await;
+    let log = work.path().join("operator.log");
+    let mut operator = Operator::start(&kubeconfig, &log);
+
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NS);
+    let services: Api<Service> = Api::namespaced(admin.clone(), NS);
+    let settings = Settings {
+        runtime_image: RUNTIME_IMAGE.into(),
+    };
+    let minute = Duration::from_secs(60);
+
+    // Invalid pipelines: rejected by the API server's schema and CEL rules, with the message.
+    // Sent as raw objects: some (an unknown mode) cannot even be held by the Rust types.
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &ApiResource::erase::<InferencePipeline>(&()),
+    );
+    for (what, yaml, message) in invalid_pipelines() {
+        let bad: DynamicObject = serde_yaml::from_str(&yaml).unwrap();
+        let err = raw
+            .create(&PostParams::default(), &bad)
+            .await
+            .expect_err(what);
+        let text = err.to_string();
+        println!("rejected {what}: {text}");
+        assert!(
+            text.contains(message),
+            "{what}: expected {message:?} in {text}"
+        );
+    }
+
+    // Task: an Indexed Job with the rendered pod template, run to completion by kwok.
+    let task = pipelines
+        .create(&PostParams::default(), &task_pipeline("batch", 3))
+        .await
+        .unwrap();
+    let job = eventually("the Job", minute, || async {
+        jobs.get_opt("batch-zerocopy").await.unwrap()
+    })
+    .await;
+    let Rendered::Task { job: expected } = render::render(&task, &settings).unwrap() else {
+        panic!("task")
+    };
+    let (got, want) = (job.spec.clone().unwrap(), expected.spec.clone().unwrap());
+    assert_eq!(
+        (
+            got.completions,
+            got.parallelism,
+            got.completion_mode.as_deref()
+        ),
+        (Some(3), Some(2), Some("Indexed"))
+    );
+    let (got_pod, want_pod) = (got.template.spec.unwrap(), want.template.spec.unwrap());
+    assert_eq!(
+        got_pod.init_containers.as_ref().unwrap()[0].command,
+        want_pod.init_containers.as_ref().unwrap()[0].command
+    );
+    assert_eq!(
+        got_pod.init_containers.as_ref().unwrap()[0]
+            .restart_policy
+            .as_deref(),
+        Some("Always")
+    );
+    assert_eq!(got_pod.containers[0].env, want_pod.containers[0].env);
+    assert_eq!(job.owner_references()[0].uid, task.uid().unwrap());
+    let done = eventually("the Task pipeline to succeed", 3 * minute, || async {
+        let p = pipelines.get("batch").await.unwrap();
+        let s = p.status.clone()?;
+        (s.phase.as_deref() == Some("Succeeded")).then_some(s)
+    })
+    .await;
+    assert_eq!(done.progress.as_deref(), Some("3/3"));
+    assert_eq!(done.observed_generation, task.metadata.generation);
+    let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+    let recorded = eventually("events for the pipeline", minute, || async {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        let reasons: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("batch"))
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        reasons.iter().any(|r| r == "Succeeded").then_some(reasons)
+    })
+    .await;
+    println!("events of the Task pipeline: {recorded:?}");
+
+    // Actor: a Deployment and a Service; replicas become available; changes roll out.
+    pipelines
+        .create(
+            &PostParams::default(),
+            &actor_pipeline("online", 2, "file:///models/a.safetensors"),
+        )
+        .await
+        .unwrap();
+    eventually("the Service", minute, || async {
+        services.get_opt("online-zerocopy").await.unwrap()
+    })
+    .await;
+    let ready = |replicas: &'static str| {
+        let pipelines = pipelines.clone();
+        async move {
+            eventually(
+                &format!("the Actor pipeline Ready with {replicas}"),
+                3 * minute,
+                || async {
+                    let s = pipelines.get("online").await.unwrap().status?;
+                    (s.phase.as_deref() == Some("Ready") && s.progress.as_deref() == Some(replicas))
+                        .then_some(())
+                },
+            )
+            .await
+        }
+    };
+    ready("2/2").await;
+    pipelines
+        .patch(
+            "online",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"actor": {"replicas": 3}}})),
+        )
+        .await
+        .unwrap();
+    ready("3/3").await;
+    let before = deployments.get("online-zerocopy").await.unwrap();
+    pipelines
+        .patch(
+            "online",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"models": [{"name": "mlp", "format": "Safetensors", "architecture": "Mlp", "source": {"uri": "file:///models/b.safetensors", "size": "32Mi"}}]}})),
+        )
+        .await
+        .unwrap();
+    let rolled = eventually(
+        "the Deployment to roll out the new model",
+        minute,
+        || async {
+            let d = deployments.get("online-zerocopy").await.unwrap();
+            let env = d.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+                .env
+                .clone()?;
+            env.iter()
+                .any(|e| {
+                    e.value
+                        .as_deref()
+                        .is_some_and(|v| v.contains("b.safetensors"))
+                })
+                .then_some(d)
+        },
+    )
+    .await;
+    assert!(rolled.metadata.generation > before.metadata.generation);
+    ready("3/3").await;
+
+    // The operator killed and restarted converges to the same objects.
+    let job_before = jobs.get("batch-zerocopy").await.unwrap();
+    let deployment_before = deployments.get("online-zerocopy").await.unwrap();
+    operator.restart();
+    pipelines
+        .create(&PostParams::default(), &task_pipeline("after-restart", 1))
+        .await
+        .unwrap();
+    eventually(
+        "a new pipeline reconciled after the restart",
+        minute,
+        || async { jobs.get_opt("after-restart-zerocopy").await.unwrap() },
+    )
+    .await;
+    let job_after = jobs.get("batch-zerocopy").await.unwrap();
+    let deployment_after = deployments.get("online-zerocopy").await.unwrap();
+    assert_eq!(job_after.spec, job_before.spec);
+    assert_eq!(deployment_after.spec, deployment_before.spec);
+    assert_eq!(
+        deployment_after.metadata.generation,
+        deployment_before.metadata.generation
+    );
+
+    // The API server stopped for a few seconds: the operator recovers on its own.
+    cp.stop_apiserver().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cp.start_apiserver().await.unwrap();
+    let admin = cp.client().await.unwrap();
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
+    pipelines
+        .create(&PostParams::default(), &task_pipeline("after-outage", 1))
+        .await
+        .unwrap();
+    eventually(
+        "a pipeline reconciled after the API server came back",
+        2 * minute,
+        || async { jobs.get_opt("after-outage-zerocopy").await.ok().flatten() },
+    )
+    .await;
+    assert!(
+        operator.child.try_wait().unwrap().is_none(),
+        "the operator exited during the outage"
+    );
+
+    // Deleting a pipeline removes what it owned.
+    for name in ["batch", "online", "after-restart", "after-outage"] {
+        pipelines
+            .delete(name, &DeleteParams::foreground())
+            .await
+            .unwrap();
+    }
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NS);
+    let services: Api<Service> = Api::namespaced(admin.clone(), NS);
+    eventually("every owned object to be deleted", 2 * minute, || async {
+        let left = jobs.list(&ListParams::default()).await.ok()?.items.len()
+            + deployments
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .len()
+            + services
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .len();
+        (left == 0).then_some(())
+    })
+    .await;
+    println!("operator log: {}", log.display());
+}
