@@ -226,6 +226,34 @@ pub async fn reconcile(
     }))
 }
 
+/// The backoff of the controller's watches. kube's controller merges every watch (pipelines,
+/// Jobs, Deployments, Services, pods) into one stream under one backoff, so after an API
+/// server outage each watch's one "resource version too old" error pushed the shared default
+/// backoff (up to 30 s, reset only after 2 quiet minutes) further and stalled all watches for
+/// minutes. Capped at a few seconds, they resume within seconds of the API server's return.
+struct WatchBackoff {
+    next: Duration,
+}
+
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
+
 pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.errors.inc();
     warn!(pipeline = %pipeline.name_any(), error = %error, "reconcile failed");
@@ -286,6 +314,9 @@ pub async fn run(
                 Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
             },
         )
+        .trigger_backoff(WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

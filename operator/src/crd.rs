@@ -139,6 +139,7 @@ pub struct ModelSourceSpec {
     pub size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     /// The expected sha256 of the file, 64 lowercase hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("source.sha256 must be 64 lowercase hex digits"))]
     pub sha256: Option<String>,
 }

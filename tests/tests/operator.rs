@@ -99,7 +99,7 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig)
             .env("KZC_RUNTIME_IMAGE", RUNTIME_IMAGE)
             .env("KZC_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info,kube=warn")
+            .env("RUST_LOG", "warn,kube_zerocopy=info,kube_runtime=debug")
             .stderr(
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -250,7 +250,8 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         .await
         .unwrap();
     let kubeconfig = service_account_kubeconfig(&cp, &admin, work.path()).await;
-    let log = work.path().join("operator.log");
+    // Next to the control plane's logs, which are kept when the test fails.
+    let log = cp.dir().join("operator.log");
     let mut operator = Operator::start(&kubeconfig, &log);
 
     let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
