@@ -407,14 +407,16 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     assert!(rolled.metadata.generation > before.metadata.generation);
     ready("3/3").await;
 
-    // The operator killed and restarted converges to the same objects.
+    // The operator killed in the middle of reconciling (a pipeline just created, a change to
+    // another just made) and restarted converges to the same objects.
     let job_before = jobs.get("batch-zerocopy").await.unwrap();
     let deployment_before = deployments.get("online-zerocopy").await.unwrap();
-    operator.restart();
     pipelines
         .create(&PostParams::default(), &task_pipeline("after-restart", 1))
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    operator.restart();
     eventually(
         "a new pipeline reconciled after the restart",
         minute,
