@@ -407,20 +407,23 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
     let spec = &pipeline.spec;
     let model_bytes = total_model_bytes(pipeline)?;
     let (volumes, mounts, store_mount) = volumes(pipeline, model_bytes);
+    let worker = match spec.mode {
+        Mode::Task => invocation::task_worker(spec, &mounts),
+        Mode::Actor => invocation::actor_worker(spec, &mounts),
+    };
+    let template = pod_template(
+        pipeline,
+        settings,
+        worker,
+        &mounts,
+        volumes,
+        &store_mount,
+        model_bytes,
+    );
     match spec.mode {
         Mode::Task => {
             let task = spec.task.clone().unwrap_or_default();
             let shards = task.shards.context("mode Task needs spec.task.shards")?;
-            let worker = invocation::task_worker(spec, &mounts);
-            let template = pod_template(
-                pipeline,
-                settings,
-                worker,
-                &mounts,
-                volumes,
-                &store_mount,
-                model_bytes,
-            );
             let job = Job {
                 metadata: metadata(pipeline),
                 spec: Some(JobSpec {
@@ -438,16 +441,6 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
         }
         Mode::Actor => {
             let actor = spec.actor.clone().context("mode Actor needs spec.actor")?;
-            let worker = invocation::actor_worker(spec, &mounts);
-            let template = pod_template(
-                pipeline,
-                settings,
-                worker,
-                &mounts,
-                volumes,
-                &store_mount,
-                model_bytes,
-            );
             let deployment = Deployment {
                 metadata: metadata(pipeline),
                 spec: Some(DeploymentSpec {

@@ -455,3 +455,29 @@ mod tests {
         assert!(err(manifest(vec![t("a", 0, 1)], 64), 128).contains("holds 128 bytes"));
     }
 }
+
+/// Where a pod's store and bindings are, as both binaries take them (flags or environment).
+#[derive(clap::Args, Clone, Debug)]
+pub struct PodPaths {
+    /// The shared store (an emptyDir with medium Memory, or a folder of the host's /dev/shm).
+    #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
+    pub store: PathBuf,
+    /// This pod's bindings folder (model name -> digest).
+    #[arg(
+        long,
+        env = "KZC_BINDINGS",
+        global = true,
+        default_value = "/kzc/bindings"
+    )]
+    pub bindings: PathBuf,
+}
+
+impl PodPaths {
+    pub fn store(&self) -> Store {
+        Store::new(&self.store)
+    }
+
+    pub fn bindings(&self) -> Bindings {
+        Bindings::new(&self.bindings)
+    }
+}

@@ -6,11 +6,13 @@
 //! - [`source`]: fetching `file://` and `http(s)://` sources with sha256 verification.
 //! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
+//! - [`process`]: logging and error reporting shared by every kube-zerocopy binary.
 
 pub mod config;
 pub mod formats;
 pub mod layout;
 pub mod pickle;
+pub mod process;
 pub mod publish;
 pub mod source;
 

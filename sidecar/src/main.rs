@@ -9,23 +9,14 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kube_zerocopy_sidecar::config::models_from_env;
+use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::publish::Publisher;
-use kube_zerocopy_sidecar::{Bindings, Store};
 
 #[derive(Parser)]
 #[command(name = "kube-zerocopy-sidecar", version, about)]
 struct Cli {
-    /// The shared store (an emptyDir with medium Memory, or a hostPath under /dev/shm).
-    #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
-    store: PathBuf,
-    /// This pod's bindings folder (model name -> digest).
-    #[arg(
-        long,
-        env = "KZC_BINDINGS",
-        global = true,
-        default_value = "/kzc/bindings"
-    )]
-    bindings: PathBuf,
+    #[command(flatten)]
+    paths: PodPaths,
     /// Where http(s) sources are downloaded before they are laid out.
     #[arg(long, env = "KZC_DOWNLOAD_DIR", global = true, default_value_os_t = std::env::temp_dir())]
     download_dir: PathBuf,
@@ -48,27 +39,15 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        let message = format!("{e:#}");
-        eprintln!("error: {message}");
-        // Kubernetes shows this as the container's termination message.
-        let _ = std::fs::write("/dev/termination-log", &message);
-        std::process::exit(1);
-    }
+    kube_zerocopy_sidecar::process::init_logs();
+    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> Result<()> {
     let models = models_from_env()?;
     let publisher = Publisher {
-        store: Store::new(&cli.store),
-        bindings: Bindings::new(&cli.bindings),
+        store: cli.paths.store(),
+        bindings: cli.paths.bindings(),
         download_dir: cli.download_dir,
     };
     match cli.command.unwrap_or(Command::Serve {

@@ -239,3 +239,26 @@ pub fn read_output(path: &Path) -> tch::Tensor {
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
+
+/// A Task pipeline with one TorchScript model, for the operator's tests and benchmark.
+pub fn task_pipeline(
+    name: &str,
+    namespace: &str,
+    shards: i32,
+    parallelism: i32,
+) -> kube_zerocopy::crd::InferencePipeline {
+    serde_yaml::from_str(&format!(
+        r#"apiVersion: kube-zerocopy.io/v1alpha1
+kind: InferencePipeline
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  mode: Task
+  models:
+    - {{name: encoder, format: TorchScript, source: {{uri: "file:///models/encoder.pt", size: 64Mi}}}}
+  input: {{uri: "file:///data/in"}}
+  output: {{uri: "file:///data/out"}}
+  task: {{shards: {shards}, parallelism: {parallelism}}}
+"#
+    ))
+    .expect("a valid pipeline")
+}

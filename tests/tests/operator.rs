@@ -51,19 +51,7 @@ fn pipeline(yaml: &str) -> InferencePipeline {
 }
 
 fn task_pipeline(name: &str, shards: i32) -> InferencePipeline {
-    pipeline(&format!(
-        r#"apiVersion: kube-zerocopy.io/v1alpha1
-kind: InferencePipeline
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  mode: Task
-  models:
-    - {{name: encoder, format: TorchScript, source: {{uri: "file:///models/encoder.pt", size: 64Mi}}}}
-  input: {{uri: "file:///data/in"}}
-  output: {{uri: "file:///data/out"}}
-  task: {{shards: {shards}, parallelism: 2}}
-"#
-    ))
+    kube_zerocopy_e2e::task_pipeline(name, NS, shards, 2)
 }
 
 fn actor_pipeline(name: &str, replicas: i32, uri: &str) -> InferencePipeline {

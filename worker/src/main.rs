@@ -12,7 +12,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_sidecar::config::models_from_env;
-use kube_zerocopy_sidecar::{Bindings, ModelSource, Store};
+use kube_zerocopy_sidecar::layout::PodPaths;
+use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::memory::MemoryStats;
 use kube_zerocopy_worker::{task, LoadedModel, Pipeline};
 use serde_json::json;
@@ -21,15 +22,8 @@ use tch::{Device, Kind, Tensor};
 #[derive(Parser)]
 #[command(name = "kube-zerocopy-worker", version, about)]
 struct Cli {
-    #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
-    store: PathBuf,
-    #[arg(
-        long,
-        env = "KZC_BINDINGS",
-        global = true,
-        default_value = "/kzc/bindings"
-    )]
-    bindings: PathBuf,
+    #[command(flatten)]
+    paths: PodPaths,
     /// cpu, or cuda / cuda:N (weights are copied once from the shared memory to the GPU).
     #[arg(long, env = "KZC_DEVICE", global = true, default_value = "cpu")]
     device: String,
@@ -93,19 +87,8 @@ fn parse_device(s: &str) -> Result<Device> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        let message = format!("{e:#}");
-        eprintln!("error: {message}");
-        let _ = std::fs::write("/dev/termination-log", &message);
-        std::process::exit(1);
-    }
+    kube_zerocopy_sidecar::process::init_logs();
+    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
 }
 
 fn ms(since: Instant) -> f64 {
@@ -119,8 +102,8 @@ fn run(cli: Cli) -> Result<()> {
         kube_zerocopy_worker::cuda::load_backend()?;
     }
     let models = models_from_env()?;
-    let store = Store::new(&cli.store);
-    let bindings = Bindings::new(&cli.bindings);
+    let store = cli.paths.store();
+    let bindings = cli.paths.bindings();
     // libtorch's own start-up (thread pools, allocator), measured apart from the load.
     let init = Instant::now();
     let _ = Tensor::zeros([1], (Kind::Float, device));

@@ -23,20 +23,7 @@ use kube_zerocopy_e2e::cluster::ControlPlane;
 const PIPELINES: usize = 200;
 
 fn pipeline(ns: &str, i: usize) -> InferencePipeline {
-    serde_yaml::from_str(&format!(
-        r#"apiVersion: kube-zerocopy.io/v1alpha1
-kind: InferencePipeline
-metadata: {{name: p{i:03}, namespace: {ns}}}
-spec:
-  mode: Task
-  models:
-    - {{name: encoder, format: TorchScript, source: {{uri: "file:///models/encoder.pt", size: 64Mi}}}}
-  input: {{uri: "file:///data/in"}}
-  output: {{uri: "file:///data/out"}}
-  task: {{shards: 1, parallelism: 1}}
-"#
-    ))
-    .expect("a valid pipeline")
+    kube_zerocopy_e2e::task_pipeline(&format!("p{i:03}"), ns, 1, 1)
 }
 
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
