@@ -24,9 +24,20 @@ fn watch(
     digest: String,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(u64, u64)> {
+    // The first read happens before the sidecar starts: the model is absent.
+    assert!(!store.model_dir(&digest).exists());
     std::thread::spawn(move || {
-        let (mut absent, mut complete) = (0, 0);
-        while !stop.load(Ordering::SeqCst) {
+        let (mut absent, mut complete) = (1, 0);
+        let mut stopped_at: Option<Instant> = None;
+        loop {
+            // Once told to stop, read on until the published model has been seen (a loaded
+            // machine may not have scheduled this thread since), for 30 s at most.
+            if stop.load(Ordering::SeqCst) {
+                let since = *stopped_at.get_or_insert_with(Instant::now);
+                if complete > 0 || since.elapsed() > Duration::from_secs(30) {
+                    break;
+                }
+            }
             if store.model_dir(&digest).exists() {
                 let m = store
                     .open(&digest)
