@@ -17,8 +17,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -47,6 +47,10 @@ pub struct Context {
     pub settings: Settings,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Caches of the Jobs and pods the operator manages, kept by watches: a reconcile reads
+    /// them instead of asking the API server each time.
+    pub jobs: reflector::Store<Job>,
+    pub pods: reflector::Store<Pod>,
 }
 
 fn spec_hash(job: &Job) -> String {
@@ -75,12 +79,17 @@ fn finished(job: &Job) -> bool {
 }
 
 /// Applies the Job unless a running one would have to change. Returns the Job as it is now
-/// and, when refused, why.
-async fn apply_task(api: &Api<Job>, mut job: Job) -> Result<(Option<Job>, Option<String>), Error> {
+/// and, when refused, why. `current` is the cached Job: should the cache lag behind a change,
+/// the API server rejects the apply (a Job's template is immutable) and the reconcile retries.
+async fn apply_task(
+    api: &Api<Job>,
+    current: Option<Arc<Job>>,
+    mut job: Job,
+) -> Result<(Option<Job>, Option<String>), Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
     let hash = spec_hash(&job);
     annotate(&mut job.metadata, &hash);
-    if let Some(current) = api.get_opt(&name).await? {
+    if let Some(current) = current {
         if current.annotations().get(SPEC_HASH) != Some(&hash) {
             if finished(&current) {
                 // A finished Job with an old spec: replace it (the new spec runs afresh).
@@ -89,7 +98,7 @@ async fn apply_task(api: &Api<Job>, mut job: Job) -> Result<(Option<Job>, Option
             }
             let why = "the spec changed while the pipeline's Job is running, and a running Job cannot change: \
                        wait for it to finish (it is then replaced), or delete and re-create the pipeline";
-            return Ok((Some(current), Some(why.into())));
+            return Ok((Some((*current).clone()), Some(why.into())));
         }
     }
     let applied = api
@@ -113,43 +122,52 @@ pub async fn reconcile(
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
 
-    let (job, deployment, refused) = match render::render(&pipeline, &ctx.settings)
-        .map_err(Error::Render)?
-    {
-        Rendered::Task { job } => {
-            let (job, refused) = apply_task(&Api::namespaced(client.clone(), &ns), *job).await?;
-            (job, None, refused)
-        }
-        Rendered::Actor {
-            deployment,
-            service,
-        } => {
-            let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-            services
-                .patch(
-                    &render::object_name(&pipeline),
-                    &apply,
-                    &Patch::Apply(&service),
-                )
-                .await?;
-            let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-            let d = deployments
-                .patch(
-                    &render::object_name(&pipeline),
-                    &apply,
-                    &Patch::Apply(&deployment),
-                )
-                .await?;
-            (None, Some(d), None)
-        }
-    };
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().labels(&format!("{PIPELINE_LABEL}={name}")))
-        .await?;
+    let (job, deployment, refused) =
+        match render::render(&pipeline, &ctx.settings).map_err(Error::Render)? {
+            Rendered::Task { job } => {
+                let cached = ctx
+                    .jobs
+                    .get(&ObjectRef::new(&render::object_name(&pipeline)).within(&ns));
+                let (job, refused) =
+                    apply_task(&Api::namespaced(client.clone(), &ns), cached, *job).await?;
+                (job, None, refused)
+            }
+            Rendered::Actor {
+                deployment,
+                service,
+            } => {
+                let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+                services
+                    .patch(
+                        &render::object_name(&pipeline),
+                        &apply,
+                        &Patch::Apply(&service),
+                    )
+                    .await?;
+                let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+                let d = deployments
+                    .patch(
+                        &render::object_name(&pipeline),
+                        &apply,
+                        &Patch::Apply(&deployment),
+                    )
+                    .await?;
+                (None, Some(d), None)
+            }
+        };
+    let pods: Vec<Pod> = ctx
+        .pods
+        .state_filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str())
+                && p.labels().get(PIPELINE_LABEL) == Some(&name)
+        })
+        .iter()
+        .map(|p| (**p).clone())
+        .collect();
     let observed = Observed {
         job: job.as_ref(),
         deployment: deployment.as_ref(),
-        pods: &pods.items,
+        pods: &pods,
         refused,
     };
     let new_status = status::compute(&pipeline, &observed, Timestamp::now());
@@ -212,8 +230,11 @@ pub async fn reconcile(
         "kind": InferencePipeline::kind(&()),
         "status": new_status,
     });
-    api.patch_status(&name, &apply, &Patch::Apply(&patch))
-        .await?;
+    // Unchanged (transition times are kept while a condition holds): nothing to write.
+    if pipeline.status.as_ref() != Some(&new_status) {
+        api.patch_status(&name, &apply, &Patch::Apply(&patch))
+            .await?;
+    }
     ctx.metrics.observe(started.elapsed());
     let done = matches!(
         new_status.phase.as_deref(),
@@ -291,13 +312,38 @@ pub async fn run(
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-zerocopy");
+    let (jobs, jobs_writer) = reflector::store();
+    let (pods, pods_writer) = reflector::store();
+    tokio::spawn(
+        watcher(api::<Job>(&client, &namespace), managed.clone())
+            .backoff(WatchBackoff {
+                next: WATCH_BACKOFF_MIN,
+            })
+            .reflect(jobs_writer)
+            .for_each(|_| futures::future::ready(())),
+    );
+    tokio::spawn(
+        watcher(
+            api::<Pod>(&client, &namespace),
+            watcher::Config::default().labels(PIPELINE_LABEL),
+        )
+        .backoff(WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        })
+        .reflect(pods_writer)
+        .for_each(|_| futures::future::ready(())),
+    );
+    jobs.wait_until_ready().await?;
+    pods.wait_until_ready().await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings,
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
+        jobs,
+        pods,
     });
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-zerocopy");
     info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         "operator running"
