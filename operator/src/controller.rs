@@ -93,7 +93,13 @@ async fn apply_task(
         if current.annotations().get(SPEC_HASH) != Some(&hash) {
             if finished(&current) {
                 // A finished Job with an old spec: replace it (the new spec runs afresh).
-                api.delete(&name, &DeleteParams::background()).await?;
+                match api.delete(&name, &DeleteParams::background()).await {
+                    // Already gone: the cache had not seen the deletion yet.
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
                 return Ok((None, None));
             }
             let why = "the spec changed while the pipeline's Job is running, and a running Job cannot change: \

@@ -112,8 +112,7 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardS
     };
     let weights = weights(observed, shards.succeeded > 0);
     let mut conds = vec![];
-    let phase = if let Some(c) = job_condition("Complete") {
-        let _ = c;
+    let phase = if job_condition("Complete").is_some() {
         conds.push(cond(
             SUCCEEDED,
             true,

@@ -328,6 +328,55 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     .await;
     println!("events of the Task pipeline: {recorded:?}");
 
+    // A Task pipeline changed while its Job runs: refused with a condition (a Job cannot
+    // change), then carried out once that Job has finished. 30 shards one at a time keep the
+    // Job running long enough on kwok.
+    pipelines
+        .create(
+            &PostParams::default(),
+            &kube_zerocopy_e2e::task_pipeline("long", NS, 30, 1),
+        )
+        .await
+        .unwrap();
+    eventually("the long Job to run", minute, || async {
+        let j = jobs.get_opt("long-zerocopy").await.unwrap()?;
+        (j.status?.active? > 0).then_some(())
+    })
+    .await;
+    let new_model = json!({"spec": {"models": [{"name": "encoder", "format": "TorchScript",
+        "source": {"uri": "file:///models/encoder-v2.pt", "size": "64Mi"}}]}});
+    pipelines
+        .patch("long", &PatchParams::default(), &Patch::Merge(new_model))
+        .await
+        .unwrap();
+    let refused = eventually(
+        "the change to be refused with a condition",
+        minute,
+        || async {
+            let s = pipelines.get("long").await.unwrap().status?;
+            s.conditions.into_iter().find(|c| {
+                c.type_ == "Degraded" && c.status == "True" && c.reason == "SpecChangeRefused"
+            })
+        },
+    )
+    .await;
+    println!("refused: {}", refused.message);
+    assert!(refused.message.contains("running Job cannot change"));
+    let running = jobs.get("long-zerocopy").await.unwrap();
+    assert!(
+        !format!("{:?}", running.spec).contains("encoder-v2"),
+        "a running Job was changed"
+    );
+    eventually(
+        "the finished Job to be replaced by one with the new model",
+        3 * minute,
+        || async {
+            let j = jobs.get_opt("long-zerocopy").await.unwrap()?;
+            format!("{:?}", j.spec).contains("encoder-v2").then_some(())
+        },
+    )
+    .await;
+
     // Actor: a Deployment and a Service; replicas become available; changes roll out.
     pipelines
         .create(
@@ -443,7 +492,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     );
 
     // Deleting a pipeline removes what it owned.
-    for name in ["batch", "online", "after-restart", "after-outage"] {
+    for name in ["batch", "long", "online", "after-restart", "after-outage"] {
         pipelines
             .delete(name, &DeleteParams::foreground())
             .await
