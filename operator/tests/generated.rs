@@ -162,17 +162,20 @@ fn rendered_pods_keep_their_promises() {
     }
 }
 
-#[test]
-fn memory_is_sized_from_the_models() {
-    // task-torchscript: one 400Mi model.
-    let spec = pod_spec(&rendered("task-torchscript"));
-    let store = spec
-        .volumes
+fn store_volume(spec: &PodSpec) -> &k8s_openapi::api::core::v1::Volume {
+    spec.volumes
         .as_ref()
         .unwrap()
         .iter()
         .find(|v| v.name == "kzc-store")
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn memory_is_sized_from_the_models() {
+    // task-torchscript: one 400Mi model.
+    let spec = pod_spec(&rendered("task-torchscript"));
+    let store = store_volume(&spec);
     let empty_dir = store.empty_dir.as_ref().unwrap();
     assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));
     assert_eq!(empty_dir.size_limit.as_ref().unwrap().0, "436Mi");
@@ -181,13 +184,7 @@ fn memory_is_sized_from_the_models() {
     assert_eq!(limits["memory"].0, "528Mi");
     // Node sharing: the host's /dev/shm, not an emptyDir.
     let spec = pod_spec(&rendered("actor-safetensors"));
-    let store = spec
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == "kzc-store")
-        .unwrap();
+    let store = store_volume(&spec);
     assert_eq!(store.host_path.as_ref().unwrap().path, "/dev/shm");
 }
 

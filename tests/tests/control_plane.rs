@@ -97,19 +97,7 @@ async fn deployment_and_job_run_on_fake_nodes() -> Result<()> {
     )
     .await?;
 
-    eventually("the Deployment to have 2 available replicas", || {
-        let deployments = deployments.clone();
-        async move {
-            let d = deployments.get("smoke-server").await?;
-            let available = d
-                .status
-                .as_ref()
-                .and_then(|s| s.available_replicas)
-                .unwrap_or(0);
-            Ok(((available == 2).then_some(()), format!("{:?}", d.status)))
-        }
-    })
-    .await?;
+    deployment_available(&deployments, 2).await?;
     eprintln!("Deployment available after {:.1?}", began.elapsed());
 
     eventually("the Job to have 3 succeeded pods", || {
@@ -149,19 +137,30 @@ async fn deployment_and_job_run_on_fake_nodes() -> Result<()> {
             &kube::api::Patch::Merge(json!({ "spec": { "replicas": 3 } })),
         )
         .await?;
-    eventually("the Deployment to have 3 available replicas", || {
-        let deployments = deployments.clone();
-        async move {
-            let d = deployments.get("smoke-server").await?;
-            let available = d
-                .status
-                .as_ref()
-                .and_then(|s| s.available_replicas)
-                .unwrap_or(0);
-            Ok(((available == 3).then_some(()), format!("{:?}", d.status)))
-        }
-    })
-    .await?;
+    deployment_available(&deployments, 3).await?;
     eprintln!("scaled to 3 after the restart in {:.1?}", stopped.elapsed());
     Ok(())
+}
+
+/// Waits until the smoke Deployment has `replicas` available.
+async fn deployment_available(deployments: &Api<Deployment>, replicas: i32) -> Result<()> {
+    eventually(
+        &format!("the Deployment to have {replicas} available replicas"),
+        || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments.get("smoke-server").await?;
+                let available = d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0);
+                Ok((
+                    (available == replicas).then_some(()),
+                    format!("{:?}", d.status),
+                ))
+            }
+        },
+    )
+    .await
 }
