@@ -287,6 +287,37 @@ pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Co
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Whether an API error may go away on its own (the API server restarting, overloaded or
+/// unreachable for a while), as opposed to one a person must fix (no CRD, no permission).
+pub fn is_transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// Checks that InferencePipelines can be listed before anything starts. An API server that
+/// is away (a control-plane upgrade, an outage) is waited for, with the reason logged; a
+/// missing CRD or permission ends the operator with a message that says what to fix.
+async fn wait_for_api(pipelines: &Api<InferencePipeline>) -> anyhow::Result<()> {
+    let mut delay = WATCH_BACKOFF_MIN;
+    loop {
+        match pipelines.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_transient(&e) => {
+                warn!(error = %e, retry_in = ?delay, "API server not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(WATCH_BACKOFF_MAX);
+            }
+            Err(e) => anyhow::bail!(
+                "cannot list InferencePipelines (is the CRD installed, and may the operator's \
+                 ServiceAccount list them?): {e}"
+            ),
+        }
+    }
+}
+
 /// Runs the controller until SIGTERM or Ctrl-C. `namespace`: watch one namespace, or all.
 pub async fn run(
     client: Client,
@@ -308,12 +339,7 @@ pub async fn run(
         }
     }
     let pipelines: Api<InferencePipeline> = api(&client, &namespace);
-    pipelines
-        .list(&ListParams::default().limit(1))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot list InferencePipelines (is the CRD installed?): {e}")
-        })?;
+    wait_for_api(&pipelines).await?;
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -350,6 +376,7 @@ pub async fn run(
         jobs,
         pods,
     });
+    ctx.metrics.set_ready();
     info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         "operator running"
@@ -379,4 +406,31 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient;
+    use kube::core::Status;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Status::failure("x", "y").with_code(code).boxed())
+    }
+
+    #[test]
+    fn an_away_or_busy_api_server_is_waited_for() {
+        assert!(is_transient(&api_error(503)));
+        assert!(is_transient(&api_error(500)));
+        assert!(is_transient(&api_error(429)));
+        assert!(is_transient(&kube::Error::Service(
+            "client error (Connect)".into()
+        )));
+    }
+
+    #[test]
+    fn a_missing_crd_or_permission_is_not() {
+        assert!(!is_transient(&api_error(404)));
+        assert!(!is_transient(&api_error(403)));
+        assert!(!is_transient(&api_error(401)));
+    }
 }

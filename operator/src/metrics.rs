@@ -1,5 +1,6 @@
 //! Prometheus metrics and the health endpoints of the operator (/metrics, /livez, /readyz).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub errors: Counter,
     pub duration: Histogram,
+    /// Set once the controller runs (its caches synced): /readyz answers 503 until then.
+    ready: AtomicBool,
     registry: Registry,
 }
 
@@ -36,6 +39,7 @@ impl Default for Metrics {
             reconciles,
             errors,
             duration,
+            ready: AtomicBool::new(false),
             registry,
         }
     }
@@ -46,6 +50,14 @@ impl Metrics {
         self.duration.observe(took.as_secs_f64());
     }
 
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("metrics encode to a string");
@@ -53,7 +65,8 @@ impl Metrics {
     }
 }
 
-/// Serves /metrics, /livez and /readyz on `listen` from a thread of its own.
+/// Serves /metrics, /livez and /readyz on `listen` from a thread of its own. /livez answers
+/// as long as the process serves; /readyz only once the controller runs.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let server = tiny_http::Server::http(listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -61,7 +74,9 @@ pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         for request in server.incoming_requests() {
             let response = match request.url() {
                 "/metrics" => tiny_http::Response::from_string(metrics.render()),
-                "/livez" | "/readyz" => tiny_http::Response::from_string("ok"),
+                "/livez" => tiny_http::Response::from_string("ok"),
+                "/readyz" if metrics.is_ready() => tiny_http::Response::from_string("ok"),
+                "/readyz" => tiny_http::Response::from_string("starting").with_status_code(503),
                 _ => tiny_http::Response::from_string("not found").with_status_code(404),
             };
             let _ = request.respond(response);
@@ -72,6 +87,25 @@ pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn readyz_fails_until_the_controller_runs() {
+        let metrics = std::sync::Arc::new(super::Metrics::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        super::serve(&listen, metrics.clone()).unwrap();
+        let status = |path: &str| match ureq::get(format!("http://{listen}{path}")).call() {
+            Ok(r) => r.status().as_u16(),
+            Err(ureq::Error::StatusCode(code)) => code,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        assert_eq!(status("/livez"), 200);
+        assert_eq!(status("/readyz"), 503);
+        metrics.set_ready();
+        assert_eq!(status("/readyz"), 200);
+        assert_eq!(status("/nothing"), 404);
+    }
+
     #[test]
     fn counts_show_up_in_the_text_format() {
         let m = super::Metrics::default();

@@ -73,6 +73,8 @@ struct Operator {
     child: Child,
     kubeconfig: PathBuf,
     log: PathBuf,
+    /// Where its /metrics, /livez and /readyz are served.
+    metrics_port: u16,
 }
 
 impl Operator {
@@ -101,6 +103,23 @@ impl Operator {
             child,
             kubeconfig: kubeconfig.to_owned(),
             log: log.to_owned(),
+            metrics_port: port,
+        }
+    }
+
+    /// Waits until /readyz answers ok: the controller runs with its caches synced.
+    async fn ready(&mut self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        let started = Instant::now();
+        while ureq::get(&url).call().is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the operator exited ({status}) before it was ready");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the operator is not ready after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -241,6 +260,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     // Next to the control plane's logs, which are kept when the test fails.
     let log = cp.dir().join("operator.log");
     let mut operator = Operator::start(&kubeconfig, &log);
+    operator.ready().await;
 
     let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
     let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
@@ -454,6 +474,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     operator.restart();
+    operator.ready().await;
     eventually(
         "a new pipeline reconciled after the restart",
         minute,
@@ -490,6 +511,18 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         operator.child.try_wait().unwrap().is_none(),
         "the operator exited during the outage"
     );
+
+    // An operator that starts while the API server is away waits for it instead of exiting
+    // (a pod's operator would otherwise crash-loop through a control-plane upgrade).
+    cp.stop_apiserver().await.unwrap();
+    operator.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        operator.child.try_wait().unwrap().is_none(),
+        "the operator exited while the API server was away"
+    );
+    cp.start_apiserver().await.unwrap();
+    operator.ready().await;
 
     // Deleting a pipeline removes what it owned.
     for name in ["batch", "long", "online", "after-restart", "after-outage"] {
