@@ -24,6 +24,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::crd::InferencePipeline;
+use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Observed};
@@ -319,10 +320,12 @@ async fn wait_for_api(pipelines: &Api<InferencePipeline>) -> anyhow::Result<()> 
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C. `namespace`: watch one namespace, or all.
+/// With an `election`, only while this replica holds the leader lease.
 pub async fn run(
     client: Client,
     settings: Settings,
     namespace: Option<String>,
+    election: Option<Election>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -340,6 +343,14 @@ pub async fn run(
     }
     let pipelines: Api<InferencePipeline> = api(&client, &namespace);
     wait_for_api(&pipelines).await?;
+    let mut leadership = match election {
+        Some(election) => Some(
+            election
+                .acquire(client.clone(), || metrics.set_ready())
+                .await?,
+        ),
+        None => None,
+    };
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -377,11 +388,12 @@ pub async fn run(
         pods,
     });
     ctx.metrics.set_ready();
+    ctx.metrics.leader.set(1);
     info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         "operator running"
     );
-    Controller::new(pipelines, watcher::Config::default())
+    let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(api::<Job>(&client, &namespace), managed.clone())
         .owns(api::<Deployment>(&client, &namespace), managed.clone())
         .owns(api::<Service>(&client, &namespace), managed)
@@ -403,8 +415,17 @@ pub async fn run(
                 Ok((object, _)) => info!(pipeline = %object.name, "reconciled"),
                 Err(e) => warn!(error = %e, "reconcile error"),
             }
-        })
-        .await;
+        });
+    match leadership.as_mut() {
+        None => controller.await,
+        Some(held) => tokio::select! {
+            () = controller => {}
+            reason = held.lost() => anyhow::bail!("{reason}: exiting so that one replica reconciles"),
+        },
+    }
+    if let Some(held) = leadership {
+        held.release().await;
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod invocation;
+pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod quantity;

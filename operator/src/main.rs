@@ -1,11 +1,13 @@
 //! `kube-zerocopy`: the operator's binary and CLI.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy::leader::Election;
 use kube_zerocopy::{local, render};
 
 #[derive(Parser)]
@@ -28,6 +30,19 @@ enum Command {
         /// Address of /metrics, /livez and /readyz.
         #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
         metrics_listen: String,
+        /// Reconcile only while holding the leader lease, so that replicas never race.
+        #[arg(long, env = "KZC_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// The namespace of the leader lease: the operator's own.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's name in the election (default: host name and process id).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a lease holds without renewal: how long a standby waits for a leader that
+        /// died without handing the lease back.
+        #[arg(long, env = "KZC_LEASE_DURATION", default_value_t = 15)]
+        lease_duration: u64,
     },
     /// Print the CustomResourceDefinition as YAML.
     Crd,
@@ -81,6 +96,10 @@ fn run(cli: Cli) -> Result<()> {
             namespace,
             runtime_image,
             metrics_listen,
+            leader_election,
+            lease_namespace,
+            identity,
+            lease_duration,
         } => {
             let mut settings = render::Settings::default();
             if let Some(image) = runtime_image {
@@ -91,7 +110,13 @@ fn run(cli: Cli) -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let client = kube::Client::try_default().await?;
-                kube_zerocopy::controller::run(client, settings, namespace, metrics).await
+                let election = leader_election.then(|| Election {
+                    namespace: lease_namespace,
+                    lease_name: "kube-zerocopy-operator".into(),
+                    identity: identity.unwrap_or_else(Election::default_identity),
+                    lease_duration: Duration::from_secs(lease_duration),
+                });
+                kube_zerocopy::controller::run(client, settings, namespace, election, metrics).await
             })
         }
         Command::Crd => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -13,7 +14,10 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub errors: Counter,
     pub duration: Histogram,
-    /// Set once the controller runs (its caches synced): /readyz answers 503 until then.
+    /// 1 while this replica holds the leader lease and its controller runs.
+    pub leader: Gauge,
+    /// Set once the controller runs (its caches synced) or the replica stands by for the
+    /// leader lease: /readyz answers 503 until then.
     ready: AtomicBool,
     registry: Registry,
 }
@@ -23,6 +27,7 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let errors = Counter::default();
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let leader = Gauge::default();
         let mut registry = Registry::with_prefix("kube_zerocopy");
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
         registry.register(
@@ -35,10 +40,16 @@ impl Default for Metrics {
             "Time per successful reconciliation",
             duration.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica leads and reconciles, 0 while it stands by",
+            leader.clone(),
+        );
         Metrics {
             reconciles,
             errors,
             duration,
+            leader,
             ready: AtomicBool::new(false),
             registry,
         }
@@ -66,7 +77,7 @@ impl Metrics {
 }
 
 /// Serves /metrics, /livez and /readyz on `listen` from a thread of its own. /livez answers
-/// as long as the process serves; /readyz only once the controller runs.
+/// as long as the process serves; /readyz once the controller runs or stands by.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let server = tiny_http::Server::http(listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

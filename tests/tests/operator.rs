@@ -68,17 +68,22 @@ spec:
     ))
 }
 
-/// The operator as a process, authenticated with the chart's ServiceAccount token.
+/// The operator as a process, authenticated with the chart's ServiceAccount token, in the
+/// chart's namespace (where its leader lease lives) under a pod-like name.
 struct Operator {
     child: Child,
     kubeconfig: PathBuf,
     log: PathBuf,
+    identity: &'static str,
     /// Where its /metrics, /livez and /readyz are served.
     metrics_port: u16,
 }
 
+/// Short enough that a crashed leader's lease lapses quickly in the test.
+const LEASE_SECONDS: &str = "8";
+
 impl Operator {
-    fn start(kubeconfig: &Path, log: &Path) -> Operator {
+    fn start(kubeconfig: &Path, log: &Path, identity: &'static str) -> Operator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -89,6 +94,9 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig)
             .env("KZC_RUNTIME_IMAGE", RUNTIME_IMAGE)
             .env("KZC_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KZC_LEASE_DURATION", LEASE_SECONDS)
+            .env("POD_NAME", identity)
+            .env("POD_NAMESPACE", OPERATOR_NS)
             .env("RUST_LOG", "warn,kube_zerocopy=info,kube_runtime=debug")
             .stderr(
                 std::fs::OpenOptions::new()
@@ -103,24 +111,61 @@ impl Operator {
             child,
             kubeconfig: kubeconfig.to_owned(),
             log: log.to_owned(),
+            identity,
             metrics_port: port,
         }
     }
 
-    /// Waits until /readyz answers ok: the controller runs with its caches synced.
-    async fn ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
-        let started = Instant::now();
-        while ureq::get(&url).call().is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the operator exited ({status}) before it was ready");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the operator is not ready after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Its /readyz or /metrics, once it serves them.
+    fn get(&mut self, path: &str) -> Option<String> {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("operator {} exited ({status})", self.identity);
         }
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        ureq::get(&url)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    }
+
+    /// Waits until /readyz answers ok: it leads with its caches synced, or stands by.
+    async fn ready(&mut self) {
+        eventually("the operator to be ready", Duration::from_secs(60), || {
+            let ready = self.get("/readyz").is_some();
+            async move { ready.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Whether it holds the leader lease and reconciles, from its metrics.
+    fn is_leading(&mut self) -> Option<bool> {
+        let metrics = self.get("/metrics")?;
+        Some(metrics.lines().any(|l| l == "kube_zerocopy_leader 1"))
+    }
+
+    /// Waits until it is ready without leading: another replica holds the lease.
+    async fn standing_by(&mut self) {
+        self.ready().await;
+        assert_eq!(self.is_leading(), Some(false), "two replicas lead at once");
+    }
+
+    /// Waits until it leads.
+    async fn leading(&mut self) {
+        eventually("the operator to lead", Duration::from_secs(60), || {
+            let leading = self.is_leading() == Some(true);
+            async move { leading.then_some(()) }
+        })
+        .await;
+    }
+
+    /// SIGTERM: a clean shutdown, which hands the leader lease back.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
     }
 
     fn kill(&mut self) {
@@ -128,9 +173,10 @@ impl Operator {
         let _ = self.child.wait();
     }
 
+    /// Killed and started again: a crashed container that its pod restarts, same name.
     fn restart(&mut self) {
         self.kill();
-        *self = Operator::start(&self.kubeconfig.clone(), &self.log.clone());
+        *self = Operator::start(&self.kubeconfig.clone(), &self.log.clone(), self.identity);
     }
 }
 
@@ -259,8 +305,8 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     let kubeconfig = service_account_kubeconfig(&cp, &admin, work.path()).await;
     // Next to the control plane's logs, which are kept when the test fails.
     let log = cp.dir().join("operator.log");
-    let mut operator = Operator::start(&kubeconfig, &log);
-    operator.ready().await;
+    let mut operator = Operator::start(&kubeconfig, &log, "operator-0");
+    operator.leading().await;
 
     let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
     let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
@@ -474,7 +520,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     operator.restart();
-    operator.ready().await;
+    operator.leading().await;
     eventually(
         "a new pipeline reconciled after the restart",
         minute,
@@ -522,10 +568,61 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         "the operator exited while the API server was away"
     );
     cp.start_apiserver().await.unwrap();
-    operator.ready().await;
+    operator.leading().await;
+
+    // Two replicas: the second stands by and reconciles nothing while the first leads.
+    let mut standby = Operator::start(&kubeconfig, &log, "operator-1");
+    standby.standing_by().await;
+    let reconciled = |name: &'static str| {
+        let (pipelines, jobs) = (pipelines.clone(), jobs.clone());
+        async move {
+            pipelines
+                .create(&PostParams::default(), &task_pipeline(name, 1))
+                .await
+                .unwrap();
+            eventually(&format!("pipeline {name} reconciled"), minute, || async {
+                jobs.get_opt(&format!("{name}-zerocopy"))
+                    .await
+                    .ok()
+                    .flatten()
+            })
+            .await
+        }
+    };
+    reconciled("two-replicas").await;
+    let standby_metrics = standby.get("/metrics").unwrap();
+    assert!(
+        standby_metrics.contains("kube_zerocopy_reconciles_total 0"),
+        "the standby reconciled: {standby_metrics}"
+    );
+
+    // The leader shuts down cleanly (SIGTERM, a rolling update): it exits 0 and hands the
+    // lease back; the standby takes over and reconciles.
+    let status = operator.terminate();
+    assert!(status.success(), "the leader's shutdown: {status}");
+    standby.leading().await;
+    reconciled("after-handover").await;
+
+    // The new leader crashes (SIGKILL: no hand-back): the restarted first replica, standing
+    // by meanwhile, takes over once the lease lapses.
+    let mut operator = Operator::start(&kubeconfig, &log, "operator-0");
+    operator.standing_by().await;
+    standby.kill();
+    operator.leading().await;
+    reconciled("after-takeover").await;
+    drop(standby);
 
     // Deleting a pipeline removes what it owned.
-    for name in ["batch", "long", "online", "after-restart", "after-outage"] {
+    for name in [
+        "batch",
+        "long",
+        "online",
+        "after-restart",
+        "after-outage",
+        "two-replicas",
+        "after-handover",
+        "after-takeover",
+    ] {
         pipelines
             .delete(name, &DeleteParams::foreground())
             .await
