@@ -1,41 +1,19 @@
 //! Smoke test of the real control plane (tests/src/cluster.rs): a Deployment's pods go
 //! Running and Ready on kwok's fake Nodes, an Indexed Job's pods Succeed, and helm runs.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 use kube_zerocopy_e2e::cluster::ControlPlane;
+use kube_zerocopy_e2e::wait::eventually_seen;
 use serde_json::json;
 
 const NAMESPACE: &str = "smoke";
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Polls `check` every 500 ms until it returns Some, or fails after TIMEOUT with `what` and
-/// the last value seen.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(Option<T>, String)>>,
-{
-    let start = Instant::now();
-    loop {
-        let seen = match tokio::time::timeout(Duration::from_secs(10), check()).await {
-            Ok(Ok((Some(v), _))) => return Ok(v),
-            Ok(Ok((None, seen))) => seen,
-            Ok(Err(e)) => format!("error: {e:#}"),
-            Err(_) => "a check took over 10 s".into(),
-        };
-        if start.elapsed() > TIMEOUT {
-            bail!("waited {TIMEOUT:?} for {what}; last seen: {seen}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deployment_and_job_run_on_fake_nodes() -> Result<()> {
@@ -100,7 +78,7 @@ async fn deployment_and_job_run_on_fake_nodes() -> Result<()> {
     deployment_available(&deployments, 2).await?;
     eprintln!("Deployment available after {:.1?}", began.elapsed());
 
-    eventually("the Job to have 3 succeeded pods", || {
+    eventually_seen("the Job to have 3 succeeded pods", TIMEOUT, || {
         let jobs = jobs.clone();
         async move {
             let j = jobs.get("smoke-job").await?;
@@ -144,8 +122,9 @@ async fn deployment_and_job_run_on_fake_nodes() -> Result<()> {
 
 /// Waits until the smoke Deployment has `replicas` available.
 async fn deployment_available(deployments: &Api<Deployment>, replicas: i32) -> Result<()> {
-    eventually(
+    eventually_seen(
         &format!("the Deployment to have {replicas} available replicas"),
+        TIMEOUT,
         || {
             let deployments = deployments.clone();
             async move {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -20,6 +20,7 @@ use kube::{Client, ResourceExt};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::render::{self, Rendered, Settings};
 use kube_zerocopy_e2e::cluster::ControlPlane;
+use kube_zerocopy_e2e::wait::eventually;
 use kube_zerocopy_e2e::{bin, repo};
 use serde_json::json;
 
@@ -27,24 +28,6 @@ const OPERATOR_NS: &str = "kube-zerocopy";
 const RELEASE: &str = "kzc";
 const NS: &str = "pipelines";
 const RUNTIME_IMAGE: &str = "kube-zerocopy/runtime:e2e";
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn pipeline(yaml: &str) -> InferencePipeline {
     serde_yaml::from_str(yaml).unwrap()
