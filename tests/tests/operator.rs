@@ -226,6 +226,27 @@ fn helm_install(cp: &ControlPlane) {
     );
 }
 
+/// Two operator replicas without leader election would race: the chart refuses to render.
+fn chart_refuses_replicas_without_a_leader(cp: &ControlPlane) {
+    let out = cp
+        .helm()
+        .args(["template", RELEASE])
+        .arg(repo().join("charts/kube-zerocopy"))
+        .args([
+            "--set",
+            "replicas=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("replicas > 1 needs leaderElection.enabled=true"),
+        "helm template with 2 replicas and no leader election: {stderr}"
+    );
+}
+
 /// Invalid pipelines and a piece of the message the API server must give for each.
 fn invalid_pipelines() -> Vec<(&'static str, String, &'static str)> {
     let base = |spec: &str| {
@@ -277,6 +298,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         .expect("the control plane starts");
     let admin = cp.client().await.unwrap();
     helm_install(&cp);
+    chart_refuses_replicas_without_a_leader(&cp);
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     namespaces
         .create(
