@@ -68,12 +68,16 @@ pub fn load_pipeline(file: &Path) -> Result<InferencePipeline> {
         .with_context(|| format!("{} is not a valid InferencePipeline", file.display()))
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
+/// The median (the mean of the middle two for an even count; 0 for none).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    match xs.len() {
+        0 => 0.0,
+        n if n.is_multiple_of(2) => (xs[mid - 1] + xs[mid]) / 2.0,
+        _ => xs[mid],
     }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
 }
 
 fn spawn(
@@ -303,9 +307,9 @@ fn run_pod(
         failed,
         publish_secs,
         wall_secs: started.elapsed().as_secs_f64(),
-        median_load_ms: median(reports.iter().map(|r| r.load_ms).collect()),
-        median_infer_ms: median(reports.iter().map(|r| r.infer_ms).collect()),
-        median_worker_ms: median(reports.iter().map(|r| r.total_ms).collect()),
+        median_load_ms: median(&reports.iter().map(|r| r.load_ms).collect::<Vec<_>>()),
+        median_infer_ms: median(&reports.iter().map(|r| r.infer_ms).collect::<Vec<_>>()),
+        median_worker_ms: median(&reports.iter().map(|r| r.total_ms).collect::<Vec<_>>()),
         median_memory: by_memory.get(by_memory.len() / 2).copied(),
         output: output.to_owned(),
     })
@@ -333,5 +337,15 @@ impl std::fmt::Display for Summary {
                 m.rss_kib as f64 / 1024.0, m.pss_kib as f64 / 1024.0, m.uss_kib as f64 / 1024.0)?;
         }
         write!(f, "  outputs in {}", self.output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(super::median(&[]), 0.0);
     }
 }

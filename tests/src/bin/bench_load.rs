@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
+use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::{make_model, mib, source, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::memory::MemoryStats;
@@ -25,12 +26,6 @@ struct Samples {
     load_ms: Vec<f64>,
     first_infer_ms: Vec<f64>,
     to_first_inference_ms: Vec<f64>,
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 struct Variant {
