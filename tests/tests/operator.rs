@@ -11,8 +11,11 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -616,6 +619,39 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     operator.leading().await;
     reconciled("after-takeover").await;
     drop(standby);
+
+    // Another holder takes the lease (as a replica would after this one stalled past its
+    // lease): the operator sees it at its next renewal and exits, so that it never reconciles
+    // beside the new leader.
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), OPERATOR_NS);
+    leases
+        .patch(
+            "kube-zerocopy-operator",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "holderIdentity": "another-replica",
+                "renewTime": MicroTime(Timestamp::now()),
+                "leaseDurationSeconds": 60,
+            }})),
+        )
+        .await
+        .unwrap();
+    let status = eventually("the operator to exit", minute, || {
+        let exited = operator.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(
+        !status.success(),
+        "exit status after losing the lease: {status}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(
+            "lost the leader lease kube-zerocopy/kube-zerocopy-operator to another replica"
+        ),
+        "the operator's log does not say why it exited"
+    );
 
     // Deleting a pipeline removes what it owned.
     for name in [
