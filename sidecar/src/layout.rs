@@ -6,18 +6,25 @@
 //! <store>/blobs/<sha256>/skeleton.pt     TorchScript only: the archive without its tensor records
 //! <store>/.staging/<sha256>.<pid>.<n>/   a model being written; never read by workers
 //! <store>/.locks/<key>.lock              held while one sidecar loads a model (node sharing)
+//! <store>/.users/<sha256>.lock           shared-locked by every sidecar that serves the model;
+//!                                        its mtime is when one last did
 //! <bindings>/ready.json                  per pod: model name -> digest, written last
 //! ```
 //!
 //! A model folder is named by the sha256 of its source file and is published by one atomic
 //! rename of a complete staging folder; it never changes afterwards. A reader therefore sees
 //! either no folder or a complete one, also when the sidecar is killed mid-write.
+//!
+//! On a node's shared store, models that no sidecar holds and that nobody used for a while are
+//! collected ([`Store::collect_unused`]): unpublished by one rename, then deleted. A sidecar takes
+//! its hold before it looks for a model, so a collection never removes a model in use.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -223,6 +230,67 @@ impl Store {
         Ok(file)
     }
 
+    /// Claims a model for as long as the returned [`Hold`] lives (or the process does). Waits
+    /// while a collection is removing it; look for the model only once this returns.
+    pub fn hold(&self, digest: &str) -> Result<Hold> {
+        let file = self.users_lock(digest)?;
+        file.lock_shared()
+            .with_context(|| format!("holding model {digest}"))?;
+        let hold = Hold {
+            file,
+            digest: digest.to_owned(),
+        };
+        hold.refresh()?;
+        Ok(hold)
+    }
+
+    fn users_lock(&self, digest: &str) -> Result<File> {
+        let dir = self.root.join(".users");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{digest}.lock"));
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Removes the published models that no sidecar holds and that none has used for at least
+    /// `unused_for`, and the staging folders of models nobody is writing. Returns the removed
+    /// digests. The lock files stay: a waiter may hold one open, and they are a few bytes.
+    pub fn collect_unused(&self, unused_for: Duration) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let trash = self.root.join(".trash");
+        for digest in names_in(&self.root.join("blobs"))? {
+            let users = self.users_lock(&digest)?;
+            if !try_lock_exclusive(&users)? {
+                continue;
+            }
+            let idle = users.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if idle < unused_for {
+                continue;
+            }
+            // One rename unpublishes it whole; the slow delete happens out of sight (what a
+            // killed collection leaves there goes with the next one).
+            fs::create_dir_all(&trash)?;
+            let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
+            fs::rename(self.model_dir(&digest), &gone)
+                .with_context(|| format!("unpublishing model {digest}"))?;
+            removed.push(digest);
+        }
+        for name in names_in(&trash)? {
+            let _ = fs::remove_dir_all(trash.join(name));
+        }
+        for name in names_in(&self.root.join(".staging"))? {
+            let digest = name.split('.').next().unwrap_or_default();
+            if try_lock_exclusive(&self.users_lock(digest)?)? {
+                let _ = fs::remove_dir_all(self.root.join(".staging").join(&name));
+            }
+        }
+        Ok(removed)
+    }
+
     /// Starts writing a model. Call with the digest's lock held: staging folders for the same
     /// digest left by a killed sidecar are removed first.
     pub fn begin(&self, digest: &str) -> Result<Staging> {
@@ -238,11 +306,7 @@ impl Store {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = staging_root.join(format!("{digest}.{}.{nanos}", std::process::id()));
+        let dir = staging_root.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Staging {
             dir,
@@ -250,6 +314,59 @@ impl Store {
             published: false,
         })
     }
+}
+
+/// A sidecar's claim on a model (see [`Store::hold`]): released when dropped.
+pub struct Hold {
+    file: File,
+    pub digest: String,
+}
+
+impl Hold {
+    /// Records that the model is in use now: collection counts idle time from the last refresh.
+    pub fn refresh(&self) -> Result<()> {
+        self.file
+            .set_modified(SystemTime::now())
+            .with_context(|| format!("marking model {} as used", self.digest))
+    }
+}
+
+/// Tells apart the folders one process makes in the same second.
+fn nanos() -> u32 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// The entries of `dir` by name; none when it does not exist.
+fn names_in(dir: &Path) -> Result<Vec<String>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+/// Takes `file`'s lock exclusively if nobody holds it; false when somebody does.
+fn try_lock_exclusive(file: &File) -> Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(fs::TryLockError::WouldBlock) => Ok(false),
+        Err(fs::TryLockError::Error(e)) => Err(e).context("taking a model's users lock"),
+    }
+}
+
+/// The store cannot hold a model: a typed error, so that the publisher can make room.
+#[derive(Debug, thiserror::Error)]
+#[error("shared memory is full: the model needs {needed} bytes, {free} are free in {store}")]
+pub struct StoreFull {
+    pub needed: u64,
+    pub free: u64,
+    pub store: String,
 }
 
 /// A model folder being written. Dropped without [`Staging::publish`], it is removed.
@@ -282,10 +399,12 @@ impl Staging {
                         .parent()
                         .and_then(Path::parent)
                         .unwrap_or(&self.dir);
-                    bail!(
-                        "shared memory is full: the model needs {size} bytes, {free} are free in {}",
-                        store.display()
-                    );
+                    return Err(StoreFull {
+                        needed: size,
+                        free,
+                        store: store.display().to_string(),
+                    }
+                    .into());
                 }
                 bail!("reserving {size} bytes in {}: {e}", path.display());
             }
@@ -410,6 +529,56 @@ impl Bindings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store with a (fake) published model folder for `digest`.
+    fn store_with(digest: &str) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        fs::create_dir_all(store.model_dir(digest)).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_held_model_is_never_collected() {
+        let (_dir, store) = store_with("aa");
+        let hold = store.hold("aa").unwrap();
+        // A second holder (another sidecar) shares the claim.
+        let other = store.hold("aa").unwrap();
+        assert!(store.collect_unused(Duration::ZERO).unwrap().is_empty());
+        drop(hold);
+        assert!(store.collect_unused(Duration::ZERO).unwrap().is_empty());
+        assert!(store.model_dir("aa").is_dir());
+        drop(other);
+        assert_eq!(store.collect_unused(Duration::ZERO).unwrap(), vec!["aa"]);
+        assert!(!store.model_dir("aa").exists());
+        assert!(names_in(&store.root.join(".trash")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unused_model_is_kept_until_it_was_idle_long_enough() {
+        let (_dir, store) = store_with("bb");
+        drop(store.hold("bb").unwrap());
+        let hour = Duration::from_secs(3600);
+        assert!(store.collect_unused(hour).unwrap().is_empty());
+        let users = store.users_lock("bb").unwrap();
+        users.set_modified(SystemTime::now() - 2 * hour).unwrap();
+        assert_eq!(store.collect_unused(hour).unwrap(), vec!["bb"]);
+    }
+
+    #[test]
+    fn staging_is_collected_only_when_nobody_writes_that_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let writing = store.begin("cc").unwrap();
+        let _hold = store.hold("cc").unwrap();
+        let left = store.begin("dd").unwrap();
+        std::mem::forget(left); // a killed sidecar's leftover
+        store.collect_unused(Duration::ZERO).unwrap();
+        let staging = names_in(&dir.path().join(".staging")).unwrap();
+        assert_eq!(staging.len(), 1, "{staging:?}");
+        assert!(staging[0].starts_with("cc."), "{staging:?}");
+        drop(writing);
+    }
 
     fn manifest(tensors: Vec<TensorEntry>, size: u64) -> Manifest {
         Manifest {

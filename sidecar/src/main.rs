@@ -5,12 +5,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use kube_zerocopy_sidecar::config::models_from_env;
 use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::publish::Publisher;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "kube-zerocopy-sidecar", version, about)]
@@ -20,9 +22,16 @@ struct Cli {
     /// Where http(s) sources are downloaded before they are laid out.
     #[arg(long, env = "KZC_DOWNLOAD_DIR", global = true, default_value_os_t = std::env::temp_dir())]
     download_dir: PathBuf,
+    /// Seconds a model may stay in the store unused (no sidecar holding it) before the
+    /// collection removes it; a full store removes unused models at once.
+    #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
+    keep_unused: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// How often a serving sidecar marks its models as used and collects unused ones.
+const COLLECT_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Subcommand)]
 enum Command {
@@ -36,6 +45,8 @@ enum Command {
     Publish,
     /// Exit 0 only when every model is published and bound (the startup probe).
     Probe,
+    /// Remove the models that no sidecar holds and none used for --keep-unused seconds.
+    Gc,
 }
 
 fn main() {
@@ -44,7 +55,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let models = models_from_env()?;
+    let keep_unused = Duration::from_secs(cli.keep_unused);
     let publisher = Publisher {
         store: cli.paths.store(),
         bindings: cli.paths.bindings(),
@@ -53,19 +64,35 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command.unwrap_or(Command::Serve {
         listen: "0.0.0.0:8471".into(),
     }) {
-        Command::Probe => publisher.check_ready(&models),
-        Command::Publish => publisher.publish_all(&models).map(|_| ()),
+        Command::Probe => publisher.check_ready(&models_from_env()?),
+        Command::Publish => publisher.publish_all(&models_from_env()?).map(|_| ()),
+        Command::Gc => {
+            let removed = publisher.store.collect_unused(keep_unused)?;
+            info!(?removed, "collected unused models");
+            Ok(())
+        }
         Command::Serve { listen } => {
             let ready = Arc::new(AtomicBool::new(false));
             let server = tiny_http::Server::http(&listen)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
             let flag = ready.clone();
             std::thread::spawn(move || serve_health(server, flag));
-            publisher.publish_all(&models)?;
+            let holds = publisher.publish_all(&models_from_env()?)?;
             ready.store(true, Ordering::SeqCst);
-            // Stay up as the pod's sidecar; Kubernetes ends it with the pod.
+            // Stay up as the pod's sidecar, holding its models, until Kubernetes ends it with
+            // the pod; meanwhile keep a node's store free of models no pod uses any more.
             loop {
-                std::thread::park();
+                match publisher.store.collect_unused(keep_unused) {
+                    Ok(removed) if !removed.is_empty() => info!(?removed, "removed unused models"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = format!("{e:#}"), "collecting unused models"),
+                }
+                std::thread::sleep(COLLECT_EVERY);
+                for hold in &holds {
+                    if let Err(e) = hold.refresh() {
+                        warn!(error = format!("{e:#}"), "marking a model as used");
+                    }
+                }
             }
         }
     }

@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tracing::info;
 
 use crate::config::ModelSource;
-use crate::formats;
-use crate::layout::{Bindings, Manifest, Store, LAYOUT_VERSION};
+use crate::formats::{self, LaidOut};
+use crate::layout::{Bindings, Hold, Manifest, Staging, Store, StoreFull, LAYOUT_VERSION};
 use crate::source::{fetch, sha256_hex};
 
 pub struct Publisher {
@@ -20,70 +20,88 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes every model, then writes the bindings. On error nothing is bound, and no
+    /// Publishes every model, then writes the bindings; returns the holds that keep the models
+    /// from collection while this sidecar serves them. On error nothing is bound, and no
     /// partial model is visible in the store.
-    pub fn publish_all(&self, models: &[ModelSource]) -> Result<BTreeMap<String, String>> {
+    pub fn publish_all(&self, models: &[ModelSource]) -> Result<Vec<Hold>> {
         self.bindings.clear()?;
         let mut digests = BTreeMap::new();
+        let mut holds = Vec::new();
         for model in models {
-            let digest = self
+            let hold = self
                 .publish(model)
                 .with_context(|| format!("model {:?} ({})", model.name, model.uri))?;
-            digests.insert(model.name.clone(), digest);
+            digests.insert(model.name.clone(), hold.digest.clone());
+            holds.push(hold);
         }
         self.bindings.write(&digests)?;
         info!(models = digests.len(), "all models published");
-        Ok(digests)
+        Ok(holds)
     }
 
-    /// Publishes one model and returns its digest. Two sidecars asked for the same model on
-    /// one node serialise on a lock: the second finds it published and only verifies it.
-    pub fn publish(&self, model: &ModelSource) -> Result<String> {
+    /// Publishes one model and holds it. Two sidecars asked for the same model on one node
+    /// serialise on a lock: the second finds it published and only verifies it. The hold is
+    /// taken before looking for the model, so that no collection removes it in between.
+    pub fn publish(&self, model: &ModelSource) -> Result<Hold> {
         let expected = model.sha256.as_ref().map(|s| s.to_ascii_lowercase());
+        let hold = expected
+            .as_deref()
+            .map(|d| self.store.hold(d))
+            .transpose()?;
         let lock_key = expected
             .clone()
             .unwrap_or_else(|| format!("uri-{}", sha256_hex(model.uri.as_bytes())));
         info!(model = %model.name, "waiting for the model's lock");
         let _lock = self.store.lock(&lock_key)?;
-        if let Some(digest) = &expected {
+        if let (Some(digest), Some(hold)) = (&expected, hold) {
             if self.store.is_published(digest) {
                 self.store.open(digest)?;
                 info!(model = %model.name, %digest, "already published; verified");
-                return Ok(digest.clone());
+                return Ok(hold);
             }
+            return self.fetch_and_lay_out(model, Some(hold));
         }
+        self.fetch_and_lay_out(model, None)
+    }
 
+    fn fetch_and_lay_out(&self, model: &ModelSource, hold: Option<Hold>) -> Result<Hold> {
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
         let fetched = fetch(&model.uri, &self.download_dir)?;
         info!(model = %model.name, bytes = fetched.size, secs = started.elapsed().as_secs_f32(), "fetched");
-        if let Some(digest) = &expected {
-            if *digest != fetched.sha256 {
-                bail!(
-                    "sha256 mismatch: expected {digest}, the source has {}",
-                    fetched.sha256
-                );
-            }
-        }
         let digest = fetched.sha256.clone();
-        // Without an expected digest the lock was keyed by the URI: also hold the digest's.
-        let _digest_lock = if lock_key != digest {
-            Some(self.store.lock(&digest)?)
-        } else {
-            None
+        let (hold, _digest_lock) = match hold {
+            Some(hold) if hold.digest != digest => bail!(
+                "sha256 mismatch: expected {}, the source has {digest}",
+                hold.digest
+            ),
+            Some(hold) => (hold, None),
+            // The lock was keyed by the URI: now hold the digest and take its lock too.
+            None => (self.store.hold(&digest)?, Some(self.store.lock(&digest)?)),
         };
         if self.store.is_published(&digest) {
             self.store.open(&digest)?;
             info!(model = %model.name, %digest, "already published; verified");
-            return Ok(digest);
+            return Ok(hold);
         }
 
         let file = std::fs::File::open(&fetched.path)?;
         // SAFETY: read-only map of a source file that this process does not modify.
         let source = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", fetched.path.display()))?;
-        let staging = self.store.begin(&digest)?;
-        let laid = formats::lay_out(model.format, &source, &staging)?;
+        let laid = match self.lay_out(model, &digest, &source) {
+            Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
+                // Room may be taken by models that no pod uses any more: collect them, retry.
+                let removed = self.store.collect_unused(Duration::ZERO)?;
+                if removed.is_empty() {
+                    return Err(e);
+                }
+                info!(model = %model.name, ?removed, "shared memory was full: removed unused models");
+                self.lay_out(model, &digest, &source)?
+            }
+            laid => laid?,
+        };
+        let (staging, laid) = laid;
         info!(model = %model.name, tensors = laid.tensors.len(), bytes = laid.tensors_bytes, "laid out");
         let manifest = Manifest {
             layout_version: LAYOUT_VERSION,
@@ -96,7 +114,19 @@ impl Publisher {
         };
         let dir = staging.publish(&manifest)?;
         info!(model = %model.name, %digest, dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "published");
-        Ok(digest)
+        Ok(hold)
+    }
+
+    /// Writes the model into a staging folder (removed again if this fails).
+    fn lay_out(
+        &self,
+        model: &ModelSource,
+        digest: &str,
+        source: &[u8],
+    ) -> Result<(Staging, LaidOut)> {
+        let staging = self.store.begin(digest)?;
+        let laid = formats::lay_out(model.format, source, &staging)?;
+        Ok((staging, laid))
     }
 
     /// True when every model is bound to a published, consistent folder.

@@ -62,6 +62,42 @@ pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
     }
 }
 
+/// Asserts that a finished command succeeded, showing its stderr otherwise; returns that.
+pub fn succeeded(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    stderr
+}
+
+/// A tmpfs of `size` (mount's syntax: "1m") mounted in a new folder of `parent`, for a store
+/// that fills up; unmounted on drop. Mounting needs root, which CI has.
+pub struct SmallTmpfs {
+    pub path: PathBuf,
+}
+
+impl SmallTmpfs {
+    pub fn mount(parent: &Path, size: &str) -> Self {
+        let path = parent.join(format!("tmpfs-{size}"));
+        std::fs::create_dir(&path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mounting a small tmpfs needs root (CI runs as root)"
+        );
+        SmallTmpfs { path }
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
 /// One pod's volumes in a fresh folder of /dev/shm, removed on drop.
 pub struct Pod {
     pub dir: tempfile::TempDir,

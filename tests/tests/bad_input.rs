@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_e2e::{make_model, source, succeeded, Pod, SmallTmpfs};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 
 /// Publishes and expects a failure whose message contains `cause`.
@@ -245,11 +245,7 @@ fn http_source_is_published_and_http_404_is_rejected() {
         ..source("encoder", ModelFormat::Safetensors, &file)
     };
     let out = pod.publish(std::slice::from_ref(&good));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(pod.published(), vec![digest]);
 
     let missing = ModelSource {
@@ -267,25 +263,8 @@ fn full_shared_memory_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mlp.safetensors");
     make_model(&["mlp", file.to_str().unwrap(), "--sizes", "1024,1024,10"]);
-    let shm = dir.path().join("small-shm");
-    std::fs::create_dir(&shm).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&shm)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "mounting a small tmpfs needs root (CI runs as root)"
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(shm.clone());
-    let pod = Pod::in_dir(&shm);
+    let shm = SmallTmpfs::mount(dir.path(), "1m");
+    let pod = Pod::in_dir(&shm.path);
     expect_rejected(
         &pod,
         source("encoder", ModelFormat::Safetensors, &file),
@@ -295,10 +274,6 @@ fn full_shared_memory_is_rejected() {
     let small = dir.path().join("small.safetensors");
     make_model(&["mlp", small.to_str().unwrap(), "--sizes", "64,64,10"]);
     let out = pod.publish(&[source("encoder", ModelFormat::Safetensors, &small)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     std::io::stdout().flush().unwrap();
 }

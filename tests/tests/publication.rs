@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_e2e::{make_model, source, succeeded, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
 
 fn sha256_of(path: &std::path::Path) -> String {
@@ -127,11 +127,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
 
     // A restarted sidecar completes the publication and removes the dead one's staging.
     let out = pod.publish(std::slice::from_ref(&model));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(pod.published(), vec![digest.clone()]);
     assert!(
         pod.staging().is_empty(),
@@ -182,12 +178,7 @@ fn two_sidecars_on_one_node_load_a_model_once() {
         .into_iter()
         .map(|c| {
             let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stderr).into_owned()
+            succeeded(&out)
         })
         .collect();
     let loaded = logs.iter().filter(|l| l.contains("laid out")).count();

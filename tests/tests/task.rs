@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kube_zerocopy_e2e::{bin, make_model, read_output, source, Pod};
+use kube_zerocopy_e2e::{bin, make_model, read_output, source, succeeded, Pod};
 use kube_zerocopy_sidecar::ModelFormat;
 use kube_zerocopy_worker::task::{list_shards, read_input};
 use kube_zerocopy_worker::LoadedModel;
@@ -141,11 +141,7 @@ fn a_rerun_shard_replaces_its_output_atomically() {
             .arg(d.join("output"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(&out);
     };
     run();
     let target = d.join("output/shard-00001.safetensors");

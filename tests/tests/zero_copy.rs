@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kube_zerocopy_e2e::{make_model, mib, read_output, source, Pod};
+use kube_zerocopy_e2e::{make_model, mib, read_output, source, succeeded, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::memory::MemoryStats;
 
@@ -14,11 +14,7 @@ fn check_sharing(label: &str, model: ModelSource, input: &Path, expect_tensors: 
     let pod = Pod::new();
     let models = vec![model];
     let out = pod.publish(&models);
-    assert!(
-        out.status.success(),
-        "publish failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let (digest, manifest) = pod.bindings().resolve(&pod.store(), "m").unwrap();
     let weights_kib = manifest.tensors_bytes / 1024;
     let blob = pod.store().model_dir(&digest).join("tensors.bin");
