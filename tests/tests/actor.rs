@@ -76,6 +76,39 @@ fn actor_serves_many_batches_from_one_mapping() {
         Err(ureq::Error::StatusCode(400)) => {}
         other => panic!("a bad batch should get 400, got {other:?}"),
     }
+
+    // Its metrics count the batches and show its memory, the shared weights apart.
+    let text = ureq::get(format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("kube_zerocopy_worker_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metric("batches_total"), 3.0);
+    assert_eq!(metric("batch_errors_total"), 1.0);
+    assert_eq!(metric("rows_total"), 15.0);
+    assert_eq!(metric("batch_duration_seconds_count"), 3.0);
+    let (_, manifest) = pod.bindings().resolve(&pod.store(), "net").unwrap();
+    let weights = manifest.tensors_bytes as f64;
+    assert_eq!(metric("weights_bytes"), weights);
+    let mapped = metric("weights_mapped_pss_bytes");
+    assert!(
+        mapped > 0.0 && mapped <= weights + 4096.0,
+        "mapped PSS {mapped} for {weights} bytes of weights"
+    );
+    assert!(metric("process_pss_bytes") > mapped);
+    println!(
+        "actor metrics: weights {weights} B, mapped PSS {mapped} B, process PSS {} B, USS {} B",
+        metric("process_pss_bytes"),
+        metric("process_uss_bytes")
+    );
     actor.kill().unwrap();
     actor.wait().unwrap();
 }

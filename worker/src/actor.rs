@@ -2,15 +2,24 @@
 //!
 //! `POST /infer` with a safetensors body holding tensor `input` answers a safetensors body
 //! holding tensor `output`. `GET /readyz` answers 200 once the models are loaded (the server
-//! only listens after that), `GET /livez` while the process runs.
+//! only listens after that), `GET /livez` while the process runs, `GET /metrics` Prometheus
+//! metrics: batches, rows and time, and memory read from /proc at each scrape, the process's
+//! PSS/USS and the PSS of its models' shared mappings, so that the sharing shows in production.
 
 use std::io::Read;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use prometheus_client::encoding::text::encode as encode_metrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
+use crate::memory::MemoryStats;
 use crate::model::Pipeline;
 use crate::task::{INPUT_TENSOR, OUTPUT_TENSOR};
 
@@ -84,7 +93,98 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>> {
     Ok(safetensors::serialize([(OUTPUT_TENSOR, view)], None)?)
 }
 
-fn infer(pipeline: &Pipeline, request: &mut tiny_http::Request) -> Result<Vec<u8>> {
+/// The actor's metrics, prefixed `kube_zerocopy_worker_`.
+struct ActorMetrics {
+    batches: Counter,
+    failed: Counter,
+    rows: Counter,
+    seconds: Histogram,
+    process_pss: Gauge,
+    process_uss: Gauge,
+    weights_pss: Gauge,
+    registry: Registry,
+}
+
+impl ActorMetrics {
+    fn new(pipeline: &Pipeline) -> Self {
+        let mut registry = Registry::with_prefix("kube_zerocopy_worker");
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let bytes = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register_with_unit(name, help, Unit::Bytes, g.clone());
+            g
+        };
+        let batches = counter(&mut registry, "batches", "Batches answered");
+        let failed = counter(&mut registry, "batch_errors", "Batches refused");
+        let rows = counter(&mut registry, "rows", "Rows of the batches answered");
+        let seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register_with_unit(
+            "batch_duration",
+            "Time per answered batch",
+            Unit::Seconds,
+            seconds.clone(),
+        );
+        let process_pss = bytes(
+            &mut registry,
+            "process_pss",
+            "Proportional set size of the process (shared pages split among their users)",
+        );
+        let process_uss = bytes(
+            &mut registry,
+            "process_uss",
+            "Unique set size of the process (pages no other process maps)",
+        );
+        let weights_pss = bytes(
+            &mut registry,
+            "weights_mapped_pss",
+            "This process's share of the resident pages of the shared weight mappings",
+        );
+        let weights = bytes(&mut registry, "weights", "Bytes of weights the models use");
+        let total: u64 = pipeline
+            .models
+            .iter()
+            .filter_map(|m| m.shared.as_ref())
+            .map(|s| s.manifest.tensors_bytes)
+            .sum();
+        weights.set(total as i64);
+        ActorMetrics {
+            batches,
+            failed,
+            rows,
+            seconds,
+            process_pss,
+            process_uss,
+            weights_pss,
+            registry,
+        }
+    }
+
+    /// The text format, with the memory gauges read from /proc now.
+    fn render(&self, pipeline: &Pipeline) -> Result<String> {
+        let process = MemoryStats::of_process("self")?;
+        self.process_pss.set(process.pss_kib as i64 * 1024);
+        self.process_uss.set(process.uss_kib as i64 * 1024);
+        let mut mapped = 0;
+        for shared in pipeline.models.iter().filter_map(|m| m.shared.as_ref()) {
+            mapped += MemoryStats::of_mapping("self", shared.mapping_path())?.pss_kib;
+        }
+        self.weights_pss.set(mapped as i64 * 1024);
+        let mut out = String::new();
+        encode_metrics(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+fn infer(
+    pipeline: &Pipeline,
+    request: &mut tiny_http::Request,
+    metrics: &ActorMetrics,
+) -> Result<Vec<u8>> {
+    let started = Instant::now();
     let mut body = Vec::new();
     request
         .as_reader()
@@ -94,21 +194,35 @@ fn infer(pipeline: &Pipeline, request: &mut tiny_http::Request) -> Result<Vec<u8
     if body.len() as u64 > MAX_BODY {
         bail!("request body is larger than {MAX_BODY} bytes");
     }
-    encode(&pipeline.forward(&decode(&body)?)?)
+    let input = decode(&body)?;
+    let answer = encode(&pipeline.forward(&input)?)?;
+    metrics.batches.inc();
+    metrics
+        .rows
+        .inc_by(input.size().first().copied().unwrap_or(1) as u64);
+    metrics.seconds.observe(started.elapsed().as_secs_f64());
+    Ok(answer)
 }
 
 pub fn serve(pipeline: &Pipeline, listen: &str) -> Result<()> {
     let server = tiny_http::Server::http(listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let metrics = ActorMetrics::new(pipeline);
     info!(%listen, "serving batches");
     for mut request in server.incoming_requests() {
         let response = match (request.method(), request.url()) {
             (tiny_http::Method::Get, "/readyz" | "/livez") => {
                 tiny_http::Response::from_data(b"ok".to_vec())
             }
-            (tiny_http::Method::Post, "/infer") => match infer(pipeline, &mut request) {
+            (tiny_http::Method::Get, "/metrics") => match metrics.render(pipeline) {
+                Ok(text) => tiny_http::Response::from_data(text.into_bytes()),
+                Err(e) => tiny_http::Response::from_data(format!("{e:#}").into_bytes())
+                    .with_status_code(500),
+            },
+            (tiny_http::Method::Post, "/infer") => match infer(pipeline, &mut request, &metrics) {
                 Ok(bytes) => tiny_http::Response::from_data(bytes),
                 Err(e) => {
+                    metrics.failed.inc();
                     warn!(error = %format!("{e:#}"), "batch failed");
                     tiny_http::Response::from_data(format!("{e:#}").into_bytes())
                         .with_status_code(400)
