@@ -48,13 +48,23 @@ fn common_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<(String, Str
     ]
 }
 
-pub fn sidecar(spec: &InferencePipelineSpec, mounts: &Mounts, listen: &str) -> Invocation {
+/// The weight server. `keep_unused`: seconds an unused model stays in a node's store (the
+/// sidecar's default when None).
+pub fn sidecar(
+    spec: &InferencePipelineSpec,
+    mounts: &Mounts,
+    listen: &str,
+    keep_unused: Option<u64>,
+) -> Invocation {
     let mut env = common_env(spec, mounts);
     env.push((
         "KZC_DOWNLOAD_DIR".into(),
         mounts.downloads.to_string_lossy().into_owned(),
     ));
     env.push(("KZC_LISTEN".into(), listen.to_owned()));
+    if let Some(seconds) = keep_unused {
+        env.push(("KZC_KEEP_UNUSED".into(), seconds.to_string()));
+    }
     Invocation {
         command: vec![SIDECAR_BINARY.into(), "serve".into()],
         env,

@@ -199,7 +199,7 @@ fn run_pod(
     let started = Instant::now();
     let sidecar_log = logs.join("sidecar.log");
     let mut sidecar = spawn(
-        &invocation::sidecar(spec, mounts, "127.0.0.1:0"),
+        &invocation::sidecar(spec, mounts, "127.0.0.1:0", None),
         bin_dir,
         &[],
         File::create(&sidecar_log)?,

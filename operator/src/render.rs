@@ -41,12 +41,16 @@ const DOWNLOADS_VOLUME: &str = "kzc-downloads";
 pub struct Settings {
     /// The runtime image: kube-zerocopy-sidecar and kube-zerocopy-worker with libtorch.
     pub runtime_image: String,
+    /// Seconds an unused model stays cached in a node's store (Node sharing); the sidecar's
+    /// default (an hour) when None.
+    pub keep_unused: Option<u64>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             runtime_image: format!("kube-zerocopy/runtime:{}", env!("CARGO_PKG_VERSION")),
+            keep_unused: None,
         }
     }
 }
@@ -271,7 +275,16 @@ fn pod_template(
         .unwrap_or_else(|| settings.runtime_image.clone());
     let store_path = std::path::Path::new(store_mount);
 
-    let sidecar_inv = invocation::sidecar(spec, mounts, &format!("0.0.0.0:{SIDECAR_PORT}"));
+    // A pod's own store goes with the pod: only a node's store keeps unused models.
+    let keep_unused = settings
+        .keep_unused
+        .filter(|_| spec.sharing == Sharing::Node);
+    let sidecar_inv = invocation::sidecar(
+        spec,
+        mounts,
+        &format!("0.0.0.0:{SIDECAR_PORT}"),
+        keep_unused,
+    );
     let probe_inv = invocation::probe(spec, mounts);
     // tmpfs pages are charged to the container that writes them: the sidecar.
     let sidecar_resources = model_bytes.map(|b| {

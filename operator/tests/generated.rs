@@ -152,7 +152,7 @@ fn rendered_pods_keep_their_promises() {
         };
         assert_eq!(worker.command.clone().unwrap(), expected.command, "{name}");
         assert_eq!(env_of(worker), expected.env, "{name}");
-        let sidecar_expected = invocation::sidecar(&pipeline.spec, &mounts, "0.0.0.0:8471");
+        let sidecar_expected = invocation::sidecar(&pipeline.spec, &mounts, "0.0.0.0:8471", None);
         assert_eq!(
             sidecar.command.clone().unwrap(),
             sidecar_expected.command,
@@ -186,6 +186,24 @@ fn memory_is_sized_from_the_models() {
     let spec = pod_spec(&rendered("actor-safetensors"));
     let store = store_volume(&spec);
     assert_eq!(store.host_path.as_ref().unwrap().path, "/dev/shm");
+}
+
+#[test]
+fn the_cache_time_of_unused_models_reaches_only_a_node_store() {
+    let settings = Settings {
+        keep_unused: Some(600),
+        ..Default::default()
+    };
+    let sidecar_env = |name: &str| {
+        let spec = pod_spec(&render(&pipeline(name), &settings).unwrap());
+        env_of(&spec.init_containers.unwrap()[0])
+    };
+    let keep = ("KZC_KEEP_UNUSED".to_owned(), "600".to_owned());
+    // actor-safetensors shares the node's store; task-torchscript has a store of its own.
+    assert!(sidecar_env("actor-safetensors").contains(&keep));
+    assert!(!sidecar_env("task-torchscript")
+        .iter()
+        .any(|(name, _)| name == "KZC_KEEP_UNUSED"));
 }
 
 #[test]

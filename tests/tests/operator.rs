@@ -322,6 +322,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     let services: Api<Service> = Api::namespaced(admin.clone(), NS);
     let settings = Settings {
         runtime_image: RUNTIME_IMAGE.into(),
+        ..Default::default()
     };
     let minute = Duration::from_secs(60);
 
