@@ -302,19 +302,42 @@ pub fn is_transient(error: &kube::Error) -> bool {
 /// is away (a control-plane upgrade, an outage) is waited for, with the reason logged; a
 /// missing CRD or permission ends the operator with a message that says what to fix.
 async fn wait_for_api(pipelines: &Api<InferencePipeline>) -> anyhow::Result<()> {
-    let mut delay = WATCH_BACKOFF_MIN;
+    let first = ListParams::default().limit(1);
+    retry_transient("API server not reachable yet", is_transient, || {
+        pipelines.list(&first)
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot list InferencePipelines (is the CRD installed, and may the operator's \
+             ServiceAccount list them?): {e}"
+        )
+    })?;
+    Ok(())
+}
+
+/// Runs `attempt` until it succeeds or fails in a way a person must fix; errors that
+/// `transient` accepts are logged as `what` and retried on the watches' backoff.
+pub async fn retry_transient<T, E, Fut>(
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = WatchBackoff {
+        next: WATCH_BACKOFF_MIN,
+    };
     loop {
-        match pipelines.list(&ListParams::default().limit(1)).await {
-            Ok(_) => return Ok(()),
-            Err(e) if is_transient(&e) => {
-                warn!(error = %e, retry_in = ?delay, "API server not reachable yet");
+        match attempt().await {
+            Err(e) if transient(&e) => {
+                let delay = backoff.next().unwrap_or(WATCH_BACKOFF_MAX);
+                warn!(error = %e, retry_in = ?delay, "{what}");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(WATCH_BACKOFF_MAX);
             }
-            Err(e) => anyhow::bail!(
-                "cannot list InferencePipelines (is the CRD installed, and may the operator's \
-                 ServiceAccount list them?): {e}"
-            ),
+            result => return result,
         }
     }
 }

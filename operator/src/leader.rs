@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::controller::is_transient;
+use crate::controller::{is_transient, retry_transient};
 
 /// Where the lease lives and who asks for it.
 #[derive(Clone, Debug)]
@@ -58,31 +58,28 @@ impl Election {
         standing_by: impl FnOnce(),
     ) -> anyhow::Result<Leadership> {
         let duration = self.lease_duration.as_secs().max(RENEW_BEFORE + 1);
-        let mut delay = Duration::from_millis(200);
-        let manager = loop {
-            let built = LeaseManagerBuilder::new(client.clone(), &self.lease_name)
-                .with_namespace(&self.namespace)
-                .with_identity(&self.identity)
-                .with_duration(duration)
-                .with_grace(RENEW_BEFORE)
-                .with_field_manager(format!("kube-zerocopy-{}", self.identity))
-                .build()
-                .await;
-            match built {
-                Ok(manager) => break manager,
-                Err(LeaseManagerError::KubeError(e)) if is_transient(&e) => {
-                    warn!(error = %e, retry_in = ?delay, "cannot reach the leader lease yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(3));
-                }
-                Err(e) => anyhow::bail!(
-                    "cannot use the leader lease {}/{} (may the operator's ServiceAccount get, \
-                     create and patch leases there?): {e}",
-                    self.namespace,
-                    self.lease_name
-                ),
-            }
-        };
+        let manager = retry_transient(
+            "cannot reach the leader lease yet",
+            |e| matches!(e, LeaseManagerError::KubeError(e) if is_transient(e)),
+            || {
+                LeaseManagerBuilder::new(client.clone(), &self.lease_name)
+                    .with_namespace(&self.namespace)
+                    .with_identity(&self.identity)
+                    .with_duration(duration)
+                    .with_grace(RENEW_BEFORE)
+                    .with_field_manager(format!("kube-zerocopy-{}", self.identity))
+                    .build()
+            },
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use the leader lease {}/{} (may the operator's ServiceAccount get, \
+                 create and patch leases there?): {e}",
+                self.namespace,
+                self.lease_name
+            )
+        })?;
         let (mut state, task) = manager.watch().await;
         // A free lease is taken within moments; one that is still false after that is held
         // by another replica.
