@@ -343,17 +343,26 @@ impl ControlPlane {
         cmd
     }
 
-    fn controller_manager_command(&self) -> Command {
+    /// kube-controller-manager or kube-scheduler: the flags both take, as one instance
+    /// serving on 127.0.0.1 with the admin kubeconfig.
+    fn component_command(&self, name: &str, port: u16) -> Command {
         let kubeconfig = self.kubeconfig_path();
-        let mut cmd = Command::new(self.bin.join("kube-controller-manager"));
+        let mut cmd = Command::new(self.bin.join(name));
         cmd.arg(flag("kubeconfig", &kubeconfig))
             .arg(flag("authentication-kubeconfig", &kubeconfig))
             .arg(flag("authorization-kubeconfig", &kubeconfig))
             .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={}", self.ports.controller_manager))
-            .arg(flag("cert-dir", self.file("kube-controller-manager")))
+            .arg(format!("--secure-port={port}"))
+            .arg(flag("cert-dir", self.file(name)))
             .arg("--leader-elect=false")
-            .arg("--controllers=*")
+            .arg("--v=1");
+        cmd
+    }
+
+    fn controller_manager_command(&self) -> Command {
+        let mut cmd =
+            self.component_command("kube-controller-manager", self.ports.controller_manager);
+        cmd.arg("--controllers=*")
             .arg(flag(
                 "service-account-private-key-file",
                 self.file("sa.key"),
@@ -361,23 +370,12 @@ impl ControlPlane {
             .arg(flag("root-ca-file", self.file("ca.crt")))
             .arg(flag("cluster-signing-cert-file", self.file("ca.crt")))
             .arg(flag("cluster-signing-key-file", self.file("ca.key")))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--v=1");
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"));
         cmd
     }
 
     fn scheduler_command(&self) -> Command {
-        let kubeconfig = self.kubeconfig_path();
-        let mut cmd = Command::new(self.bin.join("kube-scheduler"));
-        cmd.arg(flag("kubeconfig", &kubeconfig))
-            .arg(flag("authentication-kubeconfig", &kubeconfig))
-            .arg(flag("authorization-kubeconfig", &kubeconfig))
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={}", self.ports.scheduler))
-            .arg(flag("cert-dir", self.file("kube-scheduler")))
-            .arg("--leader-elect=false")
-            .arg("--v=1");
-        cmd
+        self.component_command("kube-scheduler", self.ports.scheduler)
     }
 
     fn kwok_command(&self) -> Command {
