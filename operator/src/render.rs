@@ -161,6 +161,19 @@ fn env(inv: &Invocation) -> Vec<EnvVar> {
         .collect()
 }
 
+/// A probe that GETs `path` on the named container port every `period` seconds.
+fn http_probe(path: &str, port: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    }
+}
+
 fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -315,15 +328,7 @@ fn pod_template(
             failure_threshold: Some(1800),
             ..Default::default()
         }),
-        liveness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/livez".into()),
-                port: IntOrString::String("health".into()),
-                ..Default::default()
-            }),
-            period_seconds: Some(10),
-            ..Default::default()
-        }),
+        liveness_probe: Some(http_probe("/livez", "health", 10)),
         resources: sidecar_resources,
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -367,15 +372,7 @@ fn pod_template(
                 ..Default::default()
             }]
         }),
-        readiness_probe: is_actor.then(|| Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/readyz".into()),
-                port: IntOrString::String("http".into()),
-                ..Default::default()
-            }),
-            period_seconds: Some(5),
-            ..Default::default()
-        }),
+        readiness_probe: is_actor.then(|| http_probe("/readyz", "http", 5)),
         resources: Some(resources),
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
