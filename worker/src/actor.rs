@@ -168,11 +168,14 @@ impl ActorMetrics {
         let process = MemoryStats::of_process("self")?;
         self.process_pss.set(process.pss_kib as i64 * 1024);
         self.process_uss.set(process.uss_kib as i64 * 1024);
-        let mut mapped = 0;
-        for shared in pipeline.models.iter().filter_map(|m| m.shared.as_ref()) {
-            mapped += MemoryStats::of_mapping("self", shared.mapping_path())?.pss_kib;
-        }
-        self.weights_pss.set(mapped as i64 * 1024);
+        let mappings: Vec<&std::path::Path> = pipeline
+            .models
+            .iter()
+            .filter_map(|m| m.shared.as_ref())
+            .map(|s| s.mapping_path())
+            .collect();
+        let mapped = MemoryStats::of_mappings("self", &mappings)?;
+        self.weights_pss.set(mapped.pss_kib as i64 * 1024);
         let mut out = String::new();
         encode_metrics(&mut out, &self.registry)?;
         Ok(out)

@@ -47,9 +47,14 @@ impl MemoryStats {
 
     /// Only the mappings of `file` in the process.
     pub fn of_mapping(pid: &str, file: &Path) -> Result<Self> {
+        Self::of_mappings(pid, &[file])
+    }
+
+    /// The mappings of any of `files` in the process, together (one read of its smaps).
+    pub fn of_mappings(pid: &str, files: &[&Path]) -> Result<Self> {
         let path = format!("/proc/{pid}/smaps");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let file = file.to_string_lossy();
+        let files: Vec<_> = files.iter().map(|f| f.to_string_lossy()).collect();
         let mut stats = MemoryStats::default();
         let mut inside = false;
         for line in text.lines() {
@@ -58,7 +63,7 @@ impl MemoryStats {
                 w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
             });
             if is_header {
-                inside = line.ends_with(&*file);
+                inside = files.iter().any(|f| line.ends_with(&**f));
             } else if inside {
                 add_fields(&mut stats, line);
             }
