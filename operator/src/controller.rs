@@ -4,7 +4,9 @@
 //!
 //! Owner references make Kubernetes delete a pipeline's objects with it, so no finalizer is
 //! needed. A Task pipeline whose spec changes while its Job runs is refused with a condition
-//! (a Job's pod template cannot change); once the Job has finished it is replaced.
+//! (a Job's pod template cannot change); once the Job has finished it is replaced. A
+//! Node-sharing pipeline in a namespace whose Pod Security level forbids its hostPath volume is
+//! not applied at all, with a condition that says why (see [`crate::pod_security`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -23,9 +25,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::crd::InferencePipeline;
+use crate::crd::{InferencePipeline, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
+use crate::pod_security;
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Observed};
 
@@ -52,6 +55,8 @@ pub struct Context {
     /// them instead of asking the API server each time.
     pub jobs: reflector::Store<Job>,
     pub pods: reflector::Store<Pod>,
+    /// The namespaces (only the watched one, if one): their Pod Security labels.
+    pub namespaces: reflector::Store<Namespace>,
 }
 
 fn spec_hash(job: &Job) -> String {
@@ -129,8 +134,29 @@ pub async fn reconcile(
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
 
-    let (job, deployment, refused) =
-        match render::render(&pipeline, &ctx.settings).map_err(Error::Render)? {
+    // Node sharing needs a hostPath volume: where the namespace's Pod Security level forbids
+    // it, nothing is applied (its pods would be refused, and the pipeline would wait for them
+    // without a word) and the status says why.
+    let forbidden = if pipeline.spec.sharing == Sharing::Node {
+        match ctx.namespaces.get(&ObjectRef::new(&ns)) {
+            Some(namespace) => {
+                pod_security::node_sharing_forbidden(&pipeline, &ns, namespace.labels())
+            }
+            // A namespace just created that its watch has not brought yet: look again soon,
+            // rather than create what its level may forbid.
+            None => {
+                info!(namespace = %ns, pipeline = %name, "namespace not cached yet");
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+        }
+    } else {
+        None
+    };
+    let rendered = render::render(&pipeline, &ctx.settings).map_err(Error::Render)?;
+    let (job, deployment, refused) = if forbidden.is_some() {
+        (None, None, None)
+    } else {
+        match rendered {
             Rendered::Task { job } => {
                 let cached = ctx
                     .jobs
@@ -161,7 +187,8 @@ pub async fn reconcile(
                     .await?;
                 (None, Some(d), None)
             }
-        };
+        }
+    };
     let pods: Vec<Pod> = ctx
         .pods
         .state_filter(|p| {
@@ -176,6 +203,7 @@ pub async fn reconcile(
         deployment: deployment.as_ref(),
         pods: &pods,
         refused,
+        forbidden,
     };
     let new_status = status::compute(&pipeline, &observed, Timestamp::now());
 
@@ -184,7 +212,7 @@ pub async fn reconcile(
     let reference = pipeline.object_ref(&());
     if old.phase != new_status.phase {
         let phase = new_status.phase.clone().unwrap_or_default();
-        let warning = matches!(phase.as_str(), "Failed" | "Degraded");
+        let warning = matches!(phase.as_str(), "Failed" | "Degraded" | "Blocked");
         let note = new_status
             .conditions
             .iter()
@@ -243,6 +271,8 @@ pub async fn reconcile(
             .await?;
     }
     ctx.metrics.observe(started.elapsed());
+    // Blocked is not done: the namespace watch requeues it when the labels change, and this
+    // covers a namespace cache that had not caught up with that change yet.
     let done = matches!(
         new_status.phase.as_deref(),
         Some("Succeeded" | "Failed" | "Ready")
@@ -400,8 +430,27 @@ pub async fn run(
         .reflect(pods_writer)
         .for_each(|_| futures::future::ready(())),
     );
+    // Namespaces are cluster-scoped: with one watched namespace, only that one, by name (what
+    // the chart's RBAC allows then).
+    let namespaces_config = match &namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let (namespaces, namespaces_writer) = reflector::store();
+    tokio::spawn(
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            namespaces_config.clone(),
+        )
+        .backoff(WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        })
+        .reflect(namespaces_writer)
+        .for_each(|_| futures::future::ready(())),
+    );
     jobs.wait_until_ready().await?;
     pods.wait_until_ready().await?;
+    namespaces.wait_until_ready().await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings,
@@ -409,6 +458,7 @@ pub async fn run(
         metrics,
         jobs,
         pods,
+        namespaces,
     });
     ctx.metrics.set_ready();
     ctx.metrics.leader.set(1);
@@ -416,7 +466,9 @@ pub async fn run(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         "operator running"
     );
-    let controller = Controller::new(pipelines, watcher::Config::default())
+    let controller = Controller::new(pipelines, watcher::Config::default());
+    let cached_pipelines = controller.store();
+    let controller = controller
         .owns(api::<Job>(&client, &namespace), managed.clone())
         .owns(api::<Deployment>(&client, &namespace), managed.clone())
         .owns(api::<Service>(&client, &namespace), managed)
@@ -426,6 +478,23 @@ pub async fn run(
             |pod: Pod| {
                 let name = pod.labels().get(PIPELINE_LABEL)?.clone();
                 Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
+            },
+        )
+        // A namespace's labels changed (its Pod Security level): its Node-sharing pipelines
+        // may be allowed or forbidden now.
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            namespaces_config,
+            move |changed: Namespace| {
+                let ns = changed.name_any();
+                cached_pipelines
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        p.spec.sharing == Sharing::Node && p.namespace().as_deref() == Some(&ns)
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
             },
         )
         .trigger_backoff(WatchBackoff {

@@ -84,7 +84,8 @@ pub struct PodOverrides {
     /// Extra volumes, e.g. the input and output data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<k8s_openapi::api::core::v1::Volume>>,
-    /// Where the worker mounts the extra volumes.
+    /// Where the worker mounts the extra volumes. The weight server mounts them too, read-only,
+    /// so that a file:// model on one of them (a PVC at /models) can be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,7 +179,8 @@ pub struct ActorSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferencePipelineStatus {
-    /// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor).
+    /// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor);
+    /// Blocked (both: the namespace's Pod Security level forbids the pods, see Degraded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Task: shards succeeded/total. Actor: replicas available/desired.

@@ -7,6 +7,7 @@ pub mod invocation;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod pod_security;
 pub mod quantity;
 pub mod render;
 pub mod status;

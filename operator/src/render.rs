@@ -6,6 +6,7 @@
 //! the workers start only then; the workers mount the shared store read-only.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -21,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{DeviceKind, InferencePipeline, Mode, Sharing};
+use crate::crd::{DeviceKind, InferencePipeline, Mode, PodOverrides, Sharing};
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::quantity;
 
@@ -32,9 +33,9 @@ pub const NODE_SHM: &str = "/dev/shm";
 /// Memory the sidecar process needs beyond the weights it writes.
 const SIDECAR_OVERHEAD: u64 = 128 << 20;
 
-const STORE_VOLUME: &str = "kzc-store";
-const BINDINGS_VOLUME: &str = "kzc-bindings";
-const DOWNLOADS_VOLUME: &str = "kzc-downloads";
+pub const STORE_VOLUME: &str = "kzc-store";
+pub const BINDINGS_VOLUME: &str = "kzc-bindings";
+pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
 
 /// What the operator itself decides, not the pipeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -187,7 +188,7 @@ fn restricted() -> SecurityContext {
     }
 }
 
-fn mount(name: &str, path: &std::path::Path, read_only: bool) -> VolumeMount {
+fn mount(name: &str, path: &Path, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),
         mount_path: path.to_string_lossy().into_owned(),
@@ -270,6 +271,31 @@ fn volumes(
     (all, mounts, store_mount)
 }
 
+/// The weight server's mounts: its own three, writable, then every mount of the pipeline's
+/// template, read-only. A `file://` model lives on one of the template's volumes (a PVC at
+/// /models), so the sidecar, which reads it, needs them as the worker does; it only reads
+/// sources (and may need e.g. a CA bundle mounted for https), so its copies are forced
+/// read-only whatever the template says. A `file://` source under no mount is left alone: it
+/// can only be in a custom image, and the sidecar says so if it is not.
+fn sidecar_mounts(overrides: &PodOverrides, store: &Path, mounts: &Mounts) -> Vec<VolumeMount> {
+    let mut all = vec![
+        mount(STORE_VOLUME, store, false),
+        mount(BINDINGS_VOLUME, &mounts.bindings, false),
+        mount(DOWNLOADS_VOLUME, &mounts.downloads, false),
+    ];
+    all.extend(
+        overrides
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| VolumeMount {
+                read_only: Some(true),
+                ..m.clone()
+            }),
+    );
+    all
+}
+
 /// The pod template shared by both modes.
 fn pod_template(
     pipeline: &InferencePipeline,
@@ -286,7 +312,7 @@ fn pod_template(
         .image
         .clone()
         .unwrap_or_else(|| settings.runtime_image.clone());
-    let store_path = std::path::Path::new(store_mount);
+    let store_path = Path::new(store_mount);
 
     // A pod's own store goes with the pod: only a node's store keeps unused models.
     let keep_unused = settings
@@ -332,11 +358,7 @@ fn pod_template(
         resources: sidecar_resources,
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![
-            mount(STORE_VOLUME, store_path, false),
-            mount(BINDINGS_VOLUME, &mounts.bindings, false),
-            mount(DOWNLOADS_VOLUME, &mounts.downloads, false),
-        ]),
+        volume_mounts: Some(sidecar_mounts(&overrides, store_path, mounts)),
         ..Default::default()
     };
 
@@ -483,5 +505,68 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
                 service: Box::new(service),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(template: &str) -> InferencePipeline {
+        serde_yaml::from_str(&format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
+        ))
+        .unwrap()
+    }
+
+    fn containers(p: &InferencePipeline) -> (Container, Container) {
+        let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+            panic!("a Task pipeline renders a Job")
+        };
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        (
+            pod.init_containers.unwrap()[0].clone(),
+            pod.containers[0].clone(),
+        )
+    }
+
+    fn mount_of<'a>(c: &'a Container, name: &str) -> &'a VolumeMount {
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        mounts.iter().find(|m| m.name == name).unwrap()
+    }
+
+    #[test]
+    fn the_weight_server_mounts_the_templates_volumes_read_only() {
+        let p = pipeline(
+            "  template:\n    volumeMounts:\n      - {name: data, mountPath: /data}\n      - {name: models, mountPath: /opt/models, subPath: v2}\n",
+        );
+        let (sidecar, worker) = containers(&p);
+        let data = mount_of(&sidecar, "data");
+        assert_eq!(
+            (data.mount_path.as_str(), data.read_only),
+            ("/data", Some(true))
+        );
+        let models = mount_of(&sidecar, "models");
+        assert_eq!(
+            (models.sub_path.as_deref(), models.read_only),
+            (Some("v2"), Some(true))
+        );
+        // The worker's mounts stay as the template says: it writes its output to /data.
+        assert_eq!(mount_of(&worker, "data").read_only, None);
+        // The sidecar's own volumes stay writable.
+        assert_eq!(mount_of(&sidecar, STORE_VOLUME).read_only, Some(false));
+    }
+
+    #[test]
+    fn a_file_model_under_no_mount_still_renders() {
+        // Only readable if a custom image has it; not an error for the operator.
+        let (sidecar, _) = containers(&pipeline(""));
+        let names: Vec<_> = sidecar
+            .volume_mounts
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME]);
     }
 }

@@ -15,6 +15,9 @@ pub const SUCCEEDED: &str = "Succeeded";
 pub const FAILED: &str = "Failed";
 pub const DEGRADED: &str = "Degraded";
 
+/// Degraded (and the others) when the namespace's Pod Security level forbids Node sharing.
+pub const POD_SECURITY_FORBIDS_NODE_SHARING: &str = "PodSecurityForbidsNodeSharing";
+
 /// The name of the weight server's (native sidecar) container in every pod.
 pub const SIDECAR_CONTAINER: &str = "weight-server";
 
@@ -26,6 +29,9 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// Set when the operator refused to apply the spec (e.g. a running Job cannot change).
     pub refused: Option<String>,
+    /// Set when the namespace's Pod Security level forbids the pods, so that nothing was
+    /// applied: why (see [`crate::pod_security`]).
+    pub forbidden: Option<String>,
 }
 
 struct Cond {
@@ -214,15 +220,36 @@ pub fn compute(
     observed: &Observed,
     now: Timestamp,
 ) -> InferencePipelineStatus {
-    let (mut phase, progress, shards, mut conds) = match pipeline.spec.mode {
-        Mode::Task => {
+    let (mut phase, progress, shards, mut conds) = match (&observed.forbidden, pipeline.spec.mode) {
+        // Nothing was applied. Phase Blocked: not Pending, which says it is on its way, nor
+        // Failed, which is final; it goes on by itself once the namespace allows the pods.
+        // Degraded says why, as for the other spec the operator refuses to apply.
+        (Some(_), _) => {
+            let no_pods = "the namespace's Pod Security level forbids the pods (see Degraded)";
+            let conds = vec![
+                cond(
+                    WEIGHTS_READY,
+                    false,
+                    POD_SECURITY_FORBIDS_NODE_SHARING,
+                    no_pods,
+                ),
+                cond(
+                    PROGRESSING,
+                    false,
+                    POD_SECURITY_FORBIDS_NODE_SHARING,
+                    no_pods,
+                ),
+            ];
+            ("Blocked".to_string(), None, None, conds)
+        }
+        (None, Mode::Task) => {
             let (phase, shards, conds) = task_status(observed.job, observed);
             let progress = shards
                 .as_ref()
                 .map(|s| format!("{}/{}", s.succeeded, s.total));
             (phase, progress, shards, conds)
         }
-        Mode::Actor => {
+        (None, Mode::Actor) => {
             let (phase, progress, conds) = actor_status(observed);
             (phase, Some(progress), None, conds)
         }
@@ -230,17 +257,26 @@ pub fn compute(
     let weights_failed = conds
         .iter()
         .any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
-    let degraded = match (&observed.refused, weights_failed) {
-        (Some(why), _) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
-        (None, true) => cond(
+    let degraded = match (&observed.forbidden, &observed.refused, weights_failed) {
+        (Some(why), _, _) => cond(
+            DEGRADED,
+            true,
+            POD_SECURITY_FORBIDS_NODE_SHARING,
+            why.clone(),
+        ),
+        (None, Some(why), _) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
+        (None, None, true) => cond(
             DEGRADED,
             true,
             "WeightServerFailed",
             "a weight server cannot publish the models",
         ),
-        (None, false) => cond(DEGRADED, false, "AsExpected", ""),
+        (None, None, false) => cond(DEGRADED, false, "AsExpected", ""),
     };
-    if degraded.status && pipeline.spec.mode == Mode::Actor && phase != "Ready" {
+    if degraded.status
+        && pipeline.spec.mode == Mode::Actor
+        && !matches!(phase.as_str(), "Ready" | "Blocked")
+    {
         phase = "Degraded".into();
     }
     conds.push(degraded);
@@ -449,6 +485,53 @@ mod tests {
             later,
         );
         assert_eq!(get(&third, PROGRESSING).last_transition_time.0, later);
+    }
+
+    #[test]
+    fn a_namespace_that_forbids_the_pods_blocks_with_the_reason_until_it_allows_them() {
+        for mode in ["Task", "Actor"] {
+            let mut p = pipeline(mode);
+            let blocked = compute(
+                &p,
+                &Observed {
+                    forbidden: Some("namespace ml enforces ...".into()),
+                    ..Default::default()
+                },
+                Timestamp::UNIX_EPOCH,
+            );
+            assert_eq!(blocked.phase.as_deref(), Some("Blocked"), "{mode}");
+            let d = get(&blocked, DEGRADED);
+            assert_eq!(
+                (d.status.as_str(), d.reason.as_str(), d.message.as_str()),
+                (
+                    "True",
+                    POD_SECURITY_FORBIDS_NODE_SHARING,
+                    "namespace ml enforces ..."
+                )
+            );
+            for t in [PROGRESSING, WEIGHTS_READY] {
+                assert_eq!(get(&blocked, t).status, "False", "{mode} {t}");
+            }
+            // Allowed again: the objects are applied and the condition clears.
+            p.status = Some(blocked);
+            let j = job(0, None);
+            let allowed = compute(
+                &p,
+                &Observed {
+                    job: Some(&j),
+                    ..Default::default()
+                },
+                Timestamp::UNIX_EPOCH,
+            );
+            assert_ne!(allowed.phase.as_deref(), Some("Blocked"), "{mode}");
+            assert_eq!(
+                (
+                    get(&allowed, DEGRADED).status.as_str(),
+                    get(&allowed, DEGRADED).reason.as_str()
+                ),
+                ("False", "AsExpected")
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use kube::CustomResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
 use kube_zerocopy::invocation::{self, Mounts};
 use kube_zerocopy::local::load_pipeline;
-use kube_zerocopy::render::{render, Rendered, Settings};
+use kube_zerocopy::render::{
+    render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, STORE_VOLUME,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -230,4 +232,59 @@ fn owned_objects_point_back_at_the_pipeline() {
         );
     }
     assert_eq!(deployment.spec.unwrap().replicas, Some(4));
+}
+
+/// Every pipeline of examples/ that runs on a cluster: all but the local-* ones, which
+/// `kube-zerocopy local` runs with the host's paths (and `make generate` skips too).
+fn cluster_examples() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|f| f.strip_suffix(".yaml").map(str::to_owned))
+        .filter(|n| !n.starts_with("local-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_weight_server_can_read_every_file_model_and_writes_only_its_own_volumes() {
+    let names = cluster_examples();
+    assert!(names.len() >= EXAMPLES.len(), "{names:?}");
+    let mut file_models = 0;
+    for name in names {
+        let pipeline = pipeline(&name);
+        let spec = pod_spec(&rendered(&name));
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let mounts = sidecar.volume_mounts.clone().unwrap();
+        for m in &pipeline.spec.models {
+            let Some(path) = m.source.uri.strip_prefix("file://") else {
+                continue;
+            };
+            file_models += 1;
+            // Path::starts_with compares whole components: /models-old is not under /models.
+            assert!(
+                mounts
+                    .iter()
+                    .any(|mount| Path::new(path).starts_with(&mount.mount_path)),
+                "{name}: model {} ({path}) is under none of the weight server's mounts {:?}",
+                m.name,
+                mounts.iter().map(|m| &m.mount_path).collect::<Vec<_>>()
+            );
+        }
+        for mount in &mounts {
+            let own =
+                [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME].contains(&mount.name.as_str());
+            if !own {
+                assert_eq!(
+                    mount.read_only,
+                    Some(true),
+                    "{name}: the weight server must mount {} read-only",
+                    mount.name
+                );
+            }
+        }
+    }
+    // task-safetensors reads its model from a PVC at /models: the check above is not empty.
+    assert!(file_models > 0);
 }

@@ -2,7 +2,8 @@
 //! kube-scheduler built from the official modules, kwok nodes): the chart installed with helm,
 //! the operator running under the chart's ServiceAccount token (so its RBAC is proven
 //! sufficient), Task and Actor pipelines reconciled, invalid ones rejected by the API server,
-//! and recovery from a killed operator and a stopped API server.
+//! a Node-sharing pipeline held back by a namespace's Pod Security level, and recovery from a
+//! killed operator and a stopped API server.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -12,7 +13,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -20,8 +21,10 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy::crd::{InferencePipeline, Sharing};
+use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered, Settings};
+use kube_zerocopy::status::POD_SECURITY_FORBIDS_NODE_SHARING;
 use kube_zerocopy_e2e::cluster::ControlPlane;
 use kube_zerocopy_e2e::wait::eventually;
 use kube_zerocopy_e2e::{bin, repo};
@@ -250,6 +253,46 @@ fn chart_refuses_replicas_without_a_leader(cp: &ControlPlane) {
     );
 }
 
+/// With watchNamespace set, the operator may list and watch that one namespace and no other
+/// (namespaces are cluster-scoped: a ClusterRole, limited by name).
+fn chart_limits_namespaces_to_the_watched_one(cp: &ControlPlane) {
+    let out = cp
+        .helm()
+        .args(["template", RELEASE])
+        .arg(repo().join("charts/kube-zerocopy"))
+        .args(["--set", &format!("watchNamespace={NS}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let named = |kind: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == kind
+                    && d["metadata"]["name"]
+                        == format!("{RELEASE}-kube-zerocopy-namespaces").as_str()
+            })
+            .unwrap_or_else(|| panic!("no {kind} for namespaces"))
+            .clone()
+    };
+    let role = named("ClusterRole");
+    let rules: Vec<serde_json::Value> =
+        serde_json::from_value(serde_json::to_value(&role["rules"]).unwrap()).unwrap();
+    assert_eq!(
+        rules,
+        [
+            json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"], "resourceNames": [NS]})
+        ]
+    );
+    named("ClusterRoleBinding");
+}
+
 /// Invalid pipelines and a piece of the message the API server must give for each.
 fn invalid_pipelines() -> Vec<(&'static str, String, &'static str)> {
     let base = |spec: &str| {
@@ -293,6 +336,131 @@ fn invalid_pipelines() -> Vec<(&'static str, String, &'static str)> {
     ]
 }
 
+async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Settings) {
+    const PSA_NS: &str = "restricted-pipelines";
+    let minute = Duration::from_secs(60);
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let labelled = |level: &str| {
+        serde_json::from_value::<Namespace>(json!({"metadata": {
+            "name": PSA_NS, "labels": {ENFORCE_LABEL: level}}}))
+        .unwrap()
+    };
+    namespaces
+        .create(&PostParams::default(), &labelled("restricted"))
+        .await
+        .unwrap();
+    let mut shared = kube_zerocopy_e2e::task_pipeline("node-shared", PSA_NS, 2, 2);
+    shared.spec.sharing = Sharing::Node;
+
+    // The premise: the API server refuses these pods there (its hostPath volume).
+    let Rendered::Task { job } = render::render(&shared, settings).unwrap() else {
+        panic!("task")
+    };
+    let pod = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some("node-shared-probe".into()),
+            ..Default::default()
+        },
+        spec: job.spec.unwrap().template.spec,
+        ..Default::default()
+    };
+    let refused = Api::<Pod>::namespaced(admin.clone(), PSA_NS)
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &pod,
+        )
+        .await
+        .expect_err("a hostPath pod in a restricted namespace")
+        .to_string();
+    assert!(refused.contains("hostPath"), "{refused}");
+
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), PSA_NS);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), PSA_NS);
+    pipelines
+        .create(&PostParams::default(), &shared)
+        .await
+        .unwrap();
+    // The phase and the Degraded condition, once it has `reason`.
+    let degraded = |reason: &'static str| {
+        let pipelines = pipelines.clone();
+        async move {
+            let s = pipelines.get("node-shared").await.unwrap().status?;
+            let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
+            (c.reason == reason).then_some((s.phase, c))
+        }
+    };
+    let (phase, blocked) = eventually(
+        "the Node-sharing pipeline to be blocked with a reason",
+        minute,
+        || degraded(POD_SECURITY_FORBIDS_NODE_SHARING),
+    )
+    .await;
+    println!("blocked: {}", blocked.message);
+    assert_eq!(
+        (phase.as_deref(), blocked.status.as_str()),
+        (Some("Blocked"), "True")
+    );
+    for part in [
+        PSA_NS,
+        "\"restricted\"",
+        "hostPath",
+        "sharing: Pod",
+        "privileged",
+    ] {
+        assert!(
+            blocked.message.contains(part),
+            "{part:?} not in {}",
+            blocked.message
+        );
+    }
+    assert!(
+        jobs.get_opt("node-shared-zerocopy")
+            .await
+            .unwrap()
+            .is_none(),
+        "a Job was created in a namespace that forbids its pods"
+    );
+    let events: Api<Event> = Api::namespaced(admin.clone(), PSA_NS);
+    eventually("a Warning event with the reason", minute, || async {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some(POD_SECURITY_FORBIDS_NODE_SHARING)
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Relabelled privileged: the namespace watch requeues the pipeline, which now runs.
+    let relabelled = std::time::Instant::now();
+    namespaces
+        .patch(
+            PSA_NS,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {ENFORCE_LABEL: "privileged"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the Job once the namespace allows it", minute, || async {
+        jobs.get_opt("node-shared-zerocopy").await.unwrap()
+    })
+    .await;
+    println!("Job created {:?} after the relabel", relabelled.elapsed());
+    let (phase, cleared) =
+        eventually("the condition to clear", minute, || degraded("AsExpected")).await;
+    assert_eq!(cleared.status, "False");
+    assert_ne!(phase.as_deref(), Some("Blocked"));
+    pipelines
+        .delete("node-shared", &DeleteParams::foreground())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_end_to_end_against_a_real_control_plane() {
     let work = tempfile::tempdir().unwrap();
@@ -302,6 +470,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     let admin = cp.client().await.unwrap();
     helm_install(&cp);
     chart_refuses_replicas_without_a_leader(&cp);
+    chart_limits_namespaces_to_the_watched_one(&cp);
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     namespaces
         .create(
@@ -518,6 +687,10 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     .await;
     assert!(rolled.metadata.generation > before.metadata.generation);
     ready("3/3").await;
+
+    // Node sharing in a namespace that enforces Pod Security "restricted": its hostPath volume
+    // would be refused, so no Job, and the pipeline says why; relabelled privileged, it runs.
+    pod_security_holds_back_node_sharing(&admin, &settings).await;
 
     // The operator killed in the middle of reconciling (a pipeline just created, a change to
     // another just made) and restarted converges to the same objects.
