@@ -1,7 +1,8 @@
-//! A real Kubernetes control plane for the end-to-end tests, on 127.0.0.1 only: etcd,
-//! kube-apiserver, kube-controller-manager and kube-scheduler built from the official Go modules
-//! by scripts/control-plane.sh, and kwok, which plays the kubelet of one or more fake Nodes so
-//! that pods get scheduled, go Running, and (Job pods) Succeeded. No container ever runs.
+//! A real Kubernetes control plane for the end-to-end tests, on 127.0.0.1 only (or a real
+//! node's bridge address): etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+//! built from the official Go modules by scripts/control-plane.sh, and kwok, which plays the
+//! kubelet of fake Nodes so that pods get scheduled, go Running, and (Job pods) Succeeded; no
+//! container runs there. [`node::RealNode`] joins a real kubelet with containerd instead.
 //!
 //! Everything lives in a temporary folder: certificates (made with `openssl`), etcd's data, the
 //! admin kubeconfig and one log file per component (stdout and stderr). Every process is killed
@@ -11,15 +12,16 @@
 //!
 //! `KZC_CONTROL_PLANE_BIN` names a folder with the binaries instead of running the script.
 
+pub mod certs;
+pub mod host;
+pub mod node;
+pub mod process;
+pub mod real;
+
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,6 +31,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+use certs::{Pki, SERVICE_CIDR};
+pub use process::tail;
+use process::{terminate, Process, Spawner};
+
 /// The annotation that makes kwok manage a Node.
 pub const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Names a folder holding the binaries; scripts/control-plane.sh is not run then.
@@ -36,11 +42,8 @@ pub const BIN_ENV: &str = "KZC_CONTROL_PLANE_BIN";
 /// Keeps the temporary folder (logs, kubeconfig) after the control plane is dropped.
 pub const KEEP_ENV: &str = "KZC_KEEP_CLUSTER";
 
-/// The Services' virtual IP range; its first address is the "kubernetes" Service.
-const SERVICE_CIDR: &str = "10.96.0.0/12";
-const SERVICE_IP: &str = "10.96.0.1";
 /// The fake pods' IPs (kwok hands them out; nothing routes to them).
-const POD_CIDR: &str = "10.244.0.0/16";
+pub const POD_CIDR: &str = "10.244.0.0/16";
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// What to start.
@@ -50,6 +53,9 @@ pub struct Options {
     pub nodes: usize,
     /// kwok's stages (one multi-document YAML file).
     pub stages: PathBuf,
+    /// Where kube-apiserver listens and what it advertises: 127.0.0.1, or for a real node an
+    /// address its pods reach (the node's bridge), so that the "kubernetes" Service works.
+    pub address: Ipv4Addr,
 }
 
 impl Default for Options {
@@ -57,6 +63,7 @@ impl Default for Options {
         Options {
             nodes: 2,
             stages: crate::repo().join("tests/cluster/kwok-stages.yaml"),
+            address: Ipv4Addr::LOCALHOST,
         }
     }
 }
@@ -69,13 +76,6 @@ struct Ports {
     controller_manager: u16,
     scheduler: u16,
     kwok: u16,
-}
-
-/// One running component.
-struct Process {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
 }
 
 /// The control plane; see the module's documentation.
@@ -157,19 +157,24 @@ impl ControlPlane {
         self.processes.push(kcm);
         let sched = self.spawn("kube-scheduler", self.scheduler_command(), false)?;
         self.processes.push(sched);
-        let kwok = self.spawn("kwok", self.kwok_command(), false)?;
-        self.processes.push(kwok);
-        for (name, port) in [
+        let mut waits = vec![
             ("kube-controller-manager", self.ports.controller_manager),
             ("kube-scheduler", self.ports.scheduler),
-            ("kwok", self.ports.kwok),
-        ] {
+        ];
+        if self.options.nodes > 0 {
+            let kwok = self.spawn("kwok", self.kwok_command(), false)?;
+            self.processes.push(kwok);
+            waits.push(("kwok", self.ports.kwok));
+        }
+        for (name, port) in waits {
             self.wait_for_port(name, port).await?;
         }
 
         let client = self.client().await?;
-        self.create_nodes(&client).await?;
-        self.wait_for_nodes(&client).await?;
+        if self.options.nodes > 0 {
+            self.create_nodes(&client).await?;
+            self.wait_for_nodes(&client).await?;
+        }
         // The service-account controller has run: pods can be admitted in new namespaces.
         let accounts: Api<ServiceAccount> = Api::namespaced(client, "default");
         self.wait_until(
@@ -203,9 +208,25 @@ impl ControlPlane {
         self.path.join("kubeconfig")
     }
 
-    /// https://127.0.0.1:<port>
+    /// https://<address>:<port>
     pub fn apiserver_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.ports.apiserver)
+        format!("https://{}:{}", self.options.address, self.ports.apiserver)
+    }
+
+    /// The certificates; a real node issues its own client certificates from them.
+    pub fn pki(&self) -> Pki {
+        Pki::open(&self.path)
+    }
+
+    /// The thread that starts the components: a real node's components started from it also
+    /// die with the test process.
+    pub fn spawner(&self) -> &Spawner {
+        &self.spawner
+    }
+
+    /// Keeps the folder (logs) when dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// How long `start` took.
@@ -301,8 +322,9 @@ impl ControlPlane {
 
     fn apiserver_command(&self) -> Command {
         let mut cmd = Command::new(self.bin.join("kube-apiserver"));
-        cmd.arg("--advertise-address=127.0.0.1")
-            .arg("--bind-address=127.0.0.1")
+        let address = self.options.address;
+        cmd.arg(format!("--advertise-address={address}"))
+            .arg(format!("--bind-address={address}"))
             .arg(format!("--secure-port={}", self.ports.apiserver))
             .arg(flag("cert-dir", self.file("apiserver")))
             .arg(flag("tls-cert-file", self.file("apiserver.crt")))
@@ -336,10 +358,22 @@ impl ControlPlane {
                 "proxy-client-key-file",
                 self.file("front-proxy-client.key"),
             ))
-            // The "kubernetes" Service's endpoints would be 127.0.0.1, which Endpoints reject;
-            // nothing runs in the cluster to use them.
-            .arg("--endpoint-reconciler-type=none")
+            .arg(flag(
+                "kubelet-client-certificate",
+                self.file("apiserver-kubelet-client.crt"),
+            ))
+            .arg(flag(
+                "kubelet-client-key",
+                self.file("apiserver-kubelet-client.key"),
+            ))
+            // A real node's kubelet listens on its InternalIP; nothing resolves its name.
+            .arg("--kubelet-preferred-address-types=InternalIP")
             .arg("--v=1");
+        if address.is_loopback() {
+            // The "kubernetes" Service's endpoints would be 127.0.0.1, which Endpoints reject;
+            // no pod runs to use them.
+            cmd.arg("--endpoint-reconciler-type=none");
+        }
         cmd
     }
 
@@ -398,135 +432,23 @@ impl ControlPlane {
     // ---- files ----
 
     fn make_certificates(&self) -> Result<()> {
-        let cnf = self.file("openssl.cnf");
-        std::fs::write(
-            &cnf,
-            format!(
-                "[req]\ndistinguished_name = dn\n[dn]\n\
-                 [ca]\nbasicConstraints = critical,CA:TRUE\n\
-                 keyUsage = critical,keyCertSign,cRLSign,digitalSignature\n\
-                 subjectKeyIdentifier = hash\n\
-                 [server]\nbasicConstraints = critical,CA:FALSE\n\
-                 keyUsage = critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage = serverAuth\n\
-                 subjectAltName = IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,\
-                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
-                 DNS:kubernetes.default.svc.cluster.local\n\
-                 authorityKeyIdentifier = keyid\n\
-                 [client]\nbasicConstraints = critical,CA:FALSE\n\
-                 keyUsage = critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage = clientAuth\n\
-                 authorityKeyIdentifier = keyid\n"
-            ),
-        )?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let cnf = cnf.to_str().context("non-UTF-8 temporary folder")?;
-        let openssl = |args: &[&str]| -> Result<()> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&self.path)
-                .output()
-                .context("running openssl (is it installed?)")?;
-            if !out.status.success() {
-                bail!(
-                    "openssl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            Ok(())
-        };
-        openssl(
-            &[
-                &["req", "-x509", "-config", cnf, "-extensions", "ca"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "3650",
-                    "-subj",
-                    "/CN=kube-zerocopy-ca",
-                ],
-            ]
-            .concat(),
-        )?;
-        for (name, subject, ext) in [
-            ("apiserver", "/CN=kube-apiserver", "server"),
+        let pki = Pki::create(&self.path, self.options.address)?;
+        for (name, subject) in [
+            ("admin", "/O=system:masters/CN=kube-zerocopy-admin"),
+            ("front-proxy-client", "/CN=front-proxy-client"),
+            // The apiserver's identity towards kubelets (logs, exec).
             (
-                "admin",
-                "/O=system:masters/CN=kube-zerocopy-admin",
-                "client",
+                "apiserver-kubelet-client",
+                "/O=system:masters/CN=kube-apiserver-kubelet-client",
             ),
-            ("front-proxy-client", "/CN=front-proxy-client", "client"),
         ] {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            openssl(
-                &[
-                    &["req", "-new", "-config", cnf][..],
-                    &ec,
-                    &["-keyout", &key, "-out", &csr, "-subj", subject],
-                ]
-                .concat(),
-            )?;
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "3650",
-                "-extfile",
-                cnf,
-                "-extensions",
-                ext,
-                "-out",
-                &crt,
-            ])?;
+            pki.issue_client(name, subject)?;
         }
-        // The service accounts' token signing key pair.
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "sa.key",
-        ])?;
-        openssl(&["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])
+        Ok(())
     }
 
     fn write_kubeconfig(&self) -> Result<()> {
-        let p = |name: &str| self.file(name).display().to_string();
-        let text = format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters:\n- name: kube-zerocopy\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
-             users:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
-             contexts:\n- name: kube-zerocopy\n  context:\n    cluster: kube-zerocopy\n    user: admin\n    namespace: default\n\
-             current-context: kube-zerocopy\n",
-            server = self.apiserver_url(),
-            ca = p("ca.crt"),
-            crt = p("admin.crt"),
-            key = p("admin.key"),
-        );
+        let text = certs::kubeconfig(&self.pki(), &self.apiserver_url(), "admin");
         std::fs::write(self.kubeconfig_path(), text)?;
         Ok(())
     }
@@ -596,23 +518,9 @@ impl ControlPlane {
 
     // ---- processes ----
 
-    fn spawn(&self, name: &'static str, mut cmd: Command, append: bool) -> Result<Process> {
-        let log = self.log_path(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(append)
-            .write(true)
-            .truncate(!append)
-            .open(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let child = self
-            .spawner
-            .spawn(cmd)
-            .with_context(|| format!("starting {name} from {}", self.bin.display()))?;
-        Ok(Process { name, child, log })
+    fn spawn(&self, name: &'static str, cmd: Command, append: bool) -> Result<Process> {
+        self.spawner
+            .spawn_logged(name, cmd, &self.log_path(name), append)
     }
 
     /// The running process called `name` (apiserver included).
@@ -625,18 +533,10 @@ impl ControlPlane {
 
     /// Fails with the component's log when it has exited.
     fn check_alive(&mut self, name: &str) -> Result<()> {
-        let Some(p) = self.process_mut(name) else {
-            return Ok(());
-        };
-        if let Some(status) = p.child.try_wait()? {
-            let log = p.log.clone();
-            bail!(
-                "{name} exited with {status}; its log {}:\n{}",
-                log.display(),
-                tail(&log, 30)
-            );
+        match self.process_mut(name) {
+            Some(p) => p.check_alive(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn wait_for_port(&mut self, name: &str, port: u16) -> Result<()> {
@@ -684,9 +584,8 @@ impl Drop for ControlPlane {
         if let Some(p) = self.apiserver.take() {
             all.insert(1.min(all.len()), p);
         }
-        for mut p in all.into_iter().rev() {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+        for p in all.into_iter().rev() {
+            p.kill();
         }
         let keep = self.keep || std::thread::panicking() || std::env::var_os(KEEP_ENV).is_some();
         if let Some(dir) = self.dir.take() {
@@ -700,84 +599,22 @@ impl Drop for ControlPlane {
     }
 }
 
-/// Starts processes from one long-lived thread, so that PR_SET_PDEATHSIG (which fires when the
-/// thread that forked exits) kills them only when this control plane or the test process ends.
-struct Spawner {
-    tx: Option<mpsc::Sender<(Command, mpsc::Sender<io::Result<Child>>)>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Spawner {
-    fn new() -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<io::Result<Child>>)>();
-        let thread = std::thread::Builder::new()
-            .name("control-plane-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-                    unsafe {
-                        cmd.pre_exec(|| {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                                return Err(io::Error::last_os_error());
-                            }
-                            Ok(())
-                        });
-                    }
-                    let _ = reply.send(cmd.spawn());
-                }
-            })?;
-        Ok(Spawner {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn spawn(&self, cmd: Command) -> io::Result<Child> {
-        let (reply, rx) = mpsc::channel();
-        let gone = || io::Error::other("the spawner thread is gone");
-        self.tx
-            .as_ref()
-            .ok_or_else(gone)?
-            .send((cmd, reply))
-            .map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())?
-    }
-}
-
-impl Drop for Spawner {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// SIGTERM, then SIGKILL after `grace`.
-async fn terminate(mut p: Process, grace: Duration) -> Result<()> {
-    // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
-    unsafe {
-        libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let start = Instant::now();
-    while p.child.try_wait()?.is_none() {
-        if start.elapsed() > grace {
-            p.child.kill()?;
-            p.child.wait()?;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 /// Runs scripts/control-plane.sh (building what is missing; its log goes to stderr), unless
 /// KZC_CONTROL_PLANE_BIN names the folder.
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(BIN_ENV) {
         return Ok(PathBuf::from(dir));
     }
-    let script = crate::repo().join("scripts/control-plane.sh");
+    let dir = run_script("control-plane.sh")?.trim().to_owned();
+    if dir.is_empty() {
+        bail!("scripts/control-plane.sh printed no folder");
+    }
+    Ok(PathBuf::from(dir))
+}
+
+/// Runs scripts/<name> and returns what it printed on stdout (its log goes to stderr).
+pub fn run_script(name: &str) -> Result<String> {
+    let script = crate::repo().join("scripts").join(name);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
@@ -786,11 +623,7 @@ pub fn bin_dir() -> Result<PathBuf> {
     if !out.status.success() {
         bail!("{} failed with {}", script.display(), out.status);
     }
-    let dir = String::from_utf8(out.stdout)?.trim().to_owned();
-    if dir.is_empty() {
-        bail!("{} printed no folder", script.display());
-    }
-    Ok(PathBuf::from(dir))
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 fn node_ready(node: &Node) -> bool {
@@ -800,24 +633,12 @@ fn node_ready(node: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn flag(name: &str, value: impl AsRef<Path>) -> OsString {
+pub fn flag(name: &str, value: impl AsRef<Path>) -> OsString {
     let mut s = OsString::from(format!("--{name}="));
     s.push(value.as_ref());
     s
-}
-
-/// The last `lines` lines of a file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = File::open(path)
-        .and_then(|mut f| {
-            let mut s = String::new();
-            io::Read::read_to_string(&mut f, &mut s).map(|_| s)
-        })
-        .unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -1,0 +1,154 @@
+//! The components' processes: started from one thread so that they die with the test process,
+//! logged to one file each, stopped with a grace period.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// One running component.
+pub struct Process {
+    pub name: &'static str,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Fails with the component's log when it has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited with {status}; its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 30)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts processes from one long-lived thread, so that PR_SET_PDEATHSIG (which fires when the
+/// thread that forked exits) kills them only when this control plane or the test process ends.
+pub struct Spawner {
+    tx: Option<mpsc::Sender<(Command, mpsc::Sender<io::Result<Child>>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Spawner {
+    pub fn new() -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<io::Result<Child>>)>();
+        let thread = std::thread::Builder::new()
+            .name("control-plane-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        Ok(Spawner {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts `cmd` with stdout and stderr appended to (or, unless `append`, written anew
+    /// into) `log`.
+    pub fn spawn_logged(
+        &self,
+        name: &'static str,
+        mut cmd: Command,
+        log: &Path,
+        append: bool,
+    ) -> Result<Process> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(log)
+            .with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let program = PathBuf::from(cmd.get_program());
+        let child = self
+            .spawn(cmd)
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        Ok(Process {
+            name,
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    fn spawn(&self, cmd: Command) -> io::Result<Child> {
+        let (reply, rx) = mpsc::channel();
+        let gone = || io::Error::other("the spawner thread is gone");
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((cmd, reply))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub async fn terminate(mut p: Process, grace: Duration) -> Result<()> {
+    // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+    unsafe {
+        libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while p.child.try_wait()?.is_none() {
+        if start.elapsed() > grace {
+            p.child.kill()?;
+            p.child.wait()?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of a file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = File::open(path)
+        .and_then(|mut f| {
+            let mut s = String::new();
+            io::Read::read_to_string(&mut f, &mut s).map(|_| s)
+        })
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,256 @@
+//! Actor pipelines from the examples on the real node: the Service answers batches equal to
+//! `kube-zerocopy local run`'s outputs; memory on the node shows the weights once per pod
+//! (Pod sharing) or once per node for two pipelines (Node sharing).
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
+use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy_e2e::read_output;
+use kube_zerocopy_e2e::wait::eventually_seen;
+use serde_json::json;
+
+use crate::support::*;
+
+/// examples/actor-torchscript.yaml: TorchScript, Pod sharing, 2 replicas, the model over http.
+/// Each pod holds one copy, charged to its weight server; its worker maps it.
+pub async fn torchscript_pod_sharing(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "actor-torchscript", &[]).await?;
+    let uri = format!("{}/{}", env.http_base, env.torchscript.file);
+    let pipeline = example(
+        "actor-torchscript.yaml",
+        &ns.name,
+        &env.torchscript,
+        &uri,
+        |p| {
+            p["spec"]["actor"] = json!({"replicas": 2});
+        },
+    )?;
+    let outcome = async {
+        run_actor(&env, &pipeline, &env.torchscript).await?;
+        let name = pipeline.metadata.name.as_deref().unwrap();
+        let model = env.torchscript.bytes;
+        for pod in pods(&env.client, &ns.name, name).await? {
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let server = container_memory(&pod, "weight-server")?;
+            let worker = container_memory(&pod, "worker")?;
+            println!(
+                "  {}/{pod_name}: weight server charged {:.1} MiB of tmpfs; worker PSS {:.1} MiB, USS {:.1} MiB, weights mapped PSS {:.1} MiB (model file {:.1} MiB)",
+                ns.name,
+                mib(server.shmem),
+                worker.pss_kib as f64 / 1024.0,
+                worker.uss_kib as f64 / 1024.0,
+                worker.weights_pss_kib as f64 / 1024.0,
+                mib(model),
+            );
+            // One copy per pod, charged to the weight server, none to the worker.
+            within(server.shmem, model, 0.8, 1.2, "the weight server's tmpfs charge")?;
+            ensure!(
+                worker.shmem < model / 10,
+                "the worker is charged {} B of tmpfs",
+                worker.shmem
+            );
+            // The worker maps every weight (it ran a batch) and is alone in mapping them.
+            within(worker.weights_pss_kib * 1024, model, 0.8, 1.2, "the worker's mapped PSS")?;
+            // No private copy: its own pages are far fewer than the weights.
+            ensure!(
+                worker.uss_kib * 1024 < model,
+                "the worker's USS {} KiB holds a copy of the {model} B weights",
+                worker.uss_kib
+            );
+        }
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/{}", ns.name, "ranker"), outcome.is_ok());
+    outcome
+}
+
+/// examples/actor-safetensors.yaml twice (two pipelines, 2 replicas each), Node sharing, the
+/// model over http: the node's store holds one copy for all four workers.
+pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "actor-safetensors", &[]).await?;
+    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+    let mut pipelines = Vec::new();
+    for name in ["classifier-a", "classifier-b"] {
+        pipelines.push(example(
+            "actor-safetensors.yaml",
+            &ns.name,
+            &env.safetensors,
+            &uri,
+            |p| {
+                p["metadata"]["name"] = json!(name);
+            },
+        )?);
+    }
+    let mut results = Vec::new();
+    for p in &pipelines {
+        let r = run_actor(&env, p, &env.safetensors).await;
+        env.record(
+            &format!("{}/{}", ns.name, p.metadata.name.as_deref().unwrap()),
+            r.is_ok(),
+        );
+        results.push(r);
+    }
+    results.into_iter().collect::<Result<Vec<_>>>()?;
+
+    let model = env.safetensors.bytes;
+    let (mut charged, mut weights_pss_kib, mut workers) = (0, 0, 0);
+    for p in &pipelines {
+        for pod in pods(&env.client, &ns.name, p.metadata.name.as_deref().unwrap()).await? {
+            let server = container_memory(&pod, "weight-server")?;
+            let worker = container_memory(&pod, "worker")?;
+            println!(
+                "  {}/{}: weight server charged {:.1} MiB of tmpfs; worker PSS {:.1} MiB, USS {:.1} MiB, weights mapped PSS {:.1} MiB",
+                ns.name,
+                pod.metadata.name.as_deref().unwrap_or(""),
+                mib(server.shmem),
+                worker.pss_kib as f64 / 1024.0,
+                worker.uss_kib as f64 / 1024.0,
+                worker.weights_pss_kib as f64 / 1024.0,
+            );
+            charged += server.shmem + worker.shmem;
+            weights_pss_kib += worker.weights_pss_kib;
+            workers += 1;
+            ensure!(
+                worker.uss_kib * 1024 < model,
+                "a worker's USS holds a copy of the weights"
+            );
+        }
+    }
+    let copies = published_copies(&env.safetensors.sha256)?;
+    println!(
+        "  {}: {workers} workers of 2 pipelines; {copies} copy in the node's store; tmpfs charged to all containers {:.1} MiB; mapped PSS summed {:.1} MiB (model file {:.1} MiB)",
+        ns.name,
+        mib(charged),
+        weights_pss_kib as f64 / 1024.0,
+        mib(model)
+    );
+    ensure!(workers == 4, "{workers} workers, not 4");
+    ensure!(
+        copies == 1,
+        "{copies} copies of the model in the node's store"
+    );
+    within(
+        charged,
+        model,
+        0.8,
+        1.2,
+        "the tmpfs charged to all containers together",
+    )?;
+    // PSS divides shared pages among their mappers: together they hold one copy.
+    within(
+        weights_pss_kib * 1024,
+        model,
+        0.8,
+        1.2,
+        "the workers' mapped PSS summed",
+    )?;
+    Ok(())
+}
+
+/// How many published folders of the node's store (the host's /dev/shm) hold `sha256`.
+fn published_copies(sha256: &str) -> Result<usize> {
+    let store = std::path::Path::new("/dev/shm/kube-zerocopy");
+    let mut n = 0;
+    for entry in walkdir(store) {
+        if entry.file_name().is_some_and(|f| f == sha256) && entry.is_dir() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir())
+                && !e.file_name().to_string_lossy().starts_with('.')
+            {
+                stack.push(p.clone());
+                all.push(p);
+            }
+        }
+    }
+    all
+}
+
+fn within(value: u64, reference: u64, low: f64, high: f64, what: &str) -> Result<()> {
+    let r = value as f64 / reference as f64;
+    ensure!(
+        (low..=high).contains(&r),
+        "{what}: {value} B is {r:.2} of {reference} B (expected {low} to {high})"
+    );
+    Ok(())
+}
+
+/// Applies an Actor pipeline, waits until it is Ready, prints the timelines, and sends every
+/// input shard through its Service (its ClusterIP, through kube-proxy): each answer equals
+/// the reference output.
+pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -> Result<()> {
+    let name = pipeline.metadata.name.clone().context("a name")?;
+    let ns = pipeline.metadata.namespace.clone().context("a namespace")?;
+    apply(&env.client, pipeline).await?;
+    wait_phase(
+        &env.client,
+        &ns,
+        &name,
+        &["Ready"],
+        Duration::from_secs(300),
+    )
+    .await?;
+    timelines(&env.client, &ns, &name).await?;
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &ns);
+    let service = services.get(&format!("{name}-zerocopy")).await?;
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the Service has no ClusterIP")?;
+    let mut shards: Vec<_> = std::fs::read_dir(env.input_dir())?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    shards.sort();
+    for shard in shards {
+        let body = std::fs::read(&shard)?;
+        let url = format!("http://{ip}/infer");
+        // kube-proxy programs the Service a moment after the endpoints are ready.
+        let bytes = eventually_seen(
+            &format!("an answer from {url}"),
+            Duration::from_secs(60),
+            || {
+                let (url, body) = (url.clone(), body.clone());
+                async move {
+                    let answer = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                        let mut response = ureq::post(&url).send(&body[..])?;
+                        let mut bytes = Vec::new();
+                        response.body_mut().as_reader().read_to_end(&mut bytes)?;
+                        Ok(bytes)
+                    })
+                    .await?;
+                    Ok(match answer {
+                        Ok(b) => (Some(b), String::new()),
+                        Err(e) => (None, format!("{e:#}")),
+                    })
+                }
+            },
+        )
+        .await?;
+        let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
+        let expected = read_output(&model.reference.join(shard.file_name().unwrap()));
+        ensure!(
+            got.equal(&expected),
+            "{ns}/{name}: the answer for {} differs from kube-zerocopy local run's",
+            shard.display()
+        );
+    }
+    println!("  {ns}/{name}: every batch answered through the Service equals the reference");
+    Ok(())
+}

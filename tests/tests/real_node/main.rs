@@ -1,0 +1,86 @@
+//! Real-node scenarios: the operator installed by its chart as a pod, pipelines from the
+//! examples run by a real kubelet and containerd on the images built from the Dockerfiles.
+//! One cluster for all (one node per machine); each scenario in its own namespace, so that one
+//! failure does not hide the others. Prints each pipeline's pod timelines and memory figures,
+//! and closes with `real-node pipelines: N succeeded of M`.
+//!
+//! Needs root (it runs a kubelet). `make e2e-node` runs it alone; `make test` runs it too.
+
+mod actor;
+mod pod_security;
+mod retry;
+mod support;
+mod task;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use support::Env;
+
+type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+macro_rules! scenarios {
+    ($($path:path),* $(,)?) => {
+        vec![$((stringify!($path), (|env| Box::pin($path(env))) as Scenario)),*]
+    };
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let scenarios = scenarios![
+        task::torchscript_model_on_a_volume,
+        task::safetensors_model_over_http,
+        actor::torchscript_pod_sharing,
+        actor::safetensors_two_pipelines_node_sharing,
+        retry::killed_worker_is_retried,
+        pod_security::restricted_namespace_runs_pod_sharing,
+        pod_security::restricted_namespace_refuses_node_sharing,
+    ];
+    let names = || scenarios.iter().map(|(n, _)| n.replace("::", "_"));
+    if args.list {
+        let trials = names().map(|n| Trial::test(n, || Ok(()))).collect();
+        libtest_mimic::run(&args, trials).exit();
+    }
+
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let env = match runtime.block_on(Env::start()) {
+        Ok(env) => env,
+        Err(e) => {
+            // Every scenario fails with the cause, so the count shows them all.
+            let cause = format!("starting the real cluster: {e:#}");
+            eprintln!("{cause}");
+            let trials = names()
+                .map(|n| {
+                    let cause = cause.clone();
+                    Trial::test(n, move || Err(Failed::from(cause)))
+                })
+                .collect();
+            let conclusion = libtest_mimic::run(&args, trials);
+            println!("real-node pipelines: 0 succeeded of 0 (no cluster)");
+            conclusion.exit();
+        }
+    };
+    let trials = scenarios
+        .into_iter()
+        .map(|(name, scenario)| {
+            let env = env.clone();
+            let handle = runtime.handle().clone();
+            Trial::test(name.replace("::", "_"), move || {
+                handle
+                    .block_on(scenario(env))
+                    .map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let (succeeded, total) = env.outcomes();
+    // Every scenario has finished: this is the last reference.
+    if let (true, Ok(mut env)) = (conclusion.has_failed(), Arc::try_unwrap(env)) {
+        env.cluster.keep_files();
+    }
+    drop(runtime);
+    println!("real-node pipelines: {succeeded} succeeded of {total}");
+    conclusion.exit();
+}

@@ -1,0 +1,107 @@
+//! A worker killed in the middle of its shard: the Job retries that index in a new pod, and
+//! the output of every shard is whole and equals the reference.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::Api;
+use serde_json::json;
+
+use crate::support::*;
+use crate::task::{print_task_report, with_models_volume};
+
+pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "retry", &[]).await?;
+    let data = data_folder(&env, "retry")?;
+    host_volume(&env.client, &ns.name, "models", &env.models_dir()).await?;
+    host_volume(&env.client, &ns.name, "sentiment-data", &data).await?;
+    let uri = format!("file://{MODELS_MOUNT}/{}", env.torchscript.file);
+    let pipeline = example(
+        "task-torchscript.yaml",
+        &ns.name,
+        &env.torchscript,
+        &uri,
+        |p| {
+            p["metadata"]["name"] = json!("retried");
+            p["spec"]["task"] = json!({"shards": SHARDS, "parallelism": 1});
+            with_models_volume(p);
+        },
+    )?;
+    let outcome = async {
+        apply(&env.client, &pipeline).await?;
+        // The worker of index 0 is killed as soon as it runs: it has mapped the weights or is
+        // loading them, and has not written its output.
+        let killed =
+            tokio::task::spawn_blocking(|| kill_worker_of_index(0, Duration::from_secs(240)))
+                .await??;
+        println!(
+            "  {}/retried: killed the worker of shard 0 (pid {killed})",
+            ns.name
+        );
+        wait_phase(
+            &env.client,
+            &ns.name,
+            "retried",
+            &["Succeeded"],
+            Duration::from_secs(300),
+        )
+        .await?;
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
+        let job = jobs.get("retried-zerocopy").await?;
+        let failed = job.status.and_then(|s| s.failed).unwrap_or(0);
+        ensure!(
+            failed >= 1,
+            "the Job counts {failed} failed pods: the kill went unseen"
+        );
+        print_task_report(&env, &ns.name, "retried").await?;
+        check_outputs(&data.join("output"), &env.torchscript.reference)?;
+        // Nothing half-written is left beside the outputs.
+        let names: Vec<String> = std::fs::read_dir(data.join("output"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure!(
+            names.len() == SHARDS,
+            "the output folder holds {names:?}, not only the {SHARDS} shards"
+        );
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/retried", ns.name), outcome.is_ok());
+    outcome
+}
+
+/// SIGKILLs the first `kube-zerocopy-worker task` process on this machine whose
+/// JOB_COMPLETION_INDEX is `index`; returns its pid.
+fn kill_worker_of_index(index: usize, timeout: Duration) -> Result<i32> {
+    let start = Instant::now();
+    let wanted = format!("JOB_COMPLETION_INDEX={index}");
+    while start.elapsed() < timeout {
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_task_worker = args
+                .first()
+                .is_some_and(|a| a.ends_with(b"kube-zerocopy-worker"))
+                && args.iter().any(|a| *a == b"task");
+            if !is_task_worker {
+                continue;
+            }
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes()) {
+                // SAFETY: kill(2) on a pid just read from /proc.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                return Ok(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!("no worker of shard {index} ran within {timeout:?}")
+}
