@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test lint generate bench-load bench-operator clean
+.PHONY: setup build demo test lint generate bench-load bench-operator clean images
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -33,3 +33,7 @@ generate: setup
 
 bench-operator: build
 	scripts/bench-operator.sh
+
+# The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
+images: build
+	scripts/images.sh
