@@ -72,6 +72,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { listen } => {
+            kube_zerocopy_sidecar::process::exit_on_terminate()?;
             let ready = Arc::new(AtomicBool::new(false));
             let server = tiny_http::Server::http(&listen)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

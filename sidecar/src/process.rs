@@ -1,13 +1,21 @@
 //! What every kube-zerocopy binary does around its work: logs to stderr (JSON with
-//! `KZC_LOG_FORMAT=json`, filtered by `RUST_LOG`), and on error a one-line message, the
-//! container's termination message (what Kubernetes shows), and exit code 1.
+//! `KZC_LOG_FORMAT=json`, filtered by `RUST_LOG`, colours only on a terminal), on error a
+//! one-line message, the container's termination message (what Kubernetes shows) and exit code
+//! 1, and for the long-running servers a clean exit on SIGTERM.
+
+use std::io::IsTerminal;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A container's log (and its termination message) is a file: no colour codes there.
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("KZC_LOG_FORMAT").is_ok_and(|f| f == "json") {
         logs.json().init();
     } else {
@@ -24,4 +32,21 @@ pub fn exit_on_error(result: anyhow::Result<()>) {
         let _ = std::fs::write("/dev/termination-log", &message);
         std::process::exit(1);
     }
+}
+
+/// Exits with 0 on SIGTERM or SIGINT. A server in a container is its PID 1, which ignores
+/// SIGTERM unless it handles it: Kubernetes would kill it only after the grace period, and the
+/// exit code 137 would read as a failure (a Job's weight server is stopped when its worker is
+/// done). Nothing to flush: the store's locks go with the process.
+pub fn exit_on_terminate() -> anyhow::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "terminating");
+                std::process::exit(0);
+            }
+        })?;
+    Ok(())
 }

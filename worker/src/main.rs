@@ -133,6 +133,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Actor { listen } => {
+            kube_zerocopy_sidecar::process::exit_on_terminate()?;
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             kube_zerocopy_worker::actor::serve(&pipeline, &listen)
         }

@@ -50,6 +50,9 @@ struct State {
     bin: PathBuf,
     sysctls: Vec<(String, String)>,
     created_paths: Vec<PathBuf>,
+    /// The nftables tables there were; kubelet adds iptables chains (through iptables-nft)
+    /// and kube-proxy its own tables.
+    nft_tables: Vec<String>,
 }
 
 /// The host prepared for one real node; dropping it undoes the changes.
@@ -81,6 +84,7 @@ impl Host {
                 .map(PathBuf::from)
                 .filter(|p| !p.exists())
                 .collect(),
+            nft_tables: nft_tables(),
         };
         std::fs::write(STATE_FILE, serde_json::to_string(&state)?)?;
         let host = Host { state };
@@ -98,8 +102,12 @@ impl Host {
         kill_started_from(&self.state.bin);
         unmount_node_folders();
         remove_cgroups();
-        for family in ["ip", "ip6"] {
-            let _ = run("nft", &["delete", "table", family, "kube-proxy"]);
+        for table in nft_tables() {
+            if !self.state.nft_tables.contains(&table) {
+                let mut args = vec!["delete"];
+                args.extend(table.split_whitespace());
+                let _ = run("nft", &args);
+            }
         }
         let _ = run("ip", &["link", "del", BRIDGE]);
         for (key, value) in &self.state.sysctls {
@@ -210,6 +218,19 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         i += 1;
     }
     all
+}
+
+/// `nft list tables`: "table ip nat" and so on, without the word "table".
+fn nft_tables() -> Vec<String> {
+    let out = Command::new("nft").args(["list", "tables"]).output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("table "))
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 fn sysctl_path(key: &str) -> PathBuf {

@@ -248,6 +248,8 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
                 "type": "bridge",
                 "bridge": host::BRIDGE,
                 "isGateway": true,
+                // The pods' default route: Services (10.96.0.0/12) are reached through it.
+                "isDefaultGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {

@@ -83,32 +83,86 @@ impl RealCluster {
     }
 
     /// `helm install` of the chart with the built images, as the README says; waits until the
-    /// operator's pod is ready.
-    pub fn install_operator(&self) -> Result<()> {
+    /// operator's pod is ready. On failure the error shows the operator's pods and events.
+    pub async fn install_operator(&mut self) -> Result<()> {
+        let mut helm = self.helm_install()?;
+        let installed = tokio::task::spawn_blocking(move || {
+            let out = helm.output().context("running helm")?;
+            if !out.status.success() {
+                bail!(
+                    "helm install: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        })
+        .await?;
+        if let Err(e) = installed {
+            self.keep_files();
+            let client = self.control_plane.client().await?;
+            let seen = describe_namespace(&client, OPERATOR_NAMESPACE).await?;
+            bail!("{e:#}\n{seen}");
+        }
+        Ok(())
+    }
+
+    /// The `helm install` command (README: "On Kubernetes").
+    fn helm_install(&self) -> Result<std::process::Command> {
         let (operator, _) = &self.images.operator;
         let (repository, tag) = operator
             .rsplit_once(':')
             .context("an image name with a tag")?;
-        let out = self
-            .control_plane
-            .helm()
-            .args(["install", RELEASE])
+        let mut cmd = self.control_plane.helm();
+        cmd.args(["install", RELEASE])
             .arg(crate::repo().join("charts/kube-zerocopy"))
             .args(["--namespace", OPERATOR_NAMESPACE, "--create-namespace"])
             .args(["--set", &format!("image.repository={repository}")])
             .args(["--set", &format!("image.tag={tag}")])
             .args(["--set", &format!("runtimeImage={}", self.images.runtime.0)])
             .args(["--wait", "--timeout", "3m"])
-            .stdin(Stdio::null())
-            .output()
-            .context("running helm")?;
-        if !out.status.success() {
-            bail!(
-                "helm install: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            .stdin(Stdio::null());
+        Ok(cmd)
+    }
+}
+
+/// The pods of a namespace (phase, each container's state) and its events, for an error.
+pub async fn describe_namespace(client: &kube::Client, ns: &str) -> Result<String> {
+    use k8s_openapi::api::core::v1::{Event, Pod};
+    use kube::api::{Api, ListParams};
+    let mut text = String::new();
+    for pod in Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+    {
+        let status = pod.status.unwrap_or_default();
+        text += &format!(
+            "pod {}: {}\n",
+            pod.metadata.name.unwrap_or_default(),
+            status.phase.unwrap_or_default()
+        );
+        let containers = status.init_container_statuses.into_iter().flatten();
+        for c in containers.chain(status.container_statuses.into_iter().flatten()) {
+            text += &format!(
+                "  {}: ready {}, restarts {}, state {}, last {}\n",
+                c.name,
+                c.ready,
+                c.restart_count,
+                serde_json::to_string(&c.state).unwrap_or_default(),
+                serde_json::to_string(&c.last_state).unwrap_or_default()
             );
         }
-        Ok(())
     }
+    for e in Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+    {
+        text += &format!(
+            "event {} {}: {}\n",
+            e.type_.unwrap_or_default(),
+            e.reason.unwrap_or_default(),
+            e.message.unwrap_or_default()
+        );
+    }
+    Ok(text)
 }

@@ -80,12 +80,18 @@ impl Env {
             "--features",
             FEATURES,
         ]);
+        // The containers run as uid 65532; safetensors writes its files 0600.
+        for dir in [&models, &d.join("input")] {
+            for entry in std::fs::read_dir(dir)? {
+                readable_by_all(&entry?.path())?;
+            }
+        }
         let torchscript = reference(&d, "encoder.pt", "TorchScript")?;
         let safetensors = reference(&d, "mlp.safetensors", "Safetensors")?;
+        let mut cluster = RealCluster::start().await?;
+        // On the bridge, which the cluster's host preparation created.
         let http_base = serve_folder(&models)?;
-
-        let cluster = RealCluster::start().await?;
-        cluster.install_operator()?;
+        cluster.install_operator().await?;
         let client = cluster.control_plane.client().await?;
         Ok(Arc::new(Env {
             cluster,
@@ -307,10 +313,18 @@ pub fn data_folder(env: &Env, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir.join("output"))?;
     for entry in std::fs::read_dir(env.input_dir())? {
         let entry = entry?;
-        std::fs::copy(entry.path(), dir.join("input").join(entry.file_name()))?;
+        let copy = dir.join("input").join(entry.file_name());
+        std::fs::copy(entry.path(), &copy)?;
+        readable_by_all(&copy)?;
     }
     std::os::unix::fs::chown(dir.join("output"), Some(RUN_AS), Some(RUN_AS))?;
     Ok(dir)
+}
+
+fn readable_by_all(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
 }
 
 /// An example pipeline (examples/<file>) in namespace `ns` with the test's `model` in place of
