@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test lint generate bench-load bench-operator clean images
+.PHONY: setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -20,6 +20,15 @@ lint: setup
 
 test: build lint
 	scripts/test.sh
+
+# The pure crates' tests (operator and sidecar): no torch, no cluster, seconds once built.
+test-unit:
+	cargo test --release -p kube-zerocopy -p kube-zerocopy-sidecar
+
+# The real-node scenarios alone (root: a kubelet, containerd and kube-proxy on this machine,
+# the images from `make images`, the chart installed). `make test` runs them too.
+e2e-node: build
+	$(ENV) && cargo test --release -p kube-zerocopy-e2e --test real_node
 
 bench-load: build
 	scripts/bench-load.sh

@@ -123,6 +123,8 @@ fn run(cli: Cli) -> Result<()> {
                     identity: identity.unwrap_or_else(Election::default_identity),
                     lease_duration: Duration::from_secs(lease_duration),
                 });
+                // The chart sets KZC_WATCH_NAMESPACE="" for all namespaces.
+                let namespace = namespace.filter(|n| !n.is_empty());
                 kube_zerocopy::controller::run(client, settings, namespace, election, metrics).await
             })
         }

@@ -54,14 +54,9 @@ pub async fn torchscript_pod_sharing(env: Arc<Env>) -> Result<()> {
                 "the worker is charged {} B of tmpfs",
                 worker.shmem
             );
-            // The worker maps every weight (it ran a batch) and is alone in mapping them.
+            // The worker maps every weight (it ran a batch) and is alone in mapping them. (Its
+            // USS counts those pages too, being their only mapper, besides libtorch's own.)
             within(worker.weights_pss_kib * 1024, model, 0.8, 1.2, "the worker's mapped PSS")?;
-            // No private copy: its own pages are far fewer than the weights.
-            ensure!(
-                worker.uss_kib * 1024 < model,
-                "the worker's USS {} KiB holds a copy of the {model} B weights",
-                worker.uss_kib
-            );
         }
         Ok(())
     }
@@ -116,10 +111,6 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
             charged += server.shmem + worker.shmem;
             weights_pss_kib += worker.weights_pss_kib;
             workers += 1;
-            ensure!(
-                worker.uss_kib * 1024 < model,
-                "a worker's USS holds a copy of the weights"
-            );
         }
     }
     let copies = published_copies(&env.safetensors.sha256)?;
