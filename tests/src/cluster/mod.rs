@@ -615,7 +615,16 @@ pub fn bin_dir() -> Result<PathBuf> {
 /// Runs scripts/<name> and returns what it printed on stdout (its log goes to stderr).
 pub fn run_script(name: &str) -> Result<String> {
     let script = crate::repo().join("scripts").join(name);
-    let out = Command::new("bash")
+    let mut cmd = Command::new("bash");
+    // A script that runs cargo (images.sh) must see the environment `make` gave, not the one
+    // cargo gives a test (CARGO_PKG_*, ...), or cargo would rebuild what is up to date.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
+            cmd.env_remove(var.as_ref());
+        }
+    }
+    let out = cmd
         .arg(&script)
         .stderr(Stdio::inherit())
         .output()
