@@ -10,6 +10,7 @@ use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy::invocation::ACTOR_PORT;
 use kube_zerocopy_e2e::read_output;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use serde_json::json;
@@ -209,8 +210,8 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
         .map(|e| e.path())
         .collect();
     shards.sort();
-    for shard in shards {
-        let body = std::fs::read(&shard)?;
+    for shard in &shards {
+        let body = std::fs::read(shard)?;
         let url = format!("http://{ip}/infer");
         // kube-proxy programs the Service a moment after the endpoints are ready.
         let bytes = eventually_seen(
@@ -219,14 +220,7 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
             || {
                 let (url, body) = (url.clone(), body.clone());
                 async move {
-                    let answer = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-                        let mut response = ureq::post(&url).send(&body[..])?;
-                        let mut bytes = Vec::new();
-                        response.body_mut().as_reader().read_to_end(&mut bytes)?;
-                        Ok(bytes)
-                    })
-                    .await?;
-                    Ok(match answer {
+                    Ok(match post(&url, body).await {
                         Ok(b) => (Some(b), String::new()),
                         Err(e) => (None, format!("{e:#}")),
                     })
@@ -243,5 +237,34 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
         );
     }
     println!("  {ns}/{name}: every batch answered through the Service equals the reference");
+    // The Service spreads batches at random: one batch to each replica directly as well, so
+    // that every worker has touched the weights before its memory is read.
+    let first = shards.first().context("no input shard")?;
+    let expected = read_output(&model.reference.join(first.file_name().unwrap()));
+    for pod in pods(&env.client, &ns, &name).await? {
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .context("a pod without an IP")?;
+        let url = format!("http://{ip}:{ACTOR_PORT}/infer");
+        let bytes = post(&url, std::fs::read(first)?).await?;
+        let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
+        ensure!(
+            got.equal(&expected),
+            "{url}: the answer differs from the reference"
+        );
+    }
     Ok(())
+}
+
+async fn post(url: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let mut response = ureq::post(&url).send(&body[..])?;
+        let mut bytes = Vec::new();
+        response.body_mut().as_reader().read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })
+    .await?
 }

@@ -14,9 +14,14 @@ use crate::task::run_task;
 const RESTRICTED: (&str, &str) = ("pod-security.kubernetes.io/enforce", "restricted");
 
 pub async fn restricted_namespace_runs_pod_sharing(env: Arc<Env>) -> Result<()> {
-    let ns = TestNamespace::create(&env.client, "restricted-pod", &[RESTRICTED]).await?;
-    let data = data_folder(&env, "restricted-pod")?;
-    host_volume(&env.client, &ns.name, "sentiment-data", &data).await?;
+    let (ns, data) = task_namespace(
+        &env,
+        "restricted-pod",
+        &[RESTRICTED],
+        "sentiment-data",
+        false,
+    )
+    .await?;
     let uri = format!("{}/{}", env.http_base, env.torchscript.file);
     let pipeline = example(
         "task-torchscript.yaml",

@@ -13,10 +13,7 @@ use crate::support::*;
 use crate::task::{print_task_report, with_models_volume};
 
 pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
-    let ns = TestNamespace::create(&env.client, "retry", &[]).await?;
-    let data = data_folder(&env, "retry")?;
-    host_volume(&env.client, &ns.name, "models", &env.models_dir()).await?;
-    host_volume(&env.client, &ns.name, "sentiment-data", &data).await?;
+    let (ns, data) = task_namespace(&env, "retry", &[], "sentiment-data", true).await?;
     let uri = format!("file://{MODELS_MOUNT}/{}", env.torchscript.file);
     let pipeline = example(
         "task-torchscript.yaml",

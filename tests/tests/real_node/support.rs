@@ -274,7 +274,7 @@ fn uuid_like() -> String {
 
 /// A host folder as a PersistentVolume bound to the claim `claim` in `ns` (pre-bound on both
 /// sides: no provisioner here).
-pub async fn host_volume(client: &Client, ns: &str, claim: &str, path: &Path) -> Result<()> {
+async fn host_volume(client: &Client, ns: &str, claim: &str, path: &Path) -> Result<()> {
     let pv_name = format!("{ns}-{claim}");
     let pv: PersistentVolume = serde_json::from_value(json!({
         "metadata": {"name": pv_name},
@@ -305,9 +305,28 @@ pub async fn host_volume(client: &Client, ns: &str, claim: &str, path: &Path) ->
     Ok(())
 }
 
+/// A Task scenario's namespace (`prefix`-<random>, with `labels`): its data folder as the claim
+/// `data_claim`, and with `models_claim` the models folder as the claim `models`. Returns the
+/// namespace and the data folder.
+pub async fn task_namespace(
+    env: &Env,
+    prefix: &str,
+    labels: &[(&str, &str)],
+    data_claim: &str,
+    models_claim: bool,
+) -> Result<(TestNamespace, PathBuf)> {
+    let ns = TestNamespace::create(&env.client, prefix, labels).await?;
+    let data = data_folder(env, prefix)?;
+    host_volume(&env.client, &ns.name, data_claim, &data).await?;
+    if models_claim {
+        host_volume(&env.client, &ns.name, "models", &env.models_dir()).await?;
+    }
+    Ok((ns, data))
+}
+
 /// A folder for one pipeline's data: input/ (a copy of the shared inputs) and output/, owned
 /// by the containers' uid.
-pub fn data_folder(env: &Env, name: &str) -> Result<PathBuf> {
+fn data_folder(env: &Env, name: &str) -> Result<PathBuf> {
     let dir = env.data.path().join(format!("data-{name}"));
     std::fs::create_dir_all(dir.join("input"))?;
     std::fs::create_dir_all(dir.join("output"))?;

@@ -15,10 +15,7 @@ use crate::support::*;
 /// examples/task-torchscript.yaml: TorchScript, Pod sharing, the model and the data on
 /// PersistentVolumes.
 pub async fn torchscript_model_on_a_volume(env: Arc<Env>) -> Result<()> {
-    let ns = TestNamespace::create(&env.client, "task-torchscript", &[]).await?;
-    let data = data_folder(&env, "task-torchscript")?;
-    host_volume(&env.client, &ns.name, "models", &env.models_dir()).await?;
-    host_volume(&env.client, &ns.name, "sentiment-data", &data).await?;
+    let (ns, data) = task_namespace(&env, "task-torchscript", &[], "sentiment-data", true).await?;
     let uri = format!("file://{MODELS_MOUNT}/{}", env.torchscript.file);
     let pipeline = example(
         "task-torchscript.yaml",
@@ -35,10 +32,7 @@ pub async fn torchscript_model_on_a_volume(env: Arc<Env>) -> Result<()> {
 
 /// examples/task-safetensors.yaml: safetensors, Node sharing, the model from an http server.
 pub async fn safetensors_model_over_http(env: Arc<Env>) -> Result<()> {
-    let ns = TestNamespace::create(&env.client, "task-safetensors", &[]).await?;
-    let data = data_folder(&env, "task-safetensors")?;
-    host_volume(&env.client, &ns.name, "models", &env.models_dir()).await?;
-    host_volume(&env.client, &ns.name, "embed-data", &data).await?;
+    let (ns, data) = task_namespace(&env, "task-safetensors", &[], "embed-data", true).await?;
     let uri = format!("{}/{}", env.http_base, env.safetensors.file);
     let pipeline = example(
         "task-safetensors.yaml",
