@@ -104,7 +104,7 @@ impl Host {
         remove_cgroups();
         for table in nft_tables() {
             if !self.state.nft_tables.contains(&table) {
-                let mut args = vec!["delete"];
+                let mut args = vec!["delete", "table"];
                 args.extend(table.split_whitespace());
                 let _ = run("nft", &args);
             }
