@@ -203,7 +203,7 @@ fn remove_cgroups() {
 }
 
 /// `dir` and every folder below it.
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut all = vec![dir.to_owned()];
     let mut i = 0;
     while i < all.len() {

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::invocation::ACTOR_PORT;
+use kube_zerocopy_e2e::cluster::host::walk;
 use kube_zerocopy_e2e::read_output;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use serde_json::json;
@@ -148,30 +149,17 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
 /// How many published folders of the node's store (the host's /dev/shm) hold `sha256`.
 fn published_copies(sha256: &str) -> Result<usize> {
     let store = std::path::Path::new("/dev/shm/kube-zerocopy");
-    let mut n = 0;
-    for entry in walkdir(store) {
-        if entry.file_name().is_some_and(|f| f == sha256) && entry.is_dir() {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut all = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir())
-                && !e.file_name().to_string_lossy().starts_with('.')
-            {
-                stack.push(p.clone());
-                all.push(p);
-            }
-        }
-    }
-    all
+    // Staging and lock folders (".staging", ".users") hold no published model.
+    let hidden = |p: &std::path::Path| {
+        p.strip_prefix(store).is_ok_and(|rel| {
+            rel.components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+        })
+    };
+    Ok(walk(store)
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|f| f == sha256) && !hidden(p))
+        .count())
 }
 
 fn within(value: u64, reference: u64, low: f64, high: f64, what: &str) -> Result<()> {

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use kube_zerocopy::crd::InferencePipeline;
-use kube_zerocopy_e2e::cluster::host::GATEWAY;
+use kube_zerocopy_e2e::cluster::host::{walk, GATEWAY};
 use kube_zerocopy_e2e::cluster::real::RealCluster;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use kube_zerocopy_e2e::{bin, make_model, read_output, repo};
@@ -605,16 +605,8 @@ pub struct ContainerMemory {
 fn container_cgroup(container_id: &str) -> Result<PathBuf> {
     let id = container_id.rsplit("://").next().unwrap_or(container_id);
     let root = Path::new("/sys/fs/cgroup/memory/kubepods");
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                if entry.file_name().to_string_lossy() == id {
-                    return Ok(entry.path());
-                }
-                stack.push(entry.path());
-            }
-        }
+    if let Some(found) = walk(root).into_iter().find(|p| p.ends_with(id)) {
+        return Ok(found);
     }
     bail!(
         "no memory cgroup for container {id} under {}",
