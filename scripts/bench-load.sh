@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo build --release -p kube-zerocopy-e2e --bin bench_load
-./target/release/bench_load
+"$KZC_RELEASE/bench_load"

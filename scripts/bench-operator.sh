@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 scripts/control-plane.sh >/dev/null
 cargo build --release --workspace --bins
-./target/release/bench_operator
+"$KZC_RELEASE/bench_operator"

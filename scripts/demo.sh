@@ -12,4 +12,4 @@ python scripts/make_models.py mlp "$DEMO/head.safetensors" --sizes 256,1024,10
 python scripts/make_models.py inputs "$DEMO/input" --shards 16 --batch 32 --features 512
 sed "s#@DEMO@#$DEMO#g" examples/local-demo.yaml > "$DEMO/pipeline.yaml"
 echo "running $DEMO/pipeline.yaml"
-./target/release/kube-zerocopy local run -f "$DEMO/pipeline.yaml"
+"$KZC_RELEASE/kube-zerocopy" local run -f "$DEMO/pipeline.yaml"

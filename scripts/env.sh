@@ -6,6 +6,9 @@ VENV="$("$(dirname "${BASH_SOURCE[0]}")/setup-torch.sh")"
 case ":$PATH:" in *":$VENV/bin:"*) ;; *) export PATH="$VENV/bin:$PATH" ;; esac
 export LIBTORCH_USE_PYTORCH=1
 export KZC_VENV="$VENV"
+# Where cargo puts release binaries: CI keeps its target folder outside the clone (.ci/run).
+KZC_RELEASE="${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}/release"
+export KZC_RELEASE
 if [ -z "${KZC_TORCH_DIR:-}" ]; then
   KZC_TORCH_DIR="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
   export KZC_TORCH_DIR

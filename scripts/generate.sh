@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo build --release -p kube-zerocopy
-bin=./target/release/kube-zerocopy
-$bin crd > crds/inferencepipelines.kube-zerocopy.io.yaml
+bin="$KZC_RELEASE/kube-zerocopy"
+"$bin" crd > crds/inferencepipelines.kube-zerocopy.io.yaml
 cp crds/inferencepipelines.kube-zerocopy.io.yaml charts/kube-zerocopy/crds/
 for f in examples/*.yaml; do
   case "$f" in examples/local-*) continue ;; esac
-  $bin render -f "$f" > "examples/rendered/$(basename "$f")"
+  "$bin" render -f "$f" > "examples/rendered/$(basename "$f")"
 done

@@ -119,7 +119,7 @@ run runtime || die "runtime: kube-zerocopy-worker inspect: $(cat "$WORK/runtime.
 [ -s "$WORK/out/output.safetensors" ] || die "runtime: the worker wrote no output: $(cat "$WORK/runtime.out")"
 # The host's worker on the same publication must compute the same bytes.
 KZC_MODELS="[{\"name\":\"m\",\"format\":\"TorchScript\",\"uri\":\"file://$WORK/models/model.pt\"}]" \
-  "$ROOT/target/release/kube-zerocopy-worker" --store "$WORK/kzc/store" --bindings "$WORK/kzc/bindings" \
+  "$KZC_RELEASE/kube-zerocopy-worker" --store "$WORK/kzc/store" --bindings "$WORK/kzc/bindings" \
   inspect --input-file "$WORK/input/$input" --output-file "$WORK/out/host.safetensors" >/dev/null \
   || die "the host's worker could not run the same model for comparison"
 cmp -s "$WORK/out/output.safetensors" "$WORK/out/host.safetensors" \

@@ -34,7 +34,7 @@ source "$ROOT/scripts/env.sh"
 # Always: quick when up to date, and the images never package stale binaries.
 (cd "$ROOT" && cargo build --release --workspace --bins) >&2 || die "cargo build --release failed"
 log "binaries up to date after $((SECONDS - start)) s"
-REL="$ROOT/target/release"
+REL="$KZC_RELEASE"
 
 APP_VERSION="$(sed -n 's/^appVersion:[[:space:]]*"\{0,1\}\([^"[:space:]]*\)"\{0,1\}.*$/\1/p' "$ROOT/charts/kube-zerocopy/Chart.yaml")"
 [ -n "$APP_VERSION" ] || die "no appVersion in charts/kube-zerocopy/Chart.yaml"
