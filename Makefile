@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images
+.PHONY: setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -46,3 +46,8 @@ bench-operator: build
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build
 	scripts/images.sh
+
+# The same and runtime-cuda (libtorch's CUDA backend and libraries: about 4 GB more, minutes to
+# compress), checked with runc: its worker loads the CUDA backend. Not part of `make test`.
+images-cuda: build
+	scripts/images.sh --cuda | scripts/images-check.sh

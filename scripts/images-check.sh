@@ -3,7 +3,8 @@
 # with umoci and run with runc as the image's user (65532, 65535 for pause) with a read-only root,
 # as the operator's pods run. The runtime image publishes a small TorchScript model with its
 # sidecar and runs it with its worker (libtorch loads and computes); the operator answers --help;
-# pause exits 0 on SIGTERM.
+# pause exits 0 on SIGTERM; the CPU image refuses `--device cuda` by name, and runtime-cuda (when
+# listed) loads libtorch's CUDA backend.
 #   scripts/images.sh | scripts/images-check.sh      or      scripts/images-check.sh LIST
 # where LIST holds images.sh's output (`NAME PATH` per line). Needs root (runc).
 set -euo pipefail
@@ -23,6 +24,7 @@ while read -r name path; do
   case "$name" in
     */operator:*) ARCHIVE[operator]="$name $path" ;;
     */runtime:*) ARCHIVE[runtime]="$name $path" ;;
+    */runtime-cuda:*) ARCHIVE[runtime-cuda]="$name $path" ;;
     */pause:*) ARCHIVE[pause]="$name $path" ;;
     *) die "unknown image $name" ;;
   esac
@@ -125,6 +127,26 @@ KZC_MODELS="[{\"name\":\"m\",\"format\":\"TorchScript\",\"uri\":\"file://$WORK/m
 cmp -s "$WORK/out/output.safetensors" "$WORK/out/host.safetensors" \
   || die "runtime: the image's output differs from the host worker's"
 log "runtime: kube-zerocopy-worker mapped the published model and ran it with libtorch (output = host's)"
+
+# `--device cuda` loads libtorch's CUDA backend first: the CPU image must refuse it by name, the
+# CUDA image must load it (all its libraries resolve) and then find no GPU on a machine without
+# one. With a GPU here the CUDA image is left to scripts/gpu-check.sh.
+cuda_refusal() {
+  spec "$1" '["/usr/local/bin/kube-zerocopy-worker", "--device", "cuda", "inspect", "--input-file", "/nonexistent"]'
+  if run "$1"; then die "$1: --device cuda succeeded without a GPU: $(cat "$WORK/$1.out")"; fi
+  grep -q "$2" "$WORK/$1.out" || die "$1: --device cuda: expected \"$2\" in: $(cat "$WORK/$1.out")"
+  log "$1: --device cuda: $2"
+}
+cuda_refusal runtime "cannot load libtorch's CUDA backend"
+if [ -n "${ARCHIVE[runtime-cuda]:-}" ]; then
+  if ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+    log "runtime-cuda: a GPU is here; not checked (scripts/gpu-check.sh runs the cuda path)"
+  else
+    unpack runtime-cuda
+    [ "$(user_of runtime-cuda)" = 65532:65532 ] || die "runtime-cuda: runs as $(user_of runtime-cuda), not 65532:65532"
+    cuda_refusal runtime-cuda "libtorch sees no CUDA device"
+  fi
+fi
 
 # ---- pause --------------------------------------------------------------------------------------
 unpack pause

@@ -5,7 +5,16 @@
 # `NAME PATH` on stdout for each image: an OCI archive (`oci-archive:PATH:NAME` for containerd,
 # skopeo, podman). Everything is cached by content under ${KZC_CACHE:-~/.cache/kube-zerocopy}/images.
 # Needs root (mmdebstrap and buildah as root, as the real node does).
+#   scripts/images.sh            operator, runtime (CPU) and pause
+#   scripts/images.sh --cuda     and runtime-cuda (libtorch's CUDA backend; about 4 GB more)
 set -euo pipefail
+
+WITH_CUDA=0
+case "${1:-}" in
+  "") ;;
+  --cuda) WITH_CUDA=1 ;;
+  *) echo "usage: $0 [--cuda]" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}/images"
@@ -185,7 +194,9 @@ build() {
     "${B[@]}" rmi "$tag" >/dev/null 2>&1 || log "could not remove $tag from buildah's store"
     mv "$WORK/$name.size" "${archive%.oci.tar}.size"
     mv "$WORK/$name.tar" "$archive"
-    find "$CACHE" -maxdepth 1 -name "$name-*" ! -name "$name-$key.*" -delete
+    # Older archives of this image: its name, then a key of 16 characters (runtime-cuda's
+    # archives do not match runtime's pattern).
+    find "$CACHE" -maxdepth 1 -name "$name-$(printf '?%.0s' {1..16}).*" ! -name "$name-$key.*" -delete
   fi
   echo "$archive"
 }
@@ -252,6 +263,32 @@ stage_bin "$REL/kube-zerocopy-worker" "$ctx/bin/kube-zerocopy-worker"
 log "runtime libraries: $(cd "$ctx/lib" && echo *)"
 RUNTIME_ARCHIVE="$(build runtime "$ROOT/Dockerfile.runtime" "$ctx" "docker.io/kube-zerocopy/runtime:$APP_VERSION" "$BASE_IMAGE")"
 
+# runtime-cuda: the runtime's programs and libraries, plus what `--device cuda` loads at run time:
+# libtorch_cuda.so (the worker dlopens it) and libtorch_cuda_linalg.so (libtorch dlopens it for
+# linear algebra), with their libraries, and the libraries that cuDNN and NVRTC dlopen themselves.
+# The driver (libcuda.so.1) is the node's, mounted by the NVIDIA container toolkit.
+if [ "$WITH_CUDA" = 1 ]; then
+  ctx="$WORK/runtime-cuda"
+  cp -a "$WORK/runtime" "$ctx"
+  torch_lib="$(realpath "$KZC_TORCH_DIR/lib")"
+  nvidia="$(realpath "$KZC_TORCH_DIR/../nvidia")"
+  for lib in "$torch_lib/libtorch_cuda.so" "$torch_lib/libtorch_cuda_linalg.so"; do
+    [ -f "$lib" ] || die "$lib is missing: the torch wheel in $KZC_VENV is not a CUDA build"
+    cp -L "$lib" "$ctx/lib/"
+    deps="$(check_deps "$lib")"
+    while read -r soname path; do
+      if [[ "$(realpath "$path")" == "$venv"/* ]]; then
+        cp -L "$path" "$ctx/lib/$soname"
+      elif ! [[ "$soname" =~ $BASE_SONAMES ]]; then
+        die "${lib##*/} needs $soname ($path): neither in the torch wheel nor in the base"
+      fi
+    done <<<"$deps"
+  done
+  cp -L "$nvidia"/cudnn/lib/libcudnn_*.so.* "$nvidia"/cu13/lib/libnvrtc-builtins.so.* "$ctx/lib/"
+  log "runtime-cuda libraries: $(du -sh "$ctx/lib" | cut -f1)"
+  CUDA_ARCHIVE="$(build runtime-cuda "$ROOT/Dockerfile.runtime" "$ctx" "docker.io/kube-zerocopy/runtime-cuda:$APP_VERSION" "$BASE_IMAGE")"
+fi
+
 # pause: static, so FROM scratch
 ctx="$WORK/pause"
 mkdir -p "$ctx"
@@ -262,12 +299,13 @@ PAUSE_ARCHIVE="$(build pause "$ROOT/tests/node/pause/Dockerfile" "$ctx" "docker.
 # ---- report -----------------------------------------------------------------------------------
 
 human() { numfmt --to=iec-i --suffix=B --format='%.1f' "$1"; }
-for a in "$OPERATOR_ARCHIVE" "$RUNTIME_ARCHIVE" "$PAUSE_ARCHIVE"; do
+for a in "$OPERATOR_ARCHIVE" "$RUNTIME_ARCHIVE" ${CUDA_ARCHIVE:+"$CUDA_ARCHIVE"} "$PAUSE_ARCHIVE"; do
   name="$(basename "$a")"
-  log "$(printf '%-9s %9s uncompressed, %9s archive  %s' "${name%%-*}" \
+  log "$(printf '%-12s %9s uncompressed, %9s archive  %s' "${name%-*}" \
     "$(human "$(cat "${a%.oci.tar}.size" 2>/dev/null || echo 0)")" "$(human "$(stat -c %s "$a")")" "$a")"
 done
 log "done in $((SECONDS - start)) s"
 echo "docker.io/kube-zerocopy/operator:$APP_VERSION $OPERATOR_ARCHIVE"
 echo "docker.io/kube-zerocopy/runtime:$APP_VERSION $RUNTIME_ARCHIVE"
 echo "docker.io/kube-zerocopy/pause:$PAUSE_VERSION $PAUSE_ARCHIVE"
+if [ -n "${CUDA_ARCHIVE:-}" ]; then echo "docker.io/kube-zerocopy/runtime-cuda:$APP_VERSION $CUDA_ARCHIVE"; fi

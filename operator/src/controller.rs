@@ -8,7 +8,8 @@
 //! Node-sharing pipeline in a namespace whose Pod Security level forbids its hostPath volume is
 //! not applied at all, with a condition that says why (see [`crate::pod_security`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -30,7 +31,7 @@ use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::pod_security;
 use crate::render::{self, Rendered, Settings};
-use crate::status::{self, Observed};
+use crate::status::{self, Blocked, Observed};
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "kube-zerocopy";
@@ -42,8 +43,6 @@ pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("cannot render the pipeline: {0:#}")]
-    Render(anyhow::Error),
 }
 
 pub struct Context {
@@ -57,6 +56,8 @@ pub struct Context {
     pub pods: reflector::Store<Pod>,
     /// The namespaces (only the watched one, if one): their Pod Security labels.
     pub namespaces: reflector::Store<Namespace>,
+    /// Failed reconciles in a row, per pipeline: the retry backs off (see [`error_policy`]).
+    pub failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
 }
 
 fn spec_hash(job: &Job) -> String {
@@ -140,7 +141,12 @@ pub async fn reconcile(
     let forbidden = if pipeline.spec.sharing == Sharing::Node {
         match ctx.namespaces.get(&ObjectRef::new(&ns)) {
             Some(namespace) => {
-                pod_security::node_sharing_forbidden(&pipeline, &ns, namespace.labels())
+                pod_security::node_sharing_forbidden(&pipeline, &ns, namespace.labels()).map(
+                    |message| Blocked {
+                        reason: status::POD_SECURITY_FORBIDS_NODE_SHARING,
+                        message,
+                    },
+                )
             }
             // A namespace just created that its watch has not brought yet: look again soon,
             // rather than create what its level may forbid.
@@ -152,42 +158,44 @@ pub async fn reconcile(
     } else {
         None
     };
-    let rendered = render::render(&pipeline, &ctx.settings).map_err(Error::Render)?;
-    let (job, deployment, refused) = if forbidden.is_some() {
-        (None, None, None)
-    } else {
-        match rendered {
-            Rendered::Task { job } => {
-                let cached = ctx
-                    .jobs
-                    .get(&ObjectRef::new(&render::object_name(&pipeline)).within(&ns));
-                let (job, refused) =
-                    apply_task(&Api::namespaced(client.clone(), &ns), cached, *job).await?;
-                (job, None, refused)
+    // A pipeline that cannot become objects, or whose objects the API server refuses, is
+    // blocked with the reason in its status and an event: a person must change it (retrying
+    // soon would only repeat the refusal; a change of the spec brings a reconcile at once).
+    let (job, deployment, refused, blocked) = match forbidden {
+        Some(blocked) => (None, None, None, Some(blocked)),
+        None => match render::render(&pipeline, &ctx.settings) {
+            Err(e) => {
+                let message = format!("cannot make the pipeline's objects: {e:#}");
+                (
+                    None,
+                    None,
+                    None,
+                    Some(Blocked {
+                        reason: status::INVALID_PIPELINE,
+                        message,
+                    }),
+                )
             }
-            Rendered::Actor {
-                deployment,
-                service,
-            } => {
-                let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-                services
-                    .patch(
-                        &render::object_name(&pipeline),
-                        &apply,
-                        &Patch::Apply(&service),
+            Ok(rendered) => match apply_objects(&ctx, &pipeline, &ns, rendered).await {
+                Ok((job, deployment, refused)) => (job, deployment, refused, None),
+                Err(Error::Kube(kube::Error::Api(e))) if refusal_is_final(e.code) => {
+                    let message = format!(
+                        "the API server refused the pipeline's objects: {}",
+                        e.message
+                    );
+                    (
+                        None,
+                        None,
+                        None,
+                        Some(Blocked {
+                            reason: status::OBJECTS_REFUSED,
+                            message,
+                        }),
                     )
-                    .await?;
-                let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-                let d = deployments
-                    .patch(
-                        &render::object_name(&pipeline),
-                        &apply,
-                        &Patch::Apply(&deployment),
-                    )
-                    .await?;
-                (None, Some(d), None)
-            }
-        }
+                }
+                Err(e) => return Err(e),
+            },
+        },
     };
     let pods: Vec<Pod> = ctx
         .pods
@@ -203,7 +211,7 @@ pub async fn reconcile(
         deployment: deployment.as_ref(),
         pods: &pods,
         refused,
-        forbidden,
+        blocked,
     };
     let new_status = status::compute(&pipeline, &observed, Timestamp::now());
 
@@ -271,6 +279,10 @@ pub async fn reconcile(
             .await?;
     }
     ctx.metrics.observe(started.elapsed());
+    ctx.failures
+        .lock()
+        .unwrap()
+        .remove(&ObjectRef::from_obj(&*pipeline));
     // Blocked is not done: the namespace watch requeues it when the labels change, and this
     // covers a namespace cache that had not caught up with that change yet.
     let done = matches!(
@@ -282,6 +294,50 @@ pub async fn reconcile(
     } else {
         Duration::from_secs(15)
     }))
+}
+
+/// Applies a pipeline's objects: its Job (see [`apply_task`]), or its Service and Deployment.
+/// Returns the Job or Deployment as applied and, when the spec change was refused, why.
+async fn apply_objects(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+    rendered: Rendered,
+) -> Result<(Option<Job>, Option<Deployment>, Option<String>), Error> {
+    let client = ctx.client.clone();
+    let apply = PatchParams::apply(MANAGER).force();
+    match rendered {
+        Rendered::Task { job } => {
+            let cached = ctx
+                .jobs
+                .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
+            let (job, refused) =
+                apply_task(&Api::namespaced(client.clone(), ns), cached, *job).await?;
+            Ok((job, None, refused))
+        }
+        Rendered::Actor {
+            deployment,
+            service,
+        } => {
+            let services: Api<Service> = Api::namespaced(client.clone(), ns);
+            services
+                .patch(
+                    &render::object_name(pipeline),
+                    &apply,
+                    &Patch::Apply(&service),
+                )
+                .await?;
+            let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+            let d = deployments
+                .patch(
+                    &render::object_name(pipeline),
+                    &apply,
+                    &Patch::Apply(&deployment),
+                )
+                .await?;
+            Ok((None, Some(d), None))
+        }
+    }
 }
 
 /// The backoff of the controller's watches. kube's controller merges every watch (pipelines,
@@ -312,10 +368,27 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
+/// First retry after a failed reconcile; each further failure in a row doubles it, up to the max.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
 pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.errors.inc();
-    warn!(pipeline = %pipeline.name_any(), error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    let failures = {
+        let mut all = ctx.failures.lock().unwrap();
+        let n = all.entry(ObjectRef::from_obj(&*pipeline)).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let retry = retry_after(failures);
+    warn!(pipeline = %pipeline.name_any(), error = %error, failures, retry_s = retry.as_secs(), "reconcile failed");
+    Action::requeue(retry)
+}
+
+fn retry_after(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
 }
 
 /// Whether an API error may go away on its own (the API server restarting, overloaded or
@@ -326,6 +399,13 @@ pub fn is_transient(error: &kube::Error) -> bool {
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,
     }
+}
+
+/// Whether the API server's refusal of an object will stand on retry: anything but throttling
+/// and a server or gateway that is away. A 500 stands: the API server answers some invalid
+/// objects with one (a malformed quantity in a Job).
+fn refusal_is_final(code: u16) -> bool {
+    !matches!(code, 429 | 502 | 503 | 504)
 }
 
 /// Checks that InferencePipelines can be listed before anything starts. An API server that
@@ -459,6 +539,7 @@ pub async fn run(
         jobs,
         pods,
         namespaces,
+        failures: Mutex::default(),
     });
     ctx.metrics.set_ready();
     ctx.metrics.leader.set(1);
@@ -523,8 +604,9 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::is_transient;
+    use super::{is_transient, refusal_is_final, retry_after};
     use kube::core::Status;
+    use std::time::Duration;
 
     fn api_error(code: u16) -> kube::Error {
         kube::Error::Api(Status::failure("x", "y").with_code(code).boxed())
@@ -545,5 +627,22 @@ mod tests {
         assert!(!is_transient(&api_error(404)));
         assert!(!is_transient(&api_error(403)));
         assert!(!is_transient(&api_error(401)));
+    }
+
+    #[test]
+    fn a_refused_object_blocks_unless_the_api_server_is_away() {
+        for code in [400, 403, 422, 500] {
+            assert!(refusal_is_final(code), "{code}");
+        }
+        for code in [429, 502, 503, 504] {
+            assert!(!refusal_is_final(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn failed_reconciles_back_off_to_five_minutes() {
+        let secs: Vec<u64> = (1..=8).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(300));
     }
 }

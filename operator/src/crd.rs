@@ -4,7 +4,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The model file format (mirrors the sidecar's, with a schema for the CRD).
+// The sidecar's ModelFormat, with a schema for the CRD.
+/// Safetensors: a file of named tensors, run by a built-in architecture (see architecture).
+/// TorchScript: a module saved with torch.jit.save, which carries its own code.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ModelFormat {
     Safetensors,
@@ -31,7 +33,14 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A batch-inference pipeline: models loaded once per pod (or node) into shared memory and mapped by its workers, run as an Indexed Job (Task) or a Deployment (Actor).",
+    // The pipeline's objects are named <name>-zerocopy; a Service name is a DNS-1035 label and
+    // an Indexed Job's pods have the host name <job>-<index>: both at most 63 characters. (The
+    // shards' rule leaves a name too long anyway to the rule before it: one reason, not two.)
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must start with a letter and hold only lowercase letters, digits and '-': the pipeline's Service and Job are named after it"),
+    validation = Rule::new("self.metadata.name.size() <= 54").message("metadata.name may have at most 54 characters: the pipeline's objects are named <name>-zerocopy, at most 63"),
+    validation = Rule::new("self.spec.mode != 'Task' || !has(self.spec.task) || !has(self.spec.task.shards) || self.metadata.name.size() > 54 || self.metadata.name.size() + string(self.spec.task.shards - 1).size() <= 53").message("metadata.name is too long for this many shards: each pod's host name <name>-zerocopy-<shard index> must have at most 63 characters")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("spec.models: model names must be unique"))]
@@ -40,13 +49,17 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders of shard files)"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.task) && has(self.task.shards))").message("mode Task needs spec.task.shards: the number of shard files in the input folder"))]
+/// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
+/// (input and output folders for Task, a Service for Actor).
 pub struct InferencePipelineSpec {
     /// Task: an Indexed Job, one pod per input shard. Actor: a Deployment serving batches.
     pub mode: Mode,
-    /// cpu, or cuda: weights are copied once per replica from shared memory to the GPU.
+    /// cpu, or cuda: weights are copied once per replica from shared memory to the GPU (and
+    /// the pods run the CUDA runtime image). Default: cpu.
     #[serde(default)]
     pub device: DeviceKind,
-    /// Pod: one copy of the weights per pod. Node: one copy per node, shared by its pods.
+    /// Pod: one copy of the weights per pod. Node: one copy per node, shared by its pods
+    /// (needs a namespace that allows hostPath volumes). Default: Pod.
     #[serde(default)]
     pub sharing: Sharing,
     /// The models, run in order: the output of one is the input of the next.
@@ -58,8 +71,10 @@ pub struct InferencePipelineSpec {
     /// Where each shard's output file is written (tensor "output").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<DataLocation>,
+    /// Task mode only: how many shards, how many at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskSettings>,
+    /// Actor mode only: how many replicas, how many workers each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<ActorSettings>,
     /// Overrides for the pods: image, resources, placement, extra volumes (for the data).
@@ -68,8 +83,11 @@ pub struct InferencePipelineSpec {
 }
 
 /// What a pipeline may change in its pods. Everything else is the operator's.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+// The API server does not parse quantities inside a custom resource: a bad one would only fail
+// when the operator applies the Job.
+#[x_kube(validation = Rule::new("!has(self.resources) || ((!has(self.resources.limits) || self.resources.limits.all(k, isQuantity(string(self.resources.limits[k])))) && (!has(self.resources.requests) || self.resources.requests.all(k, isQuantity(string(self.resources.requests[k])))))").message("template.resources: requests and limits must be quantities such as 500m, 2 or 4Gi"))]
 pub struct PodOverrides {
     /// The runtime image (sidecar and worker); defaults to the operator's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,8 +95,10 @@ pub struct PodOverrides {
     /// The worker container's resources (activations; the weights are charged to the sidecar).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// The pods' nodeSelector: labels a node must have to run them (e.g. a GPU type).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// The pods' tolerations (e.g. of GPU nodes' taints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
     /// Extra volumes, e.g. the input and output data.
@@ -88,6 +108,8 @@ pub struct PodOverrides {
     /// so that a file:// model on one of them (a PVC at /models) can be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>,
+    /// The pods' ServiceAccount (default: the namespace's default), e.g. for a data volume's
+    /// access.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
 }
@@ -121,7 +143,10 @@ pub struct ModelSpec {
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("model name must be lowercase letters, digits and '-', starting and ending with a letter or digit"))]
     pub name: String,
+    /// Safetensors (named tensors, run by a built-in architecture) or TorchScript (a module
+    /// saved with torch.jit.save).
     pub format: ModelFormat,
+    /// Where the model file is and what it must be.
     pub source: ModelSourceSpec,
     /// Safetensors only: the built-in architecture the generic worker builds (Mlp).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,8 +160,10 @@ pub struct ModelSourceSpec {
     #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://')").message("source.uri must start with file:///, http:// or https://"))]
     pub uri: String,
-    /// The model file's size, e.g. 400Mi: sizes the shared-memory volume and the sidecar's memory.
+    /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
+    /// and the weight server's memory. Default: no size limit on the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self))").message("source.size must be a quantity such as 400Mi or 2Gi"))]
     pub size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     /// The expected sha256 of the file, 64 lowercase hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,7 +183,7 @@ pub struct DataLocation {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSettings {
-    /// How many shard pods run at once.
+    /// How many shard pods run at once. Default: all shards at once (the Job's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("task.parallelism must be at least 1"))]
     pub parallelism: Option<i32>,
@@ -169,13 +196,16 @@ pub struct TaskSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActorSettings {
+    /// How many pods serve batches behind the pipeline's Service.
     #[x_kube(validation = Rule::new("self >= 1").message("actor.replicas must be at least 1"))]
     pub replicas: i32,
+    /// Worker processes per pod, sharing its weights. Default: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("actor.workersPerPod must be at least 1"))]
     pub workers_per_pod: Option<i32>,
 }
 
+/// What the operator observed: phase, progress, conditions.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferencePipelineStatus {
@@ -186,20 +216,27 @@ pub struct InferencePipelineStatus {
     /// Task: shards succeeded/total. Actor: replicas available/desired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// Task: the Job's shards by state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardStatus>,
     /// WeightsReady, Progressing, Succeeded, Failed, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The pipeline's generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 
+/// A Task pipeline's shards (the Indexed Job's completions) by state.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct ShardStatus {
+    /// Shards in all (spec.task.shards).
     pub total: i32,
+    /// Shards whose output is written.
     pub succeeded: i32,
+    /// Pods that failed (a shard is retried up to the Job's backoff limit).
     pub failed: i32,
+    /// Pods running now.
     pub active: i32,
 }
 
@@ -216,5 +253,52 @@ impl InferencePipelineSpec {
                 architecture: m.architecture.clone(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+    use serde_json::Value;
+
+    /// Every property's path whose schema has no description (`kubectl explain` shows nothing
+    /// there), and every defaulted one whose description does not state the default. An array's
+    /// items and a map's values are described by their property.
+    fn undescribed(schema: &Value, path: &str, found: &mut Vec<String>) {
+        let properties = schema.get("properties").and_then(Value::as_object);
+        for (name, property) in properties.into_iter().flatten() {
+            let at = format!("{path}.{name}");
+            let description = property.get("description").and_then(Value::as_str);
+            match (description, property.get("default")) {
+                (None | Some(""), _) => found.push(at.clone()),
+                (Some(d), Some(default))
+                    if !d.contains(&format!(
+                        "Default: {}",
+                        default.as_str().unwrap_or(&default.to_string())
+                    )) =>
+                {
+                    found.push(format!("{at} (default {default} not stated)"))
+                }
+                _ => {}
+            }
+            undescribed(property, &at, found);
+        }
+        for nested in ["items", "additionalProperties"] {
+            if let Some(inner) = schema.get(nested).filter(|s| s.is_object()) {
+                undescribed(inner, &format!("{path}[]"), found);
+            }
+        }
+    }
+
+    #[test]
+    fn every_property_of_the_crd_explains_itself() {
+        let crd = serde_json::to_value(InferencePipeline::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut found = Vec::new();
+        undescribed(schema, "", &mut found);
+        // apiVersion, kind and metadata are described by the API server itself.
+        found.retain(|p| ![".apiVersion", ".kind", ".metadata"].contains(&p.as_str()));
+        assert!(found.is_empty(), "without a description: {found:#?}");
     }
 }

@@ -1,5 +1,6 @@
 //! kube-zerocopy's operator crate: the `InferencePipeline` resource, what its pods run, the
-//! pure rendering into Jobs and Deployments, and the local runner.
+//! pure rendering into Jobs and Deployments, the API server's checks without a cluster, and the
+//! local runner.
 
 pub mod controller;
 pub mod crd;
@@ -11,3 +12,4 @@ pub mod pod_security;
 pub mod quantity;
 pub mod render;
 pub mod status;
+pub mod validation;

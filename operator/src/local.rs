@@ -61,10 +61,19 @@ pub struct Summary {
     pub output: String,
 }
 
+/// Reads a pipeline from YAML (or JSON) and checks it as the API server would.
 pub fn load_pipeline(file: &Path) -> Result<InferencePipeline> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    serde_yaml::from_str(&text)
+    let object: serde_json::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", file.display()))?;
+    crate::validation::validate(&object).with_context(|| {
+        format!(
+            "{}: the API server would refuse this pipeline",
+            file.display()
+        )
+    })?;
+    serde_json::from_value(object)
         .with_context(|| format!("{} is not a valid InferencePipeline", file.display()))
 }
 

@@ -24,9 +24,8 @@ enum Command {
         /// Watch one namespace only (default: all).
         #[arg(long, env = "KZC_WATCH_NAMESPACE")]
         namespace: Option<String>,
-        /// The runtime image (sidecar and worker) the pods run.
-        #[arg(long, env = "KZC_RUNTIME_IMAGE")]
-        runtime_image: Option<String>,
+        #[command(flatten)]
+        images: Images,
         /// Address of /metrics, /livez and /readyz.
         #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
         metrics_listen: String,
@@ -53,15 +52,36 @@ enum Command {
     Render {
         #[arg(short = 'f', long)]
         file: PathBuf,
-        /// The runtime image (sidecar and worker) the pods run.
-        #[arg(long, env = "KZC_RUNTIME_IMAGE")]
-        runtime_image: Option<String>,
+        #[command(flatten)]
+        images: Images,
     },
     /// Run pipelines on this machine, without a cluster.
     Local {
         #[command(subcommand)]
         command: LocalCommand,
     },
+}
+
+/// The images the pipelines' pods run (the operator's version when not set).
+#[derive(clap::Args)]
+struct Images {
+    /// The runtime image (sidecar and worker) of cpu pipelines.
+    #[arg(long, env = "KZC_RUNTIME_IMAGE")]
+    runtime_image: Option<String>,
+    /// The runtime image of cuda pipelines (libtorch's CUDA backend and libraries).
+    #[arg(long, env = "KZC_CUDA_RUNTIME_IMAGE")]
+    cuda_runtime_image: Option<String>,
+}
+
+impl Images {
+    fn apply(self, settings: &mut render::Settings) {
+        if let Some(image) = self.runtime_image {
+            settings.runtime_image = image;
+        }
+        if let Some(image) = self.cuda_runtime_image {
+            settings.cuda_runtime_image = image;
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -93,11 +113,20 @@ fn main() {
     }
 }
 
+/// Prints to stdout; a reader that closed the pipe early (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Operator {
             namespace,
-            runtime_image,
+            images,
             metrics_listen,
             leader_election,
             lease_namespace,
@@ -109,9 +138,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep_unused,
                 ..Default::default()
             };
-            if let Some(image) = runtime_image {
-                settings.runtime_image = image;
-            }
+            images.apply(&mut settings);
             let metrics = std::sync::Arc::new(kube_zerocopy::metrics::Metrics::default());
             kube_zerocopy::metrics::serve(&metrics_listen, metrics.clone())?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -129,19 +156,14 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&InferencePipeline::crd())?);
+            emit(&serde_yaml::to_string(&InferencePipeline::crd())?)?;
             Ok(())
         }
-        Command::Render {
-            file,
-            runtime_image,
-        } => {
+        Command::Render { file, images } => {
             let pipeline = local::load_pipeline(&file)?;
             let mut settings = render::Settings::default();
-            if let Some(image) = runtime_image {
-                settings.runtime_image = image;
-            }
-            print!("{}", render::render(&pipeline, &settings)?.to_yaml()?);
+            images.apply(&mut settings);
+            emit(&render::render(&pipeline, &settings)?.to_yaml()?)?;
             Ok(())
         }
         Command::Local {

@@ -40,8 +40,12 @@ pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
 /// What the operator itself decides, not the pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// The runtime image: kube-zerocopy-sidecar and kube-zerocopy-worker with libtorch.
+    /// The runtime image: kube-zerocopy-sidecar and kube-zerocopy-worker with libtorch's CPU
+    /// libraries.
     pub runtime_image: String,
+    /// The runtime image of `device: cuda` pipelines: the same, with libtorch's CUDA backend
+    /// and the CUDA libraries it loads (several GB, hence a separate image).
+    pub cuda_runtime_image: String,
     /// Seconds an unused model stays cached in a node's store (Node sharing); the sidecar's
     /// default (an hour) when None.
     pub keep_unused: Option<u64>,
@@ -51,6 +55,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             runtime_image: format!("kube-zerocopy/runtime:{}", env!("CARGO_PKG_VERSION")),
+            cuda_runtime_image: format!("kube-zerocopy/runtime-cuda:{}", env!("CARGO_PKG_VERSION")),
             keep_unused: None,
         }
     }
@@ -311,7 +316,10 @@ fn pod_template(
     let image = overrides
         .image
         .clone()
-        .unwrap_or_else(|| settings.runtime_image.clone());
+        .unwrap_or_else(|| match spec.device {
+            DeviceKind::Cpu => settings.runtime_image.clone(),
+            DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
+        });
     let store_path = Path::new(store_mount);
 
     // A pod's own store goes with the pod: only a node's store keeps unused models.
@@ -568,5 +576,31 @@ mod tests {
             .map(|m| m.name)
             .collect();
         assert_eq!(names, [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME]);
+    }
+
+    #[test]
+    fn cuda_pipelines_run_the_cuda_runtime_image_unless_the_template_names_one() {
+        let settings = Settings::default();
+        let images = |p: &InferencePipeline| {
+            let (sidecar, worker) = containers(p);
+            (sidecar.image.unwrap(), worker.image.unwrap())
+        };
+        let cpu = images(&pipeline(""));
+        assert_eq!(
+            cpu,
+            (settings.runtime_image.clone(), settings.runtime_image)
+        );
+        let cuda = images(&pipeline("  device: cuda\n"));
+        assert_eq!(
+            cuda,
+            (
+                settings.cuda_runtime_image.clone(),
+                settings.cuda_runtime_image
+            )
+        );
+        let custom = images(&pipeline(
+            "  device: cuda\n  template: {image: 'registry.example/own:1'}\n",
+        ));
+        assert_eq!(custom.1, "registry.example/own:1");
     }
 }

@@ -17,6 +17,10 @@ pub const DEGRADED: &str = "Degraded";
 
 /// Degraded (and the others) when the namespace's Pod Security level forbids Node sharing.
 pub const POD_SECURITY_FORBIDS_NODE_SHARING: &str = "PodSecurityForbidsNodeSharing";
+/// The pipeline cannot become objects (a check the schema cannot express failed).
+pub const INVALID_PIPELINE: &str = "InvalidPipeline";
+/// The API server refused the pipeline's Job, Deployment or Service.
+pub const OBJECTS_REFUSED: &str = "ObjectsRefused";
 
 /// The name of the weight server's (native sidecar) container in every pod.
 pub const SIDECAR_CONTAINER: &str = "weight-server";
@@ -29,9 +33,16 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// Set when the operator refused to apply the spec (e.g. a running Job cannot change).
     pub refused: Option<String>,
-    /// Set when the namespace's Pod Security level forbids the pods, so that nothing was
-    /// applied: why (see [`crate::pod_security`]).
-    pub forbidden: Option<String>,
+    /// Set when nothing could be applied: the namespace's Pod Security level forbids the pods
+    /// (see [`crate::pod_security`]), or the pipeline's objects cannot be made or were refused.
+    pub blocked: Option<Blocked>,
+}
+
+/// Why nothing of a pipeline runs: a condition reason and a message a user can act on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blocked {
+    pub reason: &'static str,
+    pub message: String,
 }
 
 struct Cond {
@@ -220,25 +231,15 @@ pub fn compute(
     observed: &Observed,
     now: Timestamp,
 ) -> InferencePipelineStatus {
-    let (mut phase, progress, shards, mut conds) = match (&observed.forbidden, pipeline.spec.mode) {
+    let (mut phase, progress, shards, mut conds) = match (&observed.blocked, pipeline.spec.mode) {
         // Nothing was applied. Phase Blocked: not Pending, which says it is on its way, nor
-        // Failed, which is final; it goes on by itself once the namespace allows the pods.
-        // Degraded says why, as for the other spec the operator refuses to apply.
-        (Some(_), _) => {
-            let no_pods = "the namespace's Pod Security level forbids the pods (see Degraded)";
+        // Failed, which is final; it goes on by itself once the namespace allows the pods or
+        // the spec is fixed. Degraded says why, as for the other spec the operator refuses.
+        (Some(blocked), _) => {
+            let no_pods = "nothing runs (see Degraded)";
             let conds = vec![
-                cond(
-                    WEIGHTS_READY,
-                    false,
-                    POD_SECURITY_FORBIDS_NODE_SHARING,
-                    no_pods,
-                ),
-                cond(
-                    PROGRESSING,
-                    false,
-                    POD_SECURITY_FORBIDS_NODE_SHARING,
-                    no_pods,
-                ),
+                cond(WEIGHTS_READY, false, blocked.reason, no_pods),
+                cond(PROGRESSING, false, blocked.reason, no_pods),
             ];
             ("Blocked".to_string(), None, None, conds)
         }
@@ -257,13 +258,8 @@ pub fn compute(
     let weights_failed = conds
         .iter()
         .any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
-    let degraded = match (&observed.forbidden, &observed.refused, weights_failed) {
-        (Some(why), _, _) => cond(
-            DEGRADED,
-            true,
-            POD_SECURITY_FORBIDS_NODE_SHARING,
-            why.clone(),
-        ),
+    let degraded = match (&observed.blocked, &observed.refused, weights_failed) {
+        (Some(blocked), _, _) => cond(DEGRADED, true, blocked.reason, blocked.message.clone()),
         (None, Some(why), _) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
         (None, None, true) => cond(
             DEGRADED,
@@ -494,7 +490,10 @@ mod tests {
             let blocked = compute(
                 &p,
                 &Observed {
-                    forbidden: Some("namespace ml enforces ...".into()),
+                    blocked: Some(Blocked {
+                        reason: POD_SECURITY_FORBIDS_NODE_SHARING,
+                        message: "namespace ml enforces ...".into(),
+                    }),
                     ..Default::default()
                 },
                 Timestamp::UNIX_EPOCH,

@@ -2,6 +2,7 @@
 //! folder in /dev/shm, on models built by scripts/make_models.py.
 
 pub mod cluster;
+pub mod invalid;
 pub mod wait;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

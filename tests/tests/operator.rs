@@ -21,11 +21,13 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use kube_zerocopy::crd::{InferencePipeline, Sharing};
+use kube_zerocopy::crd::{InferencePipeline, PodOverrides, Sharing};
 use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered, Settings};
-use kube_zerocopy::status::POD_SECURITY_FORBIDS_NODE_SHARING;
+use kube_zerocopy::status::{OBJECTS_REFUSED, POD_SECURITY_FORBIDS_NODE_SHARING};
+use kube_zerocopy::validation;
 use kube_zerocopy_e2e::cluster::ControlPlane;
+use kube_zerocopy_e2e::invalid::invalid_pipelines;
 use kube_zerocopy_e2e::wait::eventually;
 use kube_zerocopy_e2e::{bin, repo};
 use serde_json::json;
@@ -293,47 +295,72 @@ fn chart_limits_namespaces_to_the_watched_one(cp: &ControlPlane) {
     named("ClusterRoleBinding");
 }
 
-/// Invalid pipelines and a piece of the message the API server must give for each.
-fn invalid_pipelines() -> Vec<(&'static str, String, &'static str)> {
-    let base = |spec: &str| {
-        format!("apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: bad, namespace: {NS}}}\nspec:\n{spec}")
-    };
-    let model = "  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n";
-    let task =
-        "  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 2}\n";
-    vec![
-        ("no models", base(&format!("  mode: Task\n  models: []\n{task}")), "should have at least 1 items"),
-        (
-            "duplicate model names",
-            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///a.pt'}}}}, {{name: m, format: TorchScript, source: {{uri: 'file:///b.pt'}}}}]\n{task}")),
-            "model names must be unique",
-        ),
-        (
-            "short sha256",
-            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', sha256: abc}}}}]\n{task}")),
-            "64 lowercase hex digits",
-        ),
-        (
-            "unsupported scheme",
-            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'ftp://host/m.pt'}}}}]\n{task}")),
-            "must start with file:///, http:// or https://",
-        ),
-        ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
-        ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
-        ("zero replicas", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 0}}\n")), "actor.replicas must be at least 1"),
-        ("unknown mode", base(&format!("  mode: Batch\n{model}")), "Unsupported value: \"Batch\""),
-        ("Task without shards", base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n")), "needs spec.task.shards"),
-        (
-            "bad model name",
-            base(&format!("  mode: Task\n  models: [{{name: Encoder_1, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
-            "model name must be lowercase",
-        ),
-        (
-            "architecture on TorchScript",
-            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, architecture: Mlp, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
-            "architecture applies only to format Safetensors",
-        ),
-    ]
+/// A pipeline the schema lets through but whose Job the API server refuses (a service account
+/// name that is no DNS name) is Blocked with the API server's reason, in its status and in a
+/// Warning event; fixed, it runs.
+async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
+    let minute = Duration::from_secs(60);
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
+    let mut p = task_pipeline("refused", 2);
+    p.spec.template = Some(PodOverrides {
+        service_account_name: Some("Not_A_Name".into()),
+        ..Default::default()
+    });
+    pipelines.create(&PostParams::default(), &p).await.unwrap();
+    let (phase, degraded) = eventually("the refused pipeline to say why", minute, || async {
+        let s = pipelines.get("refused").await.unwrap().status?;
+        let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
+        (c.reason == OBJECTS_REFUSED).then_some((s.phase, c))
+    })
+    .await;
+    println!("refused: {}", degraded.message);
+    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert!(
+        degraded.message.contains("serviceAccountName") && degraded.message.contains("Not_A_Name"),
+        "{}",
+        degraded.message
+    );
+    let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+    eventually(
+        "a Warning event with the API server's reason",
+        minute,
+        || async {
+            let list = events.list(&ListParams::default()).await.unwrap();
+            list.items
+                .iter()
+                .any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("refused")
+                        && e.reason.as_deref() == Some(OBJECTS_REFUSED)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.note.as_deref().is_some_and(|n| n.contains("Not_A_Name"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Fixed: the Job is created and the pipeline is no longer Blocked.
+    pipelines
+        .patch(
+            "refused",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"serviceAccountName": null}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the fixed pipeline's Job", minute, || async {
+        jobs.get_opt("refused-zerocopy").await.unwrap()
+    })
+    .await;
+    eventually("the fixed pipeline to leave Blocked", minute, || async {
+        let s = pipelines.get("refused").await.unwrap().status?;
+        (s.phase.as_deref() != Some("Blocked")).then_some(())
+    })
+    .await;
+    pipelines
+        .delete("refused", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Settings) {
@@ -502,7 +529,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         NS,
         &ApiResource::erase::<InferencePipeline>(&()),
     );
-    for (what, yaml, message) in invalid_pipelines() {
+    for (what, yaml, message) in invalid_pipelines(NS) {
         let bad: DynamicObject = serde_yaml::from_str(&yaml).unwrap();
         let err = raw
             .create(&PostParams::default(), &bad)
@@ -514,6 +541,15 @@ async fn operator_end_to_end_against_a_real_control_plane() {
             text.contains(message),
             "{what}: expected {message:?} in {text}"
         );
+        // What `kube-zerocopy render` answers for the same pipeline, word for word.
+        let cli = validation::validate(&serde_yaml::from_str(&yaml).unwrap())
+            .expect_err("the CLI accepts what the API server refuses");
+        for reason in &cli.errors {
+            assert!(
+                text.contains(reason.as_str()),
+                "{what}: the CLI says {reason:?}, the API server {text}"
+            );
+        }
     }
 
     // Task: an Indexed Job with the rendered pod template, run to completion by kwok.
@@ -691,6 +727,8 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     // Node sharing in a namespace that enforces Pod Security "restricted": its hostPath volume
     // would be refused, so no Job, and the pipeline says why; relabelled privileged, it runs.
     pod_security_holds_back_node_sharing(&admin, &settings).await;
+
+    a_pipeline_whose_job_is_refused_says_why_until_fixed(&admin).await;
 
     // The operator killed in the middle of reconciling (a pipeline just created, a change to
     // another just made) and restarted converges to the same objects.

@@ -605,7 +605,7 @@ pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(BIN_ENV) {
         return Ok(PathBuf::from(dir));
     }
-    let dir = run_script("control-plane.sh")?.trim().to_owned();
+    let dir = run_script("control-plane.sh", &[])?.trim().to_owned();
     if dir.is_empty() {
         bail!("scripts/control-plane.sh printed no folder");
     }
@@ -613,7 +613,7 @@ pub fn bin_dir() -> Result<PathBuf> {
 }
 
 /// Runs scripts/<name> and returns what it printed on stdout (its log goes to stderr).
-pub fn run_script(name: &str) -> Result<String> {
+pub fn run_script(name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     let script = crate::repo().join("scripts").join(name);
     let mut cmd = Command::new("bash");
     // A script that runs cargo (images.sh) must see the environment `make` gave, not the one
@@ -626,6 +626,7 @@ pub fn run_script(name: &str) -> Result<String> {
     }
     let out = cmd
         .arg(&script)
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;

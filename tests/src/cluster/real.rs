@@ -24,9 +24,16 @@ pub struct Images {
 }
 
 impl Images {
+    /// The archives as scripts/images.sh prints them: `NAME PATH` per line.
+    pub fn list(&self) -> String {
+        [&self.operator, &self.runtime, &self.pause]
+            .map(|(name, path)| format!("{name} {}\n", path.display()))
+            .concat()
+    }
+
     /// Runs scripts/images.sh (building what changed; its log goes to stderr).
     pub fn build() -> Result<Images> {
-        let lines = run_script("images.sh")?;
+        let lines = run_script("images.sh", &[])?;
         let find = |what: &str| -> Result<(String, PathBuf)> {
             lines
                 .lines()
@@ -54,7 +61,7 @@ pub struct RealCluster {
 impl RealCluster {
     pub async fn start() -> Result<RealCluster> {
         let images = tokio::task::spawn_blocking(Images::build).await??;
-        let bin = tokio::task::spawn_blocking(|| run_script("node.sh"))
+        let bin = tokio::task::spawn_blocking(|| run_script("node.sh", &[]))
             .await??
             .trim()
             .to_owned();

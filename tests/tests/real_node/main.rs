@@ -7,6 +7,7 @@
 //! Needs root (it runs a kubelet). `make e2e-node` runs it alone; `make test` runs it too.
 
 mod actor;
+mod images;
 mod pod_security;
 mod retry;
 mod support;
@@ -37,6 +38,7 @@ fn main() {
         retry::killed_worker_is_retried,
         pod_security::restricted_namespace_runs_pod_sharing,
         pod_security::restricted_namespace_refuses_node_sharing,
+        images::each_image_runs_with_runc_as_non_root,
     ];
     let names = || scenarios.iter().map(|(n, _)| n.replace("::", "_"));
     if args.list {

@@ -1,0 +1,67 @@
+//! Pipelines the API server refuses, shared by the test against the real API server and the
+//! test of `kube-zerocopy render`, which must refuse them too, with the same words.
+
+/// Invalid pipelines, each with a piece of the message the API server gives (tests/operator.rs)
+/// and `kube-zerocopy render` too (tests/render_cli.rs).
+pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static str)> {
+    let named = |name: &str, spec: &str| {
+        format!("apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}")
+    };
+    let base = |spec: &str| named("bad", spec);
+    let model = "  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n";
+    let task =
+        "  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 2}\n";
+    vec![
+        ("no models", base(&format!("  mode: Task\n  models: []\n{task}")), "should have at least 1 items"),
+        (
+            "duplicate model names",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///a.pt'}}}}, {{name: m, format: TorchScript, source: {{uri: 'file:///b.pt'}}}}]\n{task}")),
+            "model names must be unique",
+        ),
+        (
+            "short sha256",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', sha256: abc}}}}]\n{task}")),
+            "64 lowercase hex digits",
+        ),
+        (
+            "unsupported scheme",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'ftp://host/m.pt'}}}}]\n{task}")),
+            "must start with file:///, http:// or https://",
+        ),
+        ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
+        ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
+        ("zero replicas", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 0}}\n")), "actor.replicas must be at least 1"),
+        ("unknown mode", base(&format!("  mode: Batch\n{model}")), "Unsupported value: \"Batch\""),
+        ("Task without shards", base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n")), "needs spec.task.shards"),
+        (
+            "bad model name",
+            base(&format!("  mode: Task\n  models: [{{name: Encoder_1, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
+            "model name must be lowercase",
+        ),
+        (
+            "architecture on TorchScript",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, architecture: Mlp, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
+            "architecture applies only to format Safetensors",
+        ),
+        (
+            "a name too long for the pipeline's objects",
+            named(&"a".repeat(60), &format!("  mode: Task\n{model}{task}")),
+            "metadata.name may have at most 54 characters",
+        ),
+        (
+            "a name too long for its shards' host names",
+            named(&"a".repeat(50), &format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 10000}}\n")),
+            "host name <name>-zerocopy-<shard index> must have at most 63 characters",
+        ),
+        (
+            "a size that is not a quantity",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', size: big}}}}]\n{task}")),
+            "source.size must be a quantity such as 400Mi or 2Gi",
+        ),
+        (
+            "resources that are not quantities",
+            base(&format!("  mode: Task\n{model}{task}  template: {{resources: {{limits: {{memory: lots}}}}}}\n")),
+            "template.resources: requests and limits must be quantities",
+        ),
+    ]
+}
