@@ -83,16 +83,15 @@ pub struct InferencePipelineSpec {
 }
 
 /// What a pipeline may change in its pods. Everything else is the operator's.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-// The API server does not parse quantities inside a custom resource: a bad one would only fail
-// when the operator applies the Job.
-#[x_kube(validation = Rule::new("!has(self.resources) || ((!has(self.resources.limits) || self.resources.limits.all(k, isQuantity(string(self.resources.limits[k])))) && (!has(self.resources.requests) || self.resources.requests.all(k, isQuantity(string(self.resources.requests[k])))))").message("template.resources: requests and limits must be quantities such as 500m, 2 or 4Gi"))]
 pub struct PodOverrides {
     /// The runtime image (sidecar and worker); defaults to the operator's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The worker container's resources (activations; the weights are charged to the sidecar).
+    /// Quantities the API server cannot parse block the pipeline with reason InvalidPipeline: a
+    /// CEL rule over these maps costs more than the API server allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
     /// The pods' nodeSelector: labels a node must have to run them (e.g. a GPU type).
@@ -163,6 +162,7 @@ pub struct ModelSourceSpec {
     /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
     /// and the weight server's memory. Default: no size limit on the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_quantity")]
     #[x_kube(validation = Rule::new("isQuantity(string(self))").message("source.size must be a quantity such as 400Mi or 2Gi"))]
     pub size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     /// The expected sha256 of the file, 64 lowercase hex digits.
@@ -170,6 +170,15 @@ pub struct ModelSourceSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("source.sha256 must be 64 lowercase hex digits"))]
     pub sha256: Option<String>,
+}
+
+/// A quantity (an integer or a string such as 400Mi), as k8s-openapi's, with a maximum length:
+/// without one the API server estimates the cost of a CEL rule on it too high to accept it.
+fn bounded_quantity(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "maxLength": 64,
+    })
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -26,6 +26,37 @@ pub fn to_bytes(q: &str) -> Result<u64> {
     Ok((value * scale).ceil() as u64)
 }
 
+/// Whether `q` is a Kubernetes quantity, by the API server's grammar: a signed decimal number
+/// (`1`, `1.5`, `.5`, `2.`) then one suffix: binary (`Ki` .. `Ei`), decimal (`m`, `k`, `M` ..
+/// `E`) or an exponent (`e3`, `E-2`). The API server does not check quantities inside a custom
+/// resource, so the operator checks them before they reach a Job.
+pub fn is_quantity(q: &str) -> bool {
+    fn number(s: &str) -> Option<&str> {
+        let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+        let int = s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let rest = &s[int..];
+        let (frac, rest) = match rest.strip_prefix('.') {
+            Some(r) => {
+                let n = r.len() - r.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                (n, &r[n..])
+            }
+            None => (0, rest),
+        };
+        (int + frac > 0).then_some(rest)
+    }
+    let Some(suffix) = number(q) else {
+        return false;
+    };
+    match suffix {
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
+        _ => suffix
+            .strip_prefix(['e', 'E'])
+            .and_then(number)
+            .is_some_and(str::is_empty),
+    }
+}
+
 /// Bytes as a quantity in whole MiB, rounded up.
 pub fn mebibytes(bytes: u64) -> String {
     format!("{}Mi", bytes.div_ceil(1 << 20))
@@ -43,5 +74,19 @@ mod tests {
         assert!(to_bytes("12Q").is_err());
         assert!(to_bytes("Mi").is_err());
         assert_eq!(mebibytes((1 << 20) + 1), "2Mi");
+    }
+
+    #[test]
+    fn tells_quantities_by_the_api_servers_grammar() {
+        for q in [
+            "1", "500m", "2Gi", "1.5", ".5", "2.", "+3k", "-1", "1e3", "1E-2", "4Ei",
+        ] {
+            assert!(is_quantity(q), "{q}");
+        }
+        for q in [
+            "", "lots", "Mi", "1.5.2", "2 Gi", "1e", "1ei", "1KiB", ".", "e3", "1Q",
+        ] {
+            assert!(!is_quantity(q), "{q}");
+        }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
@@ -59,6 +59,23 @@ impl Default for Settings {
             keep_unused: None,
         }
     }
+}
+
+/// The worker's resources must be quantities: the API server does not check them inside a
+/// pipeline, and would refuse the Job with an internal error.
+fn check_resources(resources: Option<&ResourceRequirements>) -> Result<()> {
+    let Some(r) = resources else { return Ok(()) };
+    for (kind, list) in [("limits", &r.limits), ("requests", &r.requests)] {
+        for (name, value) in list.iter().flatten() {
+            if !quantity::is_quantity(&value.0) {
+                bail!(
+                    "template.resources.{kind}.{name}: {:?} is not a quantity (such as 500m, 2 or 4Gi)",
+                    value.0
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The objects of one pipeline.
@@ -445,6 +462,7 @@ fn pod_template(
 /// Renders a pipeline. Pure: the same pipeline and settings always give the same objects.
 pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rendered> {
     let spec = &pipeline.spec;
+    check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
     let model_bytes = total_model_bytes(pipeline)?;
     let (volumes, mounts, store_mount) = volumes(pipeline, model_bytes);
     let worker = match spec.mode {

@@ -75,12 +75,18 @@ pub fn validate(object: &Value) -> Result<(), Invalid> {
     // As in the API server, rules run on a well-formed object only (they assume its types).
     if errors.is_empty() {
         if let Err(failures) = Validator::new().validate(&SCHEMA, object, None) {
+            // The API server shows a scalar value that failed a rule, not an object or a list.
             for failure in failures.iter() {
-                let at = value_at(object, &failure.field_path);
+                let path = &failure.field_path;
+                let value = match value_at(object, path) {
+                    Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => {
+                        format!("{}: ", bad_value(v))
+                    }
+                    _ => String::new(),
+                };
                 errors.push(format!(
-                    "{}: Invalid value: {:?}: {}",
-                    or_nil(&failure.field_path),
-                    at.map(type_name).unwrap_or("object"),
+                    "{}: Invalid value: {value}{}",
+                    or_nil(path),
                     failure.message
                 ));
             }
@@ -258,19 +264,29 @@ fn or_nil(path: &str) -> &str {
     }
 }
 
-/// The value at a path such as `spec.models[0].name`.
-fn value_at<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
-    let mut at = root;
-    for part in path.split('.').filter(|p| !p.is_empty()) {
+/// The fields and list indexes of a path such as `spec.models[0].name`.
+fn parts(path: &str) -> impl Iterator<Item = Part<'_>> {
+    path.split('.').filter(|p| !p.is_empty()).flat_map(|part| {
         let (field, indexes) = part.split_once('[').unwrap_or((part, ""));
-        if !field.is_empty() {
-            at = at.get(field)?;
-        }
-        for index in indexes.split('[').filter(|i| !i.is_empty()) {
-            at = at.get(index.trim_end_matches(']').parse::<usize>().ok()?)?;
-        }
-    }
-    Some(at)
+        let field = (!field.is_empty()).then_some(Part::Field(field));
+        let indexes = indexes
+            .split('[')
+            .filter(|i| !i.is_empty())
+            .map(|i| Part::Index(i.trim_end_matches(']').parse().unwrap_or(usize::MAX)));
+        field.into_iter().chain(indexes)
+    })
+}
+
+enum Part<'a> {
+    Field(&'a str),
+    Index(usize),
+}
+
+fn value_at<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    parts(path).try_fold(root, |at, part| match part {
+        Part::Field(f) => at.get(f),
+        Part::Index(i) => at.get(i),
+    })
 }
 
 #[cfg(test)]
@@ -338,17 +354,21 @@ mod tests {
     fn cel_rules_run_with_the_api_servers_wording() {
         let mut spec = task();
         spec["models"][0]["source"]["size"] = json!("big");
+        spec["actor"] = json!({"replicas": 0});
         assert_eq!(
             errors(pipeline(spec)),
-            ["spec.models[0].source.size: Invalid value: \"string\": source.size must be a quantity such as 400Mi or 2Gi"]
+            [
+                "spec: Invalid value: spec.actor applies only to mode Actor; use spec.task for mode Task",
+                "spec.actor.replicas: Invalid value: 0: actor.replicas must be at least 1",
+                "spec.models[0].source.size: Invalid value: \"big\": source.size must be a quantity such as 400Mi or 2Gi",
+            ]
         );
         let mut long = pipeline(task());
         long["metadata"]["name"] = json!("a".repeat(55));
         let found = errors(long);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            found[0]
-                .starts_with("<nil>: Invalid value: \"object\": metadata.name may have at most 54"),
+            found[0].starts_with("<nil>: Invalid value: metadata.name may have at most 54"),
             "{found:?}"
         );
     }

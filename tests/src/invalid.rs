@@ -58,10 +58,5 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', size: big}}}}]\n{task}")),
             "source.size must be a quantity such as 400Mi or 2Gi",
         ),
-        (
-            "resources that are not quantities",
-            base(&format!("  mode: Task\n{model}{task}  template: {{resources: {{limits: {{memory: lots}}}}}}\n")),
-            "template.resources: requests and limits must be quantities",
-        ),
     ]
 }

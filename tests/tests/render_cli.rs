@@ -58,3 +58,23 @@ fn render_accepts_every_example() {
     }
     assert!(examples >= 4, "only {examples} examples found");
 }
+
+#[test]
+fn render_refuses_resources_that_are_not_quantities() {
+    // The API server takes them inside a pipeline (no CEL rule over these maps fits its cost
+    // budget); the operator blocks such a pipeline, and render says why.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 2}\n  template: {resources: {requests: {cpu: 1, memory: 2GB}}}\n",
+    )
+    .unwrap();
+    let out = render(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "render exited 0");
+    assert!(
+        stderr.contains("template.resources.requests.memory: \"2GB\" is not a quantity"),
+        "{stderr}"
+    );
+}
