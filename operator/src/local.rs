@@ -63,10 +63,16 @@ pub struct Summary {
 
 /// Reads a pipeline from YAML (or JSON) and checks it as the API server would.
 pub fn load_pipeline(file: &Path) -> Result<InferencePipeline> {
+    checked(file, read_object(file)?)
+}
+
+fn read_object(file: &Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let object: serde_json::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", file.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", file.display()))
+}
+
+fn checked(file: &Path, object: serde_json::Value) -> Result<InferencePipeline> {
     crate::validation::validate(&object).with_context(|| {
         format!(
             "{}: the API server would refuse this pipeline",
@@ -75,6 +81,29 @@ pub fn load_pipeline(file: &Path) -> Result<InferencePipeline> {
     })?;
     serde_json::from_value(object)
         .with_context(|| format!("{} is not a valid InferencePipeline", file.display()))
+}
+
+/// A Task pipeline run here may leave out `task.shards`: its input folder is at hand, so the
+/// count is its shard files' (the API server needs it written).
+fn with_shards_counted(mut object: serde_json::Value) -> Result<serde_json::Value> {
+    let spec = &object["spec"];
+    if spec["mode"] != "Task" || !spec["task"]["shards"].is_null() {
+        return Ok(object);
+    }
+    // Without an input folder the check says what is missing.
+    let Some(input) = spec["input"]["uri"].as_str() else {
+        return Ok(object);
+    };
+    let count =
+        kube_zerocopy_sidecar::config::shard_files(Path::new(input.trim_start_matches("file://")))?
+            .len();
+    let task = object["spec"]
+        .as_object_mut()
+        .context("spec is not an object")?
+        .entry("task")
+        .or_insert_with(|| serde_json::json!({}));
+    task["shards"] = serde_json::json!(count);
+    Ok(object)
 }
 
 /// The median (the mean of the middle two for an even count; 0 for none).
@@ -120,7 +149,8 @@ fn terminate(child: &mut Child) {
 }
 
 pub fn run(opts: &Options) -> Result<Summary> {
-    let pipeline = load_pipeline(&opts.file)?;
+    let object = with_shards_counted(read_object(&opts.file)?)?;
+    let pipeline = checked(&opts.file, object)?;
     let spec = &pipeline.spec;
     let name = pipeline
         .metadata
