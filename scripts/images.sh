@@ -231,6 +231,21 @@ check_deps() {
 
 stage_bin() { strip --strip-debug -o "$2" "$1" || die "strip $1 failed"; }
 
+# stage_wheel_libs FILE LIBDIR: copies the libraries FILE loads from the torch wheel into LIBDIR,
+# under the names the loader asks for (no symlinks); any other must be in the base.
+venv="$(realpath "$KZC_VENV")"
+stage_wheel_libs() {
+  local file="$1" dir="$2" deps soname path
+  deps="$(check_deps "$file")"
+  while read -r soname path; do
+    if [[ "$(realpath "$path")" == "$venv"/* ]]; then
+      cp -L "$path" "$dir/$soname"
+    elif ! [[ "$soname" =~ $BASE_SONAMES ]]; then
+      die "${file##*/} needs $soname ($path): neither in the torch wheel nor in the base"
+    fi
+  done <<<"$deps"
+}
+
 # operator
 ctx="$WORK/operator"
 mkdir -p "$ctx"
@@ -248,15 +263,7 @@ deps="$(check_deps "$REL/kube-zerocopy-sidecar")"
 while read -r soname _; do
   [[ "$soname" =~ $BASE_SONAMES ]] || die "kube-zerocopy-sidecar needs $soname, which the base does not have"
 done <<<"$deps"
-deps="$(check_deps "$REL/kube-zerocopy-worker")"
-venv="$(realpath "$KZC_VENV")"
-while read -r soname path; do
-  if [[ "$(realpath "$path")" == "$venv"/* ]]; then
-    cp -L "$path" "$ctx/lib/$soname"   # under the name the loader asks for, no symlinks
-  elif ! [[ "$soname" =~ $BASE_SONAMES ]]; then
-    die "kube-zerocopy-worker needs $soname ($path): neither in the torch wheel nor in the base"
-  fi
-done <<<"$deps"
+stage_wheel_libs "$REL/kube-zerocopy-worker" "$ctx/lib"
 [ -f "$ctx/lib/libtorch_cpu.so" ] || die "kube-zerocopy-worker does not load libtorch_cpu.so from $KZC_VENV"
 stage_bin "$REL/kube-zerocopy-sidecar" "$ctx/bin/kube-zerocopy-sidecar"
 stage_bin "$REL/kube-zerocopy-worker" "$ctx/bin/kube-zerocopy-worker"
@@ -275,14 +282,7 @@ if [ "$WITH_CUDA" = 1 ]; then
   for lib in "$torch_lib/libtorch_cuda.so" "$torch_lib/libtorch_cuda_linalg.so"; do
     [ -f "$lib" ] || die "$lib is missing: the torch wheel in $KZC_VENV is not a CUDA build"
     cp -L "$lib" "$ctx/lib/"
-    deps="$(check_deps "$lib")"
-    while read -r soname path; do
-      if [[ "$(realpath "$path")" == "$venv"/* ]]; then
-        cp -L "$path" "$ctx/lib/$soname"
-      elif ! [[ "$soname" =~ $BASE_SONAMES ]]; then
-        die "${lib##*/} needs $soname ($path): neither in the torch wheel nor in the base"
-      fi
-    done <<<"$deps"
+    stage_wheel_libs "$lib" "$ctx/lib"
   done
   cp -L "$nvidia"/cudnn/lib/libcudnn_*.so.* "$nvidia"/cu13/lib/libnvrtc-builtins.so.* "$ctx/lib/"
   log "runtime-cuda libraries: $(du -sh "$ctx/lib" | cut -f1)"

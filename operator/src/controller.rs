@@ -158,44 +158,13 @@ pub async fn reconcile(
     } else {
         None
     };
-    // A pipeline that cannot become objects, or whose objects the API server refuses, is
-    // blocked with the reason in its status and an event: a person must change it (retrying
-    // soon would only repeat the refusal; a change of the spec brings a reconcile at once).
-    let (job, deployment, refused, blocked) = match forbidden {
-        Some(blocked) => (None, None, None, Some(blocked)),
-        None => match render::render(&pipeline, &ctx.settings) {
-            Err(e) => {
-                let message = format!("cannot make the pipeline's objects: {e:#}");
-                (
-                    None,
-                    None,
-                    None,
-                    Some(Blocked {
-                        reason: status::INVALID_PIPELINE,
-                        message,
-                    }),
-                )
-            }
-            Ok(rendered) => match apply_objects(&ctx, &pipeline, &ns, rendered).await {
-                Ok((job, deployment, refused)) => (job, deployment, refused, None),
-                Err(Error::Kube(kube::Error::Api(e))) if refusal_is_final(e.code) => {
-                    let message = format!(
-                        "the API server refused the pipeline's objects: {}",
-                        e.message
-                    );
-                    (
-                        None,
-                        None,
-                        None,
-                        Some(Blocked {
-                            reason: status::OBJECTS_REFUSED,
-                            message,
-                        }),
-                    )
-                }
-                Err(e) => return Err(e),
-            },
-        },
+    let outcome = match forbidden {
+        Some(blocked) => Err(blocked),
+        None => render_and_apply(&ctx, &pipeline, &ns).await?,
+    };
+    let ((job, deployment, refused), blocked) = match outcome {
+        Ok(applied) => (applied, None),
+        Err(blocked) => ((None, None, None), Some(blocked)),
     };
     let pods: Vec<Pod> = ctx
         .pods
@@ -296,6 +265,40 @@ pub async fn reconcile(
     }))
 }
 
+/// The Job or Deployment as applied and, when a spec change was refused, why.
+type Applied = (Option<Job>, Option<Deployment>, Option<String>);
+
+/// Renders and applies a pipeline's objects. A pipeline that cannot become objects, or whose
+/// objects the API server refuses, is blocked with the reason (its status and an event say it):
+/// a person must change it, and a change of the spec brings a reconcile at once. Only errors
+/// that may pass on retry are returned as errors.
+async fn render_and_apply(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+) -> Result<Result<Applied, Blocked>, Error> {
+    let rendered = match render::render(pipeline, &ctx.settings) {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            return Ok(Err(Blocked {
+                reason: status::INVALID_PIPELINE,
+                message: format!("cannot make the pipeline's objects: {e:#}"),
+            }))
+        }
+    };
+    match apply_objects(ctx, pipeline, ns, rendered).await {
+        Ok(applied) => Ok(Ok(applied)),
+        Err(Error::Kube(kube::Error::Api(e))) if refusal_is_final(e.code) => Ok(Err(Blocked {
+            reason: status::OBJECTS_REFUSED,
+            message: format!(
+                "the API server refused the pipeline's objects: {}",
+                e.message
+            ),
+        })),
+        Err(e) => Err(e),
+    }
+}
+
 /// Applies a pipeline's objects: its Job (see [`apply_task`]), or its Service and Deployment.
 /// Returns the Job or Deployment as applied and, when the spec change was refused, why.
 async fn apply_objects(
@@ -303,7 +306,7 @@ async fn apply_objects(
     pipeline: &InferencePipeline,
     ns: &str,
     rendered: Rendered,
-) -> Result<(Option<Job>, Option<Deployment>, Option<String>), Error> {
+) -> Result<Applied, Error> {
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
     match rendered {

@@ -115,30 +115,28 @@ fn structural(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String
         }
         return;
     }
-    if flag("x-kubernetes-int-or-string") {
-        if !(value.is_string() || value.is_i64() || value.is_u64()) {
-            errors.push(format!(
-                "{}: Invalid value: {:?}: {} in body must be of type integer or string: {:?}",
-                or_nil(path),
-                type_name(value),
-                path,
-                type_name(value)
-            ));
-        }
+    // An int-or-string takes either, and no other check applies to it here.
+    let int_or_string = flag("x-kubernetes-int-or-string");
+    let (expected, fits) = if int_or_string {
+        let fits = value.is_string() || has_type(value, "integer");
+        (Some("integer or string"), fits)
+    } else {
+        let expected = schema.get("type").and_then(Value::as_str);
+        (expected, expected.is_none_or(|t| has_type(value, t)))
+    };
+    if !fits {
+        errors.push(format!(
+            "{}: Invalid value: {:?}: {} in body must be of type {}: {:?}",
+            or_nil(path),
+            type_name(value),
+            path,
+            expected.unwrap_or_default(),
+            type_name(value)
+        ));
         return;
     }
-    let expected = schema.get("type").and_then(Value::as_str);
-    if let Some(expected) = expected {
-        if !has_type(value, expected) {
-            errors.push(format!(
-                "{}: Invalid value: {:?}: {} in body must be of type {expected}: {:?}",
-                or_nil(path),
-                type_name(value),
-                path,
-                type_name(value)
-            ));
-            return;
-        }
+    if int_or_string {
+        return;
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
         if !allowed.contains(value) {

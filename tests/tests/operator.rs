@@ -15,7 +15,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -295,6 +295,17 @@ fn chart_limits_namespaces_to_the_watched_one(cp: &ControlPlane) {
     named("ClusterRoleBinding");
 }
 
+/// The pipeline's phase and its Degraded condition, once that condition has `reason`.
+async fn degraded_with(
+    pipelines: &Api<InferencePipeline>,
+    name: &str,
+    reason: &str,
+) -> Option<(Option<String>, Condition)> {
+    let s = pipelines.get(name).await.unwrap().status?;
+    let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
+    (c.reason == reason).then_some((s.phase, c))
+}
+
 /// A pipeline the schema lets through but whose Job the API server refuses (a service account
 /// name that is no DNS name) is Blocked with the API server's reason, in its status and in a
 /// Warning event; fixed, it runs. A malformed resource quantity, which the API server does not
@@ -309,10 +320,8 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
         ..Default::default()
     });
     pipelines.create(&PostParams::default(), &p).await.unwrap();
-    let (phase, degraded) = eventually("the refused pipeline to say why", minute, || async {
-        let s = pipelines.get("refused").await.unwrap().status?;
-        let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
-        (c.reason == OBJECTS_REFUSED).then_some((s.phase, c))
+    let (phase, degraded) = eventually("the refused pipeline to say why", minute, || {
+        degraded_with(&pipelines, "refused", OBJECTS_REFUSED)
     })
     .await;
     println!("refused: {}", degraded.message);
@@ -371,11 +380,7 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     let (phase, degraded) = eventually(
         "the pipeline with a bad quantity to say why",
         minute,
-        || async {
-            let s = pipelines.get("bad-resources").await.unwrap().status?;
-            let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
-            (c.reason == INVALID_PIPELINE).then_some((s.phase, c))
-        },
+        || degraded_with(&pipelines, "bad-resources", INVALID_PIPELINE),
     )
     .await;
     println!("invalid: {}", degraded.message);
@@ -446,19 +451,10 @@ async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Setting
         .create(&PostParams::default(), &shared)
         .await
         .unwrap();
-    // The phase and the Degraded condition, once it has `reason`.
-    let degraded = |reason: &'static str| {
-        let pipelines = pipelines.clone();
-        async move {
-            let s = pipelines.get("node-shared").await.unwrap().status?;
-            let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
-            (c.reason == reason).then_some((s.phase, c))
-        }
-    };
     let (phase, blocked) = eventually(
         "the Node-sharing pipeline to be blocked with a reason",
         minute,
-        || degraded(POD_SECURITY_FORBIDS_NODE_SHARING),
+        || degraded_with(&pipelines, "node-shared", POD_SECURITY_FORBIDS_NODE_SHARING),
     )
     .await;
     println!("blocked: {}", blocked.message);
@@ -514,8 +510,10 @@ async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Setting
     })
     .await;
     println!("Job created {:?} after the relabel", relabelled.elapsed());
-    let (phase, cleared) =
-        eventually("the condition to clear", minute, || degraded("AsExpected")).await;
+    let (phase, cleared) = eventually("the condition to clear", minute, || {
+        degraded_with(&pipelines, "node-shared", "AsExpected")
+    })
+    .await;
     assert_eq!(cleared.status, "False");
     assert_ne!(phase.as_deref(), Some("Blocked"));
     pipelines
