@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
+.PHONY: cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -18,8 +18,12 @@ lint: setup
 	$(ENV) && cargo fmt --all -- --check
 	$(ENV) && cargo clippy --release --workspace --all-targets -- -D warnings
 
-test: build lint
+test: cluster-binaries build lint
 	scripts/test.sh
+
+# Started first so that the Go builds of the test cluster overlap cargo's (scripts/cluster-binaries.sh).
+cluster-binaries:
+	@scripts/cluster-binaries.sh
 
 # The pure crates' tests (operator and sidecar): no torch, no cluster, seconds once built.
 test-unit:

@@ -4,6 +4,12 @@
 # root filesystems from Debian's archive), buildah (builds the Dockerfiles without a daemon) and
 # umoci. Needs root, as the real node does.
 set -euo pipefail
+# Callers may run at once (make test's background build, a test building images): apt takes
+# turns badly, so they take turns here.
+lock="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}/host-packages.lock"
+mkdir -p "$(dirname "$lock")"
+exec 9>"$lock"
+flock 9
 packages=(runc nftables mmdebstrap buildah umoci)
 missing=()
 for p in "${packages[@]}"; do
