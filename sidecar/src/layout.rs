@@ -22,7 +22,6 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -114,6 +113,10 @@ impl Manifest {
                 self.tensors_bytes
             );
         }
+        let mut names = std::collections::HashSet::new();
+        if let Some(t) = self.tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+            bail!("tensor {:?} is listed twice", t.name);
+        }
         let mut by_offset: Vec<&TensorEntry> = self.tensors.iter().collect();
         by_offset.sort_by_key(|t| t.offset);
         let mut end_of_previous = 0u64;
@@ -125,7 +128,10 @@ impl Manifest {
                     t.offset
                 );
             }
-            let expected = t.numel().checked_mul(t.dtype.size());
+            let expected = t
+                .shape
+                .iter()
+                .try_fold(t.dtype.size(), |n, &d| n.checked_mul(d));
             if expected != Some(t.length) {
                 bail!(
                     "tensor {:?}: length {} does not match its shape and dtype",
@@ -145,14 +151,24 @@ impl Manifest {
     }
 }
 
-/// Assigns aligned offsets, in the given order. Returns the entries and the total size.
+/// Assigns aligned offsets, in the given order. Returns the entries and the total size, or an
+/// error when a size does not fit in 64 bits (shapes come from untrusted files).
 pub fn plan(
     tensors: impl IntoIterator<Item = (String, DType, Vec<u64>)>,
-) -> (Vec<TensorEntry>, u64) {
+) -> Result<(Vec<TensorEntry>, u64)> {
     let mut offset = 0u64;
     let mut entries = Vec::new();
     for (name, dtype, shape) in tensors {
-        let length = shape.iter().product::<u64>() * dtype.size();
+        let length = shape
+            .iter()
+            .try_fold(dtype.size(), |n, &d| n.checked_mul(d))
+            .with_context(|| format!("tensor {name:?}: its shape {shape:?} overflows 64 bits"))?;
+        let end = offset
+            .checked_add(length)
+            .and_then(|end| end.checked_next_multiple_of(ALIGNMENT))
+            .with_context(|| {
+                format!("tensor {name:?}: the tensors' total size overflows 64 bits")
+            })?;
         entries.push(TensorEntry {
             name,
             dtype,
@@ -160,9 +176,9 @@ pub fn plan(
             offset,
             length,
         });
-        offset = (offset + length).div_ceil(ALIGNMENT) * ALIGNMENT;
+        offset = end;
     }
-    (entries, offset)
+    Ok((entries, offset))
 }
 
 /// The content-addressed store: the shared volume's root.
@@ -385,7 +401,13 @@ impl Staging {
     /// folder fails here, at once, and not halfway through the copy.
     pub fn create_tensors_file(&self, size: u64) -> Result<TensorsFile> {
         let path = self.dir.join(TENSORS_FILE);
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        // Readable too: a shared writable mapping needs both.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         if size > 0 {
             if let Err(e) =
                 rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)
@@ -409,7 +431,25 @@ impl Staging {
                 bail!("reserving {size} bytes in {}: {e}", path.display());
             }
         }
-        Ok(TensorsFile { file, path })
+        // Mapped and populated: the space is reserved, so filling it cannot fault for lack of
+        // room, and the formats read their sources straight into it (one copy).
+        let map = if size > 0 {
+            let len = usize::try_from(size).context("tensors.bin exceeds the address space")?;
+            // SAFETY: a file this process just created in its own staging folder; nobody else
+            // maps or truncates it before it is published (and never after).
+            Some(
+                unsafe {
+                    memmap2::MmapOptions::new()
+                        .len(len)
+                        .populate()
+                        .map_mut(&file)
+                }
+                .with_context(|| format!("mapping {}", path.display()))?,
+            )
+        } else {
+            None
+        };
+        Ok(TensorsFile { map, path })
     }
 
     /// fsyncs the folder's files, writes the manifest, and renames the folder into place.
@@ -449,16 +489,28 @@ impl Drop for Staging {
     }
 }
 
+/// tensors.bin of a staging folder, mapped for writing.
 pub struct TensorsFile {
-    file: File,
+    map: Option<memmap2::MmapMut>,
     path: PathBuf,
 }
 
 impl TensorsFile {
-    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(bytes, offset)
-            .with_context(|| format!("writing {}", self.path.display()))
+    /// The bytes of one tensor, to be filled in place.
+    pub fn region(&mut self, entry: &TensorEntry) -> Result<&mut [u8]> {
+        let range = usize::try_from(entry.offset)
+            .ok()
+            .zip(usize::try_from(entry.length).ok())
+            .and_then(|(start, len)| Some(start..start.checked_add(len)?));
+        let map = self.map.as_deref_mut().unwrap_or_default();
+        let len = map.len();
+        range.and_then(|r| map.get_mut(r)).with_context(|| {
+            format!(
+                "tensor {:?} lies outside {} ({len} bytes)",
+                entry.name,
+                self.path.display()
+            )
+        })
     }
 }
 
@@ -598,7 +650,8 @@ mod tests {
             ("a".to_string(), DType::F32, vec![3]),
             ("b".to_string(), DType::BF16, vec![5, 7]),
             ("c".to_string(), DType::Bool, vec![1]),
-        ]);
+        ])
+        .unwrap();
         assert_eq!(
             entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
             vec![0, 64, 192]
@@ -622,6 +675,33 @@ mod tests {
         assert!(err(manifest(vec![t("a", 4, 1)], 64), 64).contains("unaligned"));
         assert!(err(manifest(vec![t("a", 0, 100)], 256), 256).contains("past the end"));
         assert!(err(manifest(vec![t("a", 0, 1)], 64), 128).contains("holds 128 bytes"));
+        assert!(err(manifest(vec![t("a", 0, 1), t("a", 64, 1)], 128), 128).contains("listed twice"));
+    }
+
+    #[test]
+    fn shapes_whose_size_overflows_are_refused() {
+        let huge = vec![1 << 40, 1 << 40];
+        let err = plan([("w".to_string(), DType::F32, huge)]).unwrap_err();
+        assert!(err.to_string().contains("overflows 64 bits"), "{err}");
+        let err = plan([
+            ("a".to_string(), DType::U8, vec![u64::MAX - 8]),
+            ("b".to_string(), DType::U8, vec![64]),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("overflows 64 bits"), "{err}");
+        let mut m = manifest(vec![], 0);
+        m.tensors.push(TensorEntry {
+            name: "w".into(),
+            dtype: DType::F64,
+            shape: vec![1 << 62, 4],
+            offset: 0,
+            length: 0,
+        });
+        assert!(m
+            .validate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("does not match"));
     }
 }
 

@@ -5,6 +5,17 @@
 //! record `<archive>/<key>`. This is a small pickle machine that tracks only what it needs to
 //! read those tuples (strings, integers, globals, tuples, the memo) and treats every other
 //! value as opaque. It never executes anything.
+//!
+//! Why by hand: the Rust pickle crates (serde-pickle and its forks) decode a pickle into serde
+//! data and give no way to receive persistent ids, which is all this needs; the readers that do
+//! handle PyTorch files come inside whole tensor libraries and read `torch.save` checkpoints,
+//! not TorchScript's pickles.
+//!
+//! The input is untrusted, so its cost is bounded by its length: values are shared, never
+//! copied (the memo and DUP hand out the same value again), tuples nest at most [`MAX_DEPTH`]
+//! deep, and every size is checked against the bytes that are actually there.
+
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 
@@ -17,13 +28,39 @@ pub struct StorageRef {
     pub numel: u64,
 }
 
+/// The deepest nesting of tuples accepted; libtorch's pickles nest a few levels.
+pub const MAX_DEPTH: u32 = 1000;
+
+/// A pickle value as far as this reader cares. Cloning is O(1).
 #[derive(Clone, Debug)]
 enum Value {
-    Str(String),
+    Str(Rc<str>),
     Int(i64),
-    Global(String, String),
-    Tuple(Vec<Value>),
+    Global(Rc<str>, Rc<str>),
+    /// The items and the nesting depth (1 for a tuple of non-tuples).
+    Tuple(Rc<[Value]>, u32),
     Opaque,
+}
+
+impl Value {
+    fn str(s: &[u8]) -> Value {
+        Value::Str(String::from_utf8_lossy(s).into())
+    }
+
+    fn tuple(items: Vec<Value>, at: usize) -> Result<Value> {
+        let depth = 1 + items
+            .iter()
+            .map(|v| match v {
+                Value::Tuple(_, d) => *d,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        if depth > MAX_DEPTH {
+            bail!("pickle nests tuples deeper than {MAX_DEPTH} at byte {at}");
+        }
+        Ok(Value::Tuple(items.into(), depth))
+    }
 }
 
 fn storage_dtype(module: &str, name: &str) -> Result<DType> {
@@ -70,20 +107,31 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn line(&mut self) -> Result<String> {
+    fn line(&mut self) -> Result<Rc<str>> {
         let rest = &self.bytes[self.pos..];
         let n = rest
             .iter()
             .position(|&b| b == b'\n')
             .context("unterminated pickle line")?;
-        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        let s = String::from_utf8_lossy(&rest[..n]).into();
         self.pos += n + 1;
         Ok(s)
     }
-    fn string(&mut self, n: usize) -> Result<Value> {
-        Ok(Value::Str(
-            String::from_utf8_lossy(self.take(n)?).into_owned(),
-        ))
+    /// A length read from the pickle: beyond the bytes left, it cannot be right.
+    fn len(&mut self, n: u64) -> Result<usize> {
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.bytes.len() - self.pos)
+            .with_context(|| {
+                format!(
+                    "pickle ends early at byte {}: {n} more bytes declared",
+                    self.pos
+                )
+            })
+    }
+    fn string(&mut self, n: u64) -> Result<Value> {
+        let n = self.len(n)?;
+        Ok(Value::str(self.take(n)?))
     }
 }
 
@@ -131,19 +179,19 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
             }
             b'Q' => {
                 let pid = pop(&mut stack)?;
-                let Value::Tuple(items) = &pid else {
+                let Value::Tuple(items, _) = &pid else {
                     bail!("persistent id at byte {at} is not a tuple")
                 };
-                match items.as_slice() {
+                match &items[..] {
                     [Value::Str(kind), Value::Global(module, name), Value::Str(key), Value::Str(_location), Value::Int(numel)]
-                        if kind == "storage" =>
+                        if &**kind == "storage" =>
                     {
                         let dtype = storage_dtype(module, name)?;
                         if *numel < 0 {
                             bail!("storage {key} has a negative size");
                         }
                         let numel = *numel as u64;
-                        match refs.iter().find(|s| &s.key == key) {
+                        match refs.iter().find(|s| *s.key == **key) {
                             Some(s) if s.dtype != dtype || s.numel != numel => {
                                 bail!(
                                     "storage {key} is declared twice with different types or sizes"
@@ -151,7 +199,7 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
                             }
                             Some(_) => {}
                             None => refs.push(StorageRef {
-                                key: key.clone(),
+                                key: key.to_string(),
                                 dtype,
                                 numel,
                             }),
@@ -164,41 +212,36 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
             b'(' => marks.push(stack.len()),
             b't' => {
                 let items = pop_mark(&mut stack, &mut marks)?;
-                stack.push(Value::Tuple(items));
+                stack.push(Value::tuple(items, at)?);
             }
-            b')' => stack.push(Value::Tuple(vec![])),
+            b')' => stack.push(Value::tuple(vec![], at)?),
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if stack.len() < n {
                     bail!("pickle stack underflow at byte {at}");
                 }
                 let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                stack.push(Value::tuple(items, at)?);
             }
             b'X' => {
-                let n = r.u32()? as usize;
+                let n = r.u32()?.into();
                 stack.push(r.string(n)?);
             }
             0x8c => {
-                let n = r.u8()? as usize;
+                let n = r.u8()?.into();
                 stack.push(r.string(n)?);
             }
             0x8d => {
-                let n = r.u64()? as usize;
+                let n = r.u64()?;
                 stack.push(r.string(n)?);
             }
-            b'B' => {
-                let n = r.u32()? as usize;
-                r.take(n)?;
-                stack.push(Value::Opaque);
-            }
-            b'C' => {
-                let n = r.u8()? as usize;
-                r.take(n)?;
-                stack.push(Value::Opaque);
-            }
-            0x8e => {
-                let n = r.u64()? as usize;
+            b'B' | b'C' | 0x8e => {
+                let n = match op {
+                    b'B' => r.u32()?.into(),
+                    b'C' => r.u8()?.into(),
+                    _ => r.u64()?,
+                };
+                let n = r.len(n)?;
                 r.take(n)?;
                 stack.push(Value::Opaque);
             }
@@ -207,10 +250,11 @@ pub fn storage_refs(pickle: &[u8]) -> Result<Vec<StorageRef>> {
             b'M' => stack.push(Value::Int(r.u16()? as i64)),
             0x8a | 0x8b => {
                 let n = if op == 0x8a {
-                    r.u8()? as usize
+                    r.u8()?.into()
                 } else {
-                    r.u32()? as usize
+                    r.u32()?.into()
                 };
+                let n = r.len(n)?;
                 let bytes = r.take(n)?;
                 let value = if n <= 8 && n > 0 {
                     let mut buf = if bytes[n - 1] & 0x80 != 0 {
@@ -319,5 +363,39 @@ mod tests {
     fn truncated_pickle_is_an_error() {
         let err = storage_refs(&[0x80, 2, b'X', 10, 0, 0, 0, b'a']).unwrap_err();
         assert!(err.to_string().contains("ends early"), "{err}");
+    }
+
+    /// A pickle whose memo doubles a tuple forty times: 2^40 values if copied, a few hundred
+    /// bytes and a few hundred values when shared.
+    #[test]
+    fn memo_references_are_shared_not_copied() {
+        let mut p = vec![0x80, 2, b')', b'q', 0];
+        for _ in 0..40 {
+            p.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        assert_eq!(storage_refs(&p).unwrap(), vec![]);
+    }
+
+    /// Each TUPLE1 wraps the value below it: nesting would otherwise only be bounded by the
+    /// pickle's length, and dropping it would overflow the stack.
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut p = vec![0x80, 2, b')'];
+        p.extend(std::iter::repeat_n(0x85, 200_000));
+        p.push(b'.');
+        let err = storage_refs(&p).unwrap_err();
+        assert!(err.to_string().contains("deeper than 1000"), "{err}");
+    }
+
+    #[test]
+    fn declared_lengths_beyond_the_pickle_are_refused() {
+        for op in [0x8d, 0x8e] {
+            let mut p = vec![0x80, 2, op];
+            p.extend_from_slice(&(1u64 << 62).to_le_bytes());
+            p.push(b'.');
+            let err = storage_refs(&p).unwrap_err();
+            assert!(err.to_string().contains("more bytes declared"), "{err}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use tracing::info;
 use crate::config::ModelSource;
 use crate::formats::{self, LaidOut};
 use crate::layout::{Bindings, Hold, Manifest, Staging, Store, StoreFull, LAYOUT_VERSION};
-use crate::source::{fetch, sha256_hex};
+use crate::source::{fetch, sha256_hex, SourceFile};
 
 pub struct Publisher {
     pub store: Store,
@@ -68,7 +68,7 @@ impl Publisher {
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
         let fetched = fetch(&model.uri, &self.download_dir)?;
-        info!(model = %model.name, bytes = fetched.size, secs = started.elapsed().as_secs_f32(), "fetched");
+        info!(model = %model.name, bytes = fetched.size(), secs = started.elapsed().as_secs_f32(), "fetched");
         let digest = fetched.sha256.clone();
         let (hold, _digest_lock) = match hold {
             Some(hold) if hold.digest != digest => bail!(
@@ -85,11 +85,8 @@ impl Publisher {
             return Ok(hold);
         }
 
-        let file = std::fs::File::open(&fetched.path)?;
-        // SAFETY: read-only map of a source file that this process does not modify.
-        let source = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", fetched.path.display()))?;
-        let laid = match self.lay_out(model, &digest, &source) {
+        let source = &fetched.source;
+        let laid = match self.lay_out(model, &digest, source) {
             Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
                 // Room may be taken by models that no pod uses any more: collect them, retry.
                 let removed = self.store.collect_unused(Duration::ZERO)?;
@@ -97,17 +94,19 @@ impl Publisher {
                     return Err(e);
                 }
                 info!(model = %model.name, ?removed, "shared memory was full: removed unused models");
-                self.lay_out(model, &digest, &source)?
+                self.lay_out(model, &digest, source)?
             }
             laid => laid?,
         };
         let (staging, laid) = laid;
+        // What was laid out must be what was hashed: the staging folder goes if not.
+        check_laid_out_what_was_hashed(source, &digest, &laid)?;
         info!(model = %model.name, tensors = laid.tensors.len(), bytes = laid.tensors_bytes, "laid out");
         let manifest = Manifest {
             layout_version: LAYOUT_VERSION,
             digest: digest.clone(),
             format: model.format,
-            source_bytes: fetched.size,
+            source_bytes: fetched.size(),
             tensors_bytes: laid.tensors_bytes,
             tensors: laid.tensors,
             skeleton: laid.skeleton,
@@ -122,7 +121,7 @@ impl Publisher {
         &self,
         model: &ModelSource,
         digest: &str,
-        source: &[u8],
+        source: &SourceFile,
     ) -> Result<(Staging, LaidOut)> {
         let staging = self.store.begin(digest)?;
         let laid = formats::lay_out(model.format, source, &staging)?;
@@ -135,5 +134,63 @@ impl Publisher {
             self.bindings.resolve(&self.store, &model.name)?;
         }
         Ok(())
+    }
+}
+
+/// A source written to between hashing and layout would be published under the digest of
+/// other bytes. Formats that read the whole file in order hash it again on the way (exact);
+/// every format's reads go through one descriptor whose size and times must not have changed.
+fn check_laid_out_what_was_hashed(source: &SourceFile, digest: &str, laid: &LaidOut) -> Result<()> {
+    source.check_unchanged()?;
+    if let Some(read) = &laid.source_sha256 {
+        if read != digest {
+            bail!(
+                "the source changed while it was loaded: it hashed to {digest}, the bytes laid \
+                 out hash to {read}; nothing was published, and the next attempt loads it again"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn laid_out(source_sha256: Option<&str>) -> LaidOut {
+        LaidOut {
+            tensors: vec![],
+            tensors_bytes: 0,
+            skeleton: None,
+            source_sha256: source_sha256.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_source_that_changed_during_layout_is_not_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        std::fs::write(&path, b"weights").unwrap();
+        let source = SourceFile::open(&path, "file://m.bin").unwrap();
+        let digest = source.sha256().unwrap();
+        check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some(&digest))).unwrap();
+        check_laid_out_what_was_hashed(&source, &digest, &laid_out(None)).unwrap();
+        let err =
+            check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some("other"))).unwrap_err();
+        assert!(
+            err.to_string().contains("changed while it was loaded"),
+            "{err:#}"
+        );
+        // Grown meanwhile: caught by its size even for formats that do not hash again.
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut &file, b"!").unwrap();
+        let err = check_laid_out_what_was_hashed(&source, &digest, &laid_out(None)).unwrap_err();
+        assert!(
+            err.to_string().contains("changed while it was loaded"),
+            "{err:#}"
+        );
     }
 }
