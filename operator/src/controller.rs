@@ -17,7 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -35,8 +35,10 @@ use crate::status::{self, Blocked, Observed};
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "kube-zerocopy";
-/// A hash of the rendered Job spec, to tell a changed pipeline from an unchanged one.
-pub const SPEC_HASH: &str = "kube-zerocopy.io/spec-hash";
+/// The pipeline generation a Job was rendered from. A Job runs again only for a new generation
+/// (the user changed the spec), never because the operator renders it differently (an upgrade,
+/// a changed chart value): that would overwrite a finished pipeline's outputs.
+pub const GENERATION: &str = "kube-zerocopy.io/pipeline-generation";
 pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
 
 #[derive(thiserror::Error, Debug)]
@@ -60,21 +62,6 @@ pub struct Context {
     pub failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
 }
 
-fn spec_hash(job: &Job) -> String {
-    kube_zerocopy_sidecar::source::sha256_hex(
-        serde_json::to_string(&job.spec)
-            .unwrap_or_default()
-            .as_bytes(),
-    )[..16]
-        .to_owned()
-}
-
-fn annotate(meta: &mut ObjectMeta, hash: &str) {
-    meta.annotations
-        .get_or_insert_with(Default::default)
-        .insert(SPEC_HASH.into(), hash.into());
-}
-
 fn finished(job: &Job) -> bool {
     job.status
         .as_ref()
@@ -85,43 +72,82 @@ fn finished(job: &Job) -> bool {
         })
 }
 
-/// Applies the Job unless a running one would have to change. Returns the Job as it is now
-/// and, when refused, why. `current` is the cached Job: should the cache lag behind a change,
-/// the API server rejects the apply (a Job's template is immutable) and the reconcile retries.
+/// What to do with a pipeline's Job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TaskStep {
+    /// No Job yet: create it.
+    Create,
+    /// The Job was rendered from this generation: leave it as it is, running or finished
+    /// (a Job's template cannot change, and a finished one must not run again).
+    Keep,
+    /// The spec changed and the old Job finished: delete it, the next reconcile creates the
+    /// new one.
+    Replace,
+    /// The spec changed while the Job runs: refuse, with this reason.
+    Refuse(&'static str),
+}
+
+pub const SPEC_CHANGED_WHILE_RUNNING: &str = "the spec changed while the pipeline's Job is running, and a \
+    running Job cannot change: wait for it to finish (it is then replaced), or delete and re-create the pipeline";
+
+/// The Task decision, from the cached Job (if any) and the pipeline's generation. A Job of an
+/// operator that did not annotate generations counts as current: never re-run by accident.
+pub fn task_step(current: Option<&Job>, generation: Option<i64>) -> TaskStep {
+    let Some(current) = current else {
+        return TaskStep::Create;
+    };
+    let rendered_from = current.annotations().get(GENERATION);
+    let same = match (rendered_from, generation) {
+        (Some(from), Some(generation)) => from.parse::<i64>().ok() == Some(generation),
+        _ => true,
+    };
+    match (same, finished(current)) {
+        (true, _) => TaskStep::Keep,
+        (false, true) => TaskStep::Replace,
+        (false, false) => TaskStep::Refuse(SPEC_CHANGED_WHILE_RUNNING),
+    }
+}
+
+/// Carries out [`task_step`]. Returns the Job as it is now and, when refused, why. `current` is
+/// the cached Job: should the cache lag behind, creating fails (it exists) and the reconcile
+/// retries.
 async fn apply_task(
     api: &Api<Job>,
     current: Option<Arc<Job>>,
+    generation: Option<i64>,
     mut job: Job,
 ) -> Result<(Option<Job>, Option<String>), Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
-    let hash = spec_hash(&job);
-    annotate(&mut job.metadata, &hash);
-    if let Some(current) = current {
-        if current.annotations().get(SPEC_HASH) != Some(&hash) {
-            if finished(&current) {
-                // A finished Job with an old spec: replace it (the new spec runs afresh).
-                match api.delete(&name, &DeleteParams::background()).await {
-                    // Already gone: the cache had not seen the deletion yet.
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    other => {
-                        other?;
-                    }
-                }
-                return Ok((None, None));
+    match task_step(current.as_deref(), generation) {
+        TaskStep::Create => {
+            if let Some(generation) = generation {
+                job.metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(GENERATION.into(), generation.to_string());
             }
-            let why = "the spec changed while the pipeline's Job is running, and a running Job cannot change: \
-                       wait for it to finish (it is then replaced), or delete and re-create the pipeline";
-            return Ok((Some((*current).clone()), Some(why.into())));
+            let applied = api
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&job),
+                )
+                .await?;
+            Ok((Some(applied), None))
         }
+        TaskStep::Keep => Ok((current.map(|j| (*j).clone()), None)),
+        TaskStep::Replace => {
+            match api.delete(&name, &DeleteParams::background()).await {
+                // Already gone: the cache had not seen the deletion yet.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                other => {
+                    other?;
+                }
+            }
+            Ok((None, None))
+        }
+        TaskStep::Refuse(why) => Ok((current.map(|j| (*j).clone()), Some(why.into()))),
     }
-    let applied = api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&job),
-        )
-        .await?;
-    Ok((Some(applied), None))
 }
 
 pub async fn reconcile(
@@ -314,8 +340,13 @@ async fn apply_objects(
             let cached = ctx
                 .jobs
                 .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
-            let (job, refused) =
-                apply_task(&Api::namespaced(client.clone(), ns), cached, *job).await?;
+            let (job, refused) = apply_task(
+                &Api::namespaced(client.clone(), ns),
+                cached,
+                pipeline.metadata.generation,
+                *job,
+            )
+            .await?;
             Ok((job, None, refused))
         }
         Rendered::Actor {
@@ -607,7 +638,11 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::{is_transient, refusal_is_final, retry_after};
+    use super::{
+        is_transient, refusal_is_final, retry_after, task_step, TaskStep, GENERATION,
+        SPEC_CHANGED_WHILE_RUNNING,
+    };
+    use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
     use kube::core::Status;
     use std::time::Duration;
 
@@ -647,5 +682,58 @@ mod tests {
         let secs: Vec<u64> = (1..=8).map(|n| retry_after(n).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300]);
         assert_eq!(retry_after(u32::MAX), Duration::from_secs(300));
+    }
+
+    /// A Job rendered from `generation` (None: by an operator that did not say), finished or not.
+    fn job(generation: Option<i64>, finished: Option<&str>) -> Job {
+        let mut job = Job::default();
+        if let Some(g) = generation {
+            job.metadata.annotations = Some([(GENERATION.to_string(), g.to_string())].into());
+        }
+        job.status = finished.map(|type_| JobStatus {
+            conditions: Some(vec![JobCondition {
+                type_: type_.into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        job
+    }
+
+    #[test]
+    fn a_finished_job_runs_again_only_for_a_new_generation() {
+        for end in ["Complete", "Failed"] {
+            let done = job(Some(3), Some(end));
+            // An operator upgrade or a changed chart value renders another Job: same generation.
+            assert_eq!(task_step(Some(&done), Some(3)), TaskStep::Keep);
+            assert_eq!(task_step(Some(&done), Some(4)), TaskStep::Replace);
+        }
+    }
+
+    #[test]
+    fn a_running_job_is_kept_or_its_change_refused() {
+        let running = job(Some(3), None);
+        assert_eq!(task_step(Some(&running), Some(3)), TaskStep::Keep);
+        assert_eq!(
+            task_step(Some(&running), Some(4)),
+            TaskStep::Refuse(SPEC_CHANGED_WHILE_RUNNING)
+        );
+        // "Suspended" or other conditions are not an end.
+        let suspended = job(Some(3), Some("Suspended"));
+        assert!(matches!(
+            task_step(Some(&suspended), Some(4)),
+            TaskStep::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn no_job_is_created_and_an_unannotated_one_is_kept() {
+        assert_eq!(task_step(None, Some(1)), TaskStep::Create);
+        assert_eq!(
+            task_step(Some(&job(None, Some("Complete"))), Some(9)),
+            TaskStep::Keep
+        );
+        assert_eq!(task_step(Some(&job(None, None)), Some(9)), TaskStep::Keep);
     }
 }

@@ -47,6 +47,7 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("!has(self.task) || self.mode == 'Task'").message("spec.task applies only to mode Task; use spec.actor for mode Actor"))]
 #[x_kube(validation = Rule::new("!has(self.actor) || self.mode == 'Actor'").message("spec.actor applies only to mode Actor; use spec.task for mode Task"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders of shard files)"))]
+#[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.task) && has(self.task.shards))").message("mode Task needs spec.task.shards: the number of shard files in the input folder"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what

@@ -90,6 +90,10 @@ pub fn task_worker(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation 
     };
     env.push(("KZC_INPUT".into(), folder(&spec.input)));
     env.push(("KZC_OUTPUT".into(), folder(&spec.output)));
+    // The worker checks the input folder against it: a count that disagrees fails the Task.
+    if let Some(shards) = spec.task.as_ref().and_then(|t| t.shards) {
+        env.push(("KZC_SHARDS".into(), shards.to_string()));
+    }
     env.push(("KZC_DEVICE".into(), device(spec).into()));
     Invocation {
         command: vec![WORKER_BINARY.into(), "task".into()],

@@ -10,7 +10,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
     HTTPGetAction, HostPathVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -21,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
+use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{DeviceKind, InferencePipeline, Mode, PodOverrides, Sharing};
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
@@ -408,7 +411,7 @@ fn pod_template(
     }
     let is_actor = spec.mode == Mode::Actor;
     let worker = Container {
-        name: "worker".into(),
+        name: crate::status::WORKER_CONTAINER.into(),
         image: Some(image),
         command: Some(worker.command.clone()),
         env: Some(env(&worker)),
@@ -490,6 +493,19 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
                     parallelism: Some(task.parallelism.unwrap_or(1).min(shards)),
                     // A failing shard is retried on its own; the others go on.
                     backoff_limit_per_index: Some(2),
+                    // Unless retrying cannot help (the input folder disagrees with the
+                    // pipeline): the worker says so with its exit code, the Job fails at once.
+                    pod_failure_policy: Some(PodFailurePolicy {
+                        rules: vec![PodFailurePolicyRule {
+                            action: "FailJob".into(),
+                            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                                container_name: Some(crate::status::WORKER_CONTAINER.into()),
+                                operator: "In".into(),
+                                values: vec![EXIT_PERMANENT],
+                            }),
+                            ..Default::default()
+                        }],
+                    }),
                     template,
                     ..Default::default()
                 }),

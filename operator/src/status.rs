@@ -24,6 +24,7 @@ pub const OBJECTS_REFUSED: &str = "ObjectsRefused";
 
 /// The name of the weight server's (native sidecar) container in every pod.
 pub const SIDECAR_CONTAINER: &str = "weight-server";
+pub const WORKER_CONTAINER: &str = "worker";
 
 /// What the operator saw of a pipeline's objects.
 #[derive(Default)]
@@ -113,6 +114,20 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
     }
 }
 
+/// The termination message of a worker that failed, with its pod's name.
+fn worker_failure(observed: &Observed) -> Option<String> {
+    observed.pods.iter().find_map(|pod| {
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        let status = statuses.iter().find(|s| s.name == WORKER_CONTAINER)?;
+        let terminated = status.state.as_ref()?.terminated.as_ref()?;
+        let message = terminated.message.as_deref()?.trim();
+        (terminated.exit_code != 0 && !message.is_empty()).then(|| {
+            let pod = pod.metadata.name.as_deref().unwrap_or_default();
+            format!("worker in pod {pod} failed: {message}")
+        })
+    })
+}
+
 fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardStatus>, Vec<Cond>) {
     let spec = job.and_then(|j| j.spec.as_ref());
     let total = spec.and_then(|s| s.completions).unwrap_or(0);
@@ -140,7 +155,11 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardS
         conds.push(cond(PROGRESSING, false, "Finished", "the Job is complete"));
         "Succeeded"
     } else if let Some(c) = job_condition("Failed") {
-        let why = c.message.clone().unwrap_or_default();
+        // The Job says which pod failed how; the worker's own message says why.
+        let why = match worker_failure(observed) {
+            Some(worker) => format!("{worker} ({})", c.message.clone().unwrap_or_default()),
+            None => c.message.clone().unwrap_or_default(),
+        };
         conds.push(cond(SUCCEEDED, false, "JobFailed", ""));
         conds.push(cond(
             FAILED,
@@ -443,6 +462,50 @@ mod tests {
             w.message
         );
         assert_eq!(get(&s, DEGRADED).status, "True");
+    }
+
+    /// A Job failed by its pod failure policy: the condition says why in the worker's words.
+    #[test]
+    fn a_failed_task_names_the_workers_reason() {
+        let p = pipeline("Task");
+        let pod = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("p-1".into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: WORKER_CONTAINER.into(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: 3,
+                            message: Some("the input folder /in holds 3 shard files\n".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let failed = job(0, Some("Failed"));
+        let pods = [pod];
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&failed),
+                pods: &pods,
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert_eq!(
+            get(&s, FAILED).message,
+            "worker in pod p-1 failed: the input folder /in holds 3 shard files (why)"
+        );
     }
 
     #[test]

@@ -64,11 +64,16 @@ pub fn models_from_env() -> anyhow::Result<Vec<ModelSource>> {
 /// `*.safetensors` file by name. The operator, the local runner and the worker all use this.
 pub fn shard_files(input: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     use anyhow::Context;
-    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(input)
-        .with_context(|| format!("reading input folder {}", input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let reading = || format!("reading input folder {}", input.display());
+    let mut shards = Vec::new();
+    // An entry that cannot be read fails the listing: skipping it would shift every shard
+    // after it to another index.
+    for entry in std::fs::read_dir(input).with_context(reading)? {
+        let path = entry.with_context(reading)?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            shards.push(path);
+        }
+    }
     shards.sort();
     Ok(shards)
 }

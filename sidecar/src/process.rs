@@ -1,7 +1,7 @@
 //! What every kube-zerocopy binary does around its work: logs to stderr (JSON with
 //! `KZC_LOG_FORMAT=json`, filtered by `RUST_LOG`, colours only on a terminal), on error a
 //! one-line message, the container's termination message (what Kubernetes shows) and exit code
-//! 1, and for the long-running servers a clean exit on SIGTERM.
+//! 1 (3 when retrying cannot help), and for the long-running servers a clean exit on SIGTERM.
 
 use std::io::IsTerminal;
 
@@ -23,14 +23,25 @@ pub fn init_logs() {
     }
 }
 
-/// Ends the process on an error, reporting it where a user and Kubernetes look.
+/// An error that no retry can fix (a Task's input folder disagrees with its pipeline): the
+/// process exits with [`EXIT_PERMANENT`], which the Job's pod failure policy turns into a
+/// failed Job at once instead of retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+pub const EXIT_PERMANENT: i32 = 3;
+
+/// Ends the process on an error, reporting it where a user and Kubernetes look: exit code 1,
+/// or [`EXIT_PERMANENT`] for a [`Permanent`] error.
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
         let message = format!("{e:#}");
         eprintln!("error: {message}");
         // Outside a pod the file does not exist and this fails silently, as it should.
         let _ = std::fs::write("/dev/termination-log", &message);
-        std::process::exit(1);
+        let permanent = e.chain().any(|c| c.is::<Permanent>());
+        std::process::exit(if permanent { EXIT_PERMANENT } else { 1 });
     }
 }
 

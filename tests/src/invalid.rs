@@ -54,6 +54,11 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "host name <name>-zerocopy-<shard index> must have at most 63 characters",
         ),
         (
+            "output into the input folder",
+            base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///data'}}\n  output: {{uri: 'file:///data/'}}\n  task: {{shards: 2}}\n")),
+            "spec.output must be another folder than spec.input",
+        ),
+        (
             "a size that is not a quantity",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', size: big}}}}]\n{task}")),
             "source.size must be a quantity such as 400Mi or 2Gi",

@@ -36,6 +36,7 @@ const OPERATOR_NS: &str = "kube-zerocopy";
 const RELEASE: &str = "kzc";
 const NS: &str = "pipelines";
 const RUNTIME_IMAGE: &str = "kube-zerocopy/runtime:e2e";
+const UPGRADED_RUNTIME_IMAGE: &str = "kube-zerocopy/runtime:e2e-upgraded";
 
 fn pipeline(yaml: &str) -> InferencePipeline {
     serde_yaml::from_str(yaml).unwrap()
@@ -66,6 +67,8 @@ struct Operator {
     kubeconfig: PathBuf,
     log: PathBuf,
     identity: &'static str,
+    /// Its default runtime image, which an upgrade changes.
+    runtime_image: String,
     /// Where its /metrics, /livez and /readyz are served.
     metrics_port: u16,
 }
@@ -75,6 +78,15 @@ const LEASE_SECONDS: &str = "8";
 
 impl Operator {
     fn start(kubeconfig: &Path, log: &Path, identity: &'static str) -> Operator {
+        Operator::start_with(kubeconfig, log, identity, RUNTIME_IMAGE)
+    }
+
+    fn start_with(
+        kubeconfig: &Path,
+        log: &Path,
+        identity: &'static str,
+        runtime_image: &str,
+    ) -> Operator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -83,7 +95,7 @@ impl Operator {
         let child = Command::new(bin("kube-zerocopy"))
             .arg("operator")
             .env("KUBECONFIG", kubeconfig)
-            .env("KZC_RUNTIME_IMAGE", RUNTIME_IMAGE)
+            .env("KZC_RUNTIME_IMAGE", runtime_image)
             .env("KZC_METRICS_LISTEN", format!("127.0.0.1:{port}"))
             .env("KZC_LEASE_DURATION", LEASE_SECONDS)
             .env("POD_NAME", identity)
@@ -103,6 +115,7 @@ impl Operator {
             kubeconfig: kubeconfig.to_owned(),
             log: log.to_owned(),
             identity,
+            runtime_image: runtime_image.to_owned(),
             metrics_port: port,
         }
     }
@@ -166,8 +179,19 @@ impl Operator {
 
     /// Killed and started again: a crashed container that its pod restarts, same name.
     fn restart(&mut self) {
+        let image = self.runtime_image.clone();
+        self.upgrade(&image);
+    }
+
+    /// Killed and started with another default runtime image, as a new release would be.
+    fn upgrade(&mut self, runtime_image: &str) {
         self.kill();
-        *self = Operator::start(&self.kubeconfig.clone(), &self.log.clone(), self.identity);
+        *self = Operator::start_with(
+            &self.kubeconfig.clone(),
+            &self.log.clone(),
+            self.identity,
+            runtime_image,
+        );
     }
 }
 
@@ -792,6 +816,28 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         deployment_after.metadata.generation,
         deployment_before.metadata.generation
     );
+
+    // An upgraded operator renders every object differently (here: its default runtime
+    // image). The Deployment rolls to it; the finished Task pipeline's Job is left alone: a
+    // pipeline runs again only when its own spec changes, never because the operator did.
+    let finished = jobs.get("batch-zerocopy").await.unwrap();
+    operator.upgrade(UPGRADED_RUNTIME_IMAGE);
+    operator.leading().await;
+    eventually(
+        "the upgraded operator to roll the Deployment to its image",
+        minute,
+        || async {
+            let d = deployments.get("online-zerocopy").await.unwrap();
+            let image = d.spec?.template.spec?.containers[0].image.clone()?;
+            (image == UPGRADED_RUNTIME_IMAGE).then_some(())
+        },
+    )
+    .await;
+    let kept = jobs.get("batch-zerocopy").await.unwrap();
+    assert_eq!(kept.uid(), finished.uid(), "the finished Job was replaced");
+    assert_eq!(kept.spec, finished.spec);
+    let batch = pipelines.get("batch").await.unwrap().status.unwrap();
+    assert_eq!(batch.phase.as_deref(), Some("Succeeded"));
 
     // The API server stopped for a few seconds: the operator recovers on its own.
     cp.stop_apiserver().await.unwrap();

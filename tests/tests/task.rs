@@ -6,7 +6,7 @@ use std::path::Path;
 
 use kube_zerocopy_e2e::{bin, make_model, read_output, source, succeeded, Pod};
 use kube_zerocopy_sidecar::ModelFormat;
-use kube_zerocopy_worker::task::{list_shards, read_input};
+use kube_zerocopy_worker::task::{list_shards, read_input, write_output};
 use kube_zerocopy_worker::LoadedModel;
 
 fn pipeline_yaml(dir: &Path, parallelism: usize) -> String {
@@ -169,4 +169,68 @@ fn a_rerun_shard_replaces_its_output_atomically() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 shard files"));
+    // An input folder that disagrees with the pipeline's shard count fails every shard with
+    // exit code 3 (the Job's pod failure policy then fails the Job at once), also a shard
+    // that exists: with 3 declared, shard 2 would fail; with 1, shard 1 would be skipped.
+    for declared in ["1", "3"] {
+        let out = pod
+            .command("kube-zerocopy-worker", &models)
+            .args([
+                "task",
+                "--shard-index",
+                "0",
+                "--shards",
+                declared,
+                "--input",
+            ])
+            .arg(d.join("input"))
+            .arg("--output")
+            .arg(d.join("output"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "holds 2 shard files, the pipeline declares {declared}"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+/// Two pods writing one shard at once (a retry overlapping a slow pod): each writes its own
+/// temporary file, so the output is always one whole file. With temporary names made from the
+/// process id, which is 1 in every container, they wrote into each other's file.
+#[test]
+fn concurrent_writers_of_one_shard_never_mix_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("output");
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let t =
+                    tch::Tensor::full([256, 256], w as f64, (tch::Kind::Float, tch::Device::Cpu));
+                for _ in 0..25 {
+                    write_output(&out, "shard-00000.safetensors", &t).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let got = read_output(&out.join("shard-00000.safetensors"));
+    let first = got.flatten(0, -1).double_value(&[0]);
+    assert!(
+        got.eq(first).all().int64_value(&[]) == 1,
+        "the output mixes two writers"
+    );
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "temporary files left: {names:?}");
 }

@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 extern "C" {
 
@@ -52,13 +53,15 @@ torch::Tensor* kzc_tensor_from_memory(void* data, const int64_t* sizes, int ndim
   })
 }
 
+// Moves `n` owned storage pointers, from `first`, into a context under their keys.
 static std::shared_ptr<torch::jit::DeserializationStorageContext> storage_context(
-    const kzc_storage* storages, size_t n, kzc_release_fn release) {
+    const kzc_storage* storages, std::vector<c10::DataPtr>::iterator first, size_t n) {
   auto context = std::make_shared<torch::jit::DeserializationStorageContext>();
   for (size_t i = 0; i < n; i++) {
     const kzc_storage& s = storages[i];
-    c10::DataPtr ptr(s.data, s.ctx, release, c10::Device(c10::kCPU));
-    context->addStorage(s.key, c10::Storage(c10::Storage::use_byte_size_t(), s.nbytes, std::move(ptr),
+    if (context->hasStorage(s.key)) throw std::runtime_error(std::string("storage key ") + s.key + " is given twice");
+    auto nbytes = s.nbytes;
+    context->addStorage(s.key, c10::Storage(c10::Storage::use_byte_size_t(), nbytes, std::move(*(first + i)),
                                             /*allocator=*/nullptr, /*resizable=*/false));
   }
   return context;
@@ -67,18 +70,24 @@ static std::shared_ptr<torch::jit::DeserializationStorageContext> storage_contex
 torch::jit::Module* kzc_jit_load(const char* skeleton_path, const kzc_storage* data, size_t n_data,
                                  const kzc_storage* constants, size_t n_constants, kzc_release_fn release,
                                  char** error) {
-  // Storages that libtorch never received must still be released by us.
-  bool handed_over = false;
-  auto release_unclaimed = [&]() {
-    if (!handed_over) {
-      for (size_t i = 0; i < n_data; i++) release(data[i].ctx);
-      for (size_t i = 0; i < n_constants; i++) release(constants[i].ctx);
-    }
-  };
+  // Each storage's context is released exactly once, whatever fails: first every one is owned
+  // by a DataPtr (which cannot throw once the vector has room), then DataPtrs only move, and
+  // whichever holds one when an error unwinds (the vector, a half-built context) releases it.
+  std::vector<c10::DataPtr> owned;
   try {
-    auto data_context = storage_context(data, n_data, release);
-    auto constants_context = storage_context(constants, n_constants, release);
-    handed_over = true;
+    owned.reserve(n_data + n_constants);
+  } catch (const std::exception& e) {
+    for (size_t i = 0; i < n_data; i++) release(data[i].ctx);
+    for (size_t i = 0; i < n_constants; i++) release(constants[i].ctx);
+    *error = kzc_strdup(e.what());
+    return nullptr;
+  }
+  for (size_t i = 0; i < n_data; i++) owned.emplace_back(data[i].data, data[i].ctx, release, c10::Device(c10::kCPU));
+  for (size_t i = 0; i < n_constants; i++)
+    owned.emplace_back(constants[i].data, constants[i].ctx, release, c10::Device(c10::kCPU));
+  try {
+    auto data_context = storage_context(data, owned.begin(), n_data);
+    auto constants_context = storage_context(constants, owned.begin() + n_data, n_constants);
     torch::jit::populate_upgraders_graph_map();
     auto reader = std::make_shared<caffe2::serialize::PyTorchStreamReader>(std::string(skeleton_path));
     auto cu = std::make_shared<torch::jit::CompilationUnit>();
@@ -110,7 +119,6 @@ torch::jit::Module* kzc_jit_load(const char* skeleton_path, const kzc_storage* d
     module->eval();
     return module;
   } catch (const std::exception& e) {
-    release_unclaimed();
     *error = kzc_strdup(e.what());
     return nullptr;
   }

@@ -50,6 +50,14 @@ unsafe extern "C" fn collect_named(
     });
 }
 
+/// Gives back the mapping counts taken for storages that the shim never saw.
+fn release_all<'a>(storages: impl IntoIterator<Item = &'a ffi::Storage>) {
+    for s in storages {
+        // SAFETY: each context is one count taken by `SharedModel::raw`, released once here.
+        unsafe { SharedModel::release_fn()(s.ctx) };
+    }
+}
+
 impl SharedScriptModule {
     pub fn load(model: &SharedModel) -> Result<Self> {
         let skeleton = model.manifest.skeleton.as_ref().with_context(|| {
@@ -70,7 +78,13 @@ impl SharedScriptModule {
                 )
             })?;
             let key = CString::new(key)?;
-            let (ptr, ctx) = model.raw(entry);
+            let (ptr, ctx) = match model.raw(entry) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    release_all(data.iter().chain(&constants));
+                    return Err(e);
+                }
+            };
             let storage = ffi::Storage {
                 key: key.as_ptr(),
                 data: ptr,
@@ -82,14 +96,7 @@ impl SharedScriptModule {
                 "data" => data.push(storage),
                 "constants" => constants.push(storage),
                 other => {
-                    // Give back the counts taken so far; the shim never saw them.
-                    for s in data
-                        .iter()
-                        .chain(&constants)
-                        .chain(std::iter::once(&storage))
-                    {
-                        unsafe { SharedModel::release_fn()(s.ctx) };
-                    }
+                    release_all(data.iter().chain(&constants).chain([&storage]));
                     bail!("model {:?}: unknown archive {other:?}", model.name);
                 }
             }
@@ -145,5 +152,76 @@ impl SharedScriptModule {
         };
         ffi::call(|err| unsafe { ffi::kzc_jit_to(self.raw, kind, index, err) })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The contexts the shim released, in order.
+    static RELEASED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    unsafe extern "C" fn record_release(ctx: *mut c_void) {
+        RELEASED.lock().unwrap().push(ctx as usize);
+    }
+
+    /// Calls the shim with storages whose contexts are 1, 2, ... and returns its error and the
+    /// contexts it released.
+    fn load_with_keys(
+        skeleton: &CStr,
+        data: &[&CStr],
+        constants: &[&CStr],
+    ) -> (String, Vec<usize>) {
+        RELEASED.lock().unwrap().clear();
+        let mut bytes = [0u8; 64];
+        let mut next = 0usize;
+        let mut storages = |keys: &[&CStr]| -> Vec<ffi::Storage> {
+            keys.iter()
+                .map(|key| {
+                    next += 1;
+                    ffi::Storage {
+                        key: key.as_ptr(),
+                        data: bytes.as_mut_ptr() as *mut c_void,
+                        nbytes: 4,
+                        ctx: next as *mut c_void,
+                    }
+                })
+                .collect()
+        };
+        let (data, constants) = (storages(data), storages(constants));
+        let err = ffi::call(|err| unsafe {
+            ffi::kzc_jit_load(
+                skeleton.as_ptr(),
+                data.as_ptr(),
+                data.len(),
+                constants.as_ptr(),
+                constants.len(),
+                record_release,
+                err,
+            )
+        })
+        .map(|_| ())
+        .expect_err("the load succeeded");
+        let mut released = RELEASED.lock().unwrap().clone();
+        released.sort();
+        (err.to_string(), released)
+    }
+
+    /// A failed load releases every storage exactly once: a repeated key used to release the
+    /// ones before it twice (once by libtorch, once by the shim's clean-up).
+    #[test]
+    fn a_failed_load_releases_each_storage_once() {
+        let (err, released) = load_with_keys(c"/nonexistent", &[c"0", c"1", c"0"], &[c"0"]);
+        assert!(err.contains("storage key 0 is given twice"), "{err}");
+        assert_eq!(released, [1, 2, 3, 4]);
+        let (err, released) = load_with_keys(c"/nonexistent", &[c"0"], &[c"0", c"1", c"1"]);
+        assert!(err.contains("given twice"), "{err}");
+        assert_eq!(released, [1, 2, 3, 4]);
+        let (err, released) = load_with_keys(c"/nonexistent/skeleton.pt", &[c"0", c"1"], &[c"0"]);
+        assert!(!err.contains("given twice"), "{err}");
+        assert_eq!(released, [1, 2, 3]);
     }
 }

@@ -53,6 +53,9 @@ enum Command {
         input: PathBuf,
         #[arg(long, env = "KZC_OUTPUT")]
         output: PathBuf,
+        /// How many shard files the input folder must hold (the Job's completions).
+        #[arg(long, env = "KZC_SHARDS")]
+        shards: Option<usize>,
     },
     /// Load the models once, then serve batches over HTTP (POST /infer).
     Actor {
@@ -114,12 +117,13 @@ fn run(cli: Cli) -> Result<()> {
             shard_index,
             input,
             output,
+            shards,
         } => {
             let load = Instant::now();
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             let load_ms = ms(load);
             let infer = Instant::now();
-            let out = task::run_shard(&pipeline, &input, &output, shard_index)?;
+            let out = task::run_shard(&pipeline, &input, &output, shard_index, shards)?;
             let report = json!({
                 "shard": shard_index,
                 "output": out,

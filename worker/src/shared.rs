@@ -92,6 +92,13 @@ impl SharedModel {
         let dir = store.model_dir(&digest);
         let mapping = Mapping::open(&dir.join(TENSORS_FILE), prefault)
             .with_context(|| format!("model {name:?}"))?;
+        // Checked again against what was mapped, not what a stat said before: every tensor
+        // view below lies inside this mapping.
+        manifest
+            .validate(mapping.range().len() as u64)
+            .with_context(|| {
+                format!("model {name:?}: the store's {TENSORS_FILE} does not match its manifest")
+            })?;
         Ok(SharedModel {
             name: name.to_owned(),
             manifest,
@@ -116,18 +123,30 @@ impl SharedModel {
     }
 
     /// The pointer and a context (one strong count on the mapping) for one entry, for libtorch.
-    pub(crate) fn raw(&self, entry: &TensorEntry) -> (*mut c_void, *mut c_void) {
-        let base = self.mapping.range().start;
-        let data = (base + entry.offset as usize) as *mut c_void;
+    pub(crate) fn raw(&self, entry: &TensorEntry) -> Result<(*mut c_void, *mut c_void)> {
+        let range = self.mapping.range();
+        let inside = entry
+            .offset
+            .checked_add(entry.length)
+            .is_some_and(|end| end <= range.len() as u64);
+        if !inside {
+            bail!(
+                "model {:?}: tensor {:?} lies outside the mapping of {} bytes",
+                self.name,
+                entry.name,
+                range.len()
+            );
+        }
+        let data = (range.start + entry.offset as usize) as *mut c_void;
         let ctx = Arc::into_raw(self.mapping.clone()) as *mut c_void;
-        (data, ctx)
+        Ok((data, ctx))
     }
 
     /// A CPU tensor over the entry's bytes: no copy, read-only memory.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let entry = self.entry(name)?;
         let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-        let (data, ctx) = self.raw(entry);
+        let (data, ctx) = self.raw(entry)?;
         let raw = ffi::call(|err| unsafe {
             ffi::kzc_tensor_from_memory(
                 data,

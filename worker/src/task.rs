@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Tensor};
 
+use kube_zerocopy_sidecar::process::Permanent;
+
 use crate::model::Pipeline;
 
 pub const INPUT_TENSOR: &str = "input";
@@ -27,27 +29,49 @@ pub fn read_input(path: &Path) -> Result<Tensor> {
         .with_context(|| format!("shard {} has no tensor {INPUT_TENSOR:?}", path.display()))
 }
 
-/// Writes `tensor` as `output/<file_name>` atomically.
+/// Writes `tensor` as `output/<file_name>` atomically: into a file of a unique name (two pods
+/// may write the same shard: a retry overlapping a slow pod), synced, renamed over the target,
+/// and the rename synced too.
 pub fn write_output(output: &Path, file_name: &str, tensor: &Tensor) -> Result<PathBuf> {
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let target = output.join(file_name);
-    let tmp = output.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(output)
+        .with_context(|| format!("creating a file in {}", output.display()))?;
     let cpu = tensor.to_device(Device::Cpu).contiguous();
-    Tensor::write_safetensors(&[(OUTPUT_TENSOR, &cpu)], &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &target).with_context(|| format!("replacing {}", target.display()))?;
+    Tensor::write_safetensors(&[(OUTPUT_TENSOR, &cpu)], tmp.path())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    std::fs::File::open(tmp.path())?.sync_all()?;
+    tmp.persist(&target)
+        .with_context(|| format!("replacing {}", target.display()))?;
+    std::fs::File::open(output)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("syncing {}", output.display()))?;
     Ok(target)
 }
 
-/// Runs shard `index`; returns the output file.
+/// Runs shard `index` of an input folder that must hold `expected` shard files (when known):
+/// any other count means that some files would be skipped or some shards fail, so the Task
+/// fails at once with a [`Permanent`] error. Returns the output file.
 pub fn run_shard(
     pipeline: &Pipeline,
     input: &Path,
     output: &Path,
     index: usize,
+    expected: Option<usize>,
 ) -> Result<PathBuf> {
     let shards = list_shards(input)?;
+    if let Some(expected) = expected.filter(|&n| n != shards.len()) {
+        return Err(Permanent(format!(
+            "the input folder {} holds {} shard files, the pipeline declares {expected} \
+             (spec.task.shards): make them agree, or shards would be skipped or missing",
+            input.display(),
+            shards.len()
+        ))
+        .into());
+    }
     let Some(shard) = shards.get(index) else {
         bail!(
             "shard {index} does not exist: {} holds {} shard files",
