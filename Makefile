@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -55,3 +55,8 @@ images: build
 # compress), checked with runc: its worker loads the CUDA backend. Not part of `make test`.
 images-cuda: build
 	scripts/images.sh --cuda | scripts/images-check.sh
+
+# Every fuzz target for FUZZ_SECONDS (default 600) each; corpora in fuzz/corpus. Not part of
+# `make test` (its builds use the nightly toolchain and AddressSanitizer).
+fuzz: setup
+	scripts/fuzz.sh
