@@ -313,7 +313,7 @@ async fn render_and_apply(
         }
     };
     match apply_objects(ctx, pipeline, ns, rendered).await {
-        Ok(applied) => Ok(Ok(applied)),
+        Ok(applied) => Ok(applied),
         Err(Error::Kube(kube::Error::Api(e))) if refusal_is_final(e.code) => Ok(Err(Blocked {
             reason: status::OBJECTS_REFUSED,
             message: format!(
@@ -325,14 +325,52 @@ async fn render_and_apply(
     }
 }
 
+/// Whether `object` belongs to `pipeline` (an owner reference to its uid).
+fn owned_by(object: &impl Resource, pipeline: &InferencePipeline) -> bool {
+    let uid = pipeline.metadata.uid.as_deref();
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(o.uid.as_str()) == uid)
+}
+
+/// Refuses an object of the pipeline's name that the pipeline does not own: server-side apply
+/// with force would take it over, and its owner reference would then delete it with the
+/// pipeline. One GET before each apply.
+async fn foreign<K>(
+    api: &Api<K>,
+    pipeline: &InferencePipeline,
+    ns: &str,
+) -> Result<Option<Blocked>, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = render::object_name(pipeline);
+    Ok(match api.get_opt(&name).await? {
+        Some(existing) if !owned_by(&existing, pipeline) => Some(Blocked {
+            reason: status::OBJECT_NOT_OWNED,
+            message: format!(
+                "a {} named {name} already exists in namespace {ns} and does not belong to this \
+                 pipeline, which would take it over: delete or rename that {}, or rename the pipeline",
+                K::kind(&()),
+                K::kind(&())
+            ),
+        }),
+        _ => None,
+    })
+}
+
 /// Applies a pipeline's objects: its Job (see [`apply_task`]), or its Service and Deployment.
-/// Returns the Job or Deployment as applied and, when the spec change was refused, why.
+/// Returns the Job or Deployment as applied and, when the spec change was refused, why; or
+/// why nothing was applied (an object of its name that it does not own).
 async fn apply_objects(
     ctx: &Context,
     pipeline: &InferencePipeline,
     ns: &str,
     rendered: Rendered,
-) -> Result<Applied, Error> {
+) -> Result<Result<Applied, Blocked>, Error> {
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
     match rendered {
@@ -340,6 +378,14 @@ async fn apply_objects(
             let cached = ctx
                 .jobs
                 .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
+            // The cache holds only the operator's Jobs: look for another of the same name.
+            if cached.is_none() {
+                if let Some(blocked) =
+                    foreign(&Api::<Job>::namespaced(client.clone(), ns), pipeline, ns).await?
+                {
+                    return Ok(Err(blocked));
+                }
+            }
             let (job, refused) = apply_task(
                 &Api::namespaced(client.clone(), ns),
                 cached,
@@ -347,13 +393,20 @@ async fn apply_objects(
                 *job,
             )
             .await?;
-            Ok((job, None, refused))
+            Ok(Ok((job, None, refused)))
         }
         Rendered::Actor {
             deployment,
             service,
         } => {
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
+            let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+            if let Some(blocked) = foreign(&services, pipeline, ns).await? {
+                return Ok(Err(blocked));
+            }
+            if let Some(blocked) = foreign(&deployments, pipeline, ns).await? {
+                return Ok(Err(blocked));
+            }
             services
                 .patch(
                     &render::object_name(pipeline),
@@ -361,7 +414,6 @@ async fn apply_objects(
                     &Patch::Apply(&service),
                 )
                 .await?;
-            let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
             let d = deployments
                 .patch(
                     &render::object_name(pipeline),
@@ -369,7 +421,7 @@ async fn apply_objects(
                     &Patch::Apply(&deployment),
                 )
                 .await?;
-            Ok((None, Some(d), None))
+            Ok(Ok((None, Some(d), None)))
         }
     }
 }

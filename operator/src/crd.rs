@@ -33,6 +33,12 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    // Why it is not progressing (AsExpected when it is), without `describe`; -o wide adds what
+    // it runs.
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#,
+    printcolumn = r#"{"name":"Device","type":"string","jsonPath":".spec.device","priority":1}"#,
+    printcolumn = r#"{"name":"Sharing","type":"string","jsonPath":".spec.sharing","priority":1}"#,
+    printcolumn = r#"{"name":"Models","type":"string","jsonPath":".spec.models[*].name","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "A batch-inference pipeline: models loaded once per pod (or node) into shared memory and mapped by its workers, run as an Indexed Job (Task) or a Deployment (Actor).",
     // The pipeline's objects are named <name>-zerocopy; a Service name is a DNS-1035 label and

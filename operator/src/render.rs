@@ -423,6 +423,14 @@ fn pod_template(
             }]
         }),
         readiness_probe: is_actor.then(|| http_probe("/readyz", "http", 5)),
+        // Answered by the actor's HTTP runtime, never behind a batch: a replica that stops
+        // answering it is stuck, and is restarted. It counts only once the models are loaded
+        // (the startup probe: up to 10 minutes, for copies to a GPU).
+        liveness_probe: is_actor.then(|| http_probe("/livez", "http", 10)),
+        startup_probe: is_actor.then(|| Probe {
+            failure_threshold: Some(300),
+            ..http_probe("/readyz", "http", 2)
+        }),
         resources: Some(resources),
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),

@@ -21,6 +21,12 @@ pub const POD_SECURITY_FORBIDS_NODE_SHARING: &str = "PodSecurityForbidsNodeShari
 pub const INVALID_PIPELINE: &str = "InvalidPipeline";
 /// The API server refused the pipeline's Job, Deployment or Service.
 pub const OBJECTS_REFUSED: &str = "ObjectsRefused";
+/// Pods of the pipeline that the scheduler cannot place (a missing claim, no node fits).
+pub const PODS_UNSCHEDULABLE: &str = "PodsUnschedulable";
+/// Pods whose containers cannot start (an image that cannot be pulled, a missing Secret).
+pub const PODS_NOT_STARTING: &str = "PodsNotStarting";
+/// An object of the pipeline's name exists and belongs to someone else: it is not taken over.
+pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
 
 /// The name of the weight server's (native sidecar) container in every pod.
 pub const SIDECAR_CONTAINER: &str = "weight-server";
@@ -244,6 +250,71 @@ fn actor_status(observed: &Observed) -> (String, String, Vec<Cond>) {
     (phase.into(), progress, all)
 }
 
+/// Kubelet reasons for a container that will not start until something outside changes.
+const NOT_STARTING: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The first pending pod that cannot run, with the scheduler's or the kubelet's words: such
+/// pods otherwise read as progress ("8 running").
+fn stuck_pod(pods: &[Pod]) -> Option<(&'static str, String)> {
+    for pod in pods {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let Some(status) = pod.status.as_ref() else {
+            continue;
+        };
+        if status.phase.as_deref() != Some("Pending") {
+            continue;
+        }
+        let unscheduled = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+        if let Some(c) = unscheduled {
+            let why = c
+                .message
+                .as_deref()
+                .or(c.reason.as_deref())
+                .unwrap_or("no reason given");
+            return Some((
+                PODS_UNSCHEDULABLE,
+                format!("pod {name} cannot be scheduled: {why}"),
+            ));
+        }
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        for c in containers {
+            let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            if let Some(reason) = waiting
+                .reason
+                .as_deref()
+                .filter(|r| NOT_STARTING.contains(r))
+            {
+                let message = waiting.message.as_deref().unwrap_or_default();
+                return Some((
+                    PODS_NOT_STARTING,
+                    format!(
+                        "pod {name}: container {} cannot start: {reason}: {message}",
+                        c.name
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The new status. Conditions keep their last transition time while their status holds.
 pub fn compute(
     pipeline: &InferencePipeline,
@@ -277,16 +348,18 @@ pub fn compute(
     let weights_failed = conds
         .iter()
         .any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
-    let degraded = match (&observed.blocked, &observed.refused, weights_failed) {
-        (Some(blocked), _, _) => cond(DEGRADED, true, blocked.reason, blocked.message.clone()),
-        (None, Some(why), _) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
-        (None, None, true) => cond(
+    let stuck = stuck_pod(observed.pods);
+    let degraded = match (&observed.blocked, &observed.refused, weights_failed, stuck) {
+        (Some(blocked), ..) => cond(DEGRADED, true, blocked.reason, blocked.message.clone()),
+        (None, Some(why), ..) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
+        (None, None, true, _) => cond(
             DEGRADED,
             true,
             "WeightServerFailed",
             "a weight server cannot publish the models",
         ),
-        (None, None, false) => cond(DEGRADED, false, "AsExpected", ""),
+        (None, None, false, Some((reason, why))) => cond(DEGRADED, true, reason, why),
+        (None, None, false, None) => cond(DEGRADED, false, "AsExpected", ""),
     };
     if degraded.status
         && pipeline.spec.mode == Mode::Actor
@@ -368,6 +441,19 @@ mod tests {
         }
     }
 
+    /// The status of a Task pipeline whose Job is `job` and whose pods are `pods`.
+    fn with_pods(p: &InferencePipeline, job: &Job, pods: &[Pod]) -> InferencePipelineStatus {
+        compute(
+            p,
+            &Observed {
+                job: Some(job),
+                pods,
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        )
+    }
+
     fn get<'a>(s: &'a InferencePipelineStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
@@ -442,15 +528,7 @@ mod tests {
         };
         let j = job(0, None);
         let pods = [pod];
-        let s = compute(
-            &p,
-            &Observed {
-                job: Some(&j),
-                pods: &pods,
-                ..Default::default()
-            },
-            Timestamp::UNIX_EPOCH,
-        );
+        let s = with_pods(&p, &j, &pods);
         let w = get(&s, WEIGHTS_READY);
         assert_eq!(
             (w.status.as_str(), w.reason.as_str()),
@@ -492,20 +570,79 @@ mod tests {
         };
         let failed = job(0, Some("Failed"));
         let pods = [pod];
-        let s = compute(
-            &p,
-            &Observed {
-                job: Some(&failed),
-                pods: &pods,
-                ..Default::default()
-            },
-            Timestamp::UNIX_EPOCH,
-        );
+        let s = with_pods(&p, &failed, &pods);
         assert_eq!(s.phase.as_deref(), Some("Failed"));
         assert_eq!(
             get(&s, FAILED).message,
             "worker in pod p-1 failed: the input folder /in holds 3 shard files (why)"
         );
+    }
+
+    /// A pending pod with a missing claim, and one whose image cannot be pulled: Degraded with
+    /// the scheduler's and the kubelet's words, where the pipeline read "Running" before.
+    #[test]
+    fn pods_that_cannot_run_degrade_with_their_reason() {
+        let p = pipeline("Task");
+        let pending = |name: &str, status: PodStatus| Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                ..status
+            }),
+            ..Default::default()
+        };
+        let unschedulable = pending(
+            "p-0",
+            PodStatus {
+                conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some("persistentvolumeclaim \"sentiment-data\" not found".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        );
+        let no_image = pending(
+            "p-1",
+            PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: WORKER_CONTAINER.into(),
+                    state: Some(ContainerState {
+                        waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+                            reason: Some("ImagePullBackOff".into()),
+                            message: Some("Back-off pulling image \"x\"".into()),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        );
+        let j = job(0, None);
+        for (pod, reason, words) in [
+            (
+                unschedulable,
+                PODS_UNSCHEDULABLE,
+                "pod p-0 cannot be scheduled: persistentvolumeclaim \"sentiment-data\" not found",
+            ),
+            (
+                no_image,
+                PODS_NOT_STARTING,
+                "pod p-1: container worker cannot start: ImagePullBackOff",
+            ),
+        ] {
+            let pods = [pod];
+            let s = with_pods(&p, &j, &pods);
+            let d = get(&s, DEGRADED);
+            assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", reason));
+            assert!(d.message.starts_with(words), "{}", d.message);
+        }
     }
 
     #[test]

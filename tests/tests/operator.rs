@@ -24,7 +24,9 @@ use kube::{Client, ResourceExt};
 use kube_zerocopy::crd::{InferencePipeline, PodOverrides, Sharing};
 use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered, Settings};
-use kube_zerocopy::status::{INVALID_PIPELINE, OBJECTS_REFUSED, POD_SECURITY_FORBIDS_NODE_SHARING};
+use kube_zerocopy::status::{
+    INVALID_PIPELINE, OBJECTS_REFUSED, OBJECT_NOT_OWNED, POD_SECURITY_FORBIDS_NODE_SHARING,
+};
 use kube_zerocopy::validation;
 use kube_zerocopy_e2e::cluster::ControlPlane;
 use kube_zerocopy_e2e::invalid::invalid_pipelines;
@@ -330,6 +332,70 @@ async fn degraded_with(
     (c.reason == reason).then_some((s.phase, c))
 }
 
+/// A Service of the pipeline's object name that someone else made: the pipeline is Blocked
+/// with ObjectNotOwned and the Service is left as it was (server-side apply with force used to
+/// take it over, and deleting the pipeline then deleted it); once it is gone, the pipeline runs.
+async fn a_foreign_object_is_not_taken_over(admin: &Client) {
+    let minute = Duration::from_secs(60);
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
+    let services: Api<Service> = Api::namespaced(admin.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NS);
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "squatted-zerocopy", "labels": {"team": "other"}},
+        "spec": {"ports": [{"port": 1234}]}
+    }))
+    .unwrap();
+    let before = services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    pipelines
+        .create(
+            &PostParams::default(),
+            &actor_pipeline("squatted", 1, "file:///models/a.safetensors"),
+        )
+        .await
+        .unwrap();
+    let (phase, degraded) =
+        eventually("the pipeline to refuse the foreign Service", minute, || {
+            degraded_with(&pipelines, "squatted", OBJECT_NOT_OWNED)
+        })
+        .await;
+    println!("not owned: {}", degraded.message);
+    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert!(
+        degraded.message.contains("Service named squatted-zerocopy"),
+        "{}",
+        degraded.message
+    );
+    let after = services.get("squatted-zerocopy").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    assert!(after.owner_references().is_empty());
+    assert!(deployments
+        .get_opt("squatted-zerocopy")
+        .await
+        .unwrap()
+        .is_none());
+    // Theirs deleted: the pipeline makes its own.
+    services
+        .delete("squatted-zerocopy", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the pipeline's own Deployment", minute, || async {
+        deployments.get_opt("squatted-zerocopy").await.unwrap()
+    })
+    .await;
+    let own = services.get("squatted-zerocopy").await.unwrap();
+    assert_eq!(own.owner_references()[0].name, "squatted");
+    pipelines
+        .delete("squatted", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
 /// A pipeline the schema lets through but whose Job the API server refuses (a service account
 /// name that is no DNS name) is Blocked with the API server's reason, in its status and in a
 /// Warning event; fixed, it runs. A malformed resource quantity, which the API server does not
@@ -373,6 +439,44 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
         },
     )
     .await;
+    // `kubectl get ipl` shows the reason; `-o wide` adds what it runs.
+    let table: serde_json::Value = admin
+        .request(
+            http::Request::get(format!(
+                "/apis/kube-zerocopy.io/v1alpha1/namespaces/{NS}/inferencepipelines?includeObject=None"
+            ))
+            .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+            .body(vec![])
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let columns: Vec<(&str, i64)> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap(),
+                c["priority"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    for wide in ["Device", "Sharing", "Models"] {
+        assert!(columns.contains(&(wide, 1)), "{columns:?}");
+    }
+    let reason = columns
+        .iter()
+        .position(|c| c.0 == "Reason")
+        .expect("a Reason column");
+    let row = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][0] == "refused")
+        .expect("the refused pipeline's row");
+    assert_eq!(row["cells"][reason], OBJECTS_REFUSED, "{row}");
+
     // Fixed: the Job is created and the pipeline is no longer Blocked.
     pipelines
         .patch(
@@ -790,6 +894,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     pod_security_holds_back_node_sharing(&admin, &settings).await;
 
     a_pipeline_whose_job_is_refused_says_why_until_fixed(&admin).await;
+    a_foreign_object_is_not_taken_over(&admin).await;
 
     // The operator killed in the middle of reconciling (a pipeline just created, a change to
     // another just made) and restarted converges to the same objects.

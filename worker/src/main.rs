@@ -7,13 +7,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_sidecar::config::models_from_env;
 use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::ModelSource;
+use kube_zerocopy_worker::actor::Limits;
 use kube_zerocopy_worker::memory::MemoryStats;
 use kube_zerocopy_worker::{task, LoadedModel, Pipeline};
 use serde_json::json;
@@ -61,6 +62,15 @@ enum Command {
     Actor {
         #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]
         listen: String,
+        /// The largest request body accepted (413 beyond).
+        #[arg(long, env = "KZC_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+        max_body_bytes: u64,
+        /// Seconds a request body may take to arrive (408 beyond).
+        #[arg(long, env = "KZC_BODY_TIMEOUT", default_value_t = Limits::default().body_timeout.as_secs())]
+        body_timeout: u64,
+        /// Batches that may wait while one runs (503 with Retry-After beyond).
+        #[arg(long, env = "KZC_QUEUED_BATCHES", default_value_t = Limits::default().queued_batches)]
+        queued_batches: usize,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -136,10 +146,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Actor { listen } => {
+        Command::Actor {
+            listen,
+            max_body_bytes,
+            body_timeout,
+            queued_batches,
+        } => {
             kube_zerocopy_sidecar::process::exit_on_terminate()?;
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
-            kube_zerocopy_worker::actor::serve(&pipeline, &listen)
+            let limits = Limits {
+                max_body_bytes,
+                body_timeout: Duration::from_secs(body_timeout),
+                queued_batches,
+                ..Limits::default()
+            };
+            kube_zerocopy_worker::actor::serve(pipeline, &listen, limits)
         }
         Command::Inspect {
             loader,

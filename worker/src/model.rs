@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
-use tch::nn::Module as _;
 use tch::{CModule, Device, Tensor};
 
 use crate::jit::SharedScriptModule;
@@ -109,7 +108,7 @@ impl LoadedModel {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         tch::no_grad(|| match &self.module {
-            Module::Mlp(m) => Ok(m.forward(x)),
+            Module::Mlp(m) => m.f_forward(&self.name, x),
             Module::Script(m) => m.forward(std::slice::from_ref(x)),
             Module::CModule(m) => Ok(m.forward_ts(&[x])?),
         })

@@ -30,6 +30,11 @@ pub fn linear(model: &SharedModel, prefix: &str) -> Result<nn::Linear> {
     Ok(nn::Linear { ws, bs })
 }
 
+/// A batch that does not fit a model, worded for the client who sent it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WrongInput(pub String);
+
 /// The built-in `Mlp` architecture: `layers.0 .. layers.N-1`, each Linear, ReLU between them.
 /// It is what `architecture: Mlp` names for safetensors models, and what the demo runs.
 #[derive(Debug)]
@@ -86,6 +91,28 @@ impl Mlp {
             .map(|(i, w)| nn::linear(vs / "layers" / i, w[0], w[1], Default::default()))
             .collect();
         Mlp { layers }
+    }
+
+    /// The forward pass for untrusted batches: the input's width is checked first, and
+    /// libtorch's errors come back as errors (tch's `Module::forward` panics on them).
+    pub fn f_forward(&self, name: &str, xs: &Tensor) -> Result<Tensor> {
+        let width = self.in_features();
+        if xs.size().last() != Some(&width) {
+            return Err(WrongInput(format!(
+                "model {name:?} takes rows of {width} values; the batch has shape {:?}",
+                xs.size()
+            ))
+            .into());
+        }
+        let last = self.layers.len() - 1;
+        let mut x = xs.f_to_kind(self.layers[0].ws.kind())?;
+        for (i, l) in self.layers.iter().enumerate() {
+            x = x.f_linear(&l.ws, l.bs.as_ref())?;
+            if i != last {
+                x = x.f_relu()?;
+            }
+        }
+        Ok(x)
     }
 
     pub fn in_features(&self) -> i64 {
