@@ -21,7 +21,7 @@ export CARGO_TARGET_DIR="$CACHE/fuzz-target"
 # Seeds, once: real files of each kind, which the fuzzer then mutates.
 seed() {
   local target="$1"; shift
-  local dir="fuzz/corpus/$target"
+  local dir="$PWD/fuzz/corpus/$target"
   [ -n "$(ls -A "$dir" 2>/dev/null)" ] && return
   mkdir -p "$dir"
   "$@" "$dir"
@@ -42,17 +42,22 @@ seed pipeline_yaml cp examples/*.yaml
 
 targets=$(cargo +nightly fuzz list --fuzz-dir fuzz)
 run() {
+  # A background copy of this shell must not remove the scratch folder when it ends.
+  trap - EXIT
   local target="$1" log="$scratch/$1.log"
   mkdir -p "fuzz/artifacts/$target"
   # -rss_limit_mb: a target that wants more memory than this is a finding, not a slow run.
+  # libFuzzer exits non-zero on a crash, a timeout or running out of memory.
+  local status=0
   cargo +nightly fuzz run --fuzz-dir fuzz --release "$target" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-    -artifact_prefix="fuzz/artifacts/$target/" >"$log" 2>&1 || true
+    -artifact_prefix="fuzz/artifacts/$target/" >"$log" 2>&1 || status=$?
   local runs
   runs=$(awk '/stat::number_of_executed_units:/ { print $2 }' "$log")
-  echo "$target: ${runs:-0} executions in $seconds s, corpus $(ls "fuzz/corpus/$target" | wc -l) inputs"
-  if grep -qE "^==[0-9]+==ERROR|panicked at|deadly signal|out-of-memory|timeout" "$log"; then
-    echo "$target: CRASH"; grep -E "ERROR|panicked at|SUMMARY|Test unit written" "$log" | head -5
+  echo "$target: ${runs:-0} executions in $seconds s, corpus $(find "fuzz/corpus/$target" -type f | wc -l) inputs"
+  if [ "$status" -ne 0 ]; then
+    echo "$target: CRASH (exit $status)"
+    grep -E "==ERROR|panicked at|deadly signal|out-of-memory|Test unit written" "$log" | head -5 || true
   fi
 }
 # Built once before the runs, so that the two runs at a time do not build at once.
