@@ -26,14 +26,17 @@ struct Identity {
 
 impl Identity {
     fn of(file: &File) -> io::Result<Self> {
-        let m = file.metadata()?;
-        Ok(Identity {
+        Ok(Identity::from(&file.metadata()?))
+    }
+
+    fn from(m: &std::fs::Metadata) -> Self {
+        Identity {
             dev: m.dev(),
             ino: m.ino(),
             len: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 }
 
@@ -48,10 +51,13 @@ impl SourceFile {
     /// Opens `path`; `name` (the URI) is what errors call it.
     pub fn open(path: &Path, name: &str) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open source {name}"))?;
-        let opened = Identity::of(&file).with_context(|| format!("reading source {name}"))?;
-        if !file.metadata()?.is_file() {
+        let metadata = file
+            .metadata()
+            .with_context(|| format!("reading source {name}"))?;
+        if !metadata.is_file() {
             bail!("source {name} is not a regular file");
         }
+        let opened = Identity::from(&metadata);
         Ok(SourceFile {
             file,
             name: name.to_owned(),

@@ -26,3 +26,18 @@ pub fn lay_out(format: ModelFormat, source: &SourceFile, staging: &Staging) -> R
         ModelFormat::TorchScript => torchscript::lay_out(source, staging),
     }
 }
+
+/// Tests of the formats: lays `source` out into a fresh store; returns the result and the
+/// tensors file as written (empty when none was).
+#[cfg(test)]
+pub(crate) fn lay_out_in_fresh_store(
+    format: ModelFormat,
+    source: &SourceFile,
+) -> (Result<LaidOut>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = crate::layout::Store::new(dir.path()).begin("d").unwrap();
+    let laid = lay_out(format, source, &staging);
+    let tensors =
+        std::fs::read(staging.path().join(crate::layout::TENSORS_FILE)).unwrap_or_default();
+    (laid, tensors)
+}

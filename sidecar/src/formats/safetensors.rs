@@ -117,7 +117,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::layout::{Store, TENSORS_FILE};
     use crate::source::sha256_hex;
 
     /// Two tensors, `b` first in the file: [4] f32 (1..=4) and `a`: [2] i64 (-1, 7).
@@ -136,11 +135,7 @@ mod tests {
     }
 
     fn lay_out_with(source: &SourceFile) -> (Result<LaidOut>, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let staging = Store::new(dir.path()).begin("d").unwrap();
-        let laid = lay_out(source, &staging);
-        let tensors = std::fs::read(staging.path().join(TENSORS_FILE)).unwrap_or_default();
-        (laid, tensors)
+        crate::formats::lay_out_in_fresh_store(crate::config::ModelFormat::Safetensors, source)
     }
 
     #[test]

@@ -141,7 +141,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::layout::{Store, TENSORS_FILE};
 
     /// A data.pkl whose only persistent id is `("storage", torch.<storage>, "0", "cpu", numel)`.
     fn data_pkl(storage: &str, numel: u64) -> Vec<u8> {
@@ -174,14 +173,10 @@ mod tests {
         zip.finish().unwrap();
     }
 
-    /// Lays out the archive at `path` into a fresh store; returns the result and the store.
+    /// Lays out the archive at `path` into a fresh store; returns the result and tensors.bin.
     fn lay_out_archive(path: &Path) -> (Result<LaidOut>, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let staging = Store::new(dir.path()).begin("d").unwrap();
         let source = SourceFile::open(path, "file://archive.pt").unwrap();
-        let laid = lay_out(&source, &staging);
-        let tensors = std::fs::read(staging.path().join(TENSORS_FILE)).unwrap_or_default();
-        (laid, tensors)
+        crate::formats::lay_out_in_fresh_store(crate::config::ModelFormat::TorchScript, &source)
     }
 
     #[test]
