@@ -161,10 +161,13 @@ pub struct ModelSpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.uri.startsWith('http') || (!has(self.bearerTokenSecret) && !has(self.caConfigMap))").message("bearerTokenSecret and caConfigMap apply only to http(s) sources"))]
 pub struct ModelSourceSpec {
-    /// file://, http:// or https://
+    /// file://, http:// or https://. Credentials never go in the URI (it is in the pods'
+    /// environment and logs): use bearerTokenSecret.
     #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://')").message("source.uri must start with file:///, http:// or https://"))]
+    #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*@')").message("source.uri must not carry credentials (user:password@): put a token in a Secret and name it in source.bearerTokenSecret"))]
     pub uri: String,
     /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
     /// and the weight server's memory. Default: no size limit on the volume.
@@ -177,6 +180,15 @@ pub struct ModelSourceSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("source.sha256 must be 64 lowercase hex digits"))]
     pub sha256: Option<String>,
+    /// http(s) only: a key of a Secret in the pipeline's namespace holding a token, sent as
+    /// `Authorization: Bearer <token>` (not on redirects to another host). Only the weight
+    /// server mounts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret: Option<k8s_openapi::api::core::v1::SecretKeySelector>,
+    /// https only: a key of a ConfigMap in the pipeline's namespace holding PEM certificates
+    /// to trust besides the image's CA bundle (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map: Option<k8s_openapi::api::core::v1::ConfigMapKeySelector>,
 }
 
 /// A quantity (an integer or a string such as 400Mi), as k8s-openapi's, with a maximum length:
@@ -256,17 +268,50 @@ pub struct ShardStatus {
     pub active: i32,
 }
 
+/// The file names of a model's bearer token and CA bundle in its folder of source files.
+pub const SOURCE_TOKEN_FILE: &str = "token";
+pub const SOURCE_CA_FILE: &str = "ca.crt";
+
 impl InferencePipelineSpec {
-    /// The models as the sidecar and the workers read them (`KZC_MODELS`).
-    pub fn model_sources(&self) -> Vec<kube_zerocopy_sidecar::ModelSource> {
+    /// The models as the sidecar and the workers read them (`KZC_MODELS`). A model's token and
+    /// CA files are under `sources`/<model name>/ (see [`SOURCE_TOKEN_FILE`]).
+    pub fn model_sources(
+        &self,
+        sources: &std::path::Path,
+    ) -> Vec<kube_zerocopy_sidecar::ModelSource> {
         self.models
             .iter()
-            .map(|m| kube_zerocopy_sidecar::ModelSource {
-                name: m.name.clone(),
-                format: m.format.into(),
-                uri: m.source.uri.clone(),
-                sha256: m.source.sha256.clone(),
-                architecture: m.architecture.clone(),
+            .map(|m| {
+                let file = |name: &str| {
+                    sources
+                        .join(&m.name)
+                        .join(name)
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                kube_zerocopy_sidecar::ModelSource {
+                    name: m.name.clone(),
+                    format: m.format.into(),
+                    uri: m.source.uri.clone(),
+                    sha256: m.source.sha256.clone(),
+                    architecture: m.architecture.clone(),
+                    // An unparsable size fails the rendering before this is used.
+                    max_bytes: m
+                        .source
+                        .size
+                        .as_ref()
+                        .and_then(|q| crate::quantity::to_bytes(&q.0).ok()),
+                    bearer_token_file: m
+                        .source
+                        .bearer_token_secret
+                        .as_ref()
+                        .map(|_| file(SOURCE_TOKEN_FILE)),
+                    ca_file: m
+                        .source
+                        .ca_config_map
+                        .as_ref()
+                        .map(|_| file(SOURCE_CA_FILE)),
+                }
             })
             .collect()
     }

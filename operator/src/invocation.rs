@@ -20,6 +20,8 @@ pub struct Mounts {
     pub bindings: PathBuf,
     /// Scratch space on disk for http downloads.
     pub downloads: PathBuf,
+    /// The models' bearer tokens and CA bundles, one folder per model (weight server only).
+    pub sources: PathBuf,
 }
 
 impl Mounts {
@@ -29,6 +31,7 @@ impl Mounts {
             store: "/kzc/store".into(),
             bindings: "/kzc/bindings".into(),
             downloads: "/kzc/downloads".into(),
+            sources: "/kzc/sources".into(),
         }
     }
 }
@@ -42,7 +45,10 @@ pub struct Invocation {
 fn common_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<(String, String)> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     vec![
-        (MODELS_ENV.to_owned(), models_to_json(&spec.model_sources())),
+        (
+            MODELS_ENV.to_owned(),
+            models_to_json(&spec.model_sources(&mounts.sources)),
+        ),
         ("KZC_STORE".to_owned(), path(&mounts.store)),
         ("KZC_BINDINGS".to_owned(), path(&mounts.bindings)),
     ]

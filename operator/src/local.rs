@@ -180,6 +180,17 @@ pub fn run(opts: &Options) -> Result<Summary> {
             input.uri
         );
     }
+    if let Some(m) = spec
+        .models
+        .iter()
+        .find(|m| m.source.bearer_token_secret.is_some() || m.source.ca_config_map.is_some())
+    {
+        bail!(
+            "model {:?} names a Secret or ConfigMap (bearerTokenSecret, caConfigMap): a local \
+             run has no cluster to read them from",
+            m.name
+        );
+    }
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -201,6 +212,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
         bindings: pod_dir.join("bindings"),
         downloads: std::env::temp_dir()
             .join(format!("kube-zerocopy-downloads-{}", std::process::id())),
+        sources: pod_dir.join("sources"),
     };
     let logs = pod_dir.join("logs");
     std::fs::create_dir_all(&logs)?;

@@ -14,10 +14,11 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
-    HTTPGetAction, HostPathVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    ExecAction, HTTPGetAction, HostPathVolumeSource, KeyToPath, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretProjection, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -25,7 +26,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
-use crate::crd::{DeviceKind, InferencePipeline, Mode, PodOverrides, Sharing};
+use crate::crd::{
+    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, Sharing, SOURCE_CA_FILE,
+    SOURCE_TOKEN_FILE,
+};
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::quantity;
 
@@ -39,6 +43,8 @@ const SIDECAR_OVERHEAD: u64 = 128 << 20;
 pub const STORE_VOLUME: &str = "kzc-store";
 pub const BINDINGS_VOLUME: &str = "kzc-bindings";
 pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
+/// A model's token and CA bundle: kzc-source-<index of the model>.
+pub const SOURCE_VOLUME_PREFIX: &str = "kzc-source-";
 
 /// What the operator itself decides, not the pipeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -285,6 +291,7 @@ fn volumes(
             ..Default::default()
         },
     ];
+    all.extend(source_volumes(&pipeline.spec).into_iter().map(|(v, _)| v));
     if let Some(extra) = pipeline
         .spec
         .template
@@ -296,18 +303,76 @@ fn volumes(
     (all, mounts, store_mount)
 }
 
+/// Each model's bearer token and CA bundle (when it names them) as one projected volume, with
+/// the name of the model whose folder under [`Mounts::sources`] it is mounted on. Only the
+/// weight server mounts them; the files are readable by the pods' group only.
+fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
+    spec.models
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let token = m
+                .source
+                .bearer_token_secret
+                .as_ref()
+                .map(|s| VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: s.name.clone(),
+                        items: Some(vec![KeyToPath {
+                            key: s.key.clone(),
+                            path: SOURCE_TOKEN_FILE.into(),
+                            ..Default::default()
+                        }]),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                });
+            let ca = m.source.ca_config_map.as_ref().map(|c| VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: c.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: c.key.clone(),
+                        path: SOURCE_CA_FILE.into(),
+                        ..Default::default()
+                    }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            });
+            let sources: Vec<_> = token.into_iter().chain(ca).collect();
+            (!sources.is_empty()).then(|| {
+                let volume = Volume {
+                    name: format!("{SOURCE_VOLUME_PREFIX}{i}"),
+                    projected: Some(ProjectedVolumeSource {
+                        sources: Some(sources),
+                        default_mode: Some(0o440),
+                    }),
+                    ..Default::default()
+                };
+                (volume, m.name.clone())
+            })
+        })
+        .collect()
+}
+
 /// The weight server's mounts: its own three, writable, then every mount of the pipeline's
 /// template, read-only. A `file://` model lives on one of the template's volumes (a PVC at
 /// /models), so the sidecar, which reads it, needs them as the worker does; it only reads
 /// sources (and may need e.g. a CA bundle mounted for https), so its copies are forced
 /// read-only whatever the template says. A `file://` source under no mount is left alone: it
 /// can only be in a custom image, and the sidecar says so if it is not.
-fn sidecar_mounts(overrides: &PodOverrides, store: &Path, mounts: &Mounts) -> Vec<VolumeMount> {
+fn sidecar_mounts(spec: &InferencePipelineSpec, store: &Path, mounts: &Mounts) -> Vec<VolumeMount> {
     let mut all = vec![
         mount(STORE_VOLUME, store, false),
         mount(BINDINGS_VOLUME, &mounts.bindings, false),
         mount(DOWNLOADS_VOLUME, &mounts.downloads, false),
     ];
+    all.extend(
+        source_volumes(spec)
+            .iter()
+            .map(|(v, model)| mount(&v.name, &mounts.sources.join(model), true)),
+    );
+    let overrides = spec.template.clone().unwrap_or_default();
     all.extend(
         overrides
             .volume_mounts
@@ -386,7 +451,7 @@ fn pod_template(
         resources: sidecar_resources,
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(sidecar_mounts(&overrides, store_path, mounts)),
+        volume_mounts: Some(sidecar_mounts(spec, store_path, mounts)),
         ..Default::default()
     };
 
@@ -605,6 +670,64 @@ mod tests {
         assert_eq!(mount_of(&worker, "data").read_only, None);
         // The sidecar's own volumes stay writable.
         assert_eq!(mount_of(&sidecar, STORE_VOLUME).read_only, Some(false));
+    }
+
+    #[test]
+    fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_says() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - {name: open, format: TorchScript, source: {uri: 'https://a.example/m.pt', size: 2Ki}}\n    - name: private\n      format: TorchScript\n      source:\n        uri: https://b.example/m.pt\n        bearerTokenSecret: {name: hub, key: token}\n        caConfigMap: {name: corp-ca, key: bundle.pem}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+        )
+        .unwrap();
+        let (sidecar, worker) = containers(&p);
+        let source = mount_of(&sidecar, "kzc-source-1");
+        assert_eq!(
+            (source.mount_path.as_str(), source.read_only),
+            ("/kzc/sources/private", Some(true))
+        );
+        let worker_mounts = worker.volume_mounts.unwrap();
+        assert!(worker_mounts
+            .iter()
+            .all(|m| !m.name.starts_with(SOURCE_VOLUME_PREFIX)));
+        let Rendered::Task { job } = render(&p, &Settings::default()).unwrap() else {
+            unreachable!()
+        };
+        let volumes = job.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        let projected = volumes
+            .iter()
+            .find(|v| v.name == "kzc-source-1")
+            .and_then(|v| v.projected.clone())
+            .unwrap();
+        assert_eq!(projected.default_mode, Some(0o440));
+        let sources = projected.sources.unwrap();
+        let secret = sources[0].secret.clone().unwrap();
+        assert_eq!(secret.name, "hub");
+        assert_eq!(secret.items.unwrap()[0].key, "token");
+        let ca = sources[1].config_map.clone().unwrap();
+        assert_eq!(
+            (ca.name.as_str(), ca.items.unwrap()[0].key.as_str()),
+            ("corp-ca", "bundle.pem")
+        );
+        // The first model names neither: no volume of its own.
+        assert!(volumes.iter().all(|v| v.name != "kzc-source-0"));
+        // What the weight server reads: the files where they are mounted, the size as a cap.
+        let models = sidecar
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == kube_zerocopy_sidecar::config::MODELS_ENV)
+            .and_then(|e| e.value)
+            .unwrap();
+        let models = kube_zerocopy_sidecar::config::models_from_json(&models).unwrap();
+        assert_eq!(models[0].max_bytes, Some(2048));
+        assert_eq!(models[0].bearer_token_file, None);
+        assert_eq!(
+            models[1].bearer_token_file.as_deref(),
+            Some("/kzc/sources/private/token")
+        );
+        assert_eq!(
+            models[1].ca_file.as_deref(),
+            Some("/kzc/sources/private/ca.crt")
+        );
     }
 
     #[test]

@@ -26,6 +26,16 @@ pub struct ModelSource {
     /// For safetensors: the built-in architecture the worker builds (see the worker crate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// The most bytes the source may have (its declared size): a download stops beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// http(s): a file holding a bearer token (a Secret's key, mounted into the weight server
+    /// only), sent as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<String>,
+    /// https: a file of PEM certificates trusted besides the system's (a ConfigMap's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 pub fn models_to_json(models: &[ModelSource]) -> String {
@@ -90,6 +100,9 @@ mod tests {
             uri: "file:///m.pt".into(),
             sha256: None,
             architecture: None,
+            max_bytes: Some(1 << 20),
+            bearer_token_file: Some("/kzc/sources/a/token".into()),
+            ca_file: None,
         };
         let json = models_to_json(std::slice::from_ref(&m));
         assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);

@@ -4,11 +4,13 @@
 //! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
 //! - [`layout`]: content-addressed store, manifest, atomic publication, bindings.
 //! - [`source`]: fetching `file://` and `http(s)://` sources with sha256 verification.
+//! - [`download`]: http(s) downloads that resume, with a stall timeout and a size cap.
 //! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
 //! - [`process`]: logging and error reporting shared by every kube-zerocopy binary.
 
 pub mod config;
+pub mod download;
 pub mod formats;
 pub mod layout;
 pub mod pickle;

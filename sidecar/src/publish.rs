@@ -67,7 +67,7 @@ impl Publisher {
     fn fetch_and_lay_out(&self, model: &ModelSource, hold: Option<Hold>) -> Result<Hold> {
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
-        let fetched = fetch(&model.uri, &self.download_dir)?;
+        let fetched = fetch(model, &self.download_dir)?;
         info!(model = %model.name, bytes = fetched.size(), secs = started.elapsed().as_secs_f32(), "fetched");
         let digest = fetched.sha256.clone();
         let (hold, _digest_lock) = match hold {

@@ -6,13 +6,15 @@
 //! [`SourceFile::check_unchanged`] tells when the file was written to meanwhile.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+
+use crate::config::ModelSource;
+use crate::download;
 
 /// What fstat says about a file that changes when someone writes to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,25 +199,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Copies `reader` to `out` while hashing; returns (sha256, bytes).
-fn hash_stream(mut reader: impl Read, out: &mut File) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), total))
-}
-
-/// Fetches `uri` (`file://`, `http://`, `https://`). Downloads land in `download_dir`.
-pub fn fetch(uri: &str, download_dir: &Path) -> Result<Fetched> {
+/// Fetches `model`'s source (`file://`, `http://`, `https://`). Downloads land in
+/// `download_dir`, under a name of their own, and are removed when the [`Fetched`] is dropped.
+pub fn fetch(model: &ModelSource, download_dir: &Path) -> Result<Fetched> {
+    let uri = model.uri.as_str();
     if let Some(path) = uri.strip_prefix("file://") {
         let source = SourceFile::open(Path::new(path), uri)?;
         let sha256 = source.sha256()?;
@@ -226,74 +213,47 @@ pub fn fetch(uri: &str, download_dir: &Path) -> Result<Fetched> {
         });
     }
     if uri.starts_with("http://") || uri.starts_with("https://") {
-        return download(uri, download_dir);
+        let policy = download::Policy {
+            max_bytes: model.max_bytes,
+            bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
+            ca_file: model.ca_file.as_ref().map(PathBuf::from),
+            ..download::Policy::default()
+        };
+        return fetch_http(uri, download_dir, &policy);
     }
     bail!("source {uri}: unsupported scheme; use file://, http:// or https://")
 }
 
-const ATTEMPTS: u32 = 3;
-
-fn download(uri: &str, download_dir: &Path) -> Result<Fetched> {
+fn fetch_http(uri: &str, download_dir: &Path, policy: &download::Policy) -> Result<Fetched> {
     std::fs::create_dir_all(download_dir)
         .with_context(|| format!("creating download folder {}", download_dir.display()))?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(10)))
-        .timeout_recv_response(Some(Duration::from_secs(30)))
-        .timeout_recv_body(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let mut last_error = None;
-    for attempt in 1..=ATTEMPTS {
-        let path = download_dir.join(format!(".download-{}-{attempt}", std::process::id()));
-        let result = (|| -> Result<(String, u64)> {
-            let response = agent.get(uri).call().map_err(|e| match e {
-                ureq::Error::StatusCode(code) => {
-                    anyhow::anyhow!("source {uri} answered HTTP {code}")
-                }
-                other => anyhow::anyhow!("source {uri} is unreachable: {other}"),
-            })?;
-            let mut file =
-                File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            let reader = response.into_body().into_reader();
-            let (sha, size) =
-                hash_stream(reader, &mut file).with_context(|| format!("downloading {uri}"))?;
-            file.sync_all()?;
-            Ok((sha, size))
-        })();
-        match result {
-            Ok((sha256, size)) => {
-                let source = match SourceFile::open(&path, uri) {
-                    Ok(source) => source,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
-                };
-                let fetched = Fetched {
-                    source,
-                    sha256,
-                    downloaded: Some(path),
-                };
-                if fetched.size() != size {
-                    bail!(
-                        "download of {uri}: wrote {size} bytes, the file holds {}",
-                        fetched.size()
-                    );
-                }
-                return Ok(fetched);
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                // A 4xx will not change on retry.
-                let permanent = e.to_string().contains("answered HTTP 4");
-                tracing::warn!(attempt, error = %format!("{e:#}"), "download failed");
-                last_error = Some(e);
-                if permanent || attempt == ATTEMPTS {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));
-            }
+    // A name of its own: two weight servers may share the folder.
+    let (mut file, path) = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempfile_in(download_dir)
+        .with_context(|| format!("creating a file in {}", download_dir.display()))?
+        .keep()
+        .context("keeping the download file")?;
+    let fetched = download::download(uri, &mut file, policy).and_then(|done| {
+        let source = SourceFile::open(&path, uri)?;
+        if source.len() != done.bytes {
+            bail!(
+                "download of {uri}: wrote {} bytes, the file holds {}",
+                done.bytes,
+                source.len()
+            );
+        }
+        Ok((source, done.sha256))
+    });
+    match fetched {
+        Ok((source, sha256)) => Ok(Fetched {
+            source,
+            sha256,
+            downloaded: Some(path),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
         }
     }
-    Err(last_error.expect("at least one attempt"))
 }

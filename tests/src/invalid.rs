@@ -63,5 +63,15 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', size: big}}}}]\n{task}")),
             "source.size must be a quantity such as 400Mi or 2Gi",
         ),
+        (
+            "credentials in the source's URI",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://user:pw@hub.example/m.pt'}}}}]\n{task}")),
+            "source.uri must not carry credentials",
+        ),
+        (
+            "a bearer token for a file source",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
+            "bearerTokenSecret and caConfigMap apply only to http(s) sources",
+        ),
     ]
 }

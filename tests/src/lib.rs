@@ -60,6 +60,9 @@ pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
         uri: format!("file://{}", path.display()),
         sha256: None,
         architecture: None,
+        max_bytes: None,
+        bearer_token_file: None,
+        ca_file: None,
     }
 }
 

@@ -1,0 +1,394 @@
+//! Downloading an http(s) model source into a local file, hashing it on the way.
+//!
+//! A transfer is broken off when no byte arrives for [`Policy::stall`], not after a fixed total
+//! time: a large model on a slow link takes as long as it takes. A broken transfer resumes with
+//! a range request from the last byte written, guarded by `If-Range` (the server's ETag or
+//! Last-Modified), so a file that changed on the server meanwhile is fetched again from the
+//! start instead of being spliced; the hash then starts over too. Attempts are counted only
+//! while they make no progress. Credentials come from a file (a Secret mounted into the weight
+//! server only), never from the URI.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use backon::BackoffBuilder;
+use sha2::{Digest, Sha256};
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+
+/// Where Debian (the runtime image) and RHEL-like systems keep the system's CA bundle.
+const SYSTEM_CA_BUNDLES: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+/// How a download behaves; [`Policy::default`] is what the weight server uses.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// A transfer that delivers no byte for this long is broken off (and resumed).
+    pub stall: Duration,
+    /// Attempts in a row without a new byte before giving up.
+    pub attempts_without_progress: u32,
+    /// The first pause between attempts; it doubles up to 30 s.
+    pub first_pause: Duration,
+    /// The most bytes the file may have (the model's declared size); more is an error.
+    pub max_bytes: Option<u64>,
+    /// A bearer token's file (a mounted Secret key), sent as `Authorization: Bearer`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// PEM certificates trusted besides the system's bundle (a mounted ConfigMap key).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            stall: Duration::from_secs(30),
+            attempts_without_progress: 4,
+            first_pause: Duration::from_secs(1),
+            max_bytes: None,
+            bearer_token_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+/// A finished download.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Downloaded {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Why an attempt ended. A transient failure is retried (resuming if bytes were written); a
+/// permanent one ends the download at once.
+#[derive(Debug)]
+enum Failure {
+    Transient(anyhow::Error),
+    Permanent(anyhow::Error),
+}
+
+/// Downloads `uri` into `file` (truncated first), resuming broken transfers.
+pub fn download(uri: &str, file: &mut File, policy: &Policy) -> Result<Downloaded> {
+    let agent = agent(uri, policy)?;
+    let token = policy
+        .bearer_token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    let mut transfer = Transfer {
+        uri,
+        file,
+        hasher: Sha256::new(),
+        written: 0,
+        validator: None,
+    };
+    transfer.start_over()?;
+    let pauses = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(policy.first_pause)
+            .with_max_delay(Duration::from_secs(30))
+            .with_max_times(usize::MAX)
+            .build()
+    };
+    let mut pause = pauses();
+    let mut attempts_without_progress = 0;
+    loop {
+        let before = transfer.written;
+        let error = match transfer.attempt(&agent, token.as_deref(), policy) {
+            Ok(()) => {
+                transfer
+                    .file
+                    .sync_all()
+                    .context("syncing the downloaded file")?;
+                return Ok(Downloaded {
+                    sha256: hex::encode(transfer.hasher.finalize()),
+                    bytes: transfer.written,
+                });
+            }
+            Err(Failure::Permanent(e)) => return Err(e),
+            Err(Failure::Transient(e)) => e,
+        };
+        if transfer.written > before {
+            attempts_without_progress = 0;
+            pause = pauses();
+        } else {
+            attempts_without_progress += 1;
+        }
+        if attempts_without_progress >= policy.attempts_without_progress {
+            return Err(error.context(format!(
+                "giving up on {uri} after {attempts_without_progress} attempts in a row \
+                 without progress ({} bytes downloaded)",
+                transfer.written
+            )));
+        }
+        let wait = pause.next().unwrap_or(Duration::from_secs(30));
+        tracing::warn!(
+            uri,
+            downloaded = transfer.written,
+            retry_in_ms = wait.as_millis() as u64,
+            error = %format!("{error:#}"),
+            "download broken off; resuming"
+        );
+        std::thread::sleep(wait);
+    }
+}
+
+/// The HTTP client for one source: stall timeout, no downgrade from https, the trusted CAs.
+fn agent(uri: &str, policy: &Policy) -> Result<ureq::Agent> {
+    let config = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_response(Some(Duration::from_secs(30)))
+        .timeout_per_read(Some(policy.stall))
+        // An https source may redirect to https only: a redirect to plain http is refused.
+        .https_only(uri.starts_with("https://"))
+        .tls_config(
+            TlsConfig::builder()
+                .root_certs(trusted_roots(policy.ca_file.as_deref())?)
+                .build(),
+        )
+        .build();
+    Ok(config.into())
+}
+
+/// The system's CA bundle plus `extra`; ureq's built-in roots when neither has a certificate.
+fn trusted_roots(extra: Option<&Path>) -> Result<RootCerts> {
+    let mut certs = Vec::new();
+    if let Some(pem) = SYSTEM_CA_BUNDLES.iter().find_map(|p| std::fs::read(p).ok()) {
+        certs.extend(pem_certificates(&pem));
+    }
+    if let Some(path) = extra {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the CA bundle {}", path.display()))?;
+        let before = certs.len();
+        certs.extend(pem_certificates(&pem));
+        if certs.len() == before {
+            anyhow::bail!("the CA bundle {} holds no PEM certificate", path.display());
+        }
+    }
+    Ok(if certs.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::Specific(Arc::new(certs))
+    })
+}
+
+fn pem_certificates(pem: &[u8]) -> Vec<Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn read_token(path: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the bearer token {}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_control()) {
+        anyhow::bail!(
+            "the bearer token {} is empty or not a single line",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
+}
+
+/// One download's state across attempts.
+struct Transfer<'a> {
+    uri: &'a str,
+    file: &'a mut File,
+    hasher: Sha256,
+    written: u64,
+    /// The ETag (strong) or Last-Modified of the bytes written so far: a resumed request
+    /// continues them only if the file is still the same.
+    validator: Option<String>,
+}
+
+impl Transfer<'_> {
+    fn start_over(&mut self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .context("truncating the download file")?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        self.validator = None;
+        Ok(())
+    }
+
+    fn attempt(
+        &mut self,
+        agent: &ureq::Agent,
+        token: Option<&str>,
+        policy: &Policy,
+    ) -> std::result::Result<(), Failure> {
+        let uri = self.uri;
+        // A resumed request needs a validator: without one, the file may have changed.
+        let resume = self.written > 0 && self.validator.is_some();
+        if self.written > 0 && !resume {
+            self.start_over().map_err(Failure::Permanent)?;
+        }
+        // Compressed transfer would make byte ranges refer to other bytes than the file's.
+        let mut request = agent.get(uri).header("Accept-Encoding", "identity");
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        if resume {
+            request = request
+                .header("Range", format!("bytes={}-", self.written))
+                .header("If-Range", self.validator.as_deref().unwrap_or_default());
+        }
+        let response = request.call().map_err(|e| classify(uri, e))?;
+        let headers = response.headers();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let total = match response.status().as_u16() {
+            206 if resume => {
+                let (start, total) =
+                    header("Content-Range")
+                        .and_then(content_range)
+                        .ok_or_else(|| {
+                            Failure::Transient(anyhow!(
+                                "{uri}: a partial answer without a valid Content-Range"
+                            ))
+                        })?;
+                if start != self.written {
+                    return Err(Failure::Transient(anyhow!(
+                        "{uri}: asked for bytes from {}, the server sent them from {start}",
+                        self.written
+                    )));
+                }
+                total
+            }
+            200 => {
+                if self.written > 0 {
+                    tracing::info!(uri, "the server sent the whole file again (it changed, or it ignores ranges): starting over");
+                    self.start_over().map_err(Failure::Permanent)?;
+                }
+                self.validator = validator(header("ETag"), header("Last-Modified"));
+                header("Content-Length").and_then(|v| v.parse().ok())
+            }
+            status => {
+                return Err(Failure::Permanent(anyhow!(
+                    "{uri} answered HTTP {status}, expected 200"
+                )))
+            }
+        };
+        if let (Some(total), Some(max)) = (total, policy.max_bytes) {
+            if total > max {
+                return Err(Failure::Permanent(too_big(uri, max, Some(total))));
+            }
+        }
+        let mut body = response.into_body();
+        let mut reader = body.with_config().limit(u64::MAX).reader();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    return Err(Failure::Transient(anyhow!(
+                        "{uri}: the transfer broke off after {} bytes: {e}",
+                        self.written
+                    )))
+                }
+            };
+            if policy
+                .max_bytes
+                .is_some_and(|max| self.written + n as u64 > max)
+            {
+                return Err(Failure::Permanent(too_big(
+                    uri,
+                    policy.max_bytes.unwrap_or_default(),
+                    None,
+                )));
+            }
+            self.file
+                .write_all(&buf[..n])
+                .with_context(|| format!("writing the download of {uri}"))
+                .map_err(Failure::Permanent)?;
+            self.hasher.update(&buf[..n]);
+            self.written += n as u64;
+        }
+        match total {
+            Some(total) if total != self.written => Err(Failure::Transient(anyhow!(
+                "{uri}: the transfer ended after {} of {total} bytes",
+                self.written
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn too_big(uri: &str, max: u64, announced: Option<u64>) -> anyhow::Error {
+    let what = match announced {
+        Some(n) => format!("is {n} bytes"),
+        None => "sent more".to_owned(),
+    };
+    anyhow!(
+        "{uri} {what}, more than the model's declared size ({max} bytes, source.size); \
+         raise source.size if the file is right"
+    )
+}
+
+/// What `If-Range` may carry: a strong ETag, else a Last-Modified date (weak ETags may not).
+fn validator(etag: Option<&str>, last_modified: Option<&str>) -> Option<String> {
+    etag.filter(|e| !e.starts_with("W/"))
+        .or(last_modified)
+        .map(str::to_owned)
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`): the start, and the total when known.
+fn content_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = match total {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.parse().ok()?, total))
+}
+
+/// Which errors another attempt may cure.
+fn classify(uri: &str, error: ureq::Error) -> Failure {
+    use ureq::Error as E;
+    match error {
+        E::StatusCode(code @ (408 | 425 | 429 | 500..=599)) => {
+            Failure::Transient(anyhow!("{uri} answered HTTP {code}"))
+        }
+        // The range asked for no longer fits the file: start over.
+        E::StatusCode(416) => {
+            Failure::Transient(anyhow!("{uri} answered HTTP 416 to a resumed request"))
+        }
+        E::StatusCode(code @ (401 | 403)) => Failure::Permanent(anyhow!(
+            "{uri} answered HTTP {code}: the source needs credentials it accepts \
+             (source.bearerTokenSecret)"
+        )),
+        E::StatusCode(code) => Failure::Permanent(anyhow!("{uri} answered HTTP {code}")),
+        E::RequireHttpsOnly(to) => Failure::Permanent(anyhow!(
+            "{uri} redirected to a plain http address ({to}); an https source may not be \
+             downgraded"
+        )),
+        E::TooManyRedirects => Failure::Permanent(anyhow!("{uri}: too many redirects")),
+        e @ (E::Tls(_) | E::Rustls(_) | E::Pem(_)) => Failure::Permanent(anyhow!(
+            "{uri}: TLS failed ({e}); if the server's certificate comes from a private CA, \
+             give it in source.caConfigMap"
+        )),
+        // rustls reports a certificate it does not trust through the stream, as an io error.
+        E::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            Failure::Permanent(anyhow!(
+                "{uri}: TLS failed ({e}); if the server's certificate comes from a private CA, \
+                 give it in source.caConfigMap"
+            ))
+        }
+        e @ (E::BadUri(_) | E::Http(_)) => Failure::Permanent(anyhow!("{uri}: {e}")),
+        e => Failure::Transient(anyhow!("{uri} is unreachable: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;
