@@ -30,6 +30,7 @@ use crate::crd::{InferencePipeline, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::pod_security;
+use crate::policy;
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Blocked, Observed};
 
@@ -306,10 +307,14 @@ async fn render_and_apply(
     let rendered = match render::render(pipeline, &ctx.settings) {
         Ok(rendered) => rendered,
         Err(e) => {
+            let reason = match e.downcast_ref::<policy::Refusal>() {
+                Some(policy::Refusal::Forbidden(_)) => status::FORBIDDEN_BY_POLICY,
+                _ => status::INVALID_PIPELINE,
+            };
             return Ok(Err(Blocked {
-                reason: status::INVALID_PIPELINE,
+                reason,
                 message: format!("cannot make the pipeline's objects: {e:#}"),
-            }))
+            }));
         }
     };
     match apply_objects(ctx, pipeline, ns, rendered).await {

@@ -81,7 +81,7 @@ pub struct InferencePipelineSpec {
     /// Task mode only: how many shards, how many at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskSettings>,
-    /// Actor mode only: how many replicas, how many workers each.
+    /// Actor mode only: how many replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<ActorSettings>,
     /// Overrides for the pods: image, resources, placement, extra volumes (for the data).
@@ -107,15 +107,18 @@ pub struct PodOverrides {
     /// The pods' tolerations (e.g. of GPU nodes' taints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
-    /// Extra volumes, e.g. the input and output data.
+    /// Extra volumes, e.g. the input and output data. Names starting with kzc- are the
+    /// operator's; hostPath volumes only where the operator's policy allows them
+    /// (pipelinePolicy.allowHostPath).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<k8s_openapi::api::core::v1::Volume>>,
     /// Where the worker mounts the extra volumes. The weight server mounts them too, read-only,
-    /// so that a file:// model on one of them (a PVC at /models) can be read.
+    /// so that a file:// model on one of them (a PVC at /models) can be read. Paths under /kzc
+    /// and the operator's own volumes (kzc-*) are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>,
     /// The pods' ServiceAccount (default: the namespace's default), e.g. for a data volume's
-    /// access.
+    /// access; only where the operator's policy allows it (pipelinePolicy.allowServiceAccount).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
 }
@@ -224,13 +227,11 @@ pub struct TaskSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActorSettings {
-    /// How many pods serve batches behind the pipeline's Service.
+    /// How many pods serve batches behind the pipeline's Service. Each runs one worker, whose
+    /// libtorch uses the pod's cores; with Node sharing, replicas on one node share one copy
+    /// of the weights.
     #[x_kube(validation = Rule::new("self >= 1").message("actor.replicas must be at least 1"))]
     pub replicas: i32,
-    /// Worker processes per pod, sharing its weights. Default: 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("actor.workersPerPod must be at least 1"))]
-    pub workers_per_pod: Option<i32>,
 }
 
 /// What the operator observed: phase, progress, conditions.

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod pod_security;
+pub mod policy;
 pub mod quantity;
 pub mod render;
 pub mod status;

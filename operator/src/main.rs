@@ -26,6 +26,8 @@ enum Command {
         namespace: Option<String>,
         #[command(flatten)]
         images: Images,
+        #[command(flatten)]
+        policy: Policy,
         /// Address of /metrics, /livez and /readyz.
         #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
         metrics_listen: String,
@@ -54,6 +56,8 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         images: Images,
+        #[command(flatten)]
+        policy: Policy,
     },
     /// Run pipelines on this machine, without a cluster.
     Local {
@@ -81,6 +85,26 @@ impl Images {
         if let Some(image) = self.cuda_runtime_image {
             settings.cuda_runtime_image = image;
         }
+    }
+}
+
+/// What pipelines' templates may add to their pods (everything else is refused).
+#[derive(clap::Args)]
+struct Policy {
+    /// Allow hostPath volumes in template.volumes.
+    #[arg(long, env = "KZC_ALLOW_HOST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
+    allow_host_path: bool,
+    /// Allow template.serviceAccountName.
+    #[arg(long, env = "KZC_ALLOW_SERVICE_ACCOUNT", default_value_t = false, action = clap::ArgAction::Set)]
+    allow_service_account: bool,
+}
+
+impl Policy {
+    fn apply(self, settings: &mut render::Settings) {
+        settings.policy = kube_zerocopy::policy::PipelinePolicy {
+            allow_host_path: self.allow_host_path,
+            allow_service_account: self.allow_service_account,
+        };
     }
 }
 
@@ -127,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Operator {
             namespace,
             images,
+            policy,
             metrics_listen,
             leader_election,
             lease_namespace,
@@ -139,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             images.apply(&mut settings);
+            policy.apply(&mut settings);
             let metrics = std::sync::Arc::new(kube_zerocopy::metrics::Metrics::default());
             kube_zerocopy::metrics::serve(&metrics_listen, metrics.clone())?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -159,10 +185,15 @@ fn run(cli: Cli) -> Result<()> {
             emit(&serde_yaml::to_string(&InferencePipeline::crd())?)?;
             Ok(())
         }
-        Command::Render { file, images } => {
+        Command::Render {
+            file,
+            images,
+            policy,
+        } => {
             let pipeline = local::load_pipeline(&file)?;
             let mut settings = render::Settings::default();
             images.apply(&mut settings);
+            policy.apply(&mut settings);
             emit(&render::render(&pipeline, &settings)?.to_yaml()?)?;
             Ok(())
         }

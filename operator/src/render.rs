@@ -31,6 +31,7 @@ use crate::crd::{
     SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
+use crate::policy::{self, PipelinePolicy};
 use crate::quantity;
 
 /// The uid and gid every container runs as (not root).
@@ -40,6 +41,8 @@ pub const NODE_SHM: &str = "/dev/shm";
 /// Memory the sidecar process needs beyond the weights it writes.
 const SIDECAR_OVERHEAD: u64 = 128 << 20;
 
+// Every name starts with policy::RESERVED_VOLUME_PREFIX and every path in Mounts::in_pod
+// lies under policy::RESERVED_MOUNT_ROOT: a template may use neither.
 pub const STORE_VOLUME: &str = "kzc-store";
 pub const BINDINGS_VOLUME: &str = "kzc-bindings";
 pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
@@ -58,6 +61,8 @@ pub struct Settings {
     /// Seconds an unused model stays cached in a node's store (Node sharing); the sidecar's
     /// default (an hour) when None.
     pub keep_unused: Option<u64>,
+    /// What a pipeline's template may add to its pods.
+    pub policy: PipelinePolicy,
 }
 
 impl Default for Settings {
@@ -66,6 +71,7 @@ impl Default for Settings {
             runtime_image: format!("kube-zerocopy/runtime:{}", env!("CARGO_PKG_VERSION")),
             cuda_runtime_image: format!("kube-zerocopy/runtime-cuda:{}", env!("CARGO_PKG_VERSION")),
             keep_unused: None,
+            policy: PipelinePolicy::default(),
         }
     }
 }
@@ -538,6 +544,7 @@ fn pod_template(
 /// Renders a pipeline. Pure: the same pipeline and settings always give the same objects.
 pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rendered> {
     let spec = &pipeline.spec;
+    policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
     let model_bytes = total_model_bytes(pipeline)?;
     let (volumes, mounts, store_mount) = volumes(pipeline, model_bytes);

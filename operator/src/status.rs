@@ -19,6 +19,8 @@ pub const DEGRADED: &str = "Degraded";
 pub const POD_SECURITY_FORBIDS_NODE_SHARING: &str = "PodSecurityForbidsNodeSharing";
 /// The pipeline cannot become objects (a check the schema cannot express failed).
 pub const INVALID_PIPELINE: &str = "InvalidPipeline";
+/// The template adds what the operator's policy forbids (hostPath, a ServiceAccount).
+pub const FORBIDDEN_BY_POLICY: &str = "ForbiddenByPolicy";
 /// The API server refused the pipeline's Job, Deployment or Service.
 pub const OBJECTS_REFUSED: &str = "ObjectsRefused";
 /// Pods of the pipeline that the scheduler cannot place (a missing claim, no node fits).

@@ -25,7 +25,8 @@ use kube_zerocopy::crd::{InferencePipeline, PodOverrides, Sharing};
 use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered, Settings};
 use kube_zerocopy::status::{
-    INVALID_PIPELINE, OBJECTS_REFUSED, OBJECT_NOT_OWNED, POD_SECURITY_FORBIDS_NODE_SHARING,
+    FORBIDDEN_BY_POLICY, INVALID_PIPELINE, OBJECTS_REFUSED, OBJECT_NOT_OWNED,
+    POD_SECURITY_FORBIDS_NODE_SHARING,
 };
 use kube_zerocopy::validation;
 use kube_zerocopy_e2e::cluster::ControlPlane;
@@ -396,17 +397,48 @@ async fn a_foreign_object_is_not_taken_over(admin: &Client) {
         .unwrap();
 }
 
-/// A pipeline the schema lets through but whose Job the API server refuses (a service account
-/// name that is no DNS name) is Blocked with the API server's reason, in its status and in a
+/// A pipeline the schema lets through but whose Job the API server refuses (a nodeSelector key
+/// that is no label key) is Blocked with the API server's reason, in its status and in a
 /// Warning event; fixed, it runs. A malformed resource quantity, which the API server does not
-/// check inside a pipeline, is Blocked by the operator with its reason.
+/// check inside a pipeline, is Blocked by the operator with its reason; so is a template that
+/// the operator's default policy forbids (a hostPath volume).
 async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     let minute = Duration::from_secs(60);
     let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), NS);
     let jobs: Api<Job> = Api::namespaced(admin.clone(), NS);
+
+    let mut forbidden = task_pipeline("forbidden", 1);
+    forbidden.spec.template = Some(
+        serde_json::from_value(json!({
+            "volumes": [{"name": "node", "hostPath": {"path": "/etc"}}],
+            "volumeMounts": [{"name": "node", "mountPath": "/node"}],
+        }))
+        .unwrap(),
+    );
+    pipelines
+        .create(&PostParams::default(), &forbidden)
+        .await
+        .unwrap();
+    let (phase, degraded) = eventually("the forbidden pipeline to say why", minute, || {
+        degraded_with(&pipelines, "forbidden", FORBIDDEN_BY_POLICY)
+    })
+    .await;
+    println!("forbidden: {}", degraded.message);
+    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert!(
+        degraded.message.contains("pipelinePolicy.allowHostPath"),
+        "{}",
+        degraded.message
+    );
+    assert!(jobs.get_opt("forbidden-zerocopy").await.unwrap().is_none());
+    pipelines
+        .delete("forbidden", &DeleteParams::default())
+        .await
+        .unwrap();
+
     let mut p = task_pipeline("refused", 2);
     p.spec.template = Some(PodOverrides {
-        service_account_name: Some("Not_A_Name".into()),
+        node_selector: Some([("not a label key".to_string(), "x".to_string())].into()),
         ..Default::default()
     });
     pipelines.create(&PostParams::default(), &p).await.unwrap();
@@ -417,7 +449,7 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     println!("refused: {}", degraded.message);
     assert_eq!(phase.as_deref(), Some("Blocked"));
     assert!(
-        degraded.message.contains("serviceAccountName") && degraded.message.contains("Not_A_Name"),
+        degraded.message.contains("nodeSelector") && degraded.message.contains("not a label key"),
         "{}",
         degraded.message
     );
@@ -433,7 +465,9 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
                     e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("refused")
                         && e.reason.as_deref() == Some(OBJECTS_REFUSED)
                         && e.type_.as_deref() == Some("Warning")
-                        && e.note.as_deref().is_some_and(|n| n.contains("Not_A_Name"))
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("not a label key"))
                 })
                 .then_some(())
         },
@@ -482,7 +516,7 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
         .patch(
             "refused",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"template": {"serviceAccountName": null}}})),
+            &Patch::Merge(json!({"spec": {"template": {"nodeSelector": null}}})),
         )
         .await
         .unwrap();
