@@ -15,7 +15,7 @@ KWOK_VERSION="$(required kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(required helm helm.sh/helm/v3)"
 
 CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
-KEY="k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+KEY="k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$(modules_hash kubernetes etcd kwok helm)"
 DIR="$CACHE/control-plane/$KEY"
 BIN="$DIR/bin"
 mkdir -p "$BIN"

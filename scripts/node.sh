@@ -14,7 +14,7 @@ CONTAINERD_VERSION="$(required containerd github.com/containerd/containerd/v2)"
 CNI_VERSION="$(required cni github.com/containernetworking/plugins)"
 
 CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
-DIR="$CACHE/node/k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-cni-$CNI_VERSION"
+DIR="$CACHE/node/k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-cni-$CNI_VERSION-$(modules_hash kubernetes containerd cni)"
 BIN="$DIR/bin"
 mkdir -p "$BIN"
 

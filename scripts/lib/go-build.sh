@@ -18,6 +18,13 @@ required() {
   echo "$v"
 }
 
+# A short hash of the go.mod files of tests/cluster/<dir>...: part of a bin folder's key, so
+# that a change of any pinned dependency (not only of the commands' own versions) rebuilds.
+modules_hash() {
+  local d
+  for d in "$@"; do cat "$MODULES/$d/go.mod"; done | sha256sum | cut -c1-12
+}
+
 complete() {
   local b
   for b in "$@"; do
