@@ -18,13 +18,13 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::crd::{InferencePipeline, Sharing};
 use crate::leader::Election;
@@ -214,14 +214,10 @@ pub async fn reconcile(
     // Events for transitions: the phase, and a newly refused spec.
     let old = pipeline.status.clone().unwrap_or_default();
     let reference = pipeline.object_ref(&());
-    if old.phase != new_status.phase {
+    let api: Api<InferencePipeline> = Api::namespaced(client, &ns);
+    if old.phase != new_status.phase && !phase_already_written(&api, &name, &new_status).await {
         let phase = new_status.phase.clone().unwrap_or_default();
         let warning = matches!(phase.as_str(), "Failed" | "Degraded" | "Blocked");
-        let note = new_status
-            .conditions
-            .iter()
-            .find(|c| c.status == "True" && !c.message.is_empty())
-            .map(|c| c.message.clone());
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -229,7 +225,7 @@ pub async fn reconcile(
                 EventType::Normal
             },
             reason: phase,
-            note: note.or(new_status.progress.clone()),
+            note: status::phase_note(&new_status),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -263,7 +259,6 @@ pub async fn reconcile(
         }
     }
 
-    let api: Api<InferencePipeline> = Api::namespaced(client, &ns);
     let patch = json!({
         "apiVersion": InferencePipeline::api_version(&()),
         "kind": InferencePipeline::kind(&()),
@@ -290,6 +285,21 @@ pub async fn reconcile(
     } else {
         Duration::from_secs(15)
     }))
+}
+
+/// Whether the API server already holds `new`'s phase: a reconcile that follows its
+/// predecessor's status write before the cache has it sees the old phase, and would announce
+/// the same transition twice. Asked only on a transition; when the answer cannot be had, the
+/// event goes out.
+async fn phase_already_written(
+    api: &Api<InferencePipeline>,
+    name: &str,
+    new: &crate::crd::InferencePipelineStatus,
+) -> bool {
+    match api.get_status(name).await {
+        Ok(current) => current.status.and_then(|s| s.phase) == new.phase,
+        Err(_) => false,
+    }
 }
 
 /// The Job or Deployment as applied and, when a spec change was refused, why.
@@ -677,6 +687,12 @@ pub async fn run(
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => info!(pipeline = %object.name, "reconciled"),
+                // An owned object's deletion after its pipeline's: nothing left to reconcile.
+                Err(ControllerError::ObjectNotFound(object)) => {
+                    debug!(pipeline = %object.name, "deleted; nothing to reconcile")
+                }
+                // error_policy logged it, with its count and the retry.
+                Err(ControllerError::ReconcilerFailed(..)) => {}
                 Err(e) => warn!(error = %e, "reconcile error"),
             }
         });

@@ -405,6 +405,23 @@ pub fn compute(
     }
 }
 
+/// What the event of a transition into `status`'s phase says: the message of the condition that
+/// phase stands for (each phase its own), else the progress.
+pub fn phase_note(status: &InferencePipelineStatus) -> Option<String> {
+    let condition = match status.phase.as_deref() {
+        Some("Succeeded") => SUCCEEDED,
+        Some("Failed") => FAILED,
+        Some("Blocked" | "Degraded") => DEGRADED,
+        _ => PROGRESSING,
+    };
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition && !c.message.is_empty())
+        .map(|c| c.message.clone())
+        .or_else(|| status.progress.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +559,19 @@ mod tests {
             w.message
         );
         assert_eq!(get(&s, DEGRADED).status, "True");
+    }
+
+    /// Each phase's event says what that phase means (both Running and Succeeded said "every
+    /// model is published", the first True condition's message).
+    #[test]
+    fn each_phase_event_says_its_own_thing() {
+        let p = pipeline("Task");
+        let note = |j: &Job| phase_note(&with_pods(&p, j, &[])).unwrap();
+        assert_eq!(note(&job(2, None)), "2/4 shards succeeded, 2 running");
+        assert_eq!(note(&job(4, Some("Complete"))), "4/4 shards succeeded");
+        assert_eq!(note(&job(1, Some("Failed"))), "why");
+        let pending = compute(&p, &Observed::default(), Timestamp::UNIX_EPOCH);
+        assert_eq!(phase_note(&pending).unwrap(), "creating the Job");
     }
 
     /// A Job failed by its pod failure policy: the condition says why in the worker's words.

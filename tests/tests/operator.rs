@@ -794,18 +794,41 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     assert_eq!(done.progress.as_deref(), Some("3/3"));
     assert_eq!(done.observed_generation, task.metadata.generation);
     let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+    // One event per transition, each with its own words: (reason, note, times sent).
     let recorded = eventually("events for the pipeline", minute, || async {
         let list = events.list(&ListParams::default()).await.unwrap();
-        let reasons: Vec<String> = list
+        let recorded: Vec<(String, String, i32)> = list
             .items
             .iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("batch"))
-            .filter_map(|e| e.reason.clone())
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.note.clone().unwrap_or_default(),
+                    e.series.as_ref().map_or(1, |s| s.count),
+                )
+            })
             .collect();
-        reasons.iter().any(|r| r == "Succeeded").then_some(reasons)
+        recorded
+            .iter()
+            .any(|e| e.0 == "Succeeded")
+            .then_some(recorded)
     })
     .await;
     println!("events of the Task pipeline: {recorded:?}");
+    for phase in ["Pending", "Running", "Succeeded"] {
+        let sent: i32 = recorded.iter().filter(|e| e.0 == phase).map(|e| e.2).sum();
+        assert!(sent <= 1, "{phase} announced {sent} times: {recorded:?}");
+    }
+    let succeeded = recorded.iter().find(|e| e.0 == "Succeeded").unwrap();
+    assert_eq!(succeeded.1, "3/3 shards succeeded", "{recorded:?}");
+    assert!(
+        recorded
+            .iter()
+            .filter(|e| e.0 != "Succeeded")
+            .all(|e| e.1 != succeeded.1),
+        "another phase's event says the same as Succeeded's: {recorded:?}"
+    );
 
     // A Task pipeline changed while its Job runs: refused with a condition (a Job cannot
     // change), then carried out once that Job has finished. 30 shards one at a time keep the
@@ -1087,7 +1110,15 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         "the operator's log does not say why it exited"
     );
 
-    // Deleting a pipeline removes what it owned.
+    // Deleting a pipeline removes what it owned, and the operator says nothing alarming about
+    // objects that are simply gone. (The lease is freed so that a new operator leads at once.)
+    leases
+        .delete("kube-zerocopy-operator", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut operator = Operator::start(&kubeconfig, &log, "operator-0");
+    operator.leading().await;
+    let logged_before = std::fs::read_to_string(&log).unwrap().len();
     for name in [
         "batch",
         "long",
@@ -1122,5 +1153,19 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         (left == 0).then_some(())
     })
     .await;
+    // Deletion events of the owned objects arrive after their pipeline's: give them time.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let alarming: Vec<_> = logged[logged_before..]
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(
+        alarming.is_empty(),
+        "deleting pipelines made the operator log {} warnings, e.g. {:?}",
+        alarming.len(),
+        alarming.first()
+    );
+    drop(operator);
     println!("operator log: {}", log.display());
 }
