@@ -40,6 +40,8 @@ pub const MANAGER: &str = "kube-zerocopy";
 /// (the user changed the spec), never because the operator renders it differently (an upgrade,
 /// a changed chart value): that would overwrite a finished pipeline's outputs.
 pub const GENERATION: &str = "kube-zerocopy.io/pipeline-generation";
+/// A Job's annotation: the [`work_digest`] of the pipeline it was rendered from.
+pub const WORK: &str = "kube-zerocopy.io/work-digest";
 pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
 
 #[derive(thiserror::Error, Debug)]
@@ -81,8 +83,11 @@ pub enum TaskStep {
     /// The Job was rendered from this generation: leave it as it is, running or finished
     /// (a Job's template cannot change, and a finished one must not run again).
     Keep,
+    /// The spec changed only in how many shards run at once: the Job takes the new
+    /// parallelism and generation in place, running or finished (its outputs stay valid).
+    Rescale,
     /// The spec changed and the old Job finished: delete it, the next reconcile creates the
-    /// new one.
+    /// new one (every shard runs again).
     Replace,
     /// The spec changed while the Job runs: refuse, with this reason.
     Refuse(&'static str),
@@ -91,9 +96,10 @@ pub enum TaskStep {
 pub const SPEC_CHANGED_WHILE_RUNNING: &str = "the spec changed while the pipeline's Job is running, and a \
     running Job cannot change: wait for it to finish (it is then replaced), or delete and re-create the pipeline";
 
-/// The Task decision, from the cached Job (if any) and the pipeline's generation. A Job of an
-/// operator that did not annotate generations counts as current: never re-run by accident.
-pub fn task_step(current: Option<&Job>, generation: Option<i64>) -> TaskStep {
+/// The Task decision, from the cached Job (if any), the pipeline's generation and the digest
+/// of its work ([`work_digest`]). A Job of an operator that did not annotate generations
+/// counts as current: never re-run by accident.
+pub fn task_step(current: Option<&Job>, generation: Option<i64>, work: &str) -> TaskStep {
     let Some(current) = current else {
         return TaskStep::Create;
     };
@@ -102,31 +108,50 @@ pub fn task_step(current: Option<&Job>, generation: Option<i64>) -> TaskStep {
         (Some(from), Some(generation)) => from.parse::<i64>().ok() == Some(generation),
         _ => true,
     };
-    match (same, finished(current)) {
-        (true, _) => TaskStep::Keep,
-        (false, true) => TaskStep::Replace,
-        (false, false) => TaskStep::Refuse(SPEC_CHANGED_WHILE_RUNNING),
+    let same_work = current.annotations().get(WORK).map(String::as_str) == Some(work);
+    match (same, same_work, finished(current)) {
+        (true, _, _) => TaskStep::Keep,
+        (false, true, _) => TaskStep::Rescale,
+        (false, false, true) => TaskStep::Replace,
+        (false, false, false) => TaskStep::Refuse(SPEC_CHANGED_WHILE_RUNNING),
     }
+}
+
+/// The digest of what a Task pipeline computes: its spec without `task.parallelism`, which
+/// changes only how many shards run at once. Not the rendered Job's, which an operator upgrade
+/// changes too.
+pub fn work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
+    let mut work = spec.clone();
+    if let Some(task) = work.task.as_mut() {
+        task.parallelism = None;
+    }
+    let json = serde_json::to_vec(&work).expect("a spec serializes");
+    kube_zerocopy_sidecar::source::sha256_hex(&json)
 }
 
 /// Carries out [`task_step`]. Returns the Job as it is now and, when refused, why. `current` is
 /// the cached Job: should the cache lag behind, creating fails (it exists) and the reconcile
 /// retries.
 async fn apply_task(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
     api: &Api<Job>,
     current: Option<Arc<Job>>,
-    generation: Option<i64>,
     mut job: Job,
 ) -> Result<(Option<Job>, Option<String>), Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
-    match task_step(current.as_deref(), generation) {
+    let generation = pipeline.metadata.generation;
+    let work = work_digest(&pipeline.spec);
+    match task_step(current.as_deref(), generation, &work) {
         TaskStep::Create => {
+            let annotations = job
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
             if let Some(generation) = generation {
-                job.metadata
-                    .annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(GENERATION.into(), generation.to_string());
+                annotations.insert(GENERATION.into(), generation.to_string());
             }
+            annotations.insert(WORK.into(), work);
             let applied = api
                 .patch(
                     &name,
@@ -137,7 +162,38 @@ async fn apply_task(
             Ok((Some(applied), None))
         }
         TaskStep::Keep => Ok((current.map(|j| (*j).clone()), None)),
+        TaskStep::Rescale => {
+            // A merge patch of these fields alone: the Job's template cannot change, its
+            // parallelism can.
+            let patch = json!({
+                "metadata": {"annotations": {GENERATION: generation.map(|g| g.to_string())}},
+                "spec": {"parallelism": job.spec.as_ref().and_then(|s| s.parallelism)},
+            });
+            let patched = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            Ok((Some(patched), None))
+        }
         TaskStep::Replace => {
+            let shards = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(0);
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Rerun".into(),
+                note: Some(format!(
+                    "the spec changed (generation {}) since the finished Job ran: it is \
+                     replaced, and all {shards} shards run again",
+                    generation.unwrap_or_default()
+                )),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx
+                .recorder
+                .publish(&event, &pipeline.object_ref(&()))
+                .await
+            {
+                warn!(error = %e, "cannot record an event");
+            }
             match api.delete(&name, &DeleteParams::background()).await {
                 // Already gone: the cache had not seen the deletion yet.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -402,9 +458,10 @@ async fn apply_objects(
                 }
             }
             let (job, refused) = apply_task(
+                ctx,
+                pipeline,
                 &Api::namespaced(client.clone(), ns),
                 cached,
-                pipeline.metadata.generation,
                 *job,
             )
             .await?;
@@ -712,9 +769,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::{
-        is_transient, refusal_is_final, retry_after, task_step, TaskStep, GENERATION,
-        SPEC_CHANGED_WHILE_RUNNING,
+        is_transient, refusal_is_final, retry_after, task_step, work_digest, TaskStep, GENERATION,
+        SPEC_CHANGED_WHILE_RUNNING, WORK,
     };
+    use crate::crd::InferencePipeline;
     use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
     use kube::core::Status;
     use std::time::Duration;
@@ -779,34 +837,68 @@ mod tests {
         for end in ["Complete", "Failed"] {
             let done = job(Some(3), Some(end));
             // An operator upgrade or a changed chart value renders another Job: same generation.
-            assert_eq!(task_step(Some(&done), Some(3)), TaskStep::Keep);
-            assert_eq!(task_step(Some(&done), Some(4)), TaskStep::Replace);
+            assert_eq!(task_step(Some(&done), Some(3), "other"), TaskStep::Keep);
+            assert_eq!(task_step(Some(&done), Some(4), "other"), TaskStep::Replace);
         }
     }
 
     #[test]
     fn a_running_job_is_kept_or_its_change_refused() {
         let running = job(Some(3), None);
-        assert_eq!(task_step(Some(&running), Some(3)), TaskStep::Keep);
+        assert_eq!(task_step(Some(&running), Some(3), "other"), TaskStep::Keep);
         assert_eq!(
-            task_step(Some(&running), Some(4)),
+            task_step(Some(&running), Some(4), "other"),
             TaskStep::Refuse(SPEC_CHANGED_WHILE_RUNNING)
         );
         // "Suspended" or other conditions are not an end.
         let suspended = job(Some(3), Some("Suspended"));
         assert!(matches!(
-            task_step(Some(&suspended), Some(4)),
+            task_step(Some(&suspended), Some(4), "other"),
             TaskStep::Refuse(_)
         ));
     }
 
     #[test]
     fn no_job_is_created_and_an_unannotated_one_is_kept() {
-        assert_eq!(task_step(None, Some(1)), TaskStep::Create);
+        assert_eq!(task_step(None, Some(1), "w"), TaskStep::Create);
         assert_eq!(
-            task_step(Some(&job(None, Some("Complete"))), Some(9)),
+            task_step(Some(&job(None, Some("Complete"))), Some(9), "w"),
             TaskStep::Keep
         );
-        assert_eq!(task_step(Some(&job(None, None)), Some(9)), TaskStep::Keep);
+        assert_eq!(
+            task_step(Some(&job(None, None)), Some(9), "w"),
+            TaskStep::Keep
+        );
+    }
+
+    /// A change of parallelism alone is applied in place, to a running Job or a finished one,
+    /// which then does not run again; any other change of the spec changes the work.
+    #[test]
+    fn a_new_parallelism_is_applied_in_place() {
+        let spec = |parallelism: i32, input: &str| {
+            let p: InferencePipeline = serde_yaml::from_str(&format!(
+                "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  input: {{uri: 'file:///{input}'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 30, parallelism: {parallelism}}}\n"
+            ))
+            .unwrap();
+            p.spec
+        };
+        let work = work_digest(&spec(1, "in"));
+        assert_eq!(work, work_digest(&spec(8, "in")));
+        assert_ne!(work, work_digest(&spec(1, "elsewhere")));
+        for end in [None, Some("Complete")] {
+            let mut current = job(Some(3), end);
+            current
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(WORK.into(), work.clone());
+            assert_eq!(task_step(Some(&current), Some(4), &work), TaskStep::Rescale);
+            let other = work_digest(&spec(8, "elsewhere"));
+            assert_ne!(
+                task_step(Some(&current), Some(4), &other),
+                TaskStep::Rescale
+            );
+        }
     }
 }

@@ -214,7 +214,8 @@ pub struct DataLocation {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSettings {
-    /// How many shard pods run at once. Default: all shards at once (the Job's default).
+    /// How many shard pods run at once. Default: 1 (a Job's default). Changed on a running or
+    /// finished pipeline, it applies in place: no shard runs again for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("task.parallelism must be at least 1"))]
     pub parallelism: Option<i32>,

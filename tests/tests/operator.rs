@@ -845,6 +845,35 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         (j.status?.active? > 0).then_some(())
     })
     .await;
+    // More shards at once: the running Job takes it in place (same Job, no refusal).
+    let long_uid = jobs.get("long-zerocopy").await.unwrap().uid();
+    pipelines
+        .patch(
+            "long",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"task": {"parallelism": 2}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the running Job to run 2 shards at once",
+        minute,
+        || async {
+            let j = jobs.get("long-zerocopy").await.unwrap();
+            (j.spec.as_ref()?.parallelism == Some(2)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(jobs.get("long-zerocopy").await.unwrap().uid(), long_uid);
+    let status = pipelines.get("long").await.unwrap().status.unwrap();
+    assert!(
+        !status
+            .conditions
+            .iter()
+            .any(|c| c.reason == "SpecChangeRefused" && c.status == "True"),
+        "{:?}",
+        status.conditions
+    );
     let new_model = json!({"spec": {"models": [{"name": "encoder", "format": "TorchScript",
         "source": {"uri": "file:///models/encoder-v2.pt", "size": "64Mi"}}]}});
     pipelines
@@ -878,6 +907,21 @@ async fn operator_end_to_end_against_a_real_control_plane() {
         },
     )
     .await;
+    let rerun = eventually("an event saying the shards run again", minute, || async {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        list.items.into_iter().find(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("long")
+                && e.reason.as_deref() == Some("Rerun")
+        })
+    })
+    .await;
+    assert!(
+        rerun
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("all 30 shards run again")),
+        "{rerun:?}"
+    );
 
     // Actor: a Deployment and a Service; replicas become available; changes roll out.
     pipelines
