@@ -187,13 +187,7 @@ async fn apply_task(
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            if let Err(e) = ctx
-                .recorder
-                .publish(&event, &pipeline.object_ref(&()))
-                .await
-            {
-                warn!(error = %e, "cannot record an event");
-            }
+            record(ctx, &event, &pipeline.object_ref(&())).await;
             match api.delete(&name, &DeleteParams::background()).await {
                 // Already gone: the cache had not seen the deletion yet.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -285,9 +279,7 @@ pub async fn reconcile(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "cannot record an event");
-        }
+        record(&ctx, &event, &reference).await;
     }
     let changed_condition = |t: &str| {
         let find = |s: &crate::crd::InferencePipelineStatus| {
@@ -311,7 +303,7 @@ pub async fn reconcile(
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            let _ = ctx.recorder.publish(&event, &reference).await;
+            record(&ctx, &event, &reference).await;
         }
     }
 
@@ -341,6 +333,18 @@ pub async fn reconcile(
     } else {
         Duration::from_secs(15)
     }))
+}
+
+/// Records `event` about the pipeline `reference`; a failure is logged, never fatal (the
+/// status says the same).
+async fn record(
+    ctx: &Context,
+    event: &Event,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+) {
+    if let Err(e) = ctx.recorder.publish(event, reference).await {
+        warn!(error = %e, "cannot record an event");
+    }
 }
 
 /// Whether the API server already holds `new`'s phase: a reconcile that follows its

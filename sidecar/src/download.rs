@@ -296,15 +296,11 @@ impl Transfer<'_> {
                     )))
                 }
             };
-            if policy
+            if let Some(max) = policy
                 .max_bytes
-                .is_some_and(|max| self.written + n as u64 > max)
+                .filter(|&max| self.written + n as u64 > max)
             {
-                return Err(Failure::Permanent(too_big(
-                    uri,
-                    policy.max_bytes.unwrap_or_default(),
-                    None,
-                )));
+                return Err(Failure::Permanent(too_big(uri, max, None)));
             }
             self.file
                 .write_all(&buf[..n])
@@ -374,20 +370,21 @@ fn classify(uri: &str, error: ureq::Error) -> Failure {
              downgraded"
         )),
         E::TooManyRedirects => Failure::Permanent(anyhow!("{uri}: too many redirects")),
-        e @ (E::Tls(_) | E::Rustls(_) | E::Pem(_)) => Failure::Permanent(anyhow!(
-            "{uri}: TLS failed ({e}); if the server's certificate comes from a private CA, \
-             give it in source.caConfigMap"
-        )),
+        e @ (E::Tls(_) | E::Rustls(_) | E::Pem(_)) => tls_failed(uri, &e),
         // rustls reports a certificate it does not trust through the stream, as an io error.
         E::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
-            Failure::Permanent(anyhow!(
-                "{uri}: TLS failed ({e}); if the server's certificate comes from a private CA, \
-                 give it in source.caConfigMap"
-            ))
+            tls_failed(uri, &e)
         }
         e @ (E::BadUri(_) | E::Http(_)) => Failure::Permanent(anyhow!("{uri}: {e}")),
         e => Failure::Transient(anyhow!("{uri} is unreachable: {e}")),
     }
+}
+
+fn tls_failed(uri: &str, error: &dyn std::fmt::Display) -> Failure {
+    Failure::Permanent(anyhow!(
+        "{uri}: TLS failed ({error}); if the server's certificate comes from a private CA, \
+         give it in source.caConfigMap"
+    ))
 }
 
 #[cfg(test)]
