@@ -1,12 +1,16 @@
-//! The reconcile loop: each InferencePipeline is rendered (a pure function) and its objects
-//! are applied by server-side apply; its status is computed from what those objects report
-//! (also pure, see [`crate::status`]) and applied to the status subresource.
+//! The reconcile loop. Each reconcile of an InferencePipeline runs five named steps:
+//! **apply** its objects (rendered by a pure function, applied by server-side apply),
+//! **observe** its pods, compute its **status** (pure, see [`crate::status`]), announce the
+//! status's transitions as **events**, and **patch** the status subresource. The Task decision
+//! (create, keep, rescale, replace or refuse a Job) is the pure [`task_step`].
 //!
 //! Owner references make Kubernetes delete a pipeline's objects with it, so no finalizer is
 //! needed. A Task pipeline whose spec changes while its Job runs is refused with a condition
 //! (a Job's pod template cannot change); once the Job has finished it is replaced. A
 //! Node-sharing pipeline in a namespace whose Pod Security level forbids its hostPath volume is
-//! not applied at all, with a condition that says why (see [`crate::pod_security`]).
+//! not applied at all, with a condition that says why (see [`crate::pod_security`]). What a
+//! person must change is a condition, not an error; errors are API calls that failed, counted
+//! by step, and retried later when a person must act first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,13 +30,13 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{InferencePipeline, Sharing};
+use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::pod_security;
 use crate::policy;
 use crate::render::{self, Rendered, Settings};
-use crate::status::{self, Blocked, Observed};
+use crate::status::{self, Blocked, ConditionType, Observed, Reason};
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "kube-zerocopy";
@@ -44,10 +48,32 @@ pub const GENERATION: &str = "kube-zerocopy.io/pipeline-generation";
 pub const WORK: &str = "kube-zerocopy.io/work-digest";
 pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
 
+/// Why a reconcile failed, by the step that failed: each is an API call that may succeed when
+/// retried. What a person must change in the pipeline is not an error but a status condition
+/// (see [`Blocked`]).
 #[derive(thiserror::Error, Debug)]
 pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    #[error("applying the pipeline's objects: {0}")]
+    Apply(#[source] kube::Error),
+    #[error("writing the pipeline's status: {0}")]
+    PatchStatus(#[source] kube::Error),
+}
+
+impl Error {
+    /// The step that failed: a label of the error counter.
+    pub fn step(&self) -> &'static str {
+        match self {
+            Error::Apply(_) => "apply",
+            Error::PatchStatus(_) => "patch_status",
+        }
+    }
+
+    /// Whether a person must act before a retry can succeed (a permission the operator lacks,
+    /// a CRD that is not installed, an admission webhook that refuses): retried slowly.
+    pub fn needs_a_person(&self) -> bool {
+        let (Error::Apply(e) | Error::PatchStatus(e)) = self;
+        !is_transient(e)
+    }
 }
 
 pub struct Context {
@@ -138,7 +164,7 @@ async fn apply_task(
     api: &Api<Job>,
     current: Option<Arc<Job>>,
     mut job: Job,
-) -> Result<(Option<Job>, Option<String>), Error> {
+) -> Result<(Option<Job>, Option<String>), kube::Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
     let generation = pipeline.metadata.generation;
     let work = work_digest(&pipeline.spec);
@@ -201,138 +227,185 @@ async fn apply_task(
     }
 }
 
+/// One reconcile, in the steps its body names: apply the pipeline's objects, observe what they
+/// and their pods report, compute the status, announce its transitions as events, patch it.
 pub async fn reconcile(
     pipeline: Arc<InferencePipeline>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
-    ctx.metrics.reconciles.inc();
-    let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
-    let name = pipeline.name_any();
-    let client = ctx.client.clone();
-    let apply = PatchParams::apply(MANAGER).force();
+    let result = reconcile_steps(&pipeline, &ctx).await;
+    ctx.metrics
+        .reconciled(started.elapsed(), result.as_ref().err());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap()
+            .remove(&ObjectRef::from_obj(&*pipeline));
+    }
+    result
+}
 
-    // Node sharing needs a hostPath volume: where the namespace's Pod Security level forbids
-    // it, nothing is applied (its pods would be refused, and the pipeline would wait for them
-    // without a word) and the status says why.
-    let forbidden = if pipeline.spec.sharing == Sharing::Node {
-        match ctx.namespaces.get(&ObjectRef::new(&ns)) {
-            Some(namespace) => {
-                pod_security::node_sharing_forbidden(&pipeline, &ns, namespace.labels()).map(
-                    |message| Blocked {
-                        reason: status::POD_SECURITY_FORBIDS_NODE_SHARING,
-                        message,
-                    },
-                )
-            }
-            // A namespace just created that its watch has not brought yet: look again soon,
-            // rather than create what its level may forbid.
-            None => {
-                info!(namespace = %ns, pipeline = %name, "namespace not cached yet");
-                return Ok(Action::requeue(Duration::from_secs(1)));
-            }
+async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<Action, Error> {
+    let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
+    let Some(applied) = apply(ctx, pipeline, &ns).await? else {
+        // A namespace just created that its watch has not brought yet: look again soon,
+        // rather than create what its Pod Security level may forbid.
+        info!(namespace = %ns, pipeline = %pipeline.name_any(), "namespace not cached yet");
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let pods = observe_pods(ctx, pipeline, &ns);
+    let observed = Observed {
+        job: applied.job.as_ref(),
+        deployment: applied.deployment.as_ref(),
+        pods: &pods,
+        refused: applied.refused,
+        blocked: applied.blocked,
+    };
+    let new_status = status::compute(pipeline, &observed, Timestamp::now());
+    let api: Api<InferencePipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    announce_transitions(ctx, pipeline, &api, &new_status).await;
+    patch_status(pipeline, &api, &new_status).await?;
+    Ok(Action::requeue(next_look(new_status.phase)))
+}
+
+/// When to look at a pipeline again if nothing it watches changes first.
+fn next_look(phase: Option<Phase>) -> Duration {
+    match phase {
+        Some(phase) if phase.is_settled() => Duration::from_secs(300),
+        // A person must change something: a new spec or namespace labels bring a reconcile
+        // at once; this covers what no watch brings (a foreign object deleted).
+        Some(Phase::Blocked) => Duration::from_secs(60),
+        _ => Duration::from_secs(15),
+    }
+}
+
+/// What the apply step left: the Job or Deployment as applied and, when the spec change was
+/// refused, why; or why nothing was applied.
+#[derive(Default)]
+struct Applied {
+    job: Option<Job>,
+    deployment: Option<Deployment>,
+    refused: Option<String>,
+    blocked: Option<Blocked>,
+}
+
+impl From<Blocked> for Applied {
+    fn from(blocked: Blocked) -> Self {
+        Applied {
+            blocked: Some(blocked),
+            ..Default::default()
         }
-    } else {
-        None
-    };
-    let outcome = match forbidden {
-        Some(blocked) => Err(blocked),
-        None => render_and_apply(&ctx, &pipeline, &ns).await?,
-    };
-    let ((job, deployment, refused), blocked) = match outcome {
-        Ok(applied) => (applied, None),
-        Err(blocked) => ((None, None, None), Some(blocked)),
-    };
-    let pods: Vec<Pod> = ctx
-        .pods
+    }
+}
+
+/// Step 1: applies the pipeline's objects. Node sharing needs a hostPath volume: where the
+/// namespace's Pod Security level forbids it, nothing is applied (its pods would be refused,
+/// and the pipeline would wait for them without a word) and the status says why. None: the
+/// namespace is not cached yet.
+async fn apply(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+) -> Result<Option<Applied>, Error> {
+    if pipeline.spec.sharing == Sharing::Node {
+        let Some(namespace) = ctx.namespaces.get(&ObjectRef::new(ns)) else {
+            return Ok(None);
+        };
+        if let Some(message) =
+            pod_security::node_sharing_forbidden(pipeline, ns, namespace.labels())
+        {
+            return Ok(Some(
+                Blocked {
+                    reason: Reason::PodSecurityForbidsNodeSharing,
+                    message,
+                }
+                .into(),
+            ));
+        }
+    }
+    render_and_apply(ctx, pipeline, ns).await.map(Some)
+}
+
+/// Step 2: the pipeline's pods, from the cache its watch keeps.
+fn observe_pods(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Vec<Pod> {
+    let name = pipeline.name_any();
+    ctx.pods
         .state_filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str())
-                && p.labels().get(PIPELINE_LABEL) == Some(&name)
+            p.namespace().as_deref() == Some(ns) && p.labels().get(PIPELINE_LABEL) == Some(&name)
         })
         .iter()
         .map(|p| (**p).clone())
-        .collect();
-    let observed = Observed {
-        job: job.as_ref(),
-        deployment: deployment.as_ref(),
-        pods: &pods,
-        refused,
-        blocked,
-    };
-    let new_status = status::compute(&pipeline, &observed, Timestamp::now());
+        .collect()
+}
 
-    // Events for transitions: the phase, and a newly refused spec.
+/// Step 4: one event per transition: into a new phase, and into Degraded with a new reason.
+async fn announce_transitions(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    api: &Api<InferencePipeline>,
+    new: &InferencePipelineStatus,
+) {
     let old = pipeline.status.clone().unwrap_or_default();
     let reference = pipeline.object_ref(&());
-    let api: Api<InferencePipeline> = Api::namespaced(client, &ns);
-    if old.phase != new_status.phase && !phase_already_written(&api, &name, &new_status).await {
-        let phase = new_status.phase.clone().unwrap_or_default();
-        let warning = matches!(phase.as_str(), "Failed" | "Degraded" | "Blocked");
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: phase,
-            note: status::phase_note(&new_status),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        record(&ctx, &event, &reference).await;
-    }
-    let changed_condition = |t: &str| {
-        let find = |s: &crate::crd::InferencePipelineStatus| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == t)
-                .map(|c| (c.status.clone(), c.reason.clone()))
-        };
-        find(&old) != find(&new_status)
-    };
-    if changed_condition(status::DEGRADED) {
-        if let Some(c) = new_status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == status::DEGRADED && c.status == "True")
-        {
+    if let Some(phase) = new.phase.filter(|p| old.phase != Some(*p)) {
+        if !phase_already_written(api, &pipeline.name_any(), new).await {
             let event = Event {
-                type_: EventType::Warning,
-                reason: c.reason.clone(),
-                note: Some(c.message.clone()),
+                type_: if phase.is_warning() {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: phase.to_string(),
+                note: status::phase_note(new),
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            record(&ctx, &event, &reference).await;
+            record(ctx, &event, &reference).await;
         }
     }
+    let degraded = |s: &InferencePipelineStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Degraded.as_str() && c.status == "True")
+            .cloned()
+    };
+    let (before, now) = (degraded(&old), degraded(new));
+    if let Some(c) = now.filter(|c| before.map(|b| b.reason) != Some(c.reason.clone())) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: c.reason,
+            note: Some(c.message),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        record(ctx, &event, &reference).await;
+    }
+}
 
+/// Step 5: writes the status by server-side apply, unless unchanged (a condition keeps its
+/// transition time while it holds).
+async fn patch_status(
+    pipeline: &InferencePipeline,
+    api: &Api<InferencePipeline>,
+    new: &InferencePipelineStatus,
+) -> Result<(), Error> {
+    if pipeline.status.as_ref() == Some(new) {
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": InferencePipeline::api_version(&()),
         "kind": InferencePipeline::kind(&()),
-        "status": new_status,
+        "status": new,
     });
-    // Unchanged (transition times are kept while a condition holds): nothing to write.
-    if pipeline.status.as_ref() != Some(&new_status) {
-        api.patch_status(&name, &apply, &Patch::Apply(&patch))
-            .await?;
-    }
-    ctx.metrics.observe(started.elapsed());
-    ctx.failures
-        .lock()
-        .unwrap()
-        .remove(&ObjectRef::from_obj(&*pipeline));
-    // Blocked is not done: the namespace watch requeues it when the labels change, and this
-    // covers a namespace cache that had not caught up with that change yet.
-    let done = matches!(
-        new_status.phase.as_deref(),
-        Some("Succeeded" | "Failed" | "Ready")
-    );
-    Ok(Action::requeue(if done {
-        Duration::from_secs(300)
-    } else {
-        Duration::from_secs(15)
-    }))
+    api.patch_status(
+        &pipeline.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    Ok(())
 }
 
 /// Records `event` about the pipeline `reference`; a failure is logged, never fatal (the
@@ -354,16 +427,13 @@ async fn record(
 async fn phase_already_written(
     api: &Api<InferencePipeline>,
     name: &str,
-    new: &crate::crd::InferencePipelineStatus,
+    new: &InferencePipelineStatus,
 ) -> bool {
     match api.get_status(name).await {
         Ok(current) => current.status.and_then(|s| s.phase) == new.phase,
         Err(_) => false,
     }
 }
-
-/// The Job or Deployment as applied and, when a spec change was refused, why.
-type Applied = (Option<Job>, Option<Deployment>, Option<String>);
 
 /// Renders and applies a pipeline's objects. A pipeline that cannot become objects, or whose
 /// objects the API server refuses, is blocked with the reason (its status and an event say it):
@@ -373,30 +443,32 @@ async fn render_and_apply(
     ctx: &Context,
     pipeline: &InferencePipeline,
     ns: &str,
-) -> Result<Result<Applied, Blocked>, Error> {
+) -> Result<Applied, Error> {
     let rendered = match render::render(pipeline, &ctx.settings) {
         Ok(rendered) => rendered,
         Err(e) => {
             let reason = match e.downcast_ref::<policy::Refusal>() {
-                Some(policy::Refusal::Forbidden(_)) => status::FORBIDDEN_BY_POLICY,
-                _ => status::INVALID_PIPELINE,
+                Some(policy::Refusal::Forbidden(_)) => Reason::ForbiddenByPolicy,
+                _ => Reason::InvalidPipeline,
             };
-            return Ok(Err(Blocked {
+            return Ok(Blocked {
                 reason,
                 message: format!("cannot make the pipeline's objects: {e:#}"),
-            }));
+            }
+            .into());
         }
     };
     match apply_objects(ctx, pipeline, ns, rendered).await {
         Ok(applied) => Ok(applied),
-        Err(Error::Kube(kube::Error::Api(e))) if refusal_is_final(e.code) => Ok(Err(Blocked {
-            reason: status::OBJECTS_REFUSED,
+        Err(kube::Error::Api(e)) if refusal_is_final(e.code) => Ok(Blocked {
+            reason: Reason::ObjectsRefused,
             message: format!(
                 "the API server refused the pipeline's objects: {}",
                 e.message
             ),
-        })),
-        Err(e) => Err(e),
+        }
+        .into()),
+        Err(e) => Err(Error::Apply(e)),
     }
 }
 
@@ -418,14 +490,14 @@ async fn foreign<K>(
     api: &Api<K>,
     pipeline: &InferencePipeline,
     ns: &str,
-) -> Result<Option<Blocked>, Error>
+) -> Result<Option<Blocked>, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let name = render::object_name(pipeline);
     Ok(match api.get_opt(&name).await? {
         Some(existing) if !owned_by(&existing, pipeline) => Some(Blocked {
-            reason: status::OBJECT_NOT_OWNED,
+            reason: Reason::ObjectNotOwned,
             message: format!(
                 "a {} named {name} already exists in namespace {ns} and does not belong to this \
                  pipeline, which would take it over: delete or rename that {}, or rename the pipeline",
@@ -445,7 +517,7 @@ async fn apply_objects(
     pipeline: &InferencePipeline,
     ns: &str,
     rendered: Rendered,
-) -> Result<Result<Applied, Blocked>, Error> {
+) -> Result<Applied, kube::Error> {
     let client = ctx.client.clone();
     let apply = PatchParams::apply(MANAGER).force();
     match rendered {
@@ -458,7 +530,7 @@ async fn apply_objects(
                 if let Some(blocked) =
                     foreign(&Api::<Job>::namespaced(client.clone(), ns), pipeline, ns).await?
                 {
-                    return Ok(Err(blocked));
+                    return Ok(blocked.into());
                 }
             }
             let (job, refused) = apply_task(
@@ -469,7 +541,11 @@ async fn apply_objects(
                 *job,
             )
             .await?;
-            Ok(Ok((job, None, refused)))
+            Ok(Applied {
+                job,
+                refused,
+                ..Default::default()
+            })
         }
         Rendered::Actor {
             deployment,
@@ -478,10 +554,10 @@ async fn apply_objects(
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
             if let Some(blocked) = foreign(&services, pipeline, ns).await? {
-                return Ok(Err(blocked));
+                return Ok(blocked.into());
             }
             if let Some(blocked) = foreign(&deployments, pipeline, ns).await? {
-                return Ok(Err(blocked));
+                return Ok(blocked.into());
             }
             services
                 .patch(
@@ -497,7 +573,10 @@ async fn apply_objects(
                     &Patch::Apply(&deployment),
                 )
                 .await?;
-            Ok(Ok((None, Some(d), None)))
+            Ok(Applied {
+                deployment: Some(d),
+                ..Default::default()
+            })
         }
     }
 }
@@ -530,27 +609,43 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// First retry after a failed reconcile; each further failure in a row doubles it, up to the max.
+/// First retry after a failed reconcile; each further failure in a row doubles it, up to the
+/// max. An error a person must fix first is retried from a minute on: trying every few seconds
+/// would only fill the log.
 const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_FIRST_NEEDS_A_PERSON: Duration = Duration::from_secs(60);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+const RETRY_MAX_NEEDS_A_PERSON: Duration = Duration::from_secs(900);
 
 pub fn error_policy(pipeline: Arc<InferencePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.errors.inc();
     let failures = {
         let mut all = ctx.failures.lock().unwrap();
         let n = all.entry(ObjectRef::from_obj(&*pipeline)).or_insert(0);
         *n += 1;
         *n
     };
-    let retry = retry_after(failures);
-    warn!(pipeline = %pipeline.name_any(), error = %error, failures, retry_s = retry.as_secs(), "reconcile failed");
+    let retry = retry_after(failures, error.needs_a_person());
+    warn!(
+        pipeline = %pipeline.name_any(),
+        error = %error,
+        step = error.step(),
+        needs_a_person = error.needs_a_person(),
+        failures,
+        retry_s = retry.as_secs(),
+        "reconcile failed"
+    );
     Action::requeue(retry)
 }
 
-fn retry_after(failures: u32) -> Duration {
-    RETRY_FIRST
+fn retry_after(failures: u32, needs_a_person: bool) -> Duration {
+    let (first, max) = if needs_a_person {
+        (RETRY_FIRST_NEEDS_A_PERSON, RETRY_MAX_NEEDS_A_PERSON)
+    } else {
+        (RETRY_FIRST, RETRY_MAX)
+    };
+    first
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(RETRY_MAX)
+        .min(max)
 }
 
 /// Whether an API error may go away on its own (the API server restarting, overloaded or
@@ -773,10 +868,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::{
-        is_transient, refusal_is_final, retry_after, task_step, work_digest, TaskStep, GENERATION,
-        SPEC_CHANGED_WHILE_RUNNING, WORK,
+        is_transient, next_look, refusal_is_final, retry_after, task_step, work_digest, Error,
+        TaskStep, GENERATION, SPEC_CHANGED_WHILE_RUNNING, WORK,
     };
-    use crate::crd::InferencePipeline;
+    use crate::crd::{InferencePipeline, Phase};
     use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
     use kube::core::Status;
     use std::time::Duration;
@@ -814,9 +909,31 @@ mod tests {
 
     #[test]
     fn failed_reconciles_back_off_to_five_minutes() {
-        let secs: Vec<u64> = (1..=8).map(|n| retry_after(n).as_secs()).collect();
+        let secs: Vec<u64> = (1..=8).map(|n| retry_after(n, false).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300]);
-        assert_eq!(retry_after(u32::MAX), Duration::from_secs(300));
+        assert_eq!(retry_after(u32::MAX, false), Duration::from_secs(300));
+    }
+
+    /// A permission the operator lacks or a CRD that is gone: a minute first, up to 15.
+    #[test]
+    fn errors_a_person_must_fix_back_off_longer() {
+        let secs: Vec<u64> = (1..=6).map(|n| retry_after(n, true).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 900, 900]);
+        let forbidden = Error::PatchStatus(api_error(403));
+        assert!(forbidden.needs_a_person());
+        assert_eq!(forbidden.step(), "patch_status");
+        let away = Error::Apply(api_error(503));
+        assert!(!away.needs_a_person());
+        assert_eq!(away.step(), "apply");
+    }
+
+    #[test]
+    fn settled_pipelines_are_looked_at_rarely_and_blocked_ones_every_minute() {
+        assert_eq!(next_look(Some(Phase::Succeeded)), Duration::from_secs(300));
+        assert_eq!(next_look(Some(Phase::Ready)), Duration::from_secs(300));
+        assert_eq!(next_look(Some(Phase::Blocked)), Duration::from_secs(60));
+        assert_eq!(next_look(Some(Phase::Running)), Duration::from_secs(15));
+        assert_eq!(next_look(None), Duration::from_secs(15));
     }
 
     /// A Job rendered from `generation` (None: by an operator that did not say), finished or not.

@@ -235,14 +235,65 @@ pub struct ActorSettings {
     pub replicas: i32,
 }
 
+/// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor);
+/// Blocked (both: nothing could be applied, the Degraded condition says why).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Progressing,
+    Ready,
+    Degraded,
+    Blocked,
+    // A phase written by another version of the operator: read, never written, so that a
+    // rollback does not stop the watch of every pipeline on one it cannot decode.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Progressing => "Progressing",
+            Phase::Ready => "Ready",
+            Phase::Degraded => "Degraded",
+            Phase::Blocked => "Blocked",
+            Phase::Unknown => "Unknown",
+        }
+    }
+
+    /// Nothing changes until the spec or the cluster does: the pipeline is looked at rarely.
+    /// (Blocked is not: the namespace watch brings a relabelled namespace, and this covers a
+    /// cache that has not caught up with it yet.)
+    pub fn is_settled(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Ready)
+    }
+
+    /// A phase that needs a person's attention: its event is a Warning.
+    pub fn is_warning(self) -> bool {
+        matches!(self, Phase::Failed | Phase::Degraded | Phase::Blocked)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the operator observed: phase, progress, conditions.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferencePipelineStatus {
-    /// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor);
-    /// Blocked (both: the namespace's Pod Security level forbids the pods, see Degraded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     /// Task: shards succeeded/total. Actor: replicas available/desired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,

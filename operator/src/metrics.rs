@@ -5,15 +5,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::controller::Error;
+
+/// A failed reconcile's labels: the step that failed, and whether a person must act.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub step: &'static str,
+    pub needs_a_person: bool,
+}
+
+/// A reconcile's outcome: "success" or "error".
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub reconciles: Counter,
-    pub errors: Counter,
-    pub duration: Histogram,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<OutcomeLabels, Histogram>,
     /// 1 while this replica holds the leader lease and its controller runs.
     pub leader: Gauge,
     /// Set once the controller runs (its caches synced) or the replica stands by for the
@@ -25,19 +42,21 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let reconciles = Counter::default();
-        let errors = Counter::default();
-        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Family::<OutcomeLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.005, 2.0, 12))) as fn() -> Histogram,
+        );
         let leader = Gauge::default();
         let mut registry = Registry::with_prefix("kube_zerocopy");
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
         registry.register(
             "reconcile_errors",
-            "Reconciliations that failed",
+            "Reconciliations that failed, by the step that failed",
             errors.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
-            "Time per successful reconciliation",
+            "Time per reconciliation, by outcome",
             duration.clone(),
         );
         registry.register(
@@ -57,8 +76,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn observe(&self, took: Duration) {
-        self.duration.observe(took.as_secs_f64());
+    /// Counts one reconcile that took `took` and failed with `error`, if it did.
+    pub fn reconciled(&self, took: Duration, error: Option<&Error>) {
+        self.reconciles.inc();
+        let outcome = match error {
+            None => "success",
+            Some(e) => {
+                self.errors
+                    .get_or_create(&ErrorLabels {
+                        step: e.step(),
+                        needs_a_person: e.needs_a_person(),
+                    })
+                    .inc();
+                "error"
+            }
+        };
+        self.duration
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(took.as_secs_f64());
     }
 
     pub fn set_ready(&self) {
@@ -120,13 +155,23 @@ mod tests {
     #[test]
     fn counts_show_up_in_the_text_format() {
         let m = super::Metrics::default();
-        m.reconciles.inc();
-        m.observe(std::time::Duration::from_millis(20));
-        let text = m.render();
-        assert!(text.contains("kube_zerocopy_reconciles_total 1"), "{text}");
-        assert!(
-            text.contains("kube_zerocopy_reconcile_duration_seconds_count 1"),
-            "{text}"
+        m.reconciled(std::time::Duration::from_millis(20), None);
+        let forbidden = kube::Error::Api(
+            kube::core::Status::failure("no", "Forbidden")
+                .with_code(403)
+                .boxed(),
         );
+        let failed = crate::controller::Error::PatchStatus(forbidden);
+        m.reconciled(std::time::Duration::from_millis(40), Some(&failed));
+        m.reconciled(std::time::Duration::from_millis(40), Some(&failed));
+        let text = m.render();
+        for line in [
+            "kube_zerocopy_reconciles_total 3",
+            r#"kube_zerocopy_reconcile_errors_total{step="patch_status",needs_a_person="true"} 2"#,
+            r#"kube_zerocopy_reconcile_duration_seconds_count{outcome="success"} 1"#,
+            r#"kube_zerocopy_reconcile_duration_seconds_count{outcome="error"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

@@ -7,28 +7,91 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{InferencePipeline, InferencePipelineStatus, Mode, ShardStatus};
+use crate::crd::{InferencePipeline, InferencePipelineStatus, Mode, Phase, ShardStatus};
 
-pub const WEIGHTS_READY: &str = "WeightsReady";
-pub const PROGRESSING: &str = "Progressing";
-pub const SUCCEEDED: &str = "Succeeded";
-pub const FAILED: &str = "Failed";
-pub const DEGRADED: &str = "Degraded";
+/// The conditions of a pipeline's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionType {
+    /// Every pod's weight server has published the models.
+    WeightsReady,
+    Progressing,
+    Succeeded,
+    Failed,
+    /// Something a person must look at: the reason says what.
+    Degraded,
+}
 
-/// Degraded (and the others) when the namespace's Pod Security level forbids Node sharing.
-pub const POD_SECURITY_FORBIDS_NODE_SHARING: &str = "PodSecurityForbidsNodeSharing";
-/// The pipeline cannot become objects (a check the schema cannot express failed).
-pub const INVALID_PIPELINE: &str = "InvalidPipeline";
-/// The template adds what the operator's policy forbids (hostPath, a ServiceAccount).
-pub const FORBIDDEN_BY_POLICY: &str = "ForbiddenByPolicy";
-/// The API server refused the pipeline's Job, Deployment or Service.
-pub const OBJECTS_REFUSED: &str = "ObjectsRefused";
-/// Pods of the pipeline that the scheduler cannot place (a missing claim, no node fits).
-pub const PODS_UNSCHEDULABLE: &str = "PodsUnschedulable";
-/// Pods whose containers cannot start (an image that cannot be pulled, a missing Secret).
-pub const PODS_NOT_STARTING: &str = "PodsNotStarting";
-/// An object of the pipeline's name exists and belongs to someone else: it is not taken over.
-pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::WeightsReady => "WeightsReady",
+            ConditionType::Progressing => "Progressing",
+            ConditionType::Succeeded => "Succeeded",
+            ConditionType::Failed => "Failed",
+            ConditionType::Degraded => "Degraded",
+        }
+    }
+}
+
+/// The reasons of the conditions the operator sets. (A failed Job's own reason, such as
+/// BackoffLimitExceeded, is passed on as it is.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The namespace's Pod Security level forbids Node sharing's hostPath volume.
+    PodSecurityForbidsNodeSharing,
+    /// The pipeline cannot become objects (a check the schema cannot express failed).
+    InvalidPipeline,
+    /// The template adds what the operator's policy forbids (hostPath, a ServiceAccount).
+    ForbiddenByPolicy,
+    /// The API server refused the pipeline's Job, Deployment or Service.
+    ObjectsRefused,
+    /// An object of the pipeline's name exists and belongs to someone else: not taken over.
+    ObjectNotOwned,
+    /// Pods of the pipeline that the scheduler cannot place (a missing claim, no node fits).
+    PodsUnschedulable,
+    /// Pods whose containers cannot start (an image that cannot be pulled, a missing Secret).
+    PodsNotStarting,
+    /// A changed spec that a running Job cannot take.
+    SpecChangeRefused,
+    WeightServerFailed,
+    Published,
+    Publishing,
+    AllShardsSucceeded,
+    JobFailed,
+    Finished,
+    ShardsRunning,
+    Creating,
+    RolledOut,
+    RollingOut,
+    /// Degraded is False.
+    AsExpected,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PodSecurityForbidsNodeSharing => "PodSecurityForbidsNodeSharing",
+            Reason::InvalidPipeline => "InvalidPipeline",
+            Reason::ForbiddenByPolicy => "ForbiddenByPolicy",
+            Reason::ObjectsRefused => "ObjectsRefused",
+            Reason::ObjectNotOwned => "ObjectNotOwned",
+            Reason::PodsUnschedulable => "PodsUnschedulable",
+            Reason::PodsNotStarting => "PodsNotStarting",
+            Reason::SpecChangeRefused => "SpecChangeRefused",
+            Reason::WeightServerFailed => "WeightServerFailed",
+            Reason::Published => "Published",
+            Reason::Publishing => "Publishing",
+            Reason::AllShardsSucceeded => "AllShardsSucceeded",
+            Reason::JobFailed => "JobFailed",
+            Reason::Finished => "Finished",
+            Reason::ShardsRunning => "ShardsRunning",
+            Reason::Creating => "Creating",
+            Reason::RolledOut => "RolledOut",
+            Reason::RollingOut => "RollingOut",
+            Reason::AsExpected => "AsExpected",
+        }
+    }
+}
 
 /// The name of the weight server's (native sidecar) container in every pod.
 pub const SIDECAR_CONTAINER: &str = "weight-server";
@@ -50,22 +113,22 @@ pub struct Observed<'a> {
 /// Why nothing of a pipeline runs: a condition reason and a message a user can act on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Blocked {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 struct Cond {
-    type_: &'static str,
+    type_: ConditionType,
     status: bool,
     reason: String,
     message: String,
 }
 
-fn cond(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Cond {
+fn cond(type_: ConditionType, status: bool, reason: Reason, message: impl Into<String>) -> Cond {
     Cond {
         type_,
         status,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message: message.into(),
     }
 }
@@ -106,17 +169,22 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
         }
     }
     match (started, failure) {
-        (_, Some(why)) => cond(WEIGHTS_READY, false, "WeightServerFailed", why),
+        (_, Some(why)) => cond(
+            ConditionType::WeightsReady,
+            false,
+            Reason::WeightServerFailed,
+            why,
+        ),
         (true, None) => cond(
-            WEIGHTS_READY,
+            ConditionType::WeightsReady,
             true,
-            "Published",
+            Reason::Published,
             "every model is published in shared memory",
         ),
         (false, None) => cond(
-            WEIGHTS_READY,
+            ConditionType::WeightsReady,
             false,
-            "Publishing",
+            Reason::Publishing,
             "the weight servers are publishing the models",
         ),
     }
@@ -136,7 +204,7 @@ fn worker_failure(observed: &Observed) -> Option<String> {
     })
 }
 
-fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardStatus>, Vec<Cond>) {
+fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardStatus>, Vec<Cond>) {
     let spec = job.and_then(|j| j.spec.as_ref());
     let total = spec.and_then(|s| s.completions).unwrap_or(0);
     let st = job.and_then(|j| j.status.as_ref());
@@ -154,54 +222,77 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (String, Option<ShardS
     let mut conds = vec![];
     let phase = if job_condition("Complete").is_some() {
         conds.push(cond(
-            SUCCEEDED,
+            ConditionType::Succeeded,
             true,
-            "AllShardsSucceeded",
+            Reason::AllShardsSucceeded,
             format!("{}/{} shards succeeded", shards.succeeded, total),
         ));
-        conds.push(cond(FAILED, false, "AllShardsSucceeded", ""));
-        conds.push(cond(PROGRESSING, false, "Finished", "the Job is complete"));
-        "Succeeded"
+        conds.push(cond(
+            ConditionType::Failed,
+            false,
+            Reason::AllShardsSucceeded,
+            "",
+        ));
+        conds.push(cond(
+            ConditionType::Progressing,
+            false,
+            Reason::Finished,
+            "the Job is complete",
+        ));
+        Phase::Succeeded
     } else if let Some(c) = job_condition("Failed") {
         // The Job says which pod failed how; the worker's own message says why.
         let why = match worker_failure(observed) {
             Some(worker) => format!("{worker} ({})", c.message.clone().unwrap_or_default()),
             None => c.message.clone().unwrap_or_default(),
         };
-        conds.push(cond(SUCCEEDED, false, "JobFailed", ""));
+        conds.push(cond(ConditionType::Succeeded, false, Reason::JobFailed, ""));
+        conds.push(Cond {
+            type_: ConditionType::Failed,
+            status: true,
+            reason: c
+                .reason
+                .clone()
+                .unwrap_or_else(|| Reason::JobFailed.as_str().into()),
+            message: why,
+        });
         conds.push(cond(
-            FAILED,
-            true,
-            c.reason.as_deref().unwrap_or("JobFailed"),
-            why,
+            ConditionType::Progressing,
+            false,
+            Reason::Finished,
+            "the Job failed",
         ));
-        conds.push(cond(PROGRESSING, false, "Finished", "the Job failed"));
-        "Failed"
+        Phase::Failed
     } else if job.is_some() {
         conds.push(cond(
-            PROGRESSING,
+            ConditionType::Progressing,
             true,
-            "ShardsRunning",
+            Reason::ShardsRunning,
             format!(
                 "{}/{} shards succeeded, {} running",
                 shards.succeeded, total, shards.active
             ),
         ));
         if shards.active > 0 || shards.succeeded > 0 {
-            "Running"
+            Phase::Running
         } else {
-            "Pending"
+            Phase::Pending
         }
     } else {
-        conds.push(cond(PROGRESSING, true, "Creating", "creating the Job"));
-        "Pending"
+        conds.push(cond(
+            ConditionType::Progressing,
+            true,
+            Reason::Creating,
+            "creating the Job",
+        ));
+        Phase::Pending
     };
     let mut all = vec![weights];
     all.extend(conds);
-    (phase.into(), Some(shards), all)
+    (phase, Some(shards), all)
 }
 
-fn actor_status(observed: &Observed) -> (String, String, Vec<Cond>) {
+fn actor_status(observed: &Observed) -> (Phase, String, Vec<Cond>) {
     let d = observed.deployment;
     let desired = d
         .and_then(|d| d.spec.as_ref())
@@ -221,35 +312,35 @@ fn actor_status(observed: &Observed) -> (String, String, Vec<Cond>) {
     let progress = format!("{available}/{desired}");
     let (phase, conds) = if rolled_out {
         (
-            "Ready",
+            Phase::Ready,
             vec![cond(
-                PROGRESSING,
+                ConditionType::Progressing,
                 false,
-                "RolledOut",
+                Reason::RolledOut,
                 format!("{available}/{desired} replicas available"),
             )],
         )
     } else {
-        let degraded = weights.reason == "WeightServerFailed";
+        let degraded = weights.reason == Reason::WeightServerFailed.as_str();
         (
             if degraded {
-                "Degraded"
+                Phase::Degraded
             } else if d.is_some() {
-                "Progressing"
+                Phase::Progressing
             } else {
-                "Pending"
+                Phase::Pending
             },
             vec![cond(
-                PROGRESSING,
+                ConditionType::Progressing,
                 true,
-                "RollingOut",
+                Reason::RollingOut,
                 format!("{available}/{desired} replicas available, {updated} updated"),
             )],
         )
     };
     let mut all = vec![weights];
     all.extend(conds);
-    (phase.into(), progress, all)
+    (phase, progress, all)
 }
 
 /// Kubelet reasons for a container that will not start until something outside changes.
@@ -264,7 +355,7 @@ const NOT_STARTING: [&str; 6] = [
 
 /// The first pending pod that cannot run, with the scheduler's or the kubelet's words: such
 /// pods otherwise read as progress ("8 running").
-fn stuck_pod(pods: &[Pod]) -> Option<(&'static str, String)> {
+fn stuck_pod(pods: &[Pod]) -> Option<(Reason, String)> {
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let Some(status) = pod.status.as_ref() else {
@@ -285,7 +376,7 @@ fn stuck_pod(pods: &[Pod]) -> Option<(&'static str, String)> {
                 .or(c.reason.as_deref())
                 .unwrap_or("no reason given");
             return Some((
-                PODS_UNSCHEDULABLE,
+                Reason::PodsUnschedulable,
                 format!("pod {name} cannot be scheduled: {why}"),
             ));
         }
@@ -305,7 +396,7 @@ fn stuck_pod(pods: &[Pod]) -> Option<(&'static str, String)> {
             {
                 let message = waiting.message.as_deref().unwrap_or_default();
                 return Some((
-                    PODS_NOT_STARTING,
+                    Reason::PodsNotStarting,
                     format!(
                         "pod {name}: container {} cannot start: {reason}: {message}",
                         c.name
@@ -330,10 +421,10 @@ pub fn compute(
         (Some(blocked), _) => {
             let no_pods = "nothing runs (see Degraded)";
             let conds = vec![
-                cond(WEIGHTS_READY, false, blocked.reason, no_pods),
-                cond(PROGRESSING, false, blocked.reason, no_pods),
+                cond(ConditionType::WeightsReady, false, blocked.reason, no_pods),
+                cond(ConditionType::Progressing, false, blocked.reason, no_pods),
             ];
-            ("Blocked".to_string(), None, None, conds)
+            (Phase::Blocked, None, None, conds)
         }
         (None, Mode::Task) => {
             let (phase, shards, conds) = task_status(observed.job, observed);
@@ -347,27 +438,39 @@ pub fn compute(
             (phase, Some(progress), None, conds)
         }
     };
-    let weights_failed = conds
-        .iter()
-        .any(|c| c.type_ == WEIGHTS_READY && c.reason == "WeightServerFailed");
+    let weights_failed = conds.iter().any(|c| {
+        c.type_ == ConditionType::WeightsReady && c.reason == Reason::WeightServerFailed.as_str()
+    });
     let stuck = stuck_pod(observed.pods);
     let degraded = match (&observed.blocked, &observed.refused, weights_failed, stuck) {
-        (Some(blocked), ..) => cond(DEGRADED, true, blocked.reason, blocked.message.clone()),
-        (None, Some(why), ..) => cond(DEGRADED, true, "SpecChangeRefused", why.clone()),
-        (None, None, true, _) => cond(
-            DEGRADED,
+        (Some(blocked), ..) => cond(
+            ConditionType::Degraded,
             true,
-            "WeightServerFailed",
+            blocked.reason,
+            blocked.message.clone(),
+        ),
+        (None, Some(why), ..) => cond(
+            ConditionType::Degraded,
+            true,
+            Reason::SpecChangeRefused,
+            why.clone(),
+        ),
+        (None, None, true, _) => cond(
+            ConditionType::Degraded,
+            true,
+            Reason::WeightServerFailed,
             "a weight server cannot publish the models",
         ),
-        (None, None, false, Some((reason, why))) => cond(DEGRADED, true, reason, why),
-        (None, None, false, None) => cond(DEGRADED, false, "AsExpected", ""),
+        (None, None, false, Some((reason, why))) => {
+            cond(ConditionType::Degraded, true, reason, why)
+        }
+        (None, None, false, None) => cond(ConditionType::Degraded, false, Reason::AsExpected, ""),
     };
     if degraded.status
         && pipeline.spec.mode == Mode::Actor
-        && !matches!(phase.as_str(), "Ready" | "Blocked")
+        && !matches!(phase, Phase::Ready | Phase::Blocked)
     {
-        phase = "Degraded".into();
+        phase = Phase::Degraded;
     }
     conds.push(degraded);
 
@@ -383,11 +486,11 @@ pub fn compute(
             let status = if c.status { "True" } else { "False" }.to_string();
             let since = previous
                 .iter()
-                .find(|p| p.type_ == c.type_ && p.status == status)
+                .find(|p| p.type_ == c.type_.as_str() && p.status == status)
                 .map(|p| p.last_transition_time.clone())
                 .unwrap_or(Time(now));
             Condition {
-                type_: c.type_.into(),
+                type_: c.type_.as_str().into(),
                 status,
                 reason: c.reason,
                 message: c.message,
@@ -408,16 +511,16 @@ pub fn compute(
 /// What the event of a transition into `status`'s phase says: the message of the condition that
 /// phase stands for (each phase its own), else the progress.
 pub fn phase_note(status: &InferencePipelineStatus) -> Option<String> {
-    let condition = match status.phase.as_deref() {
-        Some("Succeeded") => SUCCEEDED,
-        Some("Failed") => FAILED,
-        Some("Blocked" | "Degraded") => DEGRADED,
-        _ => PROGRESSING,
+    let condition = match status.phase {
+        Some(Phase::Succeeded) => ConditionType::Succeeded,
+        Some(Phase::Failed) => ConditionType::Failed,
+        Some(Phase::Blocked | Phase::Degraded) => ConditionType::Degraded,
+        _ => ConditionType::Progressing,
     };
     status
         .conditions
         .iter()
-        .find(|c| c.type_ == condition && !c.message.is_empty())
+        .find(|c| c.type_ == condition.as_str() && !c.message.is_empty())
         .map(|c| c.message.clone())
         .or_else(|| status.progress.clone())
 }
@@ -473,8 +576,8 @@ mod tests {
         )
     }
 
-    fn get<'a>(s: &'a InferencePipelineStatus, t: &str) -> &'a Condition {
-        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    fn get(s: &InferencePipelineStatus, t: ConditionType) -> &Condition {
+        s.conditions.iter().find(|c| c.type_ == t.as_str()).unwrap()
     }
 
     #[test]
@@ -490,11 +593,11 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(
-            (s.phase.as_deref(), s.progress.as_deref()),
-            (Some("Running"), Some("2/4"))
+            (s.phase, s.progress.as_deref()),
+            (Some(Phase::Running), Some("2/4"))
         );
-        assert_eq!(get(&s, PROGRESSING).status, "True");
-        assert_eq!(get(&s, WEIGHTS_READY).status, "True");
+        assert_eq!(get(&s, ConditionType::Progressing).status, "True");
+        assert_eq!(get(&s, ConditionType::WeightsReady).status, "True");
         assert_eq!(s.observed_generation, Some(3));
         let done = job(4, Some("Complete"));
         let s = compute(
@@ -505,8 +608,8 @@ mod tests {
             },
             Timestamp::UNIX_EPOCH,
         );
-        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
-        assert_eq!(get(&s, SUCCEEDED).status, "True");
+        assert_eq!(s.phase, Some(Phase::Succeeded));
+        assert_eq!(get(&s, ConditionType::Succeeded).status, "True");
         let failed = job(1, Some("Failed"));
         let s = compute(
             &p,
@@ -516,8 +619,8 @@ mod tests {
             },
             Timestamp::UNIX_EPOCH,
         );
-        assert_eq!(s.phase.as_deref(), Some("Failed"));
-        assert_eq!(get(&s, FAILED).message, "why");
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert_eq!(get(&s, ConditionType::Failed).message, "why");
     }
 
     #[test]
@@ -548,7 +651,7 @@ mod tests {
         let j = job(0, None);
         let pods = [pod];
         let s = with_pods(&p, &j, &pods);
-        let w = get(&s, WEIGHTS_READY);
+        let w = get(&s, ConditionType::WeightsReady);
         assert_eq!(
             (w.status.as_str(), w.reason.as_str()),
             ("False", "WeightServerFailed")
@@ -558,7 +661,7 @@ mod tests {
             "{}",
             w.message
         );
-        assert_eq!(get(&s, DEGRADED).status, "True");
+        assert_eq!(get(&s, ConditionType::Degraded).status, "True");
     }
 
     /// Each phase's event says what that phase means (both Running and Succeeded said "every
@@ -603,9 +706,9 @@ mod tests {
         let failed = job(0, Some("Failed"));
         let pods = [pod];
         let s = with_pods(&p, &failed, &pods);
-        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert_eq!(s.phase, Some(Phase::Failed));
         assert_eq!(
-            get(&s, FAILED).message,
+            get(&s, ConditionType::Failed).message,
             "worker in pod p-1 failed: the input folder /in holds 3 shard files (why)"
         );
     }
@@ -660,19 +763,22 @@ mod tests {
         for (pod, reason, words) in [
             (
                 unschedulable,
-                PODS_UNSCHEDULABLE,
+                Reason::PodsUnschedulable,
                 "pod p-0 cannot be scheduled: persistentvolumeclaim \"sentiment-data\" not found",
             ),
             (
                 no_image,
-                PODS_NOT_STARTING,
+                Reason::PodsNotStarting,
                 "pod p-1: container worker cannot start: ImagePullBackOff",
             ),
         ] {
             let pods = [pod];
             let s = with_pods(&p, &j, &pods);
-            let d = get(&s, DEGRADED);
-            assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", reason));
+            let d = get(&s, ConditionType::Degraded);
+            assert_eq!(
+                (d.status.as_str(), d.reason.as_str()),
+                ("True", reason.as_str())
+            );
             assert!(d.message.starts_with(words), "{}", d.message);
         }
     }
@@ -700,8 +806,8 @@ mod tests {
             later,
         );
         assert_eq!(
-            get(&second, PROGRESSING).last_transition_time,
-            get(&first, PROGRESSING).last_transition_time
+            get(&second, ConditionType::Progressing).last_transition_time,
+            get(&first, ConditionType::Progressing).last_transition_time
         );
         let done = job(4, Some("Complete"));
         let third = compute(
@@ -712,7 +818,12 @@ mod tests {
             },
             later,
         );
-        assert_eq!(get(&third, PROGRESSING).last_transition_time.0, later);
+        assert_eq!(
+            get(&third, ConditionType::Progressing)
+                .last_transition_time
+                .0,
+            later
+        );
     }
 
     #[test]
@@ -723,25 +834,25 @@ mod tests {
                 &p,
                 &Observed {
                     blocked: Some(Blocked {
-                        reason: POD_SECURITY_FORBIDS_NODE_SHARING,
+                        reason: Reason::PodSecurityForbidsNodeSharing,
                         message: "namespace ml enforces ...".into(),
                     }),
                     ..Default::default()
                 },
                 Timestamp::UNIX_EPOCH,
             );
-            assert_eq!(blocked.phase.as_deref(), Some("Blocked"), "{mode}");
-            let d = get(&blocked, DEGRADED);
+            assert_eq!(blocked.phase, Some(Phase::Blocked), "{mode}");
+            let d = get(&blocked, ConditionType::Degraded);
             assert_eq!(
                 (d.status.as_str(), d.reason.as_str(), d.message.as_str()),
                 (
                     "True",
-                    POD_SECURITY_FORBIDS_NODE_SHARING,
+                    Reason::PodSecurityForbidsNodeSharing.as_str(),
                     "namespace ml enforces ..."
                 )
             );
-            for t in [PROGRESSING, WEIGHTS_READY] {
-                assert_eq!(get(&blocked, t).status, "False", "{mode} {t}");
+            for t in [ConditionType::Progressing, ConditionType::WeightsReady] {
+                assert_eq!(get(&blocked, t).status, "False", "{mode} {t:?}");
             }
             // Allowed again: the objects are applied and the condition clears.
             p.status = Some(blocked);
@@ -754,11 +865,11 @@ mod tests {
                 },
                 Timestamp::UNIX_EPOCH,
             );
-            assert_ne!(allowed.phase.as_deref(), Some("Blocked"), "{mode}");
+            assert_ne!(allowed.phase, Some(Phase::Blocked), "{mode}");
             assert_eq!(
                 (
-                    get(&allowed, DEGRADED).status.as_str(),
-                    get(&allowed, DEGRADED).reason.as_str()
+                    get(&allowed, ConditionType::Degraded).status.as_str(),
+                    get(&allowed, ConditionType::Degraded).reason.as_str()
                 ),
                 ("False", "AsExpected")
             );
@@ -778,7 +889,7 @@ mod tests {
             },
             Timestamp::UNIX_EPOCH,
         );
-        let d = get(&s, DEGRADED);
+        let d = get(&s, ConditionType::Degraded);
         assert_eq!(
             (d.status.as_str(), d.reason.as_str()),
             ("True", "SpecChangeRefused")

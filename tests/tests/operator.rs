@@ -21,13 +21,10 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use kube_zerocopy::crd::{InferencePipeline, PodOverrides, Sharing};
+use kube_zerocopy::crd::{InferencePipeline, Phase, PodOverrides, Sharing};
 use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered, Settings};
-use kube_zerocopy::status::{
-    FORBIDDEN_BY_POLICY, INVALID_PIPELINE, OBJECTS_REFUSED, OBJECT_NOT_OWNED,
-    POD_SECURITY_FORBIDS_NODE_SHARING,
-};
+use kube_zerocopy::status::Reason;
 use kube_zerocopy::validation;
 use kube_zerocopy_e2e::cluster::ControlPlane;
 use kube_zerocopy_e2e::invalid::invalid_pipelines;
@@ -327,7 +324,7 @@ async fn degraded_with(
     pipelines: &Api<InferencePipeline>,
     name: &str,
     reason: &str,
-) -> Option<(Option<String>, Condition)> {
+) -> Option<(Option<Phase>, Condition)> {
     let s = pipelines.get(name).await.unwrap().status?;
     let c = s.conditions.into_iter().find(|c| c.type_ == "Degraded")?;
     (c.reason == reason).then_some((s.phase, c))
@@ -359,11 +356,11 @@ async fn a_foreign_object_is_not_taken_over(admin: &Client) {
         .unwrap();
     let (phase, degraded) =
         eventually("the pipeline to refuse the foreign Service", minute, || {
-            degraded_with(&pipelines, "squatted", OBJECT_NOT_OWNED)
+            degraded_with(&pipelines, "squatted", Reason::ObjectNotOwned.as_str())
         })
         .await;
     println!("not owned: {}", degraded.message);
-    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert_eq!(phase, Some(Phase::Blocked));
     assert!(
         degraded.message.contains("Service named squatted-zerocopy"),
         "{}",
@@ -380,12 +377,13 @@ async fn a_foreign_object_is_not_taken_over(admin: &Client) {
         .await
         .unwrap()
         .is_none());
-    // Theirs deleted: the pipeline makes its own.
+    // Theirs deleted: the pipeline makes its own, at its next look (a Blocked pipeline is
+    // looked at every minute; no watch brings the deletion of an object it does not own).
     services
         .delete("squatted-zerocopy", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the pipeline's own Deployment", minute, || async {
+    eventually("the pipeline's own Deployment", 2 * minute, || async {
         deployments.get_opt("squatted-zerocopy").await.unwrap()
     })
     .await;
@@ -420,11 +418,11 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
         .await
         .unwrap();
     let (phase, degraded) = eventually("the forbidden pipeline to say why", minute, || {
-        degraded_with(&pipelines, "forbidden", FORBIDDEN_BY_POLICY)
+        degraded_with(&pipelines, "forbidden", Reason::ForbiddenByPolicy.as_str())
     })
     .await;
     println!("forbidden: {}", degraded.message);
-    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert_eq!(phase, Some(Phase::Blocked));
     assert!(
         degraded.message.contains("pipelinePolicy.allowHostPath"),
         "{}",
@@ -443,11 +441,11 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     });
     pipelines.create(&PostParams::default(), &p).await.unwrap();
     let (phase, degraded) = eventually("the refused pipeline to say why", minute, || {
-        degraded_with(&pipelines, "refused", OBJECTS_REFUSED)
+        degraded_with(&pipelines, "refused", Reason::ObjectsRefused.as_str())
     })
     .await;
     println!("refused: {}", degraded.message);
-    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert_eq!(phase, Some(Phase::Blocked));
     assert!(
         degraded.message.contains("nodeSelector") && degraded.message.contains("not a label key"),
         "{}",
@@ -463,7 +461,7 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
                 .iter()
                 .any(|e| {
                     e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("refused")
-                        && e.reason.as_deref() == Some(OBJECTS_REFUSED)
+                        && e.reason.as_deref() == Some(Reason::ObjectsRefused.as_str())
                         && e.type_.as_deref() == Some("Warning")
                         && e.note
                             .as_deref()
@@ -509,7 +507,11 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
         .iter()
         .find(|r| r["cells"][0] == "refused")
         .expect("the refused pipeline's row");
-    assert_eq!(row["cells"][reason], OBJECTS_REFUSED, "{row}");
+    assert_eq!(
+        row["cells"][reason],
+        Reason::ObjectsRefused.as_str(),
+        "{row}"
+    );
 
     // Fixed: the Job is created and the pipeline is no longer Blocked.
     pipelines
@@ -526,7 +528,7 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     .await;
     eventually("the fixed pipeline to leave Blocked", minute, || async {
         let s = pipelines.get("refused").await.unwrap().status?;
-        (s.phase.as_deref() != Some("Blocked")).then_some(())
+        (s.phase != Some(Phase::Blocked)).then_some(())
     })
     .await;
     pipelines
@@ -542,11 +544,17 @@ async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(admin: &Client) {
     let (phase, degraded) = eventually(
         "the pipeline with a bad quantity to say why",
         minute,
-        || degraded_with(&pipelines, "bad-resources", INVALID_PIPELINE),
+        || {
+            degraded_with(
+                &pipelines,
+                "bad-resources",
+                Reason::InvalidPipeline.as_str(),
+            )
+        },
     )
     .await;
     println!("invalid: {}", degraded.message);
-    assert_eq!(phase.as_deref(), Some("Blocked"));
+    assert_eq!(phase, Some(Phase::Blocked));
     assert!(
         degraded
             .message
@@ -616,13 +624,19 @@ async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Setting
     let (phase, blocked) = eventually(
         "the Node-sharing pipeline to be blocked with a reason",
         minute,
-        || degraded_with(&pipelines, "node-shared", POD_SECURITY_FORBIDS_NODE_SHARING),
+        || {
+            degraded_with(
+                &pipelines,
+                "node-shared",
+                Reason::PodSecurityForbidsNodeSharing.as_str(),
+            )
+        },
     )
     .await;
     println!("blocked: {}", blocked.message);
     assert_eq!(
-        (phase.as_deref(), blocked.status.as_str()),
-        (Some("Blocked"), "True")
+        (phase, blocked.status.as_str()),
+        (Some(Phase::Blocked), "True")
     );
     for part in [
         PSA_NS,
@@ -650,7 +664,7 @@ async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Setting
         list.items
             .iter()
             .any(|e| {
-                e.reason.as_deref() == Some(POD_SECURITY_FORBIDS_NODE_SHARING)
+                e.reason.as_deref() == Some(Reason::PodSecurityForbidsNodeSharing.as_str())
                     && e.type_.as_deref() == Some("Warning")
             })
             .then_some(())
@@ -677,7 +691,7 @@ async fn pod_security_holds_back_node_sharing(admin: &Client, settings: &Setting
     })
     .await;
     assert_eq!(cleared.status, "False");
-    assert_ne!(phase.as_deref(), Some("Blocked"));
+    assert_ne!(phase, Some(Phase::Blocked));
     pipelines
         .delete("node-shared", &DeleteParams::foreground())
         .await
@@ -788,7 +802,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     let done = eventually("the Task pipeline to succeed", 3 * minute, || async {
         let p = pipelines.get("batch").await.unwrap();
         let s = p.status.clone()?;
-        (s.phase.as_deref() == Some("Succeeded")).then_some(s)
+        (s.phase == Some(Phase::Succeeded)).then_some(s)
     })
     .await;
     assert_eq!(done.progress.as_deref(), Some("3/3"));
@@ -943,7 +957,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
                 3 * minute,
                 || async {
                     let s = pipelines.get("online").await.unwrap().status?;
-                    (s.phase.as_deref() == Some("Ready") && s.progress.as_deref() == Some(replicas))
+                    (s.phase == Some(Phase::Ready) && s.progress.as_deref() == Some(replicas))
                         .then_some(())
                 },
             )
@@ -1043,7 +1057,7 @@ async fn operator_end_to_end_against_a_real_control_plane() {
     assert_eq!(kept.uid(), finished.uid(), "the finished Job was replaced");
     assert_eq!(kept.spec, finished.spec);
     let batch = pipelines.get("batch").await.unwrap().status.unwrap();
-    assert_eq!(batch.phase.as_deref(), Some("Succeeded"));
+    assert_eq!(batch.phase, Some(Phase::Succeeded));
 
     // The API server stopped for a few seconds: the operator recovers on its own.
     cp.stop_apiserver().await.unwrap();

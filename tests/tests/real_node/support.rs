@@ -420,7 +420,7 @@ pub async fn wait_phase(
         async move {
             let p = api.get(name).await?;
             let status = p.status.clone().unwrap_or_default();
-            let phase = status.phase.clone().unwrap_or_default();
+            let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
             let seen = format!(
                 "phase {phase:?}, progress {:?}, conditions {}",
                 status.progress,
@@ -431,7 +431,7 @@ pub async fn wait_phase(
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            if phases.contains(&phase.as_str()) {
+            if phases.contains(&phase) {
                 return Ok((Some(p), seen));
             }
             if phase == "Failed" {
