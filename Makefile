@@ -16,7 +16,7 @@ demo: build
 
 lint: setup
 	$(ENV) && cargo fmt --all -- --check
-	$(ENV) && cargo clippy --release --workspace --all-targets -- -D warnings
+	$(ENV) && cargo clippy --release --workspace --all-targets --features kube-zerocopy-e2e/bench -- -D warnings
 
 test: cluster-binaries build lint
 	scripts/test.sh

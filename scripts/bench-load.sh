@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-cargo build --release -p kube-zerocopy-e2e --bin bench_load
+cargo build --release -p kube-zerocopy-e2e --features bench --bin bench_load
 "$KZC_RELEASE/bench_load"

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 scripts/control-plane.sh >/dev/null
-cargo build --release --workspace --bins
+cargo build --release --workspace --bins --features kube-zerocopy-e2e/bench
 "$KZC_RELEASE/bench_operator"

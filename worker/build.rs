@@ -38,6 +38,8 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false)
+        // Debug info of libtorch's headers made most of this compile's minute.
+        .debug(false)
         .compile("kzc_shim");
     let lib = torch.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());
