@@ -21,7 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -46,6 +46,9 @@ pub const MANAGER: &str = "kube-zerocopy";
 pub const GENERATION: &str = "kube-zerocopy.io/pipeline-generation";
 /// A Job's annotation: the [`work_digest`] of the pipeline it was rendered from.
 pub const WORK: &str = "kube-zerocopy.io/work-digest";
+/// A Job's annotation when it replaced a finished one for a changed spec: why all its shards
+/// run again (the status says it while the Job runs).
+pub const RERUN: &str = "kube-zerocopy.io/rerun";
 pub const PIPELINE_LABEL: &str = "kube-zerocopy.io/pipeline";
 
 /// Why a reconcile failed, by the step that failed: each is an API call that may succeed when
@@ -155,39 +158,50 @@ pub fn work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
     kube_zerocopy_sidecar::source::sha256_hex(&json)
 }
 
-/// Carries out [`task_step`]. Returns the Job as it is now and, when refused, why. `current` is
-/// the cached Job: should the cache lag behind, creating fails (it exists) and the reconcile
-/// retries.
+/// Marks a Job with the generation and the work it was rendered from and, for a re-run, why.
+fn annotate(job: &mut Job, generation: Option<i64>, work: String, rerun: Option<String>) {
+    let annotations = job
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    if let Some(generation) = generation {
+        annotations.insert(GENERATION.into(), generation.to_string());
+    }
+    annotations.insert(WORK.into(), work);
+    if let Some(why) = rerun {
+        annotations.insert(RERUN.into(), why);
+    }
+}
+
+/// Carries out [`task_step`]. Returns the Job as it is now and, when refused, why; when
+/// replaced, why every shard runs again. `current` is the cached Job: should the cache lag
+/// behind, creating fails (it exists) and the reconcile retries.
 async fn apply_task(
     ctx: &Context,
     pipeline: &InferencePipeline,
     api: &Api<Job>,
     current: Option<Arc<Job>>,
     mut job: Job,
-) -> Result<(Option<Job>, Option<String>), kube::Error> {
+) -> Result<Applied, kube::Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
     let generation = pipeline.metadata.generation;
     let work = work_digest(&pipeline.spec);
     match task_step(current.as_deref(), generation, &work) {
         TaskStep::Create => {
-            let annotations = job
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default);
-            if let Some(generation) = generation {
-                annotations.insert(GENERATION.into(), generation.to_string());
-            }
-            annotations.insert(WORK.into(), work);
-            let applied = api
+            annotate(&mut job, generation, work, None);
+            let created = api
                 .patch(
                     &name,
                     &PatchParams::apply(MANAGER).force(),
                     &Patch::Apply(&job),
                 )
                 .await?;
-            Ok((Some(applied), None))
+            Ok(Applied::job(created))
         }
-        TaskStep::Keep => Ok((current.map(|j| (*j).clone()), None)),
+        TaskStep::Keep => Ok(Applied {
+            job: current.map(|j| (*j).clone()),
+            ..Default::default()
+        }),
         TaskStep::Rescale => {
             // A merge patch of these fields alone: the Job's template cannot change, its
             // parallelism can.
@@ -198,32 +212,64 @@ async fn apply_task(
             let patched = api
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
-            Ok((Some(patched), None))
+            Ok(Applied::job(patched))
         }
         TaskStep::Replace => {
             let shards = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(0);
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "Rerun".into(),
-                note: Some(format!(
-                    "the spec changed (generation {}) since the finished Job ran: it is \
-                     replaced, and all {shards} shards run again",
-                    generation.unwrap_or_default()
-                )),
-                action: "Reconcile".into(),
-                secondary: None,
+            let why = format!(
+                "the spec changed (generation {}) since the finished Job ran: it is replaced, \
+                 and all {shards} shards run again",
+                generation.unwrap_or_default()
+            );
+            // Only the finished Job that was seen: a reconcile that read a stale cache must
+            // not delete the new one.
+            let finished_uid = current.as_ref().and_then(|j| j.metadata.uid.clone());
+            let delete = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: finished_uid,
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
             };
-            record(ctx, &event, &pipeline.object_ref(&())).await;
-            match api.delete(&name, &DeleteParams::background()).await {
-                // Already gone: the cache had not seen the deletion yet.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                other => {
-                    other?;
+            match api.delete(&name, &delete).await {
+                Ok(_) => {
+                    let event = Event {
+                        type_: EventType::Normal,
+                        reason: Reason::Rerun.as_str().into(),
+                        note: Some(why.clone()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    };
+                    record(ctx, &event, &pipeline.object_ref(&())).await;
                 }
+                // Gone already, or the name holds the new Job: replaced before.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(e),
             }
-            Ok((None, None))
+            // The new Job carries why it runs, for the status while it runs.
+            annotate(&mut job, generation, work, Some(why.clone()));
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&job),
+                )
+                .await
+            {
+                Ok(created) => Ok(Applied::job(created)),
+                // The finished Job is still on its way out: the next reconcile creates the new.
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => Ok(Applied {
+                    rerun: Some(why),
+                    ..Default::default()
+                }),
+                Err(e) => Err(e),
+            }
         }
-        TaskStep::Refuse(why) => Ok((current.map(|j| (*j).clone()), Some(why.into()))),
+        TaskStep::Refuse(why) => Ok(Applied {
+            job: current.map(|j| (*j).clone()),
+            refused: Some(why.into()),
+            ..Default::default()
+        }),
     }
 }
 
@@ -260,6 +306,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
         deployment: applied.deployment.as_ref(),
         pods: &pods,
         refused: applied.refused,
+        rerun: applied.rerun,
         blocked: applied.blocked,
     };
     let new_status = status::compute(pipeline, &observed, Timestamp::now());
@@ -281,13 +328,23 @@ fn next_look(phase: Option<Phase>) -> Duration {
 }
 
 /// What the apply step left: the Job or Deployment as applied and, when the spec change was
-/// refused, why; or why nothing was applied.
+/// refused, why; why a finished Job was replaced; or why nothing was applied.
 #[derive(Default)]
 struct Applied {
     job: Option<Job>,
     deployment: Option<Deployment>,
     refused: Option<String>,
+    rerun: Option<String>,
     blocked: Option<Blocked>,
+}
+
+impl Applied {
+    fn job(job: Job) -> Self {
+        Applied {
+            job: Some(job),
+            ..Default::default()
+        }
+    }
 }
 
 impl From<Blocked> for Applied {
@@ -533,19 +590,14 @@ async fn apply_objects(
                     return Ok(blocked.into());
                 }
             }
-            let (job, refused) = apply_task(
+            apply_task(
                 ctx,
                 pipeline,
                 &Api::namespaced(client.clone(), ns),
                 cached,
                 *job,
             )
-            .await?;
-            Ok(Applied {
-                job,
-                refused,
-                ..Default::default()
-            })
+            .await
         }
         Rendered::Actor {
             deployment,

@@ -53,6 +53,8 @@ pub enum Reason {
     PodsNotStarting,
     /// A changed spec that a running Job cannot take.
     SpecChangeRefused,
+    /// A finished Task runs again for a changed spec: Progressing, until the new Job ends.
+    Rerun,
     WeightServerFailed,
     Published,
     Publishing,
@@ -78,6 +80,7 @@ impl Reason {
             Reason::PodsUnschedulable => "PodsUnschedulable",
             Reason::PodsNotStarting => "PodsNotStarting",
             Reason::SpecChangeRefused => "SpecChangeRefused",
+            Reason::Rerun => "Rerun",
             Reason::WeightServerFailed => "WeightServerFailed",
             Reason::Published => "Published",
             Reason::Publishing => "Publishing",
@@ -105,6 +108,9 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// Set when the operator refused to apply the spec (e.g. a running Job cannot change).
     pub refused: Option<String>,
+    /// Set when the finished Job was replaced for a changed spec but the new one could not be
+    /// created yet: why every shard runs again. (Once created, the new Job carries it.)
+    pub rerun: Option<String>,
     /// Set when nothing could be applied: the namespace's Pod Security level forbids the pods
     /// (see [`crate::pod_security`]), or the pipeline's objects cannot be made or were refused.
     pub blocked: Option<Blocked>,
@@ -204,7 +210,25 @@ fn worker_failure(observed: &Observed) -> Option<String> {
     })
 }
 
-fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardStatus>, Vec<Cond>) {
+/// Why the shards run again: said by the reconcile that replaced the finished Job, then by
+/// the new Job's annotation until it ends.
+fn rerun(observed: &Observed) -> Option<String> {
+    observed.rerun.clone().or_else(|| {
+        observed
+            .job?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(crate::controller::RERUN)
+            .cloned()
+    })
+}
+
+fn task_status(
+    job: Option<&Job>,
+    observed: &Observed,
+    rerun: Option<String>,
+) -> (Phase, Option<ShardStatus>, Vec<Cond>) {
     let spec = job.and_then(|j| j.spec.as_ref());
     let total = spec.and_then(|s| s.completions).unwrap_or(0);
     let st = job.and_then(|j| j.status.as_ref());
@@ -263,29 +287,32 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardSt
             "the Job failed",
         ));
         Phase::Failed
-    } else if job.is_some() {
-        conds.push(cond(
-            ConditionType::Progressing,
-            true,
-            Reason::ShardsRunning,
-            format!(
-                "{}/{} shards succeeded, {} running",
-                shards.succeeded, total, shards.active
+    } else {
+        let progressing = match (rerun, job) {
+            // The progress is in the Progress column and the shards; the condition keeps why.
+            (Some(why), _) => cond(ConditionType::Progressing, true, Reason::Rerun, why),
+            (None, Some(_)) => cond(
+                ConditionType::Progressing,
+                true,
+                Reason::ShardsRunning,
+                format!(
+                    "{}/{} shards succeeded, {} running",
+                    shards.succeeded, total, shards.active
+                ),
             ),
-        ));
+            (None, None) => cond(
+                ConditionType::Progressing,
+                true,
+                Reason::Creating,
+                "creating the Job",
+            ),
+        };
+        conds.push(progressing);
         if shards.active > 0 || shards.succeeded > 0 {
             Phase::Running
         } else {
             Phase::Pending
         }
-    } else {
-        conds.push(cond(
-            ConditionType::Progressing,
-            true,
-            Reason::Creating,
-            "creating the Job",
-        ));
-        Phase::Pending
     };
     let mut all = vec![weights];
     all.extend(conds);
@@ -427,7 +454,8 @@ pub fn compute(
             (Phase::Blocked, None, None, conds)
         }
         (None, Mode::Task) => {
-            let (phase, shards, conds) = task_status(observed.job, observed);
+            let rerun = rerun(observed);
+            let (phase, shards, conds) = task_status(observed.job, observed, rerun);
             let progress = shards
                 .as_ref()
                 .map(|s| format!("{}/{}", s.succeeded, s.total));
@@ -675,6 +703,47 @@ mod tests {
         assert_eq!(note(&job(1, Some("Failed"))), "why");
         let pending = compute(&p, &Observed::default(), Timestamp::UNIX_EPOCH);
         assert_eq!(phase_note(&pending).unwrap(), "creating the Job");
+    }
+
+    /// A finished pipeline whose spec changed runs again: Progressing says why (the replaced
+    /// Job's note, then the new Job's annotation) until the new Job ends.
+    #[test]
+    fn a_rerun_says_why_until_the_new_job_ends() {
+        let p = pipeline("Task");
+        let why = "the spec changed (generation 3) since the finished Job ran: it is replaced, and all 4 shards run again";
+        let progressing = |s: &InferencePipelineStatus| {
+            let c = get(s, ConditionType::Progressing);
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let rerunning = ("True".to_string(), "Rerun".to_string(), why.to_string());
+        // The old Job is still on its way out: no new one yet.
+        let waiting = compute(
+            &p,
+            &Observed {
+                rerun: Some(why.into()),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(waiting.phase, Some(Phase::Pending));
+        assert_eq!(progressing(&waiting), rerunning);
+        let rerun_job = |succeeded, end| {
+            let mut j = job(succeeded, end);
+            j.metadata.annotations =
+                Some([(crate::controller::RERUN.to_string(), why.to_string())].into());
+            j
+        };
+        let running = with_pods(&p, &rerun_job(1, None), &[]);
+        assert_eq!(running.phase, Some(Phase::Running));
+        assert_eq!(progressing(&running), rerunning);
+        let done = with_pods(&p, &rerun_job(4, Some("Complete")), &[]);
+        assert_eq!(done.phase, Some(Phase::Succeeded));
+        assert_eq!(progressing(&done).1, "Finished");
+        // A first run is never called a re-run.
+        assert_eq!(
+            progressing(&with_pods(&p, &job(1, None), &[])).1,
+            "ShardsRunning"
+        );
     }
 
     /// A Job failed by its pod failure policy: the condition says why in the worker's words.

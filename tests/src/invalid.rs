@@ -1,7 +1,7 @@
 //! Pipelines the API server refuses, shared by the test against the real API server and the
 //! test of `kube-zerocopy render`, which must refuse them too, with the same words.
 
-/// Invalid pipelines, each with a piece of the message the API server gives (tests/operator.rs)
+/// Invalid pipelines, each with a piece of the message the API server gives (tests/operator/mistakes.rs)
 /// and `kube-zerocopy render` too (tests/render_cli.rs).
 pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static str)> {
     let named = |name: &str, spec: &str| {

@@ -7,10 +7,13 @@ pub mod wait;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
 use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
+use kube_zerocopy_worker::memory::status_kib;
 use serde_json::Value;
 
 /// The repository's root.
@@ -211,8 +214,29 @@ impl Pod {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
+        // The anonymous memory's peak while it loads, sampled every millisecond: a loader that
+        // copies the weights and frees the copy before it reports would go unseen afterwards.
+        let pid = child.id().to_string();
+        let loading = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let loading = loading.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while loading.load(Ordering::Relaxed) {
+                    match status_kib(&pid, "RssAnon") {
+                        Ok(anon) => peak = peak.max(anon),
+                        Err(_) => break,
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                peak
+            })
+        };
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        loading.store(false, Ordering::Relaxed);
+        let peak_anon_kib = sampler.join().unwrap_or(0);
+        read?;
         if line.trim().is_empty() {
             let out = child.wait_with_output()?;
             bail!(
@@ -227,6 +251,7 @@ impl Pod {
             child,
             stdin,
             report,
+            peak_anon_kib,
         })
     }
 }
@@ -242,6 +267,8 @@ pub struct Worker {
     pub child: Child,
     stdin: Option<ChildStdin>,
     pub report: Value,
+    /// The most anonymous memory it held until it reported (sampled), KiB.
+    pub peak_anon_kib: u64,
 }
 
 impl Worker {

@@ -1,5 +1,5 @@
 //! `kube-zerocopy render -f` checks a pipeline as the API server would, without a cluster: every
-//! pipeline the API server refuses (the table tests/operator.rs sends to a real one) makes it
+//! pipeline the API server refuses (the table tests/operator/mistakes.rs sends to a real one) makes it
 //! exit non-zero with the API server's words, and every example passes.
 
 use std::process::Command;
@@ -57,6 +57,15 @@ fn render_accepts_every_example() {
         }
     }
     assert!(examples >= 4, "only {examples} examples found");
+    // The quickstart: its pipeline beside the ConfigMap that carries its model.
+    let quickstart = repo().join("examples/quickstart/pipeline.yaml");
+    let out = render(&quickstart);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        quickstart.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

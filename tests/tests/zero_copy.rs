@@ -6,7 +6,8 @@ use std::path::Path;
 
 use kube_zerocopy_e2e::{make_model, mib, read_output, source, succeeded, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
-use kube_zerocopy_worker::memory::MemoryStats;
+use kube_zerocopy_worker::memory::{status_kib, MemoryStats};
+use kube_zerocopy_worker::shared::SharedModel;
 
 const WORKERS: usize = 3;
 
@@ -73,6 +74,37 @@ fn check_sharing(label: &str, model: ModelSource, input: &Path, expect_tensors: 
             "{label}: worker {i} maps only {} KiB",
             mapping.rss_kib
         );
+        // Figures read as zero would pass the upper bounds below: bounded from both sides.
+        assert!(
+            mapping.pss_kib > 0
+                && mapping.pss_kib <= mapping.rss_kib
+                && process.rss_kib >= mapping.rss_kib
+                && process.pss_kib >= mapping.pss_kib
+                && process.uss_kib > 0
+                && process.uss_kib <= process.rss_kib,
+            "{label}: worker {i}: mapping {mapping:?}, process {process:?}"
+        );
+        // Not even while loading: it never held much more than now (a copy beside the
+        // mapping would raise the peak), and its anonymous memory never rose by a copy that
+        // was freed again.
+        let peak = status_kib(&w.pid(), "VmHWM").unwrap();
+        let now = status_kib(&w.pid(), "VmRSS").unwrap();
+        println!(
+            "  shared worker {i}: peak RSS {:.1} MiB (now {:.1}), peak anon while loading {:.1} MiB",
+            mib(peak),
+            mib(now),
+            mib(w.peak_anon_kib)
+        );
+        assert!(
+            peak <= now + weights_kib / 5,
+            "{label}: worker {i} peaked at {peak} KiB, {now} KiB now, for {weights_kib} KiB of weights"
+        );
+        assert!(
+            w.peak_anon_kib <= process.anon_kib + weights_kib / 5,
+            "{label}: worker {i}'s anonymous memory reached {} KiB while loading, {} KiB now, for {weights_kib} KiB of weights",
+            w.peak_anon_kib,
+            process.anon_kib
+        );
         mapping_pss_total += mapping.pss_kib;
         shared_anon.push(process.anon_kib);
     }
@@ -89,10 +121,17 @@ fn check_sharing(label: &str, model: ModelSource, input: &Path, expect_tensors: 
         mib(mapping_pss_total),
         mib(weights_kib)
     );
-    // About one copy across the three, not three.
+    // About one copy across the three: not three, and not less than one.
     assert!(
-        mapping_pss_total * 10 <= weights_kib * 11,
-        "{label}: PSS {mapping_pss_total} KiB is more than one copy"
+        mapping_pss_total * 10 <= weights_kib * 11 && mapping_pss_total * 10 >= weights_kib * 9,
+        "{label}: PSS {mapping_pss_total} KiB is not one copy of {weights_kib} KiB"
+    );
+    // The copying worker holds its own copy, and the sampler sees one when there is one.
+    assert!(
+        copy.uss_kib >= weights_kib * 8 / 10 && baseline.peak_anon_kib >= weights_kib * 8 / 10,
+        "{label}: copying worker USS {} KiB, peak anon {} KiB for {weights_kib} KiB of weights",
+        copy.uss_kib,
+        baseline.peak_anon_kib
     );
     // And no hidden private copy: the copying worker's anonymous memory exceeds each shared
     // worker's by about the weights.
@@ -205,4 +244,98 @@ fn frozen_torchscript_constants_are_shared_by_three_workers() {
         &input,
         false,
     );
+}
+
+/// Set in the child process that [`a_write_to_the_shared_weights_faults_and_changes_nothing`]
+/// starts: that child maps the model and writes to it.
+const WRITE_PROBE: &str = "KZC_TEST_WRITE_THROUGH_THE_MAPPING";
+
+/// The child's part: maps published model "m" as a worker does (the store and bindings from
+/// the pod's environment) and fills its first tensor in place. Reaching the end means the
+/// write went through.
+fn write_through_the_mapping() {
+    let store = kube_zerocopy_sidecar::Store::new(std::env::var("KZC_STORE").unwrap());
+    let bindings = kube_zerocopy_sidecar::Bindings::new(std::env::var("KZC_BINDINGS").unwrap());
+    let model = SharedModel::open(&store, &bindings, "m", false).unwrap();
+    let name = model.manifest.tensors[0].name.clone();
+    let mut tensor = model.tensor(&name).unwrap();
+    eprintln!("writing to {name}");
+    let written = tensor.f_fill_(7.0);
+    eprintln!("the write returned: {written:?}");
+    std::process::exit(if written.is_ok() { 0 } else { 3 });
+}
+
+/// Workers map the weights read-only and shared: a worker that writes to them in place is
+/// stopped (SIGSEGV) instead of changing what the others compute, and the published bytes
+/// stay as they were.
+#[test]
+fn a_write_to_the_shared_weights_faults_and_changes_nothing() {
+    if std::env::var_os(WRITE_PROBE).is_some() {
+        write_through_the_mapping();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mlp.safetensors");
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "256,512,16"]);
+    let input = inputs(dir.path(), 256, "f32");
+    let pod = Pod::new();
+    let models = vec![source("m", ModelFormat::Safetensors, &file)];
+    succeeded(&pod.publish(&models));
+    let (digest, _) = pod.bindings().resolve(&pod.store(), "m").unwrap();
+    let blob = pod.store().model_dir(&digest).join("tensors.bin");
+    let published = std::fs::read(&blob).unwrap();
+    let work = pod.dir.path();
+
+    // A worker holds the mapping: read-only and shared in its maps.
+    let before = pod
+        .spawn_inspect(&models, "shared", &input, &work.join("before.safetensors"))
+        .unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", before.pid())).unwrap();
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.ends_with(&*blob.to_string_lossy()))
+        .collect();
+    assert!(!mapped.is_empty(), "tensors.bin is not mapped:\n{maps}");
+    for line in &mapped {
+        let perms = line.split_whitespace().nth(1).unwrap();
+        assert_eq!(perms, "r--s", "{line}");
+    }
+
+    // Another worker writes in place: this test binary again, running only the probe.
+    let writer = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_write_to_the_shared_weights_faults_and_changes_nothing",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(pod.env(&models))
+        .env(WRITE_PROBE, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&writer.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    println!("the writing worker: {:?}", writer.status);
+    assert!(
+        stderr.contains("writing to"),
+        "the probe did not run: {stderr}"
+    );
+    assert_eq!(
+        writer.status.signal(),
+        Some(libc::SIGSEGV),
+        "a write through the mapping was not stopped: {stderr}"
+    );
+
+    // Nothing changed: the bytes, and what a worker started before and one started after
+    // compute.
+    assert!(
+        std::fs::read(&blob).unwrap() == published,
+        "the published bytes changed"
+    );
+    let after = pod
+        .spawn_inspect(&models, "shared", &input, &work.join("after.safetensors"))
+        .unwrap();
+    let reference = read_output(&work.join("before.safetensors"));
+    assert!(read_output(&work.join("after.safetensors")).equal(&reference));
+    before.finish();
+    after.finish();
 }

@@ -72,9 +72,36 @@ impl MemoryStats {
     }
 }
 
+/// One "Name: N kB" field of /proc/<pid>/status (`pid` or "self"): VmHWM (the peak resident
+/// set), VmRSS, RssAnon (anonymous memory now).
+pub fn status_kib(pid: &str, name: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| field(l, name))
+        .with_context(|| format!("{path} has no {name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_fields_follow_the_process() {
+        let before = status_kib("self", "RssAnon").unwrap();
+        let block = vec![1u8; 32 << 20];
+        let touched: u64 = block.iter().step_by(4096).map(|&b| b as u64).sum();
+        assert_eq!(touched, 8192);
+        let during = status_kib("self", "RssAnon").unwrap();
+        assert!(during >= before + 30 * 1024, "{before} -> {during} KiB");
+        let (peak, now) = (
+            status_kib("self", "VmHWM").unwrap(),
+            status_kib("self", "VmRSS").unwrap(),
+        );
+        assert!(peak >= now && now >= during, "peak {peak}, now {now}");
+        drop(block);
+        assert!(status_kib("self", "NoSuchField").is_err());
+    }
 
     #[test]
     fn own_process_has_memory_and_pss_at_most_rss() {

@@ -200,22 +200,7 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
     shards.sort();
     for shard in &shards {
         let body = std::fs::read(shard)?;
-        let url = format!("http://{ip}/infer");
-        // kube-proxy programs the Service a moment after the endpoints are ready.
-        let bytes = eventually_seen(
-            &format!("an answer from {url}"),
-            Duration::from_secs(60),
-            || {
-                let (url, body) = (url.clone(), body.clone());
-                async move {
-                    Ok(match post(&url, body).await {
-                        Ok(b) => (Some(b), String::new()),
-                        Err(e) => (None, format!("{e:#}")),
-                    })
-                }
-            },
-        )
-        .await?;
+        let bytes = infer_through_service(&ip, body).await?;
         let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
         let expected = read_output(&model.reference.join(shard.file_name().unwrap()));
         ensure!(
@@ -244,6 +229,26 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
         );
     }
     Ok(())
+}
+
+/// POSTs a batch to the Service at ClusterIP `ip`: its answer. kube-proxy programs the
+/// Service a moment after the endpoints are ready, so refusals are retried for a minute.
+pub async fn infer_through_service(ip: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+    let url = format!("http://{ip}/infer");
+    eventually_seen(
+        &format!("an answer from {url}"),
+        Duration::from_secs(60),
+        || {
+            let (url, body) = (url.clone(), body.clone());
+            async move {
+                Ok(match post(&url, body).await {
+                    Ok(b) => (Some(b), String::new()),
+                    Err(e) => (None, format!("{e:#}")),
+                })
+            }
+        },
+    )
+    .await
 }
 
 async fn post(url: &str, body: Vec<u8>) -> Result<Vec<u8>> {

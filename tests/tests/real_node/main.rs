@@ -9,6 +9,7 @@
 mod actor;
 mod images;
 mod pod_security;
+mod quickstart;
 mod retry;
 mod support;
 mod task;
@@ -31,6 +32,7 @@ macro_rules! scenarios {
 fn main() {
     let args = Arguments::from_args();
     let scenarios = scenarios![
+        quickstart::quickstart_runs_as_it_is,
         task::torchscript_model_on_a_volume,
         task::safetensors_model_over_http,
         actor::torchscript_pod_sharing,

@@ -1,0 +1,129 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler built from the official modules, kwok nodes), installed by its chart with
+//! helm and running under the chart's ServiceAccount token (so its RBAC is proven sufficient).
+//!
+//! One control plane and one operator for all scenarios, each named after what a user does
+//! and run in a namespace of its own, so that one failure does not hide the others. The
+//! scenarios that stop the operator or the API server run last, one at a time.
+
+mod actor;
+mod chart;
+mod explain;
+mod lifecycle;
+mod mistakes;
+mod pod_security;
+mod support;
+mod task;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Conclusion, Failed, Trial};
+use support::Env;
+
+type Scenario = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! scenarios {
+    ($($path:path),* $(,)?) => {
+        vec![$((stringify!($path).replace("::", "_"), (|env| Box::pin($path(env))) as Scenario)),*]
+    };
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let side_by_side = scenarios![
+        chart::two_replicas_without_leader_election_are_refused,
+        chart::a_watched_namespace_limits_the_namespace_rbac_to_it,
+        explain::kubectl_explain_describes_every_field,
+        mistakes::invalid_pipelines_are_rejected_in_the_cli_s_words,
+        mistakes::a_template_with_a_host_path_is_forbidden_by_policy,
+        mistakes::a_pipeline_whose_job_is_refused_says_why_until_fixed,
+        mistakes::a_pipeline_with_a_bad_quantity_reports_why,
+        mistakes::a_foreign_object_of_the_same_name_is_not_taken_over,
+        mistakes::a_pipeline_whose_pods_cannot_be_scheduled_says_why,
+        task::a_task_pipeline_succeeds_with_one_event_per_phase,
+        task::more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event,
+        actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
+        pod_security::node_sharing_waits_with_a_reason_until_the_namespace_allows_it,
+    ];
+    let one_at_a_time = scenarios![
+        lifecycle::an_operator_killed_mid_reconcile_converges_when_restarted,
+        lifecycle::an_upgraded_operator_leaves_finished_jobs_alone,
+        lifecycle::the_operator_rides_out_an_api_server_outage,
+        lifecycle::replicas_elect_one_leader_and_hand_over,
+        lifecycle::deleting_pipelines_removes_their_objects_without_warnings,
+    ];
+    if args.list {
+        let names = side_by_side.iter().chain(&one_at_a_time).map(|(n, _)| n);
+        let trials = names.map(|n| Trial::test(n, || Ok(()))).collect();
+        libtest_mimic::run(&args, trials).exit();
+    }
+
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let env = match runtime.block_on(Env::start()) {
+        Ok(env) => Arc::new(env),
+        Err(e) => {
+            // Every scenario fails with the cause, so the count shows them all.
+            let cause = format!("starting the control plane: {e:#}");
+            eprintln!("{cause}");
+            let trials = side_by_side
+                .iter()
+                .chain(&one_at_a_time)
+                .map(|(n, _)| {
+                    let cause = cause.clone();
+                    Trial::test(n, move || Err(Failed::from(cause)))
+                })
+                .collect();
+            libtest_mimic::run(&args, trials).exit();
+        }
+    };
+    let trials = |scenarios: Vec<(String, Scenario)>| -> Vec<Trial> {
+        scenarios
+            .into_iter()
+            .map(|(name, scenario)| {
+                let (env, handle) = (env.clone(), runtime.handle().clone());
+                // A panicking scenario fails alone: its task's panic becomes the failure.
+                Trial::test(name, move || {
+                    let task = handle.spawn(scenario(env));
+                    handle
+                        .block_on(task)
+                        .map_err(|e| Failed::from(panic_message(e)))
+                })
+            })
+            .collect()
+    };
+    let first = libtest_mimic::run(&args, trials(side_by_side));
+    let alone = Arguments {
+        test_threads: Some(1),
+        ..args.clone()
+    };
+    let last = libtest_mimic::run(&alone, trials(one_at_a_time));
+    let failed = first.has_failed() || last.has_failed();
+    if let (true, Ok(env)) = (failed, Arc::try_unwrap(env)) {
+        let mut cp = env.cp.into_inner();
+        cp.keep();
+        println!("operator log: {}", env.log.display());
+    }
+    drop(runtime);
+    if failed {
+        std::process::exit(101);
+    }
+    let total = |c: &Conclusion| c.num_passed;
+    println!(
+        "operator scenarios: {} passed",
+        total(&first) + total(&last)
+    );
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}

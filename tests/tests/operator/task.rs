@@ -1,0 +1,191 @@
+//! Task pipelines: an Indexed Job with the rendered pod template, run to completion by kwok;
+//! what a changed spec does to it.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use kube_zerocopy::crd::{InferencePipeline, Phase};
+use kube_zerocopy::render::{self, Rendered};
+use kube_zerocopy_e2e::wait::eventually;
+use serde_json::json;
+
+use crate::support::{events_of, task_pipeline, wait_phase, Env, MINUTE};
+
+/// The Job is the rendered one, owned by the pipeline; the pipeline succeeds with its
+/// progress, and each phase is announced by one event with its own words.
+pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
+    let ns = env.namespace("task").await;
+    let pipelines: Api<InferencePipeline> = env.api(&ns);
+    let jobs: Api<Job> = env.api(&ns);
+    let task = pipelines
+        .create(&PostParams::default(), &task_pipeline("batch", &ns, 3))
+        .await
+        .unwrap();
+    let job = eventually("the Job", MINUTE, || async {
+        jobs.get_opt("batch-zerocopy").await.unwrap()
+    })
+    .await;
+    let Rendered::Task { job: expected } = render::render(&task, &env.settings).unwrap() else {
+        panic!("task")
+    };
+    let (got, want) = (job.spec.clone().unwrap(), expected.spec.clone().unwrap());
+    assert_eq!(
+        (
+            got.completions,
+            got.parallelism,
+            got.completion_mode.as_deref()
+        ),
+        (Some(3), Some(2), Some("Indexed"))
+    );
+    let (got_pod, want_pod) = (got.template.spec.unwrap(), want.template.spec.unwrap());
+    assert_eq!(
+        got_pod.init_containers.as_ref().unwrap()[0].command,
+        want_pod.init_containers.as_ref().unwrap()[0].command
+    );
+    assert_eq!(
+        got_pod.init_containers.as_ref().unwrap()[0]
+            .restart_policy
+            .as_deref(),
+        Some("Always")
+    );
+    assert_eq!(got_pod.containers[0].env, want_pod.containers[0].env);
+    assert_eq!(job.owner_references()[0].uid, task.uid().unwrap());
+    let done = wait_phase(&pipelines, "batch", Phase::Succeeded, None, 3 * MINUTE).await;
+    assert_eq!(done.progress.as_deref(), Some("3/3"));
+    assert_eq!(done.observed_generation, task.metadata.generation);
+    let events: Api<Event> = env.api(&ns);
+    let recorded = eventually("the Succeeded event", MINUTE, || async {
+        let recorded = events_of(&events, "batch").await;
+        recorded
+            .iter()
+            .any(|e| e.0 == "Succeeded")
+            .then_some(recorded)
+    })
+    .await;
+    println!("events of the Task pipeline: {recorded:?}");
+    for phase in ["Pending", "Running", "Succeeded"] {
+        let sent: i32 = recorded.iter().filter(|e| e.0 == phase).map(|e| e.3).sum();
+        assert!(sent <= 1, "{phase} announced {sent} times: {recorded:?}");
+    }
+    let succeeded = recorded.iter().find(|e| e.0 == "Succeeded").unwrap();
+    assert_eq!(succeeded.2, "3/3 shards succeeded", "{recorded:?}");
+    assert!(
+        recorded
+            .iter()
+            .filter(|e| e.0 != "Succeeded")
+            .all(|e| e.2 != succeeded.2),
+        "another phase's event says the same as Succeeded's: {recorded:?}"
+    );
+}
+
+/// More shards at once: the running Job takes it in place (same Job, no refusal). Another
+/// model while the Job runs: refused with a condition (a Job cannot change), then carried out
+/// once that Job has finished, with an event saying every shard runs again. 30 shards one at
+/// a time keep the Job running long enough on kwok.
+pub async fn more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event(env: Arc<Env>) {
+    let ns = env.namespace("changed-task").await;
+    let pipelines: Api<InferencePipeline> = env.api(&ns);
+    let jobs: Api<Job> = env.api(&ns);
+    pipelines
+        .create(
+            &PostParams::default(),
+            &kube_zerocopy_e2e::task_pipeline("long", &ns, 30, 1),
+        )
+        .await
+        .unwrap();
+    eventually("the long Job to run", MINUTE, || async {
+        let j = jobs.get_opt("long-zerocopy").await.unwrap()?;
+        (j.status?.active? > 0).then_some(())
+    })
+    .await;
+    let long_uid = jobs.get("long-zerocopy").await.unwrap().uid();
+    pipelines
+        .patch(
+            "long",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"task": {"parallelism": 2}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the running Job to run 2 shards at once",
+        MINUTE,
+        || async {
+            let j = jobs.get("long-zerocopy").await.unwrap();
+            (j.spec.as_ref()?.parallelism == Some(2)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(jobs.get("long-zerocopy").await.unwrap().uid(), long_uid);
+    let status = pipelines.get("long").await.unwrap().status.unwrap();
+    assert!(
+        !status
+            .conditions
+            .iter()
+            .any(|c| c.reason == "SpecChangeRefused" && c.status == "True"),
+        "{:?}",
+        status.conditions
+    );
+    let new_model = json!({"spec": {"models": [{"name": "encoder", "format": "TorchScript",
+        "source": {"uri": "file:///models/encoder-v2.pt", "size": "64Mi"}}]}});
+    pipelines
+        .patch("long", &PatchParams::default(), &Patch::Merge(new_model))
+        .await
+        .unwrap();
+    let refused = eventually(
+        "the change to be refused with a condition",
+        MINUTE,
+        || async {
+            let s = pipelines.get("long").await.unwrap().status?;
+            s.conditions.into_iter().find(|c| {
+                c.type_ == "Degraded" && c.status == "True" && c.reason == "SpecChangeRefused"
+            })
+        },
+    )
+    .await;
+    println!("refused: {}", refused.message);
+    assert!(refused.message.contains("running Job cannot change"));
+    let running = jobs.get("long-zerocopy").await.unwrap();
+    assert!(
+        !format!("{:?}", running.spec).contains("encoder-v2"),
+        "a running Job was changed"
+    );
+    eventually(
+        "the finished Job to be replaced by one with the new model",
+        3 * MINUTE,
+        || async {
+            let j = jobs.get_opt("long-zerocopy").await.unwrap()?;
+            format!("{:?}", j.spec).contains("encoder-v2").then_some(())
+        },
+    )
+    .await;
+    // While the new Job runs, the status says why (30 shards at 2 at a time on kwok: a while).
+    let progressing = eventually(
+        "the status to say why the shards run again",
+        MINUTE,
+        || async {
+            let s = pipelines.get("long").await.unwrap().status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == "Progressing" && c.status == "True" && c.reason == "Rerun")
+        },
+    )
+    .await;
+    assert!(
+        progressing.message.contains("all 30 shards run again"),
+        "{}",
+        progressing.message
+    );
+    let events: Api<Event> = env.api(&ns);
+    let rerun = eventually("an event saying the shards run again", MINUTE, || async {
+        events_of(&events, "long")
+            .await
+            .into_iter()
+            .find(|e| e.0 == "Rerun")
+    })
+    .await;
+    assert!(rerun.2.contains("all 30 shards run again"), "{rerun:?}");
+}
