@@ -198,3 +198,87 @@ fn two_sidecars_on_one_node_load_a_model_once() {
         assert_eq!(pod.bindings().read().unwrap().unwrap()["m"], digest);
     }
 }
+
+/// The weight server's health endpoints while it serves: /livez answers at once, /readyz says
+/// 503 "publishing" while the model is on its way (its http source holds the answer back) and
+/// 200 "ready" once it is published, when `probe` (the startup probe) passes too.
+#[test]
+fn the_weight_server_is_ready_only_once_its_models_are_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mlp.safetensors");
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "64,64,8"]);
+    let bytes = std::fs::read(&file).unwrap();
+    // The model's server: answers only once the test has seen the sidecar not ready.
+    let source_server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let source_addr = source_server.server_addr().to_ip().unwrap();
+    let release = Arc::new(AtomicBool::new(false));
+    let held = {
+        let release = release.clone();
+        std::thread::spawn(move || {
+            let request = source_server.recv().unwrap();
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            request
+                .respond(tiny_http::Response::from_data(bytes))
+                .unwrap();
+        })
+    };
+    let pod = Pod::new();
+    let models = vec![ModelSource {
+        uri: format!("http://{source_addr}/mlp.safetensors"),
+        ..source("m", ModelFormat::Safetensors, &file)
+    }];
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sidecar = pod
+        .command("kube-zerocopy-sidecar", &models)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<(u16, String)> {
+        match ureq::get(format!("http://127.0.0.1:{port}{path}")).call() {
+            Ok(mut r) => Some((r.status().as_u16(), r.body_mut().read_to_string().unwrap())),
+            Err(ureq::Error::StatusCode(code)) => Some((code, String::new())),
+            Err(_) => None,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let publishing = loop {
+        if let Some(answer) = get("/readyz") {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "the sidecar never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(publishing.0, 503, "{publishing:?}");
+    assert_eq!(get("/livez").map(|a| a.0), Some(200));
+    assert!(!pod
+        .command("kube-zerocopy-sidecar", &models)
+        .arg("probe")
+        .status()
+        .unwrap()
+        .success());
+    release.store(true, Ordering::SeqCst);
+    held.join().unwrap();
+    let ready = loop {
+        let answer = get("/readyz").unwrap();
+        if answer.0 == 200 || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ready, (200, "ready".to_string()));
+    assert!(pod
+        .command("kube-zerocopy-sidecar", &models)
+        .arg("probe")
+        .status()
+        .unwrap()
+        .success());
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+}
