@@ -339,3 +339,61 @@ fn a_write_to_the_shared_weights_faults_and_changes_nothing() {
     before.finish();
     after.finish();
 }
+
+/// How much of `blob` this process maps, and how much of that is resident (KiB), from
+/// /proc/self/smaps; None when it is not mapped at all.
+fn mapped_here(blob: &Path) -> Option<MemoryStats> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = blob.to_string_lossy();
+    maps.lines()
+        .any(|l| l.ends_with(&*name))
+        .then(|| MemoryStats::of_mapping("self", blob).unwrap())
+}
+
+/// `KZC_PREFAULT` (MAP_POPULATE) makes the whole mapping resident when the model is opened;
+/// without it nothing is until a tensor is read. The mapping lives as long as its last
+/// tensor, whatever happens to the model that made it, and is gone after.
+#[test]
+fn the_mapping_is_prefaulted_on_request_and_unmapped_after_its_last_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mlp.safetensors");
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", "512,1024,16"]);
+    let pod = Pod::new();
+    let models = vec![source("m", ModelFormat::Safetensors, &file)];
+    succeeded(&pod.publish(&models));
+    let (store, bindings) = (pod.store(), pod.bindings());
+    let (digest, manifest) = bindings.resolve(&store, "m").unwrap();
+    let blob = store.model_dir(&digest).join("tensors.bin");
+    let weights_kib = manifest.tensors_bytes / 1024;
+
+    let lazy = SharedModel::open(&store, &bindings, "m", false).unwrap();
+    let untouched = mapped_here(&blob).expect("mapped once opened");
+    drop(lazy);
+    assert!(
+        mapped_here(&blob).is_none(),
+        "unmapped with its model, no tensor taken"
+    );
+    let eager = SharedModel::open(&store, &bindings, "m", true).unwrap();
+    let populated = mapped_here(&blob).unwrap();
+    println!(
+        "{weights_kib} KiB of weights: resident {} KiB when opened, {} KiB when opened with KZC_PREFAULT",
+        untouched.rss_kib, populated.rss_kib
+    );
+    assert!(untouched.rss_kib * 10 < weights_kib, "{untouched:?}");
+    assert!(populated.rss_kib * 10 >= weights_kib * 9, "{populated:?}");
+
+    let name = manifest.tensors[0].name.clone();
+    let tensor = eager.tensor(&name).unwrap();
+    let copy = tensor.copy();
+    drop(eager);
+    assert!(
+        mapped_here(&blob).is_some(),
+        "the mapping went away under a live tensor"
+    );
+    assert!(tensor.equal(&copy));
+    drop(tensor);
+    assert!(
+        mapped_here(&blob).is_none(),
+        "still mapped after its last tensor"
+    );
+}
