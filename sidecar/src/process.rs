@@ -38,10 +38,26 @@ pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
         let message = format!("{e:#}");
         eprintln!("error: {message}");
-        // Outside a pod the file does not exist and this fails silently, as it should.
-        let _ = std::fs::write("/dev/termination-log", &message);
+        write_termination_message(&message);
         let permanent = e.chain().any(|c| c.is::<Permanent>());
         std::process::exit(if permanent { EXIT_PERMANENT } else { 1 });
+    }
+}
+
+/// Where Kubernetes reads a container's termination message (its terminationMessagePath);
+/// `KZC_TERMINATION_LOG` names another file.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Writes `message` as the termination message, only into a file that exists: Kubernetes
+/// mounts it in a pod; outside one, nothing is created (not even in /dev, as root).
+fn write_termination_message(message: &str) {
+    let path = std::env::var("KZC_TERMINATION_LOG").unwrap_or_else(|_| TERMINATION_LOG.into());
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+    {
+        let _ = std::io::Write::write_all(&mut file, message.as_bytes());
     }
 }
 

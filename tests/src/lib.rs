@@ -124,6 +124,8 @@ impl Pod {
             .unwrap();
         let store = dir.path().join("store");
         let bindings = dir.path().join("bindings");
+        // As Kubernetes does, the termination message's file exists before the container runs.
+        std::fs::write(dir.path().join("termination-log"), "").unwrap();
         Pod {
             dir,
             store,
@@ -150,7 +152,16 @@ impl Pod {
                 "KZC_DOWNLOAD_DIR".into(),
                 self.dir.path().join("downloads").to_string_lossy().into(),
             ),
+            (
+                "KZC_TERMINATION_LOG".into(),
+                self.termination_log().to_string_lossy().into(),
+            ),
         ]
+    }
+
+    /// The termination message of the last process that failed in this pod.
+    pub fn termination_log(&self) -> PathBuf {
+        self.dir.path().join("termination-log")
     }
 
     pub fn command(&self, binary: &str, models: &[ModelSource]) -> Command {

@@ -23,6 +23,13 @@ fn expect_rejected(pod: &Pod, model: ModelSource, cause: &str) -> String {
         "error does not name the model: {error}"
     );
     assert!(error.contains(cause), "error lacks {cause:?}: {error}");
+    // What Kubernetes shows as the container's termination message: the same words.
+    let termination = std::fs::read_to_string(pod.termination_log()).unwrap();
+    assert_eq!(
+        Some(termination.as_str()),
+        error.strip_prefix("error: "),
+        "termination message"
+    );
     assert!(
         pod.published().is_empty(),
         "something was published: {:?}",
