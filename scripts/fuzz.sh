@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make fuzz [FUZZ_SECONDS=600]: runs every fuzz target of fuzz/ (cargo fuzz: libFuzzer with
 # AddressSanitizer, on the nightly toolchain) for FUZZ_SECONDS each, two at a time, growing its
-# corpus in fuzz/corpus/<target>. A crash leaves its input in fuzz/artifacts/<target>/.
+# corpus in fuzz/corpus/<target> (committed; minimised after the runs). A crash leaves its
+# input in fuzz/artifacts/<target>/.
 # Last line: `fuzz: T targets, S seconds, C crashes`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +71,12 @@ for target in $targets; do
   if [ ${#pids[@]} -eq 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
 wait
+# Keep only the inputs that add coverage: the corpora are committed.
+for target in $targets; do
+  cargo +nightly fuzz cmin --fuzz-dir fuzz --release "$target" "fuzz/corpus/$target" -- \
+    -rss_limit_mb=2048 -timeout=10 >"$scratch/$target.cmin.log" 2>&1 ||
+    echo "$target: cmin failed (the corpus is kept whole)" >&2
+done
 cat "$results"
 n=$(echo "$targets" | wc -w)
 crashes=$(grep -c ": CRASH$" "$results" || true)
