@@ -17,24 +17,33 @@ fn sha256_of(path: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout)[..64].to_owned()
 }
 
+/// sha256 of a file's bytes, hex.
+fn digest_of_bytes(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// What a reader saw of one model while it was being published.
+#[derive(Default)]
+struct Seen {
+    absent: u64,
+    complete: u64,
+    /// The digest of tensors.bin at each complete read.
+    contents: std::collections::BTreeSet<String>,
+}
+
 /// Reads the store as a worker would, as fast as it can, until told to stop: every read must
-/// find either nothing or a complete, consistent model. Returns how many complete reads it saw.
-fn watch(
-    store: Store,
-    digest: String,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, u64)> {
-    // The first read happens before the sidecar starts: the model is absent.
-    assert!(!store.model_dir(&digest).exists());
+/// find either nothing or a complete, consistent model, whose bytes it hashes.
+fn watch(store: Store, digest: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
     std::thread::spawn(move || {
-        let (mut absent, mut complete) = (1, 0);
+        let mut seen = Seen::default();
         let mut stopped_at: Option<Instant> = None;
         loop {
             // Once told to stop, read on until the published model has been seen (a loaded
             // machine may not have scheduled this thread since), for 30 s at most.
             if stop.load(Ordering::SeqCst) {
                 let since = *stopped_at.get_or_insert_with(Instant::now);
-                if complete > 0 || since.elapsed() > Duration::from_secs(30) {
+                if seen.complete > 0 || since.elapsed() > Duration::from_secs(30) {
                     break;
                 }
             }
@@ -42,18 +51,15 @@ fn watch(
                 let m = store
                     .open(&digest)
                     .expect("a visible model folder must be complete");
-                assert_eq!(
-                    std::fs::metadata(store.model_dir(&digest).join("tensors.bin"))
-                        .unwrap()
-                        .len(),
-                    m.tensors_bytes
-                );
-                complete += 1;
+                let tensors = store.model_dir(&digest).join("tensors.bin");
+                assert_eq!(std::fs::metadata(&tensors).unwrap().len(), m.tensors_bytes);
+                seen.contents.insert(digest_of_bytes(&tensors));
+                seen.complete += 1;
             } else {
-                absent += 1;
+                seen.absent += 1;
             }
         }
-        (absent, complete)
+        seen
     })
 }
 
@@ -76,6 +82,8 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     let pod = Pod::new();
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = watch(pod.store(), digest.clone(), stop.clone());
+    // The reader's first reads come before the sidecar starts.
+    std::thread::sleep(Duration::from_millis(50));
 
     let mut sidecar = pod
         .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
@@ -84,7 +92,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
         .unwrap();
     let started = Instant::now();
     // Kill it as soon as it writes into its staging folder.
-    let killed_while_staging = loop {
+    loop {
         if let Some(status) = sidecar.try_wait().unwrap() {
             panic!("the sidecar finished ({status}) before it could be killed mid-publish");
         }
@@ -92,19 +100,23 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
         if writing {
             sidecar.kill().unwrap();
             sidecar.wait().unwrap();
-            break true;
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "no staging folder appeared"
         );
         std::thread::yield_now();
-    };
-    assert!(killed_while_staging);
+    }
+    // Killed mid-publish: its half-written model is still in staging.
+    let staging = pod.staging();
     println!(
-        "killed after {:?}; staging left: {:?}",
-        started.elapsed(),
-        pod.staging()
+        "killed after {:?}; staging left: {staging:?}",
+        started.elapsed()
+    );
+    assert!(
+        staging.iter().any(|p| p.join("tensors.bin").exists()),
+        "no half-written model in staging: {staging:?}"
     );
     assert!(
         pod.published().is_empty(),
@@ -142,11 +154,16 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     assert!(probe.success());
 
     stop.store(true, Ordering::SeqCst);
-    let (absent, complete) = watcher.join().unwrap();
+    let seen = watcher.join().unwrap();
     println!(
-        "reader saw the model absent {absent} times and complete {complete} times, never partial"
+        "reader saw the model absent {} times and complete {} times, never partial",
+        seen.absent, seen.complete
     );
-    assert!(absent > 0 && complete > 0);
+    assert!(seen.absent > 0 && seen.complete > 0);
+    // Every complete read held the published bytes, not a half-copied file of the right length
+    // (fallocate sets the length first).
+    let published = digest_of_bytes(&pod.store().model_dir(&digest).join("tensors.bin"));
+    assert_eq!(seen.contents, std::collections::BTreeSet::from([published]));
 }
 
 #[test]
