@@ -9,10 +9,13 @@
 #include <torch/csrc/jit/serialization/import_source.h>
 #include <torch/csrc/jit/serialization/storage_context.h>
 #include <torch/csrc/jit/operator_upgraders/upgraders_entry.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 #include <caffe2/serialize/inline_container.h>
 
 #include <cstring>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 extern "C" {
@@ -148,6 +151,29 @@ int kzc_jit_named_tensors(torch::jit::Module* m, void* user, kzc_named_tensor_fn
     for (const auto& b : m->named_buffers(true)) {
       f(user, b.name.c_str(), 1, new torch::Tensor(b.value));
       n++;
+    }
+    // Every other tensor the module holds: tensor attributes, and the constants of its methods'
+    // graphs (a frozen module keeps its weights there). Each storage listed once.
+    std::unordered_set<const void*> seen;
+    for (const auto& p : m->named_parameters(true)) seen.insert(p.value.unsafeGetTensorImpl());
+    for (const auto& b : m->named_buffers(true)) seen.insert(b.value.unsafeGetTensorImpl());
+    for (const auto& a : m->named_attributes(true)) {
+      if (a.value.isTensor() && seen.insert(a.value.toTensor().unsafeGetTensorImpl()).second) {
+        f(user, ("attribute " + a.name).c_str(), 0, new torch::Tensor(a.value.toTensor()));
+        n++;
+      }
+    }
+    for (const auto& method : m->get_methods()) {
+      int k = 0;
+      for (auto* node : method.graph()->nodes()) {
+        if (node->kind() != c10::prim::Constant) continue;
+        auto value = torch::jit::toIValue(node->output());
+        if (value && value->isTensor() && seen.insert(value->toTensor().unsafeGetTensorImpl()).second) {
+          std::string name = "constant " + method.name() + "#" + std::to_string(k++);
+          f(user, name.c_str(), 0, new torch::Tensor(value->toTensor()));
+          n++;
+        }
+      }
     }
     return n;
   })
