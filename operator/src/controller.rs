@@ -233,14 +233,14 @@ async fn apply_task(
             };
             match api.delete(&name, &delete).await {
                 Ok(_) => {
-                    let event = Event {
-                        type_: EventType::Normal,
-                        reason: Reason::Rerun.as_str().into(),
-                        note: Some(why.clone()),
-                        action: "Reconcile".into(),
-                        secondary: None,
-                    };
-                    record(ctx, &event, &pipeline.object_ref(&())).await;
+                    record(
+                        ctx,
+                        pipeline,
+                        EventType::Normal,
+                        Reason::Rerun.as_str(),
+                        Some(why.clone()),
+                    )
+                    .await
                 }
                 // Gone already, or the name holds the new Job: replaced before.
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
@@ -403,40 +403,41 @@ async fn announce_transitions(
     api: &Api<InferencePipeline>,
     new: &InferencePipelineStatus,
 ) {
-    let old = pipeline.status.clone().unwrap_or_default();
-    let reference = pipeline.object_ref(&());
-    if let Some(phase) = new.phase.filter(|p| old.phase != Some(*p)) {
+    let old = pipeline.status.as_ref();
+    if let Some(phase) = new.phase.filter(|p| old.and_then(|s| s.phase) != Some(*p)) {
         if !phase_already_written(api, &pipeline.name_any(), new).await {
-            let event = Event {
-                type_: if phase.is_warning() {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: phase.to_string(),
-                note: status::phase_note(new),
-                action: "Reconcile".into(),
-                secondary: None,
+            let type_ = if phase.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
             };
-            record(ctx, &event, &reference).await;
+            record(
+                ctx,
+                pipeline,
+                type_,
+                phase.as_str(),
+                status::phase_note(new),
+            )
+            .await;
         }
     }
-    let degraded = |s: &InferencePipelineStatus| {
+    /// The reason and message of a Degraded condition that holds.
+    fn degraded(s: &InferencePipelineStatus) -> Option<(&str, &str)> {
         s.conditions
             .iter()
             .find(|c| c.type_ == ConditionType::Degraded.as_str() && c.status == "True")
-            .cloned()
-    };
-    let (before, now) = (degraded(&old), degraded(new));
-    if let Some(c) = now.filter(|c| before.map(|b| b.reason) != Some(c.reason.clone())) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: c.reason,
-            note: Some(c.message),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        record(ctx, &event, &reference).await;
+            .map(|c| (c.reason.as_str(), c.message.as_str()))
+    }
+    let before = old.and_then(degraded).map(|(reason, _)| reason);
+    if let Some((reason, message)) = degraded(new).filter(|(reason, _)| before != Some(*reason)) {
+        record(
+            ctx,
+            pipeline,
+            EventType::Warning,
+            reason,
+            Some(message.into()),
+        )
+        .await;
     }
 }
 
@@ -465,14 +466,27 @@ async fn patch_status(
     Ok(())
 }
 
-/// Records `event` about the pipeline `reference`; a failure is logged, never fatal (the
-/// status says the same).
+/// Records an event about `pipeline`; a failure is logged, never fatal (the status says the
+/// same).
 async fn record(
     ctx: &Context,
-    event: &Event,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    pipeline: &InferencePipeline,
+    type_: EventType,
+    reason: &str,
+    note: Option<String>,
 ) {
-    if let Err(e) = ctx.recorder.publish(event, reference).await {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note,
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &pipeline.object_ref(&()))
+        .await
+    {
         warn!(error = %e, "cannot record an event");
     }
 }

@@ -28,9 +28,9 @@ pub struct OutcomeLabels {
 }
 
 pub struct Metrics {
-    pub reconciles: Counter,
-    pub errors: Family<ErrorLabels, Counter>,
-    pub duration: Family<OutcomeLabels, Histogram>,
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Family<OutcomeLabels, Histogram>,
     /// 1 while this replica holds the leader lease and its controller runs.
     pub leader: Gauge,
     /// Set once the controller runs (its caches synced) or the replica stands by for the

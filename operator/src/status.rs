@@ -224,11 +224,7 @@ fn rerun(observed: &Observed) -> Option<String> {
     })
 }
 
-fn task_status(
-    job: Option<&Job>,
-    observed: &Observed,
-    rerun: Option<String>,
-) -> (Phase, Option<ShardStatus>, Vec<Cond>) {
+fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardStatus>, Vec<Cond>) {
     let spec = job.and_then(|j| j.spec.as_ref());
     let total = spec.and_then(|s| s.completions).unwrap_or(0);
     let st = job.and_then(|j| j.status.as_ref());
@@ -288,7 +284,7 @@ fn task_status(
         ));
         Phase::Failed
     } else {
-        let progressing = match (rerun, job) {
+        let progressing = match (rerun(observed), job) {
             // The progress is in the Progress column and the shards; the condition keeps why.
             (Some(why), _) => cond(ConditionType::Progressing, true, Reason::Rerun, why),
             (None, Some(_)) => cond(
@@ -454,8 +450,7 @@ pub fn compute(
             (Phase::Blocked, None, None, conds)
         }
         (None, Mode::Task) => {
-            let rerun = rerun(observed);
-            let (phase, shards, conds) = task_status(observed.job, observed, rerun);
+            let (phase, shards, conds) = task_status(observed.job, observed);
             let progress = shards
                 .as_ref()
                 .map(|s| format!("{}/{}", s.succeeded, s.total));
