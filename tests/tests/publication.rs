@@ -9,18 +9,9 @@ use std::time::{Duration, Instant};
 use kube_zerocopy_e2e::{make_model, source, succeeded, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
 
-fn sha256_of(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
-}
-
 /// sha256 of a file's bytes, hex.
-fn digest_of_bytes(path: &std::path::Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+fn sha256_of(path: &std::path::Path) -> String {
+    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
 }
 
 /// What a reader saw of one model while it was being published.
@@ -53,7 +44,7 @@ fn watch(store: Store, digest: String, stop: Arc<AtomicBool>) -> std::thread::Jo
                     .expect("a visible model folder must be complete");
                 let tensors = store.model_dir(&digest).join("tensors.bin");
                 assert_eq!(std::fs::metadata(&tensors).unwrap().len(), m.tensors_bytes);
-                seen.contents.insert(digest_of_bytes(&tensors));
+                seen.contents.insert(sha256_of(&tensors));
                 seen.complete += 1;
             } else {
                 seen.absent += 1;
@@ -162,7 +153,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     assert!(seen.absent > 0 && seen.complete > 0);
     // Every complete read held the published bytes, not a half-copied file of the right length
     // (fallocate sets the length first).
-    let published = digest_of_bytes(&pod.store().model_dir(&digest).join("tensors.bin"));
+    let published = sha256_of(&pod.store().model_dir(&digest).join("tensors.bin"));
     assert_eq!(seen.contents, std::collections::BTreeSet::from([published]));
 }
 
@@ -246,11 +237,7 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
         uri: format!("http://{source_addr}/mlp.safetensors"),
         ..source("m", ModelFormat::Safetensors, &file)
     }];
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
     let mut sidecar = pod
         .command("kube-zerocopy-sidecar", &models)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])

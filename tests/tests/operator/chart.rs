@@ -7,23 +7,20 @@ use serde_json::json;
 
 use crate::support::{Env, RELEASE};
 
+/// `helm template` of the chart with these `--set` values.
+async fn helm_template(env: &Env, values: &[&str]) -> std::process::Output {
+    let mut helm = env.cp.lock().await.helm();
+    helm.args(["template", RELEASE])
+        .arg(repo().join("charts/kube-zerocopy"));
+    for value in values {
+        helm.args(["--set", value]);
+    }
+    helm.output().unwrap()
+}
+
 /// Two operator replicas without leader election would race: the chart refuses to render.
 pub async fn two_replicas_without_leader_election_are_refused(env: Arc<Env>) {
-    let out = env
-        .cp
-        .lock()
-        .await
-        .helm()
-        .args(["template", RELEASE])
-        .arg(repo().join("charts/kube-zerocopy"))
-        .args([
-            "--set",
-            "replicas=2",
-            "--set",
-            "leaderElection.enabled=false",
-        ])
-        .output()
-        .unwrap();
+    let out = helm_template(&env, &["replicas=2", "leaderElection.enabled=false"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("replicas > 1 needs leaderElection.enabled=true"),
@@ -35,16 +32,7 @@ pub async fn two_replicas_without_leader_election_are_refused(env: Arc<Env>) {
 /// (namespaces are cluster-scoped: a ClusterRole, limited by name).
 pub async fn a_watched_namespace_limits_the_namespace_rbac_to_it(env: Arc<Env>) {
     const WATCHED: &str = "pipelines";
-    let out = env
-        .cp
-        .lock()
-        .await
-        .helm()
-        .args(["template", RELEASE])
-        .arg(repo().join("charts/kube-zerocopy"))
-        .args(["--set", &format!("watchNamespace={WATCHED}")])
-        .output()
-        .unwrap();
+    let out = helm_template(&env, &[&format!("watchNamespace={WATCHED}")]).await;
     assert!(
         out.status.success(),
         "{}",

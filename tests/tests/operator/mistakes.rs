@@ -7,7 +7,6 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Phase, PodOverrides};
@@ -17,7 +16,7 @@ use kube_zerocopy_e2e::invalid::invalid_pipelines;
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
 
-use crate::support::{actor_pipeline, degraded_with, events_of, task_pipeline, Env, MINUTE};
+use crate::support::{actor_pipeline, degraded_with, task_pipeline, wait_warning, Env, MINUTE};
 
 /// Invalid pipelines are rejected by the API server's schema and CEL rules with the message,
 /// and `kube-zerocopy render` refuses each with the same words. Sent as raw objects: some (an
@@ -111,21 +110,12 @@ pub async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(env: Arc<Env>)
         "{}",
         degraded.message
     );
-    let events: Api<Event> = env.api(&ns);
-    eventually(
-        "a Warning event with the API server's reason",
-        MINUTE,
-        || async {
-            events_of(&events, "refused")
-                .await
-                .iter()
-                .any(|(reason, type_, note, _)| {
-                    reason == Reason::ObjectsRefused.as_str()
-                        && type_ == "Warning"
-                        && note.contains("not a label key")
-                })
-                .then_some(())
-        },
+    wait_warning(
+        &env,
+        &ns,
+        "refused",
+        Reason::ObjectsRefused,
+        "not a label key",
     )
     .await;
     // `kubectl get ipl` shows the reason; `-o wide` adds what it runs.
@@ -316,21 +306,12 @@ pub async fn a_pipeline_whose_pods_cannot_be_scheduled_says_why(env: Arc<Env>) {
         "{}",
         degraded.message
     );
-    let events: Api<Event> = env.api(&ns);
-    eventually(
-        "a Warning event with the scheduler's words",
-        MINUTE,
-        || async {
-            events_of(&events, "no-claim")
-                .await
-                .iter()
-                .any(|(reason, type_, note, _)| {
-                    reason == Reason::PodsUnschedulable.as_str()
-                        && type_ == "Warning"
-                        && note.contains("sentiment-data")
-                })
-                .then_some(())
-        },
+    wait_warning(
+        &env,
+        &ns,
+        "no-claim",
+        Reason::PodsUnschedulable,
+        "sentiment-data",
     )
     .await;
 }

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_zerocopy::crd::{InferencePipeline, Phase, Sharing};
 use kube_zerocopy::pod_security::ENFORCE_LABEL;
 use kube_zerocopy::render::{self, Rendered};
@@ -14,7 +13,7 @@ use kube_zerocopy::status::Reason;
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
 
-use crate::support::{degraded_with, Env, MINUTE};
+use crate::support::{degraded_with, wait_warning, Env, MINUTE};
 
 pub async fn node_sharing_waits_with_a_reason_until_the_namespace_allows_it(env: Arc<Env>) {
     let (admin, settings) = (&env.admin, &env.settings);
@@ -100,17 +99,13 @@ pub async fn node_sharing_waits_with_a_reason_until_the_namespace_allows_it(env:
             .is_none(),
         "a Job was created in a namespace that forbids its pods"
     );
-    let events: Api<Event> = Api::namespaced(admin.clone(), PSA_NS);
-    eventually("a Warning event with the reason", MINUTE, || async {
-        let list = events.list(&ListParams::default()).await.unwrap();
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some(Reason::PodSecurityForbidsNodeSharing.as_str())
-                    && e.type_.as_deref() == Some("Warning")
-            })
-            .then_some(())
-    })
+    wait_warning(
+        &env,
+        PSA_NS,
+        "node-shared",
+        Reason::PodSecurityForbidsNodeSharing,
+        "",
+    )
     .await;
 
     // Relabelled privileged: the namespace watch requeues the pipeline, which now runs.

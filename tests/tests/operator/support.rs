@@ -13,6 +13,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::Client;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::render::Settings;
+use kube_zerocopy::status::Reason;
 use kube_zerocopy_e2e::cluster::ControlPlane;
 use kube_zerocopy_e2e::wait::eventually;
 use kube_zerocopy_e2e::{bin, repo};
@@ -156,6 +157,22 @@ pub async fn events_of(events: &Api<Event>, name: &str) -> Vec<(String, String, 
         .collect()
 }
 
+/// Waits for a Warning event about pipeline `name` with `reason`, whose note holds `words`.
+pub async fn wait_warning(env: &Env, ns: &str, name: &str, reason: Reason, words: &str) {
+    let events: Api<Event> = env.api(ns);
+    let what = format!("a Warning event {} about {name}", reason.as_str());
+    eventually(&what, MINUTE, || async {
+        events_of(&events, name)
+            .await
+            .iter()
+            .any(|(r, type_, note, _)| {
+                r == reason.as_str() && type_ == "Warning" && note.contains(words)
+            })
+            .then_some(())
+    })
+    .await;
+}
+
 /// The operator as a process, authenticated with the chart's ServiceAccount token, in the
 /// chart's namespace (where its leader lease lives) under a pod-like name.
 pub struct Operator {
@@ -183,11 +200,7 @@ impl Operator {
         identity: &'static str,
         runtime_image: &str,
     ) -> Operator {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
         let child = Command::new(bin("kube-zerocopy"))
             .arg("operator")
             .env("KUBECONFIG", kubeconfig)
