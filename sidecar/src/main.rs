@@ -30,9 +30,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// How often a serving sidecar marks its models as used and collects unused ones.
-const COLLECT_EVERY: Duration = Duration::from_secs(60);
-
 #[derive(Subcommand)]
 enum Command {
     /// Publish every model, then serve readiness until terminated (the default).
@@ -40,6 +37,9 @@ enum Command {
         /// Address of the HTTP endpoints /readyz and /livez.
         #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8471")]
         listen: String,
+        /// Seconds between marking this pod's models as used and collecting unused ones.
+        #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = 60)]
+        collect_every: u64,
     },
     /// Publish every model and exit.
     Publish,
@@ -63,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     match cli.command.unwrap_or(Command::Serve {
         listen: "0.0.0.0:8471".into(),
+        collect_every: 60,
     }) {
         Command::Probe => publisher.check_ready(&models_from_env()?),
         Command::Publish => publisher.publish_all(&models_from_env()?).map(|_| ()),
@@ -71,7 +72,10 @@ fn run(cli: Cli) -> Result<()> {
             info!(?removed, "collected unused models");
             Ok(())
         }
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            collect_every,
+        } => {
             kube_zerocopy_sidecar::process::exit_on_terminate()?;
             let ready = Arc::new(AtomicBool::new(false));
             let server = tiny_http::Server::http(&listen)
@@ -88,7 +92,7 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!(error = format!("{e:#}"), "collecting unused models"),
                 }
-                std::thread::sleep(COLLECT_EVERY);
+                std::thread::sleep(Duration::from_secs(collect_every.max(1)));
                 for hold in &holds {
                     if let Err(e) = hold.refresh() {
                         warn!(error = format!("{e:#}"), "marking a model as used");

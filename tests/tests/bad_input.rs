@@ -236,15 +236,7 @@ fn http_source_is_published_and_http_404_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let file = small_mlp(dir.path());
     let (addr, server) = serve_once(file.clone());
-    let digest = {
-        let mut h = std::process::Command::new("sha256sum")
-            .arg(&file)
-            .output()
-            .unwrap()
-            .stdout;
-        h.truncate(64);
-        String::from_utf8(h).unwrap()
-    };
+    let digest = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&file).unwrap());
     let pod = Pod::new();
     let good = ModelSource {
         uri: format!("{addr}/model"),
@@ -283,4 +275,47 @@ fn full_shared_memory_is_rejected() {
     let out = pod.publish(&[source("encoder", ModelFormat::Safetensors, &small)]);
     succeeded(&out);
     std::io::stdout().flush().unwrap();
+}
+
+/// A worker asked for cuda on a machine without a GPU: exit code 1 and the cause in its words
+/// (libtorch's CUDA backend missing, or loaded and seeing no device: which one depends on the
+/// torch build set up here), as the log's error line and as the termination message; a device
+/// that is no device is refused the same way.
+#[test]
+fn a_cuda_worker_without_a_gpu_refuses_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Pod::new();
+    let models = [source(
+        "encoder",
+        ModelFormat::Safetensors,
+        &small_mlp(dir.path()),
+    )];
+    succeeded(&pod.publish(&models));
+    let no_gpu = [
+        "error: device cuda: cannot load libtorch's CUDA backend",
+        "error: device cuda: libtorch sees no CUDA device",
+    ];
+    let no_device = ["error: device \"cuda:one\": use cpu, cuda or cuda:N"];
+    for (device, causes) in [("cuda", &no_gpu[..]), ("cuda:one", &no_device[..])] {
+        let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
+        let out = pod
+            .command("kube-zerocopy-worker", &models)
+            .args(["actor", "--listen", &format!("127.0.0.1:{port}")])
+            .env("KZC_DEVICE", device)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_default();
+        println!("{device}: {error}");
+        assert_eq!(out.status.code(), Some(1), "{device}: {stderr}");
+        assert!(
+            causes.iter().any(|c| error.starts_with(c)),
+            "{device}: the error is none of {causes:?}: {stderr}"
+        );
+        let termination = std::fs::read_to_string(pod.termination_log()).unwrap();
+        assert_eq!(Some(termination.as_str()), error.strip_prefix("error: "));
+    }
 }

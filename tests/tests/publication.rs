@@ -1,6 +1,7 @@
 //! Publication under failure and concurrency: a sidecar killed mid-publish leaves nothing a
 //! reader could mistake for a model, and a restart completes it; two sidecars on one node
-//! asked for the same model load it once.
+//! asked for the same model load it once; a serving one keeps its models and collects the
+//! unused ones.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -285,4 +286,90 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
         .success());
     let _ = sidecar.kill();
     let _ = sidecar.wait();
+}
+
+/// The serve loop on a node's store: every period it marks its own models as used and removes
+/// the models no sidecar holds that stayed unused for `KZC_KEEP_UNUSED`; a served model is
+/// never removed, and once its sidecar is gone a collection may take it.
+#[test]
+fn a_serving_weight_server_keeps_its_models_and_collects_unused_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_file, served_file) = (
+        dir.path().join("old.safetensors"),
+        dir.path().join("served.safetensors"),
+    );
+    make_model(&["mlp", old_file.to_str().unwrap(), "--sizes", "16,8"]);
+    make_model(&["mlp", served_file.to_str().unwrap(), "--sizes", "16,32"]);
+    let (old_digest, served_digest) = (sha256_of(&old_file), sha256_of(&served_file));
+    let model = |name: &str, file: &std::path::Path, digest: &str| ModelSource {
+        sha256: Some(digest.to_owned()),
+        ..source(name, ModelFormat::Safetensors, file)
+    };
+    let old = vec![model("old", &old_file, &old_digest)];
+    let served = vec![model("served", &served_file, &served_digest)];
+
+    // A model published by a pod that has ended: nobody holds it.
+    let finished = Pod::new();
+    succeeded(&finished.publish(&old));
+    let serving = Pod::sharing_store_of(&finished);
+    let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
+    let mut sidecar = serving
+        .command("kube-zerocopy-sidecar", &served)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .envs([("KZC_KEEP_UNUSED", "3"), ("KZC_COLLECT_EVERY", "1")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = serving
+        .store
+        .join(".users")
+        .join(format!("{served_digest}.lock"));
+    let modified = || std::fs::metadata(&lock).and_then(|m| m.modified()).ok();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while modified().is_none() || !serving.published().contains(&served_digest) {
+        assert!(
+            Instant::now() < deadline,
+            "the served model was never published"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first_mark = modified().unwrap();
+
+    // Waits until `done` holds, checking on the way that the served model stays.
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                serving.published().contains(&served_digest),
+                "the served model was removed while served"
+            );
+            assert!(Instant::now() < deadline, "waited 30 s for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("the unused model to be collected", &|| {
+        !serving.published().contains(&old_digest)
+    });
+    wait_for("the served model to be marked as used again", &|| {
+        modified().is_some_and(|m| m > first_mark + Duration::from_secs(2))
+    });
+    // Three collection periods past the keep time: still there, held by its sidecar.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(serving.published(), vec![served_digest.clone()]);
+
+    // Its sidecar gone, the hold goes with it: a collection takes the model.
+    sidecar.kill().unwrap();
+    sidecar.wait().unwrap();
+    let gc = serving
+        .command("kube-zerocopy-sidecar", &served)
+        .arg("gc")
+        .env("KZC_KEEP_UNUSED", "0")
+        .output()
+        .unwrap();
+    succeeded(&gc);
+    assert!(
+        serving.published().is_empty(),
+        "left after its sidecar ended: {:?}",
+        serving.published()
+    );
 }

@@ -97,6 +97,7 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
 
     let model = env.safetensors.bytes;
     let (mut charged, mut weights_pss_kib, mut workers) = (0, 0, 0);
+    let mut per_worker = Vec::new();
     for p in &pipelines {
         for pod in pods(&env.client, &ns.name, p.metadata.name.as_deref().unwrap()).await? {
             let server = container_memory(&pod, "weight-server")?;
@@ -113,6 +114,7 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
             charged += server.shmem + worker.shmem;
             weights_pss_kib += worker.weights_pss_kib;
             workers += 1;
+            per_worker.push((pod, worker.weights_pss_kib));
         }
     }
     let copies = published_copies(&env.safetensors.sha256)?;
@@ -143,7 +145,61 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
         1.2,
         "the workers' mapped PSS summed",
     )?;
+    // Four workers map one copy: each holds about a quarter of it, and its /metrics says the
+    // same figure as its smaps read from outside.
+    for (pod, pss_kib) in &per_worker {
+        let name = pod.metadata.name.as_deref().unwrap_or("");
+        within(
+            pss_kib * 1024,
+            model / per_worker.len() as u64,
+            0.8,
+            1.2,
+            &format!("{name}: the worker's mapped PSS"),
+        )?;
+        let reported = mapped_pss_metric(pod).await?;
+        println!(
+            "  {}/{name}: /metrics weights_mapped_pss {:.1} MiB, smaps {:.1} MiB",
+            ns.name,
+            mib(reported),
+            *pss_kib as f64 / 1024.0
+        );
+        within(
+            reported,
+            pss_kib * 1024,
+            0.98,
+            1.02,
+            &format!("{name}: the mapped PSS its /metrics reports against its smaps"),
+        )?;
+    }
     Ok(())
+}
+
+/// The base URL of a replica's actor, by its pod's IP.
+fn actor_url(pod: &k8s_openapi::api::core::v1::Pod) -> Result<String> {
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .context("a pod without an IP")?;
+    Ok(format!("http://{ip}:{ACTOR_PORT}"))
+}
+
+/// The worker's own figure for its share of the weights: `weights_mapped_pss` from /metrics.
+async fn mapped_pss_metric(pod: &k8s_openapi::api::core::v1::Pod) -> Result<u64> {
+    let url = format!("{}/metrics", actor_url(pod)?);
+    let text = tokio::task::spawn_blocking(move || -> Result<String> {
+        Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
+    })
+    .await??;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("kube_zerocopy_worker_weights_mapped_pss_bytes "))
+        .context("no weights_mapped_pss_bytes in /metrics")?;
+    let value = line.rsplit(' ').next().unwrap_or_default();
+    value
+        .parse::<f64>()
+        .map(|v| v as u64)
+        .with_context(|| format!("weights_mapped_pss_bytes {value:?}"))
 }
 
 /// How many published folders of the node's store (the host's /dev/shm) hold `sha256`.
@@ -215,12 +271,7 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
     let first = shards.first().context("no input shard")?;
     let expected = read_output(&model.reference.join(first.file_name().unwrap()));
     for pod in pods(&env.client, &ns, &name).await? {
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .context("a pod without an IP")?;
-        let url = format!("http://{ip}:{ACTOR_PORT}/infer");
+        let url = format!("{}/infer", actor_url(&pod)?);
         let bytes = post(&url, std::fs::read(first)?).await?;
         let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
         ensure!(

@@ -7,6 +7,7 @@
 //! Needs root (it runs a kubelet). `make e2e-node` runs it alone; `make test` runs it too.
 
 mod actor;
+mod bad_model;
 mod images;
 mod pod_security;
 mod quickstart;
@@ -38,6 +39,7 @@ fn main() {
         actor::torchscript_pod_sharing,
         actor::safetensors_two_pipelines_node_sharing,
         retry::killed_worker_is_retried,
+        bad_model::wrong_digest_is_told_by_the_termination_message,
         pod_security::restricted_namespace_runs_pod_sharing,
         pod_security::restricted_namespace_refuses_node_sharing,
         images::each_image_runs_with_runc_as_non_root,

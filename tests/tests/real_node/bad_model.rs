@@ -1,0 +1,119 @@
+//! A model whose source does not match its digest, in a real pod: the weight server's own
+//! one-line error reaches Kubernetes as its termination message (written to the file the
+//! kubelet mounts, not the kubelet's fallback to the log's tail), and the pipeline says it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use kube::api::Api;
+use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy_e2e::wait::eventually_seen;
+use serde_json::json;
+
+use crate::support::*;
+
+pub async fn wrong_digest_is_told_by_the_termination_message(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "bad-digest", &[]).await?;
+    let uri = format!("{}/{}", env.http_base, env.torchscript.file);
+    let wrong = "0".repeat(64);
+    let pipeline = example(
+        "actor-torchscript.yaml",
+        &ns.name,
+        &env.torchscript,
+        &uri,
+        |p| {
+            p["spec"]["actor"] = json!({"replicas": 1});
+            p["spec"]["models"][0]["source"]["sha256"] = json!(wrong);
+        },
+    )?;
+    let name = pipeline.metadata.name.clone().context("a name")?;
+    apply(&env.client, &pipeline).await?;
+
+    // The pod's view: the weight server ended with exit code 1 and a message of its own words.
+    let message = eventually_seen(
+        "the weight server's termination message",
+        Duration::from_secs(180),
+        || {
+            let (client, ns, name) = (env.client.clone(), ns.name.clone(), name.clone());
+            async move {
+                let pods = pods(&client, &ns, &name).await?;
+                let terminated = pods
+                    .iter()
+                    .filter_map(|p| p.status.as_ref()?.init_container_statuses.clone())
+                    .flatten()
+                    .filter(|s| s.name == "weight-server")
+                    .find_map(|s| {
+                        s.state
+                            .and_then(|st| st.terminated)
+                            .or_else(|| s.last_state.and_then(|st| st.terminated))
+                    });
+                Ok(match terminated {
+                    Some(t) => (
+                        Some((t.exit_code, t.message.unwrap_or_default())),
+                        String::new(),
+                    ),
+                    None => (
+                        None,
+                        format!("{} pods, no weight server ended yet", pods.len()),
+                    ),
+                })
+            }
+        },
+    )
+    .await?;
+    let (exit_code, message) = message;
+    println!(
+        "  {}/{name}: weight server exit {exit_code}: {message}",
+        ns.name
+    );
+    ensure!(
+        exit_code == 1,
+        "the weight server's exit code is {exit_code}, not 1"
+    );
+    ensure!(
+        message.contains("sha256 mismatch") && message.contains(&wrong),
+        "the termination message does not say the digest is wrong: {message:?}"
+    );
+    // The log's lines carry a timestamp and level and its error line starts "error:"; the
+    // termination file holds the bare message on one line.
+    ensure!(
+        !message.starts_with("error:") && !message.contains('\n') && !message.contains(" ERROR "),
+        "the termination message is the log's tail, not the file the weight server wrote: {message:?}"
+    );
+
+    // The pipeline's view: Degraded, with the same words.
+    let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
+    let condition = eventually_seen(
+        "WeightsReady=False WeightServerFailed",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let status = api.get(&name).await?.status.unwrap_or_default();
+                let seen = format!("phase {:?}, {:?}", status.phase, status.conditions);
+                let c = status
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "WeightsReady" && c.reason == "WeightServerFailed");
+                Ok((c, seen))
+            }
+        },
+    )
+    .await?;
+    println!(
+        "  {}/{name}: {}: {}",
+        ns.name, condition.reason, condition.message
+    );
+    ensure!(
+        condition.status == "False" && condition.message.contains(&message),
+        "the condition does not carry the weight server's message: {condition:?}"
+    );
+    let phase = api.get(&name).await?.status.and_then(|s| s.phase);
+    ensure!(
+        phase.map(|p| p.as_str()) == Some("Degraded"),
+        "phase {phase:?}, not Degraded"
+    );
+    Ok(())
+}
