@@ -76,6 +76,13 @@ pub fn succeeded(out: &Output) -> String {
     stderr
 }
 
+/// Sends SIGTERM, as the kubelet does to stop a container, and waits for the exit.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: a signal to a child this process started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap()
+}
+
 /// A tmpfs of `size` (mount's syntax: "1m") mounted in a new folder of `parent`, for a store
 /// that fills up; unmounted on drop. Mounting needs root, which CI has.
 pub struct SmallTmpfs {

@@ -232,6 +232,6 @@ fn actor_serves_many_batches_from_one_mapping() {
         metric("process_pss_bytes"),
         metric("process_uss_bytes")
     );
-    actor.kill().unwrap();
-    actor.wait().unwrap();
+    // Kubernetes stops a replica with SIGTERM: a clean exit, not a failure.
+    assert_eq!(kube_zerocopy_e2e::terminate(&mut actor).code(), Some(0));
 }

@@ -284,8 +284,9 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
         .status()
         .unwrap()
         .success());
-    let _ = sidecar.kill();
-    let _ = sidecar.wait();
+    // The kubelet stops a sidecar with SIGTERM: a clean exit (as PID 1 it would otherwise
+    // ignore the signal and be killed after the grace period, exit code 137).
+    assert_eq!(kube_zerocopy_e2e::terminate(&mut sidecar).code(), Some(0));
 }
 
 /// The serve loop on a node's store: every period it marks its own models as used and removes
