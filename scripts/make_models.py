@@ -6,6 +6,11 @@ shape is the same file on every machine (and so has the same sha256).
   make_models.py mlp OUT.safetensors --sizes 256,512,10 [--dtype bf16]
   make_models.py script OUT.pt --sizes 256,512,10 [--freeze]
   make_models.py inputs DIR --shards 8 --batch 16 --features 256
+  make_models.py forward OUT_DIR --input DIR --chain ENCODER.pt,HEAD.safetensors
+
+`forward` is the tests' reference that shares no code with the worker: PyTorch runs each input
+shard through the chain (a .pt with torch.jit, a .safetensors as the Mlp it describes: Linear
+layers with ReLU between them) and writes `output` per shard.
 """
 import argparse
 import os
@@ -57,9 +62,41 @@ def script_model(sizes, seed, freeze):
     return module
 
 
+def mlp_forward(state, x):
+    layers = sorted({int(k.split(".")[1]) for k in state})
+    x = x.to(state[f"layers.{layers[0]}.weight"].dtype)
+    for n, i in enumerate(layers):
+        x = torch.nn.functional.linear(x, state[f"layers.{i}.weight"], state[f"layers.{i}.bias"])
+        if n != len(layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+def forward(chain, input_dir, out_dir):
+    from safetensors.torch import load_file
+
+    steps = []
+    for path in chain:
+        if path.endswith(".pt"):
+            module = torch.jit.load(path).eval()
+            steps.append(module)
+        else:
+            state = load_file(path)
+            steps.append(lambda x, state=state: mlp_forward(state, x))
+    os.makedirs(out_dir, exist_ok=True)
+    with torch.no_grad():
+        for name in sorted(os.listdir(input_dir)):
+            if not name.endswith(".safetensors"):
+                continue
+            x = load_file(os.path.join(input_dir, name))["input"]
+            for step in steps:
+                x = step(x)
+            save_file({"output": x.contiguous()}, os.path.join(out_dir, name))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["mlp", "script", "inputs"])
+    p.add_argument("kind", choices=["mlp", "script", "inputs", "forward"])
     p.add_argument("out")
     p.add_argument("--sizes", default="256,512,10")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
@@ -68,11 +105,15 @@ def main():
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--features", type=int, default=256)
+    p.add_argument("--input", help="forward: the folder of input shards")
+    p.add_argument("--chain", help="forward: the models, comma-separated, in order")
     a = p.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     if a.kind == "mlp":
         save_file(mlp_state(sizes, dtype, a.seed), a.out)
+    elif a.kind == "forward":
+        forward(a.chain.split(","), a.input, a.out)
     elif a.kind == "script":
         script_model(sizes, a.seed, a.freeze).save(a.out)
     else:

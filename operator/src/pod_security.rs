@@ -103,19 +103,6 @@ mod tests {
     }
 
     #[test]
-    fn pod_sharing_is_allowed_at_every_level() {
-        // Its own volumes are emptyDirs and its containers run as non-root without
-        // capabilities: restricted lets them in.
-        for mode in ["Task", "Actor"] {
-            let p = pipeline(mode, "Pod");
-            assert_eq!(
-                node_sharing_forbidden(&p, "ml", &enforcing("restricted")),
-                None
-            );
-        }
-    }
-
-    #[test]
     fn an_invalid_level_counts_as_restricted() {
         let why = node_sharing_forbidden(&pipeline("Task", "Node"), "ml", &enforcing("strict"));
         assert!(why

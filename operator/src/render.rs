@@ -757,6 +757,11 @@ mod tests {
             let (sidecar, worker) = containers(p);
             (sidecar.image.unwrap(), worker.image.unwrap())
         };
+        // The defaults themselves: the chart's two images, not one for both.
+        assert!(settings.runtime_image.starts_with("kube-zerocopy/runtime:"));
+        assert!(settings
+            .cuda_runtime_image
+            .starts_with("kube-zerocopy/runtime-cuda:"));
         let cpu = images(&pipeline(""));
         assert_eq!(
             cpu,

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use kube::CustomResourceExt;
-use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
-use kube_zerocopy::invocation::{self, Mounts};
+use kube_zerocopy::crd::{InferencePipeline, Mode};
 use kube_zerocopy::local::load_pipeline;
 use kube_zerocopy::render::{
     render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, STORE_VOLUME,
@@ -140,27 +139,173 @@ fn rendered_pods_keep_their_promises() {
             .and_then(|l| l.get("nvidia.com/gpu"))
             .is_some();
         assert_eq!(gpu, name == "task-safetensors", "{name}");
-        // The same commands and environment as `kube-zerocopy local`, at the pod's paths.
-        let mounts = match pipeline.spec.sharing {
-            Sharing::Pod => Mounts::in_pod(),
-            Sharing::Node => Mounts {
-                store: "/kzc/node-shm/kube-zerocopy".into(),
-                ..Mounts::in_pod()
-            },
+        // What each container runs, written out: the worker's subcommand by mode, its device,
+        // its data folders from the pipeline, the ports the Service and the probe use.
+        let mode = match pipeline.spec.mode {
+            Mode::Task => "task",
+            Mode::Actor => "actor",
         };
-        let expected = match pipeline.spec.mode {
-            Mode::Task => invocation::task_worker(&pipeline.spec, &mounts),
-            Mode::Actor => invocation::actor_worker(&pipeline.spec, &mounts),
-        };
-        assert_eq!(worker.command.clone().unwrap(), expected.command, "{name}");
-        assert_eq!(env_of(worker), expected.env, "{name}");
-        let sidecar_expected = invocation::sidecar(&pipeline.spec, &mounts, "0.0.0.0:8471", None);
         assert_eq!(
-            sidecar.command.clone().unwrap(),
-            sidecar_expected.command,
+            worker.command.clone().unwrap(),
+            ["kube-zerocopy-worker", mode],
             "{name}"
         );
-        assert_eq!(env_of(sidecar), sidecar_expected.env, "{name}");
+        assert_eq!(
+            sidecar.command.clone().unwrap(),
+            ["kube-zerocopy-sidecar", "serve"],
+            "{name}"
+        );
+        let worker_env = env_of(worker);
+        let sidecar_env = env_of(sidecar);
+        let names =
+            |env: &[(String, String)]| env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        // Both Task examples declare their shard count.
+        let expected_worker: &[&str] = match mode {
+            "task" => &[
+                "KZC_MODELS",
+                "KZC_STORE",
+                "KZC_BINDINGS",
+                "KZC_INPUT",
+                "KZC_OUTPUT",
+                "KZC_SHARDS",
+                "KZC_DEVICE",
+            ],
+            _ => &[
+                "KZC_MODELS",
+                "KZC_STORE",
+                "KZC_BINDINGS",
+                "KZC_DEVICE",
+                "KZC_LISTEN",
+            ],
+        };
+        assert_eq!(
+            names(&worker_env),
+            expected_worker,
+            "{name}: the worker's variables"
+        );
+        let value = |env: &[(String, String)], key: &str| {
+            env.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{name}: no {key}"))
+        };
+        let device = match name {
+            "task-safetensors" => "cuda",
+            _ => "cpu",
+        };
+        assert_eq!(value(&worker_env, "KZC_DEVICE"), device, "{name}");
+        if mode == "task" {
+            let folder = |d: &Option<kube_zerocopy::crd::DataLocation>| {
+                d.as_ref()
+                    .unwrap()
+                    .uri
+                    .strip_prefix("file://")
+                    .unwrap()
+                    .to_owned()
+            };
+            assert_eq!(
+                value(&worker_env, "KZC_INPUT"),
+                folder(&pipeline.spec.input)
+            );
+            assert_eq!(
+                value(&worker_env, "KZC_OUTPUT"),
+                folder(&pipeline.spec.output)
+            );
+            let shards = pipeline.spec.task.as_ref().and_then(|t| t.shards).unwrap();
+            assert_eq!(value(&worker_env, "KZC_SHARDS"), shards.to_string());
+        } else {
+            assert_eq!(value(&worker_env, "KZC_LISTEN"), "0.0.0.0:8080", "{name}");
+        }
+        assert_eq!(
+            names(&sidecar_env),
+            [
+                "KZC_MODELS",
+                "KZC_STORE",
+                "KZC_BINDINGS",
+                "KZC_DOWNLOAD_DIR",
+                "KZC_LISTEN"
+            ],
+            "{name}: the weight server's variables"
+        );
+        assert_eq!(value(&sidecar_env, "KZC_LISTEN"), "0.0.0.0:8471", "{name}");
+        // Both read the same models, each model as the pipeline names it.
+        let models = value(&worker_env, "KZC_MODELS");
+        assert_eq!(models, value(&sidecar_env, "KZC_MODELS"), "{name}");
+        let models = kube_zerocopy_sidecar::config::models_from_json(&models).unwrap();
+        let listed: Vec<_> = pipeline
+            .spec
+            .models
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        assert_eq!(
+            models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+            listed,
+            "{name}"
+        );
+        // Every path a container is given lies inside the volume it belongs to, and the worker
+        // and the weight server find the store and the bindings at the same place in it.
+        for (container, env, keys) in [
+            (
+                worker,
+                &worker_env,
+                &[
+                    ("KZC_STORE", STORE_VOLUME),
+                    ("KZC_BINDINGS", BINDINGS_VOLUME),
+                ][..],
+            ),
+            (
+                sidecar,
+                &sidecar_env,
+                &[
+                    ("KZC_STORE", STORE_VOLUME),
+                    ("KZC_BINDINGS", BINDINGS_VOLUME),
+                    ("KZC_DOWNLOAD_DIR", DOWNLOADS_VOLUME),
+                ][..],
+            ),
+        ] {
+            for (key, volume) in keys {
+                let mount = container
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| &m.name == volume)
+                    .unwrap_or_else(|| {
+                        panic!("{name}/{}: {volume} is not mounted", container.name)
+                    });
+                let path = value(env, key);
+                assert!(
+                    Path::new(&path).starts_with(&mount.mount_path),
+                    "{name}/{}: {key}={path} lies outside {volume}'s mount {}",
+                    container.name,
+                    mount.mount_path
+                );
+            }
+        }
+        for key in ["KZC_STORE", "KZC_BINDINGS"] {
+            let within = |c: &Container, env: &[(String, String)], volume: &str| {
+                let mount = c
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == volume)
+                    .unwrap();
+                Path::new(&value(env, key))
+                    .strip_prefix(&mount.mount_path)
+                    .unwrap()
+                    .to_owned()
+            };
+            let volume = if key == "KZC_STORE" {
+                STORE_VOLUME
+            } else {
+                BINDINGS_VOLUME
+            };
+            assert_eq!(
+                within(worker, &worker_env, volume),
+                within(sidecar, &sidecar_env, volume),
+                "{name}: worker and weight server disagree on {key} inside {volume}"
+            );
+        }
     }
 }
 

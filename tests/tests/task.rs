@@ -94,6 +94,32 @@ fn local_run_processes_every_shard_like_the_ordinary_models() {
         let got = read_output(&d.join("output").join(shard.file_name().unwrap()));
         assert!(got.equal(&expected), "shard {} differs", shard.display());
     }
+    // And equal to PyTorch's own run of the chain, which shares no code with the worker (its
+    // Mlp and safetensors reading included).
+    make_model(&[
+        "forward",
+        d.join("pytorch").to_str().unwrap(),
+        "--input",
+        d.join("input").to_str().unwrap(),
+        "--chain",
+        &format!(
+            "{},{}",
+            d.join("encoder.pt").display(),
+            d.join("head.safetensors").display()
+        ),
+    ]);
+    for shard in list_shards(&d.join("input")).unwrap() {
+        let name = shard.file_name().unwrap();
+        let got = read_output(&d.join("output").join(name));
+        let pytorch = read_output(&d.join("pytorch").join(name));
+        assert_eq!(got.size(), pytorch.size(), "shard {}", shard.display());
+        assert!(
+            got.allclose(&pytorch, 1e-5, 1e-6, false),
+            "shard {} differs from PyTorch's: max difference {}",
+            shard.display(),
+            (&got - &pytorch).abs().max()
+        );
+    }
     // The pod's shared-memory folder is gone after the run.
     let leftovers = std::fs::read_dir("/dev/shm/kube-zerocopy-local")
         .map(|rd| {

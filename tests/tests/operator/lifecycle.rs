@@ -173,6 +173,17 @@ pub async fn replicas_elect_one_leader_and_hand_over(env: Arc<Env>) {
         standby_metrics.contains("kube_zerocopy_reconciles_total 0"),
         "the standby reconciled: {standby_metrics}"
     );
+    // The leader counted its reconciles (the pipeline just reconciled among them), with their
+    // durations: the counter the standby's 0 is compared with does move.
+    let leader_metrics = operator.get("/metrics").unwrap();
+    let count = |name: &str| {
+        leader_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in the leader's metrics: {leader_metrics}"))
+    };
+    assert!(count("kube_zerocopy_reconciles_total") >= 1.0);
+    assert!(count(r#"kube_zerocopy_reconcile_duration_seconds_count{outcome="success"}"#) >= 1.0);
 
     // A clean shutdown (SIGTERM, a rolling update): exit 0 and the lease handed back.
     let status = operator.terminate();

@@ -264,10 +264,10 @@ impl Operator {
         assert_eq!(self.is_leading(), Some(false), "two replicas lead at once");
     }
 
-    /// Waits until it leads.
+    /// Waits until it leads, and says it is ready: its controller runs, caches synced.
     pub async fn leading(&mut self) {
         eventually("the operator to lead", MINUTE, || {
-            let leading = self.is_leading() == Some(true);
+            let leading = self.is_leading() == Some(true) && self.get("/readyz").is_some();
             async move { leading.then_some(()) }
         })
         .await;

@@ -8,7 +8,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
-use kube_zerocopy::render::{self, Rendered};
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
 
@@ -28,10 +27,7 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
         jobs.get_opt("batch-zerocopy").await.unwrap()
     })
     .await;
-    let Rendered::Task { job: expected } = render::render(&task, &env.settings).unwrap() else {
-        panic!("task")
-    };
-    let (got, want) = (job.spec.clone().unwrap(), expected.spec.clone().unwrap());
+    let got = job.spec.clone().unwrap();
     assert_eq!(
         (
             got.completions,
@@ -40,18 +36,42 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
         ),
         (Some(3), Some(2), Some("Indexed"))
     );
-    let (got_pod, want_pod) = (got.template.spec.unwrap(), want.template.spec.unwrap());
+    // The pod as this pipeline needs it, written out (the renderer's own tests check the
+    // rest): the weight server as a native sidecar, the worker told where everything is.
+    let pod = got.template.spec.unwrap();
+    let sidecar = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(
-        got_pod.init_containers.as_ref().unwrap()[0].command,
-        want_pod.init_containers.as_ref().unwrap()[0].command
+        sidecar.command.clone().unwrap(),
+        ["kube-zerocopy-sidecar", "serve"]
     );
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let env_of_worker: Vec<(String, String)> = pod.containers[0]
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    let (models, rest) = env_of_worker.split_first().unwrap();
+    assert_eq!(models.0, "KZC_MODELS");
+    let models = kube_zerocopy_sidecar::config::models_from_json(&models.1).unwrap();
     assert_eq!(
-        got_pod.init_containers.as_ref().unwrap()[0]
-            .restart_policy
-            .as_deref(),
-        Some("Always")
+        models
+            .iter()
+            .map(|m| (m.name.as_str(), m.uri.as_str(), m.max_bytes))
+            .collect::<Vec<_>>(),
+        [("encoder", "file:///models/encoder.pt", Some(64 << 20))]
     );
-    assert_eq!(got_pod.containers[0].env, want_pod.containers[0].env);
+    let expected = [
+        ("KZC_STORE", "/kzc/store"),
+        ("KZC_BINDINGS", "/kzc/bindings"),
+        ("KZC_INPUT", "/data/in"),
+        ("KZC_OUTPUT", "/data/out"),
+        ("KZC_SHARDS", "3"),
+        ("KZC_DEVICE", "cpu"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    assert_eq!(rest, expected);
     assert_eq!(job.owner_references()[0].uid, task.uid().unwrap());
     let done = wait_phase(&pipelines, "batch", Phase::Succeeded, None, 3 * MINUTE).await;
     assert_eq!(done.progress.as_deref(), Some("3/3"));
