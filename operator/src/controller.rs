@@ -456,14 +456,21 @@ async fn patch_status(
         "kind": InferencePipeline::kind(&()),
         "status": new,
     });
-    api.patch_status(
-        &pipeline.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::PatchStatus)?;
-    Ok(())
+    match api
+        .patch_status(
+            &pipeline.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        // Deleted while this reconcile ran: there is no status left to write, nothing failed.
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            debug!(pipeline = %pipeline.name_any(), "deleted before its status was written");
+            Ok(())
+        }
+        other => other.map(|_| ()).map_err(Error::PatchStatus),
+    }
 }
 
 /// Records an event about `pipeline`; a failure is logged, never fatal (the status says the
