@@ -1,0 +1,257 @@
+//! The CSI services the kubelet calls on the agent's socket: Identity (who it is), Node
+//! (publish and unpublish a pod's volume, what it can do, which node it is on), and the
+//! kubelet's plugin Registration, all on one socket in the kubelet's plugins_registry folder
+//! (the registration names no other endpoint, so the kubelet uses that socket for CSI too).
+//!
+//! A volume's attribute `models` lists the pod's models as the weight server's `KZC_MODELS`
+//! does (JSON). Publishing a volume publishes those models in the store if they are not yet
+//! there, links them into the volume's view and mounts it read-only at the target path.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kube_zerocopy_sidecar::config::models_from_json;
+use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
+use kube_zerocopy_sidecar::publish::Publisher;
+use kube_zerocopy_sidecar::Store;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::proto::csi::{
+    identity_server::Identity, node_server::Node, GetPluginCapabilitiesRequest,
+    GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
+    NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, ProbeRequest, ProbeResponse,
+};
+use crate::proto::registration::{
+    registration_server::Registration, InfoRequest, PluginInfo, RegistrationStatus,
+    RegistrationStatusResponse,
+};
+use crate::views::{self, Views, BINDINGS_DIR};
+
+/// The volume attribute that lists a pod's models.
+pub const MODELS_ATTRIBUTE: &str = "models";
+
+pub struct Agent {
+    /// The CSI driver's name, as pods' volumes and the CSIDriver object name it.
+    pub driver: String,
+    pub node_id: String,
+    pub store: Store,
+    /// Where http(s) sources are downloaded before they are laid out.
+    pub download_dir: PathBuf,
+    /// Each published volume's claims on its models, so that no collection removes them.
+    holds: Mutex<HashMap<String, Vec<Hold>>>,
+}
+
+impl Agent {
+    pub fn new(driver: String, node_id: String, store: Store, download_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Agent {
+            driver,
+            node_id,
+            store,
+            download_dir,
+            holds: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn views(&self) -> Views {
+        Views::new(self.store.clone())
+    }
+
+    /// Publishes the volume's models, links them into its view and mounts it at `target`.
+    fn publish_volume(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        models_json: &str,
+    ) -> Result<(), Status> {
+        let models = models_from_json(models_json).map_err(|e| {
+            Status::invalid_argument(format!("volume attribute {MODELS_ATTRIBUTE:?}: {e:#}"))
+        })?;
+        let views = self.views();
+        let view = views
+            .dir(volume_id)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        if views::is_mounted(target).map_err(internal)? {
+            return Ok(());
+        }
+        let publisher = Publisher {
+            store: self.store.clone(),
+            bindings: Bindings::new(view.join(BINDINGS_DIR)),
+            download_dir: self.download_dir.clone(),
+        };
+        let holds = publisher.publish_all(&models).map_err(|e| {
+            let message = format!("{e:#}");
+            if e.chain().any(|c| c.is::<StoreFull>()) {
+                Status::resource_exhausted(message)
+            } else {
+                Status::internal(message)
+            }
+        })?;
+        let digests = publisher
+            .bindings
+            .read()
+            .map_err(internal)?
+            .ok_or_else(|| Status::internal("the bindings were not written"))?;
+        let mounted = views
+            .link(volume_id, &digests)
+            .and_then(|view| views::mount_read_only(&view, target));
+        if let Err(e) = mounted {
+            let _ = views.remove(volume_id);
+            return Err(internal(e));
+        }
+        info!(volume_id, target = %target.display(), models = ?digests, "volume published");
+        self.holds
+            .lock()
+            .unwrap()
+            .insert(volume_id.to_owned(), holds);
+        Ok(())
+    }
+
+    fn unpublish_volume(&self, volume_id: &str, target: &Path) -> Result<(), Status> {
+        views::unmount_and_remove(target).map_err(internal)?;
+        self.views().remove(volume_id).map_err(internal)?;
+        self.holds.lock().unwrap().remove(volume_id);
+        info!(volume_id, target = %target.display(), "volume unpublished");
+        Ok(())
+    }
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::internal(format!("{e:#}"))
+}
+
+/// The two fields every volume call needs (the spec's InvalidArgument when missing).
+fn required(volume_id: &str, target_path: &str) -> Result<(), Status> {
+    if volume_id.is_empty() {
+        return Err(Status::invalid_argument("volume_id is missing"));
+    }
+    if target_path.is_empty() {
+        return Err(Status::invalid_argument("target_path is missing"));
+    }
+    Ok(())
+}
+
+/// Runs blocking work (fetching, laying out, mounting) off the gRPC threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("the call's worker thread failed: {e}")))?
+}
+
+/// The agent behind an `Arc`, as each gRPC service holds it.
+#[derive(Clone)]
+pub struct Service(pub Arc<Agent>);
+
+#[tonic::async_trait]
+impl Identity for Service {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: self.0.driver.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: Default::default(),
+        }))
+    }
+
+    /// No controller service and no topology: a node plugin for ephemeral volumes.
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        Ok(Response::new(GetPluginCapabilitiesResponse::default()))
+    }
+
+    /// Ready when the store can be read.
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let ready = self.0.store.root().is_dir();
+        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Service {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        required(&r.volume_id, &r.target_path)?;
+        if r.volume_capability.is_none() {
+            return Err(Status::invalid_argument("volume_capability is missing"));
+        }
+        let models = r
+            .volume_context
+            .get(MODELS_ATTRIBUTE)
+            .cloned()
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the volume has no attribute {MODELS_ATTRIBUTE:?}: the pod's models"
+                ))
+            })?;
+        let agent = self.0.clone();
+        blocking(move || agent.publish_volume(&r.volume_id, Path::new(&r.target_path), &models))
+            .await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        required(&r.volume_id, &r.target_path)?;
+        let agent = self.0.clone();
+        blocking(move || agent.unpublish_volume(&r.volume_id, Path::new(&r.target_path))).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    /// No staging, no stats, no expansion: publish and unpublish only.
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse::default()))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.0.node_id.clone(),
+            max_volumes_per_node: 0,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for Service {
+    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+        Ok(Response::new(PluginInfo {
+            r#type: "CSIPlugin".into(),
+            name: self.0.driver.clone(),
+            endpoint: String::new(),
+            supported_versions: vec!["1.0.0".into()],
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        request: Request<RegistrationStatus>,
+    ) -> Result<Response<RegistrationStatusResponse>, Status> {
+        let status = request.into_inner();
+        if status.plugin_registered {
+            info!(driver = %self.0.driver, "registered with the kubelet");
+        } else {
+            warn!(driver = %self.0.driver, error = %status.error, "the kubelet refused the registration");
+        }
+        Ok(Response::new(RegistrationStatusResponse {}))
+    }
+}

@@ -1,0 +1,20 @@
+//! The node agent: one per node (a DaemonSet). It owns the node's weight store, the only
+//! writer there, and gives each pod a read-only view of exactly its models as a CSI ephemeral
+//! inline volume, so that Node-sharing pods need no hostPath and cannot touch one another's
+//! weights.
+//!
+//! - [`proto`]: the CSI and kubelet-registration gRPC services, generated from proto/.
+//! - [`views`]: a pod's view of its models: hard links into the store, mounted read-only.
+//! - [`csi`]: the Identity and Node services the kubelet calls, and the registration.
+
+pub mod csi;
+pub mod views;
+
+pub mod proto {
+    pub mod csi {
+        tonic::include_proto!("csi.v1");
+    }
+    pub mod registration {
+        tonic::include_proto!("pluginregistration");
+    }
+}

@@ -1,0 +1,77 @@
+//! `kube-zerocopy-agent`: the node agent (see the library). Serves the CSI and registration
+//! services on one unix socket until terminated.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kube_zerocopy_agent::csi::{Agent, Service};
+use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
+use kube_zerocopy_agent::proto::registration::registration_server::RegistrationServer;
+use kube_zerocopy_sidecar::Store;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "kube-zerocopy-agent", version, about)]
+struct Cli {
+    /// The socket the kubelet finds the agent on (in its plugins_registry folder).
+    #[arg(
+        long,
+        env = "KZC_CSI_SOCKET",
+        default_value = "/registration/models.kube-zerocopy.io.sock"
+    )]
+    socket: PathBuf,
+    /// The CSI driver's name: pods' volumes and the CSIDriver object use it.
+    #[arg(
+        long,
+        env = "KZC_CSI_DRIVER",
+        default_value = "models.kube-zerocopy.io"
+    )]
+    driver: String,
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    /// The node's weight store, which only the agent writes.
+    #[arg(long, env = "KZC_STORE", default_value = "/kzc/store")]
+    store: PathBuf,
+    /// Where http(s) sources are downloaded before they are laid out.
+    #[arg(long, env = "KZC_DOWNLOAD_DIR", default_value_os_t = std::env::temp_dir())]
+    download_dir: PathBuf,
+}
+
+fn main() {
+    kube_zerocopy_sidecar::process::init_logs();
+    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+}
+
+fn run(cli: Cli) -> Result<()> {
+    kube_zerocopy_sidecar::process::exit_on_terminate()?;
+    std::fs::create_dir_all(&cli.store)
+        .with_context(|| format!("creating the store {}", cli.store.display()))?;
+    let agent = Agent::new(
+        cli.driver,
+        cli.node_id,
+        Store::new(&cli.store),
+        cli.download_dir,
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        // A socket left by an earlier run would refuse the bind.
+        let _ = std::fs::remove_file(&cli.socket);
+        if let Some(dir) = cli.socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = tokio::net::UnixListener::bind(&cli.socket)
+            .with_context(|| format!("listening on {}", cli.socket.display()))?;
+        info!(socket = %cli.socket.display(), driver = %agent.driver, "serving");
+        let service = Service(agent);
+        tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(service.clone()))
+            .add_service(NodeServer::new(service.clone()))
+            .add_service(RegistrationServer::new(service))
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await
+            .context("serving gRPC")
+    })
+}

@@ -1,0 +1,368 @@
+//! The node agent as the kubelet drives it: its binary on a real unix socket, called through
+//! the CSI and registration services' own protocol. A volume holds exactly the models it
+//! names, read-only; volumes naming the same model share one copy in the store; a worker runs
+//! from a volume; bad requests are refused with their cause and leave nothing mounted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use kube_zerocopy_agent::proto::csi::identity_client::IdentityClient;
+use kube_zerocopy_agent::proto::csi::node_client::NodeClient;
+use kube_zerocopy_agent::proto::csi::volume_capability::{AccessType, MountVolume};
+use kube_zerocopy_agent::proto::csi::{
+    GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
+    ProbeRequest, VolumeCapability,
+};
+use kube_zerocopy_agent::proto::registration::registration_client::RegistrationClient;
+use kube_zerocopy_agent::proto::registration::InfoRequest;
+use kube_zerocopy_e2e::{bin, make_model, read_output, source, terminate};
+use kube_zerocopy_sidecar::config::models_to_json;
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_worker::task::read_input;
+use kube_zerocopy_worker::LoadedModel;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The agent process, its store and socket in a fresh folder of /dev/shm.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("kzc-agent-")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        let socket = dir.path().join("registration/agent.sock");
+        let child = std::process::Command::new(bin("kube-zerocopy-agent"))
+            .env("KZC_CSI_SOCKET", &socket)
+            .env("NODE_NAME", "node-a")
+            .env("KZC_STORE", dir.path().join("store"))
+            .env("KZC_DOWNLOAD_DIR", dir.path().join("downloads"))
+            .spawn()
+            .unwrap();
+        Agent { child, dir, socket }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    async fn channel(&self) -> Channel {
+        let started = Instant::now();
+        while !self.socket.exists() {
+            assert!(started.elapsed() < Duration::from_secs(30), "no socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let socket = self.socket.clone();
+        // The URI is not used: every connection goes to the socket.
+        Endpoint::try_from("http://agent")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap()
+    }
+}
+
+/// What the kubelet sends for a pod's inline volume.
+fn publish_request(
+    volume_id: &str,
+    target: &Path,
+    models: &[ModelSource],
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: None,
+        }),
+        readonly: true,
+        volume_context: HashMap::from([
+            ("models".to_string(), models_to_json(models)),
+            (
+                "csi.storage.k8s.io/ephemeral".to_string(),
+                "true".to_string(),
+            ),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_string_lossy().into(),
+    }
+}
+
+/// The files a volume shows, relative to its root.
+fn files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(
+                    e.path()
+                        .strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn digest_of(path: &Path) -> String {
+    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let (first_file, second_file) = (m.join("first.safetensors"), m.join("second.safetensors"));
+    make_model(&["mlp", first_file.to_str().unwrap(), "--sizes", "64,256,8"]);
+    make_model(&["mlp", second_file.to_str().unwrap(), "--sizes", "64,128,8"]);
+    let (first_digest, second_digest) = (digest_of(&first_file), digest_of(&second_file));
+    let model = |name: &str, file: &Path, digest: &str| ModelSource {
+        sha256: Some(digest.to_owned()),
+        ..source(name, ModelFormat::Safetensors, file)
+    };
+    let first = model("ranker", &first_file, &first_digest);
+    let second = model("ranker", &second_file, &second_digest);
+
+    let agent = Agent::start();
+    let channel = agent.channel().await;
+    let (mut identity, mut node, mut registration) = (
+        IdentityClient::new(channel.clone()),
+        NodeClient::new(channel.clone()),
+        RegistrationClient::new(channel),
+    );
+
+    // Who it is, as the kubelet's plugin watcher and CSI client ask.
+    let info = registration
+        .get_info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.r#type.as_str(),
+            info.name.as_str(),
+            info.endpoint.as_str()
+        ),
+        ("CSIPlugin", "models.kube-zerocopy.io", "")
+    );
+    assert_eq!(info.supported_versions, ["1.0.0"]);
+    let plugin = identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plugin.name, "models.kube-zerocopy.io");
+    assert_eq!(
+        identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    let node_info = node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_info.node_id, "node-a");
+
+    // Three pods: two name the first model (pipelines of two tenants), one the second.
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| {
+        pods.path()
+            .join(pod)
+            .join("volumes/kubernetes.io~csi/models/mount")
+    };
+    let volumes = [
+        ("csi-a", target("a"), &first),
+        ("csi-b", target("b"), &second),
+        ("csi-c", target("c"), &first),
+    ];
+    for (id, path, model) in &volumes {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        node.node_publish_volume(publish_request(id, path, std::slice::from_ref(model)))
+            .await
+            .unwrap_or_else(|e| panic!("publishing {id}: {e}"));
+    }
+    // Each volume shows its own model and nothing else.
+    for (id, path, model) in &volumes {
+        let digest = model.sha256.clone().unwrap();
+        let mut expected = vec![
+            format!("blobs/{digest}/manifest.json"),
+            format!("blobs/{digest}/tensors.bin"),
+            "bindings/ready.json".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(files(path), expected, "{id}");
+        let bindings: BTreeMap<String, String> = serde_json::from_str(
+            &std::fs::read_to_string(path.join("bindings/ready.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            bindings,
+            BTreeMap::from([("ranker".to_string(), digest)]),
+            "{id}"
+        );
+    }
+    let stored_tensors = agent
+        .store()
+        .join("blobs")
+        .join(&first_digest)
+        .join("tensors.bin");
+    // One copy of the first model: both volumes show the store's own file (one inode, linked
+    // from the store and the two views).
+    let stored = std::fs::metadata(&stored_tensors).unwrap();
+    for path in [&volumes[0].1, &volumes[2].1] {
+        let seen =
+            std::fs::metadata(path.join("blobs").join(&first_digest).join("tensors.bin")).unwrap();
+        assert_eq!((seen.dev(), seen.ino()), (stored.dev(), stored.ino()));
+    }
+    assert_eq!(stored.nlink(), 3);
+
+    // Read-only, for root too: no write into a model, no new file.
+    let tensors = volumes[0]
+        .1
+        .join("blobs")
+        .join(&first_digest)
+        .join("tensors.bin");
+    let write = std::fs::OpenOptions::new().write(true).open(&tensors);
+    assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    let create = std::fs::write(volumes[0].1.join("planted"), b"x");
+    assert_eq!(create.unwrap_err().raw_os_error(), Some(libc::EROFS));
+
+    // A worker maps its model from the volume and computes what the model computes.
+    let input = models_dir.path().join("input");
+    make_model(&[
+        "inputs",
+        input.to_str().unwrap(),
+        "--shards",
+        "1",
+        "--batch",
+        "4",
+        "--features",
+        "64",
+    ]);
+    let output = models_dir.path().join("output");
+    let out = std::process::Command::new(bin("kube-zerocopy-worker"))
+        .arg("task")
+        .env("KZC_MODELS", models_to_json(std::slice::from_ref(&first)))
+        .env("KZC_STORE", &volumes[0].1)
+        .env("KZC_BINDINGS", volumes[0].1.join("bindings"))
+        .env("KZC_INPUT", &input)
+        .env("KZC_OUTPUT", &output)
+        .env("JOB_COMPLETION_INDEX", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shard = kube_zerocopy_worker::task::list_shards(&input)
+        .unwrap()
+        .remove(0);
+    let reference = LoadedModel::load_copying(&first_file, &first, tch::Device::Cpu).unwrap();
+    let expected = reference.forward(&read_input(&shard).unwrap()).unwrap();
+    assert!(read_output(&output.join(shard.file_name().unwrap())).equal(&expected));
+
+    // Refusals, each with its cause, and nothing mounted for them.
+    let refused = |status: tonic::Status| (status.code(), status.message().to_owned());
+    let wrong = ModelSource {
+        sha256: Some("0".repeat(64)),
+        ..first.clone()
+    };
+    let bad_target = target("d");
+    std::fs::create_dir_all(bad_target.parent().unwrap()).unwrap();
+    let (code, message) = refused(
+        node.node_publish_volume(publish_request("csi-d", &bad_target, &[wrong]))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, tonic::Code::Internal, "{message}");
+    assert!(message.contains("sha256 mismatch"), "{message}");
+    let mut no_models = publish_request("csi-e", &target("e"), &[]);
+    no_models.volume_context.remove("models");
+    let (code, message) = refused(node.node_publish_volume(no_models).await.unwrap_err());
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("\"models\""), "{message}");
+    let (code, message) = refused(
+        node.node_publish_volume(publish_request(
+            "../blobs",
+            &target("f"),
+            std::slice::from_ref(&first),
+        ))
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+    for pod in ["d", "e", "f"] {
+        assert!(
+            !target(pod).exists(),
+            "a refused volume left {}",
+            target(pod).display()
+        );
+    }
+    assert!(!agent.store().join(".views/csi-d").exists());
+
+    // Publishing again is harmless; unpublishing takes the volume and its links away, and the
+    // model another pod still mounts stays.
+    node.node_publish_volume(publish_request(
+        "csi-a",
+        &volumes[0].1,
+        std::slice::from_ref(&first),
+    ))
+    .await
+    .unwrap();
+    node.node_unpublish_volume(unpublish_request("csi-a", &volumes[0].1))
+        .await
+        .unwrap();
+    assert!(!volumes[0].1.exists());
+    assert!(!agent.store().join(".views/csi-a").exists());
+    assert_eq!(files(&volumes[2].1).len(), 3);
+    let stored = std::fs::metadata(&stored_tensors).unwrap();
+    assert_eq!(stored.nlink(), 2);
+    for (id, path, _) in &volumes[1..] {
+        node.node_unpublish_volume(unpublish_request(id, path))
+            .await
+            .unwrap();
+        assert!(!path.exists(), "{id}");
+    }
+    // Unpublishing what is gone already succeeds (the kubelet retries).
+    node.node_unpublish_volume(unpublish_request("csi-b", &volumes[1].1))
+        .await
+        .unwrap();
+
+    let mut child = agent.child;
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    drop(agent.dir);
+}
