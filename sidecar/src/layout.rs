@@ -181,15 +181,32 @@ pub fn plan(
     Ok((entries, offset))
 }
 
+/// How long a sidecar waits for a lock another process holds before it gives up: long enough
+/// for another sidecar to lay out a large model, short enough that a process that never lets
+/// go (hung, or hostile on a shared store) fails the pod with the reason instead of hanging it.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
+
 /// The content-addressed store: the shared volume's root.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    lock_timeout: Duration,
 }
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            lock_timeout: LOCK_TIMEOUT,
+        }
+    }
+
+    /// The same store, giving up on a held lock after `timeout` instead of [`LOCK_TIMEOUT`].
+    pub fn with_lock_timeout(self, timeout: Duration) -> Self {
+        Store {
+            lock_timeout: timeout,
+            ..self
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -204,9 +221,32 @@ impl Store {
         self.model_dir(digest).join(MANIFEST_FILE).is_file()
     }
 
-    /// Reads and checks a published model's manifest.
+    /// Reads and checks a published model's manifest. The folder and its files must be the
+    /// store's own, not links to elsewhere (a link planted in a shared store would hand a
+    /// reader someone else's files).
     pub fn open(&self, digest: &str) -> Result<Manifest> {
         let dir = self.model_dir(digest);
+        let own = |path: &Path, folder: bool| {
+            fs::symlink_metadata(path).is_ok_and(|m| {
+                if folder {
+                    m.file_type().is_dir()
+                } else {
+                    m.file_type().is_file()
+                }
+            })
+        };
+        if !own(&dir, true) && fs::symlink_metadata(&dir).is_ok() {
+            bail!(
+                "model {digest}: {} is not a folder of the store",
+                dir.display()
+            );
+        }
+        for file in [MANIFEST_FILE, TENSORS_FILE] {
+            let path = dir.join(file);
+            if !own(&path, false) && fs::symlink_metadata(&path).is_ok() {
+                bail!("model {digest}: {} is not a plain file", path.display());
+            }
+        }
         let text = fs::read_to_string(dir.join(MANIFEST_FILE)).with_context(|| {
             format!("model {digest} is not published in {}", self.root.display())
         })?;
@@ -241,17 +281,49 @@ impl Store {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        file.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
+        self.wait_for(&file, &path, Lock::Exclusive)?;
         Ok(file)
+    }
+
+    /// Takes `file`'s lock, waiting at most the store's lock timeout.
+    fn wait_for(&self, file: &File, path: &Path, kind: Lock) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let attempt = match kind {
+                Lock::Exclusive => file.try_lock(),
+                Lock::Shared => file.try_lock_shared(),
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
+            }
+            if started.elapsed() >= self.lock_timeout {
+                bail!(
+                    "waited {:?} for {}: another process holds it (a sidecar laying out the \
+                     same model, or one that hangs)",
+                    self.lock_timeout,
+                    path.display()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Claims a model for as long as the returned [`Hold`] lives (or the process does). Waits
     /// while a collection is removing it; look for the model only once this returns.
     pub fn hold(&self, digest: &str) -> Result<Hold> {
         let file = self.users_lock(digest)?;
-        file.lock_shared()
-            .with_context(|| format!("holding model {digest}"))?;
+        self.wait_for(
+            &file,
+            &self.root.join(".users").join(format!("{digest}.lock")),
+            Lock::Shared,
+        )
+        .with_context(|| format!("holding model {digest}"))?;
         let hold = Hold {
             file,
             digest: digest.to_owned(),
@@ -278,33 +350,55 @@ impl Store {
     pub fn collect_unused(&self, unused_for: Duration) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         let trash = self.root.join(".trash");
+        // One entry that cannot be handled (unreadable, planted) is reported and skipped: it
+        // must not keep the others from being collected.
         for digest in names_in(&self.root.join("blobs"))? {
-            let users = self.users_lock(&digest)?;
-            if !try_lock_exclusive(&users)? {
-                continue;
+            match self.collect_one(&digest, unused_for, &trash) {
+                Ok(true) => removed.push(digest),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%digest, error = format!("{e:#}"), "collecting a model"),
             }
-            let idle = users.metadata()?.modified()?.elapsed().unwrap_or_default();
-            if idle < unused_for {
-                continue;
-            }
-            // One rename unpublishes it whole; the slow delete happens out of sight (what a
-            // killed collection leaves there goes with the next one).
-            fs::create_dir_all(&trash)?;
-            let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
-            fs::rename(self.model_dir(&digest), &gone)
-                .with_context(|| format!("unpublishing model {digest}"))?;
-            removed.push(digest);
         }
+        // remove_dir_all removes a link itself, never what it points at.
         for name in names_in(&trash)? {
             let _ = fs::remove_dir_all(trash.join(name));
         }
         for name in names_in(&self.root.join(".staging"))? {
             let digest = name.split('.').next().unwrap_or_default();
-            if try_lock_exclusive(&self.users_lock(digest)?)? {
+            if self
+                .users_lock(digest)
+                .and_then(|users| try_lock_exclusive(&users))
+                .unwrap_or(false)
+            {
                 let _ = fs::remove_dir_all(self.root.join(".staging").join(&name));
             }
         }
         Ok(removed)
+    }
+
+    /// Collects one entry of blobs/ if unused for `unused_for`; true when it was removed. An
+    /// entry that is not a folder (a link or file planted there) is removed at once.
+    fn collect_one(&self, digest: &str, unused_for: Duration, trash: &Path) -> Result<bool> {
+        let path = self.model_dir(digest);
+        if !fs::symlink_metadata(&path)?.file_type().is_dir() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            tracing::warn!(path = %path.display(), "removed an entry that is no model folder");
+            return Ok(true);
+        }
+        let users = self.users_lock(digest)?;
+        if !try_lock_exclusive(&users)? {
+            return Ok(false);
+        }
+        let idle = users.metadata()?.modified()?.elapsed().unwrap_or_default();
+        if idle < unused_for {
+            return Ok(false);
+        }
+        // One rename unpublishes it whole; the slow delete happens out of sight (what a
+        // killed collection leaves there goes with the next one).
+        fs::create_dir_all(trash)?;
+        let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
+        fs::rename(&path, &gone).with_context(|| format!("unpublishing model {digest}"))?;
+        Ok(true)
     }
 
     /// Starts writing a model. Call with the digest's lock held: staging folders for the same
@@ -365,6 +459,12 @@ fn names_in(dir: &Path) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
     }
+}
+
+#[derive(Clone, Copy)]
+enum Lock {
+    Exclusive,
+    Shared,
 }
 
 /// Takes `file`'s lock exclusively if nobody holds it; false when somebody does.
@@ -630,6 +730,64 @@ mod tests {
         assert_eq!(staging.len(), 1, "{staging:?}");
         assert!(staging[0].starts_with("cc."), "{staging:?}");
         drop(writing);
+    }
+
+    #[test]
+    fn a_lock_held_forever_fails_after_the_timeout_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).with_lock_timeout(Duration::from_millis(300));
+        // Another process's lock (flock: another open file conflicts, in one process too).
+        let held = store.lock("ee").unwrap();
+        let err = format!("{:#}", store.lock("ee").unwrap_err());
+        assert!(
+            err.contains("waited 300ms") && err.contains("ee.lock"),
+            "{err}"
+        );
+        drop(held);
+        drop(store.lock("ee").unwrap());
+        // A collection's exclusive claim held forever: a hold gives up the same way.
+        let users = store.users_lock("ff").unwrap();
+        users.lock().unwrap();
+        let err = format!("{:#}", store.hold("ff").err().unwrap());
+        assert!(
+            err.contains("holding model ff") && err.contains("waited"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_link_planted_in_the_store_is_never_followed() {
+        let (_elsewhere, other) = store_with("gg");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        fs::create_dir_all(dir.path().join("blobs")).unwrap();
+        fs::write(other.model_dir("gg").join(MANIFEST_FILE), "{}").unwrap();
+        std::os::unix::fs::symlink(other.model_dir("gg"), store.model_dir("gg")).unwrap();
+        let err = format!("{:#}", store.open("gg").unwrap_err());
+        assert!(err.contains("is not a folder of the store"), "{err}");
+        // The collection removes the link, not what it points at.
+        assert_eq!(store.collect_unused(Duration::ZERO).unwrap(), vec!["gg"]);
+        assert!(fs::symlink_metadata(store.model_dir("gg")).is_err());
+        assert!(other.model_dir("gg").join(MANIFEST_FILE).is_file());
+        // A real folder whose manifest is a link is refused too.
+        fs::create_dir_all(store.model_dir("hh")).unwrap();
+        std::os::unix::fs::symlink(
+            other.model_dir("gg").join(MANIFEST_FILE),
+            store.model_dir("hh").join(MANIFEST_FILE),
+        )
+        .unwrap();
+        let err = format!("{:#}", store.open("hh").unwrap_err());
+        assert!(err.contains("is not a plain file"), "{err}");
+    }
+
+    #[test]
+    fn one_bad_entry_does_not_stop_the_collection() {
+        let (_dir, store) = store_with("ii");
+        fs::create_dir_all(store.model_dir("jj")).unwrap();
+        // jj's users lock cannot be opened (a folder stands where the file goes).
+        fs::create_dir_all(store.root.join(".users/jj.lock")).unwrap();
+        assert_eq!(store.collect_unused(Duration::ZERO).unwrap(), vec!["ii"]);
+        assert!(store.model_dir("jj").is_dir());
     }
 
     fn manifest(tensors: Vec<TensorEntry>, size: u64) -> Manifest {

@@ -26,6 +26,10 @@ struct Cli {
     /// collection removes it; a full store removes unused models at once.
     #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
     keep_unused: u64,
+    /// Seconds to wait for a lock another process holds (another sidecar laying out the same
+    /// model) before failing with the reason.
+    #[arg(long, env = "KZC_LOCK_TIMEOUT", global = true, default_value_t = kube_zerocopy_sidecar::layout::LOCK_TIMEOUT.as_secs())]
+    lock_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,7 +61,10 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let keep_unused = Duration::from_secs(cli.keep_unused);
     let publisher = Publisher {
-        store: cli.paths.store(),
+        store: cli
+            .paths
+            .store()
+            .with_lock_timeout(Duration::from_secs(cli.lock_timeout)),
         bindings: cli.paths.bindings(),
         download_dir: cli.download_dir,
     };
