@@ -47,7 +47,17 @@ impl Agent {
             .env("KZC_DOWNLOAD_DIR", dir.path().join("downloads"))
             .spawn()
             .unwrap();
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(started.elapsed() < Duration::from_secs(30), "no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Agent { child, dir, socket }
+    }
+
+    /// SIGTERM, as the kubelet stops it: its exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child)
     }
 
     fn store(&self) -> PathBuf {
@@ -55,11 +65,6 @@ impl Agent {
     }
 
     async fn channel(&self) -> Channel {
-        let started = Instant::now();
-        while !self.socket.exists() {
-            assert!(started.elapsed() < Duration::from_secs(30), "no socket");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let socket = self.socket.clone();
         // The URI is not used: every connection goes to the socket.
         Endpoint::try_from("http://agent")
@@ -74,6 +79,14 @@ impl Agent {
             }))
             .await
             .unwrap()
+    }
+}
+
+/// A test that fails midway leaves no agent running (it would hold the test's output open).
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -362,7 +375,48 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         .await
         .unwrap();
 
-    let mut child = agent.child;
-    assert_eq!(terminate(&mut child).code(), Some(0));
-    drop(agent.dir);
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// The CSI community's conformance suite, csi-sanity (built by scripts/csi-sanity.sh from its
+/// pinned module), against the agent's socket: every check that applies to a node plugin
+/// without a controller service passes (plugin info, probe, capabilities, node info, and the
+/// refusals of publish and unpublish requests that lack a volume id, target path or capability).
+#[test]
+fn csi_sanity_passes_against_the_agent() {
+    let bin = kube_zerocopy_e2e::cluster::run_script("csi-sanity.sh", &[]).unwrap();
+    let agent = Agent::start();
+    let scratch = agent.dir.path().join("sanity");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = std::process::Command::new(Path::new(bin.trim()).join("csi-sanity"))
+        .arg(format!("-csi.endpoint=unix://{}", agent.socket.display()))
+        .arg(format!(
+            "-csi.mountdir={}",
+            scratch.join("target").display()
+        ))
+        .arg(format!(
+            "-csi.stagingdir={}",
+            scratch.join("staging").display()
+        ))
+        // A node plugin for ephemeral volumes: no controller, so no volume to create (the
+        // target path check creates one).
+        .arg("-ginkgo.skip=Controller Server|GroupController|should remove target path")
+        .arg("-ginkgo.no-color")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let summary = report
+        .lines()
+        .filter(|l| l.starts_with("Ran ") || l.contains("Passed"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    println!("csi-sanity: {summary}");
+    assert!(out.status.success(), "csi-sanity failed:\n{report}");
+    let ran: u32 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("Ran ")?.split(' ').next()?.parse().ok())
+        .expect("csi-sanity's summary");
+    assert!(ran >= 10, "csi-sanity ran only {ran} checks:\n{report}");
+    assert!(report.contains("| 0 Failed |"), "{report}");
+    assert_eq!(agent.stop().code(), Some(0));
 }
