@@ -14,15 +14,8 @@ ETCD_VERSION="$(required etcd go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(required kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(required helm helm.sh/helm/v3)"
 
-CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
-KEY="k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$(modules_hash kubernetes etcd kwok helm)"
-DIR="$CACHE/control-plane/$KEY"
-BIN="$DIR/bin"
-mkdir -p "$BIN"
-
-# Two test processes may ask at once: one builds, the other waits.
-exec 9>"$DIR/.lock"
-flock 9
+bin_folder control-plane \
+  "k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$(modules_hash kubernetes etcd kwok helm)"
 
 total=$SECONDS
 

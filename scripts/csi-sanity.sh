@@ -7,13 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/go-build.sh"
 
 VERSION="$(required csi-test github.com/kubernetes-csi/csi-test/v5)"
-CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
-DIR="$CACHE/csi-test/$VERSION-$(modules_hash csi-test)"
-BIN="$DIR/bin"
-mkdir -p "$BIN"
-
-exec 9>"$DIR/.lock"
-flock 9
+bin_folder csi-test "$VERSION-$(modules_hash csi-test)"
 
 started=$SECONDS
 if ! complete csi-sanity; then

@@ -13,13 +13,8 @@ K8S_VERSION="$(required kubernetes k8s.io/kubernetes)"
 CONTAINERD_VERSION="$(required containerd github.com/containerd/containerd/v2)"
 CNI_VERSION="$(required cni github.com/containernetworking/plugins)"
 
-CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
-DIR="$CACHE/node/k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-cni-$CNI_VERSION-$(modules_hash kubernetes containerd cni)"
-BIN="$DIR/bin"
-mkdir -p "$BIN"
-
-exec 9>"$DIR/.lock"
-flock 9
+bin_folder node \
+  "k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-cni-$CNI_VERSION-$(modules_hash kubernetes containerd cni)"
 
 total=$SECONDS
 

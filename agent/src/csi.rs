@@ -90,11 +90,8 @@ impl Agent {
                 Status::internal(message)
             }
         })?;
-        let digests = publisher
-            .bindings
-            .read()
-            .map_err(internal)?
-            .ok_or_else(|| Status::internal("the bindings were not written"))?;
+        // One hold per model, in the models' order: their digests are what the view links.
+        let digests: Vec<&str> = holds.iter().map(|h| h.digest.as_str()).collect();
         let mounted = views
             .link(volume_id, &digests)
             .and_then(|view| views::mount_read_only(&view, target));
@@ -102,7 +99,7 @@ impl Agent {
             let _ = views.remove(volume_id);
             return Err(internal(e));
         }
-        info!(volume_id, target = %target.display(), models = ?digests, "volume published");
+        info!(volume_id, target = %target.display(), ?digests, "volume published");
         self.holds
             .lock()
             .unwrap()

@@ -11,7 +11,6 @@
 //! A worker reads the view as it reads a store: `KZC_STORE=<mount>`,
 //! `KZC_BINDINGS=<mount>/bindings`.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -46,11 +45,11 @@ impl Views {
         Ok(self.store.root().join(".views").join(volume_id))
     }
 
-    /// Links every published file of `digests`' models into the volume's view; the bindings
-    /// must already be written there. Repeating it is harmless.
-    pub fn link(&self, volume_id: &str, digests: &BTreeMap<String, String>) -> Result<PathBuf> {
+    /// Links every published file of the models `digests` into the volume's view; the
+    /// bindings must already be written there. Repeating it is harmless.
+    pub fn link(&self, volume_id: &str, digests: &[&str]) -> Result<PathBuf> {
         let view = self.dir(volume_id)?;
-        for digest in digests.values() {
+        for digest in digests {
             let from = self.store.model_dir(digest);
             let to = view.join("blobs").join(digest);
             fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;

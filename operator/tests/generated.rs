@@ -245,64 +245,32 @@ fn rendered_pods_keep_their_promises() {
         );
         // Every path a container is given lies inside the volume it belongs to, and the worker
         // and the weight server find the store and the bindings at the same place in it.
-        for (container, env, keys) in [
-            (
-                worker,
-                &worker_env,
-                &[
-                    ("KZC_STORE", STORE_VOLUME),
-                    ("KZC_BINDINGS", BINDINGS_VOLUME),
-                ][..],
-            ),
-            (
-                sidecar,
-                &sidecar_env,
-                &[
-                    ("KZC_STORE", STORE_VOLUME),
-                    ("KZC_BINDINGS", BINDINGS_VOLUME),
-                    ("KZC_DOWNLOAD_DIR", DOWNLOADS_VOLUME),
-                ][..],
-            ),
+        let inside = |c: &Container, env: &[(String, String)], key: &str, volume: &str| {
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volume)
+                .unwrap_or_else(|| panic!("{name}/{}: {volume} is not mounted", c.name));
+            let path = value(env, key);
+            Path::new(&path)
+                .strip_prefix(&mount.mount_path)
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{name}/{}: {key}={path} lies outside {volume}'s mount {}",
+                        c.name, mount.mount_path
+                    )
+                })
+                .to_owned()
+        };
+        inside(sidecar, &sidecar_env, "KZC_DOWNLOAD_DIR", DOWNLOADS_VOLUME);
+        for (key, volume) in [
+            ("KZC_STORE", STORE_VOLUME),
+            ("KZC_BINDINGS", BINDINGS_VOLUME),
         ] {
-            for (key, volume) in keys {
-                let mount = container
-                    .volume_mounts
-                    .iter()
-                    .flatten()
-                    .find(|m| &m.name == volume)
-                    .unwrap_or_else(|| {
-                        panic!("{name}/{}: {volume} is not mounted", container.name)
-                    });
-                let path = value(env, key);
-                assert!(
-                    Path::new(&path).starts_with(&mount.mount_path),
-                    "{name}/{}: {key}={path} lies outside {volume}'s mount {}",
-                    container.name,
-                    mount.mount_path
-                );
-            }
-        }
-        for key in ["KZC_STORE", "KZC_BINDINGS"] {
-            let within = |c: &Container, env: &[(String, String)], volume: &str| {
-                let mount = c
-                    .volume_mounts
-                    .iter()
-                    .flatten()
-                    .find(|m| m.name == volume)
-                    .unwrap();
-                Path::new(&value(env, key))
-                    .strip_prefix(&mount.mount_path)
-                    .unwrap()
-                    .to_owned()
-            };
-            let volume = if key == "KZC_STORE" {
-                STORE_VOLUME
-            } else {
-                BINDINGS_VOLUME
-            };
             assert_eq!(
-                within(worker, &worker_env, volume),
-                within(sidecar, &sidecar_env, volume),
+                inside(worker, &worker_env, key, volume),
+                inside(sidecar, &sidecar_env, key, volume),
                 "{name}: worker and weight server disagree on {key} inside {volume}"
             );
         }

@@ -1,7 +1,8 @@
 # Sourced by control-plane.sh and node.sh: builds commands from the Go modules pinned in
 # tests/cluster/<dir>/go.mod (+ go.sum) into a bin folder outside the repository, keyed by
 # their versions; each binary is rebuilt only when its .complete marker is missing.
-# The caller sets BIN (the bin folder) and DIR (its parent, for scratch space).
+# The caller calls bin_folder first: it sets BIN (the bin folder) and DIR (its parent, for
+# scratch space).
 
 MODULES="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/tests/cluster"
 export GOTOOLCHAIN=local
@@ -23,6 +24,17 @@ required() {
 modules_hash() {
   local d
   for d in "$@"; do cat "$MODULES/$d/go.mod"; done | sha256sum | cut -c1-12
+}
+
+# bin_folder GROUP KEY: the bin folder $CACHE/GROUP/KEY/bin, created, and its lock taken (on
+# file descriptor 9, held until the script exits): two test processes may ask at once, one
+# builds and the other waits.
+bin_folder() {
+  DIR="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}/$1/$2"
+  BIN="$DIR/bin"
+  mkdir -p "$BIN"
+  exec 9>"$DIR/.lock"
+  flock 9
 }
 
 complete() {

@@ -226,16 +226,11 @@ impl Store {
     /// reader someone else's files).
     pub fn open(&self, digest: &str) -> Result<Manifest> {
         let dir = self.model_dir(digest);
-        let own = |path: &Path, folder: bool| {
-            fs::symlink_metadata(path).is_ok_and(|m| {
-                if folder {
-                    m.file_type().is_dir()
-                } else {
-                    m.file_type().is_file()
-                }
-            })
+        // What is there, as itself (a link is not followed); absent is reported below.
+        let is = |path: &Path, kind: fn(&fs::Metadata) -> bool| {
+            fs::symlink_metadata(path).map_or(true, |m| kind(&m))
         };
-        if !own(&dir, true) && fs::symlink_metadata(&dir).is_ok() {
+        if !is(&dir, fs::Metadata::is_dir) {
             bail!(
                 "model {digest}: {} is not a folder of the store",
                 dir.display()
@@ -243,7 +238,7 @@ impl Store {
         }
         for file in [MANIFEST_FILE, TENSORS_FILE] {
             let path = dir.join(file);
-            if !own(&path, false) && fs::symlink_metadata(&path).is_ok() {
+            if !is(&path, fs::Metadata::is_file) {
                 bail!("model {digest}: {} is not a plain file", path.display());
             }
         }
@@ -290,16 +285,8 @@ impl Store {
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
-            let attempt = match kind {
-                Lock::Exclusive => file.try_lock(),
-                Lock::Shared => file.try_lock_shared(),
-            };
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(fs::TryLockError::WouldBlock) => {}
-                Err(fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("locking {}", path.display()))
-                }
+            if try_lock(file, kind).with_context(|| format!("locking {}", path.display()))? {
+                return Ok(());
             }
             if started.elapsed() >= self.lock_timeout {
                 bail!(
@@ -318,12 +305,8 @@ impl Store {
     /// while a collection is removing it; look for the model only once this returns.
     pub fn hold(&self, digest: &str) -> Result<Hold> {
         let file = self.users_lock(digest)?;
-        self.wait_for(
-            &file,
-            &self.root.join(".users").join(format!("{digest}.lock")),
-            Lock::Shared,
-        )
-        .with_context(|| format!("holding model {digest}"))?;
+        self.wait_for(&file, &self.users_lock_path(digest), Lock::Shared)
+            .with_context(|| format!("holding model {digest}"))?;
         let hold = Hold {
             file,
             digest: digest.to_owned(),
@@ -332,10 +315,15 @@ impl Store {
         Ok(hold)
     }
 
+    fn users_lock_path(&self, digest: &str) -> PathBuf {
+        self.root.join(".users").join(format!("{digest}.lock"))
+    }
+
     fn users_lock(&self, digest: &str) -> Result<File> {
-        let dir = self.root.join(".users");
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(format!("{digest}.lock"));
+        let path = self.users_lock_path(digest);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -367,7 +355,7 @@ impl Store {
             let digest = name.split('.').next().unwrap_or_default();
             if self
                 .users_lock(digest)
-                .and_then(|users| try_lock_exclusive(&users))
+                .and_then(|users| try_lock(&users, Lock::Exclusive))
                 .unwrap_or(false)
             {
                 let _ = fs::remove_dir_all(self.root.join(".staging").join(&name));
@@ -386,7 +374,7 @@ impl Store {
             return Ok(true);
         }
         let users = self.users_lock(digest)?;
-        if !try_lock_exclusive(&users)? {
+        if !try_lock(&users, Lock::Exclusive)? {
             return Ok(false);
         }
         let idle = users.metadata()?.modified()?.elapsed().unwrap_or_default();
@@ -467,12 +455,16 @@ enum Lock {
     Shared,
 }
 
-/// Takes `file`'s lock exclusively if nobody holds it; false when somebody does.
-fn try_lock_exclusive(file: &File) -> Result<bool> {
-    match file.try_lock() {
+/// Takes `file`'s lock if nobody holds it in a conflicting way; false when somebody does.
+fn try_lock(file: &File, kind: Lock) -> Result<bool> {
+    let attempt = match kind {
+        Lock::Exclusive => file.try_lock(),
+        Lock::Shared => file.try_lock_shared(),
+    };
+    match attempt {
         Ok(()) => Ok(true),
         Err(fs::TryLockError::WouldBlock) => Ok(false),
-        Err(fs::TryLockError::Error(e)) => Err(e).context("taking a model's users lock"),
+        Err(fs::TryLockError::Error(e)) => Err(e).context("taking a lock"),
     }
 }
 

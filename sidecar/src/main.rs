@@ -34,15 +34,19 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// `serve`'s defaults, also what runs when no subcommand is given.
+const LISTEN: &str = "0.0.0.0:8471";
+const COLLECT_EVERY_SECS: u64 = 60;
+
 #[derive(Subcommand)]
 enum Command {
     /// Publish every model, then serve readiness until terminated (the default).
     Serve {
         /// Address of the HTTP endpoints /readyz and /livez.
-        #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8471")]
+        #[arg(long, env = "KZC_LISTEN", default_value = LISTEN)]
         listen: String,
         /// Seconds between marking this pod's models as used and collecting unused ones.
-        #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = 60)]
+        #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = COLLECT_EVERY_SECS)]
         collect_every: u64,
     },
     /// Publish every model and exit.
@@ -69,8 +73,8 @@ fn run(cli: Cli) -> Result<()> {
         download_dir: cli.download_dir,
     };
     match cli.command.unwrap_or(Command::Serve {
-        listen: "0.0.0.0:8471".into(),
-        collect_every: 60,
+        listen: LISTEN.into(),
+        collect_every: COLLECT_EVERY_SECS,
     }) {
         Command::Probe => publisher.check_ready(&models_from_env()?),
         Command::Publish => publisher.publish_all(&models_from_env()?).map(|_| ()),

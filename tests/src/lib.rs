@@ -76,6 +76,11 @@ pub fn succeeded(out: &Output) -> String {
     stderr
 }
 
+/// The sha256 of a file's bytes, hex: a model's digest, as the weight server computes it.
+pub fn sha256_of(path: &Path) -> String {
+    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
+}
+
 /// Sends SIGTERM, as the kubelet does to stop a container, and waits for the exit.
 pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     // SAFETY: a signal to a child this process started and has not reaped.

@@ -19,7 +19,7 @@ use kube_zerocopy_agent::proto::csi::{
 };
 use kube_zerocopy_agent::proto::registration::registration_client::RegistrationClient;
 use kube_zerocopy_agent::proto::registration::InfoRequest;
-use kube_zerocopy_e2e::{bin, make_model, read_output, source, terminate};
+use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, terminate};
 use kube_zerocopy_sidecar::config::models_to_json;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::task::read_input;
@@ -145,10 +145,6 @@ fn files(root: &Path) -> Vec<String> {
     out
 }
 
-fn digest_of(path: &Path) -> String {
-    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     let models_dir = tempfile::tempdir().unwrap();
@@ -156,7 +152,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     let (first_file, second_file) = (m.join("first.safetensors"), m.join("second.safetensors"));
     make_model(&["mlp", first_file.to_str().unwrap(), "--sizes", "64,256,8"]);
     make_model(&["mlp", second_file.to_str().unwrap(), "--sizes", "64,128,8"]);
-    let (first_digest, second_digest) = (digest_of(&first_file), digest_of(&second_file));
+    let (first_digest, second_digest) = (sha256_of(&first_file), sha256_of(&second_file));
     let model = |name: &str, file: &Path, digest: &str| ModelSource {
         sha256: Some(digest.to_owned()),
         ..source(name, ModelFormat::Safetensors, file)

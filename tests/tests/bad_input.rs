@@ -236,7 +236,7 @@ fn http_source_is_published_and_http_404_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let file = small_mlp(dir.path());
     let (addr, server) = serve_once(file.clone());
-    let digest = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&file).unwrap());
+    let digest = kube_zerocopy_e2e::sha256_of(&file);
     let pod = Pod::new();
     let good = ModelSource {
         uri: format!("{addr}/model"),

@@ -7,13 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube_zerocopy_e2e::{make_model, source, succeeded, Pod};
+use kube_zerocopy_e2e::{make_model, sha256_of, source, succeeded, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
-
-/// sha256 of a file's bytes, hex.
-fn sha256_of(path: &std::path::Path) -> String {
-    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
-}
 
 /// What a reader saw of one model while it was being published.
 #[derive(Default)]

@@ -163,7 +163,7 @@ fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Mod
         String::from_utf8_lossy(&out.stderr)
     );
     let bytes = std::fs::metadata(&model)?.len();
-    let sha256 = sha256_hex(&std::fs::read(&model)?);
+    let sha256 = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&model)?);
     Ok(Model {
         file,
         format,
@@ -171,11 +171,6 @@ fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Mod
         sha256,
         reference: output,
     })
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// An http server on the bridge address (where pods reach the host) serving `dir`'s files.
