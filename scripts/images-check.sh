@@ -92,7 +92,7 @@ log "operator: kube-zerocopy --help ok as 65532 with a read-only root"
 # ---- runtime: --help, then sidecar publishes and worker runs a model --------------------------
 unpack runtime
 [ "$(user_of runtime)" = 65532:65532 ] || die "runtime: runs as $(user_of runtime), not 65532:65532"
-for bin in kube-zerocopy-sidecar kube-zerocopy-worker; do
+for bin in kube-zerocopy-sidecar kube-zerocopy-worker kube-zerocopy-agent; do
   spec runtime "[\"/usr/local/bin/$bin\", \"--help\"]"
   run runtime || die "runtime: $bin --help: $(cat "$WORK/runtime.out")"
   log "runtime: $bin --help ok"

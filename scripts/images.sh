@@ -259,13 +259,16 @@ OPERATOR_ARCHIVE="$(build operator "$ROOT/Dockerfile.operator" "$ctx" "docker.io
 # runtime
 ctx="$WORK/runtime"
 mkdir -p "$ctx/bin" "$ctx/lib"
-deps="$(check_deps "$REL/kube-zerocopy-sidecar")"
-while read -r soname _; do
-  [[ "$soname" =~ $BASE_SONAMES ]] || die "kube-zerocopy-sidecar needs $soname, which the base does not have"
-done <<<"$deps"
+# The weight server and the node agent need nothing beyond the base; the worker needs libtorch.
+for program in kube-zerocopy-sidecar kube-zerocopy-agent; do
+  deps="$(check_deps "$REL/$program")"
+  while read -r soname _; do
+    [[ "$soname" =~ $BASE_SONAMES ]] || die "$program needs $soname, which the base does not have"
+  done <<<"$deps"
+  stage_bin "$REL/$program" "$ctx/bin/$program"
+done
 stage_wheel_libs "$REL/kube-zerocopy-worker" "$ctx/lib"
 [ -f "$ctx/lib/libtorch_cpu.so" ] || die "kube-zerocopy-worker does not load libtorch_cpu.so from $KZC_VENV"
-stage_bin "$REL/kube-zerocopy-sidecar" "$ctx/bin/kube-zerocopy-sidecar"
 stage_bin "$REL/kube-zerocopy-worker" "$ctx/bin/kube-zerocopy-worker"
 log "runtime libraries: $(cd "$ctx/lib" && echo *)"
 RUNTIME_ARCHIVE="$(build runtime "$ROOT/Dockerfile.runtime" "$ctx" "docker.io/kube-zerocopy/runtime:$APP_VERSION" "$BASE_IMAGE")"

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use kube_zerocopy_sidecar::config::models_from_json;
+use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
 use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
 use kube_zerocopy_sidecar::Store;
@@ -29,10 +29,8 @@ use crate::proto::registration::{
     registration_server::Registration, InfoRequest, PluginInfo, RegistrationStatus,
     RegistrationStatusResponse,
 };
-use crate::views::{self, Views, BINDINGS_DIR};
-
-/// The volume attribute that lists a pod's models.
-pub const MODELS_ATTRIBUTE: &str = "models";
+use crate::views::{self, Views};
+use kube_zerocopy_sidecar::config::VIEW_BINDINGS_DIR;
 
 pub struct Agent {
     /// The CSI driver's name, as pods' volumes and the CSIDriver object name it.
@@ -41,17 +39,26 @@ pub struct Agent {
     pub store: Store,
     /// Where http(s) sources are downloaded before they are laid out.
     pub download_dir: PathBuf,
+    /// The node's folder whose files a volume may name as `file://` sources; none when None.
+    pub file_sources: Option<PathBuf>,
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
 }
 
 impl Agent {
-    pub fn new(driver: String, node_id: String, store: Store, download_dir: PathBuf) -> Arc<Self> {
+    pub fn new(
+        driver: String,
+        node_id: String,
+        store: Store,
+        download_dir: PathBuf,
+        file_sources: Option<PathBuf>,
+    ) -> Arc<Self> {
         Arc::new(Agent {
             driver,
             node_id,
             store,
             download_dir,
+            file_sources,
             holds: Mutex::new(HashMap::new()),
         })
     }
@@ -70,6 +77,9 @@ impl Agent {
         let models = models_from_json(models_json).map_err(|e| {
             Status::invalid_argument(format!("volume attribute {MODELS_ATTRIBUTE:?}: {e:#}"))
         })?;
+        for model in &models {
+            self.check_source(model)?;
+        }
         let views = self.views();
         let view = views
             .dir(volume_id)
@@ -79,7 +89,7 @@ impl Agent {
         }
         let publisher = Publisher {
             store: self.store.clone(),
-            bindings: Bindings::new(view.join(BINDINGS_DIR)),
+            bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
             download_dir: self.download_dir.clone(),
         };
         let holds = publisher.publish_all(&models).map_err(|e| {
@@ -104,6 +114,54 @@ impl Agent {
             .lock()
             .unwrap()
             .insert(volume_id.to_owned(), holds);
+        Ok(())
+    }
+
+    /// Whoever can create a pod can name any source in its volume, and the agent reads as
+    /// root: it fetches http(s) sources, and reads `file://` ones only under the folder the
+    /// node's administrator set aside for them. A volume carries no credentials: a file named
+    /// as a token or CA bundle would be a file of the node read on a pod's say-so.
+    fn check_source(&self, model: &ModelSource) -> Result<(), Status> {
+        let refuse = |why: String| {
+            Err(Status::permission_denied(format!(
+                "model {:?}: {why}",
+                model.name
+            )))
+        };
+        if model.bearer_token_file.is_some() || model.ca_file.is_some() {
+            return refuse(
+                "the node agent takes no bearer token or CA file from a volume's attributes".into(),
+            );
+        }
+        if model.uri.starts_with("http://") || model.uri.starts_with("https://") {
+            return Ok(());
+        }
+        let Some(path) = model.uri.strip_prefix("file://") else {
+            return refuse(format!(
+                "source {:?} is not http(s):// or file://",
+                model.uri
+            ));
+        };
+        let Some(root) = &self.file_sources else {
+            return refuse(format!(
+                "source {:?}: this node's agent reads no file:// sources (its \
+                 KZC_FILE_SOURCES is not set); serve the model over http(s)",
+                model.uri
+            ));
+        };
+        // Resolved, so that neither `..` nor a link leads out of the folder.
+        let inside = std::fs::canonicalize(path)
+            .ok()
+            .zip(std::fs::canonicalize(root).ok())
+            .is_some_and(|(file, root)| file.starts_with(root));
+        if !inside {
+            return refuse(format!(
+                "source {:?} is not a file under {}, the only folder this node's agent reads \
+                 file:// sources from",
+                model.uri,
+                root.display()
+            ));
+        }
         Ok(())
     }
 

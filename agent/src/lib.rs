@@ -6,8 +6,10 @@
 //! - [`proto`]: the CSI and kubelet-registration gRPC services, generated from proto/.
 //! - [`views`]: a pod's view of its models: hard links into the store, mounted read-only.
 //! - [`csi`]: the Identity and Node services the kubelet calls, and the registration.
+//! - [`store_memory`]: the tmpfs the store lives in.
 
 pub mod csi;
+pub mod store_memory;
 pub mod views;
 
 pub mod proto {

@@ -8,6 +8,8 @@ use clap::Parser;
 use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
 use kube_zerocopy_agent::proto::registration::registration_server::RegistrationServer;
+use kube_zerocopy_agent::store_memory;
+use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::info;
@@ -23,11 +25,7 @@ struct Cli {
     )]
     socket: PathBuf,
     /// The CSI driver's name: pods' volumes and the CSIDriver object use it.
-    #[arg(
-        long,
-        env = "KZC_CSI_DRIVER",
-        default_value = "models.kube-zerocopy.io"
-    )]
+    #[arg(long, env = "KZC_CSI_DRIVER", default_value = NODE_STORE_DRIVER)]
     driver: String,
     /// This node's name (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -35,9 +33,17 @@ struct Cli {
     /// The node's weight store, which only the agent writes.
     #[arg(long, env = "KZC_STORE", default_value = "/kzc/store")]
     store: PathBuf,
+    /// Mount a tmpfs of this size (bytes, or with k, m, g) on the store unless one is
+    /// mounted there already (an earlier run's, which keeps its models); none when unset.
+    #[arg(long, env = "KZC_STORE_SIZE")]
+    store_size: Option<String>,
     /// Where http(s) sources are downloaded before they are laid out.
     #[arg(long, env = "KZC_DOWNLOAD_DIR", default_value_os_t = std::env::temp_dir())]
     download_dir: PathBuf,
+    /// A folder of the node whose files volumes may name as `file://` sources (a node-local
+    /// model cache); volumes may name no file at all when unset.
+    #[arg(long, env = "KZC_FILE_SOURCES")]
+    file_sources: Option<PathBuf>,
 }
 
 fn main() {
@@ -49,11 +55,15 @@ fn run(cli: Cli) -> Result<()> {
     kube_zerocopy_sidecar::process::exit_on_terminate()?;
     std::fs::create_dir_all(&cli.store)
         .with_context(|| format!("creating the store {}", cli.store.display()))?;
+    if let Some(size) = &cli.store_size {
+        store_memory::mount_tmpfs(&cli.store, size)?;
+    }
     let agent = Agent::new(
         cli.driver,
         cli.node_id,
         Store::new(&cli.store),
         cli.download_dir,
+        cli.file_sources,
     );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

@@ -18,9 +18,6 @@ use anyhow::{bail, Context, Result};
 use kube_zerocopy_sidecar::Store;
 use rustix::mount::{mount_bind, mount_remount, unmount, MountFlags, UnmountFlags};
 
-/// The folder under a view's root where its bindings are.
-pub const BINDINGS_DIR: &str = "bindings";
-
 pub struct Views {
     store: Store,
 }

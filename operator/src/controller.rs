@@ -6,9 +6,7 @@
 //!
 //! Owner references make Kubernetes delete a pipeline's objects with it, so no finalizer is
 //! needed. A Task pipeline whose spec changes while its Job runs is refused with a condition
-//! (a Job's pod template cannot change); once the Job has finished it is replaced. A
-//! Node-sharing pipeline in a namespace whose Pod Security level forbids its hostPath volume is
-//! not applied at all, with a condition that says why (see [`crate::pod_security`]). What a
+//! (a Job's pod template cannot change); once the Job has finished it is replaced. What a
 //! person must change is a condition, not an error; errors are API calls that failed, counted
 //! by step, and retried later when a person must act first.
 
@@ -19,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -30,10 +28,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, Sharing};
+use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase};
 use crate::leader::Election;
 use crate::metrics::Metrics;
-use crate::pod_security;
 use crate::policy;
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Blocked, ConditionType, Observed, Reason};
@@ -88,8 +85,6 @@ pub struct Context {
     /// them instead of asking the API server each time.
     pub jobs: reflector::Store<Job>,
     pub pods: reflector::Store<Pod>,
-    /// The namespaces (only the watched one, if one): their Pod Security labels.
-    pub namespaces: reflector::Store<Namespace>,
     /// Failed reconciles in a row, per pipeline: the retry backs off (see [`error_policy`]).
     pub failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
 }
@@ -294,12 +289,7 @@ pub async fn reconcile(
 
 async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<Action, Error> {
     let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
-    let Some(applied) = apply(ctx, pipeline, &ns).await? else {
-        // A namespace just created that its watch has not brought yet: look again soon,
-        // rather than create what its Pod Security level may forbid.
-        info!(namespace = %ns, pipeline = %pipeline.name_any(), "namespace not cached yet");
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    };
+    let applied = apply(ctx, pipeline, &ns).await?;
     let pods = observe_pods(ctx, pipeline, &ns);
     let observed = Observed {
         job: applied.job.as_ref(),
@@ -320,8 +310,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
 fn next_look(phase: Option<Phase>) -> Duration {
     match phase {
         Some(phase) if phase.is_settled() => Duration::from_secs(300),
-        // A person must change something: a new spec or namespace labels bring a reconcile
-        // at once; this covers what no watch brings (a foreign object deleted).
+        // A person must change something: a new spec brings a reconcile at once; this covers what no watch brings (a foreign object deleted).
         Some(Phase::Blocked) => Duration::from_secs(60),
         _ => Duration::from_secs(15),
     }
@@ -354,34 +343,6 @@ impl From<Blocked> for Applied {
             ..Default::default()
         }
     }
-}
-
-/// Step 1: applies the pipeline's objects. Node sharing needs a hostPath volume: where the
-/// namespace's Pod Security level forbids it, nothing is applied (its pods would be refused,
-/// and the pipeline would wait for them without a word) and the status says why. None: the
-/// namespace is not cached yet.
-async fn apply(
-    ctx: &Context,
-    pipeline: &InferencePipeline,
-    ns: &str,
-) -> Result<Option<Applied>, Error> {
-    if pipeline.spec.sharing == Sharing::Node {
-        let Some(namespace) = ctx.namespaces.get(&ObjectRef::new(ns)) else {
-            return Ok(None);
-        };
-        if let Some(message) =
-            pod_security::node_sharing_forbidden(pipeline, ns, namespace.labels())
-        {
-            return Ok(Some(
-                Blocked {
-                    reason: Reason::PodSecurityForbidsNodeSharing,
-                    message,
-                }
-                .into(),
-            ));
-        }
-    }
-    render_and_apply(ctx, pipeline, ns).await.map(Some)
 }
 
 /// Step 2: the pipeline's pods, from the cache its watch keeps.
@@ -513,15 +474,11 @@ async fn phase_already_written(
     }
 }
 
-/// Renders and applies a pipeline's objects. A pipeline that cannot become objects, or whose
+/// Step 1: renders and applies a pipeline's objects. A pipeline that cannot become objects, or whose
 /// objects the API server refuses, is blocked with the reason (its status and an event say it):
 /// a person must change it, and a change of the spec brings a reconcile at once. Only errors
 /// that may pass on retry are returned as errors.
-async fn render_and_apply(
-    ctx: &Context,
-    pipeline: &InferencePipeline,
-    ns: &str,
-) -> Result<Applied, Error> {
+async fn apply(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Result<Applied, Error> {
     let rendered = match render::render(pipeline, &ctx.settings) {
         Ok(rendered) => rendered,
         Err(e) => {
@@ -840,27 +797,8 @@ pub async fn run(
         .reflect(pods_writer)
         .for_each(|_| futures::future::ready(())),
     );
-    // Namespaces are cluster-scoped: with one watched namespace, only that one, by name (what
-    // the chart's RBAC allows then).
-    let namespaces_config = match &namespace {
-        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
-        None => watcher::Config::default(),
-    };
-    let (namespaces, namespaces_writer) = reflector::store();
-    tokio::spawn(
-        watcher(
-            Api::<Namespace>::all(client.clone()),
-            namespaces_config.clone(),
-        )
-        .backoff(WatchBackoff {
-            next: WATCH_BACKOFF_MIN,
-        })
-        .reflect(namespaces_writer)
-        .for_each(|_| futures::future::ready(())),
-    );
     jobs.wait_until_ready().await?;
     pods.wait_until_ready().await?;
-    namespaces.wait_until_ready().await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings,
@@ -868,7 +806,6 @@ pub async fn run(
         metrics,
         jobs,
         pods,
-        namespaces,
         failures: Mutex::default(),
     });
     ctx.metrics.set_ready();
@@ -877,9 +814,7 @@ pub async fn run(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         "operator running"
     );
-    let controller = Controller::new(pipelines, watcher::Config::default());
-    let cached_pipelines = controller.store();
-    let controller = controller
+    let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(api::<Job>(&client, &namespace), managed.clone())
         .owns(api::<Deployment>(&client, &namespace), managed.clone())
         .owns(api::<Service>(&client, &namespace), managed)
@@ -889,23 +824,6 @@ pub async fn run(
             |pod: Pod| {
                 let name = pod.labels().get(PIPELINE_LABEL)?.clone();
                 Some(ObjectRef::<InferencePipeline>::new(&name).within(&pod.namespace()?))
-            },
-        )
-        // A namespace's labels changed (its Pod Security level): its Node-sharing pipelines
-        // may be allowed or forbidden now.
-        .watches(
-            Api::<Namespace>::all(client.clone()),
-            namespaces_config,
-            move |changed: Namespace| {
-                let ns = changed.name_any();
-                cached_pipelines
-                    .state()
-                    .iter()
-                    .filter(|p| {
-                        p.spec.sharing == Sharing::Node && p.namespace().as_deref() == Some(&ns)
-                    })
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
             },
         )
         .trigger_backoff(WatchBackoff {

@@ -54,6 +54,7 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("!has(self.actor) || self.mode == 'Actor'").message("spec.actor applies only to mode Actor; use spec.task for mode Task"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders of shard files)"))]
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
+#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.task) && has(self.task.shards))").message("mode Task needs spec.task.shards: the number of shard files in the input folder"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
@@ -65,8 +66,10 @@ pub struct InferencePipelineSpec {
     /// the pods run the CUDA runtime image). Default: cpu.
     #[serde(default)]
     pub device: DeviceKind,
-    /// Pod: one copy of the weights per pod. Node: one copy per node, shared by its pods
-    /// (needs a namespace that allows hostPath volumes). Default: Pod.
+    /// Pod: one copy of the weights per pod, written by its weight server. Node: one copy per
+    /// node, kept by the node's agent (the chart's DaemonSet) and mounted read-only into every
+    /// pod that names the model, in any namespace; its sources are http(s) URLs, or file://
+    /// paths of the node under the agent's nodeStore.fileSources. Default: Pod.
     #[serde(default)]
     pub sharing: Sharing,
     /// The models, run in order: the output of one is the input of the next.

@@ -14,7 +14,8 @@ pub const WORKER_BINARY: &str = "kube-zerocopy-worker";
 /// Where a pod's volumes are mounted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mounts {
-    /// The shared store: emptyDir (Pod sharing) or hostPath under /dev/shm (Node sharing).
+    /// The store: the pod's own (Pod sharing) or the node agent's view of the node's store,
+    /// holding only the pod's models (Node sharing).
     pub store: PathBuf,
     /// This pod's bindings (model name -> digest).
     pub bindings: PathBuf,
@@ -54,23 +55,14 @@ fn common_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<(String, Str
     ]
 }
 
-/// The weight server. `keep_unused`: seconds an unused model stays in a node's store (the
-/// sidecar's default when None).
-pub fn sidecar(
-    spec: &InferencePipelineSpec,
-    mounts: &Mounts,
-    listen: &str,
-    keep_unused: Option<u64>,
-) -> Invocation {
+/// The weight server (Pod sharing: its pod's own store).
+pub fn sidecar(spec: &InferencePipelineSpec, mounts: &Mounts, listen: &str) -> Invocation {
     let mut env = common_env(spec, mounts);
     env.push((
         "KZC_DOWNLOAD_DIR".into(),
         mounts.downloads.to_string_lossy().into_owned(),
     ));
     env.push(("KZC_LISTEN".into(), listen.to_owned()));
-    if let Some(seconds) = keep_unused {
-        env.push(("KZC_KEEP_UNUSED".into(), seconds.to_string()));
-    }
     Invocation {
         command: vec![SIDECAR_BINARY.into(), "serve".into()],
         env,

@@ -8,7 +8,6 @@ pub mod invocation;
 pub mod leader;
 pub mod local;
 pub mod metrics;
-pub mod pod_security;
 pub mod policy;
 pub mod quantity;
 pub mod render;

@@ -250,7 +250,7 @@ fn run_pod(
     let started = Instant::now();
     let sidecar_log = logs.join("sidecar.log");
     let mut sidecar = spawn(
-        &invocation::sidecar(spec, mounts, "127.0.0.1:0", None),
+        &invocation::sidecar(spec, mounts, "127.0.0.1:0"),
         bin_dir,
         &[],
         File::create(&sidecar_log)?,

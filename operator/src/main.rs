@@ -40,9 +40,6 @@ enum Command {
         /// This replica's name in the election (default: host name and process id).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
-        /// Seconds an unused model stays cached in a node's store (Node sharing pipelines).
-        #[arg(long, env = "KZC_KEEP_UNUSED")]
-        keep_unused: Option<u64>,
         /// Seconds a lease holds without renewal: how long a standby waits for a leader that
         /// died without handing the lease back.
         #[arg(long, env = "KZC_LEASE_DURATION", default_value_t = 15)]
@@ -157,12 +154,8 @@ fn run(cli: Cli) -> Result<()> {
             lease_namespace,
             identity,
             lease_duration,
-            keep_unused,
         } => {
-            let mut settings = render::Settings {
-                keep_unused,
-                ..Default::default()
-            };
+            let mut settings = render::Settings::default();
             images.apply(&mut settings);
             policy.apply(&mut settings);
             let metrics = std::sync::Arc::new(kube_zerocopy::metrics::Metrics::default());

@@ -6,7 +6,7 @@
 //! the workers start only then; the workers mount the shared store read-only.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -14,9 +14,9 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    ExecAction, HTTPGetAction, HostPathVolumeSource, KeyToPath, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    CSIVolumeSource, Capabilities, ConfigMapProjection, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
     SecretProjection, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -24,6 +24,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
+use kube_zerocopy_sidecar::config::{
+    models_to_json, MODELS_ATTRIBUTE, NODE_STORE_DRIVER, VIEW_BINDINGS_DIR,
+};
 use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
@@ -36,8 +39,8 @@ use crate::quantity;
 
 /// The uid and gid every container runs as (not root).
 pub const RUN_AS: i64 = 65532;
-/// Where Node sharing keeps its store on the host (a folder of the host's /dev/shm).
-pub const NODE_SHM: &str = "/dev/shm";
+/// Where a Node-sharing pod's workers see the node agent's volume of their models.
+pub const NODE_MODELS_MOUNT: &str = "/kzc/models";
 /// Memory the sidecar process needs beyond the weights it writes.
 const SIDECAR_OVERHEAD: u64 = 128 << 20;
 
@@ -46,6 +49,8 @@ const SIDECAR_OVERHEAD: u64 = 128 << 20;
 pub const STORE_VOLUME: &str = "kzc-store";
 pub const BINDINGS_VOLUME: &str = "kzc-bindings";
 pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
+/// Node sharing's one volume: the node agent's read-only view of the pod's models.
+pub const MODELS_VOLUME: &str = "kzc-models";
 /// A model's token and CA bundle: kzc-source-<index of the model>.
 pub const SOURCE_VOLUME_PREFIX: &str = "kzc-source-";
 
@@ -58,9 +63,6 @@ pub struct Settings {
     /// The runtime image of `device: cuda` pipelines: the same, with libtorch's CUDA backend
     /// and the CUDA libraries it loads (several GB, hence a separate image).
     pub cuda_runtime_image: String,
-    /// Seconds an unused model stays cached in a node's store (Node sharing); the sidecar's
-    /// default (an hour) when None.
-    pub keep_unused: Option<u64>,
     /// What a pipeline's template may add to its pods.
     pub policy: PipelinePolicy,
 }
@@ -70,7 +72,6 @@ impl Default for Settings {
         Settings {
             runtime_image: format!("kube-zerocopy/runtime:{}", env!("CARGO_PKG_VERSION")),
             cuda_runtime_image: format!("kube-zerocopy/runtime-cuda:{}", env!("CARGO_PKG_VERSION")),
-            keep_unused: None,
             policy: PipelinePolicy::default(),
         }
     }
@@ -239,65 +240,72 @@ fn memory(bytes: u64) -> BTreeMap<String, Quantity> {
 }
 
 /// The pod's volumes and where the containers see them.
-fn volumes(
-    pipeline: &InferencePipeline,
-    model_bytes: Option<u64>,
-) -> (Vec<Volume>, Mounts, String) {
+///
+/// Pod sharing: the weight server writes the pod's own store (memory), its bindings and its
+/// downloads. Node sharing: one read-only volume of the node agent's CSI driver holding
+/// exactly the pod's models and their bindings; the agent fetches and publishes them into the
+/// node's store, which no pod can write, before the pod's containers start.
+fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volume>, Mounts) {
     let in_pod = Mounts::in_pod();
-    // Room for alignment padding and TorchScript skeletons beyond the model files.
-    let store_limit = model_bytes.map(|b| Quantity(quantity::mebibytes(b + b / 20 + (16 << 20))));
-    let (store, mounts, store_mount) = match pipeline.spec.sharing {
-        Sharing::Pod => (
-            Volume {
-                name: STORE_VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: Some("Memory".into()),
-                    size_limit: store_limit,
+    let (mut all, mounts) = match pipeline.spec.sharing {
+        Sharing::Pod => {
+            // Room for alignment padding and TorchScript skeletons beyond the model files.
+            let store_limit =
+                model_bytes.map(|b| Quantity(quantity::mebibytes(b + b / 20 + (16 << 20))));
+            let small_memory = EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            };
+            let mut own = vec![
+                Volume {
+                    name: STORE_VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        medium: Some("Memory".into()),
+                        size_limit: store_limit,
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: BINDINGS_VOLUME.into(),
+                    empty_dir: Some(small_memory),
+                    ..Default::default()
+                },
+                Volume {
+                    name: DOWNLOADS_VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: model_bytes.map(|b| Quantity(quantity::mebibytes(b))),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ];
+            own.extend(source_volumes(&pipeline.spec).into_iter().map(|(v, _)| v));
+            (own, in_pod)
+        }
+        Sharing::Node => {
+            let models = models_to_json(&pipeline.spec.model_sources(&in_pod.sources));
+            let volume = Volume {
+                name: MODELS_VOLUME.into(),
+                csi: Some(CSIVolumeSource {
+                    driver: NODE_STORE_DRIVER.into(),
+                    read_only: Some(true),
+                    volume_attributes: Some(BTreeMap::from([(
+                        MODELS_ATTRIBUTE.to_owned(),
+                        models,
+                    )])),
+                    ..Default::default()
                 }),
                 ..Default::default()
-            },
-            in_pod.clone(),
-            in_pod.store.to_string_lossy().into_owned(),
-        ),
-        // The host's /dev/shm is world-writable (sticky): the non-root sidecar creates its
-        // store folder there, and every pod on the node finds the same content-addressed store.
-        Sharing::Node => (
-            Volume {
-                name: STORE_VOLUME.into(),
-                host_path: Some(HostPathVolumeSource {
-                    path: NODE_SHM.into(),
-                    type_: Some("Directory".into()),
-                }),
-                ..Default::default()
-            },
-            Mounts {
-                store: "/kzc/node-shm/kube-zerocopy".into(),
-                ..in_pod.clone()
-            },
-            "/kzc/node-shm".into(),
-        ),
+            };
+            let view = PathBuf::from(NODE_MODELS_MOUNT);
+            let mounts = Mounts {
+                bindings: view.join(VIEW_BINDINGS_DIR),
+                store: view,
+                ..in_pod
+            };
+            (vec![volume], mounts)
+        }
     };
-    let small_memory = EmptyDirVolumeSource {
-        medium: Some("Memory".into()),
-        size_limit: Some(Quantity("1Mi".into())),
-    };
-    let mut all = vec![
-        store,
-        Volume {
-            name: BINDINGS_VOLUME.into(),
-            empty_dir: Some(small_memory),
-            ..Default::default()
-        },
-        Volume {
-            name: DOWNLOADS_VOLUME.into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: model_bytes.map(|b| Quantity(quantity::mebibytes(b))),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    ];
-    all.extend(source_volumes(&pipeline.spec).into_iter().map(|(v, _)| v));
     if let Some(extra) = pipeline
         .spec
         .template
@@ -306,7 +314,7 @@ fn volumes(
     {
         all.extend(extra);
     }
-    (all, mounts, store_mount)
+    (all, mounts)
 }
 
 /// Each model's bearer token and CA bundle (when it names them) as one projected volume, with
@@ -367,9 +375,9 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
 /// sources (and may need e.g. a CA bundle mounted for https), so its copies are forced
 /// read-only whatever the template says. A `file://` source under no mount is left alone: it
 /// can only be in a custom image, and the sidecar says so if it is not.
-fn sidecar_mounts(spec: &InferencePipelineSpec, store: &Path, mounts: &Mounts) -> Vec<VolumeMount> {
+fn sidecar_mounts(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<VolumeMount> {
     let mut all = vec![
-        mount(STORE_VOLUME, store, false),
+        mount(STORE_VOLUME, &mounts.store, false),
         mount(BINDINGS_VOLUME, &mounts.bindings, false),
         mount(DOWNLOADS_VOLUME, &mounts.downloads, false),
     ];
@@ -399,7 +407,6 @@ fn pod_template(
     worker: Invocation,
     mounts: &Mounts,
     volumes: Vec<Volume>,
-    store_mount: &str,
     model_bytes: Option<u64>,
 ) -> PodTemplateSpec {
     let spec = &pipeline.spec;
@@ -411,18 +418,7 @@ fn pod_template(
             DeviceKind::Cpu => settings.runtime_image.clone(),
             DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
         });
-    let store_path = Path::new(store_mount);
-
-    // A pod's own store goes with the pod: only a node's store keeps unused models.
-    let keep_unused = settings
-        .keep_unused
-        .filter(|_| spec.sharing == Sharing::Node);
-    let sidecar_inv = invocation::sidecar(
-        spec,
-        mounts,
-        &format!("0.0.0.0:{SIDECAR_PORT}"),
-        keep_unused,
-    );
+    let sidecar_inv = invocation::sidecar(spec, mounts, &format!("0.0.0.0:{SIDECAR_PORT}"));
     let probe_inv = invocation::probe(spec, mounts);
     // tmpfs pages are charged to the container that writes them: the sidecar.
     let sidecar_resources = model_bytes.map(|b| {
@@ -457,14 +453,22 @@ fn pod_template(
         resources: sidecar_resources,
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(sidecar_mounts(spec, store_path, mounts)),
+        volume_mounts: Some(sidecar_mounts(spec, mounts)),
         ..Default::default()
     };
 
-    let mut worker_mounts = vec![
-        mount(STORE_VOLUME, store_path, true),
-        mount(BINDINGS_VOLUME, &mounts.bindings, true),
-    ];
+    let (mut worker_mounts, init_containers) = match spec.sharing {
+        Sharing::Pod => (
+            vec![
+                mount(STORE_VOLUME, &mounts.store, true),
+                mount(BINDINGS_VOLUME, &mounts.bindings, true),
+            ],
+            Some(vec![sidecar]),
+        ),
+        // The kubelet starts the containers once the agent has mounted the models: no
+        // weight server in the pod, and the weights are the agent's memory, not the pod's.
+        Sharing::Node => (vec![mount(MODELS_VOLUME, &mounts.store, true)], None),
+    };
     worker_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut resources = overrides.resources.clone().unwrap_or_default();
     if spec.device == DeviceKind::Cuda {
@@ -517,7 +521,7 @@ fn pod_template(
             ..Default::default()
         }),
         spec: Some(PodSpec {
-            init_containers: Some(vec![sidecar]),
+            init_containers,
             containers: vec![worker],
             volumes: Some(volumes),
             restart_policy: Some(if is_actor { "Always" } else { "Never" }.into()),
@@ -547,20 +551,12 @@ pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rende
     policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
     let model_bytes = total_model_bytes(pipeline)?;
-    let (volumes, mounts, store_mount) = volumes(pipeline, model_bytes);
+    let (volumes, mounts) = volumes(pipeline, model_bytes);
     let worker = match spec.mode {
         Mode::Task => invocation::task_worker(spec, &mounts),
         Mode::Actor => invocation::actor_worker(spec, &mounts),
     };
-    let template = pod_template(
-        pipeline,
-        settings,
-        worker,
-        &mounts,
-        volumes,
-        &store_mount,
-        model_bytes,
-    );
+    let template = pod_template(pipeline, settings, worker, &mounts, volumes, model_bytes);
     match spec.mode {
         Mode::Task => {
             let task = spec.task.clone().unwrap_or_default();

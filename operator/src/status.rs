@@ -37,8 +37,6 @@ impl ConditionType {
 /// BackoffLimitExceeded, is passed on as it is.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// The namespace's Pod Security level forbids Node sharing's hostPath volume.
-    PodSecurityForbidsNodeSharing,
     /// The pipeline cannot become objects (a check the schema cannot express failed).
     InvalidPipeline,
     /// The template adds what the operator's policy forbids (hostPath, a ServiceAccount).
@@ -72,7 +70,6 @@ pub enum Reason {
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
-            Reason::PodSecurityForbidsNodeSharing => "PodSecurityForbidsNodeSharing",
             Reason::InvalidPipeline => "InvalidPipeline",
             Reason::ForbiddenByPolicy => "ForbiddenByPolicy",
             Reason::ObjectsRefused => "ObjectsRefused",
@@ -111,8 +108,8 @@ pub struct Observed<'a> {
     /// Set when the finished Job was replaced for a changed spec but the new one could not be
     /// created yet: why every shard runs again. (Once created, the new Job carries it.)
     pub rerun: Option<String>,
-    /// Set when nothing could be applied: the namespace's Pod Security level forbids the pods
-    /// (see [`crate::pod_security`]), or the pipeline's objects cannot be made or were refused.
+    /// Set when nothing could be applied: the pipeline's objects cannot be made, were refused,
+    /// or would take over another's.
     pub blocked: Option<Blocked>,
 }
 
@@ -891,15 +888,15 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_that_forbids_the_pods_blocks_with_the_reason_until_it_allows_them() {
+    fn refused_objects_block_with_the_reason_until_they_are_accepted() {
         for mode in ["Task", "Actor"] {
             let mut p = pipeline(mode);
             let blocked = compute(
                 &p,
                 &Observed {
                     blocked: Some(Blocked {
-                        reason: Reason::PodSecurityForbidsNodeSharing,
-                        message: "namespace ml enforces ...".into(),
+                        reason: Reason::ObjectsRefused,
+                        message: "the API server refused ...".into(),
                     }),
                     ..Default::default()
                 },
@@ -911,14 +908,14 @@ mod tests {
                 (d.status.as_str(), d.reason.as_str(), d.message.as_str()),
                 (
                     "True",
-                    Reason::PodSecurityForbidsNodeSharing.as_str(),
-                    "namespace ml enforces ..."
+                    Reason::ObjectsRefused.as_str(),
+                    "the API server refused ..."
                 )
             );
             for t in [ConditionType::Progressing, ConditionType::WeightsReady] {
                 assert_eq!(get(&blocked, t).status, "False", "{mode} {t:?}");
             }
-            // Allowed again: the objects are applied and the condition clears.
+            // Accepted after a change: the objects are applied and the condition clears.
             p.status = Some(blocked);
             let j = job(0, None);
             let allowed = compute(

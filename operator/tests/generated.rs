@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use kube::CustomResourceExt;
-use kube_zerocopy::crd::{InferencePipeline, Mode};
+use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
 use kube_zerocopy::local::load_pipeline;
 use kube_zerocopy::render::{
-    render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, STORE_VOLUME,
+    render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, MODELS_VOLUME, STORE_VOLUME,
 };
 
 fn repo() -> PathBuf {
@@ -86,27 +86,13 @@ fn rendered_pods_keep_their_promises() {
     for name in EXAMPLES {
         let pipeline = pipeline(name);
         let spec = pod_spec(&rendered(name));
-        // The weight server is a native sidecar with a startup probe, before any worker.
-        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
-        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "{name}");
-        let probe = sidecar
-            .startup_probe
-            .as_ref()
-            .unwrap()
-            .exec
-            .as_ref()
-            .unwrap()
-            .command
-            .clone()
-            .unwrap();
-        assert_eq!(probe, vec!["kube-zerocopy-sidecar", "probe"], "{name}");
-        // Non-root everywhere; workers mount the store read-only.
+        // Non-root everywhere, read-only root file systems, no escalation.
         assert_eq!(
             spec.security_context.as_ref().unwrap().run_as_non_root,
             Some(true)
         );
         let worker = &spec.containers[0];
-        for c in [sidecar, worker] {
+        for c in spec.init_containers.iter().flatten().chain([worker]) {
             let sc = c.security_context.as_ref().unwrap();
             assert_eq!(
                 (
@@ -119,18 +105,6 @@ fn rendered_pods_keep_their_promises() {
                 c.name
             );
         }
-        let store = worker
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|m| m.name == "kzc-store")
-            .unwrap();
-        assert_eq!(
-            store.read_only,
-            Some(true),
-            "{name}: the worker must mount the store read-only"
-        );
         // cuda asks for a GPU.
         let gpu = worker
             .resources
@@ -139,8 +113,8 @@ fn rendered_pods_keep_their_promises() {
             .and_then(|l| l.get("nvidia.com/gpu"))
             .is_some();
         assert_eq!(gpu, name == "task-safetensors", "{name}");
-        // What each container runs, written out: the worker's subcommand by mode, its device,
-        // its data folders from the pipeline, the ports the Service and the probe use.
+        // What the worker runs, written out: its subcommand by mode, its device, its data
+        // folders from the pipeline, the port the Service and the probe use.
         let mode = match pipeline.spec.mode {
             Mode::Task => "task",
             Mode::Actor => "actor",
@@ -150,13 +124,7 @@ fn rendered_pods_keep_their_promises() {
             ["kube-zerocopy-worker", mode],
             "{name}"
         );
-        assert_eq!(
-            sidecar.command.clone().unwrap(),
-            ["kube-zerocopy-sidecar", "serve"],
-            "{name}"
-        );
         let worker_env = env_of(worker);
-        let sidecar_env = env_of(sidecar);
         let names =
             |env: &[(String, String)]| env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
         // Both Task examples declare their shard count.
@@ -216,22 +184,8 @@ fn rendered_pods_keep_their_promises() {
         } else {
             assert_eq!(value(&worker_env, "KZC_LISTEN"), "0.0.0.0:8080", "{name}");
         }
-        assert_eq!(
-            names(&sidecar_env),
-            [
-                "KZC_MODELS",
-                "KZC_STORE",
-                "KZC_BINDINGS",
-                "KZC_DOWNLOAD_DIR",
-                "KZC_LISTEN"
-            ],
-            "{name}: the weight server's variables"
-        );
-        assert_eq!(value(&sidecar_env, "KZC_LISTEN"), "0.0.0.0:8471", "{name}");
-        // Both read the same models, each model as the pipeline names it.
+        // The worker reads the models as the pipeline names them.
         let models = value(&worker_env, "KZC_MODELS");
-        assert_eq!(models, value(&sidecar_env, "KZC_MODELS"), "{name}");
-        let models = kube_zerocopy_sidecar::config::models_from_json(&models).unwrap();
         let listed: Vec<_> = pipeline
             .spec
             .models
@@ -239,12 +193,15 @@ fn rendered_pods_keep_their_promises() {
             .map(|m| m.name.clone())
             .collect();
         assert_eq!(
-            models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+            kube_zerocopy_sidecar::config::models_from_json(&models)
+                .unwrap()
+                .iter()
+                .map(|m| m.name.clone())
+                .collect::<Vec<_>>(),
             listed,
             "{name}"
         );
-        // Every path a container is given lies inside the volume it belongs to, and the worker
-        // and the weight server find the store and the bindings at the same place in it.
+        // Every path a container is given lies inside the volume it belongs to.
         let inside = |c: &Container, env: &[(String, String)], key: &str, volume: &str| {
             let mount = c
                 .volume_mounts
@@ -252,6 +209,12 @@ fn rendered_pods_keep_their_promises() {
                 .flatten()
                 .find(|m| m.name == volume)
                 .unwrap_or_else(|| panic!("{name}/{}: {volume} is not mounted", c.name));
+            assert_eq!(
+                (volume, mount.read_only),
+                (volume, Some(c.name != "weight-server")),
+                "{name}/{}: only the weight server writes its volumes",
+                c.name
+            );
             let path = value(env, key);
             Path::new(&path)
                 .strip_prefix(&mount.mount_path)
@@ -263,16 +226,77 @@ fn rendered_pods_keep_their_promises() {
                 })
                 .to_owned()
         };
-        inside(sidecar, &sidecar_env, "KZC_DOWNLOAD_DIR", DOWNLOADS_VOLUME);
-        for (key, volume) in [
-            ("KZC_STORE", STORE_VOLUME),
-            ("KZC_BINDINGS", BINDINGS_VOLUME),
-        ] {
-            assert_eq!(
-                inside(worker, &worker_env, key, volume),
-                inside(sidecar, &sidecar_env, key, volume),
-                "{name}: worker and weight server disagree on {key} inside {volume}"
-            );
+        match pipeline.spec.sharing {
+            Sharing::Pod => {
+                // The weight server is a native sidecar with a startup probe, before any
+                // worker; worker and weight server find the store and the bindings at the
+                // same place in their volumes.
+                let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+                assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "{name}");
+                let probe = sidecar.startup_probe.as_ref().unwrap();
+                let probe = probe.exec.as_ref().unwrap().command.clone().unwrap();
+                assert_eq!(probe, ["kube-zerocopy-sidecar", "probe"], "{name}");
+                assert_eq!(
+                    sidecar.command.clone().unwrap(),
+                    ["kube-zerocopy-sidecar", "serve"],
+                    "{name}"
+                );
+                let sidecar_env = env_of(sidecar);
+                assert_eq!(
+                    names(&sidecar_env),
+                    [
+                        "KZC_MODELS",
+                        "KZC_STORE",
+                        "KZC_BINDINGS",
+                        "KZC_DOWNLOAD_DIR",
+                        "KZC_LISTEN"
+                    ],
+                    "{name}: the weight server's variables"
+                );
+                assert_eq!(value(&sidecar_env, "KZC_LISTEN"), "0.0.0.0:8471", "{name}");
+                assert_eq!(models, value(&sidecar_env, "KZC_MODELS"), "{name}");
+                inside(sidecar, &sidecar_env, "KZC_DOWNLOAD_DIR", DOWNLOADS_VOLUME);
+                for (key, volume) in [
+                    ("KZC_STORE", STORE_VOLUME),
+                    ("KZC_BINDINGS", BINDINGS_VOLUME),
+                ] {
+                    assert_eq!(
+                        inside(worker, &worker_env, key, volume),
+                        inside(sidecar, &sidecar_env, key, volume),
+                        "{name}: worker and weight server disagree on {key} inside {volume}"
+                    );
+                }
+            }
+            Sharing::Node => {
+                // No weight server: one read-only volume of the node agent's driver naming
+                // the worker's models, the view's root its store, bindings/ its bindings.
+                assert!(spec.init_containers.is_none(), "{name}: a weight server");
+                let volumes = spec.volumes.clone().unwrap();
+                let models_volume = volumes.iter().find(|v| v.name == MODELS_VOLUME).unwrap();
+                let csi = models_volume.csi.as_ref().unwrap();
+                assert_eq!(
+                    (csi.driver.as_str(), csi.read_only),
+                    ("models.kube-zerocopy.io", Some(true)),
+                    "{name}"
+                );
+                let attributes = csi.volume_attributes.clone().unwrap();
+                assert_eq!(attributes.keys().collect::<Vec<_>>(), ["models"], "{name}");
+                assert_eq!(attributes["models"], models, "{name}");
+                let at = |key| inside(worker, &worker_env, key, MODELS_VOLUME);
+                assert_eq!(
+                    (at("KZC_STORE"), at("KZC_BINDINGS")),
+                    (PathBuf::new(), PathBuf::from("bindings")),
+                    "{name}"
+                );
+                // Nothing of the node's and nothing writable of the operator's.
+                let operator_volumes: Vec<_> = volumes
+                    .iter()
+                    .filter(|v| v.name.starts_with("kzc-"))
+                    .map(|v| v.name.as_str())
+                    .collect();
+                assert_eq!(operator_volumes, [MODELS_VOLUME], "{name}");
+                assert!(volumes.iter().all(|v| v.host_path.is_none()), "{name}");
+            }
         }
     }
 }
@@ -288,7 +312,7 @@ fn store_volume(spec: &PodSpec) -> &k8s_openapi::api::core::v1::Volume {
 
 #[test]
 fn memory_is_sized_from_the_models() {
-    // task-torchscript: one 400Mi model.
+    // task-torchscript: one 400Mi model, in the pod's own store, charged to its weight server.
     let spec = pod_spec(&rendered("task-torchscript"));
     let store = store_volume(&spec);
     let empty_dir = store.empty_dir.as_ref().unwrap();
@@ -297,28 +321,28 @@ fn memory_is_sized_from_the_models() {
     let sidecar = &spec.init_containers.as_ref().unwrap()[0];
     let limits = sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["memory"].0, "528Mi");
-    // Node sharing: the host's /dev/shm, not an emptyDir.
-    let spec = pod_spec(&rendered("actor-safetensors"));
-    let store = store_volume(&spec);
-    assert_eq!(store.host_path.as_ref().unwrap().path, "/dev/shm");
-}
-
-#[test]
-fn the_cache_time_of_unused_models_reaches_only_a_node_store() {
-    let settings = Settings {
-        keep_unused: Some(600),
-        ..Default::default()
-    };
-    let sidecar_env = |name: &str| {
-        let spec = pod_spec(&render(&pipeline(name), &settings).unwrap());
-        env_of(&spec.init_containers.unwrap()[0])
-    };
-    let keep = ("KZC_KEEP_UNUSED".to_owned(), "600".to_owned());
-    // actor-safetensors shares the node's store; task-torchscript has a store of its own.
-    assert!(sidecar_env("actor-safetensors").contains(&keep));
-    assert!(!sidecar_env("task-torchscript")
-        .iter()
-        .any(|(name, _)| name == "KZC_KEEP_UNUSED"));
+    // Node sharing: the weights are the node agent's memory; the pod asks for what its
+    // pipeline's template asks for, nothing more.
+    for name in ["actor-safetensors", "task-safetensors"] {
+        let pipeline = pipeline(name);
+        let spec = pod_spec(&rendered(name));
+        assert_eq!(spec.containers.len(), 1, "{name}");
+        let requested = spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("memory"))
+            .map(|q| q.0.clone());
+        let asked = pipeline
+            .spec
+            .template
+            .as_ref()
+            .and_then(|t| t.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("memory"))
+            .map(|q| q.0.clone());
+        assert_eq!(requested, asked, "{name}");
+    }
 }
 
 #[test]
@@ -368,7 +392,11 @@ fn the_weight_server_can_read_every_file_model_and_writes_only_its_own_volumes()
     for name in names {
         let pipeline = pipeline(&name);
         let spec = pod_spec(&rendered(&name));
-        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        // Node sharing has no weight server: the node agent reads the sources.
+        let Some(sidecar) = spec.init_containers.as_ref().map(|c| &c[0]) else {
+            assert_eq!(pipeline.spec.sharing, Sharing::Node, "{name}");
+            continue;
+        };
         let mounts = sidecar.volume_mounts.clone().unwrap();
         for m in &pipeline.spec.models {
             let Some(path) = m.source.uri.strip_prefix("file://") else {
@@ -398,6 +426,6 @@ fn the_weight_server_can_read_every_file_model_and_writes_only_its_own_volumes()
             }
         }
     }
-    // task-safetensors reads its model from a PVC at /models: the check above is not empty.
+    // A Pod-sharing example reads its model from a PVC: the check above is not empty.
     assert!(file_models > 0);
 }

@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 /// Environment variable holding the JSON list of [`ModelSource`].
 pub const MODELS_ENV: &str = "KZC_MODELS";
 
+/// The node agent's CSI driver: Node-sharing pods get their models as an inline volume of it.
+pub const NODE_STORE_DRIVER: &str = "models.kube-zerocopy.io";
+/// The volume attribute that lists a pod's models (the same JSON as [`MODELS_ENV`]).
+pub const MODELS_ATTRIBUTE: &str = "models";
+/// The folder of a node agent's volume that holds the pod's bindings (its other folder,
+/// `blobs/`, is a store's).
+pub const VIEW_BINDINGS_DIR: &str = "bindings";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelFormat {
     Safetensors,

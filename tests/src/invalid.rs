@@ -73,5 +73,10 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
             "bearerTokenSecret and caConfigMap apply only to http(s) sources",
         ),
+        (
+            "a bearer token with Node sharing",
+            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://hub.example/m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
+            "sharing: Node fetches the models through each node's agent",
+        ),
     ]
 }

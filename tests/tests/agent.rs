@@ -34,13 +34,18 @@ struct Agent {
 }
 
 impl Agent {
-    fn start() -> Agent {
+    /// `file_sources`: the folder whose files volumes may name (KZC_FILE_SOURCES).
+    fn start(file_sources: Option<&Path>) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("kzc-agent-")
             .tempdir_in("/dev/shm")
             .unwrap();
         let socket = dir.path().join("registration/agent.sock");
-        let child = std::process::Command::new(bin("kube-zerocopy-agent"))
+        let mut command = std::process::Command::new(bin("kube-zerocopy-agent"));
+        if let Some(folder) = file_sources {
+            command.env("KZC_FILE_SOURCES", folder);
+        }
+        let child = command
             .env("KZC_CSI_SOCKET", &socket)
             .env("NODE_NAME", "node-a")
             .env("KZC_STORE", dir.path().join("store"))
@@ -160,7 +165,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     let first = model("ranker", &first_file, &first_digest);
     let second = model("ranker", &second_file, &second_digest);
 
-    let agent = Agent::start();
+    let agent = Agent::start(Some(m));
     let channel = agent.channel().await;
     let (mut identity, mut node, mut registration) = (
         IdentityClient::new(channel.clone()),
@@ -257,6 +262,39 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         assert_eq!((seen.dev(), seen.ino()), (stored.dev(), stored.ino()));
     }
     assert_eq!(stored.nlink(), 3);
+
+    // A pod names what the agent reads as root: no file outside the folder set aside for
+    // file:// sources (nor one reached through `..`), and no credentials file at all.
+    let refused = [
+        ModelSource {
+            uri: "file:///etc/hostname".into(),
+            ..first.clone()
+        },
+        ModelSource {
+            uri: format!("file://{}/../../etc/hostname", m.display()),
+            ..first.clone()
+        },
+        ModelSource {
+            uri: "https://hub.example/m.safetensors".into(),
+            bearer_token_file: Some("/etc/shadow".into()),
+            ..first.clone()
+        },
+    ];
+    for (i, model) in refused.iter().enumerate() {
+        let path = target(&format!("refused-{i}"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let status = node
+            .node_publish_volume(publish_request(
+                &format!("csi-refused-{i}"),
+                &path,
+                std::slice::from_ref(model),
+            ))
+            .await
+            .expect_err("a source the agent must not read");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        println!("refused: {}", status.message());
+        assert!(!path.exists(), "{} exists after a refusal", path.display());
+    }
 
     // Read-only, for root too: no write into a model, no new file.
     let tensors = volumes[0]
@@ -381,7 +419,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
 #[test]
 fn csi_sanity_passes_against_the_agent() {
     let bin = kube_zerocopy_e2e::cluster::run_script("csi-sanity.sh", &[]).unwrap();
-    let agent = Agent::start();
+    let agent = Agent::start(None);
     let scratch = agent.dir.path().join("sanity");
     std::fs::create_dir_all(&scratch).unwrap();
     let out = std::process::Command::new(Path::new(bin.trim()).join("csi-sanity"))

@@ -23,3 +23,17 @@ app.kubernetes.io/name: kube-zerocopy
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{- define "kube-zerocopy.agentLabels" -}}
+app.kubernetes.io/name: kube-zerocopy
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+
+{{- define "kube-zerocopy.agentSelectorLabels" -}}
+app.kubernetes.io/name: kube-zerocopy
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+{{- end -}}

@@ -250,7 +250,7 @@ fn sysctl_set(key: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()

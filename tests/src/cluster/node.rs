@@ -90,6 +90,12 @@ impl RealNode {
             kubeconfig(&pki, &server, "kube-proxy"),
         )?;
 
+        // The node agent mounts into the kubelet's pod folders and its own folder from inside
+        // its container (Bidirectional propagation), which runc allows only on a shared
+        // mount, as / is on a systemd host; this machine's / is private.
+        let folder = self.path.to_string_lossy().into_owned();
+        host::run("mount", &["--bind", &folder, &folder])?;
+        host::run("mount", &["--make-rshared", &folder])?;
         self.write_containerd_config(sandbox_image)?;
         self.write_cni_config()?;
         let containerd = self.spawn(
@@ -132,6 +138,16 @@ impl RealNode {
 
     pub fn log_path(&self, component: &str) -> PathBuf {
         self.file(&format!("{component}.log"))
+    }
+
+    /// The kubelet's root folder (its --root-dir).
+    pub fn kubelet_dir(&self) -> PathBuf {
+        self.file("kubelet")
+    }
+
+    /// The node agent's folder (the chart's nodeStore.hostDir): its store is `store/`.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.file("kube-zerocopy")
     }
 
     /// `ctr` on this node's containerd, in the Kubernetes namespace.
@@ -317,7 +333,7 @@ serializeImagePulls: false
         let mut cmd = Command::new(self.bin.join("kubelet"));
         cmd.arg(flag("config", self.file("kubelet.yaml")))
             .arg(flag("kubeconfig", self.file("kubelet.kubeconfig")))
-            .arg(flag("root-dir", self.file("kubelet")))
+            .arg(flag("root-dir", self.kubelet_dir()))
             .arg(flag("cert-dir", self.file("kubelet-pki")))
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={GATEWAY}"))

@@ -15,6 +15,10 @@ use super::{run_script, ControlPlane, Options};
 pub const OPERATOR_NAMESPACE: &str = "kube-zerocopy";
 pub const RELEASE: &str = "kzc";
 
+/// The node store's memory on the real node (the chart's nodeStore.capacityMiB): room for the
+/// scenarios' models and the replica benchmark's.
+pub const NODE_STORE_MIB: u64 = 2048;
+
 /// The archives scripts/images.sh built, by image name.
 #[derive(Clone, Debug)]
 pub struct Images {
@@ -127,6 +131,17 @@ impl RealCluster {
             .args(["--set", &format!("image.repository={repository}")])
             .args(["--set", &format!("image.tag={tag}")])
             .args(["--set", &format!("runtimeImage={}", self.images.runtime.0)])
+            .args(["--set", &format!("nodeStore.capacityMiB={NODE_STORE_MIB}")])
+            .arg("--set")
+            .arg(format!(
+                "nodeStore.kubeletDir={}",
+                self.node.kubelet_dir().display()
+            ))
+            .arg("--set")
+            .arg(format!(
+                "nodeStore.hostDir={}",
+                self.node.agent_dir().display()
+            ))
             .args(["--wait", "--timeout", "3m"])
             .stdin(Stdio::null());
         Ok(cmd)

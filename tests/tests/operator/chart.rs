@@ -28,9 +28,9 @@ pub async fn two_replicas_without_leader_election_are_refused(env: Arc<Env>) {
     );
 }
 
-/// With watchNamespace set, the operator may list and watch that one namespace and no other
-/// (namespaces are cluster-scoped: a ClusterRole, limited by name).
-pub async fn a_watched_namespace_limits_the_namespace_rbac_to_it(env: Arc<Env>) {
+/// With watchNamespace set, the operator's rights are a Role in that namespace (and the
+/// leader lease's in its own): nothing cluster-wide. The node agent has no API access at all.
+pub async fn a_watched_namespace_gives_the_operator_no_cluster_wide_rights(env: Arc<Env>) {
     const WATCHED: &str = "pipelines";
     let out = helm_template(&env, &[&format!("watchNamespace={WATCHED}")]).await;
     assert!(
@@ -41,24 +41,28 @@ pub async fn a_watched_namespace_limits_the_namespace_rbac_to_it(env: Arc<Env>) 
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    let named = |kind: &str| {
-        docs.iter()
-            .find(|d| {
-                d["kind"] == kind
-                    && d["metadata"]["name"]
-                        == format!("{RELEASE}-kube-zerocopy-namespaces").as_str()
-            })
-            .unwrap_or_else(|| panic!("no {kind} for namespaces"))
-            .clone()
+    let kinds = |kind: &str| -> Vec<serde_yaml::Value> {
+        docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
     };
-    let role = named("ClusterRole");
-    let rules: Vec<serde_json::Value> =
-        serde_json::from_value(serde_json::to_value(&role["rules"]).unwrap()).unwrap();
-    assert_eq!(
-        rules,
-        [
-            json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"], "resourceNames": [WATCHED]})
-        ]
+    assert!(
+        kinds("ClusterRole").is_empty(),
+        "a ClusterRole: {:?}",
+        kinds("ClusterRole")
     );
-    named("ClusterRoleBinding");
+    assert!(kinds("ClusterRoleBinding").is_empty());
+    let pipelines_role = kinds("Role")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == format!("{RELEASE}-kube-zerocopy").as_str())
+        .expect("the operator's Role");
+    assert_eq!(pipelines_role["metadata"]["namespace"], WATCHED);
+    let agent = kinds("DaemonSet")
+        .pop()
+        .expect("the node agent's DaemonSet");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        serde_json::to_value(&kinds("CSIDriver")[0]["spec"]).unwrap(),
+        json!({"attachRequired": false, "podInfoOnMount": true,
+               "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"})
+    );
 }

@@ -34,7 +34,7 @@ fn main() {
     let args = Arguments::from_args();
     let side_by_side = scenarios![
         chart::two_replicas_without_leader_election_are_refused,
-        chart::a_watched_namespace_limits_the_namespace_rbac_to_it,
+        chart::a_watched_namespace_gives_the_operator_no_cluster_wide_rights,
         explain::kubectl_explain_describes_every_field,
         mistakes::invalid_pipelines_are_rejected_in_the_cli_s_words,
         mistakes::a_template_with_a_host_path_is_forbidden_by_policy,
@@ -45,7 +45,7 @@ fn main() {
         task::a_task_pipeline_succeeds_with_one_event_per_phase,
         task::more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event,
         actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
-        pod_security::node_sharing_waits_with_a_reason_until_the_namespace_allows_it,
+        pod_security::node_sharing_pods_pass_restricted,
     ];
     let one_at_a_time = scenarios![
         lifecycle::an_operator_killed_mid_reconcile_converges_when_restarted,

@@ -1,132 +1,83 @@
-//! Node sharing in a namespace that enforces Pod Security "restricted": its hostPath volume
-//! would be refused, so no Job, and the pipeline says why; relabelled privileged, it runs.
+//! Node sharing in a namespace that enforces Pod Security "restricted": its pods mount their
+//! models through the node agent's CSI volume (no hostPath), so the real admission lets them
+//! in and the operator creates the pipeline's objects as anywhere else.
 
 use std::sync::Arc;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube_zerocopy::crd::{InferencePipeline, Phase, Sharing};
-use kube_zerocopy::pod_security::ENFORCE_LABEL;
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
+use kube::api::{Api, PostParams};
+use kube_zerocopy::crd::{InferencePipeline, Sharing};
 use kube_zerocopy::render::{self, Rendered};
-use kube_zerocopy::status::Reason;
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
 
-use crate::support::{degraded_with, wait_warning, Env, MINUTE};
+use crate::support::{actor_pipeline, task_pipeline, Env, MINUTE};
 
-pub async fn node_sharing_waits_with_a_reason_until_the_namespace_allows_it(env: Arc<Env>) {
+pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
     let (admin, settings) = (&env.admin, &env.settings);
     const PSA_NS: &str = "restricted-pipelines";
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let labelled = |level: &str| {
-        serde_json::from_value::<Namespace>(json!({"metadata": {
-            "name": PSA_NS, "labels": {ENFORCE_LABEL: level}}}))
-        .unwrap()
-    };
-    namespaces
-        .create(&PostParams::default(), &labelled("restricted"))
+    let restricted: Namespace = serde_json::from_value(json!({"metadata": {
+        "name": PSA_NS, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}))
+    .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &restricted)
         .await
         .unwrap();
-    let mut shared = kube_zerocopy_e2e::task_pipeline("node-shared", PSA_NS, 2, 2);
-    shared.spec.sharing = Sharing::Node;
+    let mut task = task_pipeline("node-task", PSA_NS, 2);
+    task.spec.sharing = Sharing::Node;
+    let mut actor = actor_pipeline(
+        "node-actor",
+        PSA_NS,
+        2,
+        "http://models.internal/mlp.safetensors",
+    );
+    actor.spec.sharing = Sharing::Node;
 
-    // The premise: the API server refuses these pods there (its hostPath volume).
-    let Rendered::Task { job } = render::render(&shared, settings).unwrap() else {
-        panic!("task")
-    };
-    let pod = Pod {
-        metadata: kube::api::ObjectMeta {
-            name: Some("node-shared-probe".into()),
-            ..Default::default()
-        },
-        spec: job.spec.unwrap().template.spec,
-        ..Default::default()
-    };
-    let refused = Api::<Pod>::namespaced(admin.clone(), PSA_NS)
-        .create(
-            &PostParams {
-                dry_run: true,
+    // The API server's own admission takes each rendered pod (a dry run creates nothing).
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), PSA_NS);
+    for pipeline in [&task, &actor] {
+        let template: PodTemplateSpec = match render::render(pipeline, settings).unwrap() {
+            Rendered::Task { job } => job.spec.unwrap().template,
+            Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template,
+        };
+        let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some("admission-probe".into()),
                 ..Default::default()
             },
-            &pod,
-        )
-        .await
-        .expect_err("a hostPath pod in a restricted namespace")
-        .to_string();
-    assert!(refused.contains("hostPath"), "{refused}");
-
-    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), PSA_NS);
-    let jobs: Api<Job> = Api::namespaced(admin.clone(), PSA_NS);
-    pipelines
-        .create(&PostParams::default(), &shared)
-        .await
-        .unwrap();
-    let (phase, blocked) = eventually(
-        "the Node-sharing pipeline to be blocked with a reason",
-        MINUTE,
-        || {
-            degraded_with(
-                &pipelines,
-                "node-shared",
-                Reason::PodSecurityForbidsNodeSharing.as_str(),
-            )
-        },
-    )
-    .await;
-    println!("blocked: {}", blocked.message);
-    assert_eq!(
-        (phase, blocked.status.as_str()),
-        (Some(Phase::Blocked), "True")
-    );
-    for part in [
-        PSA_NS,
-        "\"restricted\"",
-        "hostPath",
-        "sharing: Pod",
-        "privileged",
-    ] {
-        assert!(
-            blocked.message.contains(part),
-            "{part:?} not in {}",
-            blocked.message
-        );
+            spec: template.spec,
+            ..Default::default()
+        };
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        if let Err(e) = pods.create(&dry_run, &pod).await {
+            panic!(
+                "{}: restricted admission refused the pod: {e}",
+                pipeline.metadata.name.as_deref().unwrap()
+            );
+        }
     }
-    assert!(
-        jobs.get_opt("node-shared-zerocopy")
-            .await
-            .unwrap()
-            .is_none(),
-        "a Job was created in a namespace that forbids its pods"
-    );
-    wait_warning(
-        &env,
-        PSA_NS,
-        "node-shared",
-        Reason::PodSecurityForbidsNodeSharing,
-        "",
-    )
-    .await;
 
-    // Relabelled privileged: the namespace watch requeues the pipeline, which now runs.
-    let relabelled = std::time::Instant::now();
-    namespaces
-        .patch(
-            PSA_NS,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {ENFORCE_LABEL: "privileged"}}})),
-        )
-        .await
-        .unwrap();
-    eventually("the Job once the namespace allows it", MINUTE, || async {
-        jobs.get_opt("node-shared-zerocopy").await.unwrap()
+    // And the operator makes their objects there.
+    let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), PSA_NS);
+    for pipeline in [&task, &actor] {
+        pipelines
+            .create(&PostParams::default(), pipeline)
+            .await
+            .unwrap();
+    }
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), PSA_NS);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), PSA_NS);
+    eventually("the Node-sharing Job", MINUTE, || async {
+        jobs.get_opt("node-task-zerocopy").await.unwrap()
     })
     .await;
-    println!("Job created {:?} after the relabel", relabelled.elapsed());
-    let (phase, cleared) = eventually("the condition to clear", MINUTE, || {
-        degraded_with(&pipelines, "node-shared", "AsExpected")
+    eventually("the Node-sharing Deployment", MINUTE, || async {
+        deployments.get_opt("node-actor-zerocopy").await.unwrap()
     })
     .await;
-    assert_eq!(cleared.status, "False");
-    assert_ne!(phase, Some(Phase::Blocked));
 }

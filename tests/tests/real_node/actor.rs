@@ -1,19 +1,23 @@
 //! Actor pipelines from the examples on the real node: the Service answers batches equal to
 //! `kube-zerocopy local run`'s outputs; memory on the node shows the weights once per pod
-//! (Pod sharing) or once per node for two pipelines (Node sharing).
+//! (Pod sharing) or once per node for two pipelines of two namespaces (Node sharing, through
+//! the node agent).
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use k8s_openapi::api::core::v1::Service;
-use kube::api::Api;
+use std::os::unix::fs::MetadataExt;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::invocation::ACTOR_PORT;
 use kube_zerocopy_e2e::cluster::host::walk;
-use kube_zerocopy_e2e::read_output;
+use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::wait::eventually_seen;
+use kube_zerocopy_e2e::{read_output, sha256_of};
 use serde_json::json;
 
 use crate::support::*;
@@ -67,28 +71,34 @@ pub async fn torchscript_pod_sharing(env: Arc<Env>) -> Result<()> {
     outcome
 }
 
-/// examples/actor-safetensors.yaml twice (two pipelines, 2 replicas each), Node sharing, the
-/// model over http: the node's store holds one copy for all four workers.
-pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()> {
-    let ns = TestNamespace::create(&env.client, "actor-safetensors", &[]).await?;
-    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+/// examples/actor-safetensors.yaml twice, Node sharing, in two namespaces that enforce Pod
+/// Security `restricted` (2 replicas each, the model over http): the node agent mounts the
+/// model into all four pods from one copy in its store, charged to the agent, and no worker
+/// can write it.
+pub async fn safetensors_two_namespaces_node_sharing(env: Arc<Env>) -> Result<()> {
+    let mut namespaces = Vec::new();
     let mut pipelines = Vec::new();
-    for name in ["classifier-a", "classifier-b"] {
+    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+    for prefix in ["tenant-a", "tenant-b"] {
+        let ns = TestNamespace::create(&env.client, prefix, &[RESTRICTED]).await?;
         pipelines.push(example(
             "actor-safetensors.yaml",
             &ns.name,
             &env.safetensors,
             &uri,
-            |p| {
-                p["metadata"]["name"] = json!(name);
-            },
+            |_| {},
         )?);
+        namespaces.push(ns);
     }
     let mut results = Vec::new();
     for p in &pipelines {
         let r = run_actor(&env, p, &env.safetensors).await;
         env.record(
-            &format!("{}/{}", ns.name, p.metadata.name.as_deref().unwrap()),
+            &format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap(),
+                p.metadata.name.as_deref().unwrap()
+            ),
             r.is_ok(),
         );
         results.push(r);
@@ -99,28 +109,35 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
     let (mut charged, mut weights_pss_kib, mut workers) = (0, 0, 0);
     let mut per_worker = Vec::new();
     for p in &pipelines {
-        for pod in pods(&env.client, &ns.name, p.metadata.name.as_deref().unwrap()).await? {
-            let server = container_memory(&pod, "weight-server")?;
+        let ns = p.metadata.namespace.as_deref().unwrap();
+        for pod in pods(&env.client, ns, p.metadata.name.as_deref().unwrap()).await? {
+            let spec = pod.spec.as_ref().context("a pod without a spec")?;
+            ensure!(
+                spec.init_containers.as_ref().is_none_or(|c| c.is_empty()),
+                "a Node-sharing pod has a weight server"
+            );
             let worker = container_memory(&pod, "worker")?;
             println!(
-                "  {}/{}: weight server charged {:.1} MiB of tmpfs; worker PSS {:.1} MiB, USS {:.1} MiB, weights mapped PSS {:.1} MiB",
-                ns.name,
+                "  {ns}/{}: worker charged {:.1} MiB of tmpfs; PSS {:.1} MiB, USS {:.1} MiB, weights mapped PSS {:.1} MiB",
                 pod.metadata.name.as_deref().unwrap_or(""),
-                mib(server.shmem),
+                mib(worker.shmem),
                 worker.pss_kib as f64 / 1024.0,
                 worker.uss_kib as f64 / 1024.0,
                 worker.weights_pss_kib as f64 / 1024.0,
             );
-            charged += server.shmem + worker.shmem;
+            charged += worker.shmem;
             weights_pss_kib += worker.weights_pss_kib;
             workers += 1;
             per_worker.push((pod, worker.weights_pss_kib));
         }
     }
-    let copies = published_copies(&env.safetensors.sha256)?;
+    let store = env.cluster.node.agent_dir().join("store");
+    let copies = published_copies(&store, &env.safetensors.sha256)?;
+    let (agent, held) = agent_memory(&env, &store).await?;
     println!(
-        "  {}: {workers} workers of 2 pipelines; {copies} copy in the node's store; tmpfs charged to all containers {:.1} MiB; mapped PSS summed {:.1} MiB (model file {:.1} MiB)",
-        ns.name,
+        "  {workers} workers of 2 pipelines in 2 namespaces; {copies} copy in the node's store; the agent charged {:.1} MiB of tmpfs for the {:.1} MiB its store holds; the workers {:.1} MiB; mapped PSS summed {:.1} MiB (model file {:.1} MiB)",
+        mib(agent.shmem),
+        mib(held),
         mib(charged),
         weights_pss_kib as f64 / 1024.0,
         mib(model)
@@ -130,12 +147,17 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
         copies == 1,
         "{copies} copies of the model in the node's store"
     );
-    // At most one copy is charged to them: none when an earlier pod on this node (the Task
-    // scenario with the same model) published it, its charge then staying with the node's
-    // pods cgroup; never one per pod or per pipeline.
+    // The store's memory is the agent's: all of it, once.
+    within(
+        agent.shmem,
+        held,
+        0.9,
+        1.1,
+        "the agent's tmpfs charge against its store's bytes",
+    )?;
     ensure!(
-        (charged as f64) < 1.2 * model as f64,
-        "{charged} B of tmpfs charged to the pods of two pipelines: more than one copy of {model} B"
+        charged < model / 10,
+        "{charged} B of tmpfs charged to the workers: the weights are the agent's"
     );
     // PSS divides shared pages among their mappers: together they hold one copy.
     within(
@@ -145,6 +167,7 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
         1.2,
         "the workers' mapped PSS summed",
     )?;
+    no_worker_writes_the_store(&env, &per_worker[0].0, &store).await?;
     // Four workers map one copy: each holds about a quarter of it, and its /metrics says the
     // same figure as its smaps read from outside.
     for (pod, pss_kib) in &per_worker {
@@ -159,7 +182,7 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
         let reported = mapped_pss_metric(pod).await?;
         println!(
             "  {}/{name}: /metrics weights_mapped_pss {:.1} MiB, smaps {:.1} MiB",
-            ns.name,
+            pod.metadata.namespace.as_deref().unwrap_or(""),
             mib(reported),
             *pss_kib as f64 / 1024.0
         );
@@ -175,7 +198,7 @@ pub async fn safetensors_two_pipelines_node_sharing(env: Arc<Env>) -> Result<()>
 }
 
 /// The base URL of a replica's actor, by its pod's IP.
-fn actor_url(pod: &k8s_openapi::api::core::v1::Pod) -> Result<String> {
+fn actor_url(pod: &Pod) -> Result<String> {
     let ip = pod
         .status
         .as_ref()
@@ -185,7 +208,7 @@ fn actor_url(pod: &k8s_openapi::api::core::v1::Pod) -> Result<String> {
 }
 
 /// The worker's own figure for its share of the weights: `weights_mapped_pss` from /metrics.
-async fn mapped_pss_metric(pod: &k8s_openapi::api::core::v1::Pod) -> Result<u64> {
+async fn mapped_pss_metric(pod: &Pod) -> Result<u64> {
     let url = format!("{}/metrics", actor_url(pod)?);
     let text = tokio::task::spawn_blocking(move || -> Result<String> {
         Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
@@ -202,10 +225,9 @@ async fn mapped_pss_metric(pod: &k8s_openapi::api::core::v1::Pod) -> Result<u64>
         .with_context(|| format!("weights_mapped_pss_bytes {value:?}"))
 }
 
-/// How many published folders of the node's store (the host's /dev/shm) hold `sha256`.
-fn published_copies(sha256: &str) -> Result<usize> {
-    let store = std::path::Path::new("/dev/shm/kube-zerocopy");
-    // Staging and lock folders (".staging", ".users") hold no published model.
+/// How many published folders of the node agent's store hold `sha256`.
+fn published_copies(store: &std::path::Path, sha256: &str) -> Result<usize> {
+    // Staging, lock and view folders (".staging", ".users", ".views") hold no published model.
     let hidden = |p: &std::path::Path| {
         p.strip_prefix(store).is_ok_and(|rel| {
             rel.components()
@@ -216,6 +238,84 @@ fn published_copies(sha256: &str) -> Result<usize> {
         .iter()
         .filter(|p| p.file_name().is_some_and(|f| f == sha256) && !hidden(p))
         .count())
+}
+
+/// The node agent's memory, and the bytes of every file its store holds (each inode once:
+/// the views' hard links are the same files).
+async fn agent_memory(env: &Env, store: &std::path::Path) -> Result<(ContainerMemory, u64)> {
+    let agents = Api::<Pod>::namespaced(env.client.clone(), OPERATOR_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=node-agent"))
+        .await?;
+    let agent = agents.items.first().context("no node agent pod")?;
+    let memory = container_memory(agent, "agent")?;
+    let mut inodes = std::collections::BTreeMap::new();
+    for path in walk(store) {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.is_file() {
+            inodes.insert(meta.ino(), meta.len());
+        }
+    }
+    Ok((memory, inodes.values().sum()))
+}
+
+/// From inside a worker container (its own user, mounts and environment, through containerd),
+/// the weight server's own `publish` and `gc` try to write the store the pod sees: both fail
+/// on the read-only mount, and the model's file on the node is unchanged.
+async fn no_worker_writes_the_store(env: &Env, pod: &Pod, store: &std::path::Path) -> Result<()> {
+    let tensors = store
+        .join("blobs")
+        .join(&env.safetensors.sha256)
+        .join("tensors.bin");
+    let before = (sha256_of(&tensors), std::fs::metadata(&tensors)?.nlink());
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "worker"))
+        .and_then(|c| c.container_id.clone())
+        .context("no running worker")?;
+    let id = id.rsplit("://").next().unwrap_or(&id).to_owned();
+    for (n, attempt) in [["publish"], ["gc"]].iter().enumerate() {
+        let out = env
+            .cluster
+            .node
+            .ctr()
+            .args([
+                "tasks",
+                "exec",
+                "--exec-id",
+                &format!("write-attempt-{n}"),
+                &id,
+            ])
+            .arg("kube-zerocopy-sidecar")
+            .args(["--keep-unused", "0"])
+            .args(attempt)
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        println!(
+            "  inside a worker, kube-zerocopy-sidecar {}: exit {:?}: {}",
+            attempt[0],
+            out.status.code(),
+            said.trim().lines().last().unwrap_or("")
+        );
+        ensure!(
+            !out.status.success(),
+            "{}: writing the store from inside a worker succeeded",
+            attempt[0]
+        );
+        ensure!(
+            said.contains("Read-only file system"),
+            "{}: not refused by the read-only mount: {said}",
+            attempt[0]
+        );
+    }
+    let after = (sha256_of(&tensors), std::fs::metadata(&tensors)?.nlink());
+    ensure!(
+        before == after,
+        "the model's file changed: {before:?} then {after:?}"
+    );
+    Ok(())
 }
 
 fn within(value: u64, reference: u64, low: f64, high: f64, what: &str) -> Result<()> {

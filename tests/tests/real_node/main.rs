@@ -37,11 +37,10 @@ fn main() {
         task::torchscript_model_on_a_volume,
         task::safetensors_model_over_http,
         actor::torchscript_pod_sharing,
-        actor::safetensors_two_pipelines_node_sharing,
+        actor::safetensors_two_namespaces_node_sharing,
         retry::killed_worker_is_retried,
         bad_model::wrong_digest_is_told_by_the_termination_message,
         pod_security::restricted_namespace_runs_pod_sharing,
-        pod_security::restricted_namespace_refuses_node_sharing,
         images::each_image_runs_with_runc_as_non_root,
     ];
     let names = || scenarios.iter().map(|(n, _)| n.replace("::", "_"));

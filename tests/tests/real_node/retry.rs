@@ -10,7 +10,7 @@ use kube::api::Api;
 use serde_json::json;
 
 use crate::support::*;
-use crate::task::{print_task_report, with_models_volume};
+use crate::task::print_task_report;
 
 pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
     let (ns, data) = task_namespace(&env, "retry", &[], "sentiment-data", true).await?;
@@ -23,7 +23,6 @@ pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
         |p| {
             p["metadata"]["name"] = json!("retried");
             p["spec"]["task"] = json!({"shards": SHARDS, "parallelism": 1});
-            with_models_volume(p);
         },
     )?;
     let outcome = async {

@@ -24,6 +24,8 @@ use serde_json::json;
 pub const MODELS_MOUNT: &str = "/models";
 pub const SHARDS: usize = 4;
 const FEATURES: &str = "512";
+/// The label of a namespace that enforces Pod Security `restricted`.
+pub const RESTRICTED: (&str, &str) = ("pod-security.kubernetes.io/enforce", "restricted");
 /// The uid every container runs as: the data folders are its.
 const RUN_AS: u32 = 65532;
 
@@ -450,9 +452,10 @@ pub async fn pods(client: &Client, ns: &str, pipeline: &str) -> Result<Vec<Pod>>
 pub struct Timeline {
     pub pod: String,
     pub scheduled: Time,
-    pub weight_server_started: Time,
+    /// None in a Node-sharing pod: the node agent mounted its models before any container.
+    pub weight_server_started: Option<Time>,
     /// The pod's Initialized condition: the weight server's startup probe passed (every model
-    /// published).
+    /// published); with Node sharing, when the kubelet started the pod, its volumes mounted.
     pub weights_ready: Time,
     pub worker_started: Time,
     pub finished: Option<Time>,
@@ -475,8 +478,7 @@ impl Timeline {
             .init_container_statuses
             .iter()
             .flatten()
-            .find(|c| c.name == "weight-server")
-            .with_context(|| format!("pod {name}: no weight-server status"))?;
+            .find(|c| c.name == "weight-server");
         let worker = status
             .container_statuses
             .iter()
@@ -498,8 +500,12 @@ impl Timeline {
             .and_then(|t| t.finished_at.clone());
         Ok(Timeline {
             scheduled: condition("PodScheduled")?,
-            weight_server_started: started(sidecar)
-                .with_context(|| format!("pod {name}: the weight server never started"))?,
+            weight_server_started: sidecar
+                .map(|s| {
+                    started(s)
+                        .with_context(|| format!("pod {name}: the weight server never started"))
+                })
+                .transpose()?,
             weights_ready: condition("Initialized")?,
             worker_started: started(worker)
                 .with_context(|| format!("pod {name}: the worker never started"))?,
@@ -511,9 +517,10 @@ impl Timeline {
     /// The worker started only after the weight server's startup probe passed.
     pub fn check_order(&self) -> Result<()> {
         let t = |x: &Time| x.0;
+        let server = self.weight_server_started.as_ref().map(t);
         ensure!(
-            t(&self.scheduled) <= t(&self.weight_server_started)
-                && t(&self.weight_server_started) <= t(&self.weights_ready)
+            server.is_none_or(|s| t(&self.scheduled) <= s && s <= t(&self.weights_ready))
+                && t(&self.scheduled) <= t(&self.weights_ready)
                 && t(&self.weights_ready) <= t(&self.worker_started),
             "pod {}: out of order: {self:?}",
             self.pod
@@ -524,9 +531,11 @@ impl Timeline {
     pub fn line(&self) -> String {
         let at = |x: &Time| x.0.as_second() - self.scheduled.0.as_second();
         format!(
-            "{}: scheduled 0 s, weight server started {} s, weights ready {} s, worker started {} s, finished {}",
+            "{}: scheduled 0 s, weight server started {}, weights ready {} s, worker started {} s, finished {}",
             self.pod,
-            at(&self.weight_server_started),
+            self.weight_server_started
+                .as_ref()
+                .map_or("- (the node agent's volume)".into(), |s| format!("{} s", at(s))),
             at(&self.weights_ready),
             at(&self.worker_started),
             self.finished

@@ -24,15 +24,15 @@ pub async fn torchscript_model_on_a_volume(env: Arc<Env>) -> Result<()> {
         &uri,
         |p| {
             p["spec"]["task"] = json!({"shards": SHARDS, "parallelism": 2});
-            with_models_volume(p);
         },
     )?;
     run_task(&env, &pipeline, &data, &env.torchscript.reference).await
 }
 
-/// examples/task-safetensors.yaml: safetensors, Node sharing, the model from an http server.
+/// examples/task-safetensors.yaml: safetensors, Node sharing (the node agent's volume), the
+/// model from an http server.
 pub async fn safetensors_model_over_http(env: Arc<Env>) -> Result<()> {
-    let (ns, data) = task_namespace(&env, "task-safetensors", &[], "embed-data", true).await?;
+    let (ns, data) = task_namespace(&env, "task-safetensors", &[], "embed-data", false).await?;
     let uri = format!("{}/{}", env.http_base, env.safetensors.file);
     let pipeline = example(
         "task-safetensors.yaml",
@@ -44,19 +44,6 @@ pub async fn safetensors_model_over_http(env: Arc<Env>) -> Result<()> {
         },
     )?;
     run_task(&env, &pipeline, &data, &env.safetensors.reference).await
-}
-
-/// Adds the read-only `models` claim at /models (examples/task-safetensors.yaml's way).
-pub fn with_models_volume(p: &mut serde_json::Value) {
-    let t = &mut p["spec"]["template"];
-    let volumes = t["volumes"]
-        .as_array_mut()
-        .expect("the example has volumes");
-    volumes.push(json!({"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": true}}));
-    let mounts = t["volumeMounts"]
-        .as_array_mut()
-        .expect("the example has mounts");
-    mounts.push(json!({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": true}));
 }
 
 /// Applies a Task pipeline whose data claim holds `data`; waits until it succeeded; prints the
