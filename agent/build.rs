@@ -12,10 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_transport(false)
         .compile_protos(
-            &[
-                PathBuf::from("proto/csi.proto"),
-                PathBuf::from("proto/pluginregistration.proto"),
-            ],
+            &[PathBuf::from("proto/csi.proto")],
             &[PathBuf::from("proto"), include],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -34,7 +34,7 @@ die() { log "error: $*"; exit 1; }
 start=$SECONDS
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap and buildah run as root here)"
 "$ROOT/scripts/host-packages.sh" || die "installing the host packages (scripts/host-packages.sh) failed"
-for tool in buildah mmdebstrap gcc strip sha256sum python3; do
+for tool in buildah mmdebstrap gcc go strip sha256sum python3; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 
@@ -267,6 +267,10 @@ for program in kube-zerocopy-sidecar kube-zerocopy-agent; do
   done <<<"$deps"
   stage_bin "$REL/$program" "$ctx/bin/$program"
 done
+# The node agent's registrar: Go, static, from its pinned module (agent/registrar/go.mod).
+(cd "$ROOT/agent/registrar" && GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly \
+  go build -trimpath -ldflags=-s -o "$ctx/bin/kube-zerocopy-registrar" .) >&2 \
+  || die "go build of agent/registrar failed"
 stage_wheel_libs "$REL/kube-zerocopy-worker" "$ctx/lib"
 [ -f "$ctx/lib/libtorch_cpu.so" ] || die "kube-zerocopy-worker does not load libtorch_cpu.so from $KZC_VENV"
 stage_bin "$REL/kube-zerocopy-worker" "$ctx/bin/kube-zerocopy-worker"

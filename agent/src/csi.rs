@@ -1,7 +1,6 @@
-//! The CSI services the kubelet calls on the agent's socket: Identity (who it is), Node
-//! (publish and unpublish a pod's volume, what it can do, which node it is on), and the
-//! kubelet's plugin Registration, all on one socket in the kubelet's plugins_registry folder
-//! (the registration names no other endpoint, so the kubelet uses that socket for CSI too).
+//! The CSI services the kubelet calls on the agent's socket: Identity (who it is) and Node
+//! (publish and unpublish a pod's volume, what it can do, which node it is on). The kubelet
+//! learns the socket from the registrar (agent/registrar), the agent pod's other container.
 //!
 //! A volume's attribute `models` lists the pod's models as the weight server's `KZC_MODELS`
 //! does (JSON). Publishing a volume publishes those models in the store if they are not yet
@@ -16,7 +15,7 @@ use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
 use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::proto::csi::{
     identity_server::Identity, node_server::Node, GetPluginCapabilitiesRequest,
@@ -24,10 +23,6 @@ use crate::proto::csi::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
     NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, ProbeRequest, ProbeResponse,
-};
-use crate::proto::registration::{
-    registration_server::Registration, InfoRequest, PluginInfo, RegistrationStatus,
-    RegistrationStatusResponse,
 };
 use crate::views::{self, Views};
 use kube_zerocopy_sidecar::config::VIEW_BINDINGS_DIR;
@@ -168,7 +163,13 @@ impl Agent {
     fn unpublish_volume(&self, volume_id: &str, target: &Path) -> Result<(), Status> {
         views::unmount_and_remove(target).map_err(internal)?;
         self.views().remove(volume_id).map_err(internal)?;
-        self.holds.lock().unwrap().remove(volume_id);
+        // The models were in use until now: their idle time counts from here.
+        let released = self.holds.lock().unwrap().remove(volume_id);
+        for hold in released.iter().flatten() {
+            if let Err(e) = hold.refresh() {
+                tracing::warn!(error = format!("{e:#}"), "marking a model as used");
+            }
+        }
         info!(volume_id, target = %target.display(), "volume unpublished");
         Ok(())
     }
@@ -283,30 +284,5 @@ impl Node for Service {
             node_id: self.0.node_id.clone(),
             max_volumes_per_node: 0,
         }))
-    }
-}
-
-#[tonic::async_trait]
-impl Registration for Service {
-    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
-        Ok(Response::new(PluginInfo {
-            r#type: "CSIPlugin".into(),
-            name: self.0.driver.clone(),
-            endpoint: String::new(),
-            supported_versions: vec!["1.0.0".into()],
-        }))
-    }
-
-    async fn notify_registration_status(
-        &self,
-        request: Request<RegistrationStatus>,
-    ) -> Result<Response<RegistrationStatusResponse>, Status> {
-        let status = request.into_inner();
-        if status.plugin_registered {
-            info!(driver = %self.0.driver, "registered with the kubelet");
-        } else {
-            warn!(driver = %self.0.driver, error = %status.error, "the kubelet refused the registration");
-        }
-        Ok(Response::new(RegistrationStatusResponse {}))
     }
 }

@@ -3,9 +3,9 @@
 //! inline volume, so that Node-sharing pods need no hostPath and cannot touch one another's
 //! weights.
 //!
-//! - [`proto`]: the CSI and kubelet-registration gRPC services, generated from proto/.
+//! - [`proto`]: the CSI gRPC services, generated from proto/csi.proto.
 //! - [`views`]: a pod's view of its models: hard links into the store, mounted read-only.
-//! - [`csi`]: the Identity and Node services the kubelet calls, and the registration.
+//! - [`csi`]: the Identity and Node services the kubelet calls.
 //! - [`store_memory`]: the tmpfs the store lives in.
 
 pub mod csi;
@@ -15,8 +15,5 @@ pub mod views;
 pub mod proto {
     pub mod csi {
         tonic::include_proto!("csi.v1");
-    }
-    pub mod registration {
-        tonic::include_proto!("pluginregistration");
     }
 }

@@ -1,28 +1,24 @@
-//! `kube-zerocopy-agent`: the node agent (see the library). Serves the CSI and registration
-//! services on one unix socket until terminated.
+//! `kube-zerocopy-agent`: the node agent (see the library). Serves the CSI services on a unix
+//! socket until terminated.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
-use kube_zerocopy_agent::proto::registration::registration_server::RegistrationServer;
 use kube_zerocopy_agent::store_memory;
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "kube-zerocopy-agent", version, about)]
 struct Cli {
-    /// The socket the kubelet finds the agent on (in its plugins_registry folder).
-    #[arg(
-        long,
-        env = "KZC_CSI_SOCKET",
-        default_value = "/registration/models.kube-zerocopy.io.sock"
-    )]
+    /// The socket of the CSI services (the registrar tells the kubelet where it is).
+    #[arg(long, env = "KZC_CSI_SOCKET", default_value = "/csi/csi.sock")]
     socket: PathBuf,
     /// The CSI driver's name: pods' volumes and the CSIDriver object use it.
     #[arg(long, env = "KZC_CSI_DRIVER", default_value = NODE_STORE_DRIVER)]
@@ -44,11 +40,30 @@ struct Cli {
     /// model cache); volumes may name no file at all when unset.
     #[arg(long, env = "KZC_FILE_SOURCES")]
     file_sources: Option<PathBuf>,
+    /// Seconds a model no pod mounts stays in the store before the collection removes it (a
+    /// full store removes unused models at once).
+    #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
+    keep_unused: u64,
+    /// Seconds between two collections of unused models.
+    #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = 60)]
+    collect_every: u64,
 }
 
 fn main() {
     kube_zerocopy_sidecar::process::init_logs();
     kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+}
+
+/// Removes, every `period`, the models that no volume has mounted for `keep_unused`.
+fn collect_periodically(store: Store, period: Duration, keep_unused: Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(period);
+        match store.collect_unused(keep_unused) {
+            Ok(removed) if !removed.is_empty() => info!(?removed, "collected unused models"),
+            Ok(_) => {}
+            Err(e) => warn!(error = format!("{e:#}"), "collecting unused models"),
+        }
+    });
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -58,10 +73,16 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(size) = &cli.store_size {
         store_memory::mount_tmpfs(&cli.store, size)?;
     }
+    let store = Store::new(&cli.store);
+    collect_periodically(
+        store.clone(),
+        Duration::from_secs(cli.collect_every.max(1)),
+        Duration::from_secs(cli.keep_unused),
+    );
     let agent = Agent::new(
         cli.driver,
         cli.node_id,
-        Store::new(&cli.store),
+        store,
         cli.download_dir,
         cli.file_sources,
     );
@@ -78,8 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         let service = Service(agent);
         tonic::transport::Server::builder()
             .add_service(IdentityServer::new(service.clone()))
-            .add_service(NodeServer::new(service.clone()))
-            .add_service(RegistrationServer::new(service))
+            .add_service(NodeServer::new(service))
             .serve_with_incoming(UnixListenerStream::new(listener))
             .await
             .context("serving gRPC")

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -28,7 +28,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase};
+use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::policy;
@@ -57,6 +57,8 @@ pub enum Error {
     Apply(#[source] kube::Error),
     #[error("writing the pipeline's status: {0}")]
     PatchStatus(#[source] kube::Error),
+    #[error("reading the pods' mount failures: {0}")]
+    ObserveMounts(#[source] kube::Error),
 }
 
 impl Error {
@@ -65,13 +67,14 @@ impl Error {
         match self {
             Error::Apply(_) => "apply",
             Error::PatchStatus(_) => "patch_status",
+            Error::ObserveMounts(_) => "observe_mounts",
         }
     }
 
     /// Whether a person must act before a retry can succeed (a permission the operator lacks,
     /// a CRD that is not installed, an admission webhook that refuses): retried slowly.
     pub fn needs_a_person(&self) -> bool {
-        let (Error::Apply(e) | Error::PatchStatus(e)) = self;
+        let (Error::Apply(e) | Error::PatchStatus(e) | Error::ObserveMounts(e)) = self;
         !is_transient(e)
     }
 }
@@ -291,6 +294,10 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
     let ns = pipeline.namespace().unwrap_or_else(|| "default".into());
     let applied = apply(ctx, pipeline, &ns).await?;
     let pods = observe_pods(ctx, pipeline, &ns);
+    let mount_failure = match pipeline.spec.sharing {
+        Sharing::Node => observe_mount_failure(ctx, &ns, &pods).await?,
+        Sharing::Pod => None,
+    };
     let observed = Observed {
         job: applied.job.as_ref(),
         deployment: applied.deployment.as_ref(),
@@ -298,6 +305,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
         refused: applied.refused,
         rerun: applied.rerun,
         blocked: applied.blocked,
+        mount_failure,
     };
     let new_status = status::compute(pipeline, &observed, Timestamp::now());
     let api: Api<InferencePipeline> = Api::namespaced(ctx.client.clone(), &ns);
@@ -355,6 +363,51 @@ fn observe_pods(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Vec<Po
         .iter()
         .map(|p| (**p).clone())
         .collect()
+}
+
+/// Step 2, Node sharing: why the node agent did not mount the models of a pod still waiting to
+/// start, from the kubelet's latest FailedMount event for it (the agent's own words follow
+/// "desc = "). The pod's status says only ContainerCreating, so one list of the namespace's
+/// FailedMount events, and only while such a pod waits.
+async fn observe_mount_failure(
+    ctx: &Context,
+    ns: &str,
+    pods: &[Pod],
+) -> Result<Option<String>, Error> {
+    let waiting: Vec<&str> = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    if waiting.is_empty() {
+        return Ok(None);
+    }
+    let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), ns);
+    let failed = events
+        .list(&ListParams::default().fields("involvedObject.kind=Pod,reason=FailedMount"))
+        .await
+        .map_err(Error::ObserveMounts)?;
+    let latest = failed
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object
+                .name
+                .as_deref()
+                .is_some_and(|n| waiting.contains(&n))
+        })
+        .max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0));
+    Ok(latest.map(|e| {
+        let pod = e.involved_object.name.unwrap_or_default();
+        let message = e.message.unwrap_or_default();
+        let words = message
+            .split_once("desc = ")
+            .map_or(message.as_str(), |(_, w)| w);
+        format!(
+            "the node agent did not mount pod {pod}'s models: {}",
+            words.trim()
+        )
+    }))
 }
 
 /// Step 4: one event per transition: into a new phase, and into Degraded with a new reason.

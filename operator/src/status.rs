@@ -54,6 +54,9 @@ pub enum Reason {
     /// A finished Task runs again for a changed spec: Progressing, until the new Job ends.
     Rerun,
     WeightServerFailed,
+    /// The node agent refused or failed to mount a Node-sharing pod's models (its words, from
+    /// the kubelet's FailedMount event).
+    ModelsNotMounted,
     Published,
     Publishing,
     AllShardsSucceeded,
@@ -79,6 +82,7 @@ impl Reason {
             Reason::SpecChangeRefused => "SpecChangeRefused",
             Reason::Rerun => "Rerun",
             Reason::WeightServerFailed => "WeightServerFailed",
+            Reason::ModelsNotMounted => "ModelsNotMounted",
             Reason::Published => "Published",
             Reason::Publishing => "Publishing",
             Reason::AllShardsSucceeded => "AllShardsSucceeded",
@@ -111,6 +115,18 @@ pub struct Observed<'a> {
     /// Set when nothing could be applied: the pipeline's objects cannot be made, were refused,
     /// or would take over another's.
     pub blocked: Option<Blocked>,
+    /// Node sharing: why the node agent did not mount a pod's models (the latest FailedMount
+    /// of the pipeline's waiting pods), with the pod's name.
+    pub mount_failure: Option<String>,
+}
+
+impl Reason {
+    /// The weights cannot be made ready without a change: the pipeline is Degraded.
+    fn weights_failed(reason: &str) -> bool {
+        [Reason::WeightServerFailed, Reason::ModelsNotMounted]
+            .iter()
+            .any(|r| r.as_str() == reason)
+    }
 }
 
 /// Why nothing of a pipeline runs: a condition reason and a message a user can act on.
@@ -136,10 +152,12 @@ fn cond(type_: ConditionType, status: bool, reason: Reason, message: impl Into<S
     }
 }
 
-/// The weight servers' state across the pods: ready, failing (with why), or still publishing.
+/// The weights' state across the pods: ready, failing (with why), or still publishing. A worker
+/// starts only once its weights are ready: its weight server's startup probe passed (Pod
+/// sharing) or the node agent mounted its models (Node sharing).
 fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
     let mut failure = None;
-    let mut started = any_worker_done;
+    let mut started = any_worker_done || observed.pods.iter().any(worker_started);
     for pod in observed.pods {
         let statuses = pod
             .status
@@ -178,6 +196,12 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
             Reason::WeightServerFailed,
             why,
         ),
+        (false, None) if observed.mount_failure.is_some() => cond(
+            ConditionType::WeightsReady,
+            false,
+            Reason::ModelsNotMounted,
+            observed.mount_failure.clone().unwrap_or_default(),
+        ),
         (true, None) => cond(
             ConditionType::WeightsReady,
             true,
@@ -191,6 +215,19 @@ fn weights(observed: &Observed, any_worker_done: bool) -> Cond {
             "the weight servers are publishing the models",
         ),
     }
+}
+
+fn worker_started(pod: &Pod) -> bool {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref());
+    statuses.into_iter().flatten().any(|s| {
+        s.name == WORKER_CONTAINER
+            && s.state
+                .as_ref()
+                .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
+    })
 }
 
 /// The termination message of a worker that failed, with its pod's name.
@@ -341,7 +378,7 @@ fn actor_status(observed: &Observed) -> (Phase, String, Vec<Cond>) {
             )],
         )
     } else {
-        let degraded = weights.reason == Reason::WeightServerFailed.as_str();
+        let degraded = Reason::weights_failed(&weights.reason);
         (
             if degraded {
                 Phase::Degraded
@@ -458,9 +495,10 @@ pub fn compute(
             (phase, Some(progress), None, conds)
         }
     };
-    let weights_failed = conds.iter().any(|c| {
-        c.type_ == ConditionType::WeightsReady && c.reason == Reason::WeightServerFailed.as_str()
-    });
+    let weights_failed = conds
+        .iter()
+        .find(|c| c.type_ == ConditionType::WeightsReady && Reason::weights_failed(&c.reason))
+        .map(|c| (c.reason.clone(), c.message.clone()));
     let stuck = stuck_pod(observed.pods);
     let degraded = match (&observed.blocked, &observed.refused, weights_failed, stuck) {
         (Some(blocked), ..) => cond(
@@ -475,16 +513,18 @@ pub fn compute(
             Reason::SpecChangeRefused,
             why.clone(),
         ),
-        (None, None, true, _) => cond(
-            ConditionType::Degraded,
-            true,
-            Reason::WeightServerFailed,
-            "a weight server cannot publish the models",
-        ),
-        (None, None, false, Some((reason, why))) => {
-            cond(ConditionType::Degraded, true, reason, why)
-        }
-        (None, None, false, None) => cond(ConditionType::Degraded, false, Reason::AsExpected, ""),
+        (None, None, Some((reason, why)), _) => Cond {
+            type_: ConditionType::Degraded,
+            status: true,
+            message: if reason == Reason::WeightServerFailed.as_str() {
+                "a weight server cannot publish the models".into()
+            } else {
+                why
+            },
+            reason,
+        },
+        (None, None, None, Some((reason, why))) => cond(ConditionType::Degraded, true, reason, why),
+        (None, None, None, None) => cond(ConditionType::Degraded, false, Reason::AsExpected, ""),
     };
     if degraded.status
         && pipeline.spec.mode == Mode::Actor
@@ -682,6 +722,75 @@ mod tests {
             w.message
         );
         assert_eq!(get(&s, ConditionType::Degraded).status, "True");
+    }
+
+    /// Node sharing: no weight server. A pod waiting for the node agent's volume shows the
+    /// agent's refusal; once a worker runs, its models were mounted.
+    #[test]
+    fn node_sharing_weights_follow_the_agents_mounts() {
+        let p = pipeline("Task");
+        let j = job(0, None);
+        let pod = |worker: Option<ContainerState>| Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("p-0".into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some(
+                    if worker.is_some() {
+                        "Running"
+                    } else {
+                        "Pending"
+                    }
+                    .into(),
+                ),
+                container_statuses: worker.map(|state| {
+                    vec![ContainerStatus {
+                        name: WORKER_CONTAINER.into(),
+                        state: Some(state),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let refusal = "the node agent did not mount pod p-0's models: model \"m\": sha256 mismatch";
+        let waiting = [pod(None)];
+        let s = compute(
+            &p,
+            &Observed {
+                job: Some(&j),
+                pods: &waiting,
+                mount_failure: Some(refusal.into()),
+                ..Default::default()
+            },
+            Timestamp::UNIX_EPOCH,
+        );
+        for t in [ConditionType::WeightsReady, ConditionType::Degraded] {
+            let c = get(&s, t);
+            assert_eq!(
+                (c.reason.as_str(), c.message.as_str()),
+                ("ModelsNotMounted", refusal),
+                "{t:?}"
+            );
+        }
+        assert_eq!(get(&s, ConditionType::WeightsReady).status, "False");
+        assert_eq!(get(&s, ConditionType::Degraded).status, "True");
+        // Still mounting, nothing refused: publishing.
+        let s = with_pods(&p, &j, &waiting);
+        assert_eq!(get(&s, ConditionType::WeightsReady).reason, "Publishing");
+        // A worker that runs had its models mounted.
+        let running = [pod(Some(ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        }))];
+        let s = with_pods(&p, &j, &running);
+        let w = get(&s, ConditionType::WeightsReady);
+        assert_eq!(
+            (w.status.as_str(), w.reason.as_str()),
+            ("True", "Published")
+        );
     }
 
     /// Each phase's event says what that phase means (both Running and Succeeded said "every

@@ -377,6 +377,11 @@ impl Store {
         if !try_lock(&users, Lock::Exclusive)? {
             return Ok(false);
         }
+        // A node agent's views link the model's files: while one does, a pod has it mounted
+        // (the links outlive the agent's holds, which go with its process).
+        if linked_elsewhere(&path)? {
+            return Ok(false);
+        }
         let idle = users.metadata()?.modified()?.elapsed().unwrap_or_default();
         if idle < unused_for {
             return Ok(false);
@@ -427,6 +432,17 @@ impl Hold {
             .set_modified(SystemTime::now())
             .with_context(|| format!("marking model {} as used", self.digest))
     }
+}
+
+/// Whether a file of the model folder `dir` has another link (a node agent's view of it).
+fn linked_elsewhere(dir: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        if entry?.metadata()?.nlink() > 1 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Tells apart the folders one process makes in the same second.
@@ -698,6 +714,21 @@ mod tests {
         assert!(names_in(&store.root.join(".trash")).unwrap().is_empty());
     }
 
+    /// A model whose files a node agent's view links is in use, held or not.
+    #[test]
+    fn a_model_linked_into_a_view_is_never_collected() {
+        let (dir, store) = store_with("dd");
+        let tensors = store.model_dir("dd").join("tensors.bin");
+        fs::write(&tensors, b"weights").unwrap();
+        let view = dir.path().join(".views/csi-1");
+        fs::create_dir_all(&view).unwrap();
+        fs::hard_link(&tensors, view.join("tensors.bin")).unwrap();
+        assert!(store.collect_unused(Duration::ZERO).unwrap().is_empty());
+        assert!(tensors.is_file());
+        fs::remove_dir_all(&view).unwrap();
+        assert_eq!(store.collect_unused(Duration::ZERO).unwrap(), vec!["dd"]);
+    }
+
     #[test]
     fn an_unused_model_is_kept_until_it_was_idle_long_enough() {
         let (_dir, store) = store_with("bb");
@@ -858,7 +889,8 @@ mod tests {
 /// Where a pod's store and bindings are, as both binaries take them (flags or environment).
 #[derive(clap::Args, Clone, Debug)]
 pub struct PodPaths {
-    /// The shared store (an emptyDir with medium Memory, or a folder of the host's /dev/shm).
+    /// The store: the pod's own (an emptyDir with medium Memory), or the node agent's read-only
+    /// view of the node's store.
     #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
     pub store: PathBuf,
     /// This pod's bindings folder (model name -> digest).

@@ -1,5 +1,5 @@
 //! The node agent as the kubelet drives it: its binary on a real unix socket, called through
-//! the CSI and registration services' own protocol. A volume holds exactly the models it
+//! the CSI services' own protocol. A volume holds exactly the models it
 //! names, read-only; volumes naming the same model share one copy in the store; a worker runs
 //! from a volume; bad requests are refused with their cause and leave nothing mounted.
 
@@ -17,8 +17,6 @@ use kube_zerocopy_agent::proto::csi::{
     GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
     ProbeRequest, VolumeCapability,
 };
-use kube_zerocopy_agent::proto::registration::registration_client::RegistrationClient;
-use kube_zerocopy_agent::proto::registration::InfoRequest;
 use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, terminate};
 use kube_zerocopy_sidecar::config::models_to_json;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
@@ -40,12 +38,15 @@ impl Agent {
             .prefix("kzc-agent-")
             .tempdir_in("/dev/shm")
             .unwrap();
-        let socket = dir.path().join("registration/agent.sock");
+        let socket = dir.path().join("csi/csi.sock");
         let mut command = std::process::Command::new(bin("kube-zerocopy-agent"));
         if let Some(folder) = file_sources {
             command.env("KZC_FILE_SOURCES", folder);
         }
+        // Collections every second, of any model unmounted: what is kept is kept for its mounts.
         let child = command
+            .env("KZC_COLLECT_EVERY", "1")
+            .env("KZC_KEEP_UNUSED", "0")
             .env("KZC_CSI_SOCKET", &socket)
             .env("NODE_NAME", "node-a")
             .env("KZC_STORE", dir.path().join("store"))
@@ -167,27 +168,12 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
 
     let agent = Agent::start(Some(m));
     let channel = agent.channel().await;
-    let (mut identity, mut node, mut registration) = (
+    let (mut identity, mut node) = (
         IdentityClient::new(channel.clone()),
-        NodeClient::new(channel.clone()),
-        RegistrationClient::new(channel),
+        NodeClient::new(channel),
     );
 
-    // Who it is, as the kubelet's plugin watcher and CSI client ask.
-    let info = registration
-        .get_info(InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (
-            info.r#type.as_str(),
-            info.name.as_str(),
-            info.endpoint.as_str()
-        ),
-        ("CSIPlugin", "models.kube-zerocopy.io", "")
-    );
-    assert_eq!(info.supported_versions, ["1.0.0"]);
+    // Who it is, as the kubelet's CSI client asks.
     let plugin = identity
         .get_plugin_info(GetPluginInfoRequest {})
         .await
@@ -398,11 +384,29 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     assert_eq!(files(&volumes[2].1).len(), 3);
     let stored = std::fs::metadata(&stored_tensors).unwrap();
     assert_eq!(stored.nlink(), 2);
-    for (id, path, _) in &volumes[1..] {
+    // Collections run every second and keep nothing unmounted: each model stays while a
+    // volume mounts it, and goes once none does.
+    let second_dir = agent.store().join("blobs").join(&second_digest);
+    let first_dir = agent.store().join("blobs").join(&first_digest);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(first_dir.is_dir() && second_dir.is_dir());
+    let gone = |dir: &Path| {
+        let started = Instant::now();
+        while dir.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} was not collected",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    for ((id, path, _), dir) in volumes[1..].iter().zip([&second_dir, &first_dir]) {
         node.node_unpublish_volume(unpublish_request(id, path))
             .await
             .unwrap();
         assert!(!path.exists(), "{id}");
+        gone(dir);
     }
     // Unpublishing what is gone already succeeds (the kubelet retries).
     node.node_unpublish_volume(unpublish_request("csi-b", &volumes[1].1))

@@ -11,13 +11,16 @@ use anyhow::{ensure, Context, Result};
 use std::os::unix::fs::MetadataExt;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, ListParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::invocation::ACTOR_PORT;
 use kube_zerocopy_e2e::cluster::host::walk;
+use kube_zerocopy_e2e::cluster::node::NODE_NAME;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use kube_zerocopy_e2e::{read_output, sha256_of};
+use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use serde_json::json;
 
 use crate::support::*;
@@ -90,6 +93,20 @@ pub async fn safetensors_two_namespaces_node_sharing(env: Arc<Env>) -> Result<()
         )?);
         namespaces.push(ns);
     }
+    // The kubelet registered the agent's driver (through the registrar's socket).
+    let csi_node = Api::<CSINode>::all(env.client.clone())
+        .get(NODE_NAME)
+        .await?;
+    let drivers: Vec<String> = csi_node
+        .spec
+        .drivers
+        .iter()
+        .map(|d| d.name.clone())
+        .collect();
+    ensure!(
+        drivers.iter().any(|d| d == NODE_STORE_DRIVER),
+        "the node's CSINode lists {drivers:?}, not {NODE_STORE_DRIVER}"
+    );
     let mut results = Vec::new();
     for p in &pipelines {
         let r = run_actor(&env, p, &env.safetensors).await;
@@ -249,18 +266,21 @@ async fn agent_memory(env: &Env, store: &std::path::Path) -> Result<(ContainerMe
     let agent = agents.items.first().context("no node agent pod")?;
     let memory = container_memory(agent, "agent")?;
     let mut inodes = std::collections::BTreeMap::new();
-    for path in walk(store) {
-        let meta = std::fs::symlink_metadata(&path)?;
-        if meta.is_file() {
-            inodes.insert(meta.ino(), meta.len());
+    for dir in walk(store) {
+        for entry in std::fs::read_dir(&dir)? {
+            let meta = entry?.metadata()?;
+            if meta.is_file() {
+                inodes.insert(meta.ino(), meta.len());
+            }
         }
     }
     Ok((memory, inodes.values().sum()))
 }
 
 /// From inside a worker container (its own user, mounts and environment, through containerd),
-/// the weight server's own `publish` and `gc` try to write the store the pod sees: both fail
-/// on the read-only mount, and the model's file on the node is unchanged.
+/// the weight server's own `publish` tries to write the store the pod sees, and into the
+/// model's folder: each fails on the read-only mount, and the model's file on the node is
+/// unchanged.
 async fn no_worker_writes_the_store(env: &Env, pod: &Pod, store: &std::path::Path) -> Result<()> {
     let tensors = store
         .join("blobs")
@@ -275,7 +295,15 @@ async fn no_worker_writes_the_store(env: &Env, pod: &Pod, store: &std::path::Pat
         .and_then(|c| c.container_id.clone())
         .context("no running worker")?;
     let id = id.rsplit("://").next().unwrap_or(&id).to_owned();
-    for (n, attempt) in [["publish"], ["gc"]].iter().enumerate() {
+    // Publish into the pod's store as its environment names it, then with the store and then
+    // the bindings pointed into the model's own folder (a file planted next to its tensors).
+    let model_dir = format!("/kzc/models/blobs/{}", env.safetensors.sha256);
+    let attempts: [&[&str]; 3] = [
+        &["publish"],
+        &["--store", &model_dir, "publish"],
+        &["--bindings", &model_dir, "publish"],
+    ];
+    for (n, attempt) in attempts.iter().enumerate() {
         let out = env
             .cluster
             .node
@@ -288,26 +316,25 @@ async fn no_worker_writes_the_store(env: &Env, pod: &Pod, store: &std::path::Pat
                 &id,
             ])
             .arg("kube-zerocopy-sidecar")
-            .args(["--keep-unused", "0"])
-            .args(attempt)
+            .args(*attempt)
             .output()?;
         let said = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
         println!(
             "  inside a worker, kube-zerocopy-sidecar {}: exit {:?}: {}",
-            attempt[0],
+            attempt.join(" "),
             out.status.code(),
             said.trim().lines().last().unwrap_or("")
         );
         ensure!(
             !out.status.success(),
             "{}: writing the store from inside a worker succeeded",
-            attempt[0]
+            attempt.join(" ")
         );
         ensure!(
             said.contains("Read-only file system"),
             "{}: not refused by the read-only mount: {said}",
-            attempt[0]
+            attempt.join(" ")
         );
     }
     let after = (sha256_of(&tensors), std::fs::metadata(&tensors)?.nlink());

@@ -1,11 +1,13 @@
 //! A model whose source does not match its digest, in a real pod: the weight server's own
 //! one-line error reaches Kubernetes as its termination message (written to the file the
-//! kubelet mounts, not the kubelet's fallback to the log's tail), and the pipeline says it.
+//! kubelet mounts, not the kubelet's fallback to the log's tail), and the pipeline says it;
+//! with Node sharing, the node agent's refusal reaches the pipeline through the kubelet.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy_e2e::wait::eventually_seen;
@@ -84,28 +86,7 @@ pub async fn wrong_digest_is_told_by_the_termination_message(env: Arc<Env>) -> R
 
     // The pipeline's view: Degraded, with the same words.
     let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
-    let condition = eventually_seen(
-        "WeightsReady=False WeightServerFailed",
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let status = api.get(&name).await?.status.unwrap_or_default();
-                let seen = format!("phase {:?}, {:?}", status.phase, status.conditions);
-                let c = status
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == "WeightsReady" && c.reason == "WeightServerFailed");
-                Ok((c, seen))
-            }
-        },
-    )
-    .await?;
-    println!(
-        "  {}/{name}: {}: {}",
-        ns.name, condition.reason, condition.message
-    );
+    let condition = weights_ready_with(&api, &name, "WeightServerFailed", 60).await?;
     ensure!(
         condition.status == "False" && condition.message.contains(&message),
         "the condition does not carry the weight server's message: {condition:?}"
@@ -116,4 +97,92 @@ pub async fn wrong_digest_is_told_by_the_termination_message(env: Arc<Env>) -> R
         "phase {phase:?}, not Degraded"
     );
     Ok(())
+}
+
+/// The same wrong digest with Node sharing: no weight server in the pod; the node agent refuses
+/// the volume, the kubelet retries and says why in a FailedMount event, and the pipeline reads
+/// `WeightsReady=False, ModelsNotMounted` with the agent's words, phase Degraded. The pod never
+/// starts a container.
+pub async fn node_sharing_wrong_digest_is_told_by_the_agent(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "bad-digest-node", &[RESTRICTED]).await?;
+    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+    let wrong = "1".repeat(64);
+    let pipeline = example(
+        "actor-safetensors.yaml",
+        &ns.name,
+        &env.safetensors,
+        &uri,
+        |p| {
+            p["spec"]["actor"] = json!({"replicas": 1});
+            p["spec"]["models"][0]["source"]["sha256"] = json!(wrong);
+        },
+    )?;
+    let name = pipeline.metadata.name.clone().context("a name")?;
+    apply(&env.client, &pipeline).await?;
+    let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
+    let condition = weights_ready_with(&api, &name, "ModelsNotMounted", 120).await?;
+    ensure!(
+        condition.status == "False"
+            && condition.message.contains("sha256 mismatch")
+            && condition.message.contains(&wrong),
+        "the condition does not carry the agent's words: {condition:?}"
+    );
+    let status = api.get(&name).await?.status.unwrap_or_default();
+    ensure!(
+        status.phase.map(|p| p.as_str()) == Some("Degraded"),
+        "phase {:?}, not Degraded",
+        status.phase
+    );
+    for pod in pods(&env.client, &ns.name, &name).await? {
+        let started = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c.state
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            });
+        ensure!(!started, "a container started without its models");
+    }
+    // Nothing half-published in the agent's store.
+    let store = env.cluster.node.agent_dir().join("store");
+    let entries: Vec<_> = std::fs::read_dir(store.join("blobs"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(
+        !entries.iter().any(|e| e.to_string_lossy() == wrong),
+        "the store holds the refused digest"
+    );
+    Ok(())
+}
+
+/// The pipeline's WeightsReady condition once its reason is `reason` (printed).
+async fn weights_ready_with(
+    api: &Api<InferencePipeline>,
+    name: &str,
+    reason: &str,
+    seconds: u64,
+) -> Result<Condition> {
+    let condition = eventually_seen(
+        &format!("WeightsReady with reason {reason}"),
+        Duration::from_secs(seconds),
+        || async move {
+            let status = api.get(name).await?.status.unwrap_or_default();
+            let seen = format!("phase {:?}, {:?}", status.phase, status.conditions);
+            let c = status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "WeightsReady" && c.reason == reason);
+            Ok((c, seen))
+        },
+    )
+    .await?;
+    println!(
+        "  {}/{name}: {}: {}",
+        api.namespace().unwrap_or_default(),
+        condition.reason,
+        condition.message
+    );
+    Ok(condition)
 }

@@ -40,6 +40,7 @@ fn main() {
         actor::safetensors_two_namespaces_node_sharing,
         retry::killed_worker_is_retried,
         bad_model::wrong_digest_is_told_by_the_termination_message,
+        bad_model::node_sharing_wrong_digest_is_told_by_the_agent,
         pod_security::restricted_namespace_runs_pod_sharing,
         images::each_image_runs_with_runc_as_non_root,
     ];
