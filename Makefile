@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator clean images images-cuda
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -46,6 +46,11 @@ generate: setup
 
 bench-operator: build
 	scripts/bench-operator.sh
+
+# On the real node (root): a Node-sharing replica's time to ready when it is the first on its
+# node (the node agent fetches and publishes a 512 MiB model) against a later one.
+bench-replica: build
+	scripts/bench-replica.sh
 
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build

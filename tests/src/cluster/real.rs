@@ -2,7 +2,7 @@
 //! the pods' bridge, one real node with the project's images imported, and the operator
 //! installed by its Helm chart as a pod under the chart's ServiceAccount.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
@@ -96,7 +96,15 @@ impl RealCluster {
     /// `helm install` of the chart with the built images, as the README says; waits until the
     /// operator's pod is ready. On failure the error shows the operator's pods and events.
     pub async fn install_operator(&mut self) -> Result<()> {
+        self.install_operator_with(&[]).await
+    }
+
+    /// The same with more `--set` values.
+    pub async fn install_operator_with(&mut self, values: &[&str]) -> Result<()> {
         let mut helm = self.helm_install()?;
+        for value in values {
+            helm.args(["--set", value]);
+        }
         let installed = tokio::task::spawn_blocking(move || {
             let out = helm.output().context("running helm")?;
             if !out.status.success() {
@@ -187,4 +195,32 @@ pub async fn describe_namespace(client: &kube::Client, ns: &str) -> Result<Strin
         );
     }
     Ok(text)
+}
+
+/// Serves the files of `dir` (no subfolders) over http on the pods' bridge address, from a
+/// thread, for the life of the process; returns the base URL.
+pub fn serve_folder(dir: &Path) -> Result<String> {
+    let server = tiny_http::Server::http((GATEWAY, 0))
+        .map_err(|e| anyhow::anyhow!("starting the model server: {e}"))?;
+    let port = server
+        .server_addr()
+        .to_ip()
+        .context("an IP address")?
+        .port();
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let name = request.url().trim_start_matches('/').to_owned();
+            let file = (!name.contains('/') && !name.contains(".."))
+                .then(|| std::fs::File::open(dir.join(&name)).ok())
+                .flatten();
+            let _ = match file {
+                Some(f) => request.respond(tiny_http::Response::from_file(f)),
+                None => {
+                    request.respond(tiny_http::Response::from_string("no").with_status_code(404))
+                }
+            };
+        }
+    });
+    Ok(format!("http://{GATEWAY}:{port}"))
 }

@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use kube_zerocopy::crd::InferencePipeline;
-use kube_zerocopy_e2e::cluster::host::{walk, GATEWAY};
-use kube_zerocopy_e2e::cluster::real::RealCluster;
+use kube_zerocopy_e2e::cluster::host::walk;
+use kube_zerocopy_e2e::cluster::real::{serve_folder, RealCluster};
 use kube_zerocopy_e2e::wait::eventually_seen;
 use kube_zerocopy_e2e::{bin, make_model, read_output, repo};
 use serde_json::json;
@@ -173,33 +173,6 @@ fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Mod
         sha256,
         reference: output,
     })
-}
-
-/// An http server on the bridge address (where pods reach the host) serving `dir`'s files.
-fn serve_folder(dir: &Path) -> Result<String> {
-    let server = tiny_http::Server::http((GATEWAY, 0))
-        .map_err(|e| anyhow::anyhow!("starting the model server: {e}"))?;
-    let port = server
-        .server_addr()
-        .to_ip()
-        .context("an IP address")?
-        .port();
-    let dir = dir.to_owned();
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let name = request.url().trim_start_matches('/').to_owned();
-            let file = (!name.contains('/') && !name.contains(".."))
-                .then(|| std::fs::File::open(dir.join(&name)).ok())
-                .flatten();
-            let _ = match file {
-                Some(f) => request.respond(tiny_http::Response::from_file(f)),
-                None => {
-                    request.respond(tiny_http::Response::from_string("no").with_status_code(404))
-                }
-            };
-        }
-    });
-    Ok(format!("http://{GATEWAY}:{port}"))
 }
 
 /// A namespace of its own for one scenario, with `labels`; deleted when dropped (in the
