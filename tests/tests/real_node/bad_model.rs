@@ -17,20 +17,15 @@ use crate::support::*;
 
 pub async fn wrong_digest_is_told_by_the_termination_message(env: Arc<Env>) -> Result<()> {
     let ns = TestNamespace::create(&env.client, "bad-digest", &[]).await?;
-    let uri = format!("{}/{}", env.http_base, env.torchscript.file);
     let wrong = "0".repeat(64);
-    let pipeline = example(
+    let name = apply_with_digest(
+        &env,
+        &ns,
         "actor-torchscript.yaml",
-        &ns.name,
         &env.torchscript,
-        &uri,
-        |p| {
-            p["spec"]["actor"] = json!({"replicas": 1});
-            p["spec"]["models"][0]["source"]["sha256"] = json!(wrong);
-        },
-    )?;
-    let name = pipeline.metadata.name.clone().context("a name")?;
-    apply(&env.client, &pipeline).await?;
+        &wrong,
+    )
+    .await?;
 
     // The pod's view: the weight server ended with exit code 1 and a message of its own words.
     let message = eventually_seen(
@@ -105,20 +100,15 @@ pub async fn wrong_digest_is_told_by_the_termination_message(env: Arc<Env>) -> R
 /// starts a container.
 pub async fn node_sharing_wrong_digest_is_told_by_the_agent(env: Arc<Env>) -> Result<()> {
     let ns = TestNamespace::create(&env.client, "bad-digest-node", &[RESTRICTED]).await?;
-    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
     let wrong = "1".repeat(64);
-    let pipeline = example(
+    let name = apply_with_digest(
+        &env,
+        &ns,
         "actor-safetensors.yaml",
-        &ns.name,
         &env.safetensors,
-        &uri,
-        |p| {
-            p["spec"]["actor"] = json!({"replicas": 1});
-            p["spec"]["models"][0]["source"]["sha256"] = json!(wrong);
-        },
-    )?;
-    let name = pipeline.metadata.name.clone().context("a name")?;
-    apply(&env.client, &pipeline).await?;
+        &wrong,
+    )
+    .await?;
     let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
     let condition = weights_ready_with(&api, &name, "ModelsNotMounted", 120).await?;
     ensure!(
@@ -185,4 +175,22 @@ async fn weights_ready_with(
         condition.message
     );
     Ok(condition)
+}
+
+/// Applies the example's Actor pipeline with 1 replica, its model served over http but
+/// declared with the digest `sha256`: the pipeline's name.
+async fn apply_with_digest(
+    env: &Env,
+    ns: &TestNamespace,
+    file: &str,
+    model: &Model,
+    sha256: &str,
+) -> Result<String> {
+    let uri = format!("{}/{}", env.http_base, model.file);
+    let pipeline = example(file, &ns.name, model, &uri, |p| {
+        p["spec"]["actor"] = json!({"replicas": 1});
+        p["spec"]["models"][0]["source"]["sha256"] = json!(sha256);
+    })?;
+    apply(&env.client, &pipeline).await?;
+    pipeline.metadata.name.context("a name")
 }
