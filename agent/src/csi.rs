@@ -6,7 +6,8 @@
 //! does (JSON). Publishing a volume publishes those models in the store if they are not yet
 //! there, links them into the volume's view and mounts it read-only at the target path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -15,8 +16,9 @@ use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
 use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::integrity::{Check, Layouts};
 use crate::proto::csi::{
     identity_server::Identity, node_server::Node, GetPluginCapabilitiesRequest,
     GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
@@ -38,6 +40,9 @@ pub struct Agent {
     pub file_sources: Option<PathBuf>,
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
+    /// The store entries checked against their layout records, by digest and folder (inode):
+    /// a folder that is replaced is checked again.
+    verified: Mutex<HashSet<(String, u64)>>,
 }
 
 impl Agent {
@@ -55,6 +60,7 @@ impl Agent {
             download_dir,
             file_sources,
             holds: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashSet::new()),
         })
     }
 
@@ -82,6 +88,11 @@ impl Agent {
         if views::is_mounted(target).map_err(internal)? {
             return Ok(());
         }
+        let layouts = Layouts::new(self.store.clone());
+        for digest in models.iter().filter_map(|m| m.sha256.as_deref()) {
+            self.vet_existing(&layouts, &digest.to_ascii_lowercase())?;
+        }
+        let before = layouts.entries().map_err(internal)?;
         let publisher = Publisher {
             store: self.store.clone(),
             bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
@@ -95,6 +106,9 @@ impl Agent {
                 Status::internal(message)
             }
         })?;
+        for hold in &holds {
+            self.settle(&layouts, &hold.digest, &before)?;
+        }
         // One hold per model, in the models' order: their digests are what the view links.
         let digests: Vec<&str> = holds.iter().map(|h| h.digest.as_str()).collect();
         let mounted = views
@@ -109,6 +123,61 @@ impl Agent {
             .lock()
             .unwrap()
             .insert(volume_id.to_owned(), holds);
+        Ok(())
+    }
+
+    fn is_verified(&self, digest: &str, folder: u64) -> bool {
+        let verified = self.verified.lock().unwrap();
+        verified.contains(&(digest.to_owned(), folder))
+    }
+
+    fn mark_verified(&self, digest: &str, folder: u64) {
+        let mut verified = self.verified.lock().unwrap();
+        verified.insert((digest.to_owned(), folder));
+    }
+
+    /// Before an entry already in the store is served: it must be the one this agent laid out
+    /// (its files hash to the record), or it is removed and laid out again from its source. An
+    /// entry checked once is not hashed again while it stays the same folder.
+    fn vet_existing(&self, layouts: &Layouts, digest: &str) -> Result<(), Status> {
+        let Some(folder) = folder_id(&self.store, digest) else {
+            return Ok(());
+        };
+        if self.is_verified(digest, folder) {
+            return Ok(());
+        }
+        match layouts.check(digest).map_err(internal)? {
+            Check::Verified => self.mark_verified(digest, folder),
+            Check::Untrusted(why) => {
+                warn!(%digest, %why, "a store entry that does not verify: removed, laid out again");
+                self.store.discard(digest).map_err(internal)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After publishing: records what was laid out since `before` (the store's entries then);
+    /// vets what was there already (a model whose digest was not known before fetching).
+    fn settle(
+        &self,
+        layouts: &Layouts,
+        digest: &str,
+        before: &HashMap<String, u64>,
+    ) -> Result<(), Status> {
+        let folder = folder_id(&self.store, digest)
+            .ok_or_else(|| Status::internal(format!("model {digest} vanished from the store")))?;
+        if self.is_verified(digest, folder) {
+            return Ok(());
+        }
+        if before.get(digest) != Some(&folder) {
+            layouts.record(digest).map_err(internal)?;
+        } else if let Check::Untrusted(why) = layouts.check(digest).map_err(internal)? {
+            self.store.discard(digest).map_err(internal)?;
+            return Err(Status::unavailable(format!(
+                "the store's entry of model {digest} does not verify ({why}): removed, laid out again at the next try"
+            )));
+        }
+        self.mark_verified(digest, folder);
         Ok(())
     }
 
@@ -173,6 +242,13 @@ impl Agent {
         info!(volume_id, target = %target.display(), "volume unpublished");
         Ok(())
     }
+}
+
+/// The identity of a model's folder in the store (its inode), when there is one.
+fn folder_id(store: &Store, digest: &str) -> Option<u64> {
+    std::fs::symlink_metadata(store.model_dir(digest))
+        .ok()
+        .map(|m| m.ino())
 }
 
 fn internal(e: anyhow::Error) -> Status {

@@ -394,6 +394,28 @@ impl Store {
         Ok(true)
     }
 
+    /// Takes a model out of the store at once, whoever holds it (a node agent's views keep
+    /// their own links): an entry that must not be served. A link or file planted in its place
+    /// is removed, never followed.
+    pub fn discard(&self, digest: &str) -> Result<()> {
+        let _lock = self.lock(digest)?;
+        let path = self.model_dir(digest);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if !meta.is_dir() {
+            return fs::remove_file(&path).with_context(|| format!("removing {}", path.display()));
+        }
+        let trash = self.root.join(".trash");
+        fs::create_dir_all(&trash)?;
+        let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
+        fs::rename(&path, &gone).with_context(|| format!("unpublishing model {digest}"))?;
+        let _ = fs::remove_dir_all(&gone);
+        Ok(())
+    }
+
     /// Starts writing a model. Call with the digest's lock held: staging folders for the same
     /// digest left by a killed sidecar are removed first.
     pub fn begin(&self, digest: &str) -> Result<Staging> {

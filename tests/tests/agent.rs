@@ -17,7 +17,7 @@ use kube_zerocopy_agent::proto::csi::{
     GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
     ProbeRequest, VolumeCapability,
 };
-use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, terminate};
+use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, succeeded, terminate};
 use kube_zerocopy_sidecar::config::models_to_json;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::task::read_input;
@@ -39,6 +39,11 @@ impl Agent {
             .tempdir_in("/dev/shm")
             .unwrap();
         let socket = dir.path().join("csi/csi.sock");
+        let child = Self::spawn(dir.path(), &socket, file_sources);
+        Agent { child, dir, socket }
+    }
+
+    fn spawn(dir: &Path, socket: &Path, file_sources: Option<&Path>) -> Child {
         let mut command = std::process::Command::new(bin("kube-zerocopy-agent"));
         if let Some(folder) = file_sources {
             command.env("KZC_FILE_SOURCES", folder);
@@ -47,10 +52,10 @@ impl Agent {
         let child = command
             .env("KZC_COLLECT_EVERY", "1")
             .env("KZC_KEEP_UNUSED", "0")
-            .env("KZC_CSI_SOCKET", &socket)
+            .env("KZC_CSI_SOCKET", socket)
             .env("NODE_NAME", "node-a")
-            .env("KZC_STORE", dir.path().join("store"))
-            .env("KZC_DOWNLOAD_DIR", dir.path().join("downloads"))
+            .env("KZC_STORE", dir.join("store"))
+            .env("KZC_DOWNLOAD_DIR", dir.join("downloads"))
             .spawn()
             .unwrap();
         let started = Instant::now();
@@ -58,7 +63,18 @@ impl Agent {
             assert!(started.elapsed() < Duration::from_secs(30), "no socket");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Agent { child, dir, socket }
+        child
+    }
+
+    /// Stops the agent (SIGTERM), keeping its store, for [`Agent::resume`].
+    fn halt(&mut self) {
+        assert_eq!(terminate(&mut self.child).code(), Some(0));
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// A new agent process on the same store.
+    fn resume(&mut self, file_sources: Option<&Path>) {
+        self.child = Self::spawn(self.dir.path(), &self.socket, file_sources);
     }
 
     /// SIGTERM, as the kubelet stops it: its exit status.
@@ -456,5 +472,101 @@ fn csi_sanity_passes_against_the_agent() {
         .expect("csi-sanity's summary");
     assert!(ran >= 10, "csi-sanity ran only {ran} checks:\n{report}");
     assert!(report.contains("| 0 Failed |"), "{report}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// The agent serves only what it laid out. Its store changes behind its back while it is down:
+/// a published model's tensors are overwritten, and a folder appears under a second model's
+/// digest holding the first model's files (self-consistent, its manifest naming the second
+/// digest), and a link under a third's. Restarted, the agent serves each of the three models
+/// laid out again from its source: the views hold what a fresh layout holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_entries_that_do_not_verify_are_never_served() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let model = |name: &str, sizes: &str| {
+        let file = m.join(format!("{name}.safetensors"));
+        make_model(&["mlp", file.to_str().unwrap(), "--sizes", sizes]);
+        ModelSource {
+            sha256: Some(sha256_of(&file)),
+            ..source(name, ModelFormat::Safetensors, &file)
+        }
+    };
+    let models = [
+        model("a", "64,256,8"),
+        model("b", "64,128,8"),
+        model("c", "64,96,8"),
+    ];
+    let digest = |i: usize| models[i].sha256.clone().unwrap();
+    // What a fresh layout of each holds: the weight server's own, in a store of its own.
+    let fresh = kube_zerocopy_e2e::Pod::new();
+    succeeded(&fresh.publish(&models));
+    let fresh_tensors =
+        |i: usize| sha256_of(&fresh.store().model_dir(&digest(i)).join("tensors.bin"));
+
+    let mut agent = Agent::start(Some(m));
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| pods.path().join(pod).join("mount");
+    {
+        let mut node = NodeClient::new(agent.channel().await);
+        std::fs::create_dir_all(pods.path().join("first")).unwrap();
+        node.node_publish_volume(publish_request("csi-first", &target("first"), &models[..1]))
+            .await
+            .unwrap();
+        node.node_unpublish_volume(unpublish_request("csi-first", &target("first")))
+            .await
+            .unwrap();
+    }
+    assert!(agent.store().join(".layouts").join(digest(0)).is_file());
+
+    agent.halt();
+    let blobs = agent.store().join("blobs");
+    let tensors = blobs.join(digest(0)).join("tensors.bin");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tensors)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"planted").unwrap();
+    drop(file);
+    let planted = blobs.join(digest(1));
+    std::fs::create_dir_all(&planted).unwrap();
+    for name in ["tensors.bin", "manifest.json"] {
+        std::fs::copy(
+            fresh.store().model_dir(&digest(0)).join(name),
+            planted.join(name),
+        )
+        .unwrap();
+    }
+    let manifest = planted.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace(&digest(0), &digest(1))).unwrap();
+    std::os::unix::fs::symlink(&planted, blobs.join(digest(2))).unwrap();
+    agent.resume(Some(m));
+
+    let mut node = NodeClient::new(agent.channel().await);
+    for (i, model) in models.iter().enumerate() {
+        let pod = format!("pod-{i}");
+        std::fs::create_dir_all(pods.path().join(&pod)).unwrap();
+        let id = format!("csi-{i}");
+        node.node_publish_volume(publish_request(
+            &id,
+            &target(&pod),
+            std::slice::from_ref(model),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("model {i}: {e}"));
+        let seen = target(&pod)
+            .join("blobs")
+            .join(digest(i))
+            .join("tensors.bin");
+        assert_eq!(
+            sha256_of(&seen),
+            fresh_tensors(i),
+            "model {i}: not a fresh layout"
+        );
+        node.node_unpublish_volume(unpublish_request(&id, &target(&pod)))
+            .await
+            .unwrap();
+    }
     assert_eq!(agent.stop().code(), Some(0));
 }
