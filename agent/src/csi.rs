@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
 use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
@@ -19,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::integrity::{Check, Layouts};
+use crate::metrics::Metrics;
 use crate::proto::csi::{
     identity_server::Identity, node_server::Node, GetPluginCapabilitiesRequest,
     GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
@@ -40,6 +42,7 @@ pub struct Agent {
     pub file_sources: Option<PathBuf>,
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
+    pub metrics: Arc<Metrics>,
     /// The store entries checked against their layout records, by digest and folder (inode):
     /// a folder that is replaced is checked again.
     verified: Mutex<HashSet<(String, u64)>>,
@@ -54,11 +57,13 @@ impl Agent {
         file_sources: Option<PathBuf>,
     ) -> Arc<Self> {
         Arc::new(Agent {
+            metrics: Arc::new(Metrics::new(store.root().to_owned())),
             driver,
             node_id,
             store,
             download_dir,
             file_sources,
+
             holds: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashSet::new()),
         })
@@ -119,10 +124,9 @@ impl Agent {
             return Err(internal(e));
         }
         info!(volume_id, target = %target.display(), ?digests, "volume published");
-        self.holds
-            .lock()
-            .unwrap()
-            .insert(volume_id.to_owned(), holds);
+        let mut all = self.holds.lock().unwrap();
+        all.insert(volume_id.to_owned(), holds);
+        self.metrics.volumes.set(all.len() as i64);
         Ok(())
     }
 
@@ -151,6 +155,7 @@ impl Agent {
             Check::Untrusted(why) => {
                 warn!(%digest, %why, "a store entry that does not verify: removed, laid out again");
                 self.store.discard(digest).map_err(internal)?;
+                self.metrics.discarded.inc();
             }
         }
         Ok(())
@@ -171,8 +176,10 @@ impl Agent {
         }
         if before.get(digest) != Some(&folder) {
             layouts.record(digest).map_err(internal)?;
+            self.metrics.layouts.inc();
         } else if let Check::Untrusted(why) = layouts.check(digest).map_err(internal)? {
             self.store.discard(digest).map_err(internal)?;
+            self.metrics.discarded.inc();
             return Err(Status::unavailable(format!(
                 "the store's entry of model {digest} does not verify ({why}): removed, laid out again at the next try"
             )));
@@ -233,7 +240,12 @@ impl Agent {
         views::unmount_and_remove(target).map_err(internal)?;
         self.views().remove(volume_id).map_err(internal)?;
         // The models were in use until now: their idle time counts from here.
-        let released = self.holds.lock().unwrap().remove(volume_id);
+        let released = {
+            let mut all = self.holds.lock().unwrap();
+            let released = all.remove(volume_id);
+            self.metrics.volumes.set(all.len() as i64);
+            released
+        };
         for hold in released.iter().flatten() {
             if let Err(e) = hold.refresh() {
                 tracing::warn!(error = format!("{e:#}"), "marking a model as used");
@@ -328,8 +340,15 @@ impl Node for Service {
                 ))
             })?;
         let agent = self.0.clone();
-        blocking(move || agent.publish_volume(&r.volume_id, Path::new(&r.target_path), &models))
-            .await?;
+        let started = Instant::now();
+        let published = blocking(move || {
+            agent.publish_volume(&r.volume_id, Path::new(&r.target_path), &models)
+        })
+        .await;
+        self.0
+            .metrics
+            .published(started.elapsed(), published.is_ok());
+        published?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 

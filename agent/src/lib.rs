@@ -7,10 +7,12 @@
 //! - [`views`]: a pod's view of its models: hard links into the store, mounted read-only.
 //! - [`csi`]: the Identity and Node services the kubelet calls.
 //! - [`store_memory`]: the tmpfs the store lives in.
+//! - [`metrics`]: /metrics and /livez.
 //! - [`integrity`]: the record of what the agent laid out, checked before an entry is served.
 
 pub mod csi;
 pub mod integrity;
+pub mod metrics;
 pub mod store_memory;
 pub mod views;
 

@@ -2,13 +2,14 @@
 //! socket until terminated.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
-use kube_zerocopy_agent::store_memory;
+use kube_zerocopy_agent::{metrics, store_memory};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -44,6 +45,9 @@ struct Cli {
     /// full store removes unused models at once).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
     keep_unused: u64,
+    /// The address of /metrics and /livez.
+    #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:9471")]
+    metrics_listen: String,
     /// Seconds between two collections of unused models.
     #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = 60)]
     collect_every: u64,
@@ -55,11 +59,14 @@ fn main() {
 }
 
 /// Removes, every `period`, the models that no volume has mounted for `keep_unused`.
-fn collect_periodically(store: Store, period: Duration, keep_unused: Duration) {
+fn collect_periodically(agent: Arc<Agent>, period: Duration, keep_unused: Duration) {
     std::thread::spawn(move || loop {
         std::thread::sleep(period);
-        match store.collect_unused(keep_unused) {
-            Ok(removed) if !removed.is_empty() => info!(?removed, "collected unused models"),
+        match agent.store.collect_unused(keep_unused) {
+            Ok(removed) if !removed.is_empty() => {
+                agent.metrics.evictions.inc_by(removed.len() as u64);
+                info!(?removed, "collected unused models");
+            }
             Ok(_) => {}
             Err(e) => warn!(error = format!("{e:#}"), "collecting unused models"),
         }
@@ -73,18 +80,18 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(size) = &cli.store_size {
         store_memory::mount_tmpfs(&cli.store, size)?;
     }
-    let store = Store::new(&cli.store);
-    collect_periodically(
-        store.clone(),
-        Duration::from_secs(cli.collect_every.max(1)),
-        Duration::from_secs(cli.keep_unused),
-    );
     let agent = Agent::new(
         cli.driver,
         cli.node_id,
-        store,
+        Store::new(&cli.store),
         cli.download_dir,
         cli.file_sources,
+    );
+    metrics::serve(&cli.metrics_listen, agent.metrics.clone())?;
+    collect_periodically(
+        agent.clone(),
+        Duration::from_secs(cli.collect_every.max(1)),
+        Duration::from_secs(cli.keep_unused),
     );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

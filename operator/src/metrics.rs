@@ -114,21 +114,13 @@ impl Metrics {
 /// Serves /metrics, /livez and /readyz on `listen` from a thread of its own. /livez answers
 /// as long as the process serves; /readyz once the controller runs or stands by.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let response = match request.url() {
-                "/metrics" => tiny_http::Response::from_string(metrics.render()),
-                "/livez" => tiny_http::Response::from_string("ok"),
-                "/readyz" if metrics.is_ready() => tiny_http::Response::from_string("ok"),
-                "/readyz" => tiny_http::Response::from_string("starting").with_status_code(503),
-                _ => tiny_http::Response::from_string("not found").with_status_code(404),
-            };
-            let _ = request.respond(response);
-        }
-    });
-    Ok(())
+    kube_zerocopy_sidecar::process::serve_endpoints(listen, move |path| match path {
+        "/metrics" => (200, metrics.render()),
+        "/livez" => (200, "ok".into()),
+        "/readyz" if metrics.is_ready() => (200, "ok".into()),
+        "/readyz" => (503, "starting".into()),
+        _ => (404, "not found".into()),
+    })
 }
 
 #[cfg(test)]

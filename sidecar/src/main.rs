@@ -89,10 +89,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             kube_zerocopy_sidecar::process::exit_on_terminate()?;
             let ready = Arc::new(AtomicBool::new(false));
-            let server = tiny_http::Server::http(&listen)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
             let flag = ready.clone();
-            std::thread::spawn(move || serve_health(server, flag));
+            kube_zerocopy_sidecar::process::serve_endpoints(&listen, move |path| {
+                let (code, body) = match path {
+                    "/livez" => (200, "ok"),
+                    "/readyz" if flag.load(Ordering::SeqCst) => (200, "ready"),
+                    "/readyz" => (503, "publishing"),
+                    _ => (404, "not found"),
+                };
+                (code, body.to_owned())
+            })?;
             let holds = publisher.publish_all(&models_from_env()?)?;
             ready.store(true, Ordering::SeqCst);
             // Stay up as the pod's sidecar, holding its models, until Kubernetes ends it with
@@ -111,17 +117,5 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-    }
-}
-
-fn serve_health(server: tiny_http::Server, ready: Arc<AtomicBool>) {
-    for request in server.incoming_requests() {
-        let (code, body) = match request.url() {
-            "/livez" => (200, "ok"),
-            "/readyz" if ready.load(Ordering::SeqCst) => (200, "ready"),
-            "/readyz" => (503, "publishing"),
-            _ => (404, "not found"),
-        };
-        let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(code));
     }
 }

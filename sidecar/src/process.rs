@@ -77,3 +77,23 @@ pub fn exit_on_terminate() -> anyhow::Result<()> {
         })?;
     Ok(())
 }
+
+/// Serves plain-text endpoints (/livez, /readyz, /metrics) on `listen` from a thread of its
+/// own: `answer` gives each path's status code and body.
+pub fn serve_endpoints(
+    listen: &str,
+    answer: impl Fn(&str) -> (u16, String) + Send + 'static,
+) -> anyhow::Result<()> {
+    let server = tiny_http::Server::http(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    std::thread::Builder::new()
+        .name("endpoints".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (code, body) = answer(request.url());
+                let response = tiny_http::Response::from_string(body).with_status_code(code);
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok(())
+}

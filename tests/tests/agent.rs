@@ -17,6 +17,7 @@ use kube_zerocopy_agent::proto::csi::{
     GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
     ProbeRequest, VolumeCapability,
 };
+use kube_zerocopy_e2e::cluster::free_port;
 use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, succeeded, terminate};
 use kube_zerocopy_sidecar::config::models_to_json;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
@@ -29,6 +30,8 @@ struct Agent {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    /// Its /metrics.
+    metrics: String,
 }
 
 impl Agent {
@@ -39,11 +42,17 @@ impl Agent {
             .tempdir_in("/dev/shm")
             .unwrap();
         let socket = dir.path().join("csi/csi.sock");
-        let child = Self::spawn(dir.path(), &socket, file_sources);
-        Agent { child, dir, socket }
+        let listen = format!("127.0.0.1:{}", free_port().unwrap());
+        let child = Self::spawn(dir.path(), &socket, &listen, file_sources);
+        Agent {
+            child,
+            dir,
+            socket,
+            metrics: format!("http://{listen}/metrics"),
+        }
     }
 
-    fn spawn(dir: &Path, socket: &Path, file_sources: Option<&Path>) -> Child {
+    fn spawn(dir: &Path, socket: &Path, listen: &str, file_sources: Option<&Path>) -> Child {
         let mut command = std::process::Command::new(bin("kube-zerocopy-agent"));
         if let Some(folder) = file_sources {
             command.env("KZC_FILE_SOURCES", folder);
@@ -53,6 +62,7 @@ impl Agent {
             .env("KZC_COLLECT_EVERY", "1")
             .env("KZC_KEEP_UNUSED", "0")
             .env("KZC_CSI_SOCKET", socket)
+            .env("KZC_METRICS_LISTEN", listen)
             .env("NODE_NAME", "node-a")
             .env("KZC_STORE", dir.join("store"))
             .env("KZC_DOWNLOAD_DIR", dir.join("downloads"))
@@ -74,12 +84,31 @@ impl Agent {
 
     /// A new agent process on the same store.
     fn resume(&mut self, file_sources: Option<&Path>) {
-        self.child = Self::spawn(self.dir.path(), &self.socket, file_sources);
+        let listen = self
+            .metrics
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics");
+        self.child = Self::spawn(self.dir.path(), &self.socket, listen, file_sources);
     }
 
     /// SIGTERM, as the kubelet stops it: its exit status.
     fn stop(mut self) -> std::process::ExitStatus {
         terminate(&mut self.child)
+    }
+
+    /// The value of the metric line that starts with `name` (its labels included).
+    fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.metrics)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
     fn store(&self) -> PathBuf {
@@ -264,6 +293,8 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         assert_eq!((seen.dev(), seen.ino()), (stored.dev(), stored.ino()));
     }
     assert_eq!(stored.nlink(), 3);
+    assert_eq!(agent.metric("kube_zerocopy_agent_volumes"), 3.0);
+    assert_eq!(agent.metric("kube_zerocopy_agent_models"), 2.0);
 
     // A pod names what the agent reads as root: no file outside the folder set aside for
     // file:// sources (nor one reached through `..`), and no credentials file at all.
@@ -424,6 +455,21 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         assert!(!path.exists(), "{id}");
         gone(dir);
     }
+    // What the store took in and let go, as its /metrics says.
+    for (name, value) in [
+        ("kube_zerocopy_agent_layouts_total", 2.0),
+        ("kube_zerocopy_agent_evictions_total", 2.0),
+        ("kube_zerocopy_agent_volumes", 0.0),
+        ("kube_zerocopy_agent_models", 0.0),
+    ] {
+        assert_eq!(agent.metric(name), value, "{name}");
+    }
+    assert!(agent.metric("kube_zerocopy_agent_store_bytes") > 0.0);
+    let publications = "kube_zerocopy_agent_publish_seconds_count";
+    // Four publications (one a repeat) and five refusals past the request's own checks: three
+    // sources, a wrong digest, a volume id.
+    let count = |outcome: &str| agent.metric(&format!("{publications}{{outcome=\"{outcome}\"}}"));
+    assert_eq!((count("success"), count("error")), (4.0, 5.0));
     // Unpublishing what is gone already succeeds (the kubelet retries).
     node.node_unpublish_volume(unpublish_request("csi-b", &volumes[1].1))
         .await
@@ -568,5 +614,6 @@ async fn store_entries_that_do_not_verify_are_never_served() {
             .await
             .unwrap();
     }
+    assert_eq!(agent.metric("kube_zerocopy_agent_discarded_total"), 3.0);
     assert_eq!(agent.stop().code(), Some(0));
 }

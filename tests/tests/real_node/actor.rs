@@ -185,6 +185,25 @@ pub async fn safetensors_two_namespaces_node_sharing(env: Arc<Env>) -> Result<()
         "the workers' mapped PSS summed",
     )?;
     no_worker_writes_the_store(&env, &per_worker[0].0, &store).await?;
+    // The agent's /metrics, scraped at its pod's IP, sees the four volumes and the model.
+    let agent_ip = agent_pod(&env)
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("the agent's pod has no IP")?;
+    let metrics = format!("http://{agent_ip}:9471/metrics");
+    for (name, at_least) in [
+        ("kube_zerocopy_agent_volumes", 4.0),
+        ("kube_zerocopy_agent_models", 1.0),
+        ("kube_zerocopy_agent_layouts_total", 1.0),
+    ] {
+        let value = metric(&metrics, name).await?;
+        println!("  agent /metrics: {name} {value}");
+        ensure!(
+            value >= at_least,
+            "{name} is {value}, not at least {at_least}"
+        );
+    }
     // Four workers map one copy: each holds about a quarter of it, and its /metrics says the
     // same figure as its smaps read from outside.
     for (pod, pss_kib) in &per_worker {
@@ -227,19 +246,25 @@ fn actor_url(pod: &Pod) -> Result<String> {
 /// The worker's own figure for its share of the weights: `weights_mapped_pss` from /metrics.
 async fn mapped_pss_metric(pod: &Pod) -> Result<u64> {
     let url = format!("{}/metrics", actor_url(pod)?);
+    let value = metric(&url, "kube_zerocopy_worker_weights_mapped_pss_bytes").await?;
+    Ok(value as u64)
+}
+
+/// The value of metric `name` (no labels) at the /metrics `url`.
+async fn metric(url: &str, name: &str) -> Result<f64> {
+    let url = url.to_owned();
     let text = tokio::task::spawn_blocking(move || -> Result<String> {
         Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
     })
     .await??;
     let line = text
         .lines()
-        .find(|l| l.starts_with("kube_zerocopy_worker_weights_mapped_pss_bytes "))
-        .context("no weights_mapped_pss_bytes in /metrics")?;
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .with_context(|| format!("no {name} in /metrics"))?;
     let value = line.rsplit(' ').next().unwrap_or_default();
     value
         .parse::<f64>()
-        .map(|v| v as u64)
-        .with_context(|| format!("weights_mapped_pss_bytes {value:?}"))
+        .with_context(|| format!("{name} {value:?}"))
 }
 
 /// How many published folders of the node agent's store hold `sha256`.
@@ -259,12 +284,16 @@ fn published_copies(store: &std::path::Path, sha256: &str) -> Result<usize> {
 
 /// The node agent's memory, and the bytes of every file its store holds (each inode once:
 /// the views' hard links are the same files).
-async fn agent_memory(env: &Env, store: &std::path::Path) -> Result<(ContainerMemory, u64)> {
+/// The node agent's pod.
+async fn agent_pod(env: &Env) -> Result<Pod> {
     let agents = Api::<Pod>::namespaced(env.client.clone(), OPERATOR_NAMESPACE)
         .list(&ListParams::default().labels("app.kubernetes.io/component=node-agent"))
         .await?;
-    let agent = agents.items.first().context("no node agent pod")?;
-    let memory = container_memory(agent, "agent")?;
+    agents.items.into_iter().next().context("no node agent pod")
+}
+
+async fn agent_memory(env: &Env, store: &std::path::Path) -> Result<(ContainerMemory, u64)> {
+    let memory = container_memory(&agent_pod(env).await?, "agent")?;
     let mut inodes = std::collections::BTreeMap::new();
     for dir in walk(store) {
         for entry in std::fs::read_dir(&dir)? {
