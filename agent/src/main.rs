@@ -42,7 +42,7 @@ struct Cli {
     #[arg(long, env = "KZC_FILE_SOURCES")]
     file_sources: Option<PathBuf>,
     /// Seconds a model no pod mounts stays in the store before the collection removes it (a
-    /// full store removes unused models at once).
+    /// full store makes room at once, from the unused model used least recently).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
     keep_unused: u64,
     /// The address of /metrics and /livez.

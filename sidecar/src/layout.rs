@@ -364,6 +364,32 @@ impl Store {
         Ok(removed)
     }
 
+    /// Removes the unused model that was used least recently (its use mark the oldest), to
+    /// make room: its digest, or None when every model is in use.
+    pub fn collect_least_recently_used(&self) -> Result<Option<String>> {
+        let trash = self.root.join(".trash");
+        let mut unused = Vec::new();
+        for digest in names_in(&self.root.join("blobs"))? {
+            let marked = fs::metadata(self.users_lock_path(&digest)).and_then(|m| m.modified());
+            // A model without a use mark was never held: oldest of all.
+            unused.push((marked.unwrap_or(std::time::UNIX_EPOCH), digest));
+        }
+        unused.sort();
+        for (_, digest) in unused {
+            match self.collect_one(&digest, Duration::ZERO, &trash) {
+                Ok(true) => {
+                    for name in names_in(&trash)? {
+                        let _ = fs::remove_dir_all(trash.join(name));
+                    }
+                    return Ok(Some(digest));
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%digest, error = format!("{e:#}"), "collecting a model"),
+            }
+        }
+        Ok(None)
+    }
+
     /// Collects one entry of blobs/ if unused for `unused_for`; true when it was removed. An
     /// entry that is not a folder (a link or file planted there) is removed at once.
     fn collect_one(&self, digest: &str, unused_for: Duration, trash: &Path) -> Result<bool> {
@@ -749,6 +775,32 @@ mod tests {
         assert!(tensors.is_file());
         fs::remove_dir_all(&view).unwrap();
         assert_eq!(store.collect_unused(Duration::ZERO).unwrap(), vec!["dd"]);
+    }
+
+    /// Room is made from the model used least recently; a held one is never taken.
+    #[test]
+    fn room_is_made_from_the_least_recently_used_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let hour = Duration::from_secs(3600);
+        for (digest, hours_ago) in [("new", 1), ("old", 3), ("mid", 2), ("held", 5)] {
+            fs::create_dir_all(store.model_dir(digest)).unwrap();
+            drop(store.hold(digest).unwrap());
+            let users = store.users_lock(digest).unwrap();
+            users
+                .set_modified(SystemTime::now() - hours_ago * hour)
+                .unwrap();
+        }
+        let _held = store.hold("held").unwrap();
+        store
+            .users_lock("held")
+            .unwrap()
+            .set_modified(SystemTime::now() - 5 * hour)
+            .unwrap();
+        let order: Vec<_> =
+            std::iter::from_fn(|| store.collect_least_recently_used().unwrap()).collect();
+        assert_eq!(order, ["old", "mid", "new"]);
+        assert!(store.model_dir("held").is_dir());
     }
 
     #[test]

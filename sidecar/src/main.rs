@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, env = "KZC_DOWNLOAD_DIR", global = true, default_value_os_t = std::env::temp_dir())]
     download_dir: PathBuf,
     /// Seconds a model may stay in the store unused (no sidecar holding it) before the
-    /// collection removes it; a full store removes unused models at once.
+    /// collection removes it; a full store makes room at once, least recently used first.
     #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
     keep_unused: u64,
     /// Seconds to wait for a lock another process holds (another sidecar laying out the same

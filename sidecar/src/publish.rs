@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tracing::info;
@@ -86,17 +86,18 @@ impl Publisher {
         }
 
         let source = &fetched.source;
-        let laid = match self.lay_out(model, &digest, source) {
-            Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
-                // Room may be taken by models that no pod uses any more: collect them, retry.
-                let removed = self.store.collect_unused(Duration::ZERO)?;
-                if removed.is_empty() {
-                    return Err(e);
+        // Room may be taken by models that no pod uses any more: remove them least recently
+        // used first, one at a time, until this one fits.
+        let laid = loop {
+            match self.lay_out(model, &digest, source) {
+                Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
+                    let Some(removed) = self.store.collect_least_recently_used()? else {
+                        return Err(e);
+                    };
+                    info!(model = %model.name, %removed, "shared memory was full: removed the unused model used least recently");
                 }
-                info!(model = %model.name, ?removed, "shared memory was full: removed unused models");
-                self.lay_out(model, &digest, source)?
+                laid => break laid?,
             }
-            laid => laid?,
         };
         let (staging, laid) = laid;
         // What was laid out must be what was hashed: the staging folder goes if not.

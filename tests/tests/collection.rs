@@ -59,7 +59,10 @@ fn unused_models_make_room_and_a_model_in_use_is_kept() {
     serving.kill().unwrap();
     serving.wait().unwrap();
     let stderr = succeeded(&second.publish(std::slice::from_ref(&b)));
-    assert!(stderr.contains("removed unused models"), "{stderr}");
+    assert!(
+        stderr.contains("removed the unused model used least recently"),
+        "{stderr}"
+    );
     assert!(stderr.contains(&a_digest), "{stderr}");
     let b_digest = second.bindings().read().unwrap().unwrap()["b"].clone();
     assert_eq!(first.published(), vec![b_digest.clone()]);
