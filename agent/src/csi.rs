@@ -63,7 +63,6 @@ impl Agent {
             store,
             download_dir,
             file_sources,
-
             holds: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashSet::new()),
         })
@@ -152,12 +151,16 @@ impl Agent {
         }
         match layouts.check(digest).map_err(internal)? {
             Check::Verified => self.mark_verified(digest, folder),
-            Check::Untrusted(why) => {
-                warn!(%digest, %why, "a store entry that does not verify: removed, laid out again");
-                self.store.discard(digest).map_err(internal)?;
-                self.metrics.discarded.inc();
-            }
+            Check::Untrusted(why) => self.discard(digest, &why)?,
         }
+        Ok(())
+    }
+
+    /// Removes an entry that does not verify (it is laid out again from its source).
+    fn discard(&self, digest: &str, why: &str) -> Result<(), Status> {
+        warn!(%digest, %why, "a store entry that does not verify: removed, laid out again");
+        self.store.discard(digest).map_err(internal)?;
+        self.metrics.discarded.inc();
         Ok(())
     }
 
@@ -178,8 +181,7 @@ impl Agent {
             layouts.record(digest).map_err(internal)?;
             self.metrics.layouts.inc();
         } else if let Check::Untrusted(why) = layouts.check(digest).map_err(internal)? {
-            self.store.discard(digest).map_err(internal)?;
-            self.metrics.discarded.inc();
+            self.discard(digest, &why)?;
             return Err(Status::unavailable(format!(
                 "the store's entry of model {digest} does not verify ({why}): removed, laid out again at the next try"
             )));

@@ -48,8 +48,8 @@ impl Layouts {
 
     /// Whether the entry of `digest` is the one recorded.
     pub fn check(&self, digest: &str) -> Result<Check> {
-        let folder = fs::symlink_metadata(self.store.model_dir(digest))?;
-        if !folder.is_dir() {
+        let dir = self.store.model_dir(digest);
+        if !fs::symlink_metadata(&dir)?.is_dir() {
             return Ok(Check::Untrusted("it is not a folder".into()));
         }
         let recorded = match fs::read_to_string(self.record_path(digest)) {
@@ -61,7 +61,7 @@ impl Layouts {
             }
             Err(e) => return Err(e).context("reading the layout record"),
         };
-        let now = hash_entry(&self.store.model_dir(digest))?;
+        let now = hash_entry(&dir)?;
         Ok(if now == recorded.trim() {
             Check::Verified
         } else {

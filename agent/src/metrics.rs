@@ -33,7 +33,8 @@ pub struct Metrics {
     pub publish: Family<OutcomeLabels, Histogram>,
     /// Models the agent laid out (fetched, verified, published).
     pub layouts: Counter,
-    /// Models removed unused (idle past the keep time, or for room).
+    /// Models the periodic collection removed (unmounted past the keep time; room made for a
+    /// new model is in the log, not counted here).
     pub evictions: Counter,
     /// Entries removed because they did not verify against what the agent laid out.
     pub discarded: Counter,
@@ -85,7 +86,7 @@ impl Metrics {
         );
         r.register(
             "evictions",
-            "Unused models removed from the store",
+            "Unused models removed by the periodic collection",
             m.evictions.clone(),
         );
         r.register(

@@ -337,20 +337,16 @@ impl Store {
     /// digests. The lock files stay: a waiter may hold one open, and they are a few bytes.
     pub fn collect_unused(&self, unused_for: Duration) -> Result<Vec<String>> {
         let mut removed = Vec::new();
-        let trash = self.root.join(".trash");
         // One entry that cannot be handled (unreadable, planted) is reported and skipped: it
         // must not keep the others from being collected.
         for digest in names_in(&self.root.join("blobs"))? {
-            match self.collect_one(&digest, unused_for, &trash) {
+            match self.collect_one(&digest, unused_for) {
                 Ok(true) => removed.push(digest),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(%digest, error = format!("{e:#}"), "collecting a model"),
             }
         }
-        // remove_dir_all removes a link itself, never what it points at.
-        for name in names_in(&trash)? {
-            let _ = fs::remove_dir_all(trash.join(name));
-        }
+        self.empty_trash()?;
         for name in names_in(&self.root.join(".staging"))? {
             let digest = name.split('.').next().unwrap_or_default();
             if self
@@ -367,7 +363,6 @@ impl Store {
     /// Removes the unused model that was used least recently (its use mark the oldest), to
     /// make room: its digest, or None when every model is in use.
     pub fn collect_least_recently_used(&self) -> Result<Option<String>> {
-        let trash = self.root.join(".trash");
         let mut unused = Vec::new();
         for digest in names_in(&self.root.join("blobs"))? {
             let marked = fs::metadata(self.users_lock_path(&digest)).and_then(|m| m.modified());
@@ -376,11 +371,9 @@ impl Store {
         }
         unused.sort();
         for (_, digest) in unused {
-            match self.collect_one(&digest, Duration::ZERO, &trash) {
+            match self.collect_one(&digest, Duration::ZERO) {
                 Ok(true) => {
-                    for name in names_in(&trash)? {
-                        let _ = fs::remove_dir_all(trash.join(name));
-                    }
+                    self.empty_trash()?;
                     return Ok(Some(digest));
                 }
                 Ok(false) => {}
@@ -392,10 +385,10 @@ impl Store {
 
     /// Collects one entry of blobs/ if unused for `unused_for`; true when it was removed. An
     /// entry that is not a folder (a link or file planted there) is removed at once.
-    fn collect_one(&self, digest: &str, unused_for: Duration, trash: &Path) -> Result<bool> {
+    fn collect_one(&self, digest: &str, unused_for: Duration) -> Result<bool> {
         let path = self.model_dir(digest);
         if !fs::symlink_metadata(&path)?.file_type().is_dir() {
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            self.take_out(digest)?;
             tracing::warn!(path = %path.display(), "removed an entry that is no model folder");
             return Ok(true);
         }
@@ -412,12 +405,33 @@ impl Store {
         if idle < unused_for {
             return Ok(false);
         }
-        // One rename unpublishes it whole; the slow delete happens out of sight (what a
-        // killed collection leaves there goes with the next one).
-        fs::create_dir_all(trash)?;
-        let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
-        fs::rename(&path, &gone).with_context(|| format!("unpublishing model {digest}"))?;
+        self.take_out(digest)?;
         Ok(true)
+    }
+
+    /// Unpublishes the entry of `digest`: a folder in one rename into the trash (the slow
+    /// delete happens out of sight; what a killed process leaves there goes with the next
+    /// emptying), anything else (a link or file planted there) removed itself, never followed.
+    fn take_out(&self, digest: &str) -> Result<()> {
+        let path = self.model_dir(digest);
+        let meta =
+            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if !meta.is_dir() {
+            return fs::remove_file(&path).with_context(|| format!("removing {}", path.display()));
+        }
+        let trash = self.root.join(".trash");
+        fs::create_dir_all(&trash)?;
+        let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
+        fs::rename(&path, &gone).with_context(|| format!("unpublishing model {digest}"))
+    }
+
+    fn empty_trash(&self) -> Result<()> {
+        let trash = self.root.join(".trash");
+        // remove_dir_all removes a link itself, never what it points at.
+        for name in names_in(&trash)? {
+            let _ = fs::remove_dir_all(trash.join(name));
+        }
+        Ok(())
     }
 
     /// Takes a model out of the store at once, whoever holds it (a node agent's views keep
@@ -425,21 +439,11 @@ impl Store {
     /// is removed, never followed.
     pub fn discard(&self, digest: &str) -> Result<()> {
         let _lock = self.lock(digest)?;
-        let path = self.model_dir(digest);
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
+        match fs::symlink_metadata(self.model_dir(digest)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        if !meta.is_dir() {
-            return fs::remove_file(&path).with_context(|| format!("removing {}", path.display()));
+            _ => self.take_out(digest)?,
         }
-        let trash = self.root.join(".trash");
-        fs::create_dir_all(&trash)?;
-        let gone = trash.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
-        fs::rename(&path, &gone).with_context(|| format!("unpublishing model {digest}"))?;
-        let _ = fs::remove_dir_all(&gone);
-        Ok(())
+        self.empty_trash()
     }
 
     /// Starts writing a model. Call with the digest's lock held: staging folders for the same
