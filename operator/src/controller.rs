@@ -318,7 +318,8 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
 fn next_look(phase: Option<Phase>) -> Duration {
     match phase {
         Some(phase) if phase.is_settled() => Duration::from_secs(300),
-        // A person must change something: a new spec brings a reconcile at once; this covers what no watch brings (a foreign object deleted).
+        // A person must change something: a new spec brings a reconcile at once; this covers
+        // what no watch brings (a foreign object deleted).
         Some(Phase::Blocked) => Duration::from_secs(60),
         _ => Duration::from_secs(15),
     }
@@ -527,10 +528,10 @@ async fn phase_already_written(
     }
 }
 
-/// Step 1: renders and applies a pipeline's objects. A pipeline that cannot become objects, or whose
-/// objects the API server refuses, is blocked with the reason (its status and an event say it):
-/// a person must change it, and a change of the spec brings a reconcile at once. Only errors
-/// that may pass on retry are returned as errors.
+/// Step 1: renders and applies a pipeline's objects. A pipeline that cannot become objects, or
+/// whose objects the API server refuses, is blocked with the reason (its status and an event
+/// say it): a person must change it, and a change of the spec brings a reconcile at once. Only
+/// errors that may pass on retry are returned as errors.
 async fn apply(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Result<Applied, Error> {
     let rendered = match render::render(pipeline, &ctx.settings) {
         Ok(rendered) => rendered,

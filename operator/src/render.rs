@@ -400,24 +400,15 @@ fn sidecar_mounts(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<VolumeMo
     all
 }
 
-/// The pod template shared by both modes.
-fn pod_template(
-    pipeline: &InferencePipeline,
-    settings: &Settings,
-    worker: Invocation,
+/// Pod sharing's weight server: a native sidecar (an init container that keeps running) that
+/// publishes the pod's models into its store; its startup probe holds the workers back until
+/// every model is published.
+fn weight_server(
+    spec: &InferencePipelineSpec,
     mounts: &Mounts,
-    volumes: Vec<Volume>,
+    image: &str,
     model_bytes: Option<u64>,
-) -> PodTemplateSpec {
-    let spec = &pipeline.spec;
-    let overrides = spec.template.clone().unwrap_or_default();
-    let image = overrides
-        .image
-        .clone()
-        .unwrap_or_else(|| match spec.device {
-            DeviceKind::Cpu => settings.runtime_image.clone(),
-            DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
-        });
+) -> Container {
     let sidecar_inv = invocation::sidecar(spec, mounts, &format!("0.0.0.0:{SIDECAR_PORT}"));
     let probe_inv = invocation::probe(spec, mounts);
     // tmpfs pages are charged to the container that writes them: the sidecar.
@@ -429,9 +420,9 @@ fn pod_template(
             ..Default::default()
         }
     });
-    let sidecar = Container {
+    Container {
         name: crate::status::SIDECAR_CONTAINER.into(),
-        image: Some(image.clone()),
+        image: Some(image.to_owned()),
         command: Some(sidecar_inv.command.clone()),
         env: Some(env(&sidecar_inv)),
         restart_policy: Some("Always".into()),
@@ -455,15 +446,34 @@ fn pod_template(
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(sidecar_mounts(spec, mounts)),
         ..Default::default()
-    };
+    }
+}
 
+/// The pod template shared by both modes.
+fn pod_template(
+    pipeline: &InferencePipeline,
+    settings: &Settings,
+    worker: Invocation,
+    mounts: &Mounts,
+    volumes: Vec<Volume>,
+    model_bytes: Option<u64>,
+) -> PodTemplateSpec {
+    let spec = &pipeline.spec;
+    let overrides = spec.template.clone().unwrap_or_default();
+    let image = overrides
+        .image
+        .clone()
+        .unwrap_or_else(|| match spec.device {
+            DeviceKind::Cpu => settings.runtime_image.clone(),
+            DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
+        });
     let (mut worker_mounts, init_containers) = match spec.sharing {
         Sharing::Pod => (
             vec![
                 mount(STORE_VOLUME, &mounts.store, true),
                 mount(BINDINGS_VOLUME, &mounts.bindings, true),
             ],
-            Some(vec![sidecar]),
+            Some(vec![weight_server(spec, mounts, &image, model_bytes)]),
         ),
         // The kubelet starts the containers once the agent has mounted the models: no
         // weight server in the pod, and the weights are the agent's memory, not the pod's.
