@@ -327,6 +327,13 @@ pub fn read_output(path: &Path) -> tch::Tensor {
         .expect("an output tensor")
 }
 
+/// The value of the sample `name` (its labels written out, as in the text) in a Prometheus
+/// text page: the operator's, a worker's or the agent's /metrics.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }

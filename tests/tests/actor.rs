@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_e2e::{make_model, metric_value, source, Pod};
 use kube_zerocopy_sidecar::ModelFormat;
 use kube_zerocopy_worker::actor::decode;
 use kube_zerocopy_worker::task::read_input;
@@ -207,11 +207,8 @@ fn actor_serves_many_batches_from_one_mapping() {
     // Its metrics count the batches and show its memory, the shared weights apart.
     let text = metrics(&base);
     let metric = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("kube_zerocopy_worker_{name} ")))
+        metric_value(&text, &format!("kube_zerocopy_worker_{name}"))
             .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
     };
     assert_eq!(metric("batches_total"), 3.0);
     assert_eq!(metric("batch_errors_total"), 1.0);

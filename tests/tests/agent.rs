@@ -18,7 +18,9 @@ use kube_zerocopy_agent::proto::csi::{
     ProbeRequest, VolumeCapability,
 };
 use kube_zerocopy_e2e::cluster::free_port;
-use kube_zerocopy_e2e::{bin, make_model, read_output, sha256_of, source, succeeded, terminate};
+use kube_zerocopy_e2e::{
+    bin, make_model, metric_value, read_output, sha256_of, source, succeeded, terminate,
+};
 use kube_zerocopy_sidecar::config::models_to_json;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::task::read_input;
@@ -104,11 +106,7 @@ impl Agent {
             .body_mut()
             .read_to_string()
             .unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+        metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     }
 
     fn store(&self) -> PathBuf {

@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_zerocopy::crd::{InferencePipeline, Phase};
+use kube_zerocopy_e2e::metric_value;
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -177,9 +178,7 @@ pub async fn replicas_elect_one_leader_and_hand_over(env: Arc<Env>) {
     // durations: the counter the standby's 0 is compared with does move.
     let leader_metrics = operator.get("/metrics").unwrap();
     let count = |name: &str| {
-        leader_metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        metric_value(&leader_metrics, name)
             .unwrap_or_else(|| panic!("no {name} in the leader's metrics: {leader_metrics}"))
     };
     assert!(count("kube_zerocopy_reconciles_total") >= 1.0);

@@ -19,7 +19,7 @@ use kube_zerocopy_e2e::cluster::host::walk;
 use kube_zerocopy_e2e::cluster::node::NODE_NAME;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::wait::eventually_seen;
-use kube_zerocopy_e2e::{read_output, sha256_of};
+use kube_zerocopy_e2e::{metric_value, read_output, sha256_of};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use serde_json::json;
 
@@ -257,14 +257,7 @@ async fn metric(url: &str, name: &str) -> Result<f64> {
         Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
     })
     .await??;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .with_context(|| format!("no {name} in /metrics"))?;
-    let value = line.rsplit(' ').next().unwrap_or_default();
-    value
-        .parse::<f64>()
-        .with_context(|| format!("{name} {value:?}"))
+    metric_value(&text, name).with_context(|| format!("no {name} in /metrics"))
 }
 
 /// How many published folders of the node agent's store hold `sha256`.
