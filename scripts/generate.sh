@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# make generate: writes what `kube-zerocopy` generates and the repository commits: the CRD
+# make generate: writes what `kube-zerocopy` generates and the repository commits: the CRDs
 # (crds/ and the chart's crds/) and the rendered examples. Tests fail when these drift.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo build --release -p kube-zerocopy
 bin="$KZC_RELEASE/kube-zerocopy"
-"$bin" crd > crds/inferencepipelines.kube-zerocopy.io.yaml
-cp crds/inferencepipelines.kube-zerocopy.io.yaml charts/kube-zerocopy/crds/
+"$bin" crd inference-pipeline > crds/inferencepipelines.kube-zerocopy.io.yaml
+"$bin" crd node-store > crds/nodestores.kube-zerocopy.io.yaml
+cp crds/*.yaml charts/kube-zerocopy/crds/
 for f in examples/*.yaml; do
   case "$f" in examples/local-*) continue ;; esac
   "$bin" render -f "$f" > "examples/rendered/$(basename "$f")"

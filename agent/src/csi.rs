@@ -19,6 +19,7 @@ use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::activity::Activity;
 use crate::integrity::{Check, Layouts};
 use crate::metrics::Metrics;
 use crate::proto::csi::{
@@ -43,6 +44,8 @@ pub struct Agent {
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
     pub metrics: Arc<Metrics>,
+    /// The publications' fetches and records, for the node's report.
+    pub activity: Arc<Activity>,
     /// The store entries checked against their layout records, by digest and folder (inode):
     /// a folder that is replaced is checked again.
     verified: Mutex<HashSet<(String, u64)>>,
@@ -58,6 +61,7 @@ impl Agent {
     ) -> Arc<Self> {
         Arc::new(Agent {
             metrics: Arc::new(Metrics::new(store.root().to_owned())),
+            activity: Arc::new(Activity::new(store.clone())),
             driver,
             node_id,
             store,
@@ -101,6 +105,7 @@ impl Agent {
             store: self.store.clone(),
             bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
             download_dir: self.download_dir.clone(),
+            observer: Some(self.activity.clone()),
         };
         let holds = publisher.publish_all(&models).map_err(|e| {
             let message = format!("{e:#}");

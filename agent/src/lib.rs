@@ -9,10 +9,14 @@
 //! - [`store_memory`]: the tmpfs the store lives in.
 //! - [`metrics`]: /metrics and /livez.
 //! - [`integrity`]: the record of what the agent laid out, checked before an entry is served.
+//! - [`activity`]: the fetches under way and a record of each publication.
+//! - [`report`]: the node's `NodeStore` and its labels of held models, written to the API.
 
+pub mod activity;
 pub mod csi;
 pub mod integrity;
 pub mod metrics;
+pub mod report;
 pub mod store_memory;
 pub mod views;
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
-use kube_zerocopy_agent::{metrics, store_memory};
+use kube_zerocopy_agent::{metrics, report, store_memory};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -30,6 +30,10 @@ struct Cli {
     /// The node's weight store, which only the agent writes.
     #[arg(long, env = "KZC_STORE", default_value = "/kzc/store")]
     store: PathBuf,
+    /// Where the store's lock files go (the pod's own memory volume, out of the node's reach);
+    /// the store's root when unset.
+    #[arg(long, env = "KZC_LOCK_DIR")]
+    lock_dir: Option<PathBuf>,
     /// Mount a tmpfs of this size (bytes, or with k, m, g) on the store unless one is
     /// mounted there already (an earlier run's, which keeps its models); none when unset.
     #[arg(long, env = "KZC_STORE_SIZE")]
@@ -48,6 +52,10 @@ struct Cli {
     /// The address of /metrics and /livez.
     #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:9471")]
     metrics_listen: String,
+    /// Write this node's NodeStore and its labels of held models (in a cluster: the agent's
+    /// service account; the chart's admission policy confines it to its own node).
+    #[arg(long, env = "KZC_REPORT")]
+    report: bool,
     /// Seconds between two collections of unused models.
     #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = 60)]
     collect_every: u64,
@@ -80,10 +88,14 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(size) = &cli.store_size {
         store_memory::mount_tmpfs(&cli.store, size)?;
     }
+    let mut store = Store::new(&cli.store);
+    if let Some(dir) = &cli.lock_dir {
+        store = store.with_lock_dir(dir);
+    }
     let agent = Agent::new(
         cli.driver,
         cli.node_id,
-        Store::new(&cli.store),
+        store,
         cli.download_dir,
         cli.file_sources,
     );
@@ -103,6 +115,17 @@ fn run(cli: Cli) -> Result<()> {
         let listener = tokio::net::UnixListener::bind(&cli.socket)
             .with_context(|| format!("listening on {}", cli.socket.display()))?;
         info!(socket = %cli.socket.display(), driver = %agent.driver, "serving");
+        if cli.report {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the API server for the node's report")?;
+            tokio::spawn(report::run(
+                client,
+                agent.node_id.clone(),
+                agent.store.clone(),
+                agent.activity.clone(),
+            ));
+        }
         let service = Service(agent);
         tonic::transport::Server::builder()
             .add_service(IdentityServer::new(service.clone()))

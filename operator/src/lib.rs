@@ -1,4 +1,5 @@
-//! kube-zerocopy's operator crate: the `InferencePipeline` resource, what its pods run, the
+//! kube-zerocopy's operator crate: the `InferencePipeline` resource, the `NodeStore` resource
+//! the node agents write, what its pods run, the
 //! pure rendering into Jobs and Deployments, the API server's checks without a cluster, and the
 //! local runner.
 
@@ -8,6 +9,7 @@ pub mod invocation;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod node_store;
 pub mod policy;
 pub mod quantity;
 pub mod render;

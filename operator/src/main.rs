@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::leader::Election;
+use kube_zerocopy::node_store::NodeStore;
 use kube_zerocopy::{local, render};
 
 #[derive(Parser)]
@@ -15,6 +16,13 @@ use kube_zerocopy::{local, render};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// The custom resources kube-zerocopy defines.
+#[derive(Clone, Copy, ValueEnum)]
+enum Resource {
+    InferencePipeline,
+    NodeStore,
 }
 
 #[derive(Subcommand)]
@@ -45,8 +53,11 @@ enum Command {
         #[arg(long, env = "KZC_LEASE_DURATION", default_value_t = 15)]
         lease_duration: u64,
     },
-    /// Print the CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML.
+    Crd {
+        #[arg(value_enum, default_value = "inference-pipeline")]
+        resource: Resource,
+    },
     /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster.
     Render {
         #[arg(short = 'f', long)]
@@ -174,8 +185,12 @@ fn run(cli: Cli) -> Result<()> {
                 kube_zerocopy::controller::run(client, settings, namespace, election, metrics).await
             })
         }
-        Command::Crd => {
-            emit(&serde_yaml::to_string(&InferencePipeline::crd())?)?;
+        Command::Crd { resource } => {
+            let crd = match resource {
+                Resource::InferencePipeline => InferencePipeline::crd(),
+                Resource::NodeStore => NodeStore::crd(),
+            };
+            emit(&serde_yaml::to_string(&crd)?)?;
             Ok(())
         }
         Command::Render {

@@ -14,9 +14,10 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Capabilities, ConfigMapProjection, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    Affinity, CSIVolumeSource, Capabilities, ConfigMapProjection, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, NodeAffinity,
+    NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
+    PreferredSchedulingTerm, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
     SecretProjection, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -34,6 +35,7 @@ use crate::crd::{
     SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
+use crate::node_store::held_label;
 use crate::policy::{self, PipelinePolicy};
 use crate::quantity;
 
@@ -538,6 +540,7 @@ fn pod_template(
             service_account_name: overrides.service_account_name.clone(),
             automount_service_account_token: Some(false),
             node_selector: overrides.node_selector.clone(),
+            affinity: prefer_nodes_holding(spec),
             tolerations: overrides.tolerations.clone(),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
@@ -553,6 +556,39 @@ fn pod_template(
             ..Default::default()
         }),
     }
+}
+
+/// With Node sharing, a pod prefers the nodes whose agent holds its models already (the agent
+/// labels its node with each model it holds): there a new replica only maps them. One term per
+/// model whose sha256 the pipeline names (the store's address of a model; a model named by its
+/// URI alone is known by digest only once fetched), so a node holding more of them scores more.
+fn prefer_nodes_holding(spec: &InferencePipelineSpec) -> Option<Affinity> {
+    if spec.sharing != Sharing::Node {
+        return None;
+    }
+    let terms: Vec<PreferredSchedulingTerm> = spec
+        .models
+        .iter()
+        .filter_map(|m| m.source.sha256.as_deref())
+        .map(|digest| PreferredSchedulingTerm {
+            weight: 100,
+            preference: NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: held_label(digest),
+                    operator: "Exists".into(),
+                    values: None,
+                }]),
+                match_fields: None,
+            },
+        })
+        .collect();
+    (!terms.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(terms),
+            required_during_scheduling_ignored_during_execution: None,
+        }),
+        ..Default::default()
+    })
 }
 
 /// Renders a pipeline. Pure: the same pipeline and settings always give the same objects.
@@ -656,6 +692,41 @@ mod tests {
             pod.init_containers.unwrap()[0].clone(),
             pod.containers[0].clone(),
         )
+    }
+
+    #[test]
+    fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
+        let digest = "ab".repeat(32);
+        let yaml = format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  sharing: SHARING\n  actor: {{replicas: 2}}\n  models:\n  - {{name: a, format: TorchScript, source: {{uri: 'https://m.example/a.pt', sha256: '{digest}'}}}}\n  - {{name: b, format: TorchScript, source: {{uri: 'https://m.example/b.pt'}}}}\n"
+        );
+        let affinity = |sharing: &str| {
+            let p: InferencePipeline =
+                serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap();
+            let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap()
+            else {
+                panic!("an Actor pipeline renders a Deployment")
+            };
+            deployment.spec.unwrap().template.spec.unwrap().affinity
+        };
+        // One preference, for the model whose digest is known before it is fetched.
+        let node = affinity("Node").unwrap().node_affinity.unwrap();
+        assert!(node
+            .required_during_scheduling_ignored_during_execution
+            .is_none());
+        let terms = node
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap();
+        let [term] = &terms[..] else {
+            panic!("{terms:?}")
+        };
+        let [requirement] = &term.preference.match_expressions.as_ref().unwrap()[..] else {
+            panic!("{term:?}")
+        };
+        assert_eq!(requirement.key, held_label(&digest));
+        assert_eq!(requirement.operator, "Exists");
+        // Each pod holds its own copy with Pod sharing: no node is better.
+        assert_eq!(affinity("Pod"), None);
     }
 
     fn mount_of<'a>(c: &'a Container, name: &str) -> &'a VolumeMount {

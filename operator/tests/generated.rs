@@ -1,5 +1,5 @@
 //! What the repository commits from `kube-zerocopy` must match what it generates now
-//! (`make generate` rewrites them): the CRD, in crds/ and in the chart, and the rendered
+//! (`make generate` rewrites them): the CRDs, in crds/ and in the chart, and the rendered
 //! examples. And the rendered pods keep their promises.
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use kube::CustomResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
 use kube_zerocopy::local::load_pipeline;
+use kube_zerocopy::node_store::NodeStore;
 use kube_zerocopy::render::{
     render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, MODELS_VOLUME, STORE_VOLUME,
 };
@@ -24,16 +25,17 @@ fn read(path: &str) -> String {
 }
 
 #[test]
-fn committed_crds_match_the_generated_one() {
-    let generated = serde_yaml::to_string(&InferencePipeline::crd()).unwrap();
-    for path in [
-        "crds/inferencepipelines.kube-zerocopy.io.yaml",
-        "charts/kube-zerocopy/crds/inferencepipelines.kube-zerocopy.io.yaml",
-    ] {
-        assert!(
-            read(path) == generated,
-            "{path} drifted from `kube-zerocopy crd`: run `make generate`"
-        );
+fn committed_crds_match_the_generated_ones() {
+    for crd in [InferencePipeline::crd(), NodeStore::crd()] {
+        let generated = serde_yaml::to_string(&crd).unwrap();
+        let file = format!("{}.yaml", crd.metadata.name.unwrap());
+        for folder in ["crds", "charts/kube-zerocopy/crds"] {
+            let path = format!("{folder}/{file}");
+            assert!(
+                read(&path) == generated,
+                "{path} drifted from `kube-zerocopy crd`: run `make generate`"
+            );
+        }
     }
 }
 

@@ -70,8 +70,17 @@ enum Failure {
     Permanent(anyhow::Error),
 }
 
-/// Downloads `uri` into `file` (truncated first), resuming broken transfers.
-pub fn download(uri: &str, file: &mut File, policy: &Policy) -> Result<Downloaded> {
+/// Bytes written so far, and the file's size when the server announced it.
+pub type OnProgress<'a> = &'a dyn Fn(u64, Option<u64>);
+
+/// Downloads `uri` into `file` (truncated first), resuming broken transfers; tells
+/// `on_progress` after each chunk written.
+pub fn download(
+    uri: &str,
+    file: &mut File,
+    policy: &Policy,
+    on_progress: OnProgress,
+) -> Result<Downloaded> {
     let agent = agent(uri, policy)?;
     let token = policy
         .bearer_token_file
@@ -97,7 +106,7 @@ pub fn download(uri: &str, file: &mut File, policy: &Policy) -> Result<Downloade
     let mut attempts_without_progress = 0;
     loop {
         let before = transfer.written;
-        let error = match transfer.attempt(&agent, token.as_deref(), policy) {
+        let error = match transfer.attempt(&agent, token.as_deref(), policy, on_progress) {
             Ok(()) => {
                 transfer
                     .file
@@ -225,6 +234,7 @@ impl Transfer<'_> {
         agent: &ureq::Agent,
         token: Option<&str>,
         policy: &Policy,
+        on_progress: OnProgress,
     ) -> std::result::Result<(), Failure> {
         let uri = self.uri;
         // A resumed request needs a validator: without one, the file may have changed.
@@ -308,6 +318,7 @@ impl Transfer<'_> {
                 .map_err(Failure::Permanent)?;
             self.hasher.update(&buf[..n]);
             self.written += n as u64;
+            on_progress(self.written, total);
         }
         match total {
             Some(total) if total != self.written => Err(Failure::Transient(anyhow!(

@@ -7,7 +7,8 @@
 //! <store>/.staging/<sha256>.<pid>.<n>/   a model being written; never read by workers
 //! <store>/.locks/<key>.lock              held while one sidecar loads a model (node sharing)
 //! <store>/.users/<sha256>.lock           shared-locked by every sidecar that serves the model;
-//!                                        its mtime is when one last did
+//!                                        its mtime is when one last did (both lock folders
+//!                                        elsewhere with Store::with_lock_dir)
 //! <bindings>/ready.json                  per pod: model name -> digest, written last
 //! ```
 //!
@@ -191,6 +192,8 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
 pub struct Store {
     root: PathBuf,
     lock_timeout: Duration,
+    /// Where `.locks/` and `.users/` are: the store's root unless set.
+    lock_dir: Option<PathBuf>,
 }
 
 impl Store {
@@ -198,7 +201,22 @@ impl Store {
         Store {
             root: root.into(),
             lock_timeout: LOCK_TIMEOUT,
+            lock_dir: None,
         }
+    }
+
+    /// The same store, its lock files (`.locks/`, `.users/`) in `dir` instead of its root. The
+    /// node agent keeps them in its own pod's memory, where nothing else on the node reaches:
+    /// the store's sole writer needs no lock a stranger could hold.
+    pub fn with_lock_dir(self, dir: impl Into<PathBuf>) -> Self {
+        Store {
+            lock_dir: Some(dir.into()),
+            ..self
+        }
+    }
+
+    fn lock_root(&self) -> &Path {
+        self.lock_dir.as_deref().unwrap_or(&self.root)
     }
 
     /// The same store, giving up on a held lock after `timeout` instead of [`LOCK_TIMEOUT`].
@@ -267,7 +285,7 @@ impl Store {
     /// Takes the node-wide lock for `key`, waiting while another process holds it. The lock is
     /// released when the returned file is dropped or the process dies.
     pub fn lock(&self, key: &str) -> Result<File> {
-        let dir = self.root.join(".locks");
+        let dir = self.lock_root().join(".locks");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(format!("{key}.lock"));
         let file = OpenOptions::new()
@@ -316,7 +334,9 @@ impl Store {
     }
 
     fn users_lock_path(&self, digest: &str) -> PathBuf {
-        self.root.join(".users").join(format!("{digest}.lock"))
+        self.lock_root()
+            .join(".users")
+            .join(format!("{digest}.lock"))
     }
 
     fn users_lock(&self, digest: &str) -> Result<File> {

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tracing::info;
@@ -17,7 +18,23 @@ pub struct Publisher {
     pub bindings: Bindings,
     /// Where http(s) sources are downloaded before they are laid out (a disk, not the store).
     pub download_dir: PathBuf,
+    /// Told how each fetch goes and what was published (the node agent reports it per node);
+    /// the logs tell it in any case.
+    pub observer: Option<Arc<dyn Observer>>,
 }
+
+/// What a publication reports while it runs.
+pub trait Observer: Send + Sync {
+    /// `bytes` of `model`'s source received so far, of `total` when the source announced it.
+    fn fetching(&self, model: &ModelSource, started: Instant, bytes: u64, total: Option<u64>);
+    /// The fetch of `model` ended (published or not).
+    fn fetched(&self, model: &ModelSource);
+    /// `model` was laid out and published as `digest`.
+    fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration);
+}
+
+/// How often a fetch's progress is logged.
+const LOG_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 impl Publisher {
     /// Publishes every model, then writes the bindings; returns the holds that keep the models
@@ -67,8 +84,25 @@ impl Publisher {
     fn fetch_and_lay_out(&self, model: &ModelSource, hold: Option<Hold>) -> Result<Hold> {
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
-        let fetched = fetch(model, &self.download_dir)?;
-        info!(model = %model.name, bytes = fetched.size(), secs = started.elapsed().as_secs_f32(), "fetched");
+        let logged = Mutex::new(started);
+        let on_progress = |bytes: u64, total: Option<u64>| {
+            if let Some(observer) = &self.observer {
+                observer.fetching(model, started, bytes, total);
+            }
+            let mut logged = logged.lock().unwrap();
+            if logged.elapsed() >= LOG_PROGRESS_EVERY {
+                *logged = Instant::now();
+                let mib_per_s = bytes as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64;
+                info!(model = %model.name, bytes, total, mib_per_s = format!("{mib_per_s:.1}"), "fetching");
+            }
+        };
+        let fetched = fetch(model, &self.download_dir, &on_progress);
+        if let Some(observer) = &self.observer {
+            observer.fetched(model);
+        }
+        let fetched = fetched?;
+        let fetch_time = started.elapsed();
+        info!(model = %model.name, bytes = fetched.size(), secs = fetch_time.as_secs_f32(), "fetched");
         let digest = fetched.sha256.clone();
         let (hold, _digest_lock) = match hold {
             Some(hold) if hold.digest != digest => bail!(
@@ -114,6 +148,9 @@ impl Publisher {
         };
         let dir = staging.publish(&manifest)?;
         info!(model = %model.name, %digest, dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "published");
+        if let Some(observer) = &self.observer {
+            observer.published(model, &digest, fetch_time, started.elapsed() - fetch_time);
+        }
         Ok(hold)
     }
 

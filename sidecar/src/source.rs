@@ -201,7 +201,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Fetches `model`'s source (`file://`, `http://`, `https://`). Downloads land in
 /// `download_dir`, under a name of their own, and are removed when the [`Fetched`] is dropped.
-pub fn fetch(model: &ModelSource, download_dir: &Path) -> Result<Fetched> {
+pub fn fetch(
+    model: &ModelSource,
+    download_dir: &Path,
+    on_progress: download::OnProgress,
+) -> Result<Fetched> {
     let uri = model.uri.as_str();
     if let Some(path) = uri.strip_prefix("file://") {
         let source = SourceFile::open(Path::new(path), uri)?;
@@ -219,12 +223,17 @@ pub fn fetch(model: &ModelSource, download_dir: &Path) -> Result<Fetched> {
             ca_file: model.ca_file.as_ref().map(PathBuf::from),
             ..download::Policy::default()
         };
-        return fetch_http(uri, download_dir, &policy);
+        return fetch_http(uri, download_dir, &policy, on_progress);
     }
     bail!("source {uri}: unsupported scheme; use file://, http:// or https://")
 }
 
-fn fetch_http(uri: &str, download_dir: &Path, policy: &download::Policy) -> Result<Fetched> {
+fn fetch_http(
+    uri: &str,
+    download_dir: &Path,
+    policy: &download::Policy,
+    on_progress: download::OnProgress,
+) -> Result<Fetched> {
     std::fs::create_dir_all(download_dir)
         .with_context(|| format!("creating download folder {}", download_dir.display()))?;
     // A name of its own: two weight servers may share the folder.
@@ -234,7 +243,7 @@ fn fetch_http(uri: &str, download_dir: &Path, policy: &download::Policy) -> Resu
         .with_context(|| format!("creating a file in {}", download_dir.display()))?
         .keep()
         .context("keeping the download file")?;
-    let fetched = download::download(uri, &mut file, policy).and_then(|done| {
+    let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
         let source = SourceFile::open(&path, uri)?;
         if source.len() != done.bytes {
             bail!(

@@ -10,6 +10,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use kube_zerocopy_agent::activity::Activity;
 use kube_zerocopy_agent::proto::csi::identity_client::IdentityClient;
 use kube_zerocopy_agent::proto::csi::node_client::NodeClient;
 use kube_zerocopy_agent::proto::csi::volume_capability::{AccessType, MountVolume};
@@ -17,12 +18,13 @@ use kube_zerocopy_agent::proto::csi::{
     GetPluginInfoRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
     ProbeRequest, VolumeCapability,
 };
+use kube_zerocopy_agent::report::status;
 use kube_zerocopy_e2e::cluster::free_port;
 use kube_zerocopy_e2e::{
     bin, make_model, metric_value, read_output, sha256_of, source, succeeded, terminate,
 };
 use kube_zerocopy_sidecar::config::models_to_json;
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
 use kube_zerocopy_worker::task::read_input;
 use kube_zerocopy_worker::LoadedModel;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -293,6 +295,38 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     assert_eq!(stored.nlink(), 3);
     assert_eq!(agent.metric("kube_zerocopy_agent_volumes"), 3.0);
     assert_eq!(agent.metric("kube_zerocopy_agent_models"), 2.0);
+
+    // The node's report, as the agent writes it to its NodeStore: both models, each with the
+    // pods that map it (volumes linking it), what it was published from and how long it took.
+    let store = Store::new(agent.store());
+    let report = status(&store, &Activity::new(store.clone())).unwrap();
+    assert_eq!(report.pods, 3);
+    let held = |digest: &str| {
+        let model = report.models.iter().find(|m| m.digest == digest).unwrap();
+        let dir = agent.store().join("blobs").join(digest);
+        let bytes: u64 = ["manifest.json", "tensors.bin"]
+            .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
+            .iter()
+            .sum();
+        assert_eq!(model.bytes, bytes, "{model:?}");
+        assert_eq!(model.name, "ranker");
+        assert!(
+            model.fetch_seconds.is_some() && model.layout_seconds.is_some(),
+            "{model:?}"
+        );
+        assert!(model.published_at.is_some(), "{model:?}");
+        model.clone()
+    };
+    assert_eq!(held(&first_digest).pods, 2);
+    assert_eq!(held(&first_digest).source, first.uri);
+    assert_eq!(held(&second_digest).pods, 1);
+    assert_eq!(report.models.len(), 2);
+    assert_eq!(
+        report.used_bytes,
+        held(&first_digest).bytes + held(&second_digest).bytes
+    );
+    assert!(report.fetching.is_empty(), "{report:?}");
+    println!("report: {}", serde_json::to_string(&report).unwrap());
 
     // A pod names what the agent reads as root: no file outside the folder set aside for
     // file:// sources (nor one reached through `..`), and no credentials file at all.

@@ -100,7 +100,7 @@ fn quick() -> Policy {
 
 fn fetch(uri: &str, policy: &Policy) -> (Result<Downloaded>, Vec<u8>) {
     let mut file = tempfile::tempfile().unwrap();
-    let result = download(uri, &mut file, policy);
+    let result = download(uri, &mut file, policy, &|_, _| {});
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0)).unwrap();
     file.read_to_end(&mut bytes).unwrap();

@@ -11,6 +11,7 @@ mod chart;
 mod explain;
 mod lifecycle;
 mod mistakes;
+mod node_store;
 mod pod_security;
 mod support;
 mod task;
@@ -46,6 +47,8 @@ fn main() {
         task::more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event,
         actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
         pod_security::node_sharing_pods_pass_restricted,
+        node_store::an_agent_writes_only_its_own_nodes_store_and_labels,
+        node_store::node_sharing_pods_prefer_nodes_that_hold_their_models,
     ];
     let one_at_a_time = scenarios![
         lifecycle::an_operator_killed_mid_reconcile_converges_when_restarted,

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, PostParams};
@@ -314,34 +314,51 @@ impl Drop for Operator {
 /// TokenRequest API (what a pod of the chart's Deployment would get).
 async fn service_account_kubeconfig(cp: &ControlPlane, admin: &Client, dir: &Path) -> PathBuf {
     let sa_name = format!("{RELEASE}-kube-zerocopy");
+    let path = dir.join("operator.kubeconfig");
+    let config = token_kubeconfig(cp, admin, &sa_name, None).await;
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// A kubeconfig (as JSON) that authenticates as the ServiceAccount `sa_name` of the chart's
+/// namespace, with a token from the TokenRequest API; bound to `pod` as the kubelet binds a
+/// pod's own token (the API server then adds the pod's node to the token's identity).
+pub async fn token_kubeconfig(
+    cp: &ControlPlane,
+    admin: &Client,
+    sa_name: &str,
+    pod: Option<&Pod>,
+) -> serde_json::Value {
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), OPERATOR_NS);
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
             expiration_seconds: Some(3600),
-            ..Default::default()
+            bound_object_ref: pod.map(|pod| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
         },
         ..Default::default()
     };
     let token: TokenRequest = sas
-        .create_subresource("token", &sa_name, &PostParams::default(), &request)
+        .create_subresource("token", sa_name, &PostParams::default(), &request)
         .await
-        .expect("a token for the chart's ServiceAccount");
+        .unwrap_or_else(|e| panic!("a token for ServiceAccount {sa_name}: {e}"));
     let token = token.status.expect("token status").token;
     let admin_config: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig_path()).unwrap()).unwrap();
     let cluster = admin_config["clusters"][0]["cluster"].clone();
-    let config = json!({
+    json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "e2e", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
-        "current-context": "operator",
-    });
-    let path = dir.join("operator.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-    path
+        "users": [{"name": sa_name, "user": {"token": token}}],
+        "contexts": [{"name": sa_name, "context": {"cluster": "e2e", "user": sa_name}}],
+        "current-context": sa_name,
+    })
 }
 
 fn helm_install(cp: &ControlPlane) {

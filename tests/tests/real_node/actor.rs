@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use std::os::unix::fs::MetadataExt;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, ListParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::invocation::ACTOR_PORT;
+use kube_zerocopy::node_store::{held_label, NodeStore};
 use kube_zerocopy_e2e::cluster::host::walk;
 use kube_zerocopy_e2e::cluster::node::NODE_NAME;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
@@ -204,6 +205,7 @@ pub async fn safetensors_two_namespaces_node_sharing(env: Arc<Env>) -> Result<()
             "{name} is {value}, not at least {at_least}"
         );
     }
+    node_store_reports(&env, &pipelines[0]).await?;
     // Four workers map one copy: each holds about a quarter of it, and its /metrics says the
     // same figure as its smaps read from outside.
     for (pod, pss_kib) in &per_worker {
@@ -230,6 +232,53 @@ pub async fn safetensors_two_namespaces_node_sharing(env: Arc<Env>) -> Result<()
             &format!("{name}: the mapped PSS its /metrics reports against its smaps"),
         )?;
     }
+    Ok(())
+}
+
+/// The agent's report, as `kubectl get nodestores` shows it: the model with the four pods that
+/// map it (at least: an earlier scenario's may still be ending), where it came from and how
+/// long its fetch and layout took; and the node's label saying it holds the model.
+async fn node_store_reports(env: &Env, pipeline: &InferencePipeline) -> Result<()> {
+    let digest = &env.safetensors.sha256;
+    let stores: Api<NodeStore> = Api::all(env.client.clone());
+    let held = eventually_seen(
+        "the NodeStore listing the model with 4 pods",
+        Duration::from_secs(60),
+        || async {
+            let status = stores.get(NODE_NAME).await?.status.unwrap_or_default();
+            let seen = format!("{status:?}");
+            let model = status.models.into_iter().find(|m| &m.digest == digest);
+            Ok((model.filter(|m| m.pods >= 4), seen))
+        },
+    )
+    .await?;
+    println!(
+        "  NodeStore {NODE_NAME}: {} ({}) {} B, {} pods, fetched in {:?} s, laid out in {:?} s",
+        held.name, held.source, held.bytes, held.pods, held.fetch_seconds, held.layout_seconds
+    );
+    ensure!(
+        held.name == pipeline.spec.models[0].name && held.source.ends_with(env.safetensors.file),
+        "the report names {} from {}",
+        held.name,
+        held.source
+    );
+    ensure!(
+        held.fetch_seconds.is_some()
+            && held.layout_seconds.is_some()
+            && held.published_at.is_some(),
+        "the report has no timings: {held:?}"
+    );
+    let node = Api::<Node>::all(env.client.clone()).get(NODE_NAME).await?;
+    let label = held_label(digest);
+    ensure!(
+        node.metadata
+            .labels
+            .unwrap_or_default()
+            .get(&label)
+            .map(String::as_str)
+            == Some("held"),
+        "node {NODE_NAME} has no label {label}"
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 mod actor;
 mod bad_model;
 mod images;
+mod planted;
 mod pod_security;
 mod quickstart;
 mod retry;
@@ -33,6 +34,8 @@ macro_rules! scenarios {
 fn main() {
     let args = Arguments::from_args();
     let scenarios = scenarios![
+        // First: it plants entries for models no scenario has published yet.
+        planted::entries_planted_in_the_store_affect_no_pipeline,
         quickstart::quickstart_runs_as_it_is,
         task::torchscript_model_on_a_volume,
         task::safetensors_model_over_http,

@@ -1,0 +1,128 @@
+//! What the agent's publications are doing and did: the fetches under way (with their bytes so
+//! far), and for each model it published a record of where from and how long it took
+//! (`<store>/.publications/<digest>.json`, outside every view, so that an agent that restarts
+//! still reports them). The node's `NodeStore` status is made from these and the store.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use kube_zerocopy_sidecar::config::ModelSource;
+use kube_zerocopy_sidecar::publish::Observer;
+use kube_zerocopy_sidecar::Store;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// A model published by the agent, as recorded when it was.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Publication {
+    pub name: String,
+    pub source: String,
+    pub published_at: SystemTime,
+    pub fetch_seconds: f64,
+    pub layout_seconds: f64,
+}
+
+/// A fetch under way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fetch {
+    pub name: String,
+    pub source: String,
+    pub started_at: SystemTime,
+    pub elapsed: Duration,
+    pub bytes: u64,
+    pub total: Option<u64>,
+}
+
+/// How far a fetch has come.
+struct Progress {
+    started: Instant,
+    started_at: SystemTime,
+    bytes: u64,
+    total: Option<u64>,
+}
+
+pub struct Activity {
+    store: Store,
+    /// By source and model name: two volumes may wait on one fetch, which reports once.
+    fetching: Mutex<BTreeMap<(String, String), Progress>>,
+}
+
+impl Activity {
+    pub fn new(store: Store) -> Self {
+        Activity {
+            store,
+            fetching: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn record_path(&self, digest: &str) -> PathBuf {
+        self.store
+            .root()
+            .join(".publications")
+            .join(format!("{digest}.json"))
+    }
+
+    /// The record of the model `digest`, if the agent published it and the record reads.
+    pub fn publication(&self, digest: &str) -> Option<Publication> {
+        let text = fs::read(self.record_path(digest)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The fetches under way, by source.
+    pub fn fetches(&self) -> Vec<Fetch> {
+        let fetching = self.fetching.lock().unwrap();
+        fetching
+            .iter()
+            .map(|((source, name), progress)| Fetch {
+                name: name.clone(),
+                source: source.clone(),
+                started_at: progress.started_at,
+                elapsed: progress.started.elapsed(),
+                bytes: progress.bytes,
+                total: progress.total,
+            })
+            .collect()
+    }
+}
+
+impl Observer for Activity {
+    fn fetching(&self, model: &ModelSource, started: Instant, bytes: u64, total: Option<u64>) {
+        let mut fetching = self.fetching.lock().unwrap();
+        let progress = fetching
+            .entry((model.uri.clone(), model.name.clone()))
+            .or_insert_with(|| Progress {
+                started,
+                started_at: SystemTime::now() - started.elapsed(),
+                bytes: 0,
+                total: None,
+            });
+        progress.bytes = bytes;
+        progress.total = total;
+    }
+
+    fn fetched(&self, model: &ModelSource) {
+        let mut fetching = self.fetching.lock().unwrap();
+        fetching.remove(&(model.uri.clone(), model.name.clone()));
+    }
+
+    fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {
+        let record = Publication {
+            name: model.name.clone(),
+            source: model.uri.clone(),
+            published_at: SystemTime::now(),
+            fetch_seconds: fetch.as_secs_f64(),
+            layout_seconds: layout.as_secs_f64(),
+        };
+        let path = self.record_path(digest);
+        // Only a report depends on it: a record that cannot be written is logged, not fatal.
+        let written = fs::create_dir_all(path.parent().expect("a folder"))
+            .and_then(|()| fs::write(&path, serde_json::to_vec(&record).expect("serializable")));
+        if let Err(e) = written {
+            warn!(error = %e, path = %path.display(), "recording a publication");
+        }
+    }
+}
