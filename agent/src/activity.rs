@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kube_zerocopy_sidecar::config::ModelSource;
 use kube_zerocopy_sidecar::publish::Observer;
 use kube_zerocopy_sidecar::Store;
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -47,14 +48,21 @@ struct Progress {
 
 pub struct Activity {
     store: Store,
+    /// Told when a fetch starts or ends, a model is published or a volume comes or goes: the
+    /// node's report is made again at once rather than at its next round.
+    pub changed: tokio::sync::Notify,
+    /// The metric of models removed to make room.
+    room_evictions: Counter,
     /// By source and model name: two volumes may wait on one fetch, which reports once.
     fetching: Mutex<BTreeMap<(String, String), Progress>>,
 }
 
 impl Activity {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, room_evictions: Counter) -> Self {
         Activity {
             store,
+            changed: tokio::sync::Notify::new(),
+            room_evictions,
             fetching: Mutex::new(BTreeMap::new()),
         }
     }
@@ -94,11 +102,14 @@ impl Observer for Activity {
         let mut fetching = self.fetching.lock().unwrap();
         let progress = fetching
             .entry((model.uri.clone(), model.name.clone()))
-            .or_insert_with(|| Progress {
-                started,
-                started_at: SystemTime::now() - started.elapsed(),
-                bytes: 0,
-                total: None,
+            .or_insert_with(|| {
+                self.changed.notify_one();
+                Progress {
+                    started,
+                    started_at: SystemTime::now() - started.elapsed(),
+                    bytes: 0,
+                    total: None,
+                }
             });
         progress.bytes = bytes;
         progress.total = total;
@@ -107,6 +118,11 @@ impl Observer for Activity {
     fn fetched(&self, model: &ModelSource) {
         let mut fetching = self.fetching.lock().unwrap();
         fetching.remove(&(model.uri.clone(), model.name.clone()));
+        self.changed.notify_one();
+    }
+
+    fn made_room(&self, _: &ModelSource, _: &str) {
+        self.room_evictions.inc();
     }
 
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {
@@ -124,5 +140,6 @@ impl Observer for Activity {
         if let Err(e) = written {
             warn!(error = %e, path = %path.display(), "recording a publication");
         }
+        self.changed.notify_one();
     }
 }

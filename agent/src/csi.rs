@@ -59,9 +59,10 @@ impl Agent {
         download_dir: PathBuf,
         file_sources: Option<PathBuf>,
     ) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(store.root().to_owned()));
         Arc::new(Agent {
-            metrics: Arc::new(Metrics::new(store.root().to_owned())),
-            activity: Arc::new(Activity::new(store.clone())),
+            activity: Arc::new(Activity::new(store.clone(), metrics.room_evictions.clone())),
+            metrics,
             driver,
             node_id,
             store,
@@ -131,6 +132,7 @@ impl Agent {
         let mut all = self.holds.lock().unwrap();
         all.insert(volume_id.to_owned(), holds);
         self.metrics.volumes.set(all.len() as i64);
+        self.activity.changed.notify_one();
         Ok(())
     }
 
@@ -258,6 +260,7 @@ impl Agent {
                 tracing::warn!(error = format!("{e:#}"), "marking a model as used");
             }
         }
+        self.activity.changed.notify_one();
         info!(volume_id, target = %target.display(), "volume unpublished");
         Ok(())
     }

@@ -33,9 +33,10 @@ pub struct Metrics {
     pub publish: Family<OutcomeLabels, Histogram>,
     /// Models the agent laid out (fetched, verified, published).
     pub layouts: Counter,
-    /// Models the periodic collection removed (unmounted past the keep time; room made for a
-    /// new model is in the log, not counted here).
+    /// Models the periodic collection removed (unmounted past the keep time).
     pub evictions: Counter,
+    /// Unused models removed at once to make room for a new one.
+    pub room_evictions: Counter,
     /// Entries removed because they did not verify against what the agent laid out.
     pub discarded: Counter,
     registry: Registry,
@@ -54,6 +55,7 @@ impl Metrics {
             ),
             layouts: Counter::default(),
             evictions: Counter::default(),
+            room_evictions: Counter::default(),
             discarded: Counter::default(),
             registry: Registry::with_prefix("kube_zerocopy_agent"),
         };
@@ -88,6 +90,11 @@ impl Metrics {
             "evictions",
             "Unused models removed by the periodic collection",
             m.evictions.clone(),
+        );
+        r.register(
+            "room_evictions",
+            "Unused models removed, least recently used first, to make room for a new one",
+            m.room_evictions.clone(),
         );
         r.register(
             "discarded",

@@ -3,8 +3,9 @@
 //! label per model held, which the operator's preferred node affinity looks for. The chart's
 //! admission policy lets an agent write only its own node's object and its own labels there.
 //!
-//! Reporting never stands in the way of mounting: a failed write is logged and tried again at
-//! the next round.
+//! It is written when it changes: at once after a change, every 2 s while a fetch runs (its
+//! progress), and looked at every 10 s otherwise. Reporting never stands in the way of
+//! mounting: a failed write is logged and tried again at the next round.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -30,9 +31,11 @@ use crate::activity::Activity;
 
 const FIELD_MANAGER: &str = "kube-zerocopy-agent";
 
-/// How often the report is made while a fetch is under way (its progress), and otherwise.
+/// How often the report is made while a fetch is under way (its progress), and otherwise; a
+/// change (a fetch started, a volume mounted) makes it sooner, after `SETTLE`.
 const WHILE_FETCHING: Duration = Duration::from_secs(2);
 const OTHERWISE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// The store's state now: its published models (with what the activity recorded of them), how
 /// many pods map each, and the fetches under way.
@@ -176,8 +179,16 @@ pub async fn run(client: Client, node: String, store: Store, activity: Arc<Activ
                 Err(e) => warn!(error = format!("{e:#}"), node, "writing the node's report"),
             }
         }
-        let fetching = !status.fetching.is_empty();
-        tokio::time::sleep(if fetching { WHILE_FETCHING } else { OTHERWISE }).await;
+        if status.fetching.is_empty() {
+            // At the next change (then a moment for the changes that come with it), or the
+            // next round.
+            tokio::select! {
+                _ = tokio::time::sleep(OTHERWISE) => {}
+                _ = activity.changed.notified() => tokio::time::sleep(SETTLE).await,
+            }
+        } else {
+            tokio::time::sleep(WHILE_FETCHING).await;
+        }
     }
 }
 
@@ -271,7 +282,7 @@ mod tests {
     fn a_fetch_under_way_is_reported_with_its_progress_until_it_ends() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        let activity = Activity::new(store.clone());
+        let activity = Activity::new(store.clone(), Default::default());
         let model: ModelSource = serde_json::from_value(json!({
             "name": "mlp",
             "format": "Safetensors",

@@ -31,6 +31,8 @@ pub trait Observer: Send + Sync {
     fn fetched(&self, model: &ModelSource);
     /// `model` was laid out and published as `digest`.
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration);
+    /// The unused model `removed` was removed to make room for `model`.
+    fn made_room(&self, model: &ModelSource, removed: &str);
 }
 
 /// How often a fetch's progress is logged.
@@ -129,6 +131,9 @@ impl Publisher {
                         return Err(e);
                     };
                     info!(model = %model.name, %removed, "shared memory was full: removed the unused model used least recently");
+                    if let Some(observer) = &self.observer {
+                        observer.made_room(model, &removed);
+                    }
                 }
                 laid => break laid?,
             }

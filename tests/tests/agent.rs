@@ -41,13 +41,18 @@ struct Agent {
 impl Agent {
     /// `file_sources`: the folder whose files volumes may name (KZC_FILE_SOURCES).
     fn start(file_sources: Option<&Path>) -> Agent {
+        Self::start_with(file_sources, &[])
+    }
+
+    /// Started with `env` besides (and over) the test's defaults.
+    fn start_with(file_sources: Option<&Path>, env: &[(&str, &str)]) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("kzc-agent-")
             .tempdir_in("/dev/shm")
             .unwrap();
         let socket = dir.path().join("csi/csi.sock");
         let listen = format!("127.0.0.1:{}", free_port().unwrap());
-        let child = Self::spawn(dir.path(), &socket, &listen, file_sources);
+        let child = Self::spawn(dir.path(), &socket, &listen, file_sources, env);
         Agent {
             child,
             dir,
@@ -56,7 +61,13 @@ impl Agent {
         }
     }
 
-    fn spawn(dir: &Path, socket: &Path, listen: &str, file_sources: Option<&Path>) -> Child {
+    fn spawn(
+        dir: &Path,
+        socket: &Path,
+        listen: &str,
+        file_sources: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Child {
         let mut command = std::process::Command::new(bin("kube-zerocopy-agent"));
         if let Some(folder) = file_sources {
             command.env("KZC_FILE_SOURCES", folder);
@@ -70,6 +81,7 @@ impl Agent {
             .env("NODE_NAME", "node-a")
             .env("KZC_STORE", dir.join("store"))
             .env("KZC_DOWNLOAD_DIR", dir.join("downloads"))
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
         let started = Instant::now();
@@ -92,7 +104,7 @@ impl Agent {
             .metrics
             .trim_start_matches("http://")
             .trim_end_matches("/metrics");
-        self.child = Self::spawn(self.dir.path(), &self.socket, listen, file_sources);
+        self.child = Self::spawn(self.dir.path(), &self.socket, listen, file_sources, &[]);
     }
 
     /// SIGTERM, as the kubelet stops it: its exit status.
@@ -133,11 +145,16 @@ impl Agent {
     }
 }
 
-/// A test that fails midway leaves no agent running (it would hold the test's output open).
+/// A test that fails midway leaves no agent running (it would hold the test's output open),
+/// and no store mounted (an agent given KZC_STORE_SIZE mounts one).
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::process::Command::new("umount")
+            .arg(self.store())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -170,6 +187,16 @@ fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeReque
     NodeUnpublishVolumeRequest {
         volume_id: volume_id.into(),
         target_path: target.to_string_lossy().into(),
+    }
+}
+
+/// An Mlp of `sizes` made in `folder` as `<name>.safetensors`, named by its digest.
+fn mlp_in(folder: &Path, name: &str, sizes: &str) -> ModelSource {
+    let file = folder.join(format!("{name}.safetensors"));
+    make_model(&["mlp", file.to_str().unwrap(), "--sizes", sizes]);
+    ModelSource {
+        sha256: Some(sha256_of(&file)),
+        ..source(name, ModelFormat::Safetensors, &file)
     }
 }
 
@@ -299,7 +326,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     // The node's report, as the agent writes it to its NodeStore: both models, each with the
     // pods that map it (volumes linking it), what it was published from and how long it took.
     let store = Store::new(agent.store());
-    let report = status(&store, &Activity::new(store.clone())).unwrap();
+    let report = status(&store, &Activity::new(store.clone(), Default::default())).unwrap();
     assert_eq!(report.pods, 3);
     let held = |digest: &str| {
         let model = report.models.iter().find(|m| m.digest == digest).unwrap();
@@ -562,14 +589,7 @@ fn csi_sanity_passes_against_the_agent() {
 async fn store_entries_that_do_not_verify_are_never_served() {
     let models_dir = tempfile::tempdir().unwrap();
     let m = models_dir.path();
-    let model = |name: &str, sizes: &str| {
-        let file = m.join(format!("{name}.safetensors"));
-        make_model(&["mlp", file.to_str().unwrap(), "--sizes", sizes]);
-        ModelSource {
-            sha256: Some(sha256_of(&file)),
-            ..source(name, ModelFormat::Safetensors, &file)
-        }
-    };
+    let model = |name: &str, sizes: &str| mlp_in(m, name, sizes);
     let models = [
         model("a", "64,256,8"),
         model("b", "64,128,8"),
@@ -648,4 +668,90 @@ async fn store_entries_that_do_not_verify_are_never_served() {
     }
     assert_eq!(agent.metric("kube_zerocopy_agent_discarded_total"), 3.0);
     assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// A store of 1 MiB, the tmpfs the agent mounts itself as on a node: a model that does not fit
+/// beside an unused one takes its room (least recently used first, counted in /metrics); one
+/// that cannot fit even alone, while another is mounted, is refused with ResourceExhausted and
+/// the store's words, and removes nothing in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let model = |name: &str, sizes: &str| mlp_in(m, name, sizes);
+    // About 600 KiB each (two do not fit in 1 MiB), and 2 MiB.
+    let (first, second, big) = (
+        model("first", "64,1200,64"),
+        model("second", "64,1100,64"),
+        model("big", "64,4096,64"),
+    );
+    let agent = Agent::start_with(
+        Some(m),
+        &[("KZC_STORE_SIZE", "1m"), ("KZC_KEEP_UNUSED", "3600")],
+    );
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| pods.path().join(pod).join("mount");
+    let publish = |id: &str, model: &ModelSource| {
+        std::fs::create_dir_all(target(id).parent().unwrap()).unwrap();
+        publish_request(id, &target(id), std::slice::from_ref(model))
+    };
+    let stored = |model: &ModelSource| {
+        let digest = model.sha256.as_deref().unwrap();
+        agent.store().join("blobs").join(digest).is_dir()
+    };
+
+    node.node_publish_volume(publish("a", &first))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(unpublish_request("a", &target("a")))
+        .await
+        .unwrap();
+    assert!(
+        stored(&first),
+        "an unused model is kept while there is room"
+    );
+    node.node_publish_volume(publish("b", &second))
+        .await
+        .unwrap_or_else(|e| panic!("publishing the second model: {e}"));
+    assert!(stored(&second) && !stored(&first));
+    assert_eq!(
+        agent.metric("kube_zerocopy_agent_room_evictions_total"),
+        1.0
+    );
+    assert_eq!(agent.metric("kube_zerocopy_agent_evictions_total"), 0.0);
+
+    let refused = node
+        .node_publish_volume(publish("c", &big))
+        .await
+        .expect_err("a model larger than the store");
+    println!("refused: {}", refused.message());
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("shared memory is full")
+            && refused.message().contains("\"big\""),
+        "{}",
+        refused.message()
+    );
+    assert!(!target("c").exists(), "a mount after a refusal");
+    // The mounted model stayed: in use, it is never removed to make room.
+    assert!(stored(&second) && !stored(&big));
+    assert_eq!(
+        files(&target("b")).len(),
+        3,
+        "the second model's volume: {:?}",
+        files(&target("b"))
+    );
+    assert_eq!(
+        agent.metric("kube_zerocopy_agent_room_evictions_total"),
+        1.0
+    );
+    node.node_unpublish_volume(unpublish_request("b", &target("b")))
+        .await
+        .unwrap();
+    assert!(agent.stop().success());
 }

@@ -182,6 +182,87 @@ fn bench(
     Ok(ratio)
 }
 
+/// The store on a tmpfs of its own, mounted with `huge=<huge>` (the node agent mounts its store
+/// with within_size): the zero-copy worker's first inference with the weights on small pages
+/// against transparent huge pages. Needs root (mount); skipped otherwise.
+fn huge_pages(file: &Path, input: &Path, work: &Path) -> Result<()> {
+    // /proc/self belongs to the process's effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
+    if !root {
+        println!("\nstore pages: skipped (mounting a tmpfs needs root)");
+        return Ok(());
+    }
+    let models = vec![source("bench", ModelFormat::Safetensors, file)];
+    let zero_copy = [Variant {
+        label: "zero_copy",
+        loader: "shared",
+        prefault: false,
+    }];
+    println!("\nSafetensors model on a tmpfs store of its own, by the tmpfs's huge= option ({ROUNDS} rounds of new processes):");
+    println!(
+        "  {:<22} {:>16} {:>18} {:>24}",
+        "store", "ShmemHugePages", "first inference ms", "process to 1st infer ms"
+    );
+    let mut first = Vec::new();
+    for huge in ["never", "within_size"] {
+        let mount = tempfile::tempdir_in(work)?;
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size=2g,huge={huge}"),
+                "tmpfs",
+            ])
+            .arg(mount.path())
+            .status()?;
+        anyhow::ensure!(status.success(), "mounting a tmpfs with huge={huge}");
+        let measured = (|| -> Result<(u64, Samples)> {
+            let before = meminfo("ShmemHugePages")?;
+            let pod = Pod::in_dir(mount.path());
+            let out = pod.publish(&models);
+            anyhow::ensure!(
+                out.status.success(),
+                "publish: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let huge_kib = meminfo("ShmemHugePages")?.saturating_sub(before);
+            let samples = measure(&pod, &models, input, &zero_copy, work)?;
+            Ok((huge_kib, samples.into_iter().next().unwrap()))
+        })();
+        let _ = std::process::Command::new("umount")
+            .arg(mount.path())
+            .status();
+        let (huge_kib, samples) = measured?;
+        println!(
+            "  {:<22} {:>12.1} MiB {:>18.1} {:>24.1}",
+            format!("huge={huge}"),
+            huge_kib as f64 / 1024.0,
+            median(&samples.first_infer_ms),
+            median(&samples.to_first_inference_ms)
+        );
+        first.push((
+            median(&samples.first_infer_ms),
+            median(&samples.to_first_inference_ms),
+        ));
+    }
+    println!(
+        "  first-inference huge=never/within_size = {:.2}; process to first inference = {:.2}",
+        first[0].0 / first[1].0,
+        first[0].1 / first[1].1
+    );
+    Ok(())
+}
+
+/// A /proc/meminfo field, in KiB.
+fn meminfo(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/meminfo"))
+}
+
 fn main() -> Result<()> {
     let work = tempfile::tempdir()?;
     let w = work.path();
@@ -231,6 +312,7 @@ fn main() -> Result<()> {
     );
     let cmodule = bench(ModelFormat::TorchScript, &script, &input, "cmodule_load", w)?;
     let varstore = bench(ModelFormat::Safetensors, &mlp, &input, "varstore_load", w)?;
+    huge_pages(&mlp, &input, w)?;
     println!();
     println!("load-ratio cmodule_load/zero_copy = {cmodule:.1}");
     println!("load-ratio varstore_load/zero_copy = {varstore:.1}");

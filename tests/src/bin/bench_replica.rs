@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::local::median;
+use kube_zerocopy::node_store::NodeStore;
 use kube_zerocopy_e2e::cluster::real::{serve_folder, RealCluster};
 use kube_zerocopy_e2e::{make_model, sha256_of};
 use serde_json::json;
@@ -108,7 +109,13 @@ async fn main() -> Result<()> {
     for round in 1..=rounds {
         wait_until_gone(&held).await?;
         pipelines.create(&PostParams::default(), &pipeline).await?;
+        let watch = tokio::spawn(fetch_progress_shown(client.clone()));
         let first = time_new_replica(&pods, &BTreeSet::new()).await?;
+        watch.abort();
+        // Aborted as it should be, unless reading failed before.
+        if let Ok(Err(e)) = watch.await {
+            println!("round {round}: reading the NodeStore: {e:#}");
+        }
         let seen: BTreeSet<String> = pod_names(&pods).await?;
         pipelines
             .patch(
@@ -135,6 +142,23 @@ async fn main() -> Result<()> {
     );
     println!("replica-ready cold/warm = {:.1}", cold / warm);
     Ok(())
+}
+
+/// Prints each new line of progress that `kubectl get nodestores` shows for fetches under way
+/// (the agent's report), until aborted.
+async fn fetch_progress_shown(client: kube::Client) -> Result<()> {
+    let stores: Api<NodeStore> = Api::all(client);
+    let mut shown = BTreeSet::new();
+    loop {
+        for store in stores.list(&Default::default()).await? {
+            for fetch in store.status.unwrap_or_default().fetching {
+                if shown.insert(fetch.progress.clone()) {
+                    println!("  NodeStore shows: fetching {}", fetch.progress);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn pod_names(pods: &Api<Pod>) -> Result<BTreeSet<String>> {
