@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica clean images images-cuda
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -51,6 +51,11 @@ bench-operator: build
 # node (the node agent fetches and publishes a 512 MiB model) against a later one.
 bench-replica: build
 	scripts/bench-replica.sh
+
+# Publishing a 1 GiB model from file:// (warm page cache) against cp into /dev/shm, and from a
+# local http server against curl: how much publishing costs beyond copying the bytes.
+bench-fetch: build
+	scripts/bench-fetch.sh
 
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build

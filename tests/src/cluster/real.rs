@@ -200,7 +200,12 @@ pub async fn describe_namespace(client: &kube::Client, ns: &str) -> Result<Strin
 /// Serves the files of `dir` (no subfolders) over http on the pods' bridge address, from a
 /// thread, for the life of the process; returns the base URL.
 pub fn serve_folder(dir: &Path) -> Result<String> {
-    let server = tiny_http::Server::http((GATEWAY, 0))
+    serve_folder_on(GATEWAY, dir)
+}
+
+/// [`serve_folder`] on another address of this machine (a port of its own).
+pub fn serve_folder_on(address: std::net::Ipv4Addr, dir: &Path) -> Result<String> {
+    let server = tiny_http::Server::http((address, 0))
         .map_err(|e| anyhow::anyhow!("starting the model server: {e}"))?;
     let port = server
         .server_addr()
@@ -222,5 +227,5 @@ pub fn serve_folder(dir: &Path) -> Result<String> {
             };
         }
     });
-    Ok(format!("http://{GATEWAY}:{port}"))
+    Ok(format!("http://{address}:{port}"))
 }

@@ -1,0 +1,135 @@
+//! `make bench-fetch`: what publishing a model costs beyond copying its bytes. One safetensors
+//! model of 1 GiB, rounds alternating side by side in one run:
+//!
+//! - `cp` of the file into /dev/shm (the page cache warm) against `kube-zerocopy-sidecar
+//!   publish` of it as a `file://` source into a store in /dev/shm;
+//! - `curl` of it from a local http server into /dev/shm against publishing it from the same
+//!   server (an http source).
+//!
+//! Each is timed as a whole process, start to exit; the store and the copies are removed
+//! between rounds. S3 is not served yet (issue 10). The last line is `fetch-ratio cp/publish
+//! = X` (file://; near 1, publishing costs no more than copying).
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use kube_zerocopy::local::median;
+use kube_zerocopy_e2e::cluster::real::serve_folder_on;
+use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+
+const ROUNDS: usize = 5;
+/// Linear(8192, 16384) + Linear(16384, 8192), f32: 1 GiB and 96 KiB of biases.
+const SIZES: &str = "8192,16384,8192";
+
+/// Seconds a command takes, start to exit; it must succeed.
+fn timed(what: &str, command: &mut Command) -> Result<f64> {
+    let started = Instant::now();
+    let out = command
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(seconds)
+}
+
+/// Seconds `kube-zerocopy-sidecar publish` of `model` takes into a fresh store in /dev/shm.
+fn publish(model: &ModelSource) -> Result<f64> {
+    let pod = Pod::new();
+    let mut command = pod.command("kube-zerocopy-sidecar", std::slice::from_ref(model));
+    timed("publish", command.arg("publish"))
+}
+
+/// Seconds a copy into a fresh file in /dev/shm takes with `program` and `args` (the target's
+/// path last).
+fn copy(program: &str, args: &[&str]) -> Result<f64> {
+    let target = tempfile::Builder::new()
+        .prefix("kzc-bench-fetch-")
+        .tempdir_in("/dev/shm")?;
+    let mut command = Command::new(program);
+    command.args(args).arg(target.path().join("model"));
+    timed(program, &mut command)
+}
+
+fn report(label: &str, seconds: &[f64], bytes: u64) -> f64 {
+    let m = median(seconds);
+    println!(
+        "  {label:<28} {m:>8.3} s {:>8.2} GiB/s",
+        bytes as f64 / m / (1u64 << 30) as f64
+    );
+    m
+}
+
+fn main() -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("kzc-bench-fetch-")
+        .tempdir()?;
+    let file = work.path().join("model.safetensors");
+    make_model(&[
+        "mlp",
+        file.to_str().context("a UTF-8 path")?,
+        "--sizes",
+        SIZES,
+    ]);
+    let bytes = std::fs::metadata(&file)?.len();
+    // Warm the page cache: the file:// rows read from memory, as a node's model cache would.
+    std::fs::read(&file)?;
+    let base = serve_folder_on(std::net::Ipv4Addr::LOCALHOST, work.path())?;
+    let url = format!("{base}/model.safetensors");
+    let from_file = source("bench", ModelFormat::Safetensors, &file);
+    let from_http = ModelSource {
+        uri: url.clone(),
+        ..from_file.clone()
+    };
+    println!(
+        "model: {:.2} GiB ({bytes} bytes), {ROUNDS} rounds, each side by side",
+        bytes as f64 / (1u64 << 30) as f64
+    );
+
+    let file_arg = file.to_str().context("a UTF-8 path")?;
+    let (mut cp, mut published_file, mut curl, mut published_http) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate the order so that neither side always runs on a warmer machine.
+        let mut pair = |first_copy: bool| -> Result<()> {
+            let (c, p) = if first_copy {
+                let c = copy("cp", &[file_arg])?;
+                (c, publish(&from_file)?)
+            } else {
+                let p = publish(&from_file)?;
+                (copy("cp", &[file_arg])?, p)
+            };
+            cp.push(c);
+            published_file.push(p);
+            let (c, p) = if first_copy {
+                let c = copy("curl", &["-sSf", &url, "-o"])?;
+                (c, publish(&from_http)?)
+            } else {
+                let p = publish(&from_http)?;
+                (copy("curl", &["-sSf", &url, "-o"])?, p)
+            };
+            curl.push(c);
+            published_http.push(p);
+            Ok(())
+        };
+        pair(round % 2 == 0)?;
+    }
+    println!("  {:<28} {:>10} {:>14}", "", "median", "rate");
+    let cp = report("cp file -> /dev/shm", &cp, bytes);
+    let published_file = report("publish file://", &published_file, bytes);
+    let curl = report("curl http -> /dev/shm", &curl, bytes);
+    let published_http = report("publish http://", &published_http, bytes);
+    println!("  s3://: not served yet (issue 10)");
+    println!();
+    println!(
+        "fetch-ratio curl/publish (http) = {:.2}",
+        curl / published_http
+    );
+    println!("fetch-ratio cp/publish = {:.2}", cp / published_file);
+    Ok(())
+}
