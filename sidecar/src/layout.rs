@@ -676,6 +676,37 @@ pub struct TensorsFile {
 }
 
 impl TensorsFile {
+    /// The bytes of several tensors at once, in the order of `entries`, to be filled in place
+    /// (by other threads, too); tensors that overlap are an error.
+    pub fn regions(&mut self, entries: &[&TensorEntry]) -> Result<Vec<&mut [u8]>> {
+        let path = self.path.display().to_string();
+        let mut rest: &mut [u8] = self.map.as_deref_mut().unwrap_or_default();
+        let len = rest.len() as u64;
+        let mut by_offset: Vec<usize> = (0..entries.len()).collect();
+        by_offset.sort_by_key(|&i| entries[i].offset);
+        let mut taken = 0u64;
+        let mut regions: Vec<Option<&mut [u8]>> = entries.iter().map(|_| None).collect();
+        for i in by_offset {
+            let entry = entries[i];
+            let end = entry.offset.checked_add(entry.length);
+            if entry.offset < taken || end.is_none_or(|end| end > len) {
+                bail!(
+                    "tensor {:?} overlaps another or lies outside {path} ({len} bytes)",
+                    entry.name
+                );
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((entry.offset - taken) as usize);
+            let (region, tail) = tail.split_at_mut(entry.length as usize);
+            rest = tail;
+            taken = entry.offset + entry.length;
+            regions[i] = Some(region);
+        }
+        Ok(regions
+            .into_iter()
+            .map(|r| r.expect("each entry"))
+            .collect())
+    }
+
     /// The bytes of one tensor, to be filled in place.
     pub fn region(&mut self, entry: &TensorEntry) -> Result<&mut [u8]> {
         let range = usize::try_from(entry.offset)
@@ -761,6 +792,35 @@ impl Bindings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regions_come_in_the_order_asked_and_never_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Store::new(dir.path()).begin("d").unwrap();
+        let mut file = staging.create_tensors_file(256).unwrap();
+        let entry = |name: &str, offset: u64, length: u64| TensorEntry {
+            name: name.into(),
+            dtype: DType::U8,
+            shape: vec![length],
+            offset,
+            length,
+        };
+        let (a, b) = (entry("a", 128, 16), entry("b", 0, 64));
+        let regions = file.regions(&[&a, &b]).unwrap();
+        assert_eq!(
+            regions.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [16, 64]
+        );
+        for (region, fill) in regions.into_iter().zip([1u8, 2]) {
+            region.fill(fill);
+        }
+        assert!(file.region(&a).unwrap().iter().all(|&x| x == 1));
+        assert!(file.region(&b).unwrap().iter().all(|&x| x == 2));
+        let overlapping = entry("c", 32, 64);
+        let err = file.regions(&[&b, &overlapping]).unwrap_err().to_string();
+        assert!(err.contains("overlaps another"), "{err}");
+        assert!(file.regions(&[&entry("d", 250, 16)]).is_err());
+    }
 
     /// A store with a (fake) published model folder for `digest`.
     fn store_with(digest: &str) -> (tempfile::TempDir, Store) {

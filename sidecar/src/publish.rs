@@ -139,8 +139,9 @@ impl Publisher {
             }
         };
         let (staging, laid) = laid;
-        // What was laid out must be what was hashed: the staging folder goes if not.
-        check_laid_out_what_was_hashed(source, &digest, &laid)?;
+        // What was laid out must be what was hashed (or declared): the staging folder goes if
+        // not.
+        check_laid_out_what_was_hashed(source, &digest, &laid, fetched.hashed)?;
         info!(model = %model.name, tensors = laid.tensors.len(), bytes = laid.tensors_bytes, "laid out");
         let manifest = Manifest {
             layout_version: LAYOUT_VERSION,
@@ -183,9 +184,18 @@ impl Publisher {
 /// A source written to between hashing and layout would be published under the digest of
 /// other bytes. Formats that read the whole file in order hash it again on the way (exact);
 /// every format's reads go through one descriptor whose size and times must not have changed.
-fn check_laid_out_what_was_hashed(source: &SourceFile, digest: &str, laid: &LaidOut) -> Result<()> {
+/// A digest that was declared, not hashed before (`hashed` false), is checked here alone.
+fn check_laid_out_what_was_hashed(
+    source: &SourceFile,
+    digest: &str,
+    laid: &LaidOut,
+    hashed: bool,
+) -> Result<()> {
     source.check_unchanged()?;
     if let Some(read) = &laid.source_sha256 {
+        if read != digest && !hashed {
+            bail!("sha256 mismatch: expected {digest}, the source has {read}");
+        }
         if read != digest {
             bail!(
                 "the source changed while it was loaded: it hashed to {digest}, the bytes laid \
@@ -209,6 +219,27 @@ mod tests {
         }
     }
 
+    /// A file:// safetensors source with a declared digest is read once: the layout's own hash
+    /// is the check, and a source that does not match says so in the download's words.
+    #[test]
+    fn a_declared_digest_is_checked_against_what_the_layout_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        std::fs::write(&path, b"weights").unwrap();
+        let source = SourceFile::open(&path, "file://m.bin").unwrap();
+        let actual = source.sha256().unwrap();
+        let declared = "0".repeat(64);
+        check_laid_out_what_was_hashed(&source, &actual, &laid_out(Some(&actual)), false).unwrap();
+        let err =
+            check_laid_out_what_was_hashed(&source, &declared, &laid_out(Some(&actual)), false)
+                .unwrap_err()
+                .to_string();
+        assert_eq!(
+            err,
+            format!("sha256 mismatch: expected {declared}, the source has {actual}")
+        );
+    }
+
     #[test]
     fn a_source_that_changed_during_layout_is_not_published() {
         let dir = tempfile::tempdir().unwrap();
@@ -216,10 +247,10 @@ mod tests {
         std::fs::write(&path, b"weights").unwrap();
         let source = SourceFile::open(&path, "file://m.bin").unwrap();
         let digest = source.sha256().unwrap();
-        check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some(&digest))).unwrap();
-        check_laid_out_what_was_hashed(&source, &digest, &laid_out(None)).unwrap();
-        let err =
-            check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some("other"))).unwrap_err();
+        check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some(&digest)), true).unwrap();
+        check_laid_out_what_was_hashed(&source, &digest, &laid_out(None), true).unwrap();
+        let err = check_laid_out_what_was_hashed(&source, &digest, &laid_out(Some("other")), true)
+            .unwrap_err();
         assert!(
             err.to_string().contains("changed while it was loaded"),
             "{err:#}"
@@ -230,7 +261,8 @@ mod tests {
             .open(&path)
             .unwrap();
         std::io::Write::write_all(&mut &file, b"!").unwrap();
-        let err = check_laid_out_what_was_hashed(&source, &digest, &laid_out(None)).unwrap_err();
+        let err =
+            check_laid_out_what_was_hashed(&source, &digest, &laid_out(None), true).unwrap_err();
         assert!(
             err.to_string().contains("changed while it was loaded"),
             "{err:#}"

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::config::ModelSource;
+use crate::config::{ModelFormat, ModelSource};
 use crate::download;
 
 /// What fstat says about a file that changes when someone writes to it.
@@ -108,6 +108,48 @@ impl SourceFile {
         }
     }
 
+    /// Fills each region with the source's bytes from its offset and returns the sha256 of
+    /// `prefix` followed by the regions' bytes, in the order given (the file's order, so that
+    /// it is the file's digest). The reads, which copy into the regions, run on one thread and
+    /// the hashing on another, a chunk behind: the bytes are read once and hashed where they
+    /// landed.
+    pub fn read_into_hashing(
+        &self,
+        prefix: &[u8],
+        regions: Vec<(u64, &mut [u8])>,
+    ) -> Result<String> {
+        const CHUNK: usize = 8 << 20;
+        let chunks: Vec<(u64, &mut [u8])> = regions
+            .into_iter()
+            .flat_map(|(offset, region)| {
+                region
+                    .chunks_mut(CHUNK)
+                    .enumerate()
+                    .map(move |(i, chunk)| (offset + (i * CHUNK) as u64, chunk))
+            })
+            .collect();
+        // A few chunks read ahead of the hash at most.
+        let (read, hash) = std::sync::mpsc::sync_channel::<&mut [u8]>(4);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(move || -> Result<()> {
+                for (offset, chunk) in chunks {
+                    self.read_exact_at(chunk, offset)?;
+                    if read.send(chunk).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut hasher = Sha256::new();
+            hasher.update(prefix);
+            for chunk in hash {
+                hasher.update(&*chunk);
+            }
+            reader.join().expect("the reading thread does not panic")?;
+            Ok(hex::encode(hasher.finalize()))
+        })
+    }
+
     /// The sha256 of the file's bytes, read in order.
     pub fn sha256(&self) -> Result<String> {
         let mut hasher = Sha256::new();
@@ -178,6 +220,9 @@ impl Seek for SourceReader<'_> {
 pub struct Fetched {
     pub source: SourceFile,
     pub sha256: String,
+    /// False when `sha256` is the model's declared digest, not yet checked against the bytes:
+    /// the layout hashes them as it copies them, and must find that digest.
+    pub hashed: bool,
     downloaded: Option<PathBuf>,
 }
 
@@ -209,10 +254,21 @@ pub fn fetch(
     let uri = model.uri.as_str();
     if let Some(path) = uri.strip_prefix("file://") {
         let source = SourceFile::open(Path::new(path), uri)?;
+        // A safetensors layout hashes every byte as it copies it: with a declared digest, that
+        // one pass is the check, and the file is read once.
+        if let (Some(declared), ModelFormat::Safetensors) = (&model.sha256, model.format) {
+            return Ok(Fetched {
+                source,
+                sha256: declared.to_ascii_lowercase(),
+                hashed: false,
+                downloaded: None,
+            });
+        }
         let sha256 = source.sha256()?;
         return Ok(Fetched {
             source,
             sha256,
+            hashed: true,
             downloaded: None,
         });
     }
@@ -258,6 +314,7 @@ fn fetch_http(
         Ok((source, sha256)) => Ok(Fetched {
             source,
             sha256,
+            hashed: true,
             downloaded: Some(path),
         }),
         Err(e) => {

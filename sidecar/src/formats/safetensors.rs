@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
-use sha2::{Digest, Sha256};
 
 use super::LaidOut;
 use crate::layout::{plan, DType, Staging, TensorEntry};
@@ -92,21 +91,26 @@ pub fn lay_out(source: &SourceFile, staging: &Staging) -> Result<LaidOut> {
     let (tensors, tensors_bytes) = plan(wanted)?;
 
     let mut out = staging.create_tensors_file(tensors_bytes)?;
-    let mut hasher = Sha256::new();
-    hasher.update(header_len.to_le_bytes());
-    hasher.update(&header);
     let planned: HashMap<&str, &TensorEntry> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    for (name, info) in &by_position {
-        let region = out.region(planned[name.as_str()])?;
-        source.read_exact_at(region, data_start + info.data_offsets.0 as u64)?;
-        hasher.update(&region[..]);
-    }
+    let in_file_order: Vec<&TensorEntry> = by_position
+        .iter()
+        .map(|(name, _)| planned[name.as_str()])
+        .collect();
+    let regions = out.regions(&in_file_order)?;
+    let from: Vec<(u64, &mut [u8])> = by_position
+        .iter()
+        .zip(regions)
+        .map(|((_, info), region)| (data_start + info.data_offsets.0 as u64, region))
+        .collect();
+    let mut prefix = header_len.to_le_bytes().to_vec();
+    prefix.extend_from_slice(&header);
+    let sha256 = source.read_into_hashing(&prefix, from)?;
     Ok(LaidOut {
         tensors,
         tensors_bytes,
         skeleton: None,
-        source_sha256: Some(hex::encode(hasher.finalize())),
+        source_sha256: Some(sha256),
     })
 }
 

@@ -2,7 +2,7 @@
 //! model of 1 GiB, rounds alternating side by side in one run:
 //!
 //! - `cp` of the file into /dev/shm (the page cache warm) against `kube-zerocopy-sidecar
-//!   publish` of it as a `file://` source into a store in /dev/shm;
+//!   publish` of it as a `file://` source (its sha256 declared) into a store in /dev/shm;
 //! - `curl` of it from a local http server into /dev/shm against publishing it from the same
 //!   server (an http source).
 //!
@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::cluster::real::serve_folder_on;
-use kube_zerocopy_e2e::{make_model, source, Pod};
+use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
 
 const ROUNDS: usize = 5;
@@ -81,7 +81,11 @@ fn main() -> Result<()> {
     std::fs::read(&file)?;
     let base = serve_folder_on(std::net::Ipv4Addr::LOCALHOST, work.path())?;
     let url = format!("{base}/model.safetensors");
-    let from_file = source("bench", ModelFormat::Safetensors, &file);
+    // Declared, as a pipeline that pins its model does (and as placement needs).
+    let from_file = ModelSource {
+        sha256: Some(sha256_of(&file)),
+        ..source("bench", ModelFormat::Safetensors, &file)
+    };
     let from_http = ModelSource {
         uri: url.clone(),
         ..from_file.clone()
