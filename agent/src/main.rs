@@ -115,16 +115,19 @@ fn run(cli: Cli) -> Result<()> {
         let listener = tokio::net::UnixListener::bind(&cli.socket)
             .with_context(|| format!("listening on {}", cli.socket.display()))?;
         info!(socket = %cli.socket.display(), driver = %agent.driver, "serving");
+        // The report never stands in the way of mounting: without a client, none is made.
         if cli.report {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the API server for the node's report")?;
-            tokio::spawn(report::run(
-                client,
-                agent.node_id.clone(),
-                agent.store.clone(),
-                agent.activity.clone(),
-            ));
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    tokio::spawn(report::run(
+                        client,
+                        agent.node_id.clone(),
+                        agent.store.clone(),
+                        agent.activity.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "no API client: this node's NodeStore is not written"),
+            }
         }
         let service = Service(agent);
         tonic::transport::Server::builder()
