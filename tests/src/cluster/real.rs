@@ -220,7 +220,10 @@ pub fn serve_folder_on(address: std::net::Ipv4Addr, dir: &Path) -> Result<String
                 .then(|| std::fs::File::open(dir.join(&name)).ok())
                 .flatten();
             let _ = match file {
-                Some(f) => request.respond(tiny_http::Response::from_file(f)),
+                // With its Content-Length, as file servers send it (tiny_http would chunk
+                // large files).
+                Some(f) => request
+                    .respond(tiny_http::Response::from_file(f).with_chunked_threshold(usize::MAX)),
                 None => {
                     request.respond(tiny_http::Response::from_string("no").with_status_code(404))
                 }
