@@ -44,7 +44,7 @@ pub fn status(store: &Store, activity: &Activity) -> Result<NodeStoreStatus> {
     let capacity = rustix::fs::statvfs(root)
         .with_context(|| format!("reading the size of {}", root.display()))?;
     let mut models = Vec::new();
-    for digest in published_digests(store)? {
+    for digest in store.published()? {
         let dir = store.model_dir(&digest);
         let mut bytes = 0;
         let mut pods = 0;
@@ -113,24 +113,6 @@ pub fn status(store: &Store, activity: &Activity) -> Result<NodeStoreStatus> {
     })
 }
 
-/// The digests of the store's published models.
-fn published_digests(store: &Store) -> Result<Vec<String>> {
-    let blobs = store.root().join("blobs");
-    let entries = match fs::read_dir(&blobs) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        other => other.with_context(|| format!("reading {}", blobs.display()))?,
-    };
-    let mut digests = Vec::new();
-    for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if store.is_published(&name) {
-            digests.push(name);
-        }
-    }
-    digests.sort();
-    Ok(digests)
-}
-
 /// Mounted volumes: one view each.
 fn views(store: &Store) -> Result<u32> {
     match fs::read_dir(store.root().join(".views")) {
@@ -174,9 +156,14 @@ pub async fn run(client: Client, node: String, store: Store, activity: Arc<Activ
             }
         };
         if last.as_ref() != Some(&status) {
-            match write(&client, &node, &status).await {
+            // The object is created (applied with its owner) by the first write, and again
+            // after a failed one (it may have been deleted); later writes patch the status.
+            match write(&client, &node, &status, last.is_none()).await {
                 Ok(()) => last = Some(status.clone()),
-                Err(e) => warn!(error = format!("{e:#}"), node, "writing the node's report"),
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), node, "writing the node's report");
+                    last = None;
+                }
             }
         }
         if status.fetching.is_empty() {
@@ -192,7 +179,12 @@ pub async fn run(client: Client, node: String, store: Store, activity: Arc<Activ
     }
 }
 
-async fn write(client: &Client, node_name: &str, status: &NodeStoreStatus) -> Result<()> {
+async fn write(
+    client: &Client,
+    node_name: &str,
+    status: &NodeStoreStatus,
+    create: bool,
+) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node = nodes
         .get(node_name)
@@ -201,25 +193,27 @@ async fn write(client: &Client, node_name: &str, status: &NodeStoreStatus) -> Re
     label(&nodes, &node, held_labels(status)).await?;
     let stores: Api<NodeStore> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    // Owned by its node, so that it goes when the node does.
-    let owner = node.controller_owner_ref(&()).map(|mut o| {
-        o.controller = None;
-        o.block_owner_deletion = None;
-        o
-    });
-    stores
-        .patch(
-            node_name,
-            &params,
-            &Patch::Apply(json!({
-                "apiVersion": NodeStore::api_version(&()),
-                "kind": NodeStore::kind(&()),
-                "metadata": {"name": node_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>()},
-                "spec": {},
-            })),
-        )
-        .await
-        .with_context(|| format!("creating NodeStore {node_name}"))?;
+    if create {
+        // Owned by its node, so that it goes when the node does.
+        let owner = node.controller_owner_ref(&()).map(|mut o| {
+            o.controller = None;
+            o.block_owner_deletion = None;
+            o
+        });
+        stores
+            .patch(
+                node_name,
+                &params,
+                &Patch::Apply(json!({
+                    "apiVersion": NodeStore::api_version(&()),
+                    "kind": NodeStore::kind(&()),
+                    "metadata": {"name": node_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>()},
+                    "spec": {},
+                })),
+            )
+            .await
+            .with_context(|| format!("creating NodeStore {node_name}"))?;
+    }
     stores
         .patch_status(
             node_name,

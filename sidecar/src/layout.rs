@@ -239,6 +239,14 @@ impl Store {
         self.model_dir(digest).join(MANIFEST_FILE).is_file()
     }
 
+    /// The digests of the published models, sorted.
+    pub fn published(&self) -> Result<Vec<String>> {
+        let mut digests = names_in(&self.root.join("blobs"))?;
+        digests.retain(|digest| self.is_published(digest));
+        digests.sort();
+        Ok(digests)
+    }
+
     /// Reads and checks a published model's manifest. The folder and its files must be the
     /// store's own, not links to elsewhere (a link planted in a shared store would hand a
     /// reader someone else's files).

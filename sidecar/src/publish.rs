@@ -192,16 +192,14 @@ fn check_laid_out_what_was_hashed(
     hashed: bool,
 ) -> Result<()> {
     source.check_unchanged()?;
-    if let Some(read) = &laid.source_sha256 {
-        if read != digest && !hashed {
+    if let Some(read) = laid.source_sha256.as_ref().filter(|read| *read != digest) {
+        if !hashed {
             bail!("sha256 mismatch: expected {digest}, the source has {read}");
         }
-        if read != digest {
-            bail!(
-                "the source changed while it was loaded: it hashed to {digest}, the bytes laid \
-                 out hash to {read}; nothing was published, and the next attempt loads it again"
-            );
-        }
+        bail!(
+            "the source changed while it was loaded: it hashed to {digest}, the bytes laid \
+             out hash to {read}; nothing was published, and the next attempt loads it again"
+        );
     }
     Ok(())
 }
