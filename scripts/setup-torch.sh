@@ -6,6 +6,11 @@ set -euo pipefail
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 CACHE="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}"
 VENV="$CACHE/torch-$TORCH_VERSION"
+mkdir -p "$CACHE"
+# One installer at a time: a second caller (another make target, a test sourcing env.sh) waits
+# here instead of removing the environment the first is still installing.
+exec 8>"$VENV.lock"
+flock 8
 if [ ! -f "$VENV/.complete" ]; then
   echo "installing torch $TORCH_VERSION into $VENV (once; about 5 GB)" >&2
   rm -rf "$VENV"

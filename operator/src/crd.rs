@@ -54,7 +54,7 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("!has(self.actor) || self.mode == 'Actor'").message("spec.actor applies only to mode Actor; use spec.task for mode Task"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders of shard files)"))]
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
-#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
+#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap) && !(has(m.source.s3) && has(m.source.s3.credentialsSecret)))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret, caConfigMap or s3.credentialsSecret from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.task) && has(self.task.shards))").message("mode Task needs spec.task.shards: the number of shard files in the input folder"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
@@ -167,12 +167,15 @@ pub struct ModelSpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.uri.startsWith('http') || (!has(self.bearerTokenSecret) && !has(self.caConfigMap))").message("bearerTokenSecret and caConfigMap apply only to http(s) sources"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('http') || !has(self.bearerTokenSecret)").message("bearerTokenSecret applies only to http(s) sources (s3:// takes source.s3.credentialsSecret)"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('http') || self.uri.startsWith('s3://') || !has(self.caConfigMap)").message("caConfigMap applies only to http(s) and s3:// sources"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('s3://') || !has(self.s3)").message("source.s3 applies only to s3:// sources"))]
 pub struct ModelSourceSpec {
-    /// file://, http:// or https://. Credentials never go in the URI (it is in the pods'
-    /// environment and logs): use bearerTokenSecret.
+    /// file://, http://, https:// or s3://<bucket>/<key>. Credentials never go in the URI (it
+    /// is in the pods' environment and logs): use bearerTokenSecret or s3.credentialsSecret.
     #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://')").message("source.uri must start with file:///, http:// or https://"))]
+    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://') || self.startsWith('s3://')").message("source.uri must start with file:///, http://, https:// or s3://"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^?#]+$')").message("source.uri must be s3://<bucket>/<key>: a bucket name of 3 to 63 lowercase letters, digits, '.' and '-', then the object's key"))]
     #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*@')").message("source.uri must not carry credentials (user:password@): put a token in a Secret and name it in source.bearerTokenSecret"))]
     pub uri: String,
     /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
@@ -191,10 +194,36 @@ pub struct ModelSourceSpec {
     /// server mounts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_secret: Option<k8s_openapi::api::core::v1::SecretKeySelector>,
-    /// https only: a key of a ConfigMap in the pipeline's namespace holding PEM certificates
-    /// to trust besides the image's CA bundle (a private CA).
+    /// https and s3 only: a key of a ConfigMap in the pipeline's namespace holding PEM
+    /// certificates to trust besides the image's CA bundle (a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_config_map: Option<k8s_openapi::api::core::v1::ConfigMapKeySelector>,
+    /// s3 only: which service holds the bucket and which credentials read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3SourceSpec>,
+}
+
+/// How an s3:// source is reached. What is not set here comes from the weight server's
+/// environment, as with AWS's own tools: AWS_REGION, and the pod's identity (web identity
+/// token, instance profile) when no Secret is named.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3SourceSpec {
+    /// An S3-compatible service's address, e.g. http://minio.storage:9000. Default: AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+/?$')").message("source.s3.endpoint must be http(s)://<host>[:<port>], without a path or credentials"))]
+    pub endpoint: Option<String>,
+    /// The bucket's region. Default: the environment's AWS_REGION, else us-east-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub region: Option<String>,
+    /// The name of a Secret in the pipeline's namespace with the keys AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). Only the weight server
+    /// mounts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub credentials_secret: Option<String>,
 }
 
 /// A quantity (an integer or a string such as 400Mi), as k8s-openapi's, with a maximum length:
@@ -324,9 +353,11 @@ pub struct ShardStatus {
     pub active: i32,
 }
 
-/// The file names of a model's bearer token and CA bundle in its folder of source files.
+/// The file names of a model's bearer token and CA bundle in its folder of source files, and
+/// the folder of its S3 credentials there.
 pub const SOURCE_TOKEN_FILE: &str = "token";
 pub const SOURCE_CA_FILE: &str = "ca.crt";
+pub const SOURCE_S3_DIR: &str = "s3";
 
 impl InferencePipelineSpec {
     /// The models as the sidecar and the workers read them (`KZC_MODELS`). A model's token and
@@ -367,6 +398,18 @@ impl InferencePipelineSpec {
                         .ca_config_map
                         .as_ref()
                         .map(|_| file(SOURCE_CA_FILE)),
+                    s3: m
+                        .source
+                        .s3
+                        .as_ref()
+                        .map(|s3| kube_zerocopy_sidecar::S3Access {
+                            endpoint: s3.endpoint.clone(),
+                            region: s3.region.clone(),
+                            credentials_dir: s3
+                                .credentials_secret
+                                .as_ref()
+                                .map(|_| file(SOURCE_S3_DIR)),
+                        }),
                 }
             })
             .collect()

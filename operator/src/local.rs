@@ -180,14 +180,18 @@ pub fn run(opts: &Options) -> Result<Summary> {
             input.uri
         );
     }
-    if let Some(m) = spec
-        .models
-        .iter()
-        .find(|m| m.source.bearer_token_secret.is_some() || m.source.ca_config_map.is_some())
-    {
+    if let Some(m) = spec.models.iter().find(|m| {
+        m.source.bearer_token_secret.is_some()
+            || m.source.ca_config_map.is_some()
+            || m.source
+                .s3
+                .as_ref()
+                .is_some_and(|s3| s3.credentials_secret.is_some())
+    }) {
         bail!(
-            "model {:?} names a Secret or ConfigMap (bearerTokenSecret, caConfigMap): a local \
-             run has no cluster to read them from",
+            "model {:?} names a Secret or ConfigMap (bearerTokenSecret, caConfigMap, \
+             s3.credentialsSecret): a local run has no cluster to read them from; for s3, \
+             give the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
             m.name
         );
     }

@@ -32,7 +32,7 @@ use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
     DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, Sharing, SOURCE_CA_FILE,
-    SOURCE_TOKEN_FILE,
+    SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -319,6 +319,34 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
     (all, mounts)
 }
 
+/// An S3 credentials Secret's keys under [`SOURCE_S3_DIR`]: the key id and secret required,
+/// a session token only when the Secret has one.
+fn s3_credentials(secret: &str) -> Vec<VolumeProjection> {
+    use kube_zerocopy_sidecar::remote::{
+        ACCESS_KEY_ID_FILE, SECRET_ACCESS_KEY_FILE, SESSION_TOKEN_FILE,
+    };
+    let keys = |keys: &[&str], optional: bool| VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.to_owned(),
+            items: Some(
+                keys.iter()
+                    .map(|key| KeyToPath {
+                        key: (*key).to_owned(),
+                        path: format!("{SOURCE_S3_DIR}/{key}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            optional: Some(optional),
+        }),
+        ..Default::default()
+    };
+    vec![
+        keys(&[ACCESS_KEY_ID_FILE, SECRET_ACCESS_KEY_FILE], false),
+        keys(&[SESSION_TOKEN_FILE], true),
+    ]
+}
+
 /// Each model's bearer token and CA bundle (when it names them) as one projected volume, with
 /// the name of the model whose folder under [`Mounts::sources`] it is mounted on. Only the
 /// weight server mounts them; the files are readable by the pods' group only.
@@ -355,7 +383,14 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
                 }),
                 ..Default::default()
             });
-            let sources: Vec<_> = token.into_iter().chain(ca).collect();
+            let s3 = m
+                .source
+                .s3
+                .as_ref()
+                .and_then(|s3| s3.credentials_secret.as_ref())
+                .map(|name| s3_credentials(name.as_str()))
+                .unwrap_or_default();
+            let sources: Vec<_> = token.into_iter().chain(ca).chain(s3).collect();
             (!sources.is_empty()).then(|| {
                 let volume = Volume {
                     name: format!("{SOURCE_VOLUME_PREFIX}{i}"),
@@ -756,6 +791,34 @@ mod tests {
         assert_eq!(mount_of(&sidecar, STORE_VOLUME).read_only, Some(false));
     }
 
+    /// The volumes of a Task pipeline's pods.
+    fn task_volumes(p: &InferencePipeline) -> Vec<Volume> {
+        let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+            unreachable!()
+        };
+        job.spec.unwrap().template.spec.unwrap().volumes.unwrap()
+    }
+
+    fn projected_volume(volumes: &[Volume], name: &str) -> ProjectedVolumeSource {
+        volumes
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.projected.clone())
+            .unwrap()
+    }
+
+    /// The models as the weight server reads them from its environment.
+    fn models_of(sidecar: Container) -> Vec<kube_zerocopy_sidecar::ModelSource> {
+        let models = sidecar
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == kube_zerocopy_sidecar::config::MODELS_ENV)
+            .and_then(|e| e.value)
+            .unwrap();
+        kube_zerocopy_sidecar::config::models_from_json(&models).unwrap()
+    }
+
     #[test]
     fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_says() {
         let p: InferencePipeline = serde_yaml::from_str(
@@ -772,15 +835,8 @@ mod tests {
         assert!(worker_mounts
             .iter()
             .all(|m| !m.name.starts_with(SOURCE_VOLUME_PREFIX)));
-        let Rendered::Task { job } = render(&p, &Settings::default()).unwrap() else {
-            unreachable!()
-        };
-        let volumes = job.spec.unwrap().template.spec.unwrap().volumes.unwrap();
-        let projected = volumes
-            .iter()
-            .find(|v| v.name == "kzc-source-1")
-            .and_then(|v| v.projected.clone())
-            .unwrap();
+        let volumes = task_volumes(&p);
+        let projected = projected_volume(&volumes, "kzc-source-1");
         assert_eq!(projected.default_mode, Some(0o440));
         let sources = projected.sources.unwrap();
         let secret = sources[0].secret.clone().unwrap();
@@ -794,14 +850,7 @@ mod tests {
         // The first model names neither: no volume of its own.
         assert!(volumes.iter().all(|v| v.name != "kzc-source-0"));
         // What the weight server reads: the files where they are mounted, the size as a cap.
-        let models = sidecar
-            .env
-            .unwrap()
-            .into_iter()
-            .find(|e| e.name == kube_zerocopy_sidecar::config::MODELS_ENV)
-            .and_then(|e| e.value)
-            .unwrap();
-        let models = kube_zerocopy_sidecar::config::models_from_json(&models).unwrap();
+        let models = models_of(sidecar);
         assert_eq!(models[0].max_bytes, Some(2048));
         assert_eq!(models[0].bearer_token_file, None);
         assert_eq!(
@@ -811,6 +860,63 @@ mod tests {
         assert_eq!(
             models[1].ca_file.as_deref(),
             Some("/kzc/sources/private/ca.crt")
+        );
+    }
+
+    #[test]
+    fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_session_token() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: s3://weights/head.safetensors\n        s3: {endpoint: 'http://minio.storage:9000', region: eu-west-1, credentialsSecret: s3-reader}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+        )
+        .unwrap();
+        let (sidecar, worker) = containers(&p);
+        assert_eq!(
+            mount_of(&sidecar, "kzc-source-0").mount_path,
+            "/kzc/sources/head"
+        );
+        assert!(worker
+            .volume_mounts
+            .unwrap()
+            .iter()
+            .all(|m| !m.name.starts_with(SOURCE_VOLUME_PREFIX)));
+        let sources = projected_volume(&task_volumes(&p), "kzc-source-0")
+            .sources
+            .unwrap();
+        // Each projection as "secret: key->path, ... (optional)".
+        let projected: Vec<String> = sources
+            .into_iter()
+            .map(|s| {
+                let secret = s.secret.unwrap();
+                let items: Vec<String> = secret
+                    .items
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| format!("{}->{}", i.key, i.path))
+                    .collect();
+                format!(
+                    "{}: {} ({:?})",
+                    secret.name,
+                    items.join(", "),
+                    secret.optional
+                )
+            })
+            .collect();
+        assert_eq!(
+            projected,
+            [
+                "s3-reader: AWS_ACCESS_KEY_ID->s3/AWS_ACCESS_KEY_ID, \
+                 AWS_SECRET_ACCESS_KEY->s3/AWS_SECRET_ACCESS_KEY (Some(false))",
+                "s3-reader: AWS_SESSION_TOKEN->s3/AWS_SESSION_TOKEN (Some(true))",
+            ]
+        );
+        let models = models_of(sidecar);
+        assert_eq!(
+            models[0].s3,
+            Some(kube_zerocopy_sidecar::S3Access {
+                endpoint: Some("http://minio.storage:9000".into()),
+                region: Some("eu-west-1".into()),
+                credentials_dir: Some("/kzc/sources/head/s3".into()),
+            })
         );
     }
 

@@ -26,7 +26,7 @@ pub struct ModelSource {
     /// Unique within a pipeline; workers refer to models by this name.
     pub name: String,
     pub format: ModelFormat,
-    /// `file://`, `http://` or `https://`.
+    /// `file://`, `http://`, `https://` or `s3://<bucket>/<key>`.
     pub uri: String,
     /// Expected sha256 of the source file, 64 hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +44,25 @@ pub struct ModelSource {
     /// https: a file of PEM certificates trusted besides the system's (a ConfigMap's key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// s3: where the bucket is served and with which credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Access>,
+}
+
+/// How an `s3://` source is reached. Unset fields come from the environment (AWS_REGION,
+/// AWS_ENDPOINT_URL, web identity, instance profile), as AWS's own tools do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Access {
+    /// An S3-compatible service's address (`https://minio.storage:9000`); AWS by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// A folder holding the files AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally
+    /// AWS_SESSION_TOKEN (a Secret's keys, mounted into the weight server only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_dir: Option<String>,
 }
 
 pub fn models_to_json(models: &[ModelSource]) -> String {
@@ -111,6 +130,7 @@ mod tests {
             max_bytes: Some(1 << 20),
             bearer_token_file: Some("/kzc/sources/a/token".into()),
             ca_file: None,
+            s3: None,
         };
         let json = models_to_json(std::slice::from_ref(&m));
         assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);

@@ -65,13 +65,14 @@ pub struct Downloaded {
 /// Why an attempt ended. A transient failure is retried (resuming if bytes were written); a
 /// permanent one ends the download at once.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Transient(anyhow::Error),
     Permanent(anyhow::Error),
 }
 
 /// Bytes written so far, and the file's size when the server announced it.
-pub type OnProgress<'a> = &'a dyn Fn(u64, Option<u64>);
+/// Called from the threads that read (several at once for a source read by ranges).
+pub type OnProgress<'a> = &'a (dyn Fn(u64, Option<u64>) + Sync);
 
 /// Downloads `uri` into `file` (truncated first), resuming broken transfers; tells
 /// `on_progress` after each chunk written.
@@ -95,14 +96,7 @@ pub fn download(
         validator: None,
     };
     transfer.start_over()?;
-    let pauses = || {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(policy.first_pause)
-            .with_max_delay(Duration::from_secs(30))
-            .with_max_times(usize::MAX)
-            .build()
-    };
-    let mut pause = pauses();
+    let mut pause = pauses(policy);
     let mut attempts_without_progress = 0;
     loop {
         let before = transfer.written;
@@ -122,7 +116,7 @@ pub fn download(
         };
         if transfer.written > before {
             attempts_without_progress = 0;
-            pause = pauses();
+            pause = pauses(policy);
         } else {
             attempts_without_progress += 1;
         }
@@ -145,8 +139,17 @@ pub fn download(
     }
 }
 
+/// The pauses between attempts: from [`Policy::first_pause`], doubling up to 30 s.
+pub(crate) fn pauses(policy: &Policy) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(policy.first_pause)
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(usize::MAX)
+        .build()
+}
+
 /// The HTTP client for one source: stall timeout, no downgrade from https, the trusted CAs.
-fn agent(uri: &str, policy: &Policy) -> Result<ureq::Agent> {
+pub(crate) fn agent(uri: &str, policy: &Policy) -> Result<ureq::Agent> {
     let config = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(30)))
@@ -193,7 +196,7 @@ fn pem_certificates(pem: &[u8]) -> Vec<Certificate<'static>> {
         .collect()
 }
 
-fn read_token(path: &Path) -> Result<String> {
+pub(crate) fn read_token(path: &Path) -> Result<String> {
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("reading the bearer token {}", path.display()))?;
     let token = token.trim();
@@ -252,7 +255,9 @@ impl Transfer<'_> {
                 .header("Range", format!("bytes={}-", self.written))
                 .header("If-Range", self.validator.as_deref().unwrap_or_default());
         }
-        let response = request.call().map_err(|e| classify(uri, e))?;
+        let response = request
+            .call()
+            .map_err(|e| classify(uri, e, "source.bearerTokenSecret"))?;
         let headers = response.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let total = match response.status().as_u16() {
@@ -330,7 +335,7 @@ impl Transfer<'_> {
     }
 }
 
-fn too_big(uri: &str, max: u64, announced: Option<u64>) -> anyhow::Error {
+pub(crate) fn too_big(uri: &str, max: u64, announced: Option<u64>) -> anyhow::Error {
     let what = match announced {
         Some(n) => format!("is {n} bytes"),
         None => "sent more".to_owned(),
@@ -349,7 +354,7 @@ fn validator(etag: Option<&str>, last_modified: Option<&str>) -> Option<String> 
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`): the start, and the total when known.
-fn content_range(value: &str) -> Option<(u64, Option<u64>)> {
+pub(crate) fn content_range(value: &str) -> Option<(u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, _end) = range.split_once('-')?;
@@ -360,8 +365,9 @@ fn content_range(value: &str) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total))
 }
 
-/// Which errors another attempt may cure.
-fn classify(uri: &str, error: ureq::Error) -> Failure {
+/// Which errors another attempt may cure; `credentials` names the field that gives the
+/// source's credentials.
+pub(crate) fn classify(uri: &str, error: ureq::Error, credentials: &str) -> Failure {
     use ureq::Error as E;
     match error {
         E::StatusCode(code @ (408 | 425 | 429 | 500..=599)) => {
@@ -372,8 +378,7 @@ fn classify(uri: &str, error: ureq::Error) -> Failure {
             Failure::Transient(anyhow!("{uri} answered HTTP 416 to a resumed request"))
         }
         E::StatusCode(code @ (401 | 403)) => Failure::Permanent(anyhow!(
-            "{uri} answered HTTP {code}: the source needs credentials it accepts \
-             (source.bearerTokenSecret)"
+            "{uri} answered HTTP {code}: the source needs credentials it accepts ({credentials})"
         )),
         E::StatusCode(code) => Failure::Permanent(anyhow!("{uri} answered HTTP {code}")),
         E::RequireHttpsOnly(to) => Failure::Permanent(anyhow!(

@@ -474,9 +474,10 @@ impl Store {
         self.empty_trash()
     }
 
-    /// Starts writing a model. Call with the digest's lock held: staging folders for the same
-    /// digest left by a killed sidecar are removed first.
-    pub fn begin(&self, digest: &str) -> Result<Staging> {
+    /// Starts writing a model, staged under `key`: its digest, or while that is unknown (a
+    /// source hashed as it is laid out) the key of the lock held meanwhile. Call with that lock
+    /// held: staging folders under the same key left by a killed sidecar are removed first.
+    pub fn begin(&self, key: &str) -> Result<Staging> {
         let staging_root = self.root.join(".staging");
         fs::create_dir_all(&staging_root)
             .with_context(|| format!("creating {}", staging_root.display()))?;
@@ -484,16 +485,16 @@ impl Store {
             if entry
                 .file_name()
                 .to_string_lossy()
-                .starts_with(&format!("{digest}."))
+                .starts_with(&format!("{key}."))
             {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
-        let dir = staging_root.join(format!("{digest}.{}.{}", std::process::id(), nanos()));
+        let dir = staging_root.join(format!("{key}.{}.{}", std::process::id(), nanos()));
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Staging {
             dir,
-            target: self.model_dir(digest),
+            blobs: self.root.join("blobs"),
             published: false,
         })
     }
@@ -576,7 +577,8 @@ pub struct StoreFull {
 /// A model folder being written. Dropped without [`Staging::publish`], it is removed.
 pub struct Staging {
     dir: PathBuf,
-    target: PathBuf,
+    /// Where published models are: the folder is published as `blobs/<manifest's digest>`.
+    blobs: PathBuf,
     published: bool,
 }
 
@@ -640,8 +642,10 @@ impl Staging {
         Ok(TensorsFile { map, path })
     }
 
-    /// fsyncs the folder's files, writes the manifest, and renames the folder into place.
+    /// fsyncs the folder's files, writes the manifest, and renames the folder into place under
+    /// the manifest's digest.
     pub fn publish(mut self, manifest: &Manifest) -> Result<PathBuf> {
+        let target = self.blobs.join(&manifest.digest);
         let manifest_path = self.dir.join(MANIFEST_FILE);
         let mut f = File::create(&manifest_path)?;
         f.write_all(serde_json::to_string_pretty(manifest)?.as_bytes())?;
@@ -650,22 +654,19 @@ impl Staging {
             File::open(entry.path())?.sync_all()?;
         }
         File::open(&self.dir)?.sync_all()?;
-        let parent = self.target.parent().expect("model dir has a parent");
-        fs::create_dir_all(parent)?;
-        match fs::rename(&self.dir, &self.target) {
+        fs::create_dir_all(&self.blobs)?;
+        match fs::rename(&self.dir, &target) {
             Ok(()) => {}
             // Published meanwhile by a process that did not take the lock: the content is the
             // same (same digest), keep theirs.
-            Err(_) if self.target.join(MANIFEST_FILE).is_file() => {
+            Err(_) if target.join(MANIFEST_FILE).is_file() => {
                 let _ = fs::remove_dir_all(&self.dir);
             }
-            Err(e) => {
-                return Err(e).with_context(|| format!("publishing {}", self.target.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("publishing {}", target.display())),
         }
-        File::open(parent)?.sync_all()?;
+        File::open(&self.blobs)?.sync_all()?;
         self.published = true;
-        Ok(self.target.clone())
+        Ok(target)
     }
 }
 

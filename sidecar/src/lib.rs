@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
 //! - [`layout`]: content-addressed store, manifest, atomic publication, bindings.
-//! - [`source`]: fetching `file://` and `http(s)://` sources with sha256 verification.
+//! - [`source`]: fetching `file://`, `http(s)://` and `s3://` sources with sha256 verification.
+//! - [`remote`]: reading remote objects by byte ranges, several at once, straight into place.
 //! - [`download`]: http(s) downloads that resume, with a stall timeout and a size cap.
 //! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
@@ -16,7 +17,8 @@ pub mod layout;
 pub mod pickle;
 pub mod process;
 pub mod publish;
+pub mod remote;
 pub mod source;
 
-pub use config::{ModelFormat, ModelSource};
+pub use config::{ModelFormat, ModelSource, S3Access};
 pub use layout::{Bindings, DType, Manifest, Store, TensorEntry, ALIGNMENT};

@@ -11,7 +11,7 @@ use tracing::info;
 use crate::config::ModelSource;
 use crate::formats::{self, LaidOut};
 use crate::layout::{Bindings, Hold, Manifest, Staging, Store, StoreFull, LAYOUT_VERSION};
-use crate::source::{fetch, sha256_hex, SourceFile};
+use crate::source::{fetch, sha256_hex, Fetched, Source};
 
 pub struct Publisher {
     pub store: Store,
@@ -72,18 +72,11 @@ impl Publisher {
             .unwrap_or_else(|| format!("uri-{}", sha256_hex(model.uri.as_bytes())));
         info!(model = %model.name, "waiting for the model's lock");
         let _lock = self.store.lock(&lock_key)?;
-        if let (Some(digest), Some(hold)) = (&expected, hold) {
-            if self.store.is_published(digest) {
-                self.store.open(digest)?;
-                info!(model = %model.name, %digest, "already published; verified");
-                return Ok(hold);
-            }
-            return self.fetch_and_lay_out(model, Some(hold));
+        if let Some(digest) = expected.as_deref().filter(|d| self.store.is_published(d)) {
+            self.store.open(digest)?;
+            info!(model = %model.name, %digest, "already published; verified");
+            return Ok(hold.expect("a declared digest is held"));
         }
-        self.fetch_and_lay_out(model, None)
-    }
-
-    fn fetch_and_lay_out(&self, model: &ModelSource, hold: Option<Hold>) -> Result<Hold> {
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
         let logged = Mutex::new(started);
@@ -98,50 +91,78 @@ impl Publisher {
                 info!(model = %model.name, bytes, total, mib_per_s = format!("{mib_per_s:.1}"), "fetching");
             }
         };
-        let fetched = fetch(model, &self.download_dir, &on_progress);
+        let published = fetch(model, &self.download_dir, &on_progress)
+            .and_then(|fetched| self.lay_out_and_publish(model, fetched, hold, &lock_key, started));
         if let Some(observer) = &self.observer {
             observer.fetched(model);
         }
-        let fetched = fetched?;
-        let fetch_time = started.elapsed();
-        info!(model = %model.name, bytes = fetched.size(), secs = fetch_time.as_secs_f32(), "fetched");
-        let digest = fetched.sha256.clone();
-        let (hold, _digest_lock) = match hold {
-            Some(hold) if hold.digest != digest => bail!(
-                "sha256 mismatch: expected {}, the source has {digest}",
-                hold.digest
-            ),
-            Some(hold) => (hold, None),
-            // The lock was keyed by the URI: now hold the digest and take its lock too.
-            None => (self.store.hold(&digest)?, Some(self.store.lock(&digest)?)),
-        };
-        if self.store.is_published(&digest) {
-            self.store.open(&digest)?;
-            info!(model = %model.name, %digest, "already published; verified");
-            return Ok(hold);
+        published
+    }
+
+    /// Lays `fetched` out and publishes it, unless it turns out to be published already. With
+    /// its digest unknown until the layout has hashed it, it is staged under `lock_key`.
+    fn lay_out_and_publish(
+        &self,
+        model: &ModelSource,
+        fetched: Fetched,
+        mut hold: Option<Hold>,
+        lock_key: &str,
+        started: Instant,
+    ) -> Result<Hold> {
+        let mut fetch_time = started.elapsed();
+        if !fetched.streamed {
+            info!(model = %model.name, bytes = fetched.size(), secs = fetch_time.as_secs_f32(), "fetched");
+        }
+        let mut _digest_lock = None;
+        if let Some(digest) = &fetched.sha256 {
+            match &hold {
+                Some(held) if held.digest != *digest => bail!(
+                    "sha256 mismatch: expected {}, the source has {digest}",
+                    held.digest
+                ),
+                Some(_) => {}
+                // The lock was keyed by the URI: now hold the digest and take its lock too.
+                None => {
+                    hold = Some(self.store.hold(digest)?);
+                    _digest_lock = Some(self.store.lock(digest)?);
+                }
+            }
+            if self.store.is_published(digest) {
+                self.store.open(digest)?;
+                info!(model = %model.name, %digest, "already published; verified");
+                return Ok(hold.expect("held above"));
+            }
         }
 
-        let source = &fetched.source;
-        // Room may be taken by models that no pod uses any more: remove them least recently
-        // used first, one at a time, until this one fits.
-        let laid = loop {
-            match self.lay_out(model, &digest, source) {
-                Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
-                    let Some(removed) = self.store.collect_least_recently_used()? else {
-                        return Err(e);
-                    };
-                    info!(model = %model.name, %removed, "shared memory was full: removed the unused model used least recently");
-                    if let Some(observer) = &self.observer {
-                        observer.made_room(model, &removed);
-                    }
-                }
-                laid => break laid?,
-            }
+        let source = fetched.source.as_ref();
+        let staging_key = fetched.sha256.as_deref().unwrap_or(lock_key);
+        let (staging, laid) = self.lay_out_making_room(model, staging_key, source)?;
+        if fetched.streamed {
+            fetch_time = started.elapsed();
+            info!(model = %model.name, bytes = fetched.size(), secs = fetch_time.as_secs_f32(), "fetched into place");
+        }
+        let digest = match (&fetched.sha256, &laid.source_sha256) {
+            (Some(digest), _) | (None, Some(digest)) => digest.clone(),
+            (None, None) => bail!("the layout of a source streamed unhashed hashed nothing"),
         };
-        let (staging, laid) = laid;
         // What was laid out must be what was hashed (or declared): the staging folder goes if
         // not.
         check_laid_out_what_was_hashed(source, &digest, &laid, fetched.hashed)?;
+        let hold = match hold {
+            Some(hold) => hold,
+            // Hashed only now: hold the digest and take its lock; another fetch may have
+            // published it meanwhile.
+            None => {
+                let hold = self.store.hold(&digest)?;
+                _digest_lock = Some(self.store.lock(&digest)?);
+                if self.store.is_published(&digest) {
+                    self.store.open(&digest)?;
+                    info!(model = %model.name, %digest, "published meanwhile; verified");
+                    return Ok(hold);
+                }
+                hold
+            }
+        };
         info!(model = %model.name, tensors = laid.tensors.len(), bytes = laid.tensors_bytes, "laid out");
         let manifest = Manifest {
             layout_version: LAYOUT_VERSION,
@@ -160,16 +181,32 @@ impl Publisher {
         Ok(hold)
     }
 
-    /// Writes the model into a staging folder (removed again if this fails).
-    fn lay_out(
+    /// Writes the model into a staging folder (removed again if this fails). Room may be
+    /// taken by models that no pod uses any more: they are removed least recently used first,
+    /// one at a time, until this one fits.
+    fn lay_out_making_room(
         &self,
         model: &ModelSource,
-        digest: &str,
-        source: &SourceFile,
+        staging_key: &str,
+        source: &dyn Source,
     ) -> Result<(Staging, LaidOut)> {
-        let staging = self.store.begin(digest)?;
-        let laid = formats::lay_out(model.format, source, &staging)?;
-        Ok((staging, laid))
+        loop {
+            let laid = self.store.begin(staging_key).and_then(|staging| {
+                Ok((formats::lay_out(model.format, source, &staging)?, staging))
+            });
+            match laid {
+                Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
+                    let Some(removed) = self.store.collect_least_recently_used()? else {
+                        return Err(e);
+                    };
+                    info!(model = %model.name, %removed, "shared memory was full: removed the unused model used least recently");
+                    if let Some(observer) = &self.observer {
+                        observer.made_room(model, &removed);
+                    }
+                }
+                laid => return laid.map(|(laid, staging)| (staging, laid)),
+            }
+        }
     }
 
     /// True when every model is bound to a published, consistent folder.
@@ -186,7 +223,7 @@ impl Publisher {
 /// every format's reads go through one descriptor whose size and times must not have changed.
 /// A digest that was declared, not hashed before (`hashed` false), is checked here alone.
 fn check_laid_out_what_was_hashed(
-    source: &SourceFile,
+    source: &dyn Source,
     digest: &str,
     laid: &LaidOut,
     hashed: bool,
@@ -207,6 +244,7 @@ fn check_laid_out_what_was_hashed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::SourceFile;
 
     fn laid_out(source_sha256: Option<&str>) -> LaidOut {
         LaidOut {

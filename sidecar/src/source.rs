@@ -1,20 +1,47 @@
-//! Fetching a model's source file, hashing it on the way.
+//! A model's source bytes, read by offset: a local file ([`SourceFile`]) or a remote object
+//! read by byte ranges ([`RemoteObject`]), behind one trait ([`Source`]) so that the formats
+//! lay out either the same way.
 //!
-//! A source is opened once and read through that one descriptor with positioned reads: the
-//! sha256 and the layout come from the same file even if its path is replaced meanwhile, and a
-//! file truncated while it is read gives an error (a memory mapping would die of SIGBUS).
-//! [`SourceFile::check_unchanged`] tells when the file was written to meanwhile.
+//! A local source is opened once and read through that one descriptor with positioned reads:
+//! the sha256 and the layout come from the same file even if its path is replaced meanwhile,
+//! and a file truncated while it is read gives an error (a memory mapping would die of SIGBUS).
+//! [`Source::check_unchanged`] tells when the source was written to meanwhile.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::config::{ModelFormat, ModelSource};
 use crate::download;
+use crate::remote::RemoteObject;
+
+/// Bytes of a model's source, read by offset.
+pub trait Source: Sync {
+    /// What errors call it (its URI).
+    fn name(&self) -> &str;
+    /// Its length when it was opened; every read stays within it.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` from `offset`; a source that ends early is an error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Fails when the source changed since it was opened: whatever was read from it may then
+    /// mix old and new bytes.
+    fn check_unchanged(&self) -> Result<()>;
+    /// How many reads pay to run at once: one for a local file (the hash bounds it), several
+    /// for a remote object (each waits on the network).
+    fn concurrent_reads(&self) -> usize {
+        1
+    }
+}
 
 /// What fstat says about a file that changes when someone writes to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,17 +94,31 @@ impl SourceFile {
         })
     }
 
-    /// The length the file had when it was opened; every read stays within it.
-    pub fn len(&self) -> u64 {
+    /// The sha256 of the file's bytes, read in order.
+    pub fn sha256(&self) -> Result<String> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        while offset < self.len() {
+            let n = buf.len().min((self.len() - offset) as usize);
+            self.read_exact_at(&mut buf[..n], offset)?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
+impl Source for SourceFile {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
         self.opened.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Fills `buf` from `offset`; a file that ends early (truncated meanwhile) is an error.
-    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|end| end > self.len()) {
             bail!(
@@ -100,73 +141,7 @@ impl SourceFile {
         })
     }
 
-    /// A reader over the whole file with its own position (for readers that seek, like zip).
-    pub fn reader(&self) -> SourceReader<'_> {
-        SourceReader {
-            source: self,
-            pos: 0,
-        }
-    }
-
-    /// Fills each region with the source's bytes from its offset and returns the sha256 of
-    /// `prefix` followed by the regions' bytes, in the order given (the file's order, so that
-    /// it is the file's digest). The reads, which copy into the regions, run on one thread and
-    /// the hashing on another, a chunk behind: the bytes are read once and hashed where they
-    /// landed.
-    pub fn read_into_hashing(
-        &self,
-        prefix: &[u8],
-        regions: Vec<(u64, &mut [u8])>,
-    ) -> Result<String> {
-        const CHUNK: usize = 8 << 20;
-        let chunks: Vec<(u64, &mut [u8])> = regions
-            .into_iter()
-            .flat_map(|(offset, region)| {
-                region
-                    .chunks_mut(CHUNK)
-                    .enumerate()
-                    .map(move |(i, chunk)| (offset + (i * CHUNK) as u64, chunk))
-            })
-            .collect();
-        // A few chunks read ahead of the hash at most.
-        let (read, hash) = std::sync::mpsc::sync_channel::<&mut [u8]>(4);
-        std::thread::scope(|scope| {
-            let reader = scope.spawn(move || -> Result<()> {
-                for (offset, chunk) in chunks {
-                    self.read_exact_at(chunk, offset)?;
-                    if read.send(chunk).is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            });
-            let mut hasher = Sha256::new();
-            hasher.update(prefix);
-            for chunk in hash {
-                hasher.update(&*chunk);
-            }
-            reader.join().expect("the reading thread does not panic")?;
-            Ok(hex::encode(hasher.finalize()))
-        })
-    }
-
-    /// The sha256 of the file's bytes, read in order.
-    pub fn sha256(&self) -> Result<String> {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut offset = 0u64;
-        while offset < self.len() {
-            let n = buf.len().min((self.len() - offset) as usize);
-            self.read_exact_at(&mut buf[..n], offset)?;
-            hasher.update(&buf[..n]);
-            offset += n as u64;
-        }
-        Ok(hex::encode(hasher.finalize()))
-    }
-
-    /// Fails when the file was written to, truncated or grown since it was opened: whatever
-    /// was read from it may then mix old and new bytes.
-    pub fn check_unchanged(&self) -> Result<()> {
+    fn check_unchanged(&self) -> Result<()> {
         let now =
             Identity::of(&self.file).with_context(|| format!("reading source {}", self.name))?;
         if now != self.opened {
@@ -182,9 +157,85 @@ impl SourceFile {
     }
 }
 
-/// See [`SourceFile::reader`].
+/// A reader over the whole source with its own position (for readers that seek, like zip).
+pub fn reader(source: &dyn Source) -> SourceReader<'_> {
+    SourceReader { source, pos: 0 }
+}
+
+/// Fills each region with the source's bytes from its offset and returns the sha256 of
+/// `prefix` followed by the regions' bytes, in the order given (the file's order, so that it
+/// is the file's digest). The regions are read in chunks by [`Source::concurrent_reads`]
+/// threads, each taking the next chunk; the calling thread hashes the chunks in order as they
+/// finish. A chunk finished ahead of its turn waits where it landed: the bytes are read once,
+/// never kept twice, and hashed in place.
+pub fn read_into_hashing(
+    source: &dyn Source,
+    prefix: &[u8],
+    regions: Vec<(u64, &mut [u8])>,
+) -> Result<String> {
+    const CHUNK: usize = 8 << 20;
+    let chunks: Vec<(u64, &mut [u8])> = regions
+        .into_iter()
+        .flat_map(|(offset, region)| {
+            region
+                .chunks_mut(CHUNK)
+                .enumerate()
+                .map(move |(i, chunk)| (offset + (i * CHUNK) as u64, chunk))
+        })
+        .collect();
+    let readers = source.concurrent_reads().clamp(1, chunks.len().max(1));
+    let queue = &Mutex::new(chunks.into_iter().enumerate());
+    let failed = &AtomicBool::new(false);
+    // A few chunks read ahead of the hash at most per reader.
+    let (read, hash) = std::sync::mpsc::sync_channel::<(usize, &mut [u8])>(2 * readers);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..readers)
+            .map(|_| {
+                let read = read.clone();
+                scope.spawn(move || -> Result<()> {
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some((i, (offset, chunk))) = queue.lock().unwrap().next() else {
+                            break;
+                        };
+                        if let Err(e) = source.read_exact_at(chunk, offset) {
+                            // The other readers stop at their next chunk.
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        if read.send((i, chunk)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(read);
+        let mut hasher = Sha256::new();
+        hasher.update(prefix);
+        let mut next = 0;
+        let mut ahead = BTreeMap::new();
+        for (i, chunk) in hash {
+            ahead.insert(i, chunk);
+            while let Some(chunk) = ahead.remove(&next) {
+                hasher.update(&*chunk);
+                next += 1;
+            }
+        }
+        let mut outcome = Ok(());
+        for reader in readers {
+            let done = reader.join().expect("a reading thread does not panic");
+            if outcome.is_ok() {
+                outcome = done;
+            }
+        }
+        outcome.map(|()| hex::encode(hasher.finalize()))
+    })
+}
+
+/// See [`reader`].
 pub struct SourceReader<'a> {
-    source: &'a SourceFile,
+    source: &'a dyn Source,
     pos: u64,
 }
 
@@ -216,23 +267,27 @@ impl Seek for SourceReader<'_> {
     }
 }
 
-/// A source ready to be laid out, with its sha256. A downloaded file is removed on drop.
-pub struct Fetched {
-    pub source: SourceFile,
-    pub sha256: String,
-    /// False when `sha256` is the model's declared digest, not yet checked against the bytes:
-    /// the layout hashes them as it copies them, and must find that digest.
+/// A source ready to be laid out. A downloaded file is removed on drop.
+pub struct Fetched<'a> {
+    pub source: Box<dyn Source + 'a>,
+    /// The source's sha256 when known before the layout: hashed already (`hashed`), or the
+    /// model's declared digest, which the layout's own hash of the bytes must then equal.
+    /// `None` for a source streamed without a declared digest: the layout computes it.
+    pub sha256: Option<String>,
     pub hashed: bool,
+    /// True when the bytes arrive as the layout reads them (a remote object read by ranges):
+    /// the fetch ends with the layout.
+    pub streamed: bool,
     downloaded: Option<PathBuf>,
 }
 
-impl Fetched {
+impl Fetched<'_> {
     pub fn size(&self) -> u64 {
         self.source.len()
     }
 }
 
-impl Drop for Fetched {
+impl Drop for Fetched<'_> {
     fn drop(&mut self) {
         if let Some(path) = &self.downloaded {
             let _ = std::fs::remove_file(path);
@@ -244,61 +299,125 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Fetches `model`'s source (`file://`, `http://`, `https://`). Downloads land in
-/// `download_dir`, under a name of their own, and are removed when the [`Fetched`] is dropped.
-pub fn fetch(
+/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`). A safetensors source is
+/// hashed by its layout as it copies each byte into place, so a local file is read once and
+/// a remote object whose server offers byte ranges is streamed into place, never written to a
+/// disk. Other downloads land in `download_dir`, under a name of their own, and are removed
+/// when the [`Fetched`] is dropped.
+pub fn fetch<'a>(
     model: &ModelSource,
     download_dir: &Path,
-    on_progress: download::OnProgress,
-) -> Result<Fetched> {
+    on_progress: download::OnProgress<'a>,
+) -> Result<Fetched<'a>> {
     let uri = model.uri.as_str();
+    let declared = model.sha256.as_ref().map(|d| d.to_ascii_lowercase());
+    let hashed_by_layout = model.format == ModelFormat::Safetensors;
     if let Some(path) = uri.strip_prefix("file://") {
         let source = SourceFile::open(Path::new(path), uri)?;
-        // A safetensors layout hashes every byte as it copies it: with a declared digest, that
-        // one pass is the check, and the file is read once.
-        if let (Some(declared), ModelFormat::Safetensors) = (&model.sha256, model.format) {
-            return Ok(Fetched {
-                source,
-                sha256: declared.to_ascii_lowercase(),
-                hashed: false,
-                downloaded: None,
-            });
-        }
-        let sha256 = source.sha256()?;
+        // Without a declared digest the file is hashed first (a local read): a model already
+        // published is then found without laying it out again.
+        let (sha256, hashed) = match declared {
+            Some(declared) if hashed_by_layout => (declared, false),
+            _ => (source.sha256()?, true),
+        };
         return Ok(Fetched {
-            source,
-            sha256,
-            hashed: true,
+            source: Box::new(source),
+            sha256: Some(sha256),
+            hashed,
+            streamed: false,
             downloaded: None,
         });
     }
-    if uri.starts_with("http://") || uri.starts_with("https://") {
-        let policy = download::Policy {
-            max_bytes: model.max_bytes,
-            bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
-            ca_file: model.ca_file.as_ref().map(PathBuf::from),
-            ..download::Policy::default()
-        };
-        return fetch_http(uri, download_dir, &policy, on_progress);
+    if !["http://", "https://", "s3://"]
+        .iter()
+        .any(|scheme| uri.starts_with(scheme))
+    {
+        bail!("source {uri}: unsupported scheme; use file://, http://, https:// or s3://");
     }
-    bail!("source {uri}: unsupported scheme; use file://, http:// or https://")
+    let policy = download::Policy {
+        max_bytes: model.max_bytes,
+        bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
+        ca_file: model.ca_file.as_ref().map(PathBuf::from),
+        ..download::Policy::default()
+    };
+    let Some(remote) = RemoteObject::open(model, &policy, on_progress)? else {
+        return download_whole(uri, download_dir, &policy, on_progress);
+    };
+    if hashed_by_layout {
+        return Ok(Fetched {
+            source: Box::new(remote),
+            sha256: declared,
+            hashed: false,
+            streamed: true,
+            downloaded: None,
+        });
+    }
+    // A TorchScript archive is hashed before its layout, which reads its records out of order.
+    fetch_into_file(&remote, download_dir)
 }
 
-fn fetch_http(
+/// A file of its own in `dir`, kept until the [`Fetched`] made of it is dropped.
+fn download_file(dir: &Path) -> Result<(File, PathBuf)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating download folder {}", dir.display()))?;
+    // A name of its own: two weight servers may share the folder.
+    tempfile::Builder::new()
+        .prefix(".download-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?
+        .keep()
+        .context("keeping the download file")
+}
+
+/// The download at `path`, hashed, as a [`Fetched`] that removes it when dropped; removed at
+/// once if the download failed.
+fn downloaded<'a>(path: PathBuf, fetched: Result<(SourceFile, String)>) -> Result<Fetched<'a>> {
+    match fetched {
+        Ok((source, sha256)) => Ok(Fetched {
+            source: Box::new(source),
+            sha256: Some(sha256),
+            hashed: true,
+            streamed: false,
+            downloaded: Some(path),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Reads a remote object whole into a file by ranges, several at once, hashing it in order.
+fn fetch_into_file<'a>(remote: &RemoteObject, download_dir: &Path) -> Result<Fetched<'a>> {
+    let (file, path) = download_file(download_dir)?;
+    let fetched = (|| {
+        let len = usize::try_from(remote.len()).context("the source exceeds the address space")?;
+        file.set_len(remote.len())
+            .with_context(|| format!("sizing the download file {}", path.display()))?;
+        let sha256 = if len == 0 {
+            sha256_hex(&[])
+        } else {
+            // SAFETY: a file this process just created under a name of its own; nobody else
+            // maps or truncates it.
+            let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let sha256 = read_into_hashing(remote, &[], vec![(0, &mut map[..len])])?;
+            map.flush().context("writing the download file")?;
+            sha256
+        };
+        Ok((SourceFile::open(&path, remote.name())?, sha256))
+    })();
+    downloaded(path, fetched)
+}
+
+/// Downloads an http(s) file whole, in one transfer that resumes (a server without ranges).
+fn download_whole<'a>(
     uri: &str,
     download_dir: &Path,
     policy: &download::Policy,
     on_progress: download::OnProgress,
-) -> Result<Fetched> {
-    std::fs::create_dir_all(download_dir)
-        .with_context(|| format!("creating download folder {}", download_dir.display()))?;
-    // A name of its own: two weight servers may share the folder.
-    let (mut file, path) = tempfile::Builder::new()
-        .prefix(".download-")
-        .tempfile_in(download_dir)
-        .with_context(|| format!("creating a file in {}", download_dir.display()))?
-        .keep()
-        .context("keeping the download file")?;
+) -> Result<Fetched<'a>> {
+    let (mut file, path) = download_file(download_dir)?;
     let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
         let source = SourceFile::open(&path, uri)?;
         if source.len() != done.bytes {
@@ -310,16 +429,5 @@ fn fetch_http(
         }
         Ok((source, done.sha256))
     });
-    match fetched {
-        Ok((source, sha256)) => Ok(Fetched {
-            source,
-            sha256,
-            hashed: true,
-            downloaded: Some(path),
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            Err(e)
-        }
-    }
+    downloaded(path, fetched)
 }

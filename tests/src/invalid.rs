@@ -26,7 +26,7 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "unsupported scheme",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'ftp://host/m.pt'}}}}]\n{task}")),
-            "must start with file:///, http:// or https://",
+            "must start with file:///, http://, https:// or s3://",
         ),
         ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
         ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
@@ -71,7 +71,27 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "a bearer token for a file source",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
-            "bearerTokenSecret and caConfigMap apply only to http(s) sources",
+            "bearerTokenSecret applies only to http(s) sources",
+        ),
+        (
+            "an s3 URI without a key",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, architecture: Mlp, source: {{uri: 's3://weights'}}}}]\n{task}")),
+            "source.uri must be s3://<bucket>/<key>",
+        ),
+        (
+            "s3 settings for an https source",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://hub.example/m.pt', s3: {{region: eu-west-1}}}}}}]\n{task}")),
+            "source.s3 applies only to s3:// sources",
+        ),
+        (
+            "an s3 endpoint with a path",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', s3: {{endpoint: 'http://minio:9000/weights'}}}}}}]\n{task}")),
+            "source.s3.endpoint must be http(s)://<host>[:<port>]",
+        ),
+        (
+            "s3 credentials with Node sharing",
+            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{credentialsSecret: s3-reader}}}}}}]\n{task}", zeros = "0".repeat(64))),
+            "s3.credentialsSecret from a pipeline",
         ),
         (
             "a bearer token with Node sharing",

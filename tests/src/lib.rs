@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod invalid;
+pub mod s3;
 pub mod wait;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,7 @@ pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
         max_bytes: None,
         bearer_token_file: None,
         ca_file: None,
+        s3: None,
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::config::ModelFormat;
 use crate::layout::{Staging, TensorEntry};
-use crate::source::SourceFile;
+use crate::source::Source;
 
 /// What a format wrote into a staging folder.
 #[derive(Debug)]
@@ -20,7 +20,7 @@ pub struct LaidOut {
     pub source_sha256: Option<String>,
 }
 
-pub fn lay_out(format: ModelFormat, source: &SourceFile, staging: &Staging) -> Result<LaidOut> {
+pub fn lay_out(format: ModelFormat, source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
     match format {
         ModelFormat::Safetensors => safetensors::lay_out(source, staging),
         ModelFormat::TorchScript => torchscript::lay_out(source, staging),
@@ -32,7 +32,7 @@ pub fn lay_out(format: ModelFormat, source: &SourceFile, staging: &Staging) -> R
 #[cfg(test)]
 pub(crate) fn lay_out_in_fresh_store(
     format: ModelFormat,
-    source: &SourceFile,
+    source: &dyn Source,
 ) -> (Result<LaidOut>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let staging = crate::layout::Store::new(dir.path()).begin("d").unwrap();

@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 use super::LaidOut;
 use crate::layout::{plan, DType, Staging, TensorEntry};
-use crate::source::SourceFile;
+use crate::source::{read_into_hashing, Source};
 
 /// The `safetensors` crate's own bound on the JSON header.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -36,7 +36,7 @@ fn invalid(why: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("not a valid safetensors file: {why}")
 }
 
-pub fn lay_out(source: &SourceFile, staging: &Staging) -> Result<LaidOut> {
+pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
     let len = source.len();
     if len < 8 {
         return Err(invalid(format_args!(
@@ -105,7 +105,7 @@ pub fn lay_out(source: &SourceFile, staging: &Staging) -> Result<LaidOut> {
         .collect();
     let mut prefix = header_len.to_le_bytes().to_vec();
     prefix.extend_from_slice(&header);
-    let sha256 = source.read_into_hashing(&prefix, from)?;
+    let sha256 = read_into_hashing(source, &prefix, from)?;
     Ok(LaidOut {
         tensors,
         tensors_bytes,
@@ -121,7 +121,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::source::sha256_hex;
+    use crate::source::{sha256_hex, SourceFile};
 
     /// Two tensors, `b` first in the file: [4] f32 (1..=4) and `a`: [2] i64 (-1, 7).
     fn two_tensors(path: &Path) -> Vec<u8> {

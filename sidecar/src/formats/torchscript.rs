@@ -16,7 +16,7 @@ use zip::ZipArchive;
 use super::LaidOut;
 use crate::layout::{plan, Staging, SKELETON_FILE};
 use crate::pickle::storage_refs;
-use crate::source::{SourceFile, SourceReader};
+use crate::source::{reader, Source, SourceReader};
 
 /// The tensor archives of a TorchScript file and their pickles.
 const ARCHIVES: [&str; 2] = ["data", "constants"];
@@ -27,8 +27,8 @@ const MAX_PICKLE_BYTES: u64 = 64 << 20;
 
 type Archive<'a> = ZipArchive<BufReader<SourceReader<'a>>>;
 
-pub fn lay_out(source: &SourceFile, staging: &Staging) -> Result<LaidOut> {
-    let mut zip = ZipArchive::new(BufReader::new(source.reader()))
+pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
+    let mut zip = ZipArchive::new(BufReader::new(reader(source)))
         .context("not a TorchScript archive (it is not a valid zip file)")?;
     let names: Vec<String> = zip
         .file_names()
@@ -141,6 +141,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::source::SourceFile;
 
     /// A data.pkl whose only persistent id is `("storage", torch.<storage>, "0", "cpu", numel)`.
     fn data_pkl(storage: &str, numel: u64) -> Vec<u8> {

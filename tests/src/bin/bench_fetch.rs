@@ -4,11 +4,13 @@
 //! - `cp` of the file into /dev/shm (the page cache warm) against `kube-zerocopy-sidecar
 //!   publish` of it as a `file://` source (its sha256 declared) into a store in /dev/shm;
 //! - `curl` of it from a local http server into /dev/shm against publishing it from the same
-//!   server (an http source).
+//!   server (an http source, read by byte ranges);
+//! - `curl` (SigV4) of it from a local S3 server (versitygw, `tests/src/s3.rs`) into /dev/shm
+//!   against publishing it from there (an s3:// source).
 //!
 //! Each is timed as a whole process, start to exit; the store and the copies are removed
-//! between rounds. S3 is not served yet (issue 10). The last line is `fetch-ratio cp/publish
-//! = X` (file://; near 1, publishing costs no more than copying).
+//! between rounds. The last line is `fetch-ratio cp/publish = X` (file://; near 1, publishing
+//! costs no more than copying).
 
 use std::process::Command;
 use std::time::Instant;
@@ -16,8 +18,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::cluster::real::serve_folder_on;
+use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource, S3Access};
 
 const ROUNDS: usize = 5;
 /// Linear(8192, 16384) + Linear(16384, 8192), f32: 1 GiB and 96 KiB of biases.
@@ -90,6 +93,36 @@ fn main() -> Result<()> {
         uri: url.clone(),
         ..from_file.clone()
     };
+    let s3 = S3Server::start()?;
+    s3.create_bucket("models")?;
+    s3.put_file("models", "model.safetensors", &file)?;
+    let creds = work.path().join("s3");
+    std::fs::create_dir(&creds)?;
+    std::fs::write(creds.join("AWS_ACCESS_KEY_ID"), &s3.access_key)?;
+    std::fs::write(creds.join("AWS_SECRET_ACCESS_KEY"), &s3.secret_key)?;
+    let from_s3 = ModelSource {
+        uri: "s3://models/model.safetensors".into(),
+        s3: Some(S3Access {
+            endpoint: Some(s3.endpoint.clone()),
+            region: Some(s3.region.clone()),
+            credentials_dir: Some(creds.to_string_lossy().into_owned()),
+        }),
+        ..from_file.clone()
+    };
+    let s3_url = s3.url("models", "model.safetensors")?;
+    let sigv4 = format!("aws:amz:{}:s3", s3.region);
+    let user = format!("{}:{}", s3.access_key, s3.secret_key);
+    let curl_s3 = [
+        "-sSf",
+        "--aws-sigv4",
+        &sigv4,
+        "--user",
+        &user,
+        "-H",
+        "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+        &s3_url,
+        "-o",
+    ];
     println!(
         "model: {:.2} GiB ({bytes} bytes), {ROUNDS} rounds, each side by side",
         bytes as f64 / (1u64 << 30) as f64
@@ -98,6 +131,7 @@ fn main() -> Result<()> {
     let file_arg = file.to_str().context("a UTF-8 path")?;
     let (mut cp, mut published_file, mut curl, mut published_http) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut curl_from_s3, mut published_s3) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         // Alternate the order so that neither side always runs on a warmer machine.
         let mut pair = |first_copy: bool| -> Result<()> {
@@ -119,6 +153,15 @@ fn main() -> Result<()> {
             };
             curl.push(c);
             published_http.push(p);
+            let (c, p) = if first_copy {
+                let c = copy("curl", &curl_s3)?;
+                (c, publish(&from_s3)?)
+            } else {
+                let p = publish(&from_s3)?;
+                (copy("curl", &curl_s3)?, p)
+            };
+            curl_from_s3.push(c);
+            published_s3.push(p);
             Ok(())
         };
         pair(round % 2 == 0)?;
@@ -128,11 +171,16 @@ fn main() -> Result<()> {
     let published_file = report("publish file://", &published_file, bytes);
     let curl = report("curl http -> /dev/shm", &curl, bytes);
     let published_http = report("publish http://", &published_http, bytes);
-    println!("  s3://: not served yet (issue 10)");
+    let curl_from_s3 = report("curl s3 -> /dev/shm", &curl_from_s3, bytes);
+    let published_s3 = report("publish s3://", &published_s3, bytes);
     println!();
     println!(
         "fetch-ratio curl/publish (http) = {:.2}",
         curl / published_http
+    );
+    println!(
+        "fetch-ratio curl/publish (s3) = {:.2}",
+        curl_from_s3 / published_s3
     );
     println!("fetch-ratio cp/publish = {:.2}", cp / published_file);
     Ok(())

@@ -215,20 +215,82 @@ pub fn serve_folder_on(address: std::net::Ipv4Addr, dir: &Path) -> Result<String
     let dir = dir.to_owned();
     std::thread::spawn(move || {
         for request in server.incoming_requests() {
-            let name = request.url().trim_start_matches('/').to_owned();
-            let file = (!name.contains('/') && !name.contains(".."))
-                .then(|| std::fs::File::open(dir.join(&name)).ok())
-                .flatten();
-            let _ = match file {
-                // With its Content-Length, as file servers send it (tiny_http would chunk
-                // large files).
-                Some(f) => request
-                    .respond(tiny_http::Response::from_file(f).with_chunked_threshold(usize::MAX)),
-                None => {
-                    request.respond(tiny_http::Response::from_string("no").with_status_code(404))
-                }
-            };
+            let dir = dir.clone();
+            // Each on its own thread: a weight server asks for several ranges at once.
+            std::thread::spawn(move || serve_file(request, &dir));
         }
     });
     Ok(format!("http://{address}:{port}"))
+}
+
+/// Answers one request for a file of `dir` as file and object servers do: with its
+/// Content-Length and a strong ETag, one byte range when asked (206), and 412 when If-Match
+/// names another ETag.
+fn serve_file(request: tiny_http::Request, dir: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let header = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_owned())
+    };
+    let name = request.url().trim_start_matches('/').to_owned();
+    let file = (!name.contains('/') && !name.contains(".."))
+        .then(|| std::fs::File::open(dir.join(&name)).ok())
+        .flatten();
+    let Some((mut file, meta)) = file.and_then(|f| {
+        let meta = f.metadata().ok()?;
+        Some((f, meta))
+    }) else {
+        let _ = request.respond(tiny_http::Response::from_string("no").with_status_code(404));
+        return;
+    };
+    let len = meta.len();
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let etag = format!("\"{len:x}-{:x}\"", modified.as_nanos());
+    let h = |name: &str, value: &str| tiny_http::Header::from_bytes(name, value).unwrap();
+    let mut headers = vec![h("ETag", &etag), h("Accept-Ranges", "bytes")];
+    let range = header("Range").and_then(|r| {
+        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+        let start: u64 = a.parse().ok()?;
+        let end: u64 = if b.is_empty() {
+            len
+        } else {
+            b.parse::<u64>().ok()? + 1
+        };
+        (start < end && end <= len).then_some((start, end))
+    });
+    if range.is_some() && header("If-Match").is_some_and(|m| m != etag) {
+        let _ = request.respond(tiny_http::Response::empty(412));
+        return;
+    }
+    let (status, start, end) = match range {
+        Some((start, end)) => {
+            headers.push(h(
+                "Content-Range",
+                &format!("bytes {start}-{}/{len}", end - 1),
+            ));
+            (206, start, end)
+        }
+        None => (200, 0, len),
+    };
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return;
+    }
+    let body = file.take(end - start);
+    // With its Content-Length, as file servers send it (tiny_http would chunk large files).
+    let response = tiny_http::Response::new(
+        tiny_http::StatusCode(status),
+        headers,
+        body,
+        Some((end - start) as usize),
+        None,
+    )
+    .with_chunked_threshold(usize::MAX);
+    let _ = request.respond(response);
 }

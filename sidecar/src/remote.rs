@@ -1,0 +1,369 @@
+//! A remote model source read by byte ranges, straight into place: `s3://` objects and
+//! `http(s)://` files whose server offers ranges.
+//!
+//! Nothing is downloaded into a file first: the layout asks for the ranges it needs, several
+//! at once, and each lands where it belongs in the store. Every range is asked `If-Match` the
+//! ETag the object had when it was opened, so an object replaced meanwhile is refused (HTTP
+//! 412), never spliced. A range broken off (no byte for [`Policy::stall`], or the connection
+//! lost) is resumed from its last byte, alone; attempts are counted only while they make no
+//! progress. S3 requests are signed by `object_store` (SigV4, with the credentials of the
+//! pipeline's Secret or of the environment: web identity, instance profile) and sent by the
+//! same HTTP client as http(s) sources, as presigned URLs that never appear in logs or errors.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::signer::Signer;
+
+use crate::config::{ModelSource, S3Access};
+use crate::download::{self, Failure, OnProgress, Policy};
+use crate::source::Source;
+
+/// How long a presigned request stays valid: each request is signed just before it is sent.
+const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Ranges read at once from one object.
+const CONCURRENT_RANGES: usize = 8;
+
+/// The credential files in a model's S3 credentials folder: the keys of the pipeline's Secret.
+pub const ACCESS_KEY_ID_FILE: &str = "AWS_ACCESS_KEY_ID";
+pub const SECRET_ACCESS_KEY_FILE: &str = "AWS_SECRET_ACCESS_KEY";
+pub const SESSION_TOKEN_FILE: &str = "AWS_SESSION_TOKEN";
+
+/// Where an object is, and how a request for it is addressed.
+enum Location {
+    Http {
+        uri: String,
+        token: Option<String>,
+    },
+    S3 {
+        store: AmazonS3,
+        key: object_store::path::Path,
+        /// Drives the credential providers that fetch (web identity, instance metadata).
+        runtime: tokio::runtime::Runtime,
+    },
+}
+
+impl Location {
+    fn parse(model: &ModelSource, policy: &Policy) -> Result<Self> {
+        let uri = model.uri.as_str();
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, key) = rest
+                .split_once('/')
+                .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
+                .with_context(|| format!("source {uri}: expected s3://<bucket>/<key>"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the S3 client's runtime")?;
+            let store =
+                s3_store(bucket, model.s3.as_ref()).with_context(|| format!("source {uri}"))?;
+            return Ok(Location::S3 {
+                store,
+                key: object_store::path::Path::from(key),
+                runtime,
+            });
+        }
+        let token = policy
+            .bearer_token_file
+            .as_deref()
+            .map(download::read_token)
+            .transpose()?;
+        Ok(Location::Http {
+            uri: uri.to_owned(),
+            token,
+        })
+    }
+
+    /// A request for the object, signed when it is on S3.
+    fn request(
+        &self,
+        agent: &ureq::Agent,
+        method: http::Method,
+    ) -> Result<ureq::RequestBuilder<ureq::typestate::WithoutBody>> {
+        let url = match self {
+            Location::Http { uri, .. } => uri.clone(),
+            Location::S3 {
+                store,
+                key,
+                runtime,
+            } => runtime
+                .block_on(store.signed_url(method.clone(), key, SIGNED_FOR))
+                .context("signing the request (are the S3 credentials there?)")?
+                .to_string(),
+        };
+        let request = match method {
+            http::Method::HEAD => agent.head(&url),
+            _ => agent.get(&url),
+        };
+        // Compressed transfer would make byte ranges refer to other bytes than the object's.
+        let request = request.header("Accept-Encoding", "identity");
+        Ok(match self {
+            Location::Http {
+                token: Some(token), ..
+            } => request.header("Authorization", format!("Bearer {token}")),
+            _ => request,
+        })
+    }
+
+    /// What a user sets when the source refuses the credentials.
+    fn credentials_hint(&self) -> &'static str {
+        match self {
+            Location::Http { .. } => "source.bearerTokenSecret",
+            Location::S3 { .. } => "source.s3.credentialsSecret",
+        }
+    }
+}
+
+fn s3_store(bucket: &str, access: Option<&S3Access>) -> Result<AmazonS3> {
+    // The environment's settings first (AWS_REGION, web identity), the pipeline's over them.
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(access) = access {
+        if let Some(endpoint) = &access.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &access.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(dir) = &access.credentials_dir {
+            let dir = Path::new(dir);
+            let read = |name: &str| -> Result<String> {
+                let path = dir.join(name);
+                let value = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the S3 credential {}", path.display()))?;
+                Ok(value.trim().to_owned())
+            };
+            builder = builder
+                .with_access_key_id(read(ACCESS_KEY_ID_FILE)?)
+                .with_secret_access_key(read(SECRET_ACCESS_KEY_FILE)?);
+            if dir.join(SESSION_TOKEN_FILE).exists() {
+                builder = builder.with_token(read(SESSION_TOKEN_FILE)?);
+            }
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// A remote object opened for ranged reads: its size and ETag as they were when opened.
+pub struct RemoteObject<'a> {
+    name: String,
+    location: Location,
+    agent: ureq::Agent,
+    policy: Policy,
+    len: u64,
+    etag: String,
+    fetched: AtomicU64,
+    on_progress: OnProgress<'a>,
+}
+
+impl<'a> RemoteObject<'a> {
+    /// Opens `model`'s source with a HEAD request. `None` when an http(s) server offers no
+    /// byte ranges or no strong ETag to guard them with: the caller downloads it whole.
+    pub fn open(
+        model: &ModelSource,
+        policy: &Policy,
+        on_progress: OnProgress<'a>,
+    ) -> Result<Option<Self>> {
+        let name = model.uri.clone();
+        let location = Location::parse(model, policy)?;
+        let agent = download::agent(&name, policy)?;
+        let mut pauses = download::pauses(policy);
+        let mut attempts = 0;
+        let response = loop {
+            let sent = location
+                .request(&agent, http::Method::HEAD)?
+                .call()
+                .map_err(|e| download::classify(&name, e, location.credentials_hint()));
+            match sent {
+                Ok(response) => break response,
+                Err(Failure::Permanent(e)) => return Err(e),
+                Err(Failure::Transient(e)) => {
+                    attempts += 1;
+                    if attempts >= policy.attempts_without_progress {
+                        return Err(
+                            e.context(format!("giving up on {name} after {attempts} attempts"))
+                        );
+                    }
+                    let wait = pauses.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(uri = %name, retry_in_ms = wait.as_millis() as u64, error = %format!("{e:#}"), "no answer; trying again");
+                    std::thread::sleep(wait);
+                }
+            }
+        };
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let len = header("Content-Length").and_then(|v| v.parse::<u64>().ok());
+        let etag = header("ETag").filter(|e| !e.starts_with("W/"));
+        // S3 always serves ranges; an http server says so.
+        let ranges = matches!(location, Location::S3 { .. })
+            || header("Accept-Ranges").is_some_and(|v| v.contains("bytes"));
+        let (Some(len), Some(etag), true) = (len, etag, ranges) else {
+            if let Location::S3 { .. } = location {
+                bail!("{name}: the object store sent no size or no ETag");
+            }
+            tracing::info!(uri = %name, "the server offers no byte ranges with a strong ETag: downloading the file whole");
+            return Ok(None);
+        };
+        if let Some(max) = policy.max_bytes.filter(|&max| len > max) {
+            bail!(download::too_big(&name, max, Some(len)));
+        }
+        Ok(Some(RemoteObject {
+            name,
+            location,
+            agent,
+            policy: policy.clone(),
+            len,
+            etag,
+            fetched: AtomicU64::new(0),
+            on_progress,
+        }))
+    }
+
+    /// One request for `buf.len()` bytes from `offset`, of which `done` are already in `buf`:
+    /// fills `buf` from there, counting what arrives in `done`.
+    fn attempt(&self, buf: &mut [u8], offset: u64, done: &mut usize) -> Result<(), Failure> {
+        let name = &self.name;
+        let first = offset + *done as u64;
+        let last = offset + buf.len() as u64 - 1;
+        let response = self
+            .location
+            .request(&self.agent, http::Method::GET)
+            .map_err(Failure::Permanent)?
+            .header("Range", format!("bytes={first}-{last}"))
+            .header("If-Match", &self.etag)
+            .call()
+            .map_err(|e| match e {
+                ureq::Error::StatusCode(412) => Failure::Permanent(anyhow!(
+                    "{name} changed while it was fetched (it no longer has ETag {}); nothing \
+                     was published, and the next attempt fetches it again",
+                    self.etag
+                )),
+                e => download::classify(name, e, self.location.credentials_hint()),
+            })?;
+        let status = response.status().as_u16();
+        if status != 206 {
+            return Err(Failure::Permanent(anyhow!(
+                "{name} answered HTTP {status} to a request for bytes {first}-{last}, expected \
+                 206 (partial content)"
+            )));
+        }
+        let start = response
+            .headers()
+            .get("Content-Range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(download::content_range)
+            .map(|(start, _)| start);
+        if start != Some(first) {
+            return Err(Failure::Transient(anyhow!(
+                "{name}: asked for bytes from {first}, the answer holds other bytes ({start:?})"
+            )));
+        }
+        let mut body = response.into_body();
+        let mut reader = body.with_config().limit(u64::MAX).reader();
+        while *done < buf.len() {
+            match std::io::Read::read(&mut reader, &mut buf[*done..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    *done += n;
+                    let fetched = self.fetched.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                    (self.on_progress)(fetched, Some(self.len));
+                }
+                Err(e) => {
+                    return Err(Failure::Transient(anyhow!(
+                        "{name}: bytes {first}-{last} broke off after {} bytes: {e}",
+                        *done as u64 + offset - first
+                    )))
+                }
+            }
+        }
+        if *done < buf.len() {
+            return Err(Failure::Transient(anyhow!(
+                "{name}: bytes {first}-{last} ended early"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Source for RemoteObject<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            bail!(
+                "source {}: bytes {offset}..+{} lie past its end ({} bytes)",
+                self.name,
+                buf.len(),
+                self.len
+            );
+        }
+        let mut done = 0;
+        let mut pauses = download::pauses(&self.policy);
+        let mut attempts_without_progress = 0;
+        loop {
+            let before = done;
+            let error = match self.attempt(buf, offset, &mut done) {
+                Ok(()) => return Ok(()),
+                Err(Failure::Permanent(e)) => return Err(e),
+                Err(Failure::Transient(e)) => e,
+            };
+            if done > before {
+                attempts_without_progress = 0;
+                pauses = download::pauses(&self.policy);
+            } else {
+                attempts_without_progress += 1;
+            }
+            if attempts_without_progress >= self.policy.attempts_without_progress {
+                return Err(error.context(format!(
+                    "giving up on {} after {attempts_without_progress} attempts in a row \
+                     without progress",
+                    self.name
+                )));
+            }
+            let wait = pauses.next().unwrap_or(Duration::from_secs(30));
+            tracing::warn!(
+                uri = %self.name,
+                offset = offset + done as u64,
+                retry_in_ms = wait.as_millis() as u64,
+                error = %format!("{error:#}"),
+                "range broken off; resuming it"
+            );
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Every range was asked `If-Match` its ETag: a changed object failed its request.
+    fn check_unchanged(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn concurrent_reads(&self) -> usize {
+        CONCURRENT_RANGES
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,330 @@
+//! Models published from a real HTTP server on 127.0.0.1 that serves byte ranges the way
+//! object stores do (ETag, If-Match, 206), and misbehaves on purpose: it cuts ranges off
+//! midway, replaces the object while it is read, or offers no ranges at all.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use super::*;
+use crate::config::ModelFormat;
+use crate::layout::{Bindings, Store, TENSORS_FILE};
+use crate::publish::Publisher;
+use crate::source::sha256_hex;
+
+/// What the server serves, and how it misbehaves.
+struct Object {
+    body: Vec<u8>,
+    etag: String,
+    ranges: bool,
+    /// The next this many ranged answers stop after half their bytes and close.
+    cut: usize,
+    /// After this many ranged answers the object is replaced (new bytes, new ETag).
+    replace_after: Option<usize>,
+    ranged_answers: usize,
+}
+
+/// One request as the server saw it: method, Range, If-Match.
+type Seen = (String, Option<String>, Option<String>);
+
+struct Server {
+    uri: String,
+    object: Arc<Mutex<Object>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Server {
+    fn start(body: Vec<u8>, ranges: bool) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}/m.safetensors", listener.local_addr().unwrap());
+        let object = Arc::new(Mutex::new(Object {
+            etag: format!("\"{}\"", &sha256_hex(&body)[..16]),
+            body,
+            ranges,
+            cut: 0,
+            replace_after: None,
+            ranged_answers: 0,
+        }));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (o, s) = (object.clone(), seen.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (o, s) = (o.clone(), s.clone());
+                // Each on its own thread: ranges are asked for several at once.
+                thread::spawn(move || answer(stream, &o, &s));
+            }
+        });
+        Server { uri, object, seen }
+    }
+
+    fn ranged_gets(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|(method, range, _)| method == "GET" && range.is_some())
+            .map(|(_, range, _)| range.clone().unwrap())
+            .collect()
+    }
+}
+
+/// Answers one request on `stream`, then closes it.
+fn answer(mut stream: TcpStream, object: &Mutex<Object>, seen: &Mutex<Vec<Seen>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).unwrap();
+    let method = request_line.split(' ').next().unwrap().to_owned();
+    let (mut range, mut if_match) = (None, None);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        let (name, value) = line.split_once(':').unwrap();
+        let value = Some(value.trim().to_owned());
+        match name.to_ascii_lowercase().as_str() {
+            "range" => range = value,
+            "if-match" => if_match = value,
+            _ => {}
+        }
+    }
+    seen.lock()
+        .unwrap()
+        .push((method.clone(), range.clone(), if_match.clone()));
+    let mut object = object.lock().unwrap();
+    let len = object.body.len();
+    let mut head = format!("ETag: {}\r\nConnection: close\r\n", object.etag);
+    if object.ranges {
+        head.push_str("Accept-Ranges: bytes\r\n");
+    }
+    let (status, start, end) = match range.filter(|_| object.ranges) {
+        None => ("200 OK", 0, len),
+        Some(_) if if_match.is_some_and(|m| m != object.etag) => {
+            let _ = stream.write_all(b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return;
+        }
+        Some(range) => {
+            let (a, b) = range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .unwrap();
+            let (start, end) = (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap() + 1);
+            head.push_str(&format!(
+                "Content-Range: bytes {start}-{}/{len}\r\n",
+                end - 1
+            ));
+            object.ranged_answers += 1;
+            ("206 Partial Content", start, end)
+        }
+    };
+    // Tensor data, not the header's few bytes, is what gets cut off.
+    let mut send = end - start;
+    if object.cut > 0 && send > 1 << 20 {
+        object.cut -= 1;
+        send /= 2;
+    }
+    let body = object.body[start..start + send].to_vec();
+    if object.replace_after == Some(object.ranged_answers) {
+        object.body.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+        object.etag = format!("\"{}\"", &sha256_hex(&object.body)[..16]);
+    }
+    drop(object);
+    // The head announces every byte asked for, even when fewer follow before the close.
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{head}\r\n",
+        end - start
+    );
+    if method != "HEAD" {
+        let _ = stream.write_all(&body);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// A safetensors file of `mib` MiB in two tensors (`b` first in the file).
+fn safetensors(mib: usize) -> Vec<u8> {
+    let half = mib << 19;
+    let header = format!(
+        r#"{{"b":{{"dtype":"U8","shape":[{half}],"data_offsets":[0,{half}]}},"a":{{"dtype":"U8","shape":[{half}],"data_offsets":[{half},{}]}}}}"#,
+        2 * half
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..2 * half).map(|i| (i as u8).wrapping_mul(31) ^ (i >> 20) as u8));
+    bytes
+}
+
+struct Published {
+    result: Result<String>,
+    store: tempfile::TempDir,
+    downloads: tempfile::TempDir,
+}
+
+impl Published {
+    /// The published models' tensors files, by digest.
+    fn blobs(&self) -> BTreeMap<String, Vec<u8>> {
+        let blobs = self.store.path().join("blobs");
+        std::fs::read_dir(&blobs)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        (name, std::fs::read(e.path().join(TENSORS_FILE)).unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn staging_left(&self) -> usize {
+        std::fs::read_dir(self.store.path().join(".staging")).map_or(0, |d| d.count())
+    }
+
+    fn downloads_left(&self) -> usize {
+        std::fs::read_dir(self.downloads.path()).map_or(0, |d| d.count())
+    }
+}
+
+fn publish(uri: &str, sha256: Option<String>) -> Published {
+    let store = tempfile::tempdir().unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let publisher = Publisher {
+        store: Store::new(store.path()),
+        bindings: Bindings::new(store.path().join("bindings")),
+        download_dir: downloads.path().to_owned(),
+        observer: None,
+    };
+    let model = ModelSource {
+        name: "m".into(),
+        format: ModelFormat::Safetensors,
+        uri: uri.into(),
+        sha256,
+        architecture: None,
+        max_bytes: None,
+        bearer_token_file: None,
+        ca_file: None,
+        s3: None,
+    };
+    let result = publisher.publish(&model).map(|hold| hold.digest.clone());
+    Published {
+        result,
+        store,
+        downloads,
+    }
+}
+
+/// The tensors file the layout must write for [`safetensors`]: `a` then `b`, each aligned.
+fn expected_tensors(bytes: &[u8]) -> Vec<u8> {
+    let store = tempfile::tempdir().unwrap();
+    let path = store.path().join("m.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let source = crate::source::SourceFile::open(&path, "file://m").unwrap();
+    let (laid, tensors) = crate::formats::lay_out_in_fresh_store(ModelFormat::Safetensors, &source);
+    laid.unwrap();
+    tensors
+}
+
+#[test]
+fn a_model_is_streamed_into_place_by_ranges_with_no_file_on_disk() {
+    let bytes = safetensors(40);
+    let server = Server::start(bytes.clone(), true);
+    let published = publish(&server.uri, None);
+    let digest = published.result.as_ref().unwrap();
+    assert_eq!(
+        *digest,
+        sha256_hex(&bytes),
+        "published under the bytes' digest"
+    );
+    assert_eq!(
+        published.blobs(),
+        BTreeMap::from([(digest.clone(), expected_tensors(&bytes))])
+    );
+    assert_eq!(published.downloads_left(), 0, "nothing written to the disk");
+    assert_eq!(published.staging_left(), 0);
+    let gets = server.ranged_gets();
+    assert!(gets.len() >= 5, "40 MiB in 8 MiB ranges: {gets:?}");
+    let etag = server.object.lock().unwrap().etag.clone();
+    let seen = server.seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .filter(|(m, _, _)| m == "GET")
+            .all(|(_, _, if_match)| if_match.as_deref() == Some(etag.as_str())),
+        "every range asked If-Match the ETag: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|(m, range, _)| m == "GET" && range.is_none()),
+        "never the whole object"
+    );
+}
+
+#[test]
+fn ranges_cut_off_midway_are_resumed_from_their_last_byte() {
+    let bytes = safetensors(24);
+    let server = Server::start(bytes.clone(), true);
+    server.object.lock().unwrap().cut = 3;
+    let published = publish(&server.uri, Some(sha256_hex(&bytes)));
+    assert_eq!(published.result.as_ref().unwrap(), &sha256_hex(&bytes));
+    assert_eq!(
+        published.blobs().into_values().collect::<Vec<_>>(),
+        [expected_tensors(&bytes)]
+    );
+    // A resumed range starts halfway into a chunk: not on an 8 MiB boundary from the data.
+    let gets = server.ranged_gets();
+    let data_start = bytes.len() as u64 - (24 << 20);
+    let starts: Vec<u64> = gets
+        .iter()
+        .map(|r| r[6..r.find('-').unwrap()].parse().unwrap())
+        .filter(|&s| s >= data_start)
+        .collect();
+    let chunk_starts = starts
+        .iter()
+        .filter(|&&s| (s - data_start).is_multiple_of(8 << 20))
+        .count();
+    assert!(
+        starts.len() - chunk_starts >= 3,
+        "3 ranges resumed midway: {gets:?}"
+    );
+}
+
+#[test]
+fn an_object_replaced_while_it_is_fetched_is_refused_and_nothing_is_published() {
+    let bytes = safetensors(40);
+    let server = Server::start(bytes.clone(), true);
+    server.object.lock().unwrap().replace_after = Some(2);
+    let published = publish(&server.uri, None);
+    let err = format!("{:#}", published.result.as_ref().unwrap_err());
+    assert!(err.contains("changed while it was fetched"), "{err}");
+    assert!(published.blobs().is_empty());
+    assert_eq!(published.staging_left(), 0, "the staging folder is removed");
+}
+
+#[test]
+fn a_wrong_declared_digest_is_refused_and_nothing_is_published() {
+    let bytes = safetensors(10);
+    let server = Server::start(bytes.clone(), true);
+    let wrong = "0".repeat(64);
+    let published = publish(&server.uri, Some(wrong.clone()));
+    let err = format!("{:#}", published.result.as_ref().unwrap_err());
+    assert!(
+        err.contains(&format!(
+            "sha256 mismatch: expected {wrong}, the source has {}",
+            sha256_hex(&bytes)
+        )),
+        "{err}"
+    );
+    assert!(published.blobs().is_empty());
+    assert_eq!(published.staging_left(), 0);
+}
+
+#[test]
+fn a_server_without_ranges_is_downloaded_whole() {
+    let bytes = safetensors(4);
+    let server = Server::start(bytes.clone(), false);
+    let published = publish(&server.uri, None);
+    assert_eq!(published.result.as_ref().unwrap(), &sha256_hex(&bytes));
+    assert!(server.ranged_gets().is_empty());
+    assert_eq!(published.downloads_left(), 0, "the download is removed");
+}

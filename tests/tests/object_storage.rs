@@ -1,0 +1,303 @@
+//! Models fetched from a real S3 server (versitygw on 127.0.0.1, `tests/src/s3.rs`) by
+//! `kube-zerocopy-sidecar publish`: the safetensors model streamed by byte ranges into place
+//! and laid out as from its file, a TorchScript one fetched whole and hashed, connections cut
+//! midway resumed, a wrong checksum and refused credentials refused with nothing published.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kube_zerocopy_e2e::s3::S3Server;
+use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
+use kube_zerocopy_sidecar::layout::TENSORS_FILE;
+use kube_zerocopy_sidecar::{ModelFormat, ModelSource, S3Access};
+
+const BUCKET: &str = "models";
+
+/// A model file made by scripts/make_models.py in `dir`.
+fn model_file(dir: &Path, kind: &str, name: &str, sizes: &str) -> PathBuf {
+    let path = dir.join(name);
+    make_model(&[kind, path.to_str().unwrap(), "--sizes", sizes]);
+    path
+}
+
+/// A credentials folder as the operator mounts one from a Secret.
+fn credentials(dir: &Path, access_key: &str, secret_key: &str) -> PathBuf {
+    let creds = dir.join("s3");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("AWS_ACCESS_KEY_ID"), access_key).unwrap();
+    std::fs::write(
+        creds.join("AWS_SECRET_ACCESS_KEY"),
+        format!("{secret_key}\n"),
+    )
+    .unwrap();
+    creds
+}
+
+/// `file` as the model `m` at s3://models/<its file name> on `endpoint`.
+fn s3_model(
+    file: &Path,
+    format: ModelFormat,
+    endpoint: &str,
+    server: &S3Server,
+    creds: &Path,
+) -> ModelSource {
+    let key = file.file_name().unwrap().to_str().unwrap();
+    ModelSource {
+        uri: format!("s3://{BUCKET}/{key}"),
+        s3: Some(S3Access {
+            endpoint: Some(endpoint.to_owned()),
+            region: Some(server.region.clone()),
+            credentials_dir: Some(creds.to_string_lossy().into_owned()),
+        }),
+        ..source("m", format, file)
+    }
+}
+
+/// A server with the bucket and `files` in it.
+fn server_with(files: &[&Path]) -> S3Server {
+    let server = S3Server::start().unwrap();
+    server.create_bucket(BUCKET).unwrap();
+    for file in files {
+        let key = file.file_name().unwrap().to_str().unwrap();
+        server.put_file(BUCKET, key, file).unwrap();
+    }
+    server
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The published model's tensors file, published alone in `pod`.
+fn tensors_of(pod: &Pod, digest: &str) -> Vec<u8> {
+    std::fs::read(pod.store.join("blobs").join(digest).join(TENSORS_FILE)).unwrap()
+}
+
+#[test]
+fn models_are_published_from_s3_as_from_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = model_file(dir.path(), "mlp", "head.safetensors", "512,4096,1024");
+    let script = model_file(dir.path(), "script", "encoder.pt", "128,256,64");
+    let server = server_with(&[&weights, &script]);
+    let creds = credentials(dir.path(), &server.access_key, &server.secret_key);
+
+    for (file, format, how) in [
+        (&weights, ModelFormat::Safetensors, "fetched into place"),
+        (&script, ModelFormat::TorchScript, "fetched"),
+    ] {
+        let from_s3 = Pod::new();
+        let out = from_s3.publish(&[s3_model(file, format, &server.endpoint, &server, &creds)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let digest = sha256_of(file);
+        assert_eq!(
+            from_s3.published(),
+            std::slice::from_ref(&digest),
+            "{format:?}"
+        );
+        assert!(stderr(&out).contains(how), "{}", stderr(&out));
+        let from_file = Pod::new();
+        let out = from_file.publish(&[source("m", format, file)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            tensors_of(&from_s3, &digest) == tensors_of(&from_file, &digest),
+            "{format:?}: laid out as from the file"
+        );
+        assert!(from_s3.staging().is_empty());
+        // Nothing on disk: the safetensors model never touched the download folder, and the
+        // TorchScript one was removed after its layout.
+        let downloads = from_s3.dir.path().join("downloads");
+        assert_eq!(
+            std::fs::read_dir(&downloads).map_or(0, |d| d.count()),
+            0,
+            "{format:?}: files left in {}",
+            downloads.display()
+        );
+    }
+}
+
+/// A TCP proxy in front of `target` that cuts the first `cuts` connections (both ways) on
+/// which more than `after` bytes of answers went through: ranges of tensors, not the small
+/// answers before them. Counts the cuts.
+struct CuttingProxy {
+    endpoint: String,
+    cut: Arc<AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(target: &str, cuts: usize, after: usize) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let target = target.trim_start_matches("http://").to_owned();
+        let cut = Arc::new(AtomicUsize::new(0));
+        let counted = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let server = TcpStream::connect(&target).unwrap();
+                let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pipe(c, s, usize::MAX, || false));
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    // Cut here if fewer than `cuts` connections were cut so far.
+                    let take_a_cut = || {
+                        counted
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                (n < cuts).then_some(n + 1)
+                            })
+                            .is_ok()
+                    };
+                    pipe(server, client, after, take_a_cut)
+                });
+            }
+        });
+        CuttingProxy { endpoint, cut }
+    }
+}
+
+/// Copies `from` to `to` until either closes. Once `after` bytes went through, asks `cut`
+/// once whether to shut both down there.
+fn pipe(mut from: TcpStream, mut to: TcpStream, after: usize, cut: impl FnOnce() -> bool) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0;
+    let mut cut = Some(cut);
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if sent + n > after && cut.take().is_some_and(|cut| cut()) {
+            let _ = to.write_all(&buf[..after - sent]);
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn connections_cut_mid_fetch_are_resumed_and_the_model_is_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 MiB: eight ranges of 8 MiB.
+    let weights = model_file(dir.path(), "mlp", "big.safetensors", "2048,8192,8");
+    let server = server_with(&[&weights]);
+    let creds = credentials(dir.path(), &server.access_key, &server.secret_key);
+    let proxy = CuttingProxy::start(&server.endpoint, 3, 3 << 20);
+    let pod = Pod::new();
+    let model = s3_model(
+        &weights,
+        ModelFormat::Safetensors,
+        &proxy.endpoint,
+        &server,
+        &creds,
+    );
+    let out = pod.publish(&[ModelSource {
+        sha256: Some(sha256_of(&weights)),
+        ..model
+    }]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(proxy.cut.load(Ordering::SeqCst), 3, "three connections cut");
+    assert!(
+        stderr(&out).contains("range broken off; resuming it"),
+        "{}",
+        stderr(&out)
+    );
+    let digest = sha256_of(&weights);
+    assert_eq!(pod.published(), std::slice::from_ref(&digest));
+    let from_file = Pod::new();
+    assert!(from_file
+        .publish(&[source("m", ModelFormat::Safetensors, &weights)])
+        .status
+        .success());
+    assert!(tensors_of(&pod, &digest) == tensors_of(&from_file, &digest));
+}
+
+#[test]
+fn a_wrong_checksum_is_refused_and_nothing_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = model_file(dir.path(), "mlp", "head.safetensors", "512,4096,1024");
+    let server = server_with(&[&weights]);
+    let creds = credentials(dir.path(), &server.access_key, &server.secret_key);
+    let pod = Pod::new();
+    let wrong = "0".repeat(64);
+    let model = s3_model(
+        &weights,
+        ModelFormat::Safetensors,
+        &server.endpoint,
+        &server,
+        &creds,
+    );
+    let out = pod.publish(&[ModelSource {
+        sha256: Some(wrong.clone()),
+        ..model
+    }]);
+    assert!(!out.status.success());
+    let expected = format!(
+        "sha256 mismatch: expected {wrong}, the source has {}",
+        sha256_of(&weights)
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    assert!(pod.published().is_empty(), "nothing published");
+    assert!(pod.staging().is_empty(), "no staging folder left");
+    // The pod's termination message says it too (the kubelet shows it to the user).
+    let message = std::fs::read_to_string(pod.termination_log()).unwrap();
+    assert!(message.contains("sha256 mismatch"), "{message}");
+}
+
+#[test]
+fn refused_credentials_and_a_missing_object_are_said_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = model_file(dir.path(), "mlp", "head.safetensors", "64,32,5");
+    let server = server_with(&[&weights]);
+    let wrong = credentials(dir.path(), &server.access_key, "not-the-secret");
+    let pod = Pod::new();
+    let out = pod.publish(&[s3_model(
+        &weights,
+        ModelFormat::Safetensors,
+        &server.endpoint,
+        &server,
+        &wrong,
+    )]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "answered HTTP 403: the source needs credentials it accepts \
+             (source.s3.credentialsSecret)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // The secret is never in what the weight server says.
+    assert!(!stderr(&out).contains("not-the-secret"));
+    assert!(
+        !stderr(&out).contains("X-Amz-Signature"),
+        "{}",
+        stderr(&out)
+    );
+
+    let creds = credentials(dir.path(), &server.access_key, &server.secret_key);
+    let missing = ModelSource {
+        uri: format!("s3://{BUCKET}/absent.safetensors"),
+        ..s3_model(
+            &weights,
+            ModelFormat::Safetensors,
+            &server.endpoint,
+            &server,
+            &creds,
+        )
+    };
+    let out = pod.publish(&[missing]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("s3://models/absent.safetensors answered HTTP 404"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(pod.published().is_empty());
+}
