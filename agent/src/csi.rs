@@ -208,17 +208,22 @@ impl Agent {
                 model.name
             )))
         };
-        if model.bearer_token_file.is_some() || model.ca_file.is_some() {
+        if model.bearer_token_file.is_some() || model.ca_file.is_some() || model.s3.is_some() {
             return refuse(
-                "the node agent takes no bearer token or CA file from a volume's attributes".into(),
+                "the node agent takes no bearer token, CA file or S3 settings from a volume's \
+                 attributes"
+                    .into(),
             );
         }
         if model.uri.starts_with("http://") || model.uri.starts_with("https://") {
             return Ok(());
         }
         let Some(path) = model.uri.strip_prefix("file://") else {
+            // s3:// would be read with the node's own identity (its instance profile, the
+            // agent's web identity), for whichever pipeline names an object.
             return refuse(format!(
-                "source {:?} is not http(s):// or file://",
+                "source {:?} is not http(s):// or file://; the node agent reads no s3:// \
+                 sources (use sharing: Pod with source.s3.credentialsSecret)",
                 model.uri
             ));
         };

@@ -621,20 +621,16 @@ impl Staging {
                 bail!("reserving {size} bytes in {}: {e}", path.display());
             }
         }
-        // Mapped and populated: the space is reserved, so filling it cannot fault for lack of
-        // room, and the formats read their sources straight into it (one copy).
+        // Mapped (not populated: the space is reserved, so no fault can fail for lack of room,
+        // and the faults are taken by the threads that fill it, beside the hash, not before it
+        // on one thread); the formats read their sources straight into it (one copy).
         let map = if size > 0 {
             let len = usize::try_from(size).context("tensors.bin exceeds the address space")?;
             // SAFETY: a file this process just created in its own staging folder; nobody else
             // maps or truncates it before it is published (and never after).
             Some(
-                unsafe {
-                    memmap2::MmapOptions::new()
-                        .len(len)
-                        .populate()
-                        .map_mut(&file)
-                }
-                .with_context(|| format!("mapping {}", path.display()))?,
+                unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
+                    .with_context(|| format!("mapping {}", path.display()))?,
             )
         } else {
             None

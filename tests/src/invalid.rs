@@ -89,9 +89,9 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "source.s3.endpoint must be http(s)://<host>[:<port>]",
         ),
         (
-            "s3 credentials with Node sharing",
+            "an s3 source with Node sharing",
             base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{credentialsSecret: s3-reader}}}}}}]\n{task}", zeros = "0".repeat(64))),
-            "s3.credentialsSecret from a pipeline",
+            "sharing: Node does not read s3:// sources",
         ),
         (
             "a bearer token with Node sharing",

@@ -54,6 +54,11 @@ impl S3Server {
     /// Builds versitygw if needed (minutes, the first time: from an async test call this
     /// through `spawn_blocking`), starts it on a free port, and returns once it answers.
     pub fn start() -> Result<S3Server> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`S3Server::start`] on another address of this machine (the pods' bridge, for pods).
+    pub fn start_on(address: std::net::Ipv4Addr) -> Result<S3Server> {
         let bin = run_script("s3-server.sh", &[])?.trim().to_owned();
         if bin.is_empty() {
             bail!("scripts/s3-server.sh printed no folder");
@@ -74,7 +79,7 @@ impl S3Server {
             .arg("--region")
             .arg(REGION)
             .arg("--port")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{address}:{port}"))
             .arg("--health")
             .arg(HEALTH)
             .arg("posix")
@@ -82,7 +87,7 @@ impl S3Server {
         let spawner = Spawner::new()?;
         let process = spawner.spawn_logged("versitygw", cmd, &log, false)?;
         let mut server = S3Server {
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!("http://{address}:{port}"),
             access_key: ACCESS_KEY.into(),
             secret_key: SECRET_KEY.into(),
             region: REGION.into(),

@@ -371,6 +371,21 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
             bearer_token_file: Some("/etc/shadow".into()),
             ..first.clone()
         },
+        // The node's own identity would read it, for any pod.
+        ModelSource {
+            uri: "s3://any-tenant/m.safetensors".into(),
+            ..first.clone()
+        },
+        // Files of the node as credentials, sent wherever the volume says.
+        ModelSource {
+            uri: "s3://any-tenant/m.safetensors".into(),
+            s3: Some(kube_zerocopy_sidecar::S3Access {
+                endpoint: Some("http://attacker.example".into()),
+                credentials_dir: Some("/etc/kubernetes/pki".into()),
+                ..Default::default()
+            }),
+            ..first.clone()
+        },
     ];
     for (i, model) in refused.iter().enumerate() {
         let path = target(&format!("refused-{i}"));
@@ -525,10 +540,10 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
     }
     assert!(agent.metric("kube_zerocopy_agent_store_bytes") > 0.0);
     let publications = "kube_zerocopy_agent_publish_seconds_count";
-    // Four publications (one a repeat) and five refusals past the request's own checks: three
+    // Four publications (one a repeat) and seven refusals past the request's own checks: five
     // sources, a wrong digest, a volume id.
     let count = |outcome: &str| agent.metric(&format!("{publications}{{outcome=\"{outcome}\"}}"));
-    assert_eq!((count("success"), count("error")), (4.0, 5.0));
+    assert_eq!((count("success"), count("error")), (4.0, 7.0));
     // Unpublishing what is gone already succeeds (the kubelet retries).
     node.node_unpublish_volume(unpublish_request("csi-b", &volumes[1].1))
         .await

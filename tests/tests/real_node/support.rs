@@ -532,12 +532,21 @@ pub async fn timelines(client: &Client, ns: &str, pipeline: &str) -> Result<Vec<
 
 /// The worker container's log of a pod (the Task worker prints its report there).
 pub async fn worker_log(client: &Client, ns: &str, pod: &str) -> Result<String> {
+    container_log(client, ns, pod, "worker").await
+}
+
+pub async fn container_log(
+    client: &Client,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Result<String> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     Ok(api
         .logs(
             pod,
             &LogParams {
-                container: Some("worker".into()),
+                container: Some(container.into()),
                 ..Default::default()
             },
         )
