@@ -84,8 +84,8 @@ pub async fn safetensors_from_s3_with_a_secret(env: Arc<Env>) -> Result<()> {
     let ns = TestNamespace::create(&env.client, "actor-s3", &[RESTRICTED]).await?;
     let server = tokio::task::spawn_blocking(|| S3Server::start_on(GATEWAY)).await??;
     server.create_bucket("models")?;
-    let file = env.models_dir().join(&env.safetensors.file);
-    server.put_file("models", &env.safetensors.file, &file)?;
+    let file = env.models_dir().join(env.safetensors.file);
+    server.put_file("models", env.safetensors.file, &file)?;
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "s3-reader"},
         "stringData": {
