@@ -301,3 +301,79 @@ fn refused_credentials_and_a_missing_object_are_said_in_words() {
     );
     assert!(pod.published().is_empty());
 }
+
+/// `kube-zerocopy local run` of a Task pipeline whose two models are on S3, the credentials in
+/// the environment (as AWS's tools take them; a local run reads no Secret): every output
+/// equals the same pipeline's run on the models' files.
+#[test]
+fn local_run_fetches_its_models_from_s3_with_the_environment_s_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let encoder = model_file(d, "script", "encoder.pt", "128,256,64");
+    let head = model_file(d, "mlp", "head.safetensors", "64,32,5");
+    make_model(&[
+        "inputs",
+        d.join("input").to_str().unwrap(),
+        "--shards",
+        "3",
+        "--batch",
+        "4",
+        "--features",
+        "128",
+    ]);
+    let server = server_with(&[&encoder, &head]);
+    let run = |name: &str, encoder_uri: &str, head_uri: &str| {
+        let s3 = format!(
+            "s3: {{endpoint: '{}', region: {}}}",
+            server.endpoint, server.region
+        );
+        let with = |uri: &str| {
+            if uri.starts_with("s3://") {
+                format!("{{uri: '{uri}', {s3}}}")
+            } else {
+                format!("{{uri: '{uri}'}}")
+            }
+        };
+        let yaml = format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: {name}}}\nspec:\n  mode: Task\n  models:\n    - {{name: encoder, format: TorchScript, source: {}}}\n    - {{name: head, format: Safetensors, architecture: Mlp, source: {}}}\n  input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
+            with(encoder_uri),
+            with(head_uri),
+            d.join("input").display(),
+            d.join(name).display(),
+        );
+        let file = d.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        let out = std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
+            .args(["local", "run", "--json", "-f"])
+            .arg(&file)
+            .env("AWS_ACCESS_KEY_ID", &server.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+    };
+    run(
+        "from-s3",
+        &format!("s3://{BUCKET}/encoder.pt"),
+        &format!("s3://{BUCKET}/head.safetensors"),
+    );
+    run(
+        "from-files",
+        &format!("file://{}", encoder.display()),
+        &format!("file://{}", head.display()),
+    );
+    let mut compared = 0;
+    for entry in std::fs::read_dir(d.join("from-files")).unwrap() {
+        let name = entry.unwrap().file_name();
+        let expected = kube_zerocopy_e2e::read_output(&d.join("from-files").join(&name));
+        let got = kube_zerocopy_e2e::read_output(&d.join("from-s3").join(&name));
+        assert!(got.equal(&expected), "{name:?} differs");
+        compared += 1;
+    }
+    assert_eq!(compared, 3);
+}
