@@ -212,22 +212,22 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
     let file = dir.path().join("mlp.safetensors");
     make_model(&["mlp", file.to_str().unwrap(), "--sizes", "64,64,8"]);
     let bytes = std::fs::read(&file).unwrap();
-    // The model's server: answers only once the test has seen the sidecar not ready.
+    // The model's server: answers only once the test has seen the sidecar not ready (its
+    // first request, a HEAD, waits; then the download's GET).
     let source_server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let source_addr = source_server.server_addr().to_ip().unwrap();
     let release = Arc::new(AtomicBool::new(false));
-    let held = {
+    {
         let release = release.clone();
         std::thread::spawn(move || {
-            let request = source_server.recv().unwrap();
-            while !release.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
+            for request in source_server.incoming_requests() {
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = request.respond(tiny_http::Response::from_data(bytes.clone()));
             }
-            request
-                .respond(tiny_http::Response::from_data(bytes))
-                .unwrap();
-        })
-    };
+        });
+    }
     let pod = Pod::new();
     let models = vec![ModelSource {
         uri: format!("http://{source_addr}/mlp.safetensors"),
@@ -264,7 +264,6 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
         .unwrap()
         .success());
     release.store(true, Ordering::SeqCst);
-    held.join().unwrap();
     let ready = loop {
         let answer = get("/readyz").unwrap();
         if answer.0 == 200 || Instant::now() > deadline {
