@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ModelFormat, ModelSource};
+use crate::config::ModelSource;
 use crate::download;
 use crate::remote::RemoteObject;
 
@@ -256,15 +256,19 @@ impl Read for SourceReader<'_> {
 
 impl Seek for SourceReader<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let pos = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.source.len().checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos =
-            pos.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before 0"))?;
+        self.pos = seek_position(self.pos, self.source.len(), to)?;
         Ok(self.pos)
     }
+}
+
+/// Where a seek `to` from `pos` in `len` bytes leads (past the end is allowed, as for files).
+pub(crate) fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
+    let pos = match to {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+    };
+    pos.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before 0"))
 }
 
 /// A source ready to be laid out. A downloaded file is removed on drop.
@@ -299,11 +303,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`). A safetensors source is
-/// hashed by its layout as it copies each byte into place, so a local file is read once and
-/// a remote object whose server offers byte ranges is streamed into place, never written to a
-/// disk. Other downloads land in `download_dir`, under a name of their own, and are removed
-/// when the [`Fetched`] is dropped.
+/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`). Both formats hash the source
+/// as their layout reads each byte into place, so a local file is read once and a remote
+/// object whose server offers byte ranges is streamed into place, never written to a disk. A
+/// server without ranges is downloaded into `download_dir` first, under a name of its own,
+/// removed when the [`Fetched`] is dropped.
 pub fn fetch<'a>(
     model: &ModelSource,
     download_dir: &Path,
@@ -311,14 +315,13 @@ pub fn fetch<'a>(
 ) -> Result<Fetched<'a>> {
     let uri = model.uri.as_str();
     let declared = model.sha256.as_ref().map(|d| d.to_ascii_lowercase());
-    let hashed_by_layout = model.format == ModelFormat::Safetensors;
     if let Some(path) = uri.strip_prefix("file://") {
         let source = SourceFile::open(Path::new(path), uri)?;
         // Without a declared digest the file is hashed first (a local read): a model already
         // published is then found without laying it out again.
         let (sha256, hashed) = match declared {
-            Some(declared) if hashed_by_layout => (declared, false),
-            _ => (source.sha256()?, true),
+            Some(declared) => (declared, false),
+            None => (source.sha256()?, true),
         };
         return Ok(Fetched {
             source: Box::new(source),
@@ -340,20 +343,16 @@ pub fn fetch<'a>(
         ca_file: model.ca_file.as_ref().map(PathBuf::from),
         ..download::Policy::default()
     };
-    let Some(remote) = RemoteObject::open(model, &policy, on_progress)? else {
-        return download_whole(uri, download_dir, &policy, on_progress);
-    };
-    if hashed_by_layout {
-        return Ok(Fetched {
+    match RemoteObject::open(model, &policy, on_progress)? {
+        Some(remote) => Ok(Fetched {
             source: Box::new(remote),
             sha256: declared,
             hashed: false,
             streamed: true,
             downloaded: None,
-        });
+        }),
+        None => download_whole(uri, download_dir, &policy, on_progress),
     }
-    // A TorchScript archive is hashed before its layout, which reads its records out of order.
-    fetch_into_file(&remote, download_dir)
 }
 
 /// A file of its own in `dir`, kept until the [`Fetched`] made of it is dropped.
@@ -385,29 +384,6 @@ fn downloaded<'a>(path: PathBuf, fetched: Result<(SourceFile, String)>) -> Resul
             Err(e)
         }
     }
-}
-
-/// Reads a remote object whole into a file by ranges, several at once, hashing it in order.
-fn fetch_into_file<'a>(remote: &RemoteObject, download_dir: &Path) -> Result<Fetched<'a>> {
-    let (file, path) = download_file(download_dir)?;
-    let fetched = (|| {
-        let len = usize::try_from(remote.len()).context("the source exceeds the address space")?;
-        file.set_len(remote.len())
-            .with_context(|| format!("sizing the download file {}", path.display()))?;
-        let sha256 = if len == 0 {
-            sha256_hex(&[])
-        } else {
-            // SAFETY: a file this process just created under a name of its own; nobody else
-            // maps or truncates it.
-            let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }
-                .with_context(|| format!("mapping {}", path.display()))?;
-            let sha256 = read_into_hashing(remote, &[], vec![(0, &mut map[..len])])?;
-            map.flush().context("writing the download file")?;
-            sha256
-        };
-        Ok((SourceFile::open(&path, remote.name())?, sha256))
-    })();
-    downloaded(path, fetched)
 }
 
 /// Downloads an http(s) file whole, in one transfer that resumes (a server without ranges).

@@ -5,18 +5,24 @@
 //! Each storage is copied into tensors.bin as `data/<key>` or `constants/<key>`; the rest of
 //! the archive becomes skeleton.pt, from which a worker rebuilds the module with every storage
 //! pointing into the shared memory (see the worker crate's TorchScript loader).
+//!
+//! The archive is read the way a remote source is best read: its central directory and
+//! pickles first (a few small reads at the end), which say where each storage's bytes are; then
+//! the whole archive once, in order, by [`read_into_hashing`]: each storage straight into its
+//! place in tensors.bin, the rest (headers, pickles, code: small) into memory, hashed on the
+//! way. The skeleton is written from that memory.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 
 use anyhow::{bail, Context, Result};
 use zip::result::ZipError;
-use zip::ZipArchive;
+use zip::{CompressionMethod, ZipArchive};
 
 use super::LaidOut;
-use crate::layout::{plan, Staging, SKELETON_FILE};
+use crate::layout::{plan, Staging, TensorEntry, SKELETON_FILE};
 use crate::pickle::storage_refs;
-use crate::source::{reader, Source, SourceReader};
+use crate::source::{read_into_hashing, reader, seek_position, Source, SourceReader};
 
 /// The tensor archives of a TorchScript file and their pickles.
 const ARCHIVES: [&str; 2] = ["data", "constants"];
@@ -25,10 +31,17 @@ const ARCHIVES: [&str; 2] = ["data", "constants"];
 /// models have pickles of a few MB. A zip's declared sizes are never trusted for allocation.
 const MAX_PICKLE_BYTES: u64 = 64 << 20;
 
+/// The most an archive may hold besides its storages (kept in memory while it is laid out).
+const MAX_SKELETON_BYTES: u64 = 256 << 20;
+
+/// Reads of the central directory and the local headers: each is a request when the source is
+/// remote, so small enough not to fetch tensor bytes along with a header.
+const HEADER_READS: usize = 64 << 10;
+
 type Archive<'a> = ZipArchive<BufReader<SourceReader<'a>>>;
 
 pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
-    let mut zip = ZipArchive::new(BufReader::new(reader(source)))
+    let mut zip = ZipArchive::new(BufReader::with_capacity(HEADER_READS, reader(source)))
         .context("not a TorchScript archive (it is not a valid zip file)")?;
     let names: Vec<String> = zip
         .file_names()
@@ -82,21 +95,33 @@ pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
     }
 
     let (tensors, tensors_bytes) = plan(wanted)?;
-    let mut out = staging.create_tensors_file(tensors_bytes)?;
+    // Where each storage's bytes are: stored, not compressed, so that they are its tensor's.
+    let mut spans = Vec::with_capacity(records.len());
     for (entry, record) in tensors.iter().zip(&records) {
-        let mut f = zip.by_name(record)?;
-        f.read_exact(out.region(entry)?)
+        let f = zip
+            .by_name(record)
             .with_context(|| format!("reading record {record}"))?;
-        // Reading to the end makes the zip reader check the record's CRC (a record that
-        // changed since it was hashed fails here); the size matched, so nothing is left.
-        if f.read(&mut [0u8; 1])
-            .with_context(|| format!("reading record {record}"))?
-            != 0
-        {
-            bail!("record {record} holds more bytes than its header declares");
+        if f.compression() != CompressionMethod::Stored {
+            bail!(
+                "record {record} is compressed ({}); TorchScript stores its storages uncompressed",
+                f.compression()
+            );
+        }
+        let start = f
+            .data_start()
+            .with_context(|| format!("record {record} has no data offset"))?;
+        if entry.length > 0 {
+            spans.push((start, entry));
         }
     }
+    drop(zip);
 
+    let mut out = staging.create_tensors_file(tensors_bytes)?;
+    let (sha256, rest) = read_archive(source, &mut out, spans)?;
+
+    // The skeleton: every record but the storages, copied as they are from the bytes in memory.
+    let mut zip = ZipArchive::new(Sparse::new(source.len(), &rest))
+        .context("reading the archive's records again")?;
     let skeleton = staging.path().join(SKELETON_FILE);
     let mut writer = zip::ZipWriter::new(File::create(&skeleton)?);
     for name in &names {
@@ -112,10 +137,114 @@ pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
         tensors,
         tensors_bytes,
         skeleton: Some(SKELETON_FILE.to_owned()),
-        // Read out of order: the records' CRCs and the source's unchanged size and times vouch
-        // for the bytes instead.
-        source_sha256: None,
+        source_sha256: Some(sha256),
     })
+}
+
+/// The bytes of an archive besides its storages: each run with its offset, in order.
+type Kept = Vec<(u64, Vec<u8>)>;
+
+/// Reads the whole archive once, in order: each storage span (its offset, its tensor) into
+/// the tensor's place in `out`, every other byte into memory. Returns the archive's sha256 and
+/// the bytes between the spans, each with its offset.
+fn read_archive(
+    source: &dyn Source,
+    out: &mut crate::layout::TensorsFile,
+    mut spans: Vec<(u64, &TensorEntry)>,
+) -> Result<(String, Kept)> {
+    spans.sort_by_key(|(start, _)| *start);
+    let len = source.len();
+    let mut rest = Vec::new();
+    let mut at = 0u64;
+    for (start, entry) in &spans {
+        let end = start.checked_add(entry.length).filter(|&end| end <= len);
+        if *start < at || end.is_none() {
+            bail!(
+                "the bytes of storage {:?} overlap another's or lie past the archive's end",
+                entry.name
+            );
+        }
+        rest.push((at, *start - at));
+        at = start + entry.length;
+    }
+    rest.push((at, len - at));
+    let kept: u64 = rest.iter().map(|(_, n)| n).sum();
+    if kept > MAX_SKELETON_BYTES {
+        bail!(
+            "the archive holds {kept} bytes besides its storages, more than {MAX_SKELETON_BYTES}; \
+             a module's code and pickles are far smaller"
+        );
+    }
+    let mut rest: Kept = rest
+        .into_iter()
+        .map(|(offset, n)| (offset, vec![0u8; n as usize]))
+        .collect();
+    let entries: Vec<&TensorEntry> = spans.iter().map(|(_, entry)| *entry).collect();
+    let regions = out.regions(&entries)?;
+    // In file order: a gap, a storage, a gap, ..., the last gap (the central directory).
+    let mut pieces: Vec<(u64, &mut [u8])> = Vec::with_capacity(2 * spans.len() + 1);
+    let mut storages = spans.iter().map(|(start, _)| *start).zip(regions);
+    for (offset, bytes) in rest.iter_mut() {
+        pieces.push((*offset, bytes.as_mut_slice()));
+        if let Some(storage) = storages.next() {
+            pieces.push(storage);
+        }
+    }
+    let sha256 = read_into_hashing(source, &[], pieces)?;
+    Ok((sha256, rest))
+}
+
+/// The archive as read, without its storages: the bytes kept in memory at their offsets,
+/// zeros where a storage's bytes were (no record the skeleton copies lies there).
+struct Sparse<'a> {
+    len: u64,
+    pieces: &'a [(u64, Vec<u8>)],
+    pos: u64,
+}
+
+impl<'a> Sparse<'a> {
+    fn new(len: u64, pieces: &'a [(u64, Vec<u8>)]) -> Self {
+        Sparse {
+            len,
+            pieces,
+            pos: 0,
+        }
+    }
+}
+
+impl Read for Sparse<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        // The last piece that starts at or before the position.
+        let i = self
+            .pieces
+            .partition_point(|(offset, _)| *offset <= self.pos);
+        let (offset, bytes) = &self.pieces[i.saturating_sub(1)];
+        let within = self.pos - offset;
+        let n = if within < bytes.len() as u64 {
+            let from = &bytes[within as usize..];
+            let n = from.len().min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            n
+        } else {
+            // Inside a storage: zeros up to the next piece.
+            let next = self.pieces.get(i).map_or(self.len, |(offset, _)| *offset);
+            let n = ((next - self.pos) as usize).min(buf.len());
+            buf[..n].fill(0);
+            n
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Sparse<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = seek_position(self.pos, self.len, to)?;
+        Ok(self.pos)
+    }
 }
 
 /// A pickle record, read whole up to [`MAX_PICKLE_BYTES`] whatever its header declares.
@@ -192,6 +321,66 @@ mod tests {
         assert_eq!(laid.tensors[0].name, "data/0");
         assert_eq!(laid.tensors[0].length, 16);
         assert_eq!(&tensors[..16], &storage[..]);
+    }
+
+    #[test]
+    fn the_archive_is_hashed_whole_and_the_skeleton_holds_every_other_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        archive(
+            &path,
+            &data_pkl("FloatStorage", 4),
+            &(0..16).collect::<Vec<u8>>(),
+        );
+        let store = tempfile::tempdir().unwrap();
+        let staging = crate::layout::Store::new(store.path()).begin("d").unwrap();
+        let source = SourceFile::open(&path, "file://archive.pt").unwrap();
+        let laid = lay_out(&source, &staging).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(laid.source_sha256, Some(crate::source::sha256_hex(&bytes)));
+        let mut skeleton =
+            ZipArchive::new(File::open(staging.path().join(SKELETON_FILE)).unwrap()).unwrap();
+        let mut names: Vec<String> = skeleton
+            .file_names()
+            .map(|n| n.unwrap().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["m/code/__torch__.py", "m/constants.pkl", "m/data.pkl"]
+        );
+        let mut code = String::new();
+        skeleton
+            .by_name("m/code/__torch__.py")
+            .unwrap()
+            .read_to_string(&mut code)
+            .unwrap();
+        assert_eq!(code, "class M: pass\n");
+    }
+
+    #[test]
+    fn a_compressed_storage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        let deflated = stored.compression_method(zip::CompressionMethod::Deflated);
+        for (name, bytes, options) in [
+            ("m/data.pkl", data_pkl("FloatStorage", 4), stored),
+            ("m/constants.pkl", vec![0x80, 2, b')', b'.'], stored),
+            ("m/code/__torch__.py", b"class M: pass\n".to_vec(), stored),
+            ("m/data/0", vec![0u8; 16], deflated),
+        ] {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(&bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        let err = lay_out_archive(&path).0.unwrap_err();
+        assert!(
+            err.to_string().contains("record m/data/0 is compressed"),
+            "{err:#}"
+        );
     }
 
     #[test]
