@@ -182,6 +182,12 @@ impl<'a> RemoteObject<'a> {
                 .map_err(|e| download::classify(&name, e, location.credentials_hint()));
             match sent {
                 Ok(response) => break response,
+                // Some http(s) sources refuse HEAD (a presigned GET URL, a server that does
+                // not implement it): the download asks with GET and says what it answers.
+                Err(Failure::Permanent(e)) if matches!(location, Location::Http { .. }) => {
+                    tracing::info!(uri = %name, error = %format!("{e:#}"), "HEAD refused: downloading the file whole");
+                    return Ok(None);
+                }
                 Err(Failure::Permanent(e)) => return Err(e),
                 Err(Failure::Transient(e)) => {
                     attempts += 1;

@@ -208,7 +208,9 @@ fn serve_once(file: PathBuf) -> (String, std::thread::JoinHandle<()>) {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", server.server_addr().to_ip().unwrap());
     let handle = std::thread::spawn(move || {
-        for _ in 0..3 {
+        // Each source is asked a HEAD (for its size and ranges), then a GET (this server
+        // offers no ranges): the model, then the missing file.
+        for _ in 0..4 {
             let Ok(Some(request)) = server.recv_timeout(std::time::Duration::from_secs(20)) else {
                 return;
             };

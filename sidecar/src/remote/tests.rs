@@ -23,6 +23,8 @@ struct Object {
     cut: usize,
     /// After this many ranged answers the object is replaced (new bytes, new ETag).
     replace_after: Option<usize>,
+    /// HEAD answered 403, as a presigned GET URL answers it.
+    refuse_head: bool,
     ranged_answers: usize,
 }
 
@@ -45,6 +47,7 @@ impl Server {
             ranges,
             cut: 0,
             replace_after: None,
+            refuse_head: false,
             ranged_answers: 0,
         }));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -92,6 +95,11 @@ fn answer(mut stream: TcpStream, object: &Mutex<Object>, seen: &Mutex<Vec<Seen>>
         .unwrap()
         .push((method.clone(), range.clone(), if_match.clone()));
     let mut object = object.lock().unwrap();
+    if method == "HEAD" && object.refuse_head {
+        let _ = stream
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
     let len = object.body.len();
     let mut head = format!("ETag: {}\r\nConnection: close\r\n", object.etag);
     if object.ranges {
@@ -327,4 +335,20 @@ fn a_server_without_ranges_is_downloaded_whole() {
     assert_eq!(published.result.as_ref().unwrap(), &sha256_hex(&bytes));
     assert!(server.ranged_gets().is_empty());
     assert_eq!(published.downloads_left(), 0, "the download is removed");
+}
+
+#[test]
+fn a_source_that_refuses_head_is_downloaded_whole() {
+    let bytes = safetensors(4);
+    let server = Server::start(bytes.clone(), true);
+    server.object.lock().unwrap().refuse_head = true;
+    let published = publish(&server.uri, None);
+    assert_eq!(published.result.as_ref().unwrap(), &sha256_hex(&bytes));
+    let seen = server.seen.lock().unwrap();
+    let methods: Vec<&str> = seen.iter().map(|(m, _, _)| m.as_str()).collect();
+    assert_eq!(
+        methods,
+        ["HEAD", "GET"],
+        "a HEAD, then one GET of the whole file"
+    );
 }
