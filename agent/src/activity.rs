@@ -80,6 +80,16 @@ impl Activity {
         serde_json::from_slice(&text).ok()
     }
 
+    /// Removes the record of a model that left the store.
+    pub fn forget(&self, digest: &str) {
+        let path = self.record_path(digest);
+        if let Err(e) = fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(path = %path.display(), error = %e, "removing a publication record");
+            }
+        }
+    }
+
     /// The fetches under way, by source.
     pub fn fetches(&self) -> Vec<Fetch> {
         let fetching = self.fetching.lock().unwrap();
@@ -121,8 +131,9 @@ impl Observer for Activity {
         self.changed.notify_one();
     }
 
-    fn made_room(&self, _: &ModelSource, _: &str) {
+    fn made_room(&self, _: &ModelSource, removed: &str) {
         self.room_evictions.inc();
+        self.forget(removed);
     }
 
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {

@@ -73,6 +73,9 @@ fn collect_periodically(agent: Arc<Agent>, period: Duration, keep_unused: Durati
         match agent.store.collect_unused(keep_unused) {
             Ok(removed) if !removed.is_empty() => {
                 agent.metrics.evictions.inc_by(removed.len() as u64);
+                for digest in &removed {
+                    agent.activity.forget(digest);
+                }
                 info!(?removed, "collected unused models");
             }
             Ok(_) => {}

@@ -734,6 +734,15 @@ async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
         agent.metric("kube_zerocopy_agent_room_evictions_total"),
         1.0
     );
+    // Its publication record (what the NodeStore reports) went with it.
+    let record = |model: &ModelSource| {
+        let digest = model.sha256.as_deref().unwrap();
+        agent
+            .store()
+            .join(".publications")
+            .join(format!("{digest}.json"))
+    };
+    assert!(record(&second).is_file() && !record(&first).exists());
     assert_eq!(agent.metric("kube_zerocopy_agent_evictions_total"), 0.0);
 
     let refused = node
