@@ -96,25 +96,43 @@ pub fn download(
         validator: None,
     };
     transfer.start_over()?;
+    retrying(policy, uri, "download broken off; resuming", |received| {
+        let attempt = transfer.attempt(&agent, token.as_deref(), policy, on_progress);
+        *received = transfer.written;
+        attempt
+    })?;
+    transfer
+        .file
+        .sync_all()
+        .context("syncing the downloaded file")?;
+    Ok(Downloaded {
+        sha256: hex::encode(transfer.hasher.finalize()),
+        bytes: transfer.written,
+    })
+}
+
+/// Runs `attempt` until it succeeds or fails for good. A transient failure is tried again
+/// after a pause; an attempt that got further (the bytes it holds, which it sets in its
+/// argument) starts the count and the pauses over, and after
+/// [`Policy::attempts_without_progress`] attempts in a row without progress it gives up.
+/// `retrying` is what the log says between attempts.
+pub(crate) fn retrying<T>(
+    policy: &Policy,
+    uri: &str,
+    retrying: &str,
+    mut attempt: impl FnMut(&mut u64) -> Result<T, Failure>,
+) -> Result<T> {
+    let mut received = 0;
     let mut pause = pauses(policy);
     let mut attempts_without_progress = 0;
     loop {
-        let before = transfer.written;
-        let error = match transfer.attempt(&agent, token.as_deref(), policy, on_progress) {
-            Ok(()) => {
-                transfer
-                    .file
-                    .sync_all()
-                    .context("syncing the downloaded file")?;
-                return Ok(Downloaded {
-                    sha256: hex::encode(transfer.hasher.finalize()),
-                    bytes: transfer.written,
-                });
-            }
+        let before = received;
+        let error = match attempt(&mut received) {
+            Ok(done) => return Ok(done),
             Err(Failure::Permanent(e)) => return Err(e),
             Err(Failure::Transient(e)) => e,
         };
-        if transfer.written > before {
+        if received > before {
             attempts_without_progress = 0;
             pause = pauses(policy);
         } else {
@@ -123,24 +141,23 @@ pub fn download(
         if attempts_without_progress >= policy.attempts_without_progress {
             return Err(error.context(format!(
                 "giving up on {uri} after {attempts_without_progress} attempts in a row \
-                 without progress ({} bytes downloaded)",
-                transfer.written
+                 without progress ({received} bytes received)"
             )));
         }
         let wait = pause.next().unwrap_or(Duration::from_secs(30));
         tracing::warn!(
             uri,
-            downloaded = transfer.written,
+            received,
             retry_in_ms = wait.as_millis() as u64,
             error = %format!("{error:#}"),
-            "download broken off; resuming"
+            "{retrying}"
         );
         std::thread::sleep(wait);
     }
 }
 
 /// The pauses between attempts: from [`Policy::first_pause`], doubling up to 30 s.
-pub(crate) fn pauses(policy: &Policy) -> impl Iterator<Item = Duration> {
+fn pauses(policy: &Policy) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(policy.first_pause)
         .with_max_delay(Duration::from_secs(30))

@@ -173,34 +173,24 @@ impl<'a> RemoteObject<'a> {
         let name = model.uri.clone();
         let location = Location::parse(model, policy)?;
         let agent = download::agent(&name, policy)?;
-        let mut pauses = download::pauses(policy);
-        let mut attempts = 0;
-        let response = loop {
+        let response = download::retrying(policy, &name, "no answer; trying again", |_| {
             let sent = location
-                .request(&agent, http::Method::HEAD)?
+                .request(&agent, http::Method::HEAD)
+                .map_err(Failure::Permanent)?
                 .call()
                 .map_err(|e| download::classify(&name, e, location.credentials_hint()));
             match sent {
-                Ok(response) => break response,
                 // Some http(s) sources refuse HEAD (a presigned GET URL, a server that does
                 // not implement it): the download asks with GET and says what it answers.
                 Err(Failure::Permanent(e)) if matches!(location, Location::Http { .. }) => {
                     tracing::info!(uri = %name, error = %format!("{e:#}"), "HEAD refused: downloading the file whole");
-                    return Ok(None);
+                    Ok(None)
                 }
-                Err(Failure::Permanent(e)) => return Err(e),
-                Err(Failure::Transient(e)) => {
-                    attempts += 1;
-                    if attempts >= policy.attempts_without_progress {
-                        return Err(
-                            e.context(format!("giving up on {name} after {attempts} attempts"))
-                        );
-                    }
-                    let wait = pauses.next().unwrap_or(Duration::from_secs(30));
-                    tracing::warn!(uri = %name, retry_in_ms = wait.as_millis() as u64, error = %format!("{e:#}"), "no answer; trying again");
-                    std::thread::sleep(wait);
-                }
+                sent => sent.map(Some),
             }
+        })?;
+        let Some(response) = response else {
+            return Ok(None);
         };
         let header = |name: &str| {
             response
@@ -326,39 +316,17 @@ impl Source for RemoteObject<'_> {
                 self.len
             );
         }
-        let mut done = 0;
-        let mut pauses = download::pauses(&self.policy);
-        let mut attempts_without_progress = 0;
-        loop {
-            let before = done;
-            let error = match self.attempt(buf, offset, &mut done) {
-                Ok(()) => return Ok(()),
-                Err(Failure::Permanent(e)) => return Err(e),
-                Err(Failure::Transient(e)) => e,
-            };
-            if done > before {
-                attempts_without_progress = 0;
-                pauses = download::pauses(&self.policy);
-            } else {
-                attempts_without_progress += 1;
-            }
-            if attempts_without_progress >= self.policy.attempts_without_progress {
-                return Err(error.context(format!(
-                    "giving up on {} after {attempts_without_progress} attempts in a row \
-                     without progress",
-                    self.name
-                )));
-            }
-            let wait = pauses.next().unwrap_or(Duration::from_secs(30));
-            tracing::warn!(
-                uri = %self.name,
-                offset = offset + done as u64,
-                retry_in_ms = wait.as_millis() as u64,
-                error = %format!("{error:#}"),
-                "range broken off; resuming it"
-            );
-            std::thread::sleep(wait);
-        }
+        download::retrying(
+            &self.policy,
+            &self.name,
+            "range broken off; resuming it",
+            |received| {
+                let mut done = *received as usize;
+                let attempt = self.attempt(buf, offset, &mut done);
+                *received = done as u64;
+                attempt
+            },
+        )
     }
 
     /// Every range was asked `If-Match` its ETag: a changed object failed its request.
