@@ -72,10 +72,10 @@ impl Publisher {
             .unwrap_or_else(|| format!("uri-{}", sha256_hex(model.uri.as_bytes())));
         info!(model = %model.name, "waiting for the model's lock");
         let _lock = self.store.lock(&lock_key)?;
-        if let Some(digest) = expected.as_deref().filter(|d| self.store.is_published(d)) {
-            self.store.open(digest)?;
-            info!(model = %model.name, %digest, "already published; verified");
-            return Ok(hold.expect("a declared digest is held"));
+        if let (Some(digest), Some(_)) = (&expected, &hold) {
+            if self.verified_if_published(model, digest, "already published; verified")? {
+                return Ok(hold.expect("a declared digest is held"));
+            }
         }
         let started = Instant::now();
         info!(model = %model.name, uri = %model.uri, "fetching");
@@ -127,9 +127,7 @@ impl Publisher {
                     _digest_lock = Some(self.store.lock(digest)?);
                 }
             }
-            if self.store.is_published(digest) {
-                self.store.open(digest)?;
-                info!(model = %model.name, %digest, "already published; verified");
+            if self.verified_if_published(model, digest, "already published; verified")? {
                 return Ok(hold.expect("held above"));
             }
         }
@@ -155,9 +153,7 @@ impl Publisher {
             None => {
                 let hold = self.store.hold(&digest)?;
                 _digest_lock = Some(self.store.lock(&digest)?);
-                if self.store.is_published(&digest) {
-                    self.store.open(&digest)?;
-                    info!(model = %model.name, %digest, "published meanwhile; verified");
+                if self.verified_if_published(model, &digest, "published meanwhile; verified")? {
                     return Ok(hold);
                 }
                 hold
@@ -179,6 +175,21 @@ impl Publisher {
             observer.published(model, &digest, fetch_time, started.elapsed() - fetch_time);
         }
         Ok(hold)
+    }
+
+    /// True when `digest` is published already, its folder verified (`open`); says `found`.
+    fn verified_if_published(
+        &self,
+        model: &ModelSource,
+        digest: &str,
+        found: &str,
+    ) -> Result<bool> {
+        if !self.store.is_published(digest) {
+            return Ok(false);
+        }
+        self.store.open(digest)?;
+        info!(model = %model.name, %digest, "{found}");
+        Ok(true)
     }
 
     /// Writes the model into a staging folder (removed again if this fails). Room may be

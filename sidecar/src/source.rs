@@ -355,22 +355,34 @@ pub fn fetch<'a>(
     }
 }
 
-/// A file of its own in `dir`, kept until the [`Fetched`] made of it is dropped.
-fn download_file(dir: &Path) -> Result<(File, PathBuf)> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating download folder {}", dir.display()))?;
+/// Downloads an http(s) file whole into `download_dir`, in one transfer that resumes (a
+/// server without ranges, or without HEAD), hashing it on the way.
+fn download_whole<'a>(
+    uri: &str,
+    download_dir: &Path,
+    policy: &download::Policy,
+    on_progress: download::OnProgress,
+) -> Result<Fetched<'a>> {
+    std::fs::create_dir_all(download_dir)
+        .with_context(|| format!("creating download folder {}", download_dir.display()))?;
     // A name of its own: two weight servers may share the folder.
-    tempfile::Builder::new()
+    let (mut file, path) = tempfile::Builder::new()
         .prefix(".download-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a file in {}", dir.display()))?
+        .tempfile_in(download_dir)
+        .with_context(|| format!("creating a file in {}", download_dir.display()))?
         .keep()
-        .context("keeping the download file")
-}
-
-/// The download at `path`, hashed, as a [`Fetched`] that removes it when dropped; removed at
-/// once if the download failed.
-fn downloaded<'a>(path: PathBuf, fetched: Result<(SourceFile, String)>) -> Result<Fetched<'a>> {
+        .context("keeping the download file")?;
+    let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
+        let source = SourceFile::open(&path, uri)?;
+        if source.len() != done.bytes {
+            bail!(
+                "download of {uri}: wrote {} bytes, the file holds {}",
+                done.bytes,
+                source.len()
+            );
+        }
+        Ok((source, done.sha256))
+    });
     match fetched {
         Ok((source, sha256)) => Ok(Fetched {
             source: Box::new(source),
@@ -384,26 +396,4 @@ fn downloaded<'a>(path: PathBuf, fetched: Result<(SourceFile, String)>) -> Resul
             Err(e)
         }
     }
-}
-
-/// Downloads an http(s) file whole, in one transfer that resumes (a server without ranges).
-fn download_whole<'a>(
-    uri: &str,
-    download_dir: &Path,
-    policy: &download::Policy,
-    on_progress: download::OnProgress,
-) -> Result<Fetched<'a>> {
-    let (mut file, path) = download_file(download_dir)?;
-    let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
-        let source = SourceFile::open(&path, uri)?;
-        if source.len() != done.bytes {
-            bail!(
-                "download of {uri}: wrote {} bytes, the file holds {}",
-                done.bytes,
-                source.len()
-            );
-        }
-        Ok((source, done.sha256))
-    });
-    downloaded(path, fetched)
 }

@@ -129,43 +129,29 @@ fn main() -> Result<()> {
     );
 
     let file_arg = file.to_str().context("a UTF-8 path")?;
-    let (mut cp, mut published_file, mut curl, mut published_http) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut curl_from_s3, mut published_s3) = (Vec::new(), Vec::new());
+    // Each source beside its plain copy: (the copy's program and arguments, the model), with
+    // the seconds of each side per round.
+    let curl_http = ["-sSf", url.as_str(), "-o"];
+    let pairs: [(&str, &[&str], &ModelSource); 3] = [
+        ("cp", &[file_arg], &from_file),
+        ("curl", &curl_http, &from_http),
+        ("curl", &curl_s3, &from_s3),
+    ];
+    let mut seconds = vec![(Vec::new(), Vec::new()); pairs.len()];
     for round in 0..ROUNDS {
-        // Alternate the order so that neither side always runs on a warmer machine.
-        let mut pair = |first_copy: bool| -> Result<()> {
-            let (c, p) = if first_copy {
-                let c = copy("cp", &[file_arg])?;
-                (c, publish(&from_file)?)
+        for ((program, args, model), (copies, publishes)) in pairs.iter().zip(&mut seconds) {
+            // Alternate the order so that neither side always runs on a warmer machine.
+            if round % 2 == 0 {
+                copies.push(copy(program, args)?);
+                publishes.push(publish(model)?);
             } else {
-                let p = publish(&from_file)?;
-                (copy("cp", &[file_arg])?, p)
-            };
-            cp.push(c);
-            published_file.push(p);
-            let (c, p) = if first_copy {
-                let c = copy("curl", &["-sSf", &url, "-o"])?;
-                (c, publish(&from_http)?)
-            } else {
-                let p = publish(&from_http)?;
-                (copy("curl", &["-sSf", &url, "-o"])?, p)
-            };
-            curl.push(c);
-            published_http.push(p);
-            let (c, p) = if first_copy {
-                let c = copy("curl", &curl_s3)?;
-                (c, publish(&from_s3)?)
-            } else {
-                let p = publish(&from_s3)?;
-                (copy("curl", &curl_s3)?, p)
-            };
-            curl_from_s3.push(c);
-            published_s3.push(p);
-            Ok(())
-        };
-        pair(round % 2 == 0)?;
+                publishes.push(publish(model)?);
+                copies.push(copy(program, args)?);
+            }
+        }
     }
+    let [(cp, published_file), (curl, published_http), (curl_from_s3, published_s3)] =
+        <[_; 3]>::try_from(seconds).expect("three pairs");
     println!("  {:<28} {:>10} {:>14}", "", "median", "rate");
     let cp = report("cp file -> /dev/shm", &cp, bytes);
     let published_file = report("publish file://", &published_file, bytes);
