@@ -28,9 +28,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, Sharing};
+use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, PlannedInput, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
+use crate::plan;
 use crate::policy;
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Blocked, ConditionType, Observed, Reason};
@@ -222,27 +223,15 @@ async fn apply_task(
             // Only the finished Job that was seen: a reconcile that read a stale cache must
             // not delete the new one.
             let finished_uid = current.as_ref().and_then(|j| j.metadata.uid.clone());
-            let delete = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: finished_uid,
-                    resource_version: None,
-                }),
-                ..DeleteParams::background()
-            };
-            match api.delete(&name, &delete).await {
-                Ok(_) => {
-                    record(
-                        ctx,
-                        pipeline,
-                        EventType::Normal,
-                        Reason::Rerun.as_str(),
-                        Some(why.clone()),
-                    )
-                    .await
-                }
-                // Gone already, or the name holds the new Job: replaced before.
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => return Err(e),
+            if delete_seen(api, &name, finished_uid).await? {
+                record(
+                    ctx,
+                    pipeline,
+                    EventType::Normal,
+                    Reason::Rerun.as_str(),
+                    Some(why.clone()),
+                )
+                .await
             }
             // The new Job carries why it runs, for the status while it runs.
             annotate(&mut job, generation, work, Some(why.clone()));
@@ -305,6 +294,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
         refused: applied.refused,
         rerun: applied.rerun,
         blocked: applied.blocked,
+        planning: applied.planning,
         mount_failure,
     };
     let new_status = status::compute(pipeline, &observed, Timestamp::now());
@@ -334,6 +324,8 @@ struct Applied {
     refused: Option<String>,
     rerun: Option<String>,
     blocked: Option<Blocked>,
+    /// How the planning of the shards stands, while it runs.
+    planning: Option<String>,
 }
 
 impl Applied {
@@ -354,12 +346,19 @@ impl From<Blocked> for Applied {
     }
 }
 
-/// Step 2: the pipeline's pods, from the cache its watch keeps.
+/// Step 2: the pipeline's pods, from the cache its watch keeps (its workers: the planning
+/// Job's pod says how it went through [`plan::state`]).
 fn observe_pods(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Vec<Pod> {
+    pods_of(ctx, pipeline, ns, false)
+}
+
+fn pods_of(ctx: &Context, pipeline: &InferencePipeline, ns: &str, planning: bool) -> Vec<Pod> {
     let name = pipeline.name_any();
     ctx.pods
         .state_filter(|p| {
-            p.namespace().as_deref() == Some(ns) && p.labels().get(PIPELINE_LABEL) == Some(&name)
+            p.namespace().as_deref() == Some(ns)
+                && p.labels().get(PIPELINE_LABEL) == Some(&name)
+                && p.labels().contains_key(plan::STEP_LABEL) == planning
         })
         .iter()
         .map(|p| (**p).clone())
@@ -533,7 +532,8 @@ async fn phase_already_written(
 /// say it): a person must change it, and a change of the spec brings a reconcile at once. Only
 /// errors that may pass on retry are returned as errors.
 async fn apply(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Result<Applied, Error> {
-    let rendered = match render::render(pipeline, &ctx.settings) {
+    let plan = current_plan(ctx, pipeline, ns);
+    let rendered = match render::render_planned(pipeline, &ctx.settings, plan.as_ref()) {
         Ok(rendered) => rendered,
         Err(e) => {
             let reason = match e.downcast_ref::<policy::Refusal>() {
@@ -561,6 +561,112 @@ async fn apply(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Result<
     }
 }
 
+/// The plan to make a Task pipeline's Job from, when its shards are planned: the Job's own
+/// while it stays (see [`task_step`]), else this generation's finished planning Job's. None
+/// while planning has to run (rendering then gives the planning Job).
+fn current_plan(ctx: &Context, pipeline: &InferencePipeline, ns: &str) -> Option<PlannedInput> {
+    if !plan::needed(&pipeline.spec) {
+        return None;
+    }
+    let generation = pipeline.metadata.generation;
+    let job = ctx
+        .jobs
+        .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
+    if let Some(job) = job {
+        let step = task_step(Some(&job), generation, &work_digest(&pipeline.spec));
+        if !matches!(step, TaskStep::Create | TaskStep::Replace) {
+            if let Some(plan) = plan::of_job(&job) {
+                return Some(plan);
+            }
+        }
+    }
+    let planning = ctx
+        .jobs
+        .get(&ObjectRef::new(&plan::job_name(pipeline)).within(ns));
+    let pods = pods_of(ctx, pipeline, ns, true);
+    match plan::state(planning.as_deref(), &pods, generation, Timestamp::now()) {
+        plan::State::Done(plan) => Some(plan),
+        _ => None,
+    }
+}
+
+/// Deletes the Job `name` only if it is still the one seen (`uid`): a reconcile that read a
+/// stale cache must not delete a newer one. Gone already, or replaced, is fine.
+async fn delete_seen(api: &Api<Job>, name: &str, uid: Option<String>) -> Result<bool, kube::Error> {
+    let delete = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &delete).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Carries the planning of a Task pipeline's shards on (see [`plan::state`]): creates this
+/// generation's planning Job, deletes one of another generation, whose pod is gone, or that
+/// failed a while ago (the next reconcile plans again), and says how it stands.
+async fn apply_plan(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+    mut job: Job,
+) -> Result<Applied, kube::Error> {
+    let name = plan::job_name(pipeline);
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let cached = ctx.jobs.get(&ObjectRef::new(&name).within(ns));
+    if cached.is_none() {
+        if let Some(blocked) = foreign(&api, pipeline, ns, &name).await? {
+            return Ok(blocked.into());
+        }
+    }
+    let input = pipeline.spec.input.as_ref().map_or("", |i| i.uri.as_str());
+    let planning = |what: String| Applied {
+        planning: Some(what),
+        ..Default::default()
+    };
+    let listing = format!("planning the shards: Job {name} lists the input {input}");
+    let generation = pipeline.metadata.generation;
+    let uid = cached.as_ref().and_then(|j| j.metadata.uid.clone());
+    let pods = pods_of(ctx, pipeline, ns, true);
+    match plan::state(cached.as_deref(), &pods, generation, Timestamp::now()) {
+        plan::State::Missing => {
+            annotate(&mut job, generation, work_digest(&pipeline.spec), None);
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&job),
+            )
+            .await?;
+            Ok(planning(listing))
+        }
+        plan::State::Running | plan::State::Done(_) => Ok(planning(listing)),
+        plan::State::Outdated => {
+            delete_seen(&api, &name, uid).await?;
+            Ok(planning(format!(
+                "planning the shards again for generation {}",
+                generation.unwrap_or_default()
+            )))
+        }
+        plan::State::Failed { why, retry } => {
+            if retry {
+                delete_seen(&api, &name, uid).await?;
+            }
+            Ok(Blocked {
+                reason: Reason::InputNotPlanned,
+                message: format!(
+                    "the input {input} could not be planned: {why} (Job {name}; planned again                      every minute, or give spec.task.shards)"
+                ),
+            }
+            .into())
+        }
+    }
+}
+
 /// Whether `object` belongs to `pipeline` (an owner reference to its uid).
 fn owned_by(object: &impl Resource, pipeline: &InferencePipeline) -> bool {
     let uid = pipeline.metadata.uid.as_deref();
@@ -579,12 +685,12 @@ async fn foreign<K>(
     api: &Api<K>,
     pipeline: &InferencePipeline,
     ns: &str,
+    name: &str,
 ) -> Result<Option<Blocked>, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let name = render::object_name(pipeline);
-    Ok(match api.get_opt(&name).await? {
+    Ok(match api.get_opt(name).await? {
         Some(existing) if !owned_by(&existing, pipeline) => Some(Blocked {
             reason: Reason::ObjectNotOwned,
             message: format!(
@@ -616,9 +722,9 @@ async fn apply_objects(
                 .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
             // The cache holds only the operator's Jobs: look for another of the same name.
             if cached.is_none() {
-                if let Some(blocked) =
-                    foreign(&Api::<Job>::namespaced(client.clone(), ns), pipeline, ns).await?
-                {
+                let jobs = Api::<Job>::namespaced(client.clone(), ns);
+                let name = render::object_name(pipeline);
+                if let Some(blocked) = foreign(&jobs, pipeline, ns, &name).await? {
                     return Ok(blocked.into());
                 }
             }
@@ -631,16 +737,18 @@ async fn apply_objects(
             )
             .await
         }
+        Rendered::Plan { job } => apply_plan(ctx, pipeline, ns, *job).await,
         Rendered::Actor {
             deployment,
             service,
         } => {
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-            if let Some(blocked) = foreign(&services, pipeline, ns).await? {
+            let name = render::object_name(pipeline);
+            if let Some(blocked) = foreign(&services, pipeline, ns, &name).await? {
                 return Ok(blocked.into());
             }
-            if let Some(blocked) = foreign(&deployments, pipeline, ns).await? {
+            if let Some(blocked) = foreign(&deployments, pipeline, ns, &name).await? {
                 return Ok(blocked.into());
             }
             services

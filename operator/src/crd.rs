@@ -52,12 +52,11 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("spec.models: model names must be unique"))]
 #[x_kube(validation = Rule::new("!has(self.task) || self.mode == 'Task'").message("spec.task applies only to mode Task; use spec.actor for mode Actor"))]
 #[x_kube(validation = Rule::new("!has(self.actor) || self.mode == 'Actor'").message("spec.actor applies only to mode Actor; use spec.task for mode Task"))]
-#[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders of shard files)"))]
+#[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders or s3:// prefixes of shard files)"))]
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !m.source.uri.startsWith('s3://'))").message("sharing: Node does not read s3:// sources: the node's agent would read them with the node's own identity on any pipeline's say-so; use sharing: Pod with source.s3.credentialsSecret"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
-#[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.task) && has(self.task.shards))").message("mode Task needs spec.task.shards: the number of shard files in the input folder"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
 /// (input and output folders for Task, a Service for Actor).
 pub struct InferencePipelineSpec {
@@ -76,10 +75,11 @@ pub struct InferencePipelineSpec {
     /// The models, run in order: the output of one is the input of the next.
     #[schemars(length(min = 1, max = 16))]
     pub models: Vec<ModelSpec>,
-    /// A folder of safetensors shard files, each with a tensor named "input".
+    /// A folder or s3:// prefix of safetensors shard files, each with a tensor named "input".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<DataLocation>,
-    /// Where each shard's output file is written (tensor "output").
+    /// Where each shard's output is written (tensor "output", the shard's name), and, once
+    /// every shard is written, manifest.json (each shard's input, output and sha256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<DataLocation>,
     /// Task mode only: how many shards, how many at once.
@@ -204,24 +204,24 @@ pub struct ModelSourceSpec {
     pub s3: Option<S3SourceSpec>,
 }
 
-/// How an s3:// source is reached. What is not set here comes from the weight server's
-/// environment, as with AWS's own tools: AWS_REGION, and the pod's identity (web identity
-/// token, instance profile) when no Secret is named.
+/// How an s3:// source or data prefix is reached. What is not set here comes from the
+/// environment of the container that reads it, as with AWS's own tools: AWS_REGION, and the
+/// pod's identity (web identity token, instance profile) when no Secret is named.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct S3SourceSpec {
     /// An S3-compatible service's address, e.g. http://minio.storage:9000. Default: AWS S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+/?$')").message("source.s3.endpoint must be http(s)://<host>[:<port>], without a path or credentials"))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+/?$')").message("s3.endpoint must be http(s)://<host>[:<port>], without a path or credentials"))]
     pub endpoint: Option<String>,
     /// The bucket's region. Default: the environment's AWS_REGION, else us-east-1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub region: Option<String>,
     /// The name of a Secret in the pipeline's namespace with the keys AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). Only the weight server
-    /// mounts it.
+    /// AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). Only the containers that
+    /// read the object mount it: the weight server for a model, the workers for data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub credentials_secret: Option<String>,
@@ -237,11 +237,17 @@ fn bounded_quantity(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.uri.startsWith('s3://') || !has(self.s3)").message("s3 applies only to s3:// input and output prefixes"))]
 pub struct DataLocation {
-    /// file:// folder, as mounted in the pod.
+    /// A file:/// folder as mounted in the pod (a volume of spec.template), or an object
+    /// storage prefix s3://<bucket>/<prefix>/.
     #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('file:///')").message("input and output must be file:/// folders mounted into the pod"))]
+    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?$')").message("input and output must be file:/// folders mounted into the pod or s3://<bucket>/<prefix>/ (a bucket name of 3 to 63 lowercase letters, digits, '.' and '-')"))]
     pub uri: String,
+    /// s3 only: which service holds the bucket and which credentials read (input) or write
+    /// (output) it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3SourceSpec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -252,7 +258,9 @@ pub struct TaskSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("task.parallelism must be at least 1"))]
     pub parallelism: Option<i32>,
-    /// The number of shards (files in the input folder): the Job's completions.
+    /// The number of shards (safetensors files in the input), if known: the Job's
+    /// completions. Default: found by a short planning Job that lists the input (the count is
+    /// then in status.plannedInput).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("task.shards must be at least 1"))]
     pub shards: Option<i32>,
@@ -333,6 +341,9 @@ pub struct InferencePipelineStatus {
     /// Task: the Job's shards by state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardStatus>,
+    /// Task without spec.task.shards: what planning found in the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_input: Option<PlannedInput>,
     /// WeightsReady, Progressing, Succeeded, Failed, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
@@ -344,7 +355,7 @@ pub struct InferencePipelineStatus {
 /// A Task pipeline's shards (the Indexed Job's completions) by state.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct ShardStatus {
-    /// Shards in all (spec.task.shards).
+    /// Shards in all (spec.task.shards, or as planned).
     pub total: i32,
     /// Shards whose output is written.
     pub succeeded: i32,
@@ -352,6 +363,17 @@ pub struct ShardStatus {
     pub failed: i32,
     /// Pods running now.
     pub active: i32,
+}
+
+/// What listing a Task pipeline's input found, when its Job was made.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedInput {
+    /// Shard files found: the Job's completions.
+    pub shards: i32,
+    /// sha256 of the listing (names, sizes, versions): every shard checks that the input it
+    /// reads still lists the same.
+    pub input_digest: String,
 }
 
 /// The file names of a model's bearer token and CA bundle in its folder of source files, and
@@ -414,6 +436,28 @@ impl InferencePipelineSpec {
                 }
             })
             .collect()
+    }
+}
+
+impl DataLocation {
+    /// How the workers reach an s3:// input or output; its Secret's keys are mounted under
+    /// `dir` (see [`SOURCE_S3_DIR`]).
+    pub fn access(&self, dir: &std::path::Path) -> Option<kube_zerocopy_sidecar::S3Access> {
+        if !self.uri.starts_with("s3://") {
+            return None;
+        }
+        let s3 = self.s3.clone().unwrap_or(S3SourceSpec {
+            endpoint: None,
+            region: None,
+            credentials_secret: None,
+        });
+        Some(kube_zerocopy_sidecar::S3Access {
+            endpoint: s3.endpoint,
+            region: s3.region,
+            credentials_dir: s3
+                .credentials_secret
+                .map(|_| dir.join(SOURCE_S3_DIR).to_string_lossy().into_owned()),
+        })
     }
 }
 

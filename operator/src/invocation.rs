@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
 
-use crate::crd::{DeviceKind, InferencePipelineSpec};
+use crate::crd::{DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput};
 
 pub const SIDECAR_BINARY: &str = "kube-zerocopy-sidecar";
 pub const WORKER_BINARY: &str = "kube-zerocopy-worker";
@@ -23,6 +23,8 @@ pub struct Mounts {
     pub downloads: PathBuf,
     /// The models' bearer tokens and CA bundles, one folder per model (weight server only).
     pub sources: PathBuf,
+    /// The input's and output's S3 credentials, under input/ and output/ (workers only).
+    pub data: PathBuf,
 }
 
 impl Mounts {
@@ -33,6 +35,7 @@ impl Mounts {
             bindings: "/kzc/bindings".into(),
             downloads: "/kzc/downloads".into(),
             sources: "/kzc/sources".into(),
+            data: "/kzc/data".into(),
         }
     }
 }
@@ -77,21 +80,60 @@ pub fn probe(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
     }
 }
 
-/// A Task-mode worker. The shard index comes from `JOB_COMPLETION_INDEX`, which an Indexed
-/// Job sets in each pod (and `kube-zerocopy local` sets per process).
-pub fn task_worker(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
-    let mut env = common_env(spec, mounts);
-    let folder = |d: &Option<crate::crd::DataLocation>| {
-        d.as_ref()
-            .map(|d| d.uri.trim_start_matches("file://").to_owned())
-            .unwrap_or_default()
+/// Where the input or output is (`KZC_INPUT`, a folder or an s3:// prefix) and how it is
+/// reached (`KZC_INPUT_S3`); its credentials are under `mounts.data`/<field>/.
+fn data_env(
+    field: &str,
+    location: Option<&DataLocation>,
+    mounts: &Mounts,
+) -> Vec<(String, String)> {
+    let Some(location) = location else {
+        return vec![];
     };
-    env.push(("KZC_INPUT".into(), folder(&spec.input)));
-    env.push(("KZC_OUTPUT".into(), folder(&spec.output)));
-    // The worker checks the input folder against it: a count that disagrees fails the Task.
-    if let Some(shards) = spec.task.as_ref().and_then(|t| t.shards) {
+    let var = format!("KZC_{}", field.to_uppercase());
+    let mut env = vec![(
+        var.clone(),
+        location.uri.trim_start_matches("file://").to_owned(),
+    )];
+    if let Some(access) = location.access(&mounts.data.join(field)) {
+        env.push((
+            format!("{var}_S3"),
+            serde_json::to_string(&access).expect("S3 settings serialize"),
+        ));
+    }
+    env
+}
+
+/// Lists a Task pipeline's input once (see [`crate::plan`]).
+pub fn planner(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
+    Invocation {
+        command: vec![WORKER_BINARY.into(), "plan".into()],
+        env: data_env("input", spec.input.as_ref(), mounts),
+    }
+}
+
+/// A Task-mode worker. The shard index comes from `JOB_COMPLETION_INDEX`, which an Indexed
+/// Job sets in each pod (and `kube-zerocopy local` sets per process). `plan` is what planning
+/// found when the pipeline does not say how many shards; `run` names this run's records.
+pub fn task_worker(
+    spec: &InferencePipelineSpec,
+    mounts: &Mounts,
+    plan: Option<&PlannedInput>,
+    run: &str,
+) -> Invocation {
+    let mut env = common_env(spec, mounts);
+    env.extend(data_env("input", spec.input.as_ref(), mounts));
+    env.extend(data_env("output", spec.output.as_ref(), mounts));
+    // The worker checks the input against them: a count or a listing that disagrees fails
+    // the Task.
+    let declared = spec.task.as_ref().and_then(|t| t.shards);
+    if let Some(shards) = declared.or(plan.map(|p| p.shards)) {
         env.push(("KZC_SHARDS".into(), shards.to_string()));
     }
+    if let Some(plan) = plan {
+        env.push(("KZC_INPUT_DIGEST".into(), plan.input_digest.clone()));
+    }
+    env.push(("KZC_RUN".into(), run.to_owned()));
     env.push(("KZC_DEVICE".into(), device(spec).into()));
     Invocation {
         command: vec![WORKER_BINARY.into(), "task".into()],

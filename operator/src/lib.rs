@@ -10,6 +10,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod node_store;
+pub mod plan;
 pub mod policy;
 pub mod quantity;
 pub mod render;

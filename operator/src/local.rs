@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
-use crate::crd::{InferencePipeline, Mode, Sharing};
+use crate::crd::{InferencePipeline, Mode, PlannedInput, Sharing};
 use crate::invocation::{self, Invocation, Mounts};
 
 pub struct Options {
@@ -83,29 +83,6 @@ fn checked(file: &Path, object: serde_json::Value) -> Result<InferencePipeline> 
         .with_context(|| format!("{} is not a valid InferencePipeline", file.display()))
 }
 
-/// A Task pipeline run here may leave out `task.shards`: its input folder is at hand, so the
-/// count is its shard files' (the API server needs it written).
-fn with_shards_counted(mut object: serde_json::Value) -> Result<serde_json::Value> {
-    let spec = &object["spec"];
-    if spec["mode"] != "Task" || !spec["task"]["shards"].is_null() {
-        return Ok(object);
-    }
-    // Without an input folder the check says what is missing.
-    let Some(input) = spec["input"]["uri"].as_str() else {
-        return Ok(object);
-    };
-    let count =
-        kube_zerocopy_sidecar::config::shard_files(Path::new(input.trim_start_matches("file://")))?
-            .len();
-    let task = object["spec"]
-        .as_object_mut()
-        .context("spec is not an object")?
-        .entry("task")
-        .or_insert_with(|| serde_json::json!({}));
-    task["shards"] = serde_json::json!(count);
-    Ok(object)
-}
-
 /// The median (the mean of the middle two for an even count; 0 for none).
 pub fn median(xs: &[f64]) -> f64 {
     let mut xs = xs.to_vec();
@@ -149,8 +126,7 @@ fn terminate(child: &mut Child) {
 }
 
 pub fn run(opts: &Options) -> Result<Summary> {
-    let object = with_shards_counted(read_object(&opts.file)?)?;
-    let pipeline = checked(&opts.file, object)?;
+    let pipeline = checked(&opts.file, read_object(&opts.file)?)?;
     let spec = &pipeline.spec;
     let name = pipeline
         .metadata
@@ -171,15 +147,6 @@ pub fn run(opts: &Options) -> Result<Summary> {
         .output
         .as_ref()
         .context("a Task pipeline needs spec.output")?;
-    let shards = kube_zerocopy_sidecar::config::shard_files(Path::new(
-        input.uri.trim_start_matches("file://"),
-    ))?;
-    if shards.is_empty() {
-        bail!(
-            "input folder {} holds no .safetensors shard files",
-            input.uri
-        );
-    }
     if let Some(m) = spec.models.iter().find(|m| {
         m.source.bearer_token_secret.is_some()
             || m.source.ca_config_map.is_some()
@@ -193,6 +160,16 @@ pub fn run(opts: &Options) -> Result<Summary> {
              s3.credentialsSecret): a local run has no cluster to read them from; for s3, \
              give the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
             m.name
+        );
+    }
+    if [input, output].iter().any(|d| {
+        d.s3.as_ref()
+            .is_some_and(|s3| s3.credentials_secret.is_some())
+    }) {
+        bail!(
+            "input or output names s3.credentialsSecret: a local run has no cluster to read \
+             it from; give the credentials in the environment (AWS_ACCESS_KEY_ID, \
+             AWS_SECRET_ACCESS_KEY)"
         );
     }
     let bin_dir = match &opts.bin_dir {
@@ -217,19 +194,22 @@ pub fn run(opts: &Options) -> Result<Summary> {
         downloads: std::env::temp_dir()
             .join(format!("kube-zerocopy-downloads-{}", std::process::id())),
         sources: pod_dir.join("sources"),
+        data: pod_dir.join("data"),
     };
     let logs = pod_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let result = run_pod(
-        opts,
-        &name,
-        &pipeline,
-        &mounts,
-        &bin_dir,
-        &logs,
-        shards.len(),
-        &output.uri,
-    );
+    let result = plan_input(&pipeline, &mounts, &bin_dir).and_then(|plan| {
+        run_pod(
+            opts,
+            &name,
+            &pipeline,
+            &mounts,
+            &bin_dir,
+            &logs,
+            &plan,
+            &output.uri,
+        )
+    });
     if result.is_ok() || spec.sharing == Sharing::Node {
         let _ = std::fs::remove_dir_all(&pod_dir);
     } else {
@@ -237,6 +217,34 @@ pub fn run(opts: &Options) -> Result<Summary> {
     }
     let _ = std::fs::remove_dir_all(&mounts.downloads);
     result
+}
+
+/// Lists the input as the planning Job would (`kube-zerocopy-worker plan`, with this process's
+/// environment for S3 credentials): its shard count, and the listing's digest that each shard
+/// checks.
+fn plan_input(
+    pipeline: &InferencePipeline,
+    mounts: &Mounts,
+    bin_dir: &Path,
+) -> Result<PlannedInput> {
+    let planner = invocation::planner(&pipeline.spec, mounts);
+    let program = bin_dir.join(&planner.command[0]);
+    let out = Command::new(&program)
+        .args(&planner.command[1..])
+        .envs(planner.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {}", program.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "planning the input failed: {}",
+            stderr.trim().trim_start_matches("error: ")
+        );
+    }
+    let plan: PlannedInput =
+        serde_json::from_slice(&out.stdout).context("the planner's answer is not a plan")?;
+    Ok(plan)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -247,10 +255,15 @@ fn run_pod(
     mounts: &Mounts,
     bin_dir: &Path,
     logs: &Path,
-    shard_count: usize,
+    plan: &PlannedInput,
     output: &str,
 ) -> Result<Summary> {
     let spec = &pipeline.spec;
+    let declared = spec.task.as_ref().and_then(|t| t.shards);
+    let shard_count = declared.unwrap_or(plan.shards) as usize;
+    // As in the cluster: a declared count is checked by each shard, a planned one also by
+    // the listing's digest.
+    let plan = declared.is_none().then_some(plan);
     let started = Instant::now();
     let sidecar_log = logs.join("sidecar.log");
     let mut sidecar = spawn(
@@ -302,7 +315,14 @@ fn run_pod(
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let worker = invocation::task_worker(spec, mounts);
+    let run = format!(
+        "local-{}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        std::process::id()
+    );
+    let worker = invocation::task_worker(spec, mounts, plan, &run);
     let mut pending: VecDeque<usize> = (0..shard_count).collect();
     let mut running: Vec<(usize, Child)> = Vec::new();
     let mut reports = Vec::new();

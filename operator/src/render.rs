@@ -31,8 +31,8 @@ use kube_zerocopy_sidecar::config::{
 use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
-    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, Sharing, SOURCE_CA_FILE,
-    SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, Sharing,
+    SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -55,6 +55,8 @@ pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
 pub const MODELS_VOLUME: &str = "kzc-models";
 /// A model's token and CA bundle: kzc-source-<index of the model>.
 pub const SOURCE_VOLUME_PREFIX: &str = "kzc-source-";
+/// The input's or output's S3 credentials: kzc-input-credentials, kzc-output-credentials.
+const DATA_CREDENTIALS_SUFFIX: &str = "-credentials";
 
 /// What the operator itself decides, not the pipeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +104,10 @@ pub enum Rendered {
     Task {
         job: Box<Job>,
     },
+    /// A Task pipeline whose shards are not known yet: the Job that plans its input first.
+    Plan {
+        job: Box<Job>,
+    },
     Actor {
         deployment: Box<Deployment>,
         service: Box<Service>,
@@ -112,7 +118,7 @@ impl Rendered {
     /// Every object, as YAML documents (what `kube-zerocopy render` prints).
     pub fn to_yaml(&self) -> Result<String> {
         let docs = match self {
-            Rendered::Task { job } => vec![serde_yaml::to_string(job)?],
+            Rendered::Task { job } | Rendered::Plan { job } => vec![serde_yaml::to_string(job)?],
             Rendered::Actor {
                 deployment,
                 service,
@@ -308,6 +314,7 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
             (vec![volume], mounts)
         }
     };
+    all.extend(data_volumes(&pipeline.spec).into_iter().map(|(v, _)| v));
     if let Some(extra) = pipeline
         .spec
         .template
@@ -406,6 +413,39 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
         .collect()
 }
 
+/// The input's and output's S3 credentials (when they name a Secret) as projected volumes, with
+/// the field whose folder under [`Mounts::data`] each is mounted on. Only the containers that
+/// read or write the data mount them (the workers, and the planner the input's).
+fn data_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, &'static str)> {
+    [("input", &spec.input), ("output", &spec.output)]
+        .into_iter()
+        .filter_map(|(field, location)| {
+            let secret = location
+                .as_ref()?
+                .s3
+                .as_ref()?
+                .credentials_secret
+                .as_ref()?;
+            let volume = Volume {
+                name: format!("kzc-{field}{DATA_CREDENTIALS_SUFFIX}"),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(s3_credentials(secret)),
+                    default_mode: Some(0o440),
+                }),
+                ..Default::default()
+            };
+            Some((volume, field))
+        })
+        .collect()
+}
+
+fn data_mounts(volumes: &[(Volume, &str)], mounts: &Mounts) -> Vec<VolumeMount> {
+    volumes
+        .iter()
+        .map(|(v, field)| mount(&v.name, &mounts.data.join(field), true))
+        .collect()
+}
+
 /// The weight server's mounts: its own three, writable, then every mount of the pipeline's
 /// template, read-only. A `file://` model lives on one of the template's volumes (a PVC at
 /// /models), so the sidecar, which reads it, needs them as the worker does; it only reads
@@ -497,13 +537,7 @@ fn pod_template(
 ) -> PodTemplateSpec {
     let spec = &pipeline.spec;
     let overrides = spec.template.clone().unwrap_or_default();
-    let image = overrides
-        .image
-        .clone()
-        .unwrap_or_else(|| match spec.device {
-            DeviceKind::Cpu => settings.runtime_image.clone(),
-            DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
-        });
+    let image = runtime_image(spec, settings);
     let (mut worker_mounts, init_containers) = match spec.sharing {
         Sharing::Pod => (
             vec![
@@ -516,6 +550,7 @@ fn pod_template(
         // weight server in the pod, and the weights are the agent's memory, not the pod's.
         Sharing::Node => (vec![mount(MODELS_VOLUME, &mounts.store, true)], None),
     };
+    worker_mounts.extend(data_mounts(&data_volumes(spec), mounts));
     worker_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut resources = overrides.resources.clone().unwrap_or_default();
     if spec.device == DeviceKind::Cuda {
@@ -577,19 +612,131 @@ fn pod_template(
             node_selector: overrides.node_selector.clone(),
             affinity: prefer_nodes_holding(spec),
             tolerations: overrides.tolerations.clone(),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(RUN_AS),
-                run_as_group: Some(RUN_AS),
-                fs_group: Some(RUN_AS),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(pod_security()),
             ..Default::default()
         }),
+    }
+}
+
+/// Every pod's: not root, the runtime's seccomp profile (Pod Security `restricted`).
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The image a pipeline's pods run.
+fn runtime_image(spec: &InferencePipelineSpec, settings: &Settings) -> String {
+    let overrides = spec.template.clone().unwrap_or_default();
+    overrides.image.unwrap_or_else(|| match spec.device {
+        DeviceKind::Cpu => settings.runtime_image.clone(),
+        DeviceKind::Cuda => settings.cuda_runtime_image.clone(),
+    })
+}
+
+/// The Job that plans a Task pipeline's input (see [`crate::plan`]): one pod, no models, the
+/// template's volumes for a folder and the input's credentials for a prefix; tried 3 times,
+/// at once given up when retrying cannot help (an input without shard files), and never
+/// longer than 10 minutes.
+pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job> {
+    let spec = &pipeline.spec;
+    policy::check(spec, &settings.policy)?;
+    let overrides = spec.template.clone().unwrap_or_default();
+    let mounts = Mounts::in_pod();
+    let planner = invocation::planner(spec, &mounts);
+    let credentials: Vec<_> = data_volumes(spec)
+        .into_iter()
+        .filter(|(_, field)| *field == "input")
+        .collect();
+    let mut volume_mounts = data_mounts(&credentials, &mounts);
+    volume_mounts.extend(
+        overrides
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| VolumeMount {
+                read_only: Some(true),
+                ..m.clone()
+            }),
+    );
+    let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
+    volumes.extend(overrides.volumes.clone().unwrap_or_default());
+    let container = Container {
+        name: crate::plan::PLAN_CONTAINER.into(),
+        image: Some(runtime_image(spec, settings)),
+        command: Some(planner.command.clone()),
+        env: Some(env(&planner)),
+        security_context: Some(restricted()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(volume_mounts),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("50m".into())),
+                ("memory".into(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(memory(256 << 20)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut labels = labels(pipeline);
+    labels.insert(
+        crate::plan::STEP_LABEL.into(),
+        crate::plan::PLAN_STEP.into(),
+    );
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(crate::plan::job_name(pipeline)),
+            labels: Some(labels.clone()),
+            ..metadata(pipeline)
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(2),
+            active_deadline_seconds: Some(600),
+            pod_failure_policy: Some(fail_at_once_on_permanent(crate::plan::PLAN_CONTAINER)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    restart_policy: Some("Never".into()),
+                    service_account_name: overrides.service_account_name.clone(),
+                    automount_service_account_token: Some(false),
+                    node_selector: overrides.node_selector.clone(),
+                    tolerations: overrides.tolerations.clone(),
+                    security_context: Some(pod_security()),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Fails the Job at once when `container` says that retrying cannot help (its exit code).
+fn fail_at_once_on_permanent(container: &str) -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![PodFailurePolicyRule {
+            action: "FailJob".into(),
+            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                container_name: Some(container.into()),
+                operator: "In".into(),
+                values: vec![EXIT_PERMANENT],
+            }),
+            ..Default::default()
+        }],
     }
 }
 
@@ -626,43 +773,82 @@ fn prefer_nodes_holding(spec: &InferencePipelineSpec) -> Option<Affinity> {
     })
 }
 
-/// Renders a pipeline. Pure: the same pipeline and settings always give the same objects.
+/// Renders a pipeline. Pure: the same pipeline and settings always give the same objects. A
+/// Task pipeline that does not say how many shards it has becomes the Job that plans them.
 pub fn render(pipeline: &InferencePipeline, settings: &Settings) -> Result<Rendered> {
+    render_planned(pipeline, settings, None)
+}
+
+/// The name of a pipeline's run: its records and manifest are the run's (see the worker's
+/// task module). One generation of one pipeline (its uid: one re-created under the same name
+/// is another).
+pub fn run_name(pipeline: &InferencePipeline) -> String {
+    let uid = pipeline.metadata.uid.as_deref().unwrap_or("local");
+    format!(
+        "{}-{}",
+        uid.split('-').next().unwrap_or(uid),
+        pipeline.metadata.generation.unwrap_or(0)
+    )
+}
+
+/// [`render`], given what planning found when the pipeline does not say how many shards.
+pub fn render_planned(
+    pipeline: &InferencePipeline,
+    settings: &Settings,
+    plan: Option<&PlannedInput>,
+) -> Result<Rendered> {
     let spec = &pipeline.spec;
     policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
+    // A declared count needs no plan: the workers check the count alone.
+    let plan = plan.filter(|_| crate::plan::needed(spec));
+    if crate::plan::needed(spec) && plan.is_none() {
+        return Ok(Rendered::Plan {
+            job: Box::new(plan_job(pipeline, settings)?),
+        });
+    }
     let model_bytes = total_model_bytes(pipeline)?;
     let (volumes, mounts) = volumes(pipeline, model_bytes);
     let worker = match spec.mode {
-        Mode::Task => invocation::task_worker(spec, &mounts),
+        Mode::Task => invocation::task_worker(spec, &mounts, plan, &run_name(pipeline)),
         Mode::Actor => invocation::actor_worker(spec, &mounts),
     };
     let template = pod_template(pipeline, settings, worker, &mounts, volumes, model_bytes);
     match spec.mode {
         Mode::Task => {
             let task = spec.task.clone().unwrap_or_default();
-            let shards = task.shards.context("mode Task needs spec.task.shards")?;
+            let shards = task
+                .shards
+                .or(plan.map(|p| p.shards))
+                .context("mode Task needs spec.task.shards or a plan")?;
+            let name = pipeline.metadata.name.as_deref().unwrap_or_default();
+            // The host name of each pod is <name>-zerocopy-<index>: the schema checks it
+            // for a declared count, this for a planned one.
+            if format!("{name}-zerocopy-{}", shards - 1).len() > 63 {
+                bail!(
+                    "metadata.name is too long for the {shards} shards planned: each pod's host                      name <name>-zerocopy-<shard index> must have at most 63 characters"
+                );
+            }
+            let mut metadata = metadata(pipeline);
+            if let Some(plan) = plan {
+                metadata.annotations = Some(BTreeMap::from([(
+                    crate::plan::INPUT_DIGEST.to_owned(),
+                    plan.input_digest.clone(),
+                )]));
+            }
             let job = Job {
-                metadata: metadata(pipeline),
+                metadata,
                 spec: Some(JobSpec {
                     completion_mode: Some("Indexed".into()),
                     completions: Some(shards),
                     parallelism: Some(task.parallelism.unwrap_or(1).min(shards)),
                     // A failing shard is retried on its own; the others go on.
                     backoff_limit_per_index: Some(2),
-                    // Unless retrying cannot help (the input folder disagrees with the
-                    // pipeline): the worker says so with its exit code, the Job fails at once.
-                    pod_failure_policy: Some(PodFailurePolicy {
-                        rules: vec![PodFailurePolicyRule {
-                            action: "FailJob".into(),
-                            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                                container_name: Some(crate::status::WORKER_CONTAINER.into()),
-                                operator: "In".into(),
-                                values: vec![EXIT_PERMANENT],
-                            }),
-                            ..Default::default()
-                        }],
-                    }),
+                    // Unless retrying cannot help (the input disagrees with the pipeline or its
+                    // plan): the worker says so with its exit code, the Job fails at once.
+                    pod_failure_policy: Some(fail_at_once_on_permanent(
+                        crate::status::WORKER_CONTAINER,
+                    )),
                     template,
                     ..Default::default()
                 }),

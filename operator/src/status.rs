@@ -53,6 +53,10 @@ pub enum Reason {
     SpecChangeRefused,
     /// A finished Task runs again for a changed spec: Progressing, until the new Job ends.
     Rerun,
+    /// A Task pipeline's input is being listed to find its shards.
+    Planning,
+    /// Listing the input failed (no shard files, no access): nothing runs until it can.
+    InputNotPlanned,
     WeightServerFailed,
     /// The node agent refused or failed to mount a Node-sharing pod's models (its words, from
     /// the kubelet's FailedMount event).
@@ -81,6 +85,8 @@ impl Reason {
             Reason::PodsNotStarting => "PodsNotStarting",
             Reason::SpecChangeRefused => "SpecChangeRefused",
             Reason::Rerun => "Rerun",
+            Reason::Planning => "Planning",
+            Reason::InputNotPlanned => "InputNotPlanned",
             Reason::WeightServerFailed => "WeightServerFailed",
             Reason::ModelsNotMounted => "ModelsNotMounted",
             Reason::Published => "Published",
@@ -115,6 +121,8 @@ pub struct Observed<'a> {
     /// Set when nothing could be applied: the pipeline's objects cannot be made, were refused,
     /// or would take over another's.
     pub blocked: Option<Blocked>,
+    /// While the shards are planned: how it stands (no Job yet).
+    pub planning: Option<String>,
     /// Node sharing: why the node agent did not mount a pod's models (the latest FailedMount
     /// of the pipeline's waiting pods), with the pod's name.
     pub mount_failure: Option<String>,
@@ -330,12 +338,15 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardSt
                     shards.succeeded, total, shards.active
                 ),
             ),
-            (None, None) => cond(
-                ConditionType::Progressing,
-                true,
-                Reason::Creating,
-                "creating the Job",
-            ),
+            (None, None) => match &observed.planning {
+                Some(how) => cond(ConditionType::Progressing, true, Reason::Planning, how),
+                None => cond(
+                    ConditionType::Progressing,
+                    true,
+                    Reason::Creating,
+                    "creating the Job",
+                ),
+            },
         };
         conds.push(progressing);
         if shards.active > 0 || shards.succeeded > 0 {
@@ -563,6 +574,7 @@ pub fn compute(
         phase: Some(phase),
         progress,
         shards,
+        planned_input: observed.job.and_then(crate::plan::of_job),
         conditions,
         observed_generation: generation,
     }

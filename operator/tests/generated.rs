@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use kube::CustomResourceExt;
-use kube_zerocopy::crd::{InferencePipeline, Mode, Sharing};
+use kube_zerocopy::crd::{InferencePipeline, Mode, PlannedInput, Sharing};
 use kube_zerocopy::local::load_pipeline;
 use kube_zerocopy::node_store::NodeStore;
 use kube_zerocopy::render::{
-    render, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, MODELS_VOLUME, STORE_VOLUME,
+    render, render_planned, Rendered, Settings, BINDINGS_VOLUME, DOWNLOADS_VOLUME, MODELS_VOLUME,
+    STORE_VOLUME,
 };
 
 fn repo() -> PathBuf {
@@ -50,8 +51,16 @@ fn pipeline(name: &str) -> InferencePipeline {
     load_pipeline(&repo().join(format!("examples/{name}.yaml"))).unwrap()
 }
 
+/// The objects of an example; one whose shards are planned as once its plan found 4.
 fn rendered(name: &str) -> Rendered {
-    render(&pipeline(name), &Settings::default()).unwrap()
+    render_planned(&pipeline(name), &Settings::default(), Some(&planned())).unwrap()
+}
+
+fn planned() -> PlannedInput {
+    PlannedInput {
+        shards: 4,
+        input_digest: "ab".repeat(32),
+    }
 }
 
 #[test]
@@ -67,7 +76,9 @@ fn committed_renders_match_the_examples() {
 
 fn pod_spec(r: &Rendered) -> PodSpec {
     match r {
-        Rendered::Task { job } => job.spec.clone().unwrap().template.spec.unwrap(),
+        Rendered::Task { job } | Rendered::Plan { job } => {
+            job.spec.clone().unwrap().template.spec.unwrap()
+        }
         Rendered::Actor { deployment, .. } => {
             deployment.spec.clone().unwrap().template.spec.unwrap()
         }
@@ -138,6 +149,7 @@ fn rendered_pods_keep_their_promises() {
                 "KZC_INPUT",
                 "KZC_OUTPUT",
                 "KZC_SHARDS",
+                "KZC_RUN",
                 "KZC_DEVICE",
             ],
             _ => &[
@@ -430,4 +442,91 @@ fn the_weight_server_can_read_every_file_model_and_writes_only_its_own_volumes()
     }
     // A Pod-sharing example reads its model from a PVC: the check above is not empty.
     assert!(file_models > 0);
+}
+
+/// A Task pipeline on S3 prefixes without a shard count: first the planning Job, one
+/// restricted container that lists the input with the input's credentials only (no weight
+/// server, no models, no output credentials); then, planned, the Indexed Job whose workers
+/// carry the plan and mount both prefixes' credentials, which the weight server never mounts.
+#[test]
+fn an_unplanned_task_is_planned_first_and_only_the_workers_mount_the_datas_credentials() {
+    let pipeline = pipeline("task-s3");
+    let Rendered::Plan { job } = render(&pipeline, &Settings::default()).unwrap() else {
+        panic!("task-s3 without a plan renders its planning Job");
+    };
+    assert_eq!(job.metadata.name.as_deref(), Some("embed-s3-plan"));
+    let spec = job.spec.clone().unwrap();
+    assert_eq!(spec.completions, None);
+    let pod = spec.template.spec.unwrap();
+    assert!(pod.init_containers.is_none(), "no weight server");
+    assert_eq!(pod.containers.len(), 1);
+    let planner = &pod.containers[0];
+    assert_eq!(planner.name, "plan");
+    assert_eq!(
+        planner.command.clone().unwrap(),
+        ["kube-zerocopy-worker", "plan"]
+    );
+    let sc = planner.security_context.as_ref().unwrap();
+    assert_eq!(
+        (sc.run_as_non_root, sc.read_only_root_filesystem),
+        (Some(true), Some(true))
+    );
+    let env = env_of(planner);
+    assert!(
+        env.contains(&("KZC_INPUT".into(), "s3://batch/inputs/".into())),
+        "{env:?}"
+    );
+    let s3 = &env.iter().find(|(k, _)| k == "KZC_INPUT_S3").unwrap().1;
+    assert!(
+        s3.contains(r#""credentialsDir":"/kzc/data/input/s3""#),
+        "{s3}"
+    );
+    assert!(
+        !env.iter()
+            .any(|(k, _)| k.starts_with("KZC_OUTPUT") || k == "KZC_MODELS"),
+        "{env:?}"
+    );
+    let volumes: Vec<String> = pod
+        .volumes
+        .unwrap()
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    assert_eq!(volumes, ["kzc-input-credentials"]);
+
+    let Rendered::Task { job } = rendered("task-s3") else {
+        panic!("task-s3 with a plan renders its Job");
+    };
+    assert_eq!(
+        job.metadata.annotations.as_ref().unwrap()["kube-zerocopy.io/input-digest"],
+        "ab".repeat(32)
+    );
+    let spec = job.spec.unwrap();
+    assert_eq!(spec.completions, Some(4));
+    let pod = spec.template.spec.unwrap();
+    let worker = &pod.containers[0];
+    let env = env_of(worker);
+    for (k, v) in [
+        ("KZC_SHARDS", "4".to_owned()),
+        ("KZC_INPUT_DIGEST", "ab".repeat(32)),
+    ] {
+        assert!(env.contains(&(k.into(), v)), "{k}: {env:?}");
+    }
+    let mounted = |c: &Container| -> Vec<(String, String)> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.name.ends_with("-credentials"))
+            .map(|m| (m.name.clone(), m.mount_path.clone()))
+            .collect()
+    };
+    assert_eq!(
+        mounted(worker),
+        [
+            ("kzc-input-credentials".into(), "/kzc/data/input".into()),
+            ("kzc-output-credentials".into(), "/kzc/data/output".into())
+        ]
+    );
+    let sidecar = &pod.init_containers.as_ref().unwrap()[0];
+    assert!(mounted(sidecar).is_empty(), "{:?}", mounted(sidecar));
 }

@@ -50,7 +50,7 @@ const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Writes `message` as the termination message, only into a file that exists: Kubernetes
 /// mounts it in a pod; outside one, nothing is created (not even in /dev, as root).
-fn write_termination_message(message: &str) {
+pub fn write_termination_message(message: &str) {
     let path = std::env::var("KZC_TERMINATION_LOG").unwrap_or_else(|_| TERMINATION_LOG.into());
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .write(true)

@@ -119,7 +119,7 @@ impl Location {
     }
 }
 
-fn s3_store(bucket: &str, access: Option<&S3Access>) -> Result<AmazonS3> {
+pub fn s3_store(bucket: &str, access: Option<&S3Access>) -> Result<AmazonS3> {
     // The environment's settings first (AWS_REGION, web identity), the pipeline's over them.
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(access) = access {

@@ -32,7 +32,6 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
         ("zero replicas", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 0}}\n")), "actor.replicas must be at least 1"),
         ("unknown mode", base(&format!("  mode: Batch\n{model}")), "Unsupported value: \"Batch\""),
-        ("Task without shards", base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n")), "needs spec.task.shards"),
         (
             "bad model name",
             base(&format!("  mode: Task\n  models: [{{name: Encoder_1, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
@@ -86,12 +85,27 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "an s3 endpoint with a path",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', s3: {{endpoint: 'http://minio:9000/weights'}}}}}}]\n{task}")),
-            "source.s3.endpoint must be http(s)://<host>[:<port>]",
+            "s3.endpoint must be http(s)://<host>[:<port>]",
         ),
         (
             "an s3 source with Node sharing",
             base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{credentialsSecret: s3-reader}}}}}}]\n{task}", zeros = "0".repeat(64))),
             "sharing: Node does not read s3:// sources",
+        ),
+        (
+            "s3 settings for a folder of data",
+            base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in', s3: {{region: eu-west-1}}}}\n  output: {{uri: 'file:///out'}}\n")),
+            "s3 applies only to s3:// input and output prefixes",
+        ),
+        (
+            "data at an http URL",
+            base(&format!("  mode: Task\n{model}  input: {{uri: 'https://data.example/in/'}}\n  output: {{uri: 'file:///out'}}\n")),
+            "input and output must be file:/// folders mounted into the pod or s3://<bucket>/<prefix>/",
+        ),
+        (
+            "an s3 output in a bucket with an invalid name",
+            base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 's3://Out_Bucket/x/'}}\n")),
+            "a bucket name of 3 to 63 lowercase letters",
         ),
         (
             "a bearer token with Node sharing",

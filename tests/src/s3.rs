@@ -155,7 +155,8 @@ impl S3Server {
         self.curl(
             &format!("creating bucket {name}"),
             &["-X".as_ref(), "PUT".as_ref(), url.as_ref()],
-        )
+        )?;
+        Ok(())
     }
 
     /// Puts an object from memory (through a file, as [`S3Server::put_file`]).
@@ -167,6 +168,12 @@ impl S3Server {
         self.put_file(bucket, key, file.path())
     }
 
+    /// An object's bytes.
+    pub fn get_object(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
+        let url = self.url(bucket, key)?;
+        self.curl(&format!("getting s3://{bucket}/{key}"), &[url.as_ref()])
+    }
+
     /// Puts a file as an object, streamed by curl (`-T`): a model of gigabytes is never read
     /// into this process's memory.
     pub fn put_file(&self, bucket: &str, key: &str, path: &Path) -> Result<()> {
@@ -174,11 +181,13 @@ impl S3Server {
         self.curl(
             &format!("putting {} as s3://{bucket}/{key}", path.display()),
             &["-T".as_ref(), path.as_os_str(), url.as_ref()],
-        )
+        )?;
+        Ok(())
     }
 
-    /// Runs curl with a SigV4 signature for this server; fails with its answer unless 2xx.
-    fn curl(&self, what: &str, args: &[&OsStr]) -> Result<()> {
+    /// Runs curl with a SigV4 signature for this server: the answer's body, or an error with
+    /// it unless 2xx.
+    fn curl(&self, what: &str, args: &[&OsStr]) -> Result<Vec<u8>> {
         let out = Command::new("curl")
             .args(["--silent", "--show-error", "--fail-with-body"])
             .arg("--aws-sigv4")
@@ -199,7 +208,7 @@ impl S3Server {
                 String::from_utf8_lossy(&out.stdout)
             );
         }
-        Ok(())
+        Ok(out.stdout)
     }
 }
 

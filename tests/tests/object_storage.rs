@@ -1,7 +1,8 @@
 //! Models fetched from a real S3 server (versitygw on 127.0.0.1, `tests/src/s3.rs`) by
 //! `kube-zerocopy-sidecar publish`: safetensors and TorchScript models streamed by byte ranges
 //! into place and laid out as from their files, connections cut midway resumed, a wrong
-//! checksum and refused credentials refused with nothing published.
+//! checksum and refused credentials refused with nothing published; and a Task pipeline's
+//! shards read from and written to S3 prefixes, planned without counting, with a manifest.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -13,6 +14,7 @@ use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
 use kube_zerocopy_sidecar::layout::TENSORS_FILE;
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource, S3Access};
+use sha2::Digest;
 
 const BUCKET: &str = "models";
 
@@ -346,13 +348,7 @@ fn local_run_fetches_its_models_from_s3_with_the_environment_s_credentials() {
         );
         let file = d.join(format!("{name}.yaml"));
         std::fs::write(&file, yaml).unwrap();
-        let out = std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
-            .args(["local", "run", "--json", "-f"])
-            .arg(&file)
-            .env("AWS_ACCESS_KEY_ID", &server.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
-            .output()
-            .unwrap();
+        let out = local_run(&file, &server);
         assert!(
             out.status.success(),
             "{name}: {}{}",
@@ -371,12 +367,228 @@ fn local_run_fetches_its_models_from_s3_with_the_environment_s_credentials() {
         &format!("file://{}", head.display()),
     );
     let mut compared = 0;
-    for entry in std::fs::read_dir(d.join("from-files")).unwrap() {
-        let name = entry.unwrap().file_name();
-        let expected = kube_zerocopy_e2e::read_output(&d.join("from-files").join(&name));
-        let got = kube_zerocopy_e2e::read_output(&d.join("from-s3").join(&name));
+    for shard in kube_zerocopy_worker::task::list_shards(&d.join("from-files")).unwrap() {
+        let name = shard.file_name().unwrap();
+        let expected = kube_zerocopy_e2e::read_output(&d.join("from-files").join(name));
+        let got = kube_zerocopy_e2e::read_output(&d.join("from-s3").join(name));
         assert!(got.equal(&expected), "{name:?} differs");
         compared += 1;
     }
     assert_eq!(compared, 3);
+}
+
+const DATA: &str = "data";
+
+/// A Task pipeline file for `kube-zerocopy local run`: the TorchScript encoder and safetensors
+/// head from files, then `input` and `output` (a folder, or an s3:// prefix on `server`).
+fn data_pipeline(d: &Path, name: &str, input: &str, output: &str, server: &S3Server) -> PathBuf {
+    let location = |uri: &str| {
+        if uri.starts_with("s3://") {
+            format!(
+                "{{uri: '{uri}', s3: {{endpoint: '{}', region: {}}}}}",
+                server.endpoint, server.region
+            )
+        } else {
+            format!("{{uri: 'file://{uri}'}}")
+        }
+    };
+    let yaml = format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: {name}}}\nspec:\n  mode: Task\n  models:\n    - {{name: encoder, format: TorchScript, source: {{uri: 'file://{}'}}}}\n    - {{name: head, format: Safetensors, architecture: Mlp, source: {{uri: 'file://{}'}}}}\n  input: {}\n  output: {}\n  task: {{parallelism: 2}}\n",
+        d.join("encoder.pt").display(),
+        d.join("head.safetensors").display(),
+        location(input),
+        location(output),
+    );
+    let file = d.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+fn local_run(file: &Path, server: &S3Server) -> std::process::Output {
+    std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
+        .args(["local", "run", "--json", "-f"])
+        .arg(file)
+        .env("AWS_ACCESS_KEY_ID", &server.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .output()
+        .unwrap()
+}
+
+/// The tensor `output` of a safetensors object.
+fn output_of(bytes: &[u8]) -> tch::Tensor {
+    kube_zerocopy_worker::actor::decode_output(bytes).unwrap()
+}
+
+/// A Task pipeline whose input and output are S3 prefixes and whose shards nobody counted:
+/// `kube-zerocopy local run` plans the input (3 shard objects; another file and a "folder"
+/// below the prefix are not shards), each shard reads its object and writes its output object
+/// in one PUT, and the last one writes manifest.json beside them: every shard's input, the
+/// version it read and the output's sha256, equal to the object's. Outputs equal the same
+/// pipeline's run on folders, whose manifest says the same.
+#[test]
+fn a_task_pipeline_reads_and_writes_s3_prefixes_and_writes_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    model_file(d, "script", "encoder.pt", "128,256,64");
+    model_file(d, "mlp", "head.safetensors", "64,32,5");
+    make_model(&[
+        "inputs",
+        d.join("input").to_str().unwrap(),
+        "--shards",
+        "3",
+        "--batch",
+        "4",
+        "--features",
+        "128",
+    ]);
+    let server = server_with(&[]);
+    server.create_bucket(DATA).unwrap();
+    let shards = kube_zerocopy_worker::task::list_shards(&d.join("input")).unwrap();
+    for shard in &shards {
+        let name = shard.file_name().unwrap().to_str().unwrap();
+        server.put_file(DATA, &format!("in/{name}"), shard).unwrap();
+    }
+    server
+        .put_object(DATA, "in/README.txt", b"not a shard")
+        .unwrap();
+    server
+        .put_file(DATA, "in/older/shard-x.safetensors", &shards[0])
+        .unwrap();
+
+    let out = local_run(
+        &data_pipeline(d, "on-s3", "s3://data/in/", "s3://data/out/", &server),
+        &server,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["shards"], 3, "{summary}");
+    assert_eq!(summary["succeeded"], 3, "{summary}");
+    let folders = d.join("on-folders");
+    let out = local_run(
+        &data_pipeline(
+            d,
+            "on-folders",
+            d.join("input").to_str().unwrap(),
+            folders.to_str().unwrap(),
+            &server,
+        ),
+        &server,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&server.get_object(DATA, "out/manifest.json").unwrap()).unwrap();
+    let on_folders: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folders.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["input"], "s3://data/in/");
+    assert_eq!(manifest["output"], "s3://data/out/");
+    let recorded = manifest["shards"].as_array().unwrap();
+    assert_eq!(recorded.len(), 3, "{manifest:#}");
+    for (i, shard) in shards.iter().enumerate() {
+        let name = shard.file_name().unwrap().to_str().unwrap();
+        let record = &recorded[i];
+        assert_eq!(record["shard"], i);
+        assert_eq!(record["input"], name);
+        assert_eq!(record["output"], name);
+        let object = server.get_object(DATA, &format!("out/{name}")).unwrap();
+        assert_eq!(
+            record["sha256"].as_str().unwrap(),
+            hex::encode(sha2::Sha256::digest(&object)),
+            "the manifest's digest of {name}"
+        );
+        assert_eq!(record["bytes"], object.len());
+        // The version read is the object's ETag as listed.
+        assert!(record["inputVersion"].as_str().unwrap().starts_with('"'));
+        let expected = output_of(&std::fs::read(folders.join(name)).unwrap());
+        assert!(output_of(&object).equal(&expected), "{name} differs");
+        assert_eq!(
+            on_folders["shards"][i]["sha256"], record["sha256"],
+            "{name}"
+        );
+    }
+}
+
+/// What a shard checks before it reads: an input changed since it was planned (an object
+/// added) is refused for good, and so is an object replaced between its listing and its read
+/// (the read is If-Match the listed ETag); an empty prefix cannot be planned; refused
+/// credentials name the field that holds them.
+#[test]
+fn a_changed_input_is_refused_and_an_empty_one_cannot_be_planned() {
+    use kube_zerocopy_sidecar::process::Permanent;
+    use kube_zerocopy_worker::data::Store;
+    use kube_zerocopy_worker::task::{checked_listing, plan, Shard};
+
+    let server = server_with(&[]);
+    server.create_bucket(DATA).unwrap();
+    let access = S3Access {
+        endpoint: Some(server.endpoint.clone()),
+        region: Some(server.region.clone()),
+        credentials_dir: None,
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", &server.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &server.secret_key);
+    let input = Store::open("s3://data/in/", Some(&access), "input").unwrap();
+    let empty = plan(&input).unwrap_err();
+    assert!(empty.is::<Permanent>(), "{empty:#}");
+    assert!(
+        format!("{empty:#}").contains("the input s3://data/in/ holds no .safetensors shard files"),
+        "{empty:#}"
+    );
+
+    server
+        .put_object(DATA, "in/a.safetensors", b"first")
+        .unwrap();
+    server
+        .put_object(DATA, "in/b.safetensors", b"second")
+        .unwrap();
+    let planned = plan(&input).unwrap();
+    assert_eq!(planned.shards, 2);
+    let output = Store::open("s3://data/out/", Some(&access), "output").unwrap();
+    let shard = |index| Shard {
+        input: &input,
+        output: &output,
+        index,
+        expected: Some(planned.shards),
+        planned: Some(&planned.input_digest),
+        run: "test",
+    };
+    let listed = checked_listing(&shard(1)).unwrap();
+    assert_eq!(listed[1].name, "b.safetensors");
+
+    // Replaced after its listing: the read refuses it.
+    server
+        .put_object(DATA, "in/b.safetensors", b"rewritten")
+        .unwrap();
+    let replaced = input.read(&listed[1]).unwrap_err();
+    assert!(replaced.is::<Permanent>(), "{replaced:#}");
+    assert!(
+        format!("{replaced:#}").contains("s3://data/in/b.safetensors changed since"),
+        "{replaced:#}"
+    );
+    // Listed again, the input is not the one planned.
+    let changed = checked_listing(&shard(0)).unwrap_err();
+    assert!(changed.is::<Permanent>(), "{changed:#}");
+    assert!(
+        format!("{changed:#}").contains("changed since its shards were planned"),
+        "{changed:#}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = credentials(dir.path(), &server.access_key, "not-the-secret");
+    let refused = Store::open(
+        "s3://data/in/",
+        Some(&S3Access {
+            credentials_dir: Some(wrong.to_string_lossy().into_owned()),
+            ..access.clone()
+        }),
+        "input",
+    )
+    .unwrap()
+    .shards()
+    .unwrap_err();
+    println!("refused: {refused:#}");
+    assert!(
+        format!("{refused:#}").contains("input.s3.credentialsSecret"),
+        "{refused:#}"
+    );
 }

@@ -7,11 +7,13 @@
 //! - [`jit`]: TorchScript modules whose parameters, buffers and constants live in the mapping.
 //! - [`model`]: one loaded model of either format, on cpu or cuda.
 //! - [`memory`]: RSS/PSS/USS from /proc, to prove the sharing.
-//! - [`task`]: the Task-mode shard runner behind `kube-zerocopy-worker task`.
+//! - [`task`]: the Task-mode planner and shard runner behind `kube-zerocopy-worker plan` and
+//!   `task`; [`data`]: the folders and object storage prefixes they read and write.
 //! - [`actor`]: the Actor-mode batch server behind `kube-zerocopy-worker actor`.
 
 pub mod actor;
 pub mod cuda;
+pub mod data;
 mod ffi;
 pub mod jit;
 pub mod memory;

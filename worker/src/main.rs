@@ -1,6 +1,8 @@
 //! `kube-zerocopy-worker`: maps the pod's published models and runs them.
 //!
-//! - `task`: one shard of the input folder (Task mode, one pod per completion index).
+//! - `plan`: list a Task pipeline's input once; its shard count and listing digest as JSON
+//!   (stdout, and the termination message, which the operator reads).
+//! - `task`: one shard of the input (Task mode, one pod per completion index).
 //! - `actor`: map once, serve batches over HTTP (Actor mode).
 //! - `inspect`: load, run one input, report load time, pointers and memory as JSON; `--hold`
 //!   keeps the process alive until stdin closes, so that /proc can be read while it runs.
@@ -12,9 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_sidecar::config::models_from_env;
+use kube_zerocopy_sidecar::config::S3Access;
 use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::actor::Limits;
+use kube_zerocopy_worker::data::Store;
 use kube_zerocopy_worker::memory::MemoryStats;
 use kube_zerocopy_worker::{task, LoadedModel, Pipeline};
 use serde_json::json;
@@ -45,18 +49,33 @@ enum Loader {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one shard of the input folder through the models, in order.
+    /// List the input once: how many shards, and the digest of the listing.
+    Plan {
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Run one shard of the input through the models, in order.
     Task {
         /// The shard: the Indexed Job's completion index.
         #[arg(long, env = "JOB_COMPLETION_INDEX")]
         shard_index: usize,
-        #[arg(long, env = "KZC_INPUT")]
-        input: PathBuf,
+        #[command(flatten)]
+        input: Input,
+        /// A folder, or an object storage prefix (s3://bucket/prefix/).
         #[arg(long, env = "KZC_OUTPUT")]
-        output: PathBuf,
-        /// How many shard files the input folder must hold (the Job's completions).
+        output: String,
+        /// How to reach an s3:// output (JSON: endpoint, region, credentialsDir).
+        #[arg(long, env = "KZC_OUTPUT_S3", value_parser = s3_access)]
+        output_s3: Option<S3Access>,
+        /// How many shard files the input must hold (the Job's completions).
         #[arg(long, env = "KZC_SHARDS")]
         shards: Option<usize>,
+        /// The listing digest the input was planned with: a changed input fails the Task.
+        #[arg(long, env = "KZC_INPUT_DIGEST")]
+        input_digest: Option<String>,
+        /// The run the shard belongs to: its records and manifest are the run's.
+        #[arg(long, env = "KZC_RUN", default_value = "run")]
+        run: String,
     },
     /// Load the models once, then serve batches over HTTP (POST /infer).
     Actor {
@@ -88,6 +107,26 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct Input {
+    /// A folder, or an object storage prefix (s3://bucket/prefix/), of safetensors files.
+    #[arg(long, env = "KZC_INPUT")]
+    input: String,
+    /// How to reach an s3:// input (JSON: endpoint, region, credentialsDir).
+    #[arg(long, env = "KZC_INPUT_S3", value_parser = s3_access)]
+    input_s3: Option<S3Access>,
+}
+
+impl Input {
+    fn open(&self) -> Result<Store> {
+        Store::open(&self.input, self.input_s3.as_ref(), "input")
+    }
+}
+
+fn s3_access(s: &str) -> Result<S3Access, String> {
+    serde_json::from_str(s).map_err(|e| format!("not S3 settings: {e}"))
+}
+
 fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
         "cpu" => Device::Cpu,
@@ -109,6 +148,13 @@ fn ms(since: Instant) -> f64 {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Planning lists the input: no models, no libtorch.
+    if let Command::Plan { input } = &cli.command {
+        let plan = serde_json::to_string(&task::plan(&input.open()?)?)?;
+        println!("{plan}");
+        kube_zerocopy_sidecar::process::write_termination_message(&plan);
+        return Ok(());
+    }
     let started = Instant::now();
     let device = parse_device(&cli.device)?;
     if device.is_cuda() {
@@ -123,20 +169,36 @@ fn run(cli: Cli) -> Result<()> {
     let libtorch_init_ms = ms(init);
 
     match cli.command {
+        Command::Plan { .. } => unreachable!("planned above"),
         Command::Task {
             shard_index,
             input,
             output,
+            output_s3,
             shards,
+            input_digest,
+            run,
         } => {
+            let input = input.open()?;
+            let output = Store::open(&output, output_s3.as_ref(), "output")?;
             let load = Instant::now();
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             let load_ms = ms(load);
             let infer = Instant::now();
-            let out = task::run_shard(&pipeline, &input, &output, shard_index, shards)?;
+            let shard = task::Shard {
+                input: &input,
+                output: &output,
+                index: shard_index,
+                expected: shards,
+                planned: input_digest.as_deref(),
+                run: &run,
+            };
+            let (record, manifest) = task::run_shard(&pipeline, &shard)?;
             let report = json!({
                 "shard": shard_index,
-                "output": out,
+                "output": format!("{}{}", output.uri(), record.output),
+                "sha256": record.sha256,
+                "wrote_manifest": manifest,
                 "libtorch_init_ms": libtorch_init_ms,
                 "load_ms": load_ms,
                 "infer_ms": ms(infer),

@@ -1,86 +1,218 @@
-//! Task mode: one shard of the input folder through the pipeline, into the output folder.
+//! Task mode: one shard of the input through the pipeline, into the output.
 //!
-//! The input is a folder of safetensors files; shard `i` is the i-th file in name order (the
-//! Indexed Job's completion index). Its tensor `input` runs through the models in order and the
-//! result is written as tensor `output` to a file of the same name in the output folder, by an
-//! atomic rename: a re-run shard replaces its output whole, and no reader sees half a file.
+//! The input is a folder or an object storage prefix of safetensors files ([`Store`]); shard
+//! `i` is the i-th file in name order (the Indexed Job's completion index). Its tensor `input`
+//! runs through the models in order and the result is written as tensor `output` under the same
+//! name in the output, atomically: a re-run shard replaces its output whole, and no reader sees
+//! half of one.
+//!
+//! Nobody counts the shards by hand: [`plan`] lists the input once (the operator runs it as a
+//! short Job and reads its result), and each shard checks that the input it lists is still the
+//! one planned ([`listing_digest`]). Each shard then commits a record of what it wrote (input
+//! version, output, sha256) under `_kube-zerocopy/runs/<run>/`; the shard that finds every
+//! record written writes `manifest.json` next to the outputs. A run is one generation of one
+//! pipeline, so an earlier run's records never count towards a later one's manifest.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use tch::{Device, Tensor};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
 
 use kube_zerocopy_sidecar::process::Permanent;
 
+use crate::actor::{decode, encode};
+use crate::data::{Entry, Store};
 use crate::model::Pipeline;
 
 pub const INPUT_TENSOR: &str = "input";
 pub const OUTPUT_TENSOR: &str = "output";
+/// Where each run's shard records are kept, under the output.
+pub const RUNS_DIR: &str = "_kube-zerocopy/runs";
+/// The manifest of a finished run's outputs, under the output.
+pub const MANIFEST: &str = "manifest.json";
 
 pub use kube_zerocopy_sidecar::config::shard_files as list_shards;
 
-pub fn read_input(path: &Path) -> Result<Tensor> {
-    let tensors = Tensor::read_safetensors(path)
-        .with_context(|| format!("reading shard {}", path.display()))?;
-    tensors
-        .into_iter()
-        .find(|(n, _)| n == INPUT_TENSOR)
-        .map(|(_, t)| t)
-        .with_context(|| format!("shard {} has no tensor {INPUT_TENSOR:?}", path.display()))
+/// What planning found: how many shards, and the digest of the listing they were found in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub shards: usize,
+    pub input_digest: String,
 }
 
-/// Writes `tensor` as `output/<file_name>` atomically: into a file of a unique name (two pods
-/// may write the same shard: a retry overlapping a slow pod), synced, renamed over the target,
-/// and the rename synced too.
-pub fn write_output(output: &Path, file_name: &str, tensor: &Tensor) -> Result<PathBuf> {
-    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    let target = output.join(file_name);
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .tempfile_in(output)
-        .with_context(|| format!("creating a file in {}", output.display()))?;
-    let cpu = tensor.to_device(Device::Cpu).contiguous();
-    Tensor::write_safetensors(&[(OUTPUT_TENSOR, &cpu)], tmp.path())
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
-    std::fs::File::open(tmp.path())?.sync_all()?;
-    tmp.persist(&target)
-        .with_context(|| format!("replacing {}", target.display()))?;
-    std::fs::File::open(output)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("syncing {}", output.display()))?;
-    Ok(target)
+/// One shard's output, as committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRecord {
+    pub shard: usize,
+    pub input: String,
+    pub input_version: String,
+    pub output: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
-/// Runs shard `index` of an input folder that must hold `expected` shard files (when known):
-/// any other count means that some files would be skipped or some shards fail, so the Task
-/// fails at once with a [`Permanent`] error. Returns the output file.
-pub fn run_shard(
-    pipeline: &Pipeline,
-    input: &Path,
-    output: &Path,
-    index: usize,
-    expected: Option<usize>,
-) -> Result<PathBuf> {
-    let shards = list_shards(input)?;
-    if let Some(expected) = expected.filter(|&n| n != shards.len()) {
+/// A run's outputs, written once every shard has committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub run: String,
+    pub input: String,
+    pub output: String,
+    pub shards: Vec<ShardRecord>,
+}
+
+/// sha256 over the listing's names, sizes and versions, in order: any file added, removed,
+/// renamed or rewritten changes it.
+pub fn listing_digest(entries: &[Entry]) -> String {
+    let mut hasher = Sha256::new();
+    for e in entries {
+        hasher.update(format!("{}\t{}\t{}\n", e.name, e.bytes, e.version));
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Lists the input once: its shard count and listing digest. An input without shard files is
+/// refused ([`Permanent`]: trying again cannot help until someone puts files there).
+pub fn plan(input: &Store) -> Result<Plan> {
+    let shards = input.shards()?;
+    if shards.is_empty() {
         return Err(Permanent(format!(
-            "the input folder {} holds {} shard files, the pipeline declares {expected} \
-             (spec.task.shards): make them agree, or shards would be skipped or missing",
-            input.display(),
-            shards.len()
+            "the input {} holds no .safetensors shard files",
+            input.uri()
         ))
         .into());
     }
-    let Some(shard) = shards.get(index) else {
-        bail!(
-            "shard {index} does not exist: {} holds {} shard files",
-            input.display(),
-            shards.len()
-        );
-    };
-    let x = read_input(shard)?;
+    Ok(Plan {
+        shards: shards.len(),
+        input_digest: listing_digest(&shards),
+    })
+}
+
+/// What one shard runs on, and what it is checked against.
+pub struct Shard<'a> {
+    pub input: &'a Store,
+    pub output: &'a Store,
+    pub index: usize,
+    /// The shard count the pipeline declares or its plan found.
+    pub expected: Option<usize>,
+    /// The plan's listing digest, when planned.
+    pub planned: Option<&'a str>,
+    /// The run this shard belongs to (one generation of one pipeline).
+    pub run: &'a str,
+}
+
+/// Runs one shard. Any other shard count than expected, or an input changed since its plan,
+/// means that some files would be skipped or read in another order: the Task fails at once with
+/// a [`Permanent`] error. Returns the committed record, and whether this shard wrote the
+/// manifest.
+pub fn run_shard(pipeline: &Pipeline, shard: &Shard) -> Result<(ShardRecord, bool)> {
+    let listed = checked_listing(shard)?;
+    let entry = listed.get(shard.index).with_context(|| {
+        format!(
+            "shard {} does not exist: {} holds {} shard files",
+            shard.index,
+            shard.input.uri(),
+            listed.len()
+        )
+    })?;
+    let x = decode(&shard.input.read(entry)?)
+        .with_context(|| format!("shard {} of {}", entry.name, shard.input.uri()))?;
     let y = pipeline.forward(&x)?;
-    let name = shard.file_name().unwrap().to_string_lossy().into_owned();
-    write_output(output, &name, &y)
+    let bytes = encode(&y)?;
+    shard.output.write(&entry.name, &bytes)?;
+    let record = ShardRecord {
+        shard: shard.index,
+        input: entry.name.clone(),
+        input_version: entry.version.clone(),
+        output: entry.name.clone(),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        bytes: bytes.len() as u64,
+    };
+    let records = format!("{RUNS_DIR}/{}", shard.run);
+    shard.output.write(
+        &format!("{records}/shard-{:05}.json", shard.index),
+        &serde_json::to_vec(&record)?,
+    )?;
+    let committed = commit_if_complete(shard, listed.len())?;
+    Ok((record, committed))
+}
+
+/// The input's shard files, checked against the count expected and the plan's digest.
+pub fn checked_listing(shard: &Shard) -> Result<Vec<Entry>> {
+    let listed = shard.input.shards()?;
+    if let Some(expected) = shard.expected.filter(|&n| n != listed.len()) {
+        let said = if shard.planned.is_some() {
+            format!("its plan found {expected}")
+        } else {
+            format!("the pipeline declares {expected} (spec.task.shards)")
+        };
+        return Err(Permanent(format!(
+            "the input {} holds {} shard files, {said}: make them agree, or shards would be \
+             skipped or missing",
+            shard.input.uri(),
+            listed.len()
+        ))
+        .into());
+    }
+    if let Some(planned) = shard.planned.filter(|&p| p != listing_digest(&listed)) {
+        return Err(Permanent(format!(
+            "the input {} changed since its shards were planned (listing sha256 {planned}, now \
+             {}): every shard must read the input as planned, so the pipeline stops here; \
+             change or re-create the pipeline to plan the input as it is now",
+            shard.input.uri(),
+            listing_digest(&listed)
+        ))
+        .into());
+    }
+    Ok(listed)
+}
+
+/// Writes the manifest when every shard of the run has its record: each shard looks once its
+/// own record is written, so the last to finish sees them all (storage that reads its own
+/// writes: a file system, S3). Two that finish together both write it, with the same bytes.
+fn commit_if_complete(shard: &Shard, total: usize) -> Result<bool> {
+    let dir = format!("{RUNS_DIR}/{}", shard.run);
+    let records = shard.output.list(&dir)?;
+    let records: Vec<&Entry> = records
+        .iter()
+        .filter(|e| e.name.starts_with("shard-") && e.name.ends_with(".json"))
+        .collect();
+    if records.len() < total {
+        return Ok(false);
+    }
+    let mut shards = Vec::with_capacity(records.len());
+    for entry in records {
+        let name = format!("{dir}/{}", entry.name);
+        let bytes = shard.output.read_latest(&name)?;
+        let record: ShardRecord =
+            serde_json::from_slice(&bytes).with_context(|| format!("the shard record {name}"))?;
+        shards.push(record);
+    }
+    shards.sort_by_key(|r| r.shard);
+    let manifest = Manifest {
+        run: shard.run.to_owned(),
+        input: shard.input.uri(),
+        output: shard.output.uri(),
+        shards,
+    };
+    shard
+        .output
+        .write(MANIFEST, &serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(true)
+}
+
+/// The tensor `input` of a safetensors file.
+pub fn read_input(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading shard {}", path.display()))?;
+    decode(&bytes).with_context(|| format!("shard {}", path.display()))
+}
+
+/// Writes `tensor` as tensor `output` of `output/<file_name>`, atomically.
+pub fn write_output(output: &Path, file_name: &str, tensor: &Tensor) -> Result<PathBuf> {
+    Store::Folder(output.to_owned()).write(file_name, &encode(tensor)?)?;
+    Ok(output.join(file_name))
 }

@@ -1,6 +1,7 @@
 //! Node sharing in a namespace that enforces Pod Security "restricted": its pods mount their
 //! models through the node agent's CSI volume (no hostPath), so the real admission lets them
-//! in and the operator creates the pipeline's objects as anywhere else.
+//! in and the operator creates the pipeline's objects as anywhere else. So do a Task's on S3
+//! prefixes: its planning pod, and its workers that mount the data's credentials.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
 use kube::api::{Api, PostParams};
-use kube_zerocopy::crd::{InferencePipeline, Sharing};
+use kube_zerocopy::crd::{InferencePipeline, PlannedInput, Sharing};
 use kube_zerocopy::render::{self, Rendered};
 use kube_zerocopy_e2e::wait::eventually;
 use serde_json::json;
@@ -34,14 +35,32 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
         "http://models.internal/mlp.safetensors",
     );
     actor.spec.sharing = Sharing::Node;
+    // A Task on S3 prefixes whose shards are planned: its planning pod and, once planned, its
+    // workers with the data's credentials.
+    let mut on_s3 = kube_zerocopy::local::load_pipeline(
+        &kube_zerocopy_e2e::repo().join("examples/task-s3.yaml"),
+    )
+    .unwrap();
+    on_s3.metadata.namespace = Some(PSA_NS.into());
+    let plan = PlannedInput {
+        shards: 3,
+        input_digest: "0".repeat(64),
+    };
 
     // The API server's own admission takes each rendered pod (a dry run creates nothing).
     let pods: Api<Pod> = Api::namespaced(admin.clone(), PSA_NS);
-    for pipeline in [&task, &actor] {
-        let template: PodTemplateSpec = match render::render(pipeline, settings).unwrap() {
-            Rendered::Task { job } => job.spec.unwrap().template,
-            Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template,
-        };
+    let rendered = [
+        (&task, None),
+        (&actor, None),
+        (&on_s3, None),
+        (&on_s3, Some(&plan)),
+    ];
+    for (pipeline, plan) in rendered {
+        let template: PodTemplateSpec =
+            match render::render_planned(pipeline, settings, plan).unwrap() {
+                Rendered::Task { job } | Rendered::Plan { job } => job.spec.unwrap().template,
+                Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template,
+            };
         let pod = Pod {
             metadata: kube::api::ObjectMeta {
                 name: Some("admission-probe".into()),
@@ -64,7 +83,7 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
 
     // And the operator makes their objects there.
     let pipelines: Api<InferencePipeline> = Api::namespaced(admin.clone(), PSA_NS);
-    for pipeline in [&task, &actor] {
+    for pipeline in [&task, &actor, &on_s3] {
         pipelines
             .create(&PostParams::default(), pipeline)
             .await
@@ -74,6 +93,10 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), PSA_NS);
     eventually("the Node-sharing Job", MINUTE, || async {
         jobs.get_opt("node-task-zerocopy").await.unwrap()
+    })
+    .await;
+    eventually("the S3 Task's planning Job", MINUTE, || async {
+        jobs.get_opt("embed-s3-plan").await.unwrap()
     })
     .await;
     eventually("the Node-sharing Deployment", MINUTE, || async {
