@@ -39,6 +39,7 @@ fn main() {
         quickstart::quickstart_runs_as_it_is,
         task::torchscript_model_on_a_volume,
         task::safetensors_model_over_http,
+        task::torchscript_with_data_on_s3,
         actor::torchscript_pod_sharing,
         actor::safetensors_two_namespaces_node_sharing,
         actor::safetensors_from_s3_with_a_secret,

@@ -53,14 +53,29 @@ pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
         );
         print_task_report(&env, &ns.name, "retried").await?;
         check_outputs(&data.join("output"), &env.torchscript.reference)?;
-        // Nothing half-written is left beside the outputs.
-        let names: Vec<String> = std::fs::read_dir(data.join("output"))?
+        // Nothing half-written is left beside the outputs: the shards, the manifest and the
+        // folder of the runs' records only.
+        let mut names: Vec<String> = std::fs::read_dir(data.join("output"))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
+        names.sort();
+        let mut expected: Vec<String> = (0..SHARDS)
+            .map(|i| format!("shard-{i:05}.safetensors"))
+            .chain(["_kube-zerocopy".into(), "manifest.json".into()])
+            .collect();
+        expected.sort();
         ensure!(
-            names.len() == SHARDS,
-            "the output folder holds {names:?}, not only the {SHARDS} shards"
+            names == expected,
+            "the output folder holds {names:?}, not {expected:?}"
+        );
+        // The killed shard's retry committed once: one record per shard, all in the manifest.
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data.join("output/manifest.json"))?)?;
+        let shards = manifest["shards"].as_array().map_or(0, Vec::len);
+        ensure!(
+            shards == SHARDS,
+            "the manifest lists {shards} shards: {manifest}"
         );
         Ok(())
     }

@@ -416,7 +416,10 @@ pub async fn wait_phase(
 /// The pods of a pipeline.
 pub async fn pods(client: &Client, ns: &str, pipeline: &str) -> Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("kube-zerocopy.io/pipeline={pipeline}"));
+    // Its workers: not the pod of the Job that planned its shards.
+    let lp = ListParams::default().labels(&format!(
+        "kube-zerocopy.io/pipeline={pipeline},!kube-zerocopy.io/step"
+    ));
     Ok(api.list(&lp).await?.items)
 }
 
@@ -556,11 +559,10 @@ pub async fn container_log(
 /// Asserts that every output shard equals the reference's.
 pub fn check_outputs(output: &Path, reference: &Path) -> Result<()> {
     let mut compared = 0;
-    for entry in std::fs::read_dir(reference)? {
-        let entry = entry?;
-        let got = output.join(entry.file_name());
+    for expected in kube_zerocopy_worker::task::list_shards(reference)? {
+        let got = output.join(expected.file_name().context("a shard file")?);
         ensure!(got.exists(), "no output {}", got.display());
-        let (a, b) = (read_output(&got), read_output(&entry.path()));
+        let (a, b) = (read_output(&got), read_output(&expected));
         ensure!(
             a.equal(&b),
             "{} differs from kube-zerocopy local run's",
