@@ -178,12 +178,20 @@ fn a_rerun_shard_replaces_its_output_atomically() {
     // Replaced by a rename (a new file), with the same content; no temporary file left.
     assert_ne!(first_inode, second_inode);
     assert!(read_output(&target).equal(&first));
-    let names: Vec<String> = std::fs::read_dir(d.join("output"))
+    let mut names: Vec<String> = std::fs::read_dir(d.join("output"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec!["shard-00001.safetensors".to_string()]);
+    names.sort();
+    assert_eq!(names, ["_kube-zerocopy", "shard-00001.safetensors"]);
+    // Its record, once: one of the run's 2 shards committed, so no manifest yet.
+    let records: Vec<_> = std::fs::read_dir(d.join("output/_kube-zerocopy/runs/run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(records, ["shard-00001.json"]);
     // A shard index past the input is an error naming the count.
     let out = pod
         .command("kube-zerocopy-worker", &models)
