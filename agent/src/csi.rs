@@ -208,10 +208,14 @@ impl Agent {
                 model.name
             )))
         };
-        if model.bearer_token_file.is_some() || model.ca_file.is_some() || model.s3.is_some() {
+        if model.bearer_token_file.is_some()
+            || model.ca_file.is_some()
+            || model.s3.is_some()
+            || model.azure.is_some()
+        {
             return refuse(
-                "the node agent takes no bearer token, CA file or S3 settings from a volume's \
-                 attributes"
+                "the node agent takes no bearer token, CA file, S3 or Azure settings from a \
+                 volume's attributes"
                     .into(),
             );
         }
@@ -219,11 +223,11 @@ impl Agent {
             return Ok(());
         }
         let Some(path) = model.uri.strip_prefix("file://") else {
-            // s3:// would be read with the node's own identity (its instance profile, the
-            // agent's web identity), for whichever pipeline names an object.
+            // s3:// or az:// would be read with the node's own identity (its instance profile,
+            // the agent's workload identity), for whichever pipeline names an object.
             return refuse(format!(
-                "source {:?} is not http(s):// or file://; the node agent reads no s3:// \
-                 sources (use sharing: Pod with source.s3.credentialsSecret)",
+                "source {:?} is not http(s):// or file://; the node agent reads no s3:// or \
+                 az:// sources (use sharing: Pod with their credentialsSecret)",
                 model.uri
             ));
         };

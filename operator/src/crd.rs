@@ -55,7 +55,7 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders or s3:// prefixes of shard files)"))]
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
-#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !m.source.uri.startsWith('s3://'))").message("sharing: Node does not read s3:// sources: the node's agent would read them with the node's own identity on any pipeline's say-so; use sharing: Pod with source.s3.credentialsSecret"))]
+#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !m.source.uri.startsWith('s3://') && !m.source.uri.startsWith('az://'))").message("sharing: Node does not read s3:// or az:// sources: the node's agent would read them with the node's own identity on any pipeline's say-so; use sharing: Pod with the source's credentialsSecret"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
 /// (input and output folders for Task, a Service for Actor).
@@ -169,13 +169,16 @@ pub struct ModelSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.uri.startsWith('http') || !has(self.bearerTokenSecret)").message("bearerTokenSecret applies only to http(s) sources (s3:// takes source.s3.credentialsSecret)"))]
-#[x_kube(validation = Rule::new("self.uri.startsWith('http') || self.uri.startsWith('s3://') || !has(self.caConfigMap)").message("caConfigMap applies only to http(s) and s3:// sources"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('http') || self.uri.startsWith('s3://') || self.uri.startsWith('az://') || !has(self.caConfigMap)").message("caConfigMap applies only to http(s), s3:// and az:// sources"))]
 #[x_kube(validation = Rule::new("self.uri.startsWith('s3://') || !has(self.s3)").message("source.s3 applies only to s3:// sources"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('az://') == has(self.azure)").message("source.azure (the storage account) is needed by az:// sources and applies only to them"))]
 pub struct ModelSourceSpec {
-    /// file://, http://, https:// or s3://<bucket>/<key>. Credentials never go in the URI (it
-    /// is in the pods' environment and logs): use bearerTokenSecret or s3.credentialsSecret.
+    /// file://, http://, https://, s3://<bucket>/<key> or az://<container>/<blob>. Credentials
+    /// never go in the URI (it is in the pods' environment and logs): use bearerTokenSecret,
+    /// s3.credentialsSecret or azure.credentialsSecret.
     #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://') || self.startsWith('s3://')").message("source.uri must start with file:///, http://, https:// or s3://"))]
+    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.startsWith('http://') || self.startsWith('https://') || self.startsWith('s3://') || self.startsWith('az://')").message("source.uri must start with file:///, http://, https://, s3:// or az://"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('az://') || self.matches('^az://[a-z0-9](-?[a-z0-9])+/[^?#]+$')").message("source.uri must be az://<container>/<blob>: a container name of 3 to 63 lowercase letters, digits and single '-', then the blob's name"))]
     #[x_kube(validation = Rule::new("!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^?#]+$')").message("source.uri must be s3://<bucket>/<key>: a bucket name of 3 to 63 lowercase letters, digits, '.' and '-', then the object's key"))]
     #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*@')").message("source.uri must not carry credentials (user:password@): put a token in a Secret and name it in source.bearerTokenSecret"))]
     pub uri: String,
@@ -202,6 +205,34 @@ pub struct ModelSourceSpec {
     /// s3 only: which service holds the bucket and which credentials read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3SourceSpec>,
+    /// az only (and needed there): which storage account holds the container, and which
+    /// credentials read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSourceSpec>,
+}
+
+/// How an az:// source or data prefix is reached. Without credentialsSecret the identity of
+/// the container that reads it is used (Azure workload identity, managed identity), as with
+/// Azure's own tools.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureSourceSpec {
+    /// The storage account's name.
+    #[schemars(length(min = 3, max = 24))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]+$')").message("azure.account must be 3 to 24 lowercase letters and digits"))]
+    pub account: String,
+    /// The account's blob endpoint, e.g. http://azurite.storage:10000/devstoreaccount1 for an
+    /// emulator. Default: https://<account>.blob.core.windows.net.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+(/[^?#@]*)?$')").message("azure.endpoint must be http(s)://<host>[:<port>][/<path>], without credentials or a query"))]
+    pub endpoint: Option<String>,
+    /// The name of a Secret in the pipeline's namespace with the key AZURE_STORAGE_ACCOUNT_KEY
+    /// (the account's access key). Only the containers that read the object mount it: the
+    /// weight server for a model, the workers for data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub credentials_secret: Option<String>,
 }
 
 /// How an s3:// source or data prefix is reached. What is not set here comes from the
@@ -238,16 +269,21 @@ fn bounded_quantity(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(validation = Rule::new("self.uri.startsWith('s3://') || !has(self.s3)").message("s3 applies only to s3:// input and output prefixes"))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('az://') == has(self.azure)").message("azure (the storage account) is needed by az:// input and output prefixes and applies only to them"))]
 pub struct DataLocation {
     /// A file:/// folder as mounted in the pod (a volume of spec.template), or an object
-    /// storage prefix s3://<bucket>/<prefix>/.
+    /// storage prefix s3://<bucket>/<prefix>/ or az://<container>/<prefix>/.
     #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?$')").message("input and output must be file:/// folders mounted into the pod or s3://<bucket>/<prefix>/ (a bucket name of 3 to 63 lowercase letters, digits, '.' and '-')"))]
+    #[x_kube(validation = Rule::new("self.startsWith('file:///') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?$') || self.matches('^az://[a-z0-9](-?[a-z0-9])+(/[^?#]*)?$')").message("input and output must be file:/// folders mounted into the pod, s3://<bucket>/<prefix>/ (a bucket name of 3 to 63 lowercase letters, digits, '.' and '-') or az://<container>/<prefix>/"))]
     pub uri: String,
     /// s3 only: which service holds the bucket and which credentials read (input) or write
     /// (output) it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3SourceSpec>,
+    /// az only (and needed there): which storage account holds the container, and which
+    /// credentials read (input) or write (output) it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSourceSpec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -381,6 +417,7 @@ pub struct PlannedInput {
 pub const SOURCE_TOKEN_FILE: &str = "token";
 pub const SOURCE_CA_FILE: &str = "ca.crt";
 pub const SOURCE_S3_DIR: &str = "s3";
+pub const SOURCE_AZURE_DIR: &str = "azure";
 
 impl InferencePipelineSpec {
     /// The models as the sidecar and the workers read them (`KZC_MODELS`). A model's token and
@@ -433,13 +470,41 @@ impl InferencePipelineSpec {
                                 .as_ref()
                                 .map(|_| file(SOURCE_S3_DIR)),
                         }),
+                    azure: m
+                        .source
+                        .azure
+                        .as_ref()
+                        .map(|a| a.access(&file(SOURCE_AZURE_DIR))),
                 }
             })
             .collect()
     }
 }
 
+impl AzureSourceSpec {
+    /// The settings the sidecar or worker reads; the Secret's key is mounted in `dir`.
+    pub fn access(&self, dir: &str) -> kube_zerocopy_sidecar::AzureAccess {
+        kube_zerocopy_sidecar::AzureAccess {
+            account: self.account.clone(),
+            endpoint: self.endpoint.clone(),
+            credentials_dir: self.credentials_secret.as_ref().map(|_| dir.to_owned()),
+        }
+    }
+}
+
 impl DataLocation {
+    /// How the workers reach an az:// input or output; its Secret's key is mounted under
+    /// `dir` (see [`SOURCE_AZURE_DIR`]).
+    pub fn azure_access(
+        &self,
+        dir: &std::path::Path,
+    ) -> Option<kube_zerocopy_sidecar::AzureAccess> {
+        let dir = dir.join(SOURCE_AZURE_DIR);
+        self.azure
+            .as_ref()
+            .map(|a| a.access(&dir.to_string_lossy()))
+    }
+
     /// How the workers reach an s3:// input or output; its Secret's keys are mounted under
     /// `dir` (see [`SOURCE_S3_DIR`]).
     pub fn access(&self, dir: &std::path::Path) -> Option<kube_zerocopy_sidecar::S3Access> {

@@ -80,8 +80,9 @@ pub fn probe(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
     }
 }
 
-/// Where the input or output is (`KZC_INPUT`, a folder or an s3:// prefix) and how it is
-/// reached (`KZC_INPUT_S3`); its credentials are under `mounts.data`/<field>/.
+/// Where the input or output is (`KZC_INPUT`, a folder or an s3:// or az:// prefix) and how
+/// it is reached (`KZC_INPUT_S3`, `KZC_INPUT_AZURE`); its credentials are under
+/// `mounts.data`/<field>/.
 fn data_env(
     field: &str,
     location: Option<&DataLocation>,
@@ -95,10 +96,17 @@ fn data_env(
         var.clone(),
         location.uri.trim_start_matches("file://").to_owned(),
     )];
-    if let Some(access) = location.access(&mounts.data.join(field)) {
+    let dir = mounts.data.join(field);
+    if let Some(access) = location.access(&dir) {
         env.push((
             format!("{var}_S3"),
             serde_json::to_string(&access).expect("S3 settings serialize"),
+        ));
+    }
+    if let Some(access) = location.azure_access(&dir) {
+        env.push((
+            format!("{var}_AZURE"),
+            serde_json::to_string(&access).expect("Azure settings serialize"),
         ));
     }
     env

@@ -147,29 +147,34 @@ pub fn run(opts: &Options) -> Result<Summary> {
         .output
         .as_ref()
         .context("a Task pipeline needs spec.output")?;
+    // A local run has no cluster to read Secrets from: object stores' credentials come from
+    // the environment, as the clouds' own tools take them.
+    let from_the_environment = "give object stores' credentials in the environment \
+        (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_ACCOUNT_KEY)";
+    let names_a_secret = |s3: Option<&crate::crd::S3SourceSpec>,
+                          azure: Option<&crate::crd::AzureSourceSpec>| {
+        s3.is_some_and(|s| s.credentials_secret.is_some())
+            || azure.is_some_and(|a| a.credentials_secret.is_some())
+    };
     if let Some(m) = spec.models.iter().find(|m| {
         m.source.bearer_token_secret.is_some()
             || m.source.ca_config_map.is_some()
-            || m.source
-                .s3
-                .as_ref()
-                .is_some_and(|s3| s3.credentials_secret.is_some())
+            || names_a_secret(m.source.s3.as_ref(), m.source.azure.as_ref())
     }) {
         bail!(
             "model {:?} names a Secret or ConfigMap (bearerTokenSecret, caConfigMap, \
-             s3.credentialsSecret): a local run has no cluster to read them from; for s3, \
-             give the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
+             s3.credentialsSecret, azure.credentialsSecret): a local run has no cluster to read \
+             them from; {from_the_environment}",
             m.name
         );
     }
-    if [input, output].iter().any(|d| {
-        d.s3.as_ref()
-            .is_some_and(|s3| s3.credentials_secret.is_some())
-    }) {
+    if [input, output]
+        .iter()
+        .any(|d| names_a_secret(d.s3.as_ref(), d.azure.as_ref()))
+    {
         bail!(
-            "input or output names s3.credentialsSecret: a local run has no cluster to read \
-             it from; give the credentials in the environment (AWS_ACCESS_KEY_ID, \
-             AWS_SECRET_ACCESS_KEY)"
+            "input or output names a credentialsSecret: a local run has no cluster to read it \
+             from; {from_the_environment}"
         );
     }
     let bin_dir = match &opts.bin_dir {

@@ -32,7 +32,7 @@ use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
     DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, Sharing,
-    SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -326,10 +326,43 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
     (all, mounts)
 }
 
+/// The object store credentials of a model or data location, from the Secrets its `s3` and
+/// `azure` settings name: S3's under [`SOURCE_S3_DIR`], Azure's under [`SOURCE_AZURE_DIR`].
+fn store_credentials(
+    s3: Option<&crate::crd::S3SourceSpec>,
+    azure: Option<&crate::crd::AzureSourceSpec>,
+) -> Vec<VolumeProjection> {
+    let s3 = s3
+        .and_then(|s3| s3.credentials_secret.as_deref())
+        .map(s3_credentials)
+        .unwrap_or_default();
+    let azure = azure
+        .and_then(|a| a.credentials_secret.as_deref())
+        .map(azure_credentials);
+    s3.into_iter().chain(azure).collect()
+}
+
+/// An Azure credentials Secret's account key under [`SOURCE_AZURE_DIR`].
+fn azure_credentials(secret: &str) -> VolumeProjection {
+    use kube_zerocopy_sidecar::cloud::ACCOUNT_KEY_FILE;
+    VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.to_owned(),
+            items: Some(vec![KeyToPath {
+                key: ACCOUNT_KEY_FILE.to_owned(),
+                path: format!("{SOURCE_AZURE_DIR}/{ACCOUNT_KEY_FILE}"),
+                ..Default::default()
+            }]),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }
+}
+
 /// An S3 credentials Secret's keys under [`SOURCE_S3_DIR`]: the key id and secret required,
 /// a session token only when the Secret has one.
 fn s3_credentials(secret: &str) -> Vec<VolumeProjection> {
-    use kube_zerocopy_sidecar::remote::{
+    use kube_zerocopy_sidecar::cloud::{
         ACCESS_KEY_ID_FILE, SECRET_ACCESS_KEY_FILE, SESSION_TOKEN_FILE,
     };
     let keys = |keys: &[&str], optional: bool| VolumeProjection {
@@ -390,14 +423,8 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
                 }),
                 ..Default::default()
             });
-            let s3 = m
-                .source
-                .s3
-                .as_ref()
-                .and_then(|s3| s3.credentials_secret.as_ref())
-                .map(|name| s3_credentials(name.as_str()))
-                .unwrap_or_default();
-            let sources: Vec<_> = token.into_iter().chain(ca).chain(s3).collect();
+            let stores = store_credentials(m.source.s3.as_ref(), m.source.azure.as_ref());
+            let sources: Vec<_> = token.into_iter().chain(ca).chain(stores).collect();
             (!sources.is_empty()).then(|| {
                 let volume = Volume {
                     name: format!("{SOURCE_VOLUME_PREFIX}{i}"),
@@ -413,23 +440,22 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
         .collect()
 }
 
-/// The input's and output's S3 credentials (when they name a Secret) as projected volumes, with
+/// The input's and output's credentials (when they name a Secret) as projected volumes, with
 /// the field whose folder under [`Mounts::data`] each is mounted on. Only the containers that
 /// read or write the data mount them (the workers, and the planner the input's).
 fn data_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, &'static str)> {
     [("input", &spec.input), ("output", &spec.output)]
         .into_iter()
         .filter_map(|(field, location)| {
-            let secret = location
-                .as_ref()?
-                .s3
-                .as_ref()?
-                .credentials_secret
-                .as_ref()?;
+            let location = location.as_ref()?;
+            let sources = store_credentials(location.s3.as_ref(), location.azure.as_ref());
+            if sources.is_empty() {
+                return None;
+            }
             let volume = Volume {
                 name: format!("kzc-{field}{DATA_CREDENTIALS_SUFFIX}"),
                 projected: Some(ProjectedVolumeSource {
-                    sources: Some(s3_credentials(secret)),
+                    sources: Some(sources),
                     default_mode: Some(0o440),
                 }),
                 ..Default::default()
@@ -1104,6 +1130,63 @@ mod tests {
                 credentials_dir: Some("/kzc/sources/head/s3".into()),
             })
         );
+    }
+
+    /// An Azure model's account key goes to the weight server only, the data's to the workers
+    /// only, each under its own folder and named in the settings the process reads.
+    #[test]
+    fn azure_keys_are_mounted_where_they_are_read() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: az://weights/head.safetensors\n        azure: {account: models, credentialsSecret: az-models}\n  input: {uri: 'az://batch/in/', azure: {account: data, endpoint: 'http://azurite:10000/data', credentialsSecret: az-data}}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+        )
+        .unwrap();
+        let (sidecar, worker) = containers(&p);
+        let names = |c: &Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| {
+                    m.name.starts_with(SOURCE_VOLUME_PREFIX) || m.name.ends_with("-credentials")
+                })
+                .map(|m| format!("{}@{}", m.name, m.mount_path))
+                .collect()
+        };
+        assert_eq!(names(&sidecar), ["kzc-source-0@/kzc/sources/head"]);
+        assert_eq!(names(&worker), ["kzc-input-credentials@/kzc/data/input"]);
+        let key = |volume: &str| {
+            let secret = projected_volume(&task_volumes(&p), volume).sources.unwrap()[0]
+                .secret
+                .clone()
+                .unwrap();
+            let item = &secret.items.unwrap()[0];
+            format!("{}: {}->{}", secret.name, item.key, item.path)
+        };
+        assert_eq!(
+            key("kzc-source-0"),
+            "az-models: AZURE_STORAGE_ACCOUNT_KEY->azure/AZURE_STORAGE_ACCOUNT_KEY"
+        );
+        assert_eq!(
+            key("kzc-input-credentials"),
+            "az-data: AZURE_STORAGE_ACCOUNT_KEY->azure/AZURE_STORAGE_ACCOUNT_KEY"
+        );
+        assert_eq!(
+            models_of(sidecar)[0].azure,
+            Some(kube_zerocopy_sidecar::AzureAccess {
+                account: "models".into(),
+                endpoint: None,
+                credentials_dir: Some("/kzc/sources/head/azure".into()),
+            })
+        );
+        let env: Vec<(String, String)> = worker
+            .env
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect();
+        assert!(env.contains(&(
+            "KZC_INPUT_AZURE".into(),
+            r#"{"account":"data","endpoint":"http://azurite:10000/data","credentialsDir":"/kzc/data/input/azure"}"#.into()
+        )), "{env:?}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct ModelSource {
     /// Unique within a pipeline; workers refer to models by this name.
     pub name: String,
     pub format: ModelFormat,
-    /// `file://`, `http://`, `https://` or `s3://<bucket>/<key>`.
+    /// `file://`, `http://`, `https://`, `s3://<bucket>/<key>` or `az://<container>/<blob>`.
     pub uri: String,
     /// Expected sha256 of the source file, 64 hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,6 +47,9 @@ pub struct ModelSource {
     /// s3: where the bucket is served and with which credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Access>,
+    /// az: which storage account holds the container, and with which credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureAccess>,
 }
 
 /// How an `s3://` source is reached. Unset fields come from the environment (AWS_REGION,
@@ -61,6 +64,22 @@ pub struct S3Access {
     pub region: Option<String>,
     /// A folder holding the files AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally
     /// AWS_SESSION_TOKEN (a Secret's keys, mounted into the weight server only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_dir: Option<String>,
+}
+
+/// How an `az://<container>/<blob>` source is reached. Without a credentials folder the
+/// environment's identity is used (workload identity, managed identity).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureAccess {
+    /// The storage account.
+    pub account: String,
+    /// The account's blob endpoint (an emulator's `http://azurite:10000/<account>`);
+    /// `https://<account>.blob.core.windows.net` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A folder holding the file AZURE_STORAGE_ACCOUNT_KEY (a Secret's key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_dir: Option<String>,
 }
@@ -131,6 +150,7 @@ mod tests {
             bearer_token_file: Some("/kzc/sources/a/token".into()),
             ca_file: None,
             s3: None,
+            azure: None,
         };
         let json = models_to_json(std::slice::from_ref(&m));
         assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);

@@ -1,6 +1,7 @@
 //! The weight server's library. It owns the shared-memory layout, the one format that the
 //! sidecar writes and every worker reads, so both sides link this crate.
 //!
+//! - [`cloud`]: the object stores (S3, Azure Blob) a pipeline names, and their credentials.
 //! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
 //! - [`layout`]: content-addressed store, manifest, atomic publication, bindings.
 //! - [`source`]: fetching `file://`, `http(s)://` and `s3://` sources with sha256 verification.
@@ -10,6 +11,7 @@
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
 //! - [`process`]: logging and error reporting shared by every kube-zerocopy binary.
 
+pub mod cloud;
 pub mod config;
 pub mod download;
 pub mod formats;
@@ -20,5 +22,5 @@ pub mod publish;
 pub mod remote;
 pub mod source;
 
-pub use config::{ModelFormat, ModelSource, S3Access};
+pub use config::{AzureAccess, ModelFormat, ModelSource, S3Access};
 pub use layout::{Bindings, DType, Manifest, Store, TensorEntry, ALIGNMENT};

@@ -1,24 +1,24 @@
-//! A remote model source read by byte ranges, straight into place: `s3://` objects and
-//! `http(s)://` files whose server offers ranges.
+//! A remote model source read by byte ranges, straight into place: `s3://` and `az://`
+//! objects and `http(s)://` files whose server offers ranges.
 //!
 //! Nothing is downloaded into a file first: the layout asks for the ranges it needs, several
 //! at once, and each lands where it belongs in the store. Every range is asked `If-Match` the
 //! ETag the object had when it was opened, so an object replaced meanwhile is refused (HTTP
 //! 412), never spliced. A range broken off (no byte for [`Policy::stall`], or the connection
 //! lost) is resumed from its last byte, alone; attempts are counted only while they make no
-//! progress. S3 requests are signed by `object_store` (SigV4, with the credentials of the
-//! pipeline's Secret or of the environment: web identity, instance profile) and sent by the
-//! same HTTP client as http(s) sources, as presigned URLs that never appear in logs or errors.
+//! progress. Object store requests are signed by `object_store` (S3's SigV4, Azure's SAS, with
+//! the credentials of the pipeline's Secret or of the environment; see [`crate::cloud`]) and
+//! sent by the same HTTP client as http(s) sources, as presigned URLs that never appear in
+//! logs or errors.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::signer::Signer;
+use std::sync::Arc;
 
-use crate::config::{ModelSource, S3Access};
+use crate::cloud::{self, Storage};
+use crate::config::ModelSource;
 use crate::download::{self, Failure, OnProgress, Policy};
 use crate::source::Source;
 
@@ -28,20 +28,17 @@ const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 /// Ranges read at once from one object.
 const CONCURRENT_RANGES: usize = 8;
 
-/// The credential files in a model's S3 credentials folder: the keys of the pipeline's Secret.
-pub const ACCESS_KEY_ID_FILE: &str = "AWS_ACCESS_KEY_ID";
-pub const SECRET_ACCESS_KEY_FILE: &str = "AWS_SECRET_ACCESS_KEY";
-pub const SESSION_TOKEN_FILE: &str = "AWS_SESSION_TOKEN";
-
 /// Where an object is, and how a request for it is addressed.
 enum Location {
     Http {
         uri: String,
         token: Option<String>,
     },
-    S3 {
-        store: AmazonS3,
+    Store {
+        store: Arc<dyn Storage>,
         key: object_store::path::Path,
+        /// The pipeline's settings that reach it (`s3`, `azure`), for messages.
+        settings: &'static str,
         /// Drives the credential providers that fetch (web identity, instance metadata).
         runtime: tokio::runtime::Runtime,
     },
@@ -50,21 +47,21 @@ enum Location {
 impl Location {
     fn parse(model: &ModelSource, policy: &Policy) -> Result<Self> {
         let uri = model.uri.as_str();
-        if let Some(rest) = uri.strip_prefix("s3://") {
-            let (bucket, key) = rest
-                .split_once('/')
-                .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
-                .with_context(|| format!("source {uri}: expected s3://<bucket>/<key>"))?;
+        let located = cloud::locate(uri, model.s3.as_ref(), model.azure.as_ref())
+            .with_context(|| format!("source {uri}"))?;
+        if let Some(located) = located {
+            if located.key.is_empty() {
+                bail!("source {uri}: expected a key after the bucket or container");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()
-                .context("starting the S3 client's runtime")?;
-            let store =
-                s3_store(bucket, model.s3.as_ref()).with_context(|| format!("source {uri}"))?;
-            return Ok(Location::S3 {
-                store,
-                key: object_store::path::Path::from(key),
+                .context("starting the object store client's runtime")?;
+            return Ok(Location::Store {
+                store: located.store,
+                key: object_store::path::Path::from(located.key),
+                settings: located.settings,
                 runtime,
             });
         }
@@ -79,7 +76,7 @@ impl Location {
         })
     }
 
-    /// A request for the object, signed when it is on S3.
+    /// A request for the object, signed when it is in an object store.
     fn request(
         &self,
         agent: &ureq::Agent,
@@ -87,13 +84,20 @@ impl Location {
     ) -> Result<ureq::RequestBuilder<ureq::typestate::WithoutBody>> {
         let url = match self {
             Location::Http { uri, .. } => uri.clone(),
-            Location::S3 {
+            Location::Store {
                 store,
                 key,
                 runtime,
+                settings,
             } => runtime
-                .block_on(store.signed_url(method.clone(), key, SIGNED_FOR))
-                .context("signing the request (are the S3 credentials there?)")?
+                .block_on(store.signed_url(
+                    cloud::signing_method(settings, method.clone()),
+                    key,
+                    SIGNED_FOR,
+                ))
+                .with_context(|| {
+                    format!("signing the request (are the {settings} credentials there?)")
+                })?
                 .to_string(),
         };
         let request = match method {
@@ -111,43 +115,12 @@ impl Location {
     }
 
     /// What a user sets when the source refuses the credentials.
-    fn credentials_hint(&self) -> &'static str {
+    fn credentials_hint(&self) -> String {
         match self {
-            Location::Http { .. } => "source.bearerTokenSecret",
-            Location::S3 { .. } => "source.s3.credentialsSecret",
+            Location::Http { .. } => "source.bearerTokenSecret".into(),
+            Location::Store { settings, .. } => format!("source.{settings}.credentialsSecret"),
         }
     }
-}
-
-pub fn s3_store(bucket: &str, access: Option<&S3Access>) -> Result<AmazonS3> {
-    // The environment's settings first (AWS_REGION, web identity), the pipeline's over them.
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-    if let Some(access) = access {
-        if let Some(endpoint) = &access.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let Some(region) = &access.region {
-            builder = builder.with_region(region);
-        }
-        if let Some(dir) = &access.credentials_dir {
-            let dir = Path::new(dir);
-            let read = |name: &str| -> Result<String> {
-                let path = dir.join(name);
-                let value = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading the S3 credential {}", path.display()))?;
-                Ok(value.trim().to_owned())
-            };
-            builder = builder
-                .with_access_key_id(read(ACCESS_KEY_ID_FILE)?)
-                .with_secret_access_key(read(SECRET_ACCESS_KEY_FILE)?);
-            if dir.join(SESSION_TOKEN_FILE).exists() {
-                builder = builder.with_token(read(SESSION_TOKEN_FILE)?);
-            }
-        }
-    }
-    Ok(builder.build()?)
 }
 
 /// A remote object opened for ranged reads: its size and ETag as they were when opened.
@@ -178,7 +151,7 @@ impl<'a> RemoteObject<'a> {
                 .request(&agent, http::Method::HEAD)
                 .map_err(Failure::Permanent)?
                 .call()
-                .map_err(|e| download::classify(&name, e, location.credentials_hint()));
+                .map_err(|e| download::classify(&name, e, &location.credentials_hint()));
             match sent {
                 // Some http(s) sources refuse HEAD (a presigned GET URL, a server that does
                 // not implement it): the download asks with GET and says what it answers.
@@ -201,11 +174,11 @@ impl<'a> RemoteObject<'a> {
         };
         let len = header("Content-Length").and_then(|v| v.parse::<u64>().ok());
         let etag = header("ETag").filter(|e| !e.starts_with("W/"));
-        // S3 always serves ranges; an http server says so.
-        let ranges = matches!(location, Location::S3 { .. })
+        // Object stores always serve ranges; an http server says so.
+        let ranges = matches!(location, Location::Store { .. })
             || header("Accept-Ranges").is_some_and(|v| v.contains("bytes"));
         let (Some(len), Some(etag), true) = (len, etag, ranges) else {
-            if let Location::S3 { .. } = location {
+            if let Location::Store { .. } = location {
                 bail!("{name}: the object store sent no size or no ETag");
             }
             tracing::info!(uri = %name, "the server offers no byte ranges with a strong ETag: downloading the file whole");
@@ -245,7 +218,7 @@ impl<'a> RemoteObject<'a> {
                      was published, and the next attempt fetches it again",
                     self.etag
                 )),
-                e => download::classify(name, e, self.location.credentials_hint()),
+                e => download::classify(name, e, &self.location.credentials_hint()),
             })?;
         let status = response.status().as_u16();
         if status != 206 {

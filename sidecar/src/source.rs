@@ -303,7 +303,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`). Both formats hash the source
+/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`, `az://`). Both formats hash the source
 /// as their layout reads each byte into place, so a local file is read once and a remote
 /// object whose server offers byte ranges is streamed into place, never written to a disk. A
 /// server without ranges is downloaded into `download_dir` first, under a name of its own,
@@ -331,11 +331,11 @@ pub fn fetch<'a>(
             downloaded: None,
         });
     }
-    if !["http://", "https://", "s3://"]
+    if !["http://", "https://", "s3://", "az://"]
         .iter()
         .any(|scheme| uri.starts_with(scheme))
     {
-        bail!("source {uri}: unsupported scheme; use file://, http://, https:// or s3://");
+        bail!("source {uri}: unsupported scheme; use file://, http://, https://, s3:// or az://");
     }
     let policy = download::Policy {
         max_bytes: model.max_bytes,

@@ -26,7 +26,7 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "unsupported scheme",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'ftp://host/m.pt'}}}}]\n{task}")),
-            "must start with file:///, http://, https:// or s3://",
+            "must start with file:///, http://, https://, s3:// or az://",
         ),
         ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
         ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
@@ -90,7 +90,27 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "an s3 source with Node sharing",
             base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{credentialsSecret: s3-reader}}}}}}]\n{task}", zeros = "0".repeat(64))),
-            "sharing: Node does not read s3:// sources",
+            "sharing: Node does not read s3:// or az:// sources",
+        ),
+        (
+            "an az:// source without its account",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'az://models/m.pt'}}}}]\n{task}")),
+            "source.azure (the storage account) is needed by az:// sources and applies only to them",
+        ),
+        (
+            "an az:// source with Node sharing",
+            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 'az://models/m.pt', sha256: '{zeros}', azure: {{account: models}}}}}}]\n{task}", zeros = "0".repeat(64))),
+            "sharing: Node does not read s3:// or az:// sources",
+        ),
+        (
+            "an Azure account name with capitals",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'az://models/m.pt', azure: {{account: MyModels}}}}}}]\n{task}")),
+            "azure.account must be 3 to 24 lowercase letters and digits",
+        ),
+        (
+            "an az:// output without its account",
+            base(&format!("  mode: Task\n{model}  input: {{uri: 'file:///in'}}\n  output: {{uri: 'az://out/x/'}}\n")),
+            "azure (the storage account) is needed by az:// input and output prefixes",
         ),
         (
             "s3 settings for a folder of data",

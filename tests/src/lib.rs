@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: real sidecar and worker processes, sharing a real
 //! folder in /dev/shm, on models built by scripts/make_models.py.
 
+pub mod azure;
 pub mod cluster;
 pub mod invalid;
 pub mod s3;
@@ -68,6 +69,7 @@ pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
         bearer_token_file: None,
         ca_file: None,
         s3: None,
+        azure: None,
     }
 }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::process::{tail, Process, Spawner};
-use crate::cluster::{free_port, run_script, KEEP_ENV};
+use crate::cluster::process::{stop_server, tail, Process, Spawner};
+use crate::cluster::{free_port, run_script};
 
 /// The server's root user; it owns every bucket (versitygw runs in single-account mode).
 pub const ACCESS_KEY: &str = "kzc-test-access";
@@ -214,24 +214,11 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            // process::terminate does the same but is async, which a drop cannot await.
-            // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-            unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
-            let start = Instant::now();
-            while matches!(p.child.try_wait(), Ok(None)) && start.elapsed() < STOP_GRACE {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            p.kill();
-        }
-        let keep = std::thread::panicking() || std::env::var_os(KEEP_ENV).is_some();
-        if let Some(dir) = self.dir.take() {
-            if keep {
-                eprintln!(
-                    "S3 server's folder and log kept in {}",
-                    dir.keep().display()
-                );
-            }
-        }
+        stop_server(
+            self.process.take(),
+            STOP_GRACE,
+            self.dir.take(),
+            "S3 server",
+        );
     }
 }

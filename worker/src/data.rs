@@ -1,6 +1,6 @@
 //! Where a Task pipeline's shards come from and go to: a folder (mounted into the pod) or an
-//! object storage prefix (`s3://<bucket>/<prefix>/`, read and written with `object_store`,
-//! which also retries what fails on the way).
+//! object storage prefix (`s3://<bucket>/<prefix>/`, `az://<container>/<prefix>/`, read and
+//! written with `object_store`'s clients, which also retry what fails on the way).
 //!
 //! Both are seen the same way: the shard files are the `*.safetensors` entries directly under
 //! it, in name order, each with a version (an object's ETag; a file's size and modification
@@ -10,12 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use object_store::aws::AmazonS3;
 use object_store::path::Path as Key;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use kube_zerocopy_sidecar::config::S3Access;
+use kube_zerocopy_sidecar::cloud::{self, Storage};
+use kube_zerocopy_sidecar::config::{AzureAccess, S3Access};
 use kube_zerocopy_sidecar::process::Permanent;
 
 pub const SHARD_EXTENSION: &str = ".safetensors";
@@ -35,37 +35,43 @@ pub enum Store {
 
 pub struct Bucket {
     uri: String,
-    /// Which field of the pipeline holds its credentials, for errors (`input.s3.credentialsSecret`).
+    /// Which field of the pipeline holds its credentials, for errors
+    /// (`input.s3.credentialsSecret`).
     field: String,
-    store: AmazonS3,
+    store: std::sync::Arc<dyn Storage>,
     prefix: Option<Key>,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Store {
-    /// A folder path or `file://` URI, or an `s3://` prefix reached with `s3`. `field` names
-    /// the pipeline's field (`input`, `output`) in errors.
-    pub fn open(uri: &str, s3: Option<&S3Access>, field: &str) -> Result<Self> {
-        let Some(rest) = uri.strip_prefix("s3://") else {
+    /// A folder path or `file://` URI, or an `s3://` or `az://` prefix reached with its
+    /// settings. `field` names the pipeline's field (`input`, `output`) in errors.
+    pub fn open(
+        uri: &str,
+        s3: Option<&S3Access>,
+        azure: Option<&AzureAccess>,
+        field: &str,
+    ) -> Result<Self> {
+        let located = cloud::locate(uri, s3, azure).with_context(|| format!("{field} {uri}"))?;
+        let Some(located) = located else {
+            if uri.contains("://") && !uri.starts_with("file://") {
+                bail!("{field} {uri}: expected a folder, or an s3:// or az:// prefix");
+            }
             return Ok(Store::Folder(uri.trim_start_matches("file://").into()));
         };
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            bail!("{field} {uri}: expected s3://<bucket>/<prefix>/");
-        }
-        let prefix = prefix.trim_matches('/');
+        let prefix = located.key.trim_matches('/');
+        let top = uri.strip_suffix(&located.key).unwrap_or(uri);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let store = kube_zerocopy_sidecar::remote::s3_store(bucket, s3)
-            .with_context(|| format!("{field} {uri}"))?;
         Ok(Store::Bucket(Bucket {
             uri: format!(
-                "s3://{bucket}/{prefix}{}",
+                "{}/{prefix}{}",
+                top.trim_end_matches('/'),
                 if prefix.is_empty() { "" } else { "/" }
             ),
-            field: field.to_owned(),
-            store,
+            field: format!("{field}.{}", located.settings),
+            store: located.store,
             prefix: (!prefix.is_empty())
                 .then(|| Key::parse(prefix))
                 .transpose()
@@ -251,7 +257,7 @@ impl Bucket {
         };
         let hint = if refused {
             format!(
-                " (the credentials come from {}.s3.credentialsSecret, or the environment)",
+                " (the credentials come from {}.credentialsSecret, or the environment)",
                 self.field
             )
         } else {

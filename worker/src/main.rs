@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_sidecar::config::models_from_env;
-use kube_zerocopy_sidecar::config::S3Access;
+use kube_zerocopy_sidecar::config::{AzureAccess, S3Access};
 use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::actor::Limits;
@@ -47,6 +47,8 @@ enum Loader {
     Copy,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// List the input once: how many shards, and the digest of the listing.
@@ -65,8 +67,11 @@ enum Command {
         #[arg(long, env = "KZC_OUTPUT")]
         output: String,
         /// How to reach an s3:// output (JSON: endpoint, region, credentialsDir).
-        #[arg(long, env = "KZC_OUTPUT_S3", value_parser = s3_access)]
+        #[arg(long, env = "KZC_OUTPUT_S3", value_parser = json_settings::<S3Access>)]
         output_s3: Option<S3Access>,
+        /// How to reach an az:// output (JSON: account, endpoint, credentialsDir).
+        #[arg(long, env = "KZC_OUTPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
+        output_azure: Option<AzureAccess>,
         /// How many shard files the input must hold (the Job's completions).
         #[arg(long, env = "KZC_SHARDS")]
         shards: Option<usize>,
@@ -113,18 +118,26 @@ struct Input {
     #[arg(long, env = "KZC_INPUT")]
     input: String,
     /// How to reach an s3:// input (JSON: endpoint, region, credentialsDir).
-    #[arg(long, env = "KZC_INPUT_S3", value_parser = s3_access)]
+    #[arg(long, env = "KZC_INPUT_S3", value_parser = json_settings::<S3Access>)]
     input_s3: Option<S3Access>,
+    /// How to reach an az:// input (JSON: account, endpoint, credentialsDir).
+    #[arg(long, env = "KZC_INPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
+    input_azure: Option<AzureAccess>,
 }
 
 impl Input {
     fn open(&self) -> Result<Store> {
-        Store::open(&self.input, self.input_s3.as_ref(), "input")
+        Store::open(
+            &self.input,
+            self.input_s3.as_ref(),
+            self.input_azure.as_ref(),
+            "input",
+        )
     }
 }
 
-fn s3_access(s: &str) -> Result<S3Access, String> {
-    serde_json::from_str(s).map_err(|e| format!("not S3 settings: {e}"))
+fn json_settings<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the store's settings: {e}"))
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -175,12 +188,13 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
             output_s3,
+            output_azure,
             shards,
             input_digest,
             run,
         } => {
             let input = input.open()?;
-            let output = Store::open(&output, output_s3.as_ref(), "output")?;
+            let output = Store::open(&output, output_s3.as_ref(), output_azure.as_ref(), "output")?;
             let load = Instant::now();
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             let load_ms = ms(load);

@@ -213,6 +213,7 @@ fn publish(uri: &str, sha256: Option<String>) -> Published {
         bearer_token_file: None,
         ca_file: None,
         s3: None,
+        azure: None,
     };
     let result = publisher.publish(&model).map(|hold| hold.digest.clone());
     Published {

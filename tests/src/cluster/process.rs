@@ -141,6 +141,29 @@ pub async fn terminate(mut p: Process, grace: Duration) -> Result<()> {
     Ok(())
 }
 
+/// [`terminate`] for a drop, which cannot await: the test servers' (S3, Azure) folders are
+/// then kept on a panic, or with `KZC_KEEP_CLUSTER`, and removed otherwise.
+pub fn stop_server(
+    process: Option<Process>,
+    grace: Duration,
+    dir: Option<tempfile::TempDir>,
+    what: &str,
+) {
+    if let Some(mut p) = process {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        while matches!(p.child.try_wait(), Ok(None)) && start.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.kill();
+    }
+    let keep = std::thread::panicking() || std::env::var_os(super::KEEP_ENV).is_some();
+    if let (true, Some(dir)) = (keep, dir) {
+        eprintln!("{what}'s folder and log kept in {}", dir.keep().display());
+    }
+}
+
 /// The last `lines` lines of a file.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = File::open(path)

@@ -62,12 +62,16 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
             .collect::<Vec<_>>(),
         [("encoder", "file:///models/encoder.pt", Some(64 << 20))]
     );
+    // The run: this pipeline's uid (its first group) and generation.
+    let uid = task.uid().unwrap();
+    let run = format!("{}-1", uid.split('-').next().unwrap());
     let expected = [
         ("KZC_STORE", "/kzc/store"),
         ("KZC_BINDINGS", "/kzc/bindings"),
         ("KZC_INPUT", "/data/in"),
         ("KZC_OUTPUT", "/data/out"),
         ("KZC_SHARDS", "3"),
+        ("KZC_RUN", &run),
         ("KZC_DEVICE", "cpu"),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
