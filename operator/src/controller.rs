@@ -644,7 +644,16 @@ async fn apply_plan(
             .await?;
             Ok(planning(listing))
         }
-        plan::State::Running | plan::State::Done(_) => Ok(planning(listing)),
+        // A planning pod that cannot start (its input's Secret missing, an image that cannot
+        // be pulled) says why, as the workers' pods do.
+        plan::State::Running | plan::State::Done(_) => match status::stuck_pod(&pods) {
+            Some((reason, why)) => Ok(Blocked {
+                reason,
+                message: format!("planning the shards: {why}"),
+            }
+            .into()),
+            None => Ok(planning(listing)),
+        },
         plan::State::Outdated => {
             delete_seen(&api, &name, uid).await?;
             Ok(planning(format!(
@@ -659,7 +668,8 @@ async fn apply_plan(
             Ok(Blocked {
                 reason: Reason::InputNotPlanned,
                 message: format!(
-                    "the input {input} could not be planned: {why} (Job {name}; planned again                      every minute, or give spec.task.shards)"
+                    "planning the shards failed: {why} (Job {name}; planned again every minute, or \
+                     give spec.task.shards)"
                 ),
             }
             .into())

@@ -852,7 +852,7 @@ pub fn render_planned(
             // for a declared count, this for a planned one.
             if format!("{name}-zerocopy-{}", shards - 1).len() > 63 {
                 bail!(
-                    "metadata.name is too long for the {shards} shards planned: each pod's host                      name <name>-zerocopy-<shard index> must have at most 63 characters"
+                    "metadata.name is too long for the {shards} shards planned: each pod's host name <name>-zerocopy-<shard index> must have at most 63 characters"
                 );
             }
             let mut metadata = metadata(pipeline);

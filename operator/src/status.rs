@@ -423,7 +423,7 @@ const NOT_STARTING: [&str; 6] = [
 
 /// The first pending pod that cannot run, with the scheduler's or the kubelet's words: such
 /// pods otherwise read as progress ("8 running").
-fn stuck_pod(pods: &[Pod]) -> Option<(Reason, String)> {
+pub fn stuck_pod(pods: &[Pod]) -> Option<(Reason, String)> {
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let Some(status) = pod.status.as_ref() else {

@@ -120,7 +120,7 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "data at an http URL",
             base(&format!("  mode: Task\n{model}  input: {{uri: 'https://data.example/in/'}}\n  output: {{uri: 'file:///out'}}\n")),
-            "input and output must be file:/// folders mounted into the pod or s3://<bucket>/<prefix>/",
+            "input and output must be file:/// folders mounted into the pod, s3://<bucket>/<prefix>/",
         ),
         (
             "an s3 output in a bucket with an invalid name",

@@ -55,7 +55,8 @@ pub async fn safetensors_model_over_http(env: Arc<Env>) -> Result<()> {
 /// on the pods' bridge), each read with the credentials of its own Secret, in a namespace that
 /// enforces `restricted`, and no shard count: the planning Job finds the shards
 /// (status.plannedInput), every output object equals `kube-zerocopy local run`'s output, and
-/// manifest.json beside them gives each one's sha256.
+/// manifest.json beside them gives each one's sha256. On an empty prefix the same pipeline is
+/// Blocked with reason InputNotPlanned, in the planner's words.
 pub async fn torchscript_with_data_on_s3(env: Arc<Env>) -> Result<()> {
     let ns = TestNamespace::create(&env.client, "task-s3", &[RESTRICTED]).await?;
     let server = tokio::task::spawn_blocking(|| S3Server::start_on(GATEWAY)).await??;
@@ -142,6 +143,41 @@ pub async fn torchscript_with_data_on_s3(env: Arc<Env>) -> Result<()> {
             "  {}/{name}: {} shards planned (input sha256 {}), outputs and manifest.json in s3://batch/outputs/",
             ns.name, planned.shards, planned.input_digest
         );
+        // The same pipeline on a prefix with nothing in it: its plan fails, and the pipeline
+        // says why in the planner's words.
+        let mut empty = pipeline.clone();
+        empty.metadata.name = Some("embed-empty".into());
+        empty.spec.input.as_mut().context("an input")?.uri = "s3://batch/nothing/".into();
+        empty.spec.output.as_mut().context("an output")?.uri = "s3://batch/none/".into();
+        apply(&env.client, &empty).await?;
+        wait_phase(
+            &env.client,
+            &ns.name,
+            "embed-empty",
+            &["Blocked"],
+            Duration::from_secs(120),
+        )
+        .await?;
+        let status = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
+            .get_status("embed-empty")
+            .await?
+            .status
+            .context("no status")?;
+        let degraded = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .context("no Degraded condition")?;
+        ensure!(
+            degraded.reason == "InputNotPlanned"
+                && degraded
+                    .message
+                    .contains("the input s3://batch/nothing/ holds no .safetensors shard files"),
+            "{}: {}",
+            degraded.reason,
+            degraded.message
+        );
+        println!("  {}/embed-empty: Blocked, {}", ns.name, degraded.message);
         Ok(())
     }
     .await;
