@@ -156,8 +156,9 @@ impl Store {
 
 fn changed(what: &str) -> anyhow::Error {
     Permanent(format!(
-        "{what} changed since the shards were planned: every shard must read the input as \
-         planned, so the pipeline stops here; run it again to plan the input as it is now"
+        "{what} changed since it was listed: every shard must read the input as it was listed \
+         (and planned), so the pipeline stops here; change or re-create the pipeline to run on \
+         the input as it is now"
     ))
     .into()
 }
