@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::process::{stop_server, tail, Process, Spawner};
+use crate::cluster::process::{stop_server, wait_until_answers, Process, Spawner};
 use crate::cluster::{free_port, run_script};
 
 /// The account the server serves, and its key (base64, as Azure's).
@@ -80,27 +80,13 @@ impl AzureServer {
     /// Azurite has no health path: any answer (403 to an unsigned listing) means it listens.
     fn wait_ready(&mut self) -> Result<()> {
         let url = format!("{}?comp=list", self.endpoint);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let start = Instant::now();
-        loop {
-            self.process.as_mut().unwrap().check_alive()?;
-            let last = match agent.get(&url).call() {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            if start.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "azurite did not answer {url} in {READY_TIMEOUT:?} ({last}); its log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log, 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until_answers(
+            self.process.as_mut().unwrap(),
+            &url,
+            true,
+            READY_TIMEOUT,
+            &self.log,
+        )
     }
 
     pub fn create_container(&self, name: &str) -> Result<()> {

@@ -12,11 +12,11 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cluster::process::{stop_server, tail, Process, Spawner};
+use crate::cluster::process::{stop_server, wait_until_answers, Process, Spawner};
 use crate::cluster::{free_port, run_script};
 
 /// The server's root user; it owns every bucket (versitygw runs in single-account mode).
@@ -103,27 +103,13 @@ impl S3Server {
 
     fn wait_ready(&mut self) -> Result<()> {
         let url = format!("{}{HEALTH}", self.endpoint);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .into();
-        let start = Instant::now();
-        loop {
-            // Fails with the log's tail if it exited (a taken port, no xattrs in the folder).
-            self.process.as_mut().unwrap().check_alive()?;
-            let last = match agent.get(&url).call() {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            if start.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "versitygw did not answer {url} in {READY_TIMEOUT:?} ({last}); its log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log, 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_answers(
+            self.process.as_mut().unwrap(),
+            &url,
+            false,
+            READY_TIMEOUT,
+            &self.log,
+        )
     }
 
     /// The path-style URL of an object. Keys are kept to characters that need no escaping

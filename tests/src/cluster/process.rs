@@ -164,6 +164,39 @@ pub fn stop_server(
     }
 }
 
+/// Waits until `url` answers (any HTTP status, with `any_status`; else 2xx) while `process`
+/// lives, or fails with the tail of its log after `timeout`: the test servers' start-up.
+pub fn wait_until_answers(
+    process: &mut Process,
+    url: &str,
+    any_status: bool,
+    timeout: Duration,
+    log: &Path,
+) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .http_status_as_error(!any_status)
+        .build()
+        .into();
+    let start = Instant::now();
+    loop {
+        // Fails with the log's tail if it exited (a taken port, a folder it cannot use).
+        process.check_alive()?;
+        let last = match agent.get(url).call() {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "{url} did not answer in {timeout:?} ({last}); the log {}:\n{}",
+                log.display(),
+                tail(log, 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The last `lines` lines of a file.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = File::open(path)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use std::os::unix::fs::MetadataExt;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, ListParams};
 use kube_zerocopy::crd::InferencePipeline;
@@ -86,16 +86,7 @@ pub async fn safetensors_from_s3_with_a_secret(env: Arc<Env>) -> Result<()> {
     server.create_bucket("models")?;
     let file = env.models_dir().join(env.safetensors.file);
     server.put_file("models", env.safetensors.file, &file)?;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3-reader"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": server.access_key,
-            "AWS_SECRET_ACCESS_KEY": server.secret_key,
-        },
-    }))?;
-    Api::<Secret>::namespaced(env.client.clone(), &ns.name)
-        .create(&Default::default(), &secret)
-        .await?;
+    s3_secret(&env.client, &ns.name, "s3-reader", &server).await?;
     let uri = format!("s3://models/{}", env.safetensors.file);
     let pipeline = example("actor-s3.yaml", &ns.name, &env.safetensors, &uri, |p| {
         p["spec"]["actor"] = json!({"replicas": 1});

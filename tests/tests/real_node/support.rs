@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -354,6 +354,26 @@ pub fn example(
     }
     edit(&mut p);
     Ok(serde_json::from_value(p)?)
+}
+
+/// A Secret `name` in `ns` with the S3 server's credentials, as a pipeline's credentialsSecret.
+pub async fn s3_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    server: &kube_zerocopy_e2e::s3::S3Server,
+) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        },
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &secret)
+        .await?;
+    Ok(())
 }
 
 pub async fn apply(client: &Client, pipeline: &InferencePipeline) -> Result<()> {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy_e2e::cluster::host::GATEWAY;
@@ -70,16 +69,7 @@ pub async fn torchscript_with_data_on_s3(env: Arc<Env>) -> Result<()> {
         server.put_file("batch", &format!("inputs/{name}"), shard)?;
     }
     for secret in ["s3-reader", "s3-batch"] {
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": secret},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": server.access_key,
-                "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            },
-        }))?;
-        Api::<Secret>::namespaced(env.client.clone(), &ns.name)
-            .create(&Default::default(), &secret)
-            .await?;
+        s3_secret(&env.client, &ns.name, secret, &server).await?;
     }
     let s3 = |secret: &str| {
         json!({
