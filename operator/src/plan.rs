@@ -103,12 +103,10 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
         let plan = terminated
             .iter()
             .filter(|t| t.exit_code == 0)
-            .find_map(|t| serde_json::from_str::<WorkerPlan>(t.message.as_deref()?).ok());
-        if let Some(p) = plan {
-            return State::Done(PlannedInput {
-                shards: p.shards,
-                input_digest: p.input_digest,
-            });
+            // What `kube-zerocopy-worker plan` writes is the status's own shape.
+            .find_map(|t| serde_json::from_str::<PlannedInput>(t.message.as_deref()?).ok());
+        if let Some(plan) = plan {
+            return State::Done(plan);
         }
     }
     // Complete without a plan to read (its pod deleted, or no termination message): as a
@@ -142,14 +140,6 @@ fn retry_due(ended: &k8s_openapi::api::batch::v1::JobCondition, now: Timestamp) 
         .last_transition_time
         .as_ref()
         .is_some_and(|t| now.duration_since(t.0) >= RETRY_FAILED_AFTER)
-}
-
-/// What `kube-zerocopy-worker plan` prints.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WorkerPlan {
-    shards: i32,
-    input_digest: String,
 }
 
 #[cfg(test)]
