@@ -154,11 +154,13 @@ pub const ACTOR_PORT: i32 = 8080;
 /// The sidecar's health port (/readyz, /livez).
 pub const SIDECAR_PORT: i32 = 8471;
 
-/// An Actor-mode worker: maps the models once, then serves batches over HTTP.
-pub fn actor_worker(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
+/// An Actor-mode worker: maps the models once, then serves batches with the Open Inference
+/// Protocol, the pipeline being its one model, `name`.
+pub fn actor_worker(spec: &InferencePipelineSpec, name: &str, mounts: &Mounts) -> Invocation {
     let mut env = common_env(spec, mounts);
     env.push(("KZC_DEVICE".into(), device(spec).into()));
     env.push(("KZC_LISTEN".into(), format!("0.0.0.0:{ACTOR_PORT}")));
+    env.push(("KZC_MODEL_NAME".into(), name.to_owned()));
     Invocation {
         command: vec![WORKER_BINARY.into(), "actor".into()],
         env,

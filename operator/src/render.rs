@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use kube_zerocopy_sidecar::config::{
     models_to_json, MODELS_ATTRIBUTE, NODE_STORE_DRIVER, VIEW_BINDINGS_DIR,
 };
@@ -605,14 +605,14 @@ fn pod_template(
                 ..Default::default()
             }]
         }),
-        readiness_probe: is_actor.then(|| http_probe("/readyz", "http", 5)),
+        readiness_probe: is_actor.then(|| http_probe("/v2/health/ready", "http", 5)),
         // Answered by the actor's HTTP runtime, never behind a batch: a replica that stops
         // answering it is stuck, and is restarted. It counts only once the models are loaded
         // (the startup probe: up to 10 minutes, for copies to a GPU).
-        liveness_probe: is_actor.then(|| http_probe("/livez", "http", 10)),
+        liveness_probe: is_actor.then(|| http_probe("/v2/health/live", "http", 10)),
         startup_probe: is_actor.then(|| Probe {
             failure_threshold: Some(300),
-            ..http_probe("/readyz", "http", 2)
+            ..http_probe("/v2/health/ready", "http", 2)
         }),
         resources: Some(resources),
         security_context: Some(restricted()),
@@ -837,7 +837,7 @@ pub fn render_planned(
     let (volumes, mounts) = volumes(pipeline, model_bytes);
     let worker = match spec.mode {
         Mode::Task => invocation::task_worker(spec, &mounts, plan, &run_name(pipeline)),
-        Mode::Actor => invocation::actor_worker(spec, &mounts),
+        Mode::Actor => invocation::actor_worker(spec, &pipeline.name_any(), &mounts),
     };
     let template = pod_template(pipeline, settings, worker, &mounts, volumes, model_bytes);
     match spec.mode {

@@ -158,6 +158,7 @@ fn rendered_pods_keep_their_promises() {
                 "KZC_BINDINGS",
                 "KZC_DEVICE",
                 "KZC_LISTEN",
+                "KZC_MODEL_NAME",
             ],
         };
         assert_eq!(

@@ -1,39 +1,69 @@
-//! Actor mode: a worker maps the models once and serves batches over HTTP; each answer equals
-//! the models run the ordinary way, and a bad batch gets a 400 with the cause. Batches that do
-//! not fit, bodies too large or too slow are refused with their status, and the replica goes on
-//! serving, its health and metrics answered meanwhile.
+//! Actor mode: a worker maps the models once and serves batches with the Open Inference
+//! Protocol; each answer equals the models run the ordinary way, and a bad request gets a 4xx
+//! in the protocol's shape. Requests that do not fit, bodies too large or too slow are refused
+//! with their status, and the replica goes on serving, its health and metrics answered
+//! meanwhile. NVIDIA's Triton client, unchanged, talks to it; a replica told to stop drains.
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use kube_zerocopy_e2e::{make_model, metric_value, source, Pod};
+use kube_zerocopy_e2e::{make_model, metric_value, repo, source, succeeded, Pod};
 use kube_zerocopy_sidecar::ModelFormat;
-use kube_zerocopy_worker::actor::decode;
+use kube_zerocopy_worker::oip;
 use kube_zerocopy_worker::task::read_input;
 use kube_zerocopy_worker::LoadedModel;
+
+/// The model's name in the protocol's paths.
+const MODEL: &str = "net";
+
+/// A running actor, killed if a test ends (or fails) without stopping it.
+struct Actor(Child);
+
+impl std::ops::Deref for Actor {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Actor {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Starts an actor on a free port with extra arguments; returns it and its base URL once ready.
 fn start_actor(
     pod: &Pod,
     models: &[kube_zerocopy_sidecar::ModelSource],
     args: &[&str],
-) -> (Child, String) {
+) -> (Actor, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut actor = pod
+    let actor = pod
         .command("kube-zerocopy-worker", models)
         .args(["actor", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--model-name", MODEL])
         .args(args)
         .spawn()
         .unwrap();
+    let mut actor = Actor(actor);
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
-    while ureq::get(format!("{base}/readyz")).call().is_err() {
+    while ureq::get(format!("{base}/v2/health/ready")).call().is_err() {
         assert!(actor.try_wait().unwrap().is_none(), "the actor exited");
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -44,20 +74,90 @@ fn start_actor(
     (actor, base)
 }
 
-/// POSTs `body` to /infer; returns the status and the answer's body.
-fn post(base: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
-        .into();
-    let mut response = agent.post(format!("{base}/infer")).send(body).unwrap();
+        .into()
+}
+
+/// A replica of the built-in Mlp (64 values in, 4 out), published in a pod of its own.
+struct MlpReplica {
+    actor: Actor,
+    base: String,
+    model: std::path::PathBuf,
+    models: [kube_zerocopy_sidecar::ModelSource; 1],
+    _pod: Pod,
+    dir: tempfile::TempDir,
+}
+
+fn mlp_replica(args: &[&str]) -> MlpReplica {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mlp.safetensors");
+    make_model(&["mlp", model.to_str().unwrap(), "--sizes", "64,32,4"]);
+    let models = [source("mlp", ModelFormat::Safetensors, &model)];
+    let pod = Pod::new();
+    assert!(pod.publish(&models).status.success());
+    let (actor, base) = start_actor(&pod, &models, args);
+    MlpReplica {
+        actor,
+        base,
+        model,
+        models,
+        _pod: pod,
+        dir,
+    }
+}
+
+/// The status, the header `Inference-Header-Content-Length` and the body of an answer.
+fn read_answer(mut response: ureq::http::Response<ureq::Body>) -> (u16, Option<usize>, Vec<u8>) {
+    let json_length = response
+        .headers()
+        .get(oip::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
     let mut bytes = Vec::new();
     response
         .body_mut()
         .as_reader()
         .read_to_end(&mut bytes)
         .unwrap();
-    (response.status().as_u16(), bytes)
+    (response.status().as_u16(), json_length, bytes)
+}
+
+/// POSTs `body` to the model's infer path as it is (no protocol header).
+fn post(base: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let response = agent()
+        .post(format!("{base}/v2/models/{MODEL}/infer"))
+        .send(body)
+        .unwrap();
+    let (status, _, body) = read_answer(response);
+    (status, body)
+}
+
+/// Infers `input` with the binary tensor extension; the status, and the output or the error.
+fn infer(base: &str, input: &tch::Tensor) -> (u16, Result<tch::Tensor, String>) {
+    let (body, json_length) = oip::encode_request(input).unwrap();
+    let response = agent()
+        .post(format!("{base}/v2/models/{MODEL}/infer"))
+        .header(oip::HEADER_LENGTH, json_length.to_string())
+        .send(&body[..])
+        .unwrap();
+    let (status, json_length, body) = read_answer(response);
+    let answer = match status {
+        200 => Ok(oip::decode_answer(&body, json_length).unwrap()),
+        _ => Err(error_message(&body)),
+    };
+    (status, answer)
+}
+
+/// The protocol's error answer: `{"error": "..."}`.
+fn error_message(body: &[u8]) -> String {
+    let error: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    error["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {error}"))
+        .to_owned()
 }
 
 /// The actor's metrics, as text.
@@ -70,37 +170,25 @@ fn metrics(base: &str) -> String {
         .unwrap()
 }
 
-/// A safetensors body with tensor `input`.
-fn batch(t: &tch::Tensor) -> Vec<u8> {
-    let path = tempfile::NamedTempFile::new().unwrap();
-    tch::Tensor::write_safetensors(&[("input", t)], path.path()).unwrap();
-    std::fs::read(path.path()).unwrap()
-}
-
 /// A replica of the built-in Mlp: a batch of the wrong width used to panic inside tch and kill
 /// it; a slow client used to hold the only request thread, health and metrics included.
 #[test]
 fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("mlp.safetensors");
-    make_model(&["mlp", model.to_str().unwrap(), "--sizes", "64,32,4"]);
-    let models = [source("mlp", ModelFormat::Safetensors, &model)];
-    let pod = Pod::new();
-    assert!(pod.publish(&models).status.success());
     let limits = ["--max-body-bytes", "1048576", "--body-timeout", "15"];
-    let (mut actor, base) = start_actor(&pod, &models, &limits);
+    let mut replica = mlp_replica(&limits);
+    let (actor, base) = (&mut replica.actor, replica.base.clone());
     let good = tch::Tensor::ones([4, 64], (tch::Kind::Float, tch::Device::Cpu));
 
     // The wrong width: 422 with the reason in the client's terms, and the replica lives on.
     let narrow = tch::Tensor::ones([4, 3], (tch::Kind::Float, tch::Device::Cpu));
-    let (status, body) = post(&base, &batch(&narrow));
-    let reason = String::from_utf8_lossy(&body);
+    let (status, answer) = infer(&base, &narrow);
+    let reason = answer.unwrap_err();
     assert_eq!(status, 422, "{reason}");
     assert!(
         reason.contains("takes rows of 64 values") && reason.contains("[4, 3]"),
         "{reason}"
     );
-    assert_eq!(post(&base, &batch(&good)).0, 200);
+    assert_eq!(infer(&base, &good).0, 200);
     assert!(
         actor.try_wait().unwrap().is_none(),
         "the wrong width killed the actor"
@@ -112,7 +200,7 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     let mut large = TcpStream::connect(address).unwrap();
     write!(
         large,
-        "POST /infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
         3 << 19
     )
     .unwrap();
@@ -130,14 +218,14 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     let mut slow = TcpStream::connect(address).unwrap();
     write!(
         slow,
-        "POST /infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: 100000\r\n\r\n"
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: 100000\r\n\r\n"
     )
     .unwrap();
     slow.write_all(&[0u8; 1000]).unwrap();
-    for path in ["/readyz", "/livez", "/metrics"] {
+    for path in ["/v2/health/ready", "/v2/health/live", "/metrics"] {
         ureq::get(format!("{base}{path}")).call().unwrap();
     }
-    assert_eq!(post(&base, &batch(&good)).0, 200);
+    assert_eq!(infer(&base, &good).0, 200);
     slow.set_nonblocking(true).unwrap();
     let mut first = [0u8; 1];
     let pending =
@@ -149,6 +237,10 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     let mut answer = String::new();
     let _ = slow.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#"{"error":"the request body did not arrive"#),
+        "{answer}"
+    );
 
     let text = metrics(&base);
     assert!(
@@ -182,27 +274,23 @@ fn actor_serves_many_batches_from_one_mapping() {
     let models = [source("net", ModelFormat::TorchScript, &model)];
     let pod = Pod::new();
     assert!(pod.publish(&models).status.success());
-
     let (mut actor, base) = start_actor(&pod, &models, &[]);
 
     let reference = LoadedModel::load_copying(&model, &models[0], tch::Device::Cpu).unwrap();
     for shard in kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap() {
-        let (status, bytes) = post(&base, &std::fs::read(&shard).unwrap());
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-        // The answer read as any safetensors file, not with the actor's own decoder.
-        let answer = d.join("answer.safetensors");
-        std::fs::write(&answer, &bytes).unwrap();
-        let got = kube_zerocopy_e2e::read_output(&answer);
-        let expected = reference.forward(&read_input(&shard).unwrap()).unwrap();
-        assert!(got.equal(&expected), "batch {} differs", shard.display());
+        let input = read_input(&shard).unwrap();
+        let (status, answer) = infer(&base, &input);
+        assert_eq!(status, 200, "{answer:?}");
+        let expected = reference.forward(&input).unwrap();
+        assert!(
+            answer.unwrap().equal(&expected),
+            "batch {} differs",
+            shard.display()
+        );
     }
-    assert!(decode(b"nonsense").is_err());
-
-    let bad = ureq::post(format!("{base}/infer")).send(&b"not a tensor"[..]);
-    match bad {
-        Err(ureq::Error::StatusCode(400)) => {}
-        other => panic!("a bad batch should get 400, got {other:?}"),
-    }
+    let (status, body) = post(&base, b"not a tensor");
+    assert_eq!(status, 400);
+    assert!(error_message(&body).contains("not an inference request"));
 
     // Its metrics count the batches and show its memory, the shared weights apart.
     let text = metrics(&base);
@@ -211,6 +299,7 @@ fn actor_serves_many_batches_from_one_mapping() {
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     };
     assert_eq!(metric("batches_total"), 3.0);
+    assert_eq!(metric("executions_total"), 3.0);
     assert_eq!(metric("batch_errors_total"), 1.0);
     assert_eq!(metric("rows_total"), 15.0);
     assert_eq!(metric("batch_duration_seconds_count"), 3.0);
@@ -230,4 +319,348 @@ fn actor_serves_many_batches_from_one_mapping() {
     );
     // Kubernetes stops a replica with SIGTERM: a clean exit, not a failure.
     assert_eq!(kube_zerocopy_e2e::terminate(&mut actor).code(), Some(0));
+}
+
+/// The Triton client (tritonclient[http], pinned in scripts/oip-client.sh), as a user of the
+/// protocol would call it: health and metadata, every input with the binary extension and as
+/// JSON, all of them at once (merged by dynamic batching), and eight kinds of bad request.
+#[test]
+fn an_existing_protocol_client_works_unchanged() {
+    let batching = ["--max-batch-rows", "256", "--max-batch-delay-ms", "300"];
+    let mut replica = mlp_replica(&batching);
+    let (actor, base) = (&mut replica.actor, replica.base.clone());
+    let (d, model, models) = (replica.dir.path(), &replica.model, &replica.models);
+
+    let inputs: Vec<tch::Tensor> = (0..8)
+        .map(|i| tch::Tensor::randn([3 + i, 64], (tch::Kind::Float, tch::Device::Cpu)))
+        .collect();
+    for (i, input) in inputs.iter().enumerate() {
+        input.write_npy(d.join(format!("input-{i}.npy"))).unwrap();
+    }
+    let client = Command::new(repo().join("scripts/oip-client.sh"))
+        .output()
+        .unwrap();
+    succeeded(&client);
+    let venv = String::from_utf8(client.stdout).unwrap();
+    let run = Command::new(Path::new(venv.trim()).join("bin/python"))
+        .arg(repo().join("scripts/oip-client.py"))
+        .args([
+            base.trim_start_matches("http://"),
+            MODEL,
+            d.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    succeeded(&run);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
+    println!("{report:#}");
+
+    for flag in ["live", "ready", "model_ready", "serves_after_errors"] {
+        assert_eq!(report[flag], true, "{flag}");
+    }
+    assert_eq!(report["server"]["extensions"][0], "binary_tensor_data");
+    let spec = |name: &str, width: i64| serde_json::json!([{"name": name, "datatype": "FP32", "shape": [-1, width]}]);
+    assert_eq!(report["model"]["name"], MODEL);
+    assert_eq!(report["model"]["inputs"], spec("input", 64));
+    assert_eq!(report["model"]["outputs"], spec("output", 4));
+
+    let expected = |message: &str, status: &str, words: &[&str]| {
+        let error = &report["errors"][message];
+        assert_eq!(error["status"], status, "{message}: {error}");
+        let text = error["message"].as_str().unwrap();
+        for word in words {
+            assert!(text.contains(word), "{message}: {text:?} lacks {word:?}");
+        }
+    };
+    expected(
+        "unknown_model",
+        "404",
+        &["\"no-such-model\" is not served", "serves \"net\""],
+    );
+    expected("unknown_version", "404", &["version 1 only"]);
+    expected("unknown_input", "400", &["no input \"x\""]);
+    expected("unknown_output", "400", &["no output \"y\""]);
+    expected("strings", "400", &["BYTES is not supported"]);
+    expected(
+        "wrong_width",
+        "422",
+        &["takes rows of 64 values", "[2, 65]"],
+    );
+    expected("bytes_short_of_shape", "400", &["takes"]);
+    expected("json_short_of_shape", "400", &["takes"]);
+
+    // One at a time, each request runs alone: equal to the model run the ordinary way, bit for
+    // bit, with either encoding. All at once, they share forward passes: equal within float
+    // rounding (a batch of other rows may take another kernel).
+    let reference = LoadedModel::load_copying(model, &models[0], tch::Device::Cpu).unwrap();
+    for (i, input) in inputs.iter().enumerate() {
+        let want = reference.forward(input).unwrap();
+        for encoding in ["binary", "json"] {
+            let got = tch::Tensor::read_npy(d.join(format!("{encoding}-{i}.npy"))).unwrap();
+            assert!(got.equal(&want), "{encoding} answer {i} differs");
+        }
+        let got = tch::Tensor::read_npy(d.join(format!("concurrent-{i}.npy"))).unwrap();
+        assert!(
+            got.allclose(&want, 1e-5, 1e-6, false),
+            "concurrent answer {i} differs"
+        );
+    }
+    let text = metrics(&base);
+    let metric = |name: &str| metric_value(&text, &format!("kube_zerocopy_worker_{name}")).unwrap();
+    let (requests, passes) = (metric("batches_total"), metric("executions_total"));
+    println!("{requests} requests answered in {passes} forward passes");
+    assert!(
+        passes < requests,
+        "dynamic batching merged no request: {requests} requests, {passes} passes"
+    );
+    assert_eq!(kube_zerocopy_e2e::terminate(actor).code(), Some(0));
+}
+
+/// SIGTERM with a request half sent: the replica says not-ready at once (so that its endpoint
+/// is taken out), still answers that request, then exits 0.
+#[test]
+fn a_stopped_replica_drains_what_it_was_sent() {
+    let mut replica = mlp_replica(&[]);
+    let (actor, base) = (&mut replica.actor, replica.base.clone());
+    let input = tch::Tensor::ones([2, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let (body, json_length) = oip::encode_request(&input).unwrap();
+
+    let address = base.trim_start_matches("http://");
+    let mut request = TcpStream::connect(address).unwrap();
+    write!(
+        request,
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {address}\r\n{}: {json_length}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        oip::HEADER_LENGTH,
+        body.len()
+    )
+    .unwrap();
+    let (head, rest) = body.split_at(body.len() / 2);
+    request.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // SAFETY: a signal to a child this test started and has not reaped.
+    unsafe { libc::kill(actor.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    loop {
+        let (status, _, body) = read_answer(
+            agent()
+                .get(format!("{base}/v2/health/ready"))
+                .call()
+                .unwrap(),
+        );
+        if status == 400 {
+            assert_eq!(body, br#"{"ready":false}"#);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "still ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        agent()
+            .get(format!("{base}/v2/health/live"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        actor.try_wait().unwrap().is_none(),
+        "exited with a request in flight"
+    );
+
+    request.write_all(rest).unwrap();
+    let mut answer = Vec::new();
+    request.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let status = actor.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a drained replica exits 0");
+}
+
+/// Counts the files renamed into `dir` (how every output is put in place), by name.
+struct RenameCounter {
+    fd: i32,
+}
+
+impl RenameCounter {
+    fn watch(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: plain syscalls on a descriptor this struct owns.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let watch = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MOVED_TO) };
+        assert!(watch >= 0);
+        RenameCounter { fd }
+    }
+
+    /// Every name renamed into the folder since `watch`, with how many times.
+    fn counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            // SAFETY: reads into a buffer of the length given.
+            let n = unsafe { libc::read(self.fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+            if n <= 0 {
+                return counts;
+            }
+            let mut at = 0;
+            while at < n as usize {
+                // SAFETY: the kernel wrote whole events, each a header and `len` name bytes.
+                let event: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buffer[at..].as_ptr().cast()) };
+                let start = at + std::mem::size_of::<libc::inotify_event>();
+                let name = &buffer[start..start + event.len as usize];
+                let name = String::from_utf8_lossy(name)
+                    .trim_end_matches('\0')
+                    .to_owned();
+                *counts.entry(name).or_default() += 1;
+                at = start + event.len as usize;
+            }
+        }
+    }
+}
+
+impl Drop for RenameCounter {
+    fn drop(&mut self) {
+        // SAFETY: closes the descriptor this struct owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The driver streams 52 shard files through three replicas and one of them is killed midway:
+/// every output is put in place exactly once, each equal byte for byte to what a Task pipeline
+/// writes for the same input, and the manifest lists them all. Started again, the driver finds
+/// the run committed and sends nothing.
+#[test]
+fn the_driver_writes_every_output_once_though_a_replica_dies() {
+    const SHARDS: usize = 52;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("mlp.safetensors");
+    // Large enough that a batch takes milliseconds: the replica dies with batches in flight.
+    make_model(&[
+        "mlp",
+        model.to_str().unwrap(),
+        "--sizes",
+        "256,1024,1024,16",
+    ]);
+    make_model(&[
+        "inputs",
+        d.join("in").to_str().unwrap(),
+        "--shards",
+        &SHARDS.to_string(),
+        "--batch",
+        "256",
+        "--features",
+        "256",
+    ]);
+
+    // Task mode's outputs for the same input: the reference.
+    let pipeline = format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: reference}}\n\
+         spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, source: {{uri: 'file://{}'}}}}\n  \
+         input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
+        model.display(),
+        d.join("in").display(),
+        d.join("task-out").display()
+    );
+    std::fs::write(d.join("task.yaml"), pipeline).unwrap();
+    let task = Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
+        .args(["local", "run", "--json", "-f"])
+        .arg(d.join("task.yaml"))
+        .output()
+        .unwrap();
+    succeeded(&task);
+
+    let models = [source("mlp", ModelFormat::Safetensors, &model)];
+    let pod = Pod::new();
+    assert!(pod.publish(&models).status.success());
+    let mut replicas: Vec<(Actor, String)> =
+        (0..3).map(|_| start_actor(&pod, &models, &[])).collect();
+    let urls: Vec<String> = replicas.iter().map(|(_, url)| url.clone()).collect();
+    let out = d.join("out");
+    let renames = RenameCounter::watch(&out);
+    let drive = |out: &Path| {
+        Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+            .args(["drive", "--model-name", MODEL, "--run", "r1"])
+            .arg("--input")
+            .arg(d.join("in"))
+            .arg("--output")
+            .arg(out)
+            .args(["--replicas", &urls.join(",")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let driver = drive(&out);
+
+    // Killed once a fifth of the outputs are in place: its batches in flight are lost with it.
+    let started = Instant::now();
+    while kube_zerocopy_worker::task::list_shards(&out).unwrap().len() < SHARDS / 5 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (killed, killed_url) = &mut replicas[0];
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let finished = driver.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&finished.stdout);
+    assert!(
+        finished.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("{summary:#}");
+    assert_eq!(summary["batches"], SHARDS);
+    assert_eq!(summary["written"], SHARDS);
+    assert_eq!(summary["failed"], serde_json::json!([]));
+    assert!(
+        summary["retried"].as_u64().unwrap() >= 1,
+        "no batch was lost"
+    );
+    let by_killed = summary["byReplica"][killed_url.as_str()]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        (by_killed as usize) < SHARDS,
+        "the killed replica did everything"
+    );
+
+    // Each output put in place once, and equal to the Task's, byte for byte.
+    let counts = renames.counts();
+    let inputs = kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap();
+    for input in &inputs {
+        let name = input.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            counts.get(name),
+            Some(&1),
+            "{name} was put in place {:?} times",
+            counts.get(name)
+        );
+        assert_eq!(
+            std::fs::read(out.join(name)).unwrap(),
+            std::fs::read(d.join("task-out").join(name)).unwrap(),
+            "{name} differs from the Task's"
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["shards"].as_array().unwrap().len(), SHARDS);
+    assert_eq!(counts.get("manifest.json"), Some(&1));
+    assert_eq!(counts.len(), SHARDS + 1, "{counts:?}");
+
+    // Started again for the same run: everything is committed, nothing is sent or written.
+    let again = drive(&out).wait_with_output().unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&again.stdout).trim()).unwrap();
+    assert_eq!(summary["committedBefore"], SHARDS);
+    assert_eq!(summary["written"], 0);
+    for (replica, _) in &mut replicas[1..] {
+        assert_eq!(kube_zerocopy_e2e::terminate(replica).code(), Some(0));
+    }
 }

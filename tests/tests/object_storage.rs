@@ -417,7 +417,7 @@ fn local_run(file: &Path, server: &S3Server) -> std::process::Output {
 
 /// The tensor `output` of a safetensors object.
 fn output_of(bytes: &[u8]) -> tch::Tensor {
-    kube_zerocopy_worker::actor::decode_output(bytes).unwrap()
+    kube_zerocopy_worker::shard_file::decode_output(bytes).unwrap()
 }
 
 /// A Task pipeline whose input and output are S3 prefixes and whose shards nobody counted:

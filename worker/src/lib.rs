@@ -8,17 +8,22 @@
 //! - [`model`]: one loaded model of either format, on cpu or cuda.
 //! - [`memory`]: RSS/PSS/USS from /proc, to prove the sharing.
 //! - [`task`]: the Task-mode planner and shard runner behind `kube-zerocopy-worker plan` and
-//!   `task`; [`data`]: the folders and object storage prefixes they read and write.
-//! - [`actor`]: the Actor-mode batch server behind `kube-zerocopy-worker actor`.
+//!   `task`; [`data`]: the folders and object storage prefixes they read and write,
+//!   [`shard_file`] the safetensors files they hold.
+//! - [`actor`]: the Actor-mode server behind `kube-zerocopy-worker actor`, speaking the Open
+//!   Inference Protocol ([`oip`]); [`driver`]: what streams an input through the replicas.
 
 pub mod actor;
 pub mod cuda;
 pub mod data;
+pub mod driver;
 mod ffi;
 pub mod jit;
 pub mod memory;
 pub mod model;
 pub mod nn;
+pub mod oip;
+pub mod shard_file;
 pub mod shared;
 pub mod task;
 

@@ -3,7 +3,8 @@
 //! - `plan`: list a Task pipeline's input once; its shard count and listing digest as JSON
 //!   (stdout, and the termination message, which the operator reads).
 //! - `task`: one shard of the input (Task mode, one pod per completion index).
-//! - `actor`: map once, serve batches over HTTP (Actor mode).
+//! - `actor`: map once, serve batches with the Open Inference Protocol (Actor mode).
+//! - `drive`: stream an input's shard files through actor replicas into an output.
 //! - `inspect`: load, run one input, report load time, pointers and memory as JSON; `--hold`
 //!   keeps the process alive until stdin closes, so that /proc can be read while it runs.
 
@@ -16,9 +17,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_sidecar::config::models_from_env;
 use kube_zerocopy_sidecar::config::{AzureAccess, S3Access};
 use kube_zerocopy_sidecar::layout::PodPaths;
+use kube_zerocopy_sidecar::process::Permanent;
 use kube_zerocopy_sidecar::ModelSource;
-use kube_zerocopy_worker::actor::Limits;
+use kube_zerocopy_worker::actor::{Batching, Limits, Settings};
 use kube_zerocopy_worker::data::Store;
+use kube_zerocopy_worker::driver;
 use kube_zerocopy_worker::memory::MemoryStats;
 use kube_zerocopy_worker::{task, LoadedModel, Pipeline};
 use serde_json::json;
@@ -63,15 +66,8 @@ enum Command {
         shard_index: usize,
         #[command(flatten)]
         input: Input,
-        /// A folder, or an object storage prefix (s3://bucket/prefix/).
-        #[arg(long, env = "KZC_OUTPUT")]
-        output: String,
-        /// How to reach an s3:// output (JSON: endpoint, region, credentialsDir).
-        #[arg(long, env = "KZC_OUTPUT_S3", value_parser = json_settings::<S3Access>)]
-        output_s3: Option<S3Access>,
-        /// How to reach an az:// output (JSON: account, endpoint, credentialsDir).
-        #[arg(long, env = "KZC_OUTPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
-        output_azure: Option<AzureAccess>,
+        #[command(flatten)]
+        output: Output,
         /// How many shard files the input must hold (the Job's completions).
         #[arg(long, env = "KZC_SHARDS")]
         shards: Option<usize>,
@@ -82,19 +78,59 @@ enum Command {
         #[arg(long, env = "KZC_RUN", default_value = "run")]
         run: String,
     },
-    /// Load the models once, then serve batches over HTTP (POST /infer).
+    /// Load the models once, then serve batches with the Open Inference Protocol (v2, REST).
     Actor {
         #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]
         listen: String,
+        /// The model's name in the protocol (the pipeline's name).
+        #[arg(long, env = "KZC_MODEL_NAME", default_value = "pipeline")]
+        model_name: String,
         /// The largest request body accepted (413 beyond).
         #[arg(long, env = "KZC_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
         max_body_bytes: u64,
         /// Seconds a request body may take to arrive (408 beyond).
         #[arg(long, env = "KZC_BODY_TIMEOUT", default_value_t = Limits::default().body_timeout.as_secs())]
         body_timeout: u64,
-        /// Batches that may wait while one runs (503 with Retry-After beyond).
+        /// Requests that may wait while a batch runs (503 with Retry-After beyond).
         #[arg(long, env = "KZC_QUEUED_BATCHES", default_value_t = Limits::default().queued_batches)]
         queued_batches: usize,
+        /// Dynamic batching: the most rows of one forward pass (off when not set).
+        #[arg(long, env = "KZC_MAX_BATCH_ROWS")]
+        max_batch_rows: Option<i64>,
+        /// Dynamic batching: how long a request waits for others to join it.
+        #[arg(long, env = "KZC_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+        max_batch_delay_ms: u64,
+        /// The longest drain after SIGTERM, in seconds.
+        #[arg(long, env = "KZC_DRAIN_SECONDS", default_value_t = 20)]
+        drain_seconds: u64,
+    },
+    /// Stream the input's shard files through actor replicas, writing each answer as output.
+    Drive {
+        #[command(flatten)]
+        input: Input,
+        #[command(flatten)]
+        output: Output,
+        /// The replicas' base URLs (http://host:port), comma-separated.
+        #[arg(long, env = "KZC_REPLICAS", value_delimiter = ',', required = true)]
+        replicas: Vec<String>,
+        /// The model's name in the protocol (the pipeline's name).
+        #[arg(long, env = "KZC_MODEL_NAME", default_value = "pipeline")]
+        model_name: String,
+        /// Batches that may wait on one replica at a time.
+        #[arg(long, env = "KZC_IN_FLIGHT_PER_REPLICA", default_value_t = 2)]
+        in_flight_per_replica: usize,
+        /// Sends of one batch before it is listed as failed.
+        #[arg(long, env = "KZC_MAX_ATTEMPTS", default_value_t = 5)]
+        max_attempts: u32,
+        /// Seconds one replica may take to answer one batch.
+        #[arg(long, env = "KZC_REQUEST_TIMEOUT", default_value_t = 300)]
+        request_timeout: u64,
+        /// The listing digest the input was planned with: a changed input stops the run.
+        #[arg(long, env = "KZC_INPUT_DIGEST")]
+        input_digest: Option<String>,
+        /// The run the outputs belong to: its records and manifest are the run's.
+        #[arg(long, env = "KZC_RUN", default_value = "run")]
+        run: String,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -123,6 +159,30 @@ struct Input {
     /// How to reach an az:// input (JSON: account, endpoint, credentialsDir).
     #[arg(long, env = "KZC_INPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
     input_azure: Option<AzureAccess>,
+}
+
+#[derive(clap::Args)]
+struct Output {
+    /// A folder, or an object storage prefix (s3://bucket/prefix/).
+    #[arg(long, env = "KZC_OUTPUT")]
+    output: String,
+    /// How to reach an s3:// output (JSON: endpoint, region, credentialsDir).
+    #[arg(long, env = "KZC_OUTPUT_S3", value_parser = json_settings::<S3Access>)]
+    output_s3: Option<S3Access>,
+    /// How to reach an az:// output (JSON: account, endpoint, credentialsDir).
+    #[arg(long, env = "KZC_OUTPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
+    output_azure: Option<AzureAccess>,
+}
+
+impl Output {
+    fn open(&self) -> Result<Store> {
+        Store::open(
+            &self.output,
+            self.output_s3.as_ref(),
+            self.output_azure.as_ref(),
+            "output",
+        )
+    }
 }
 
 impl Input {
@@ -168,6 +228,10 @@ fn run(cli: Cli) -> Result<()> {
         kube_zerocopy_sidecar::process::write_termination_message(&plan);
         return Ok(());
     }
+    // Driving sends files' bytes as they are: no models, no libtorch either.
+    if let Command::Drive { .. } = &cli.command {
+        return drive(cli.command);
+    }
     let started = Instant::now();
     let device = parse_device(&cli.device)?;
     if device.is_cuda() {
@@ -182,19 +246,17 @@ fn run(cli: Cli) -> Result<()> {
     let libtorch_init_ms = ms(init);
 
     match cli.command {
-        Command::Plan { .. } => unreachable!("planned above"),
+        Command::Plan { .. } | Command::Drive { .. } => unreachable!("done above"),
         Command::Task {
             shard_index,
             input,
             output,
-            output_s3,
-            output_azure,
             shards,
             input_digest,
             run,
         } => {
             let input = input.open()?;
-            let output = Store::open(&output, output_s3.as_ref(), output_azure.as_ref(), "output")?;
+            let output = output.open()?;
             let load = Instant::now();
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             let load_ms = ms(load);
@@ -224,19 +286,31 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Actor {
             listen,
+            model_name,
             max_body_bytes,
             body_timeout,
             queued_batches,
+            max_batch_rows,
+            max_batch_delay_ms,
+            drain_seconds,
         } => {
-            kube_zerocopy_sidecar::process::exit_on_terminate()?;
-            let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
-            let limits = Limits {
-                max_body_bytes,
-                body_timeout: Duration::from_secs(body_timeout),
-                queued_batches,
-                ..Limits::default()
+            let settings = Settings {
+                model: model_name,
+                limits: Limits {
+                    max_body_bytes,
+                    body_timeout: Duration::from_secs(body_timeout),
+                    queued_batches,
+                    ..Limits::default()
+                },
+                batching: max_batch_rows.map(|max_rows| Batching {
+                    max_rows,
+                    max_delay: Duration::from_millis(max_batch_delay_ms),
+                }),
+                drain: Duration::from_secs(drain_seconds),
             };
-            kube_zerocopy_worker::actor::serve(pipeline, &listen, limits)
+            let prefault = cli.prefault;
+            let load = move || Pipeline::load_shared(&store, &bindings, &models, device, prefault);
+            kube_zerocopy_worker::actor::serve(load, &listen, settings)
         }
         Command::Inspect {
             loader,
@@ -283,6 +357,51 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn drive(command: Command) -> Result<()> {
+    let Command::Drive {
+        input,
+        output,
+        replicas,
+        model_name,
+        in_flight_per_replica,
+        max_attempts,
+        request_timeout,
+        input_digest,
+        run,
+    } = command
+    else {
+        unreachable!("called for drive only")
+    };
+    let settings = driver::Settings {
+        model: model_name,
+        in_flight_per_replica: in_flight_per_replica.max(1),
+        max_attempts: max_attempts.max(1),
+        request_timeout: Duration::from_secs(request_timeout),
+        run,
+        planned: input_digest,
+    };
+    let summary = driver::drive(
+        &input.open()?,
+        &output.open()?,
+        &mut driver::FixedReplicas(replicas),
+        &settings,
+    )?;
+    let report = serde_json::to_string(&summary)?;
+    println!("{report}");
+    kube_zerocopy_sidecar::process::write_termination_message(&report);
+    if let Some(first) = summary.failed.first() {
+        return Err(Permanent(format!(
+            "{} of {} batches failed; the first, {}: {}",
+            summary.failed.len(),
+            summary.batches,
+            first.input,
+            first.reason
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn source_path(m: &ModelSource) -> Result<PathBuf> {

@@ -13,6 +13,7 @@
 //! record written writes `manifest.json` next to the outputs. A run is one generation of one
 //! pipeline, so an earlier run's records never count towards a later one's manifest.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -22,9 +23,9 @@ use tch::Tensor;
 
 use kube_zerocopy_sidecar::process::Permanent;
 
-use crate::actor::{decode, encode};
 use crate::data::{Entry, Store};
 use crate::model::Pipeline;
+use crate::shard_file::{decode, encode};
 
 pub const INPUT_TENSOR: &str = "input";
 pub const OUTPUT_TENSOR: &str = "output";
@@ -123,22 +124,65 @@ pub fn run_shard(pipeline: &Pipeline, shard: &Shard) -> Result<(ShardRecord, boo
         .with_context(|| format!("shard {} of {}", entry.name, shard.input.uri()))?;
     let y = pipeline.forward(&x)?;
     let bytes = encode(&y)?;
-    shard.output.write(&entry.name, &bytes)?;
+    let record = commit_output(shard.output, shard.run, shard.index, entry, &bytes)?;
+    let committed = commit_if_complete(&shard.input.uri(), shard.output, shard.run, listed.len())?;
+    Ok((record, committed))
+}
+
+/// Writes a shard's output under its input's name, then its record in the run's folder: the
+/// record says the output is there.
+pub fn commit_output(
+    output: &Store,
+    run: &str,
+    index: usize,
+    entry: &Entry,
+    bytes: &[u8],
+) -> Result<ShardRecord> {
+    output.write(&entry.name, bytes)?;
     let record = ShardRecord {
-        shard: shard.index,
+        shard: index,
         input: entry.name.clone(),
         input_version: entry.version.clone(),
         output: entry.name.clone(),
-        sha256: hex::encode(Sha256::digest(&bytes)),
+        sha256: hex::encode(Sha256::digest(bytes)),
         bytes: bytes.len() as u64,
     };
-    let records = format!("{RUNS_DIR}/{}", shard.run);
-    shard.output.write(
-        &format!("{records}/shard-{:05}.json", shard.index),
+    output.write(
+        &format!("{RUNS_DIR}/{run}/shard-{index:05}.json"),
         &serde_json::to_vec(&record)?,
     )?;
-    let committed = commit_if_complete(shard, listed.len())?;
-    Ok((record, committed))
+    Ok(record)
+}
+
+/// The shards of `listed` that `run` has committed: a record of the same input, same version.
+pub fn committed_shards(output: &Store, run: &str, listed: &[Entry]) -> Result<BTreeSet<usize>> {
+    let dir = format!("{RUNS_DIR}/{run}");
+    let mut committed = BTreeSet::new();
+    for record in run_records(output, &dir)? {
+        let same = listed
+            .get(record.shard)
+            .is_some_and(|e| e.name == record.input && e.version == record.input_version);
+        if same {
+            committed.insert(record.shard);
+        }
+    }
+    Ok(committed)
+}
+
+fn run_records(output: &Store, dir: &str) -> Result<Vec<ShardRecord>> {
+    let entries = output.list(dir)?;
+    let mut records = Vec::new();
+    for entry in entries
+        .iter()
+        .filter(|e| e.name.starts_with("shard-") && e.name.ends_with(".json"))
+    {
+        let name = format!("{dir}/{}", entry.name);
+        let bytes = output.read_latest(&name)?;
+        let record: ShardRecord =
+            serde_json::from_slice(&bytes).with_context(|| format!("the shard record {name}"))?;
+        records.push(record);
+    }
+    Ok(records)
 }
 
 /// The input's shard files, checked against the count expected and the plan's digest.
@@ -174,34 +218,19 @@ pub fn checked_listing(shard: &Shard) -> Result<Vec<Entry>> {
 /// Writes the manifest when every shard of the run has its record: each shard looks once its
 /// own record is written, so the last to finish sees them all (storage that reads its own
 /// writes: a file system, S3). Two that finish together both write it, with the same bytes.
-fn commit_if_complete(shard: &Shard, total: usize) -> Result<bool> {
-    let dir = format!("{RUNS_DIR}/{}", shard.run);
-    let records = shard.output.list(&dir)?;
-    let records: Vec<&Entry> = records
-        .iter()
-        .filter(|e| e.name.starts_with("shard-") && e.name.ends_with(".json"))
-        .collect();
-    if records.len() < total {
+pub fn commit_if_complete(input: &str, output: &Store, run: &str, total: usize) -> Result<bool> {
+    let mut shards = run_records(output, &format!("{RUNS_DIR}/{run}"))?;
+    if shards.len() < total {
         return Ok(false);
-    }
-    let mut shards = Vec::with_capacity(records.len());
-    for entry in records {
-        let name = format!("{dir}/{}", entry.name);
-        let bytes = shard.output.read_latest(&name)?;
-        let record: ShardRecord =
-            serde_json::from_slice(&bytes).with_context(|| format!("the shard record {name}"))?;
-        shards.push(record);
     }
     shards.sort_by_key(|r| r.shard);
     let manifest = Manifest {
-        run: shard.run.to_owned(),
-        input: shard.input.uri(),
-        output: shard.output.uri(),
+        run: run.to_owned(),
+        input: input.to_owned(),
+        output: output.uri(),
         shards,
     };
-    shard
-        .output
-        .write(MANIFEST, &serde_json::to_vec_pretty(&manifest)?)?;
+    output.write(MANIFEST, &serde_json::to_vec_pretty(&manifest)?)?;
     Ok(true)
 }
 

@@ -23,6 +23,7 @@ use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use kube_zerocopy_e2e::{metric_value, read_output, sha256_of};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
+use kube_zerocopy_worker::oip;
 use serde_json::json;
 
 use crate::support::*;
@@ -501,8 +502,8 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
     shards.sort();
     for shard in &shards {
         let body = std::fs::read(shard)?;
-        let bytes = infer_through_service(&ip, body).await?;
-        let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
+        let bytes = infer_through_service(&ip, &name, body).await?;
+        let got = kube_zerocopy_worker::shard_file::decode_output(&bytes)?;
         let expected = read_output(&model.reference.join(shard.file_name().unwrap()));
         ensure!(
             got.equal(&expected),
@@ -516,9 +517,9 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
     let first = shards.first().context("no input shard")?;
     let expected = read_output(&model.reference.join(first.file_name().unwrap()));
     for pod in pods(&env.client, &ns, &name).await? {
-        let url = format!("{}/infer", actor_url(&pod)?);
+        let url = format!("{}/v2/models/{name}/infer", actor_url(&pod)?);
         let bytes = post(&url, std::fs::read(first)?).await?;
-        let got = kube_zerocopy_worker::actor::decode_output(&bytes)?;
+        let got = kube_zerocopy_worker::shard_file::decode_output(&bytes)?;
         ensure!(
             got.equal(&expected),
             "{url}: the answer differs from the reference"
@@ -527,10 +528,11 @@ pub async fn run_actor(env: &Env, pipeline: &InferencePipeline, model: &Model) -
     Ok(())
 }
 
-/// POSTs a batch to the Service at ClusterIP `ip`: its answer. kube-proxy programs the
-/// Service a moment after the endpoints are ready, so refusals are retried for a minute.
-pub async fn infer_through_service(ip: &str, body: Vec<u8>) -> Result<Vec<u8>> {
-    let url = format!("http://{ip}/infer");
+/// POSTs a batch (a safetensors file) to model `model` of the Service at ClusterIP `ip`: the
+/// answer as a safetensors file. kube-proxy programs the Service a moment after the endpoints
+/// are ready, so refusals are retried for a minute.
+pub async fn infer_through_service(ip: &str, model: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+    let url = format!("http://{ip}/v2/models/{model}/infer");
     eventually_seen(
         &format!("an answer from {url}"),
         Duration::from_secs(60),
@@ -547,13 +549,22 @@ pub async fn infer_through_service(ip: &str, body: Vec<u8>) -> Result<Vec<u8>> {
     .await
 }
 
-async fn post(url: &str, body: Vec<u8>) -> Result<Vec<u8>> {
+/// Sends a safetensors file's tensor with the Open Inference Protocol's binary extension, as
+/// the driver does: the answer as a safetensors file.
+async fn post(url: &str, file: Vec<u8>) -> Result<Vec<u8>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let mut response = ureq::post(&url).send(&body[..])?;
+        let (body, json_length) = oip::request_from_file(&file)?;
+        let mut response = ureq::post(&url)
+            .header(oip::HEADER_LENGTH, json_length.to_string())
+            .send(&body[..])?;
+        let json_length = response
+            .headers()
+            .get(oip::HEADER_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let mut bytes = Vec::new();
         response.body_mut().as_reader().read_to_end(&mut bytes)?;
-        Ok(bytes)
+        oip::file_from_answer(&bytes, json_length)
     })
     .await?
 }

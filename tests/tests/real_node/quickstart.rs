@@ -68,8 +68,8 @@ pub async fn quickstart_runs_as_it_is(env: Arc<Env>) -> Result<()> {
             .spec
             .and_then(|s| s.cluster_ip)
             .context("the Service has no ClusterIP")?;
-        let answer = infer_through_service(&ip, body).await?;
-        let got = kube_zerocopy_worker::actor::decode_output(&answer)?;
+        let answer = infer_through_service(&ip, "quickstart", body).await?;
+        let got = kube_zerocopy_worker::shard_file::decode_output(&answer)?;
         ensure!(
             got.size() == [3, 4] && got.equal(&expected),
             "the quickstart answered {got:?}, not the copying load's {expected:?}"

@@ -1,0 +1,380 @@
+//! The driver of an Actor pipeline with an input: it streams the input's shard files through
+//! the actor replicas and writes what they answer, as a Task pipeline would have.
+//!
+//! Each shard file is one batch, sent with the Open Inference Protocol's binary extension, its
+//! answer written as the shard's output (the same name and bytes as a Task's) and committed
+//! with the same record under `_kube-zerocopy/runs/<run>/`; the last commit writes the
+//! manifest. At most `in_flight_per_replica` batches wait on one replica. A batch whose replica
+//! fails (gone, 5xx, too slow) goes back to the front of the queue for another replica, and
+//! the failed replica rests (doubling, up to 30 s) before it is sent more. A batch the models
+//! refuse (4xx) is not retried: it is listed as failed. A restarted driver skips the shards its
+//! run has committed already.
+//!
+//! One thread per batch in flight does the blocking work (read, send, write); the dispatcher
+//! alone owns the queue and the replicas' state, so nothing is shared but a channel.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use kube_zerocopy_sidecar::process::Permanent;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::data::{Entry, Store};
+use crate::oip;
+use crate::task::{self, ShardRecord};
+
+/// How the driver runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The model's name in the protocol's paths (the pipeline's name).
+    pub model: String,
+    pub in_flight_per_replica: usize,
+    /// Sends of one batch before it is given up.
+    pub max_attempts: u32,
+    /// How long one replica may take to answer one batch.
+    pub request_timeout: Duration,
+    /// The run the outputs belong to (one generation of one pipeline).
+    pub run: String,
+    /// The listing digest the input was planned with, if planned.
+    pub planned: Option<String>,
+}
+
+/// Where the replicas are: their base URLs, asked again while the driver runs.
+pub trait Replicas {
+    fn current(&mut self) -> Result<Vec<String>>;
+}
+
+/// A fixed list of replicas.
+pub struct FixedReplicas(pub Vec<String>);
+
+impl Replicas for FixedReplicas {
+    fn current(&mut self) -> Result<Vec<String>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// A batch that could not be done.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedBatch {
+    pub shard: usize,
+    pub input: String,
+    pub reason: String,
+}
+
+/// What a run did, as the driver reports it.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub batches: usize,
+    /// Committed by an earlier start of this run.
+    pub committed_before: usize,
+    pub written: usize,
+    pub bytes_written: u64,
+    /// Sends that failed and were sent again.
+    pub retried: usize,
+    /// Batches written per replica.
+    pub by_replica: BTreeMap<String, usize>,
+    pub failed: Vec<FailedBatch>,
+    pub wrote_manifest: bool,
+}
+
+struct Batch {
+    index: usize,
+    attempts: u32,
+    /// The replica that failed it last.
+    avoid: Option<String>,
+}
+
+enum Outcome {
+    Written(ShardRecord),
+    /// The replica failed; another may succeed.
+    Retry(String),
+    /// The batch itself was refused.
+    Refused(String),
+    /// The data cannot be read or written: the run stops.
+    Fatal(anyhow::Error),
+}
+
+struct Replica {
+    url: String,
+    in_flight: usize,
+    failures: u32,
+    rest_until: Instant,
+}
+
+const REFRESH: Duration = Duration::from_secs(2);
+
+/// Runs every shard of `input` through the replicas into `output`.
+pub fn drive(
+    input: &Store,
+    output: &Store,
+    replicas: &mut dyn Replicas,
+    settings: &Settings,
+) -> Result<Summary> {
+    let listed = input.shards()?;
+    ensure!(
+        !listed.is_empty(),
+        Permanent(format!(
+            "the input {} holds no .safetensors shard files",
+            input.uri()
+        ))
+    );
+    if let Some(planned) = settings
+        .planned
+        .as_deref()
+        .filter(|&p| p != task::listing_digest(&listed))
+    {
+        return Err(Permanent(format!(
+            "the input {} changed since its batches were planned (listing sha256 {planned}): \
+             change or re-create the pipeline to plan the input as it is now",
+            input.uri()
+        ))
+        .into());
+    }
+    let committed = task::committed_shards(output, &settings.run, &listed)?;
+    let mut summary = Summary {
+        batches: listed.len(),
+        committed_before: committed.len(),
+        ..Summary::default()
+    };
+    let mut queue: VecDeque<Batch> = (0..listed.len())
+        .filter(|i| !committed.contains(i))
+        .map(|index| Batch {
+            index,
+            attempts: 0,
+            avoid: None,
+        })
+        .collect();
+    info!(
+        batches = listed.len(),
+        committed_before = committed.len(),
+        input = %input.uri(),
+        output = %output.uri(),
+        "driving"
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(settings.request_timeout))
+        .build()
+        .into();
+    let mut pool: Vec<Replica> = Vec::new();
+    let mut refreshed: Option<Instant> = None;
+    let mut fatal: Option<anyhow::Error> = None;
+    let (done, outcomes) = mpsc::channel::<(Batch, String, Outcome)>();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut in_flight = 0;
+        loop {
+            if (queue.is_empty() || fatal.is_some()) && in_flight == 0 {
+                return Ok(());
+            }
+            if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+                refresh(&mut pool, replicas);
+                refreshed = Some(Instant::now());
+            }
+            while fatal.is_none() {
+                let Some(batch) = queue.front() else { break };
+                let Some(r) = pick(&pool, batch, settings.in_flight_per_replica) else {
+                    break;
+                };
+                let batch = queue.pop_front().expect("a batch at the front");
+                pool[r].in_flight += 1;
+                in_flight += 1;
+                let (url, entry, done) = (pool[r].url.clone(), &listed[batch.index], done.clone());
+                let (agent, index) = (&agent, batch.index);
+                scope.spawn(move || {
+                    let outcome = send(input, output, entry, index, &url, agent, settings);
+                    let _ = done.send((batch, url, outcome));
+                });
+            }
+            let Ok((mut batch, url, outcome)) = outcomes.recv_timeout(Duration::from_millis(200))
+            else {
+                continue;
+            };
+            in_flight -= 1;
+            let replica = pool.iter_mut().find(|r| r.url == url);
+            let input_name = listed[batch.index].name.clone();
+            match outcome {
+                Outcome::Written(record) => {
+                    summary.bytes_written += record.bytes;
+                    if let Some(r) = replica {
+                        r.in_flight -= 1;
+                        r.failures = 0;
+                    }
+                    summary.written += 1;
+                    *summary.by_replica.entry(url).or_default() += 1;
+                    let finished = summary.committed_before + summary.written;
+                    if finished.is_multiple_of(progress_step(listed.len()))
+                        || finished == listed.len()
+                    {
+                        info!(finished, batches = listed.len(), "progress");
+                    }
+                }
+                Outcome::Retry(why) => {
+                    if let Some(r) = replica {
+                        r.in_flight -= 1;
+                        r.failures += 1;
+                        let rest = Duration::from_millis(250 << r.failures.min(7));
+                        r.rest_until = Instant::now() + rest.min(Duration::from_secs(30));
+                    }
+                    batch.attempts += 1;
+                    warn!(batch = %input_name, replica = %url, attempt = batch.attempts, %why, "a replica failed a batch");
+                    if batch.attempts >= settings.max_attempts {
+                        summary.failed.push(FailedBatch {
+                            shard: batch.index,
+                            input: input_name,
+                            reason: format!("{} sends failed, the last: {why}", batch.attempts),
+                        });
+                    } else {
+                        summary.retried += 1;
+                        batch.avoid = Some(url);
+                        queue.push_front(batch);
+                        // A replica that fails may be on its way out: ask where they are now.
+                        refreshed = None;
+                    }
+                }
+                Outcome::Refused(reason) => {
+                    if let Some(r) = replica {
+                        r.in_flight -= 1;
+                    }
+                    warn!(batch = %input_name, %reason, "a batch was refused");
+                    summary.failed.push(FailedBatch {
+                        shard: batch.index,
+                        input: input_name,
+                        reason,
+                    });
+                }
+                Outcome::Fatal(e) => {
+                    if let Some(r) = replica {
+                        r.in_flight -= 1;
+                    }
+                    fatal.get_or_insert(e);
+                }
+            }
+        }
+    })?;
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    summary.failed.sort_by_key(|f| f.shard);
+    if summary.failed.is_empty() {
+        summary.wrote_manifest =
+            task::commit_if_complete(&input.uri(), output, &settings.run, listed.len())?;
+    }
+    Ok(summary)
+}
+
+/// Keeps the pool's state for replicas still there, adds new ones; a replica gone keeps its
+/// place only while batches still wait on it.
+fn refresh(pool: &mut Vec<Replica>, replicas: &mut dyn Replicas) {
+    let current = match replicas.current() {
+        Ok(current) => current,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot find the replicas; keeping the last ones");
+            return;
+        }
+    };
+    pool.retain(|r| r.in_flight > 0 || current.contains(&r.url));
+    for url in current {
+        if !pool.iter().any(|r| r.url == url) {
+            info!(replica = %url, "a replica to send to");
+            pool.push(Replica {
+                url,
+                in_flight: 0,
+                failures: 0,
+                rest_until: Instant::now(),
+            });
+        }
+    }
+}
+
+/// The replica for `batch`: one with room and not resting, the least busy, not the one that
+/// failed it last unless no other has room.
+fn pick(pool: &[Replica], batch: &Batch, per_replica: usize) -> Option<usize> {
+    let now = Instant::now();
+    let open = || {
+        pool.iter()
+            .enumerate()
+            .filter(|(_, r)| r.in_flight < per_replica && r.rest_until <= now)
+    };
+    let least_busy = |candidates: Vec<(usize, &Replica)>| {
+        candidates
+            .into_iter()
+            .min_by_key(|(_, r)| r.in_flight)
+            .map(|(i, _)| i)
+    };
+    let others: Vec<_> = open()
+        .filter(|(_, r)| Some(&r.url) != batch.avoid.as_ref())
+        .collect();
+    least_busy(others).or_else(|| least_busy(open().collect()))
+}
+
+fn progress_step(batches: usize) -> usize {
+    (batches / 10).max(1)
+}
+
+/// One batch to one replica, and its output committed.
+fn send(
+    input: &Store,
+    output: &Store,
+    entry: &Entry,
+    index: usize,
+    url: &str,
+    agent: &ureq::Agent,
+    settings: &Settings,
+) -> Outcome {
+    let file = match input.read(entry) {
+        Ok(file) => file,
+        Err(e) => return Outcome::Fatal(e),
+    };
+    let (body, json_length) = match oip::request_from_file(&file) {
+        Ok(request) => request,
+        Err(e) => return Outcome::Refused(format!("{}: {e:#}", entry.name)),
+    };
+    drop(file);
+    let sent = agent
+        .post(format!("{url}/v2/models/{}/infer", settings.model))
+        .header(oip::HEADER_LENGTH, json_length.to_string())
+        .header("content-type", "application/octet-stream")
+        .send(&body[..]);
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    let status = response.status().as_u16();
+    let json_length = response
+        .headers()
+        .get(oip::HEADER_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let answer = match response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+    {
+        Ok(answer) => answer,
+        Err(e) => return Outcome::Retry(format!("reading the answer: {e}")),
+    };
+    if status != 200 {
+        let said = serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&answer).chars().take(300).collect());
+        let why = format!("HTTP {status}: {said}");
+        // The replica's trouble (busy, slow, broken) or the batch's (refused by the models).
+        return match status {
+            408 | 429 | 500..=599 => Outcome::Retry(why),
+            _ => Outcome::Refused(why),
+        };
+    }
+    let written = match oip::file_from_answer(&answer, json_length) {
+        Ok(written) => written,
+        Err(e) => return Outcome::Retry(format!("the answer: {e:#}")),
+    };
+    match task::commit_output(output, &settings.run, index, entry, &written) {
+        Ok(record) => Outcome::Written(record),
+        Err(e) => Outcome::Fatal(e),
+    }
+}

@@ -1,0 +1,540 @@
+//! The Open Inference Protocol (v2, REST) as the actor speaks it: the request and answer
+//! bodies, and tensors in and out of them, with JSON data or the binary tensor data extension.
+//!
+//! A request's tensors are JSON arrays (flat in row-major order, or nested) or, with the
+//! extension, raw little-endian bytes after a JSON header whose length the header
+//! `Inference-Header-Content-Length` gives (`parameters.binary_data_size` per tensor). An
+//! answer carries its output as bytes when the request asks for it (`binary_data_output`, or
+//! `binary_data` on the requested output), as Triton's and KServe's clients do by default.
+//! Everything here is pure: no I/O, no libtorch call beyond building tensors.
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tch::{Kind, Tensor};
+
+/// The header giving the length of the JSON part of a binary request or answer.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The one input and the one output of a pipeline.
+pub const INPUT: &str = "input";
+pub const OUTPUT: &str = "output";
+
+/// A tensor as the protocol describes it (metadata, requests, answers).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+/// `GET /v2/models/{name}`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestHeader {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<RequestInput>,
+    outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// An inference request, decoded.
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub input: Tensor,
+    /// Whether the output goes back as bytes (the extension) or as JSON.
+    pub binary_output: bool,
+}
+
+/// The protocol's name of a tensor kind; None for kinds it cannot carry.
+pub fn datatype(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Bool => "BOOL",
+        Kind::Uint8 => "UINT8",
+        Kind::Int8 => "INT8",
+        Kind::Int16 => "INT16",
+        Kind::Int => "INT32",
+        Kind::Int64 => "INT64",
+        Kind::Half => "FP16",
+        Kind::BFloat16 => "BF16",
+        Kind::Float => "FP32",
+        Kind::Double => "FP64",
+        _ => return None,
+    })
+}
+
+fn kind(datatype: &str) -> Result<Kind> {
+    Ok(match datatype {
+        "BOOL" => Kind::Bool,
+        "UINT8" => Kind::Uint8,
+        "INT8" => Kind::Int8,
+        "INT16" => Kind::Int16,
+        "INT32" => Kind::Int,
+        "INT64" => Kind::Int64,
+        "FP16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "FP32" => Kind::Float,
+        "FP64" => Kind::Double,
+        "UINT16" | "UINT32" | "UINT64" | "BYTES" => {
+            bail!("datatype {datatype} is not supported here")
+        }
+        other => bail!("{other:?} is not a datatype of the protocol"),
+    })
+}
+
+/// Reads a request body: all JSON, or `json_length` bytes of JSON and then the tensors' bytes.
+/// Errors are the client's and say what to change.
+pub fn decode_request(body: &[u8], json_length: Option<usize>) -> Result<InferRequest> {
+    let (json, mut binary) = match json_length {
+        Some(n) => {
+            ensure!(
+                n <= body.len(),
+                "{HEADER_LENGTH} is {n} but the body holds only {} bytes",
+                body.len()
+            );
+            body.split_at(n)
+        }
+        None => (body, &[][..]),
+    };
+    let header: RequestHeader =
+        serde_json::from_slice(json).context("the request is not an inference request")?;
+    let [input] = &header.inputs[..] else {
+        bail!(
+            "the request has {} inputs; the model takes one, {INPUT:?}",
+            header.inputs.len()
+        );
+    };
+    ensure!(
+        input.name == INPUT,
+        "the model has no input {:?}; its input is {INPUT:?}",
+        input.name
+    );
+    let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
+        (Some(size), None) => {
+            let size = size
+                .as_u64()
+                .and_then(|s| usize::try_from(s).ok())
+                .context("binary_data_size is not a byte count")?;
+            ensure!(
+                size <= binary.len(),
+                "input {INPUT:?} declares {size} bytes of binary data but {} follow the header",
+                binary.len()
+            );
+            let (bytes, rest) = binary.split_at(size);
+            binary = rest;
+            from_bytes(bytes, &input.shape, &input.datatype)?
+        }
+        (None, Some(data)) => from_json(data, &input.shape, &input.datatype)?,
+        (Some(_), Some(_)) => bail!("input {INPUT:?} has both data and binary_data_size"),
+        (None, None) => bail!("input {INPUT:?} has neither data nor binary_data_size"),
+    };
+    ensure!(
+        binary.is_empty(),
+        "{} bytes follow the inputs' binary data",
+        binary.len()
+    );
+    let flag = |p: &Map<String, Value>, name: &str| p.get(name).and_then(Value::as_bool);
+    let mut binary_output = flag(&header.parameters, "binary_data_output").unwrap_or(false);
+    for output in header.outputs.iter().flatten() {
+        ensure!(
+            output.name == OUTPUT,
+            "the model has no output {:?}; its output is {OUTPUT:?}",
+            output.name
+        );
+        if let Some(binary) = flag(&output.parameters, "binary_data") {
+            binary_output = binary;
+        }
+    }
+    Ok(InferRequest {
+        id: header.id,
+        input: tensor,
+        binary_output,
+    })
+}
+
+/// The number of elements of `shape`, which must be a tensor's shape.
+fn elements(shape: &[i64]) -> Result<usize> {
+    shape.iter().try_fold(1usize, |n, &d| {
+        let d = usize::try_from(d).map_err(|_| anyhow!("shape {shape:?} has a negative size"))?;
+        n.checked_mul(d)
+            .ok_or_else(|| anyhow!("shape {shape:?} is too large"))
+    })
+}
+
+fn from_bytes(bytes: &[u8], shape: &[i64], datatype: &str) -> Result<Tensor> {
+    let kind = kind(datatype)?;
+    let expected = elements(shape)? * kind.elt_size_in_bytes();
+    ensure!(
+        bytes.len() == expected,
+        "input {INPUT:?} of shape {shape:?} and datatype {datatype} takes {expected} bytes, \
+         not {}",
+        bytes.len()
+    );
+    Ok(Tensor::f_from_data_size(bytes, shape, kind)?)
+}
+
+/// The JSON array's leaves in row-major order (flat or nested arrays alike).
+fn leaves<'a>(data: &'a Value, out: &mut Vec<&'a Value>) -> Result<()> {
+    match data {
+        Value::Array(items) => items.iter().try_for_each(|item| leaves(item, out)),
+        leaf => {
+            out.push(leaf);
+            Ok(())
+        }
+    }
+}
+
+fn from_json(data: &Value, shape: &[i64], datatype: &str) -> Result<Tensor> {
+    let kind = kind(datatype)?;
+    let mut values = Vec::new();
+    leaves(data, &mut values)?;
+    let expected = elements(shape)?;
+    ensure!(
+        values.len() == expected,
+        "input {INPUT:?} of shape {shape:?} takes {expected} values, not {}",
+        values.len()
+    );
+    let wrong = |v: &Value| anyhow!("{v} is not a value of datatype {datatype}");
+    let flat = match kind {
+        Kind::Bool => {
+            let v: Vec<bool> = values
+                .iter()
+                .map(|v| v.as_bool().ok_or_else(|| wrong(v)))
+                .collect::<Result<_>>()?;
+            Tensor::from_slice(&v)
+        }
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
+            let v: Vec<f64> = values
+                .iter()
+                .map(|v| v.as_f64().ok_or_else(|| wrong(v)))
+                .collect::<Result<_>>()?;
+            Tensor::from_slice(&v).f_to_kind(kind)?
+        }
+        _ => {
+            let (min, max) = integer_range(kind);
+            let v: Vec<i64> = values
+                .iter()
+                .map(|v| {
+                    v.as_i64()
+                        .filter(|i| (min..=max).contains(i))
+                        .ok_or_else(|| wrong(v))
+                })
+                .collect::<Result<_>>()?;
+            Tensor::from_slice(&v).f_to_kind(kind)?
+        }
+    };
+    Ok(flat.f_reshape(shape)?)
+}
+
+fn integer_range(kind: Kind) -> (i64, i64) {
+    match kind {
+        Kind::Uint8 => (0, u8::MAX.into()),
+        Kind::Int8 => (i8::MIN.into(), i8::MAX.into()),
+        Kind::Int16 => (i16::MIN.into(), i16::MAX.into()),
+        Kind::Int => (i32::MIN.into(), i32::MAX.into()),
+        _ => (i64::MIN, i64::MAX),
+    }
+}
+
+/// An answer: its body, and the JSON part's length when tensor bytes follow it.
+pub struct Answer {
+    pub body: Vec<u8>,
+    pub json_length: Option<usize>,
+}
+
+/// The answer to `request` for the model `model`, holding `output` (moved to the host).
+pub fn encode_answer(
+    model: &str,
+    id: Option<&str>,
+    output: &Tensor,
+    binary: bool,
+) -> Result<Answer> {
+    let output = output.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+    let datatype = datatype(output.kind())
+        .with_context(|| format!("the models answered a {:?} tensor", output.kind()))?;
+    let mut tensor = Map::new();
+    tensor.insert("name".into(), OUTPUT.into());
+    tensor.insert("datatype".into(), datatype.into());
+    tensor.insert("shape".into(), output.size().into());
+    let mut bytes = Vec::new();
+    if binary {
+        let numel = output.numel();
+        bytes = vec![0u8; numel * output.kind().elt_size_in_bytes()];
+        output.f_copy_data_u8(&mut bytes, numel)?;
+        tensor.insert(
+            "parameters".into(),
+            serde_json::json!({ "binary_data_size": bytes.len() }),
+        );
+    } else {
+        tensor.insert("data".into(), json_data(&output)?);
+    }
+    let mut answer = Map::new();
+    answer.insert("model_name".into(), model.into());
+    answer.insert("model_version".into(), "1".into());
+    if let Some(id) = id {
+        answer.insert("id".into(), id.into());
+    }
+    answer.insert("outputs".into(), Value::Array(vec![Value::Object(tensor)]));
+    let mut body = serde_json::to_vec(&answer)?;
+    let json_length = binary.then_some(body.len());
+    body.extend_from_slice(&bytes);
+    Ok(Answer { body, json_length })
+}
+
+/// A tensor's values as a flat JSON array in row-major order.
+fn json_data(t: &Tensor) -> Result<Value> {
+    let flat = t.f_flatten(0, -1)?;
+    Ok(match t.kind() {
+        Kind::Bool => Vec::<bool>::try_from(&flat)?.into(),
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
+            Vec::<f64>::try_from(&flat.f_to_kind(Kind::Double)?)?.into()
+        }
+        _ => Vec::<i64>::try_from(&flat.f_to_kind(Kind::Int64)?)?.into(),
+    })
+}
+
+/// The body of an error answer, as clients of the protocol read it.
+pub fn error_body(message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": message })).expect("a string serialises")
+}
+
+/// A decoded answer (for the driver and tests): its output tensor.
+pub fn decode_answer(body: &[u8], json_length: Option<usize>) -> Result<Tensor> {
+    let (json, binary) = match json_length {
+        Some(n) if n <= body.len() => body.split_at(n),
+        Some(n) => bail!(
+            "the answer's JSON length {n} exceeds its {} bytes",
+            body.len()
+        ),
+        None => (body, &[][..]),
+    };
+    let answer: Value = serde_json::from_slice(json).context("the answer is not JSON")?;
+    let output = answer["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["name"] == OUTPUT))
+        .with_context(|| format!("the answer has no output {OUTPUT:?}: {answer}"))?;
+    let spec: TensorSpec = serde_json::from_value(output.clone())?;
+    match output["parameters"]["binary_data_size"].as_u64() {
+        Some(size) => {
+            ensure!(
+                size as usize == binary.len(),
+                "the answer's binary part is cut"
+            );
+            from_bytes(binary, &spec.shape, &spec.datatype)
+        }
+        None => from_json(&output["data"], &spec.shape, &spec.datatype),
+    }
+}
+
+/// An inference request for `input` with its data as bytes (the extension), asking for the
+/// output as bytes: the body and the JSON part's length.
+pub fn encode_request(input: &Tensor) -> Result<(Vec<u8>, usize)> {
+    let input = input.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+    let datatype = datatype(input.kind())
+        .with_context(|| format!("a {:?} tensor cannot be sent", input.kind()))?;
+    let numel = input.numel();
+    let mut bytes = vec![0u8; numel * input.kind().elt_size_in_bytes()];
+    input.f_copy_data_u8(&mut bytes, numel)?;
+    let header = serde_json::json!({
+        "inputs": [{
+            "name": INPUT,
+            "datatype": datatype,
+            "shape": input.size(),
+            "parameters": { "binary_data_size": bytes.len() },
+        }],
+        "outputs": [{ "name": OUTPUT, "parameters": { "binary_data": true } }],
+    });
+    let mut body = serde_json::to_vec(&header)?;
+    let json_length = body.len();
+    body.extend_from_slice(&bytes);
+    Ok((body, json_length))
+}
+
+/// The protocol's name of a safetensors dtype.
+fn file_datatype(dtype: Dtype) -> Result<&'static str> {
+    Ok(match dtype {
+        Dtype::BOOL => "BOOL",
+        Dtype::U8 => "UINT8",
+        Dtype::I8 => "INT8",
+        Dtype::I16 => "INT16",
+        Dtype::I32 => "INT32",
+        Dtype::I64 => "INT64",
+        Dtype::F16 => "FP16",
+        Dtype::BF16 => "BF16",
+        Dtype::F32 => "FP32",
+        Dtype::F64 => "FP64",
+        other => bail!("dtype {other:?} cannot be sent"),
+    })
+}
+
+fn file_dtype(datatype: &str) -> Result<Dtype> {
+    Ok(match datatype {
+        "BOOL" => Dtype::BOOL,
+        "UINT8" => Dtype::U8,
+        "INT8" => Dtype::I8,
+        "INT16" => Dtype::I16,
+        "INT32" => Dtype::I32,
+        "INT64" => Dtype::I64,
+        "FP16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        "FP32" => Dtype::F32,
+        "FP64" => Dtype::F64,
+        other => bail!("datatype {other} cannot be written to a safetensors file"),
+    })
+}
+
+/// A request for the tensor `input` of a safetensors file, its bytes sent as they are (the
+/// binary extension), asking for the output as bytes: the body and the JSON part's length.
+/// No tensor is built: the driver needs no libtorch.
+pub fn request_from_file(file: &[u8]) -> Result<(Vec<u8>, usize)> {
+    let file = SafeTensors::deserialize(file).context("not a safetensors file")?;
+    let input = file
+        .tensor(INPUT)
+        .map_err(|_| anyhow!("the file has no tensor {INPUT:?}"))?;
+    let header = serde_json::json!({
+        "inputs": [{
+            "name": INPUT,
+            "datatype": file_datatype(input.dtype())?,
+            "shape": input.shape(),
+            "parameters": { "binary_data_size": input.data().len() },
+        }],
+        "outputs": [{ "name": OUTPUT, "parameters": { "binary_data": true } }],
+    });
+    let mut body = serde_json::to_vec(&header)?;
+    let json_length = body.len();
+    body.extend_from_slice(input.data());
+    Ok((body, json_length))
+}
+
+/// The output of an answer with the binary extension, as a safetensors file holding tensor
+/// `output`: the same bytes as the models' output written by a Task.
+pub fn file_from_answer(body: &[u8], json_length: Option<usize>) -> Result<Vec<u8>> {
+    let json_length = json_length.context("the answer carries no binary output")?;
+    ensure!(
+        json_length <= body.len(),
+        "the answer's JSON length {json_length} exceeds its {} bytes",
+        body.len()
+    );
+    let (json, binary) = body.split_at(json_length);
+    let answer: Value = serde_json::from_slice(json).context("the answer is not JSON")?;
+    let outputs = answer["outputs"]
+        .as_array()
+        .context("the answer has no outputs")?;
+    let [output] = &outputs[..] else {
+        bail!("the answer has {} outputs, not one", outputs.len());
+    };
+    let spec: TensorSpec = serde_json::from_value(output.clone())?;
+    ensure!(
+        spec.name == OUTPUT,
+        "the answer's output is {:?}",
+        spec.name
+    );
+    ensure!(
+        output["parameters"]["binary_data_size"].as_u64() == Some(binary.len() as u64),
+        "the answer's binary part is not the output's size"
+    );
+    let shape = spec
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d).context("a negative size"))
+        .collect::<Result<Vec<_>>>()?;
+    let view = safetensors::tensor::TensorView::new(file_dtype(&spec.datatype)?, shape, binary)?;
+    Ok(safetensors::serialize([(OUTPUT, view)], None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_request(shape: &str, datatype: &str, data: &str) -> Vec<u8> {
+        format!(
+            r#"{{"inputs":[{{"name":"input","shape":{shape},"datatype":"{datatype}","data":{data}}}]}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn json_tensors_flat_or_nested_become_the_same_tensor() {
+        let flat = decode_request(&json_request("[2,3]", "FP32", "[1,2,3,4,5,6]"), None).unwrap();
+        let nested =
+            decode_request(&json_request("[2,3]", "FP32", "[[1,2,3],[4,5,6]]"), None).unwrap();
+        assert_eq!(flat.input.size(), [2, 3]);
+        assert_eq!(flat.input.kind(), Kind::Float);
+        assert!(flat.input.equal(&nested.input));
+        assert_eq!(flat.input.double_value(&[1, 2]), 6.0);
+        assert!(!flat.binary_output);
+    }
+
+    #[test]
+    fn a_binary_request_round_trips_with_its_answer() {
+        let input = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([3, 4]);
+        let (body, json_length) = encode_request(&input).unwrap();
+        let request = decode_request(&body, Some(json_length)).unwrap();
+        assert!(request.input.equal(&input));
+        assert!(request.binary_output);
+        let answer = encode_answer("m", Some("7"), &request.input, true).unwrap();
+        let json: Value =
+            serde_json::from_slice(&answer.body[..answer.json_length.unwrap()]).unwrap();
+        assert_eq!(json["id"], "7");
+        assert_eq!(json["outputs"][0]["parameters"]["binary_data_size"], 48);
+        let output = decode_answer(&answer.body, answer.json_length).unwrap();
+        assert!(output.equal(&input));
+        let as_json = encode_answer("m", None, &input.to_kind(Kind::Int64), false).unwrap();
+        assert!(as_json.json_length.is_none());
+        let output = decode_answer(&as_json.body, None).unwrap();
+        assert!(output.equal(&input.to_kind(Kind::Int64)));
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let error = |body: &[u8], json_length| match decode_request(body, json_length) {
+            Ok(_) => panic!("accepted {}", String::from_utf8_lossy(body)),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(error(b"{", None).contains("not an inference request"));
+        assert!(error(&json_request("[2,3]", "FP32", "[1,2]"), None).contains("takes 6 values"));
+        assert!(error(&json_request("[2]", "INT8", "[1,300]"), None).contains("300 is not"));
+        assert!(error(&json_request("[2]", "BYTES", "[1,2]"), None).contains("not supported"));
+        assert!(error(&json_request("[2]", "FLOAT", "[1,2]"), None).contains("not a datatype"));
+        assert!(error(&json_request("[-1]", "FP32", "[1]"), None).contains("negative"));
+        assert!(error(&json_request("[2]", "FP32", r#"[1,"a"]"#), None).contains("\"a\""));
+        let other_name = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        assert!(error(other_name, None).contains("no input \"x\""));
+        let (body, json_length) =
+            encode_request(&Tensor::ones([2, 2], tch::kind::FLOAT_CPU)).unwrap();
+        assert!(error(&body[..body.len() - 1], Some(json_length)).contains("declares 16 bytes"));
+        assert!(error(&body, Some(body.len() + 1)).contains("holds only"));
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(error(&longer, Some(json_length)).contains("1 bytes follow"));
+        let wrong_output = br#"{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y"}]}"#;
+        assert!(error(wrong_output, None).contains("no output \"y\""));
+    }
+}
