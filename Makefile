@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch clean images images-cuda
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor clean images images-cuda
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -56,6 +56,11 @@ bench-replica: build
 # local http server against curl: how much publishing costs beyond copying the bytes.
 bench-fetch: build
 	scripts/bench-fetch.sh
+
+# One actor replica's rows/s and p50/p99 latency against concurrency and batch size, dynamic
+# batching on and off side by side; an actor pool fed by the driver against Task mode.
+bench-actor: build
+	scripts/bench-actor.sh
 
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build

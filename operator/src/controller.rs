@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -28,6 +29,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::batch_run;
 use crate::crd::{InferencePipeline, InferencePipelineStatus, Phase, PlannedInput, Sharing};
 use crate::leader::Election;
 use crate::metrics::Metrics;
@@ -295,6 +297,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
         rerun: applied.rerun,
         blocked: applied.blocked,
         planning: applied.planning,
+        driver: applied.driver,
         mount_failure,
     };
     let new_status = status::compute(pipeline, &observed, Timestamp::now());
@@ -326,6 +329,8 @@ struct Applied {
     blocked: Option<Blocked>,
     /// How the planning of the shards stands, while it runs.
     planning: Option<String>,
+    /// How an Actor's batch run stands.
+    driver: Option<batch_run::State>,
 }
 
 impl Applied {
@@ -462,7 +467,12 @@ async fn patch_status(
     api: &Api<InferencePipeline>,
     new: &InferencePipelineStatus,
 ) -> Result<(), Error> {
-    if pipeline.status.as_ref() == Some(new) {
+    // status.batches is the driver's: the operator neither writes nor compares it.
+    let current = pipeline
+        .status
+        .clone()
+        .map(|s| InferencePipelineStatus { batches: None, ..s });
+    if current.as_ref() == Some(new) {
         return Ok(());
     }
     let patch = json!({
@@ -749,8 +759,9 @@ async fn apply_objects(
         }
         Rendered::Plan { job } => apply_plan(ctx, pipeline, ns, *job).await,
         Rendered::Actor {
-            deployment,
+            mut deployment,
             service,
+            run,
         } => {
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -768,6 +779,19 @@ async fn apply_objects(
                     &Patch::Apply(&service),
                 )
                 .await?;
+            let driver = match run {
+                Some(run) => match apply_batch_run(ctx, pipeline, ns, *run).await? {
+                    Ok(state) => Some(state),
+                    Err(blocked) => return Ok(blocked.into()),
+                },
+                None => None,
+            };
+            // The run is over: nothing is left to serve.
+            if matches!(driver, Some(batch_run::State::Done)) {
+                if let Some(spec) = deployment.spec.as_mut() {
+                    spec.replicas = Some(0);
+                }
+            }
             let d = deployments
                 .patch(
                     &render::object_name(pipeline),
@@ -777,10 +801,54 @@ async fn apply_objects(
                 .await?;
             Ok(Applied {
                 deployment: Some(d),
+                driver,
                 ..Default::default()
             })
         }
     }
+}
+
+/// Carries an Actor's batch run on (see [`batch_run::state`]): applies the driver's identity,
+/// creates its Job once, replaces the Job of another run, and says how the run stands; or why
+/// it cannot (a Job of its name that is not the pipeline's).
+async fn apply_batch_run(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+    run: render::BatchRun,
+) -> Result<Result<batch_run::State, Blocked>, kube::Error> {
+    let name = batch_run::driver_name(pipeline);
+    let apply = PatchParams::apply(MANAGER).force();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let cached = ctx.jobs.get(&ObjectRef::new(&name).within(ns));
+    if cached.is_none() {
+        if let Some(blocked) = foreign(&jobs, pipeline, ns, &name).await? {
+            return Ok(Err(blocked));
+        }
+    }
+    let client = ctx.client.clone();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .patch(&name, &apply, &Patch::Apply(&run.account))
+        .await?;
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch(&name, &apply, &Patch::Apply(&run.role))
+        .await?;
+    Api::<RoleBinding>::namespaced(client, ns)
+        .patch(&name, &apply, &Patch::Apply(&run.binding))
+        .await?;
+    let state = batch_run::state(pipeline, cached.as_deref());
+    match &state {
+        batch_run::State::Missing => {
+            jobs.patch(&name, &apply, &Patch::Apply(&run.job)).await?;
+        }
+        batch_run::State::Outdated => {
+            let uid = cached.as_ref().and_then(|j| j.metadata.uid.clone());
+            delete_seen(&jobs, &name, uid).await?;
+        }
+        // A Job's pod template cannot change: the run goes on as it started.
+        batch_run::State::Running | batch_run::State::Done | batch_run::State::Failed(_) => {}
+    }
+    Ok(Ok(state))
 }
 
 /// The backoff of the controller's watches. kube's controller merges every watch (pipelines,

@@ -57,10 +57,14 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !m.source.uri.startsWith('s3://') && !m.source.uri.startsWith('az://'))").message("sharing: Node does not read s3:// or az:// sources: the node's agent would read them with the node's own identity on any pipeline's say-so; use sharing: Pod with the source's credentialsSecret"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
+#[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.input) == has(self.output)").message("mode Actor takes spec.input and spec.output together (a batch run: a driver streams the input through the replicas into the output) or neither (the replicas serve requests behind their Service)"))]
+#[x_kube(validation = Rule::new("self.mode != 'Actor' || !has(self.actor) || !has(self.actor.inFlightPerReplica) || has(self.input)").message("actor.inFlightPerReplica applies only to a batch run (spec.input and spec.output)"))]
 /// What the pipeline runs (its models, in order), how (mode, device, sharing) and on what
 /// (input and output folders for Task, a Service for Actor).
 pub struct InferencePipelineSpec {
-    /// Task: an Indexed Job, one pod per input shard. Actor: a Deployment serving batches.
+    /// Task: an Indexed Job, one pod per input shard. Actor: a Deployment serving batches with
+    /// the Open Inference Protocol; given an input and an output, a driver Job streams the
+    /// input's shards through its replicas, and the replicas are scaled away once it is done.
     pub mode: Mode,
     /// cpu, or cuda: weights are copied once per replica from shared memory to the GPU (and
     /// the pods run the CUDA runtime image). Default: cpu.
@@ -85,7 +89,7 @@ pub struct InferencePipelineSpec {
     /// Task mode only: how many shards, how many at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskSettings>,
-    /// Actor mode only: how many replicas.
+    /// Actor mode only: how many replicas, dynamic batching, and batches in flight per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<ActorSettings>,
     /// Overrides for the pods: image, resources, placement, extra volumes (for the data).
@@ -310,6 +314,28 @@ pub struct ActorSettings {
     /// of the weights.
     #[x_kube(validation = Rule::new("self >= 1").message("actor.replicas must be at least 1"))]
     pub replicas: i32,
+    /// Dynamic batching: requests that arrive close together run as one forward pass. Off
+    /// when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchingSettings>,
+    /// A batch run only: how many batches the driver sends one replica before its answers.
+    /// Default: 2 (one running, one waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("actor.inFlightPerReplica must be 1 to 64"))]
+    pub in_flight_per_replica: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSettings {
+    /// The most rows of one forward pass (a larger request still runs, alone).
+    #[x_kube(validation = Rule::new("self >= 1").message("actor.batching.maxRows must be at least 1"))]
+    pub max_rows: i64,
+    /// How long a request waits for others to join it, in milliseconds, while others are on
+    /// their way (a lone request never waits). Default: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("actor.batching.maxDelayMillis must be 0 to 1000"))]
+    pub max_delay_millis: Option<i64>,
 }
 
 /// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor);
@@ -380,12 +406,38 @@ pub struct InferencePipelineStatus {
     /// Task without spec.task.shards: what planning found in the input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planned_input: Option<PlannedInput>,
+    /// An Actor's batch run, as its driver reports it (the driver writes this field alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<BatchProgress>,
     /// WeightsReady, Progressing, Succeeded, Failed, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     /// The pipeline's generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// How an Actor's batch run stands: written by its driver as it goes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchProgress {
+    /// Shard files in the input: one batch each.
+    pub total: i64,
+    /// Batches whose output is written and committed (by this run, before a restart too).
+    pub done: i64,
+    /// Sends that failed (a replica gone, busy or broken) and went to another replica.
+    pub retried: i64,
+    /// Batches that could not be done, by input file, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedBatch>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct FailedBatch {
+    /// The shard file, as named under the input.
+    pub input: String,
+    /// Why it could not be done (the models' refusal, or the last of its failed sends).
+    pub reason: String,
 }
 
 /// A Task pipeline's shards (the Indexed Job's completions) by state.

@@ -161,8 +161,38 @@ pub fn actor_worker(spec: &InferencePipelineSpec, name: &str, mounts: &Mounts) -
     env.push(("KZC_DEVICE".into(), device(spec).into()));
     env.push(("KZC_LISTEN".into(), format!("0.0.0.0:{ACTOR_PORT}")));
     env.push(("KZC_MODEL_NAME".into(), name.to_owned()));
+    if let Some(batching) = spec.actor.as_ref().and_then(|a| a.batching.as_ref()) {
+        env.push(("KZC_MAX_BATCH_ROWS".into(), batching.max_rows.to_string()));
+        if let Some(delay) = batching.max_delay_millis {
+            env.push(("KZC_MAX_BATCH_DELAY_MS".into(), delay.to_string()));
+        }
+    }
     Invocation {
         command: vec![WORKER_BINARY.into(), "actor".into()],
+        env,
+    }
+}
+
+/// The driver of an Actor's batch run: streams the input through the replicas behind
+/// `service`, the pipeline `name` being their model, and reports into the pipeline's status.
+pub fn driver(
+    spec: &InferencePipelineSpec,
+    name: &str,
+    service: &str,
+    run: &str,
+    mounts: &Mounts,
+) -> Invocation {
+    let mut env = data_env("input", spec.input.as_ref(), mounts);
+    env.extend(data_env("output", spec.output.as_ref(), mounts));
+    env.push(("KZC_SERVICE".into(), service.to_owned()));
+    env.push(("KZC_MODEL_NAME".into(), name.to_owned()));
+    env.push(("KZC_PIPELINE".into(), name.to_owned()));
+    env.push(("KZC_RUN".into(), run.to_owned()));
+    if let Some(n) = spec.actor.as_ref().and_then(|a| a.in_flight_per_replica) {
+        env.push(("KZC_IN_FLIGHT_PER_REPLICA".into(), n.to_string()));
+    }
+    Invocation {
+        command: vec![WORKER_BINARY.into(), "drive".into()],
         env,
     }
 }

@@ -3,6 +3,7 @@
 //! pure rendering into Jobs and Deployments, the API server's checks without a cluster, and the
 //! local runner.
 
+pub mod batch_run;
 pub mod controller;
 pub mod crd;
 pub mod invocation;

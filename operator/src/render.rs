@@ -18,9 +18,10 @@ use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, NodeAffinity,
     NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
     PreferredSchedulingTerm, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretProjection, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeProjection,
+    SecretProjection, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeProjection,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -111,7 +112,19 @@ pub enum Rendered {
     Actor {
         deployment: Box<Deployment>,
         service: Box<Service>,
+        /// With an input and an output: the driver that runs it through the replicas.
+        run: Option<Box<BatchRun>>,
     },
+}
+
+/// An Actor's batch run: the driver's Job, and the identity that lets it find the replicas
+/// (list EndpointSlices) and report (patch its pipeline's status), and nothing else.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchRun {
+    pub job: Job,
+    pub account: ServiceAccount,
+    pub role: Role,
+    pub binding: RoleBinding,
 }
 
 impl Rendered {
@@ -122,11 +135,19 @@ impl Rendered {
             Rendered::Actor {
                 deployment,
                 service,
+                run,
             } => {
-                vec![
+                let mut docs = vec![
                     serde_yaml::to_string(deployment)?,
                     serde_yaml::to_string(service)?,
-                ]
+                ];
+                if let Some(run) = run {
+                    docs.push(serde_yaml::to_string(&run.account)?);
+                    docs.push(serde_yaml::to_string(&run.role)?);
+                    docs.push(serde_yaml::to_string(&run.binding)?);
+                    docs.push(serde_yaml::to_string(&run.job)?);
+                }
+                docs
             }
         };
         Ok(docs.iter().map(|d| format!("---\n{d}")).collect())
@@ -695,24 +716,13 @@ pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job
     );
     let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
     volumes.extend(overrides.volumes.clone().unwrap_or_default());
-    let container = Container {
-        name: crate::plan::PLAN_CONTAINER.into(),
-        image: Some(runtime_image(spec, settings)),
-        command: Some(planner.command.clone()),
-        env: Some(env(&planner)),
-        security_context: Some(restricted()),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(volume_mounts),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("50m".into())),
-                ("memory".into(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(memory(256 << 20)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let container = helper_container(
+        crate::plan::PLAN_CONTAINER,
+        &planner,
+        runtime_image(spec, settings),
+        volume_mounts,
+        ("50m", "64Mi", 256 << 20),
+    );
     let mut labels = labels(pipeline);
     labels.insert(
         crate::plan::STEP_LABEL.into(),
@@ -748,6 +758,153 @@ pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job
             ..Default::default()
         }),
         status: None,
+    })
+}
+
+/// A restricted container of the runtime image that runs `invocation` beside the models (the
+/// planner, the driver), with its requests (cpu, memory) and memory limit.
+fn helper_container(
+    name: &str,
+    invocation: &Invocation,
+    image: String,
+    volume_mounts: Vec<VolumeMount>,
+    (cpu, requested, limit): (&str, &str, u64),
+) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(image),
+        command: Some(invocation.command.clone()),
+        env: Some(env(invocation)),
+        security_context: Some(restricted()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(volume_mounts),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity(cpu.into())),
+                ("memory".into(), Quantity(requested.into())),
+            ])),
+            limits: Some(memory(limit)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The driver of an Actor's batch run ([`crate::batch_run`]): one restricted container running
+/// `kube-zerocopy-worker drive` with the template's volumes (file:// data) and the data's
+/// credentials, under a ServiceAccount of its own. Restarted up to 3 times (it resumes after
+/// the batches its run committed); failed at once when retrying cannot help (exit code 3:
+/// the input changed, batches refused).
+pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<BatchRun> {
+    use crate::batch_run::{driver_name, run_name, DRIVER_CONTAINER, DRIVE_STEP, RUN_ANNOTATION};
+    let spec = &pipeline.spec;
+    let overrides = spec.template.clone().unwrap_or_default();
+    let mounts = Mounts::in_pod();
+    let name = driver_name(pipeline);
+    let driver = invocation::driver(
+        spec,
+        &pipeline.name_any(),
+        &object_name(pipeline),
+        &run_name(pipeline),
+        &mounts,
+    );
+    let credentials = data_volumes(spec);
+    let mut volume_mounts = data_mounts(&credentials, &mounts);
+    volume_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
+    let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
+    volumes.extend(overrides.volumes.clone().unwrap_or_default());
+    // It holds a few batches' bytes at a time, never a model.
+    let container = helper_container(
+        DRIVER_CONTAINER,
+        &driver,
+        runtime_image(spec, settings),
+        volume_mounts,
+        ("100m", "128Mi", 1 << 30),
+    );
+    let mut labels = labels(pipeline);
+    labels.insert("app.kubernetes.io/component".into(), "driver".into());
+    labels.insert(crate::plan::STEP_LABEL.into(), DRIVE_STEP.into());
+    let named = |name: &str| ObjectMeta {
+        name: Some(name.to_owned()),
+        labels: Some(labels.clone()),
+        ..metadata(pipeline)
+    };
+    let job = Job {
+        metadata: ObjectMeta {
+            annotations: Some(BTreeMap::from([(
+                RUN_ANNOTATION.to_owned(),
+                run_name(pipeline),
+            )])),
+            ..named(&name)
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(3),
+            pod_failure_policy: Some(fail_at_once_on_permanent(DRIVER_CONTAINER)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    restart_policy: Some("Never".into()),
+                    service_account_name: Some(name.clone()),
+                    automount_service_account_token: Some(true),
+                    node_selector: overrides.node_selector.clone(),
+                    tolerations: overrides.tolerations.clone(),
+                    security_context: Some(pod_security()),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let rule =
+        |group: &str, resource: &str, verbs: &[&str], names: Option<Vec<String>>| PolicyRule {
+            api_groups: Some(vec![group.into()]),
+            resources: Some(vec![resource.into()]),
+            verbs: verbs.iter().map(|v| v.to_string()).collect(),
+            resource_names: names,
+            ..Default::default()
+        };
+    let role = Role {
+        metadata: named(&name),
+        rules: Some(vec![
+            rule("discovery.k8s.io", "endpointslices", &["list"], None),
+            rule(
+                "kube-zerocopy.io",
+                "inferencepipelines/status",
+                &["patch"],
+                Some(vec![pipeline.name_any()]),
+            ),
+        ]),
+    };
+    let binding = RoleBinding {
+        metadata: named(&name),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.clone(),
+            namespace: pipeline.metadata.namespace.clone(),
+            ..Default::default()
+        }]),
+    };
+    let account = ServiceAccount {
+        metadata: named(&name),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    };
+    Ok(BatchRun {
+        job,
+        account,
+        role,
+        binding,
     })
 }
 
@@ -897,10 +1054,13 @@ pub fn render_planned(
                 }),
                 status: None,
             };
+            // The replicas only: a batch run's driver carries the pipeline's label too.
+            let mut selector = selector_labels(pipeline);
+            selector.insert("app.kubernetes.io/component".into(), "actor".into());
             let service = Service {
                 metadata: metadata(pipeline),
                 spec: Some(ServiceSpec {
-                    selector: Some(selector_labels(pipeline)),
+                    selector: Some(selector),
                     ports: Some(vec![ServicePort {
                         name: Some("http".into()),
                         port: 80,
@@ -911,9 +1071,13 @@ pub fn render_planned(
                 }),
                 status: None,
             };
+            let run = crate::batch_run::is_batch(pipeline)
+                .then(|| batch_run(pipeline, settings))
+                .transpose()?;
             Ok(Rendered::Actor {
                 deployment: Box::new(deployment),
                 service: Box::new(service),
+                run: run.map(Box::new),
             })
         }
     }

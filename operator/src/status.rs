@@ -123,6 +123,8 @@ pub struct Observed<'a> {
     pub blocked: Option<Blocked>,
     /// While the shards are planned: how it stands (no Job yet).
     pub planning: Option<String>,
+    /// An Actor's batch run: how its driver stands.
+    pub driver: Option<crate::batch_run::State>,
     /// Node sharing: why the node agent did not mount a pod's models (the latest FailedMount
     /// of the pipeline's waiting pods), with the pod's name.
     pub mount_failure: Option<String>,
@@ -411,6 +413,69 @@ fn actor_status(observed: &Observed) -> (Phase, String, Vec<Cond>) {
     (phase, progress, all)
 }
 
+/// An Actor's batch run: the replicas' phase until they serve, then the driver's: Running,
+/// Succeeded (every batch written; the replicas are scaled away), Failed. The progress is the
+/// driver's count of batches once it has reported one.
+fn batch_status(
+    pipeline: &InferencePipeline,
+    observed: &Observed,
+    driver: &crate::batch_run::State,
+) -> (Phase, String, Vec<Cond>) {
+    use crate::batch_run::State;
+    let (replicas_phase, replicas, mut conds) = actor_status(observed);
+    let batches = pipeline.status.as_ref().and_then(|s| s.batches.as_ref());
+    let progress = batches.map_or(replicas.clone(), |b| {
+        format!("{}/{} batches", b.done, b.total)
+    });
+    conds.retain(|c| c.type_ != ConditionType::Progressing);
+    let (phase, progressing) = match driver {
+        State::Done => (
+            Phase::Succeeded,
+            cond(
+                ConditionType::Progressing,
+                false,
+                Reason::Finished,
+                "every batch is written; the replicas are scaled away",
+            ),
+        ),
+        State::Failed(job_said) => {
+            let why = batches
+                .and_then(|b| b.failed.first())
+                .map(|f| format!("batch {} failed: {}", f.input, f.reason))
+                .unwrap_or_else(|| job_said.clone());
+            (
+                Phase::Failed,
+                cond(ConditionType::Progressing, false, Reason::JobFailed, why),
+            )
+        }
+        State::Missing | State::Outdated | State::Running => {
+            let available = observed
+                .deployment
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0);
+            // One replica serving is enough for the driver to go on (one may be replaced).
+            let phase = match replicas_phase {
+                Phase::Ready | Phase::Progressing if available > 0 => Phase::Running,
+                other => other,
+            };
+            (
+                phase,
+                cond(
+                    ConditionType::Progressing,
+                    true,
+                    Reason::ShardsRunning,
+                    format!(
+                        "the driver streams the input through the replicas ({replicas} available)"
+                    ),
+                ),
+            )
+        }
+    };
+    conds.push(progressing);
+    (phase, progress, conds)
+}
+
 /// Kubelet reasons for a container that will not start until something outside changes.
 const NOT_STARTING: [&str; 6] = [
     "ErrImagePull",
@@ -501,10 +566,16 @@ pub fn compute(
                 .map(|s| format!("{}/{}", s.succeeded, s.total));
             (phase, progress, shards, conds)
         }
-        (None, Mode::Actor) => {
-            let (phase, progress, conds) = actor_status(observed);
-            (phase, Some(progress), None, conds)
-        }
+        (None, Mode::Actor) => match &observed.driver {
+            Some(driver) => {
+                let (phase, progress, conds) = batch_status(pipeline, observed, driver);
+                (phase, Some(progress), None, conds)
+            }
+            None => {
+                let (phase, progress, conds) = actor_status(observed);
+                (phase, Some(progress), None, conds)
+            }
+        },
     };
     let weights_failed = conds
         .iter()
@@ -575,6 +646,7 @@ pub fn compute(
         progress,
         shards,
         planned_input: observed.job.and_then(crate::plan::of_job),
+        batches: None,
         conditions,
         observed_generation: generation,
     }

@@ -367,6 +367,7 @@ fn owned_objects_point_back_at_the_pipeline() {
     let Rendered::Actor {
         deployment,
         service,
+        ..
     } = render(&pipeline, &Settings::default()).unwrap()
     else {
         panic!("an Actor pipeline renders a Deployment and a Service")
@@ -530,4 +531,85 @@ fn an_unplanned_task_is_planned_first_and_only_the_workers_mount_the_datas_crede
     );
     let sidecar = &pod.init_containers.as_ref().unwrap()[0];
     assert!(mounted(sidecar).is_empty(), "{:?}", mounted(sidecar));
+}
+
+/// examples/actor-batch.yaml: the replicas behind a Service that selects only them, and a
+/// driver Job under its own ServiceAccount, whose Role lets it list EndpointSlices and patch its
+/// own pipeline's status, nothing else; the driver streams the input through the Service's
+/// replicas as the pipeline's model, its run named after what it computes.
+#[test]
+fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
+    let mut pipeline = pipeline("actor-batch");
+    pipeline.metadata.uid = Some("1234abcd-ef".into());
+    let Rendered::Actor {
+        deployment,
+        service,
+        run: Some(run),
+    } = render(&pipeline, &Settings::default()).unwrap()
+    else {
+        panic!("an Actor with an input renders a batch run")
+    };
+    let selector = service.spec.unwrap().selector.unwrap();
+    assert_eq!(selector["app.kubernetes.io/component"], "actor");
+    let replicas = deployment
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap();
+    assert!(selector.iter().all(|(k, v)| replicas.get(k) == Some(v)));
+    let driver_pod = run.job.spec.as_ref().unwrap().template.clone();
+    let driver_labels = driver_pod.metadata.unwrap().labels.unwrap();
+    assert!(
+        !selector
+            .iter()
+            .all(|(k, v)| driver_labels.get(k) == Some(v)),
+        "the Service would send requests to the driver"
+    );
+
+    let name = "reviews-driver";
+    let spec = driver_pod.spec.unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some(name));
+    assert_eq!(run.account.metadata.name.as_deref(), Some(name));
+    assert_eq!(run.binding.role_ref.name, name);
+    let subject = &run.binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", name)
+    );
+    let rules = serde_json::to_value(&run.role.rules).unwrap();
+    assert_eq!(
+        rules,
+        serde_json::json!([
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
+            {"apiGroups": ["kube-zerocopy.io"], "resources": ["inferencepipelines/status"],
+             "resourceNames": ["reviews"], "verbs": ["patch"]},
+        ])
+    );
+    let env = env_of(&spec.containers[0]);
+    let value = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    assert_eq!(spec.containers[0].command.as_ref().unwrap()[1], "drive");
+    assert_eq!(value("KZC_SERVICE"), Some("reviews-zerocopy"));
+    assert_eq!(value("KZC_MODEL_NAME"), Some("reviews"));
+    assert_eq!(value("KZC_PIPELINE"), Some("reviews"));
+    assert_eq!(value("KZC_INPUT"), Some("/data/input"));
+    assert_eq!(value("KZC_OUTPUT"), Some("/data/output"));
+    assert_eq!(value("KZC_IN_FLIGHT_PER_REPLICA"), Some("2"));
+    let run_name = kube_zerocopy::batch_run::run_name(&pipeline);
+    assert_eq!(value("KZC_RUN"), Some(run_name.as_str()));
+    assert_eq!(
+        run.job.metadata.annotations.as_ref().unwrap()[kube_zerocopy::batch_run::RUN_ANNOTATION],
+        run_name
+    );
+    for meta in [
+        &run.job.metadata,
+        &run.account.metadata,
+        &run.role.metadata,
+        &run.binding.metadata,
+    ] {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.uid, "1234abcd-ef");
+    }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
@@ -122,6 +123,61 @@ impl Drop for SmallTmpfs {
 }
 
 /// One pod's volumes in a fresh folder of /dev/shm, removed on drop.
+/// A running actor, killed if a test ends (or fails) without stopping it.
+pub struct Actor(pub Child);
+
+impl std::ops::Deref for Actor {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Actor {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `kube-zerocopy-worker actor` in `pod` on a free port with extra arguments (the model
+/// name among them); returns it and its base URL once it answers ready.
+pub fn start_actor(
+    pod: &Pod,
+    models: &[kube_zerocopy_sidecar::ModelSource],
+    args: &[&str],
+) -> (Actor, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let actor = pod
+        .command("kube-zerocopy-worker", models)
+        .args(["actor", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .spawn()
+        .unwrap();
+    let mut actor = Actor(actor);
+    let base = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while ureq::get(format!("{base}/v2/health/ready")).call().is_err() {
+        assert!(actor.try_wait().unwrap().is_none(), "the actor exited");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the actor never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (actor, base)
+}
+
 pub struct Pod {
     pub dir: tempfile::TempDir,
     pub store: PathBuf,

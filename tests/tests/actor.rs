@@ -7,10 +7,12 @@
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kube_zerocopy_e2e::{make_model, metric_value, repo, source, succeeded, Pod};
+use kube_zerocopy_e2e::{
+    make_model, metric_value, repo, source, start_actor, succeeded, Actor, Pod,
+};
 use kube_zerocopy_sidecar::ModelFormat;
 use kube_zerocopy_worker::oip;
 use kube_zerocopy_worker::task::read_input;
@@ -18,61 +20,6 @@ use kube_zerocopy_worker::LoadedModel;
 
 /// The model's name in the protocol's paths.
 const MODEL: &str = "net";
-
-/// A running actor, killed if a test ends (or fails) without stopping it.
-struct Actor(Child);
-
-impl std::ops::Deref for Actor {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Actor {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Actor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts an actor on a free port with extra arguments; returns it and its base URL once ready.
-fn start_actor(
-    pod: &Pod,
-    models: &[kube_zerocopy_sidecar::ModelSource],
-    args: &[&str],
-) -> (Actor, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let actor = pod
-        .command("kube-zerocopy-worker", models)
-        .args(["actor", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--model-name", MODEL])
-        .args(args)
-        .spawn()
-        .unwrap();
-    let mut actor = Actor(actor);
-    let base = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while ureq::get(format!("{base}/v2/health/ready")).call().is_err() {
-        assert!(actor.try_wait().unwrap().is_none(), "the actor exited");
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the actor never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (actor, base)
-}
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -98,7 +45,7 @@ fn mlp_replica(args: &[&str]) -> MlpReplica {
     let models = [source("mlp", ModelFormat::Safetensors, &model)];
     let pod = Pod::new();
     assert!(pod.publish(&models).status.success());
-    let (actor, base) = start_actor(&pod, &models, args);
+    let (actor, base) = start_actor(&pod, &models, &[args, &["--model-name", MODEL]].concat());
     MlpReplica {
         actor,
         base,
@@ -274,7 +221,7 @@ fn actor_serves_many_batches_from_one_mapping() {
     let models = [source("net", ModelFormat::TorchScript, &model)];
     let pod = Pod::new();
     assert!(pod.publish(&models).status.success());
-    let (mut actor, base) = start_actor(&pod, &models, &[]);
+    let (mut actor, base) = start_actor(&pod, &models, &["--model-name", MODEL]);
 
     let reference = LoadedModel::load_copying(&model, &models[0], tch::Device::Cpu).unwrap();
     for shard in kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap() {
@@ -578,8 +525,9 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
     let models = [source("mlp", ModelFormat::Safetensors, &model)];
     let pod = Pod::new();
     assert!(pod.publish(&models).status.success());
-    let mut replicas: Vec<(Actor, String)> =
-        (0..3).map(|_| start_actor(&pod, &models, &[])).collect();
+    let mut replicas: Vec<(Actor, String)> = (0..3)
+        .map(|_| start_actor(&pod, &models, &["--model-name", MODEL]))
+        .collect();
     let urls: Vec<String> = replicas.iter().map(|(_, url)| url.clone()).collect();
     let out = d.join("out");
     let renames = RenameCounter::watch(&out);

@@ -14,7 +14,8 @@
 //! run on one inference thread that owns the pipeline (libtorch parallelises within a batch,
 //! and tch's tensors may not be shared between threads). With dynamic batching, requests that
 //! arrive within `max_delay` of each other and fit together run as one forward pass of at most
-//! `max_rows` rows, each answered with its own rows. Up to [`Limits::queued_batches`] requests
+//! `max_rows` rows, each answered with its own rows; a pass waits only while other requests are
+//! on their way. Up to [`Limits::queued_batches`] requests
 //! wait, beyond that 503 with Retry-After. A body must arrive within [`Limits::body_timeout`]
 //! (else 408) and hold at most [`Limits::max_body_bytes`] (else 413). A request the protocol or
 //! the models refuse gets a 4xx in the protocol's shape (`{"error": ...}`) naming what was sent;
@@ -353,11 +354,14 @@ fn run_group(pipeline: &Pipeline, group: Vec<Job>, metrics: &ActorMetrics) {
     }
 }
 
-/// Runs the requests in arrival order, merging them with `batching`; ends with the server.
+/// Runs the requests in arrival order, merging them with `batching`; ends with the server. A
+/// pass waits for more requests only while others are on their way (`in_flight`, requests
+/// being read or run, counts more than it holds): a lone client never waits the delay.
 fn run_jobs(
     pipeline: &Pipeline,
     queue: Receiver<Job>,
     batching: Option<Batching>,
+    in_flight: &AtomicUsize,
     metrics: &ActorMetrics,
 ) {
     let mut next: Option<Job> = None;
@@ -372,7 +376,7 @@ fn run_jobs(
         let mut group = vec![first];
         if let (Some(batching), Some(mut rows)) = (batching, group[0].rows()) {
             let deadline = Instant::now() + batching.max_delay;
-            while rows < batching.max_rows {
+            while rows < batching.max_rows && in_flight.load(Ordering::SeqCst) > group.len() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match queue.recv_timeout(left) {
                     Ok(job)
@@ -749,7 +753,13 @@ pub fn serve(
                 state.inferring.store(true, Ordering::Relaxed);
                 let _ = state.metadata.set(metadata(&pipeline, &settings.model));
                 info!(model = %settings.model, "models mapped; ready");
-                run_jobs(&pipeline, queue, settings.batching, &metrics);
+                run_jobs(
+                    &pipeline,
+                    queue,
+                    settings.batching,
+                    &state.in_flight,
+                    &metrics,
+                );
                 state.inferring.store(false, Ordering::Relaxed);
             })
             .context("starting the inference thread")?;

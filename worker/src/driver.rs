@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube_zerocopy_sidecar::process::Permanent;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -44,16 +45,28 @@ pub struct Settings {
 
 /// Where the replicas are: their base URLs, asked again while the driver runs.
 pub trait Replicas {
-    fn current(&mut self) -> Result<Vec<String>>;
+    fn current(&self) -> Result<Vec<String>>;
 }
 
 /// A fixed list of replicas.
 pub struct FixedReplicas(pub Vec<String>);
 
 impl Replicas for FixedReplicas {
-    fn current(&mut self) -> Result<Vec<String>> {
+    fn current(&self) -> Result<Vec<String>> {
         Ok(self.0.clone())
     }
+}
+
+/// Where the driver says how the run stands, as it goes.
+pub trait Progress {
+    fn report(&self, summary: &Summary);
+}
+
+/// Says nothing (a run outside a cluster prints its summary at the end).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn report(&self, _: &Summary) {}
 }
 
 /// A batch that could not be done.
@@ -106,12 +119,14 @@ struct Replica {
 }
 
 const REFRESH: Duration = Duration::from_secs(2);
+const REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs every shard of `input` through the replicas into `output`.
 pub fn drive(
     input: &Store,
     output: &Store,
-    replicas: &mut dyn Replicas,
+    replicas: &dyn Replicas,
+    progress: &dyn Progress,
     settings: &Settings,
 ) -> Result<Summary> {
     let listed = input.shards()?;
@@ -155,6 +170,8 @@ pub fn drive(
         output = %output.uri(),
         "driving"
     );
+    progress.report(&summary);
+    let mut reported = Instant::now();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(settings.request_timeout))
@@ -193,6 +210,10 @@ pub fn drive(
             else {
                 continue;
             };
+            if reported.elapsed() >= REPORT_EVERY {
+                progress.report(&summary);
+                reported = Instant::now();
+            }
             in_flight -= 1;
             let replica = pool.iter_mut().find(|r| r.url == url);
             let input_name = listed[batch.index].name.clone();
@@ -255,10 +276,11 @@ pub fn drive(
             }
         }
     })?;
+    summary.failed.sort_by_key(|f| f.shard);
+    progress.report(&summary);
     if let Some(e) = fatal {
         return Err(e);
     }
-    summary.failed.sort_by_key(|f| f.shard);
     if summary.failed.is_empty() {
         summary.wrote_manifest =
             task::commit_if_complete(&input.uri(), output, &settings.run, listed.len())?;
@@ -268,7 +290,7 @@ pub fn drive(
 
 /// Keeps the pool's state for replicas still there, adds new ones; a replica gone keeps its
 /// place only while batches still wait on it.
-fn refresh(pool: &mut Vec<Replica>, replicas: &mut dyn Replicas) {
+fn refresh(pool: &mut Vec<Replica>, replicas: &dyn Replicas) {
     let current = match replicas.current() {
         Ok(current) => current,
         Err(e) => {
@@ -376,5 +398,190 @@ fn send(
     match task::commit_output(output, &settings.run, index, entry, &written) {
         Ok(record) => Outcome::Written(record),
         Err(e) => Outcome::Fatal(e),
+    }
+}
+
+/// The driver inside its cluster: it finds the replicas behind their Service in its
+/// EndpointSlices as the API server has them (a replica that is not ready, loading, draining
+/// or gone, is not among them), listed at each refresh, and reports into its pipeline's
+/// `status.batches`, a field it alone writes. Its service account may do only these two.
+pub struct InCluster {
+    runtime: tokio::runtime::Runtime,
+    slices: kube::Api<EndpointSlice>,
+    pipelines: kube::Api<kube::api::DynamicObject>,
+    service: String,
+    pipeline: Option<String>,
+}
+
+/// The field manager of `status.batches`.
+const MANAGER: &str = "kube-zerocopy-driver";
+
+impl InCluster {
+    pub fn new(service: &str, pipeline: Option<&str>) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = runtime
+            .block_on(kube::Client::try_default())
+            .context("reaching the Kubernetes API to find the replicas")?;
+        let kind =
+            kube::api::GroupVersionKind::gvk("kube-zerocopy.io", "v1alpha1", "InferencePipeline");
+        let resource = kube::api::ApiResource::from_gvk_with_plural(&kind, "inferencepipelines");
+        Ok(InCluster {
+            runtime,
+            slices: kube::Api::default_namespaced(client.clone()),
+            pipelines: kube::Api::default_namespaced_with(client, &resource),
+            service: service.to_owned(),
+            pipeline: pipeline.map(str::to_owned),
+        })
+    }
+}
+
+impl Replicas for InCluster {
+    fn current(&self) -> Result<Vec<String>> {
+        let selector = format!("kubernetes.io/service-name={}", self.service);
+        let slices = self
+            .runtime
+            .block_on(
+                self.slices
+                    .list(&kube::api::ListParams::default().labels(&selector)),
+            )
+            .with_context(|| format!("listing the endpoints of Service {}", self.service))?;
+        Ok(ready_urls(&slices.items))
+    }
+}
+
+impl Progress for InCluster {
+    fn report(&self, summary: &Summary) {
+        let Some(pipeline) = &self.pipeline else {
+            return;
+        };
+        let failed: Vec<_> = summary
+            .failed
+            .iter()
+            .map(|f| serde_json::json!({"input": f.input, "reason": f.reason}))
+            .collect();
+        let patch = serde_json::json!({
+            "apiVersion": "kube-zerocopy.io/v1alpha1",
+            "kind": "InferencePipeline",
+            "status": {"batches": {
+                "total": summary.batches,
+                "done": summary.committed_before + summary.written,
+                "retried": summary.retried,
+                "failed": failed,
+            }},
+        });
+        let params = kube::api::PatchParams::apply(MANAGER).force();
+        let patched = self.runtime.block_on(self.pipelines.patch_status(
+            pipeline,
+            &params,
+            &kube::api::Patch::Apply(&patch),
+        ));
+        if let Err(e) = patched {
+            warn!(error = %e, "cannot report the progress into the pipeline's status");
+        }
+    }
+}
+
+/// The base URL of every ready endpoint, on the slice's port named `http` (the workers').
+pub fn ready_urls(slices: &[EndpointSlice]) -> Vec<String> {
+    let mut urls = Vec::new();
+    for slice in slices {
+        let port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("http"))
+            .and_then(|p| p.port);
+        let Some(port) = port else { continue };
+        for endpoint in &slice.endpoints {
+            // An unset condition means ready, by the API's definition.
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            if let Some(address) = endpoint.addresses.first() {
+                let host = if address.contains(':') {
+                    format!("[{address}]")
+                } else {
+                    address.clone()
+                };
+                urls.push(format!("http://{host}:{port}"));
+            }
+        }
+    }
+    urls.sort();
+    urls.dedup();
+    urls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ready_endpoints_that_are_not_terminating_are_sent_batches() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p-zerocopy-abc"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": true, "terminating": true}},
+                {"addresses": ["10.0.0.5"]},
+            ],
+        }))
+        .unwrap();
+        let v6: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p-zerocopy-def"},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["fd00::1"], "conditions": {"ready": true}}],
+        }))
+        .unwrap();
+        let no_port: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p-zerocopy-ghi"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.9"]}],
+        }))
+        .unwrap();
+        assert_eq!(
+            ready_urls(&[slice, v6, no_port]),
+            [
+                "http://10.0.0.2:8080",
+                "http://10.0.0.5:8080",
+                "http://[fd00::1]:8080"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_goes_to_another_replica_with_room() {
+        let replica = |url: &str, in_flight| Replica {
+            url: url.into(),
+            in_flight,
+            failures: 0,
+            rest_until: Instant::now(),
+        };
+        let pool = [replica("a", 0), replica("b", 1), replica("c", 2)];
+        let batch = |avoid: Option<&str>| Batch {
+            index: 0,
+            attempts: 1,
+            avoid: avoid.map(str::to_owned),
+        };
+        assert_eq!(pick(&pool, &batch(None), 2), Some(0), "the least busy");
+        assert_eq!(
+            pick(&pool, &batch(Some("a")), 2),
+            Some(1),
+            "not the one that failed it"
+        );
+        // The one that failed it, when no other has room.
+        assert_eq!(pick(&pool[..1], &batch(Some("a")), 2), Some(0));
+        let mut resting = replica("a", 0);
+        resting.rest_until = Instant::now() + Duration::from_secs(60);
+        assert_eq!(pick(&[resting, replica("c", 2)], &batch(None), 2), None);
     }
 }

@@ -111,8 +111,19 @@ enum Command {
         #[command(flatten)]
         output: Output,
         /// The replicas' base URLs (http://host:port), comma-separated.
-        #[arg(long, env = "KZC_REPLICAS", value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            env = "KZC_REPLICAS",
+            value_delimiter = ',',
+            required_unless_present = "service"
+        )]
         replicas: Vec<String>,
+        /// Or the Service in front of them: its ready endpoints, asked again every 2 s.
+        #[arg(long, env = "KZC_SERVICE", conflicts_with = "replicas")]
+        service: Option<String>,
+        /// With --service: the pipeline whose status.batches the driver keeps current.
+        #[arg(long, env = "KZC_PIPELINE", requires = "service")]
+        pipeline: Option<String>,
         /// The model's name in the protocol (the pipeline's name).
         #[arg(long, env = "KZC_MODEL_NAME", default_value = "pipeline")]
         model_name: String,
@@ -364,6 +375,8 @@ fn drive(command: Command) -> Result<()> {
         input,
         output,
         replicas,
+        service,
+        pipeline,
         model_name,
         in_flight_per_replica,
         max_attempts,
@@ -382,12 +395,20 @@ fn drive(command: Command) -> Result<()> {
         run,
         planned: input_digest,
     };
-    let summary = driver::drive(
-        &input.open()?,
-        &output.open()?,
-        &mut driver::FixedReplicas(replicas),
-        &settings,
-    )?;
+    let (input, output) = (input.open()?, output.open()?);
+    let summary = match service {
+        Some(service) => {
+            let cluster = driver::InCluster::new(&service, pipeline.as_deref())?;
+            driver::drive(&input, &output, &cluster, &cluster, &settings)?
+        }
+        None => driver::drive(
+            &input,
+            &output,
+            &driver::FixedReplicas(replicas),
+            &driver::Quiet,
+            &settings,
+        )?,
+    };
     let report = serde_json::to_string(&summary)?;
     println!("{report}");
     kube_zerocopy_sidecar::process::write_termination_message(&report);
