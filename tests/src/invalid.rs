@@ -31,6 +31,10 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         ("task settings in Actor mode", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  task: {{shards: 2}}\n")), "spec.task applies only to mode Task"),
         ("actor settings in Task mode", base(&format!("  mode: Task\n{model}{task}  actor: {{replicas: 1}}\n")), "spec.actor applies only to mode Actor"),
         ("zero replicas", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 0}}\n")), "actor.replicas must be at least 1"),
+        ("an Actor with an input and no output", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  input: {{uri: 'file:///in'}}\n")), "mode Actor takes spec.input and spec.output together"),
+        ("batches in flight without a batch run", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1, inFlightPerReplica: 2}}\n")), "actor.inFlightPerReplica applies only to a batch run"),
+        ("dynamic batching of zero rows", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1, batching: {{maxRows: 0}}}}\n")), "actor.batching.maxRows must be at least 1"),
+        ("a batching delay of minutes", base(&format!("  mode: Actor\n{model}  actor: {{replicas: 1, batching: {{maxRows: 8, maxDelayMillis: 60000}}}}\n")), "actor.batching.maxDelayMillis must be 0 to 1000"),
         ("unknown mode", base(&format!("  mode: Batch\n{model}")), "Unsupported value: \"Batch\""),
         (
             "bad model name",

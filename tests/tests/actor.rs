@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube_zerocopy_e2e::{
-    make_model, metric_value, repo, source, start_actor, succeeded, Actor, Pod,
+    make_model, metric_value, repo, source, start_actor, succeeded, Actor, Pod, RenameCounter,
 };
 use kube_zerocopy_sidecar::ModelFormat;
 use kube_zerocopy_worker::oip;
@@ -424,57 +424,6 @@ fn a_stopped_replica_drains_what_it_was_sent() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let status = actor.wait().unwrap();
     assert_eq!(status.code(), Some(0), "a drained replica exits 0");
-}
-
-/// Counts the files renamed into `dir` (how every output is put in place), by name.
-struct RenameCounter {
-    fd: i32,
-}
-
-impl RenameCounter {
-    fn watch(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-        // SAFETY: plain syscalls on a descriptor this struct owns.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        assert!(fd >= 0);
-        let watch = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MOVED_TO) };
-        assert!(watch >= 0);
-        RenameCounter { fd }
-    }
-
-    /// Every name renamed into the folder since `watch`, with how many times.
-    fn counts(&self) -> std::collections::BTreeMap<String, usize> {
-        let mut counts = std::collections::BTreeMap::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            // SAFETY: reads into a buffer of the length given.
-            let n = unsafe { libc::read(self.fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-            if n <= 0 {
-                return counts;
-            }
-            let mut at = 0;
-            while at < n as usize {
-                // SAFETY: the kernel wrote whole events, each a header and `len` name bytes.
-                let event: libc::inotify_event =
-                    unsafe { std::ptr::read_unaligned(buffer[at..].as_ptr().cast()) };
-                let start = at + std::mem::size_of::<libc::inotify_event>();
-                let name = &buffer[start..start + event.len as usize];
-                let name = String::from_utf8_lossy(name)
-                    .trim_end_matches('\0')
-                    .to_owned();
-                *counts.entry(name).or_default() += 1;
-                at = start + event.len as usize;
-            }
-        }
-    }
-}
-
-impl Drop for RenameCounter {
-    fn drop(&mut self) {
-        // SAFETY: closes the descriptor this struct owns.
-        unsafe { libc::close(self.fd) };
-    }
 }
 
 /// The driver streams 52 shard files through three replicas and one of them is killed midway:

@@ -13,6 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, ListParams};
+use kube::ResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::invocation::ACTOR_PORT;
 use kube_zerocopy::node_store::{held_label, NodeStore};
@@ -21,7 +22,7 @@ use kube_zerocopy_e2e::cluster::node::NODE_NAME;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::wait::eventually_seen;
-use kube_zerocopy_e2e::{metric_value, read_output, sha256_of};
+use kube_zerocopy_e2e::{make_model, metric_value, read_output, sha256_of, RenameCounter};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_worker::oip;
 use serde_json::json;
@@ -567,4 +568,125 @@ async fn post(url: &str, file: Vec<u8>) -> Result<Vec<u8>> {
         oip::file_from_answer(&bytes, json_length)
     })
     .await?
+}
+
+/// examples/actor-batch.yaml in a `restricted` namespace: 3 replicas and a driver Job over 60
+/// shard files; once outputs appear, one replica pod is killed (deleted with no grace). The
+/// run Succeeds, status.batches counts all 60 done, every output is renamed into place on the
+/// host exactly once and equals, byte for byte, what Task mode (`kube-zerocopy local run`)
+/// writes for the same input; the manifest lists all 60; the replicas are scaled to 0.
+pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
+    const BATCHES: usize = 60;
+    let (ns, data) =
+        task_namespace(&env, "actor-batch", &[RESTRICTED], "reviews-data", true).await?;
+    let outcome = async {
+        // Its own input, large enough that a batch takes a while: 512 rows each.
+        let input = data.join("input");
+        std::fs::remove_dir_all(&input)?;
+        make_model(&[
+            "inputs",
+            input.to_str().context("a UTF-8 path")?,
+            "--shards",
+            &BATCHES.to_string(),
+            "--batch",
+            "512",
+            "--features",
+            "512",
+        ]);
+        for shard in kube_zerocopy_worker::task::list_shards(&input)? {
+            readable_by_all(&shard)?;
+        }
+        let model = env.models_dir().join(env.torchscript.file);
+        let reference = data.join("task-reference");
+        local_task_run(&model, env.torchscript.format, &input, &reference)?;
+
+        let uri = format!("file://{MODELS_MOUNT}/{}", env.torchscript.file);
+        let pipeline = example("actor-batch.yaml", &ns.name, &env.torchscript, &uri, |p| {
+            // Without dynamic batching: each output the model run on its shard alone, as in
+            // Task mode, so that they are equal bit for bit.
+            p["spec"]["actor"] = json!({"replicas": 3, "inFlightPerReplica": 2});
+        })?;
+        let name = pipeline.metadata.name.clone().context("a name")?;
+        let output = data.join("output");
+        let renames = RenameCounter::watch(&output);
+        apply(&env.client, &pipeline).await?;
+
+        // A replica killed once outputs appear: the batches it holds are lost with it.
+        let started = std::time::Instant::now();
+        while kube_zerocopy_worker::task::list_shards(&output)?.len() < 3 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "no output after 5 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let victim = pods(&env.client, &ns.name, &name)
+            .await?
+            .into_iter()
+            .find(|p| p.labels().get("app.kubernetes.io/component").map(String::as_str) == Some("actor"))
+            .context("no replica pod")?;
+        let victim_name = victim.metadata.name.clone().context("a pod name")?;
+        Api::<Pod>::namespaced(env.client.clone(), &ns.name)
+            .delete(&victim_name, &kube::api::DeleteParams::default().grace_period(0))
+            .await?;
+        let done_at_kill = kube_zerocopy_worker::task::list_shards(&output)?.len();
+        println!("  {}/{name}: replica {victim_name} killed with {done_at_kill} of {BATCHES} outputs written", ns.name);
+
+        let finished = wait_phase(
+            &env.client,
+            &ns.name,
+            &name,
+            &["Succeeded"],
+            Duration::from_secs(300),
+        )
+        .await?;
+        let status = finished.status.context("a status")?;
+        let batches = status.batches.context("no status.batches")?;
+        println!(
+            "  {}/{name}: {} of {} batches done, {} sent again; progress {:?}",
+            ns.name, batches.done, batches.total, batches.retried, status.progress
+        );
+        ensure!(
+            batches.total == BATCHES as i64 && batches.done == BATCHES as i64 && batches.failed.is_empty(),
+            "status.batches {batches:?}"
+        );
+        ensure!(done_at_kill < BATCHES, "the run was over before the replica was killed");
+
+        let counts = renames.counts();
+        for shard in kube_zerocopy_worker::task::list_shards(&reference)? {
+            let file = shard.file_name().context("a shard")?.to_string_lossy().into_owned();
+            ensure!(
+                counts.get(&file) == Some(&1),
+                "{file} was put in place {:?} times",
+                counts.get(&file)
+            );
+            ensure!(
+                std::fs::read(output.join(&file))? == std::fs::read(&shard)?,
+                "{file} differs from Task mode's output"
+            );
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(output.join("manifest.json"))?)?;
+        ensure!(
+            manifest["shards"].as_array().map(Vec::len) == Some(BATCHES),
+            "the manifest lists {:?} shards",
+            manifest["shards"].as_array().map(Vec::len)
+        );
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(env.client.clone(), &ns.name);
+        let replicas = deployments
+            .get(&format!("{name}-zerocopy"))
+            .await?
+            .spec
+            .and_then(|s| s.replicas);
+        ensure!(replicas == Some(0), "the replicas were not scaled away: {replicas:?}");
+        println!(
+            "  {}/{name}: every output written once and equal to Task mode's; replicas scaled to 0",
+            ns.name
+        );
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/reviews", ns.name), outcome.is_ok());
+    outcome
 }

@@ -43,6 +43,7 @@ fn main() {
         actor::torchscript_pod_sharing,
         actor::safetensors_two_namespaces_node_sharing,
         actor::safetensors_from_s3_with_a_secret,
+        actor::batch_run_survives_a_killed_replica,
         retry::killed_worker_is_retried,
         bad_model::wrong_digest_is_told_by_the_termination_message,
         bad_model::node_sharing_wrong_digest_is_told_by_the_agent,

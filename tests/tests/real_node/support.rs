@@ -130,12 +130,32 @@ impl Env {
 fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Model> {
     let model = dir.join("models").join(file);
     let output = dir.join(format!("reference-{file}"));
+    local_task_run(&model, format, &dir.join("input"), &output)?;
+    let bytes = std::fs::metadata(&model)?.len();
+    let sha256 = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&model)?);
+    Ok(Model {
+        file,
+        format,
+        bytes,
+        sha256,
+        reference: output,
+    })
+}
+
+/// Task mode on the host (`kube-zerocopy local run`): `model` over every shard of `input`,
+/// into `output`.
+pub fn local_task_run(model: &Path, format: &str, input: &Path, output: &Path) -> Result<()> {
+    let dir = output.parent().context("an output folder with a parent")?;
+    let file = model.file_name().context("a model file")?.to_string_lossy();
     let architecture = if format == "Safetensors" {
         "\n      architecture: Mlp"
     } else {
         ""
     };
-    let pipeline = dir.join(format!("local-{file}.yaml"));
+    let pipeline = dir.join(format!(
+        "local-{file}-{}.yaml",
+        output.file_name().unwrap_or_default().to_string_lossy()
+    ));
     std::fs::write(
         &pipeline,
         format!(
@@ -146,7 +166,7 @@ fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Mod
              \x20 input: {{uri: \"file://{input}\"}}\n  output: {{uri: \"file://{output}\"}}\n\
              \x20 task: {{parallelism: 2}}\n",
             model = model.display(),
-            input = dir.join("input").display(),
+            input = input.display(),
             output = output.display(),
         ),
     )?;
@@ -164,15 +184,7 @@ fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Mod
         "local run of {file}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bytes = std::fs::metadata(&model)?.len();
-    let sha256 = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&model)?);
-    Ok(Model {
-        file,
-        format,
-        bytes,
-        sha256,
-        reference: output,
-    })
+    Ok(())
 }
 
 /// A namespace of its own for one scenario, with `labels`; deleted when dropped (in the
@@ -310,7 +322,7 @@ fn data_folder(env: &Env, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn readable_by_all(file: &Path) -> Result<()> {
+pub fn readable_by_all(file: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))?;
     Ok(())
