@@ -304,7 +304,64 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
     let api: Api<InferencePipeline> = Api::namespaced(ctx.client.clone(), &ns);
     announce_transitions(ctx, pipeline, &api, &new_status).await;
     patch_status(pipeline, &api, &new_status).await?;
+    let finished = match (new_status.phase, pipeline.spec.ttl_seconds_after_finished) {
+        (Some(Phase::Succeeded | Phase::Failed), Some(ttl)) => {
+            let job = match applied.job.clone() {
+                Some(job) => Some(job),
+                None => ctx
+                    .jobs
+                    .get(&ObjectRef::new(&batch_run::driver_name(pipeline)).within(&ns))
+                    .map(|j| (*j).clone()),
+            };
+            job.as_ref().and_then(finished_at).map(|at| (at, ttl))
+        }
+        _ => None,
+    };
+    if let Some((at, ttl)) = finished {
+        let left = at.as_second() + i64::from(ttl) - Timestamp::now().as_second();
+        if left > 0 {
+            return Ok(Action::requeue(Duration::from_secs(left as u64)));
+        }
+        expire(pipeline, &api, ttl).await?;
+        return Ok(Action::await_change());
+    }
     Ok(Action::requeue(next_look(new_status.phase)))
+}
+
+/// When a finished Job finished: its completion time, or when it was marked Failed.
+fn finished_at(job: &Job) -> Option<Timestamp> {
+    let status = job.status.as_ref()?;
+    status.completion_time.as_ref().map(|t| t.0).or_else(|| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0)
+    })
+}
+
+/// Deletes a pipeline whose ttlSecondsAfterFinished is up (its owned objects go with it; the
+/// outputs stay). Only this pipeline: one re-created under its name meanwhile is another.
+async fn expire(
+    pipeline: &InferencePipeline,
+    api: &Api<InferencePipeline>,
+    ttl: i32,
+) -> Result<(), Error> {
+    let delete = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pipeline.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    info!(pipeline = %pipeline.name_any(), ttl, "finished longer than ttlSecondsAfterFinished: deleting it");
+    match api.delete(&pipeline.name_any(), &delete).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(Error::Apply(e)),
+    }
 }
 
 /// When to look at a pipeline again if nothing it watches changes first.

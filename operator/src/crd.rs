@@ -92,6 +92,11 @@ pub struct InferencePipelineSpec {
     /// Actor mode only: how many replicas, dynamic batching, and batches in flight per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<ActorSettings>,
+    /// Seconds after the pipeline finished (Succeeded or Failed) when the operator deletes it,
+    /// and with it its Jobs, pods and Service (the outputs stay). Kept when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative"))]
+    pub ttl_seconds_after_finished: Option<i32>,
     /// Overrides for the pods: image, resources, placement, extra volumes (for the data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PodOverrides>,
@@ -304,6 +309,17 @@ pub struct TaskSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("task.shards must be at least 1"))]
     pub shards: Option<i32>,
+    /// How many times one failed shard runs again before it counts as failed; the others go
+    /// on meanwhile. Default: 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 10").message("task.retriesPerShard must be 0 to 10"))]
+    pub retries_per_shard: Option<i32>,
+    /// How many shards may fail before the whole run stops (the Job's maxFailedIndexes). Not
+    /// set: every shard runs, and the run fails at the end if any failed. The failed shards
+    /// are listed in status.shards.failedIndexes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("task.maxFailedShards must not be negative"))]
+    pub max_failed_shards: Option<i32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -451,6 +467,9 @@ pub struct ShardStatus {
     pub failed: i32,
     /// Pods running now.
     pub active: i32,
+    /// The shards that failed every retry, as the Job lists them ("1,3-5").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_indexes: Option<String>,
 }
 
 /// What listing a Task pipeline's input found, when its Job was made.

@@ -1026,7 +1026,11 @@ pub fn render_planned(
                     completions: Some(shards),
                     parallelism: Some(task.parallelism.unwrap_or(1).min(shards)),
                     // A failing shard is retried on its own; the others go on.
-                    backoff_limit_per_index: Some(2),
+                    backoff_limit_per_index: Some(task.retries_per_shard.unwrap_or(2)),
+                    max_failed_indexes: task.max_failed_shards,
+                    // A replacement starts only once the pod it replaces is gone: never two
+                    // workers of one shard at once (memory, GPUs, the same output).
+                    pod_replacement_policy: Some("Failed".into()),
                     // Unless retrying cannot help (the input disagrees with the pipeline or its
                     // plan): the worker says so with its exit code, the Job fails at once.
                     pod_failure_policy: Some(fail_at_once_on_permanent(

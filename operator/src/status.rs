@@ -277,6 +277,9 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardSt
         succeeded: st.and_then(|s| s.succeeded).unwrap_or(0),
         failed: st.and_then(|s| s.failed).unwrap_or(0),
         active: st.and_then(|s| s.active).unwrap_or(0),
+        failed_indexes: st
+            .and_then(|s| s.failed_indexes.clone())
+            .filter(|f| !f.is_empty()),
     };
     let job_condition = |t: &str| {
         st.and_then(|s| s.conditions.as_ref())
@@ -306,10 +309,13 @@ fn task_status(job: Option<&Job>, observed: &Observed) -> (Phase, Option<ShardSt
         Phase::Succeeded
     } else if let Some(c) = job_condition("Failed") {
         // The Job says which pod failed how; the worker's own message says why.
-        let why = match worker_failure(observed) {
+        let mut why = match worker_failure(observed) {
             Some(worker) => format!("{worker} ({})", c.message.clone().unwrap_or_default()),
             None => c.message.clone().unwrap_or_default(),
         };
+        if let Some(failed) = &shards.failed_indexes {
+            why = format!("shards {failed} failed every retry: {why}");
+        }
         conds.push(cond(ConditionType::Succeeded, false, Reason::JobFailed, ""));
         conds.push(Cond {
             type_: ConditionType::Failed,

@@ -45,6 +45,7 @@ fn main() {
         mistakes::a_pipeline_whose_pods_cannot_be_scheduled_says_why,
         task::a_task_pipeline_succeeds_with_one_event_per_phase,
         task::more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event,
+        task::a_finished_pipeline_is_deleted_once_its_ttl_is_up,
         actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
         pod_security::node_sharing_pods_pass_restricted,
         node_store::an_agent_writes_only_its_own_nodes_store_and_labels,

@@ -213,3 +213,53 @@ pub async fn more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_ev
     .await;
     assert!(rerun.2.contains("all 30 shards run again"), "{rerun:?}");
 }
+
+/// A pipeline with ttlSecondsAfterFinished is deleted that long after it succeeds, its Job
+/// with it. Its Job retries each shard alone (backoffLimitPerIndex), starts a replacement pod
+/// only once the failed one is gone (podReplacementPolicy Failed), and stops at the failed
+/// shards it is allowed (maxFailedIndexes): the API server takes all three.
+pub async fn a_finished_pipeline_is_deleted_once_its_ttl_is_up(env: Arc<Env>) {
+    let ns = env.namespace("ttl").await;
+    let pipelines: Api<InferencePipeline> = env.api(&ns);
+    let jobs: Api<Job> = env.api(&ns);
+    let mut pipeline = task_pipeline("short", &ns, 2);
+    pipeline.spec.ttl_seconds_after_finished = Some(3);
+    let task = pipeline.spec.task.as_mut().unwrap();
+    task.retries_per_shard = Some(1);
+    task.max_failed_shards = Some(1);
+    pipelines
+        .create(&PostParams::default(), &pipeline)
+        .await
+        .unwrap();
+    let job = eventually("the Job", MINUTE, || async {
+        jobs.get_opt("short-zerocopy").await.unwrap()
+    })
+    .await;
+    let spec = job.spec.unwrap();
+    assert_eq!(
+        (
+            spec.backoff_limit_per_index,
+            spec.max_failed_indexes,
+            spec.pod_replacement_policy.as_deref()
+        ),
+        (Some(1), Some(1), Some("Failed"))
+    );
+    wait_phase(&pipelines, "short", Phase::Succeeded, None, 3 * MINUTE).await;
+    eventually("the pipeline deleted after its ttl", MINUTE, || async {
+        pipelines
+            .get_opt("short")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually("its Job deleted with it", MINUTE, || async {
+        jobs.get_opt("short-zerocopy")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}

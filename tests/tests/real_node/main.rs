@@ -45,6 +45,7 @@ fn main() {
         actor::safetensors_from_s3_with_a_secret,
         actor::batch_run_survives_a_killed_replica,
         retry::killed_worker_is_retried,
+        retry::a_failed_shard_is_listed_and_the_others_run_on,
         bad_model::wrong_digest_is_told_by_the_termination_message,
         bad_model::node_sharing_wrong_digest_is_told_by_the_agent,
         pod_security::restricted_namespace_runs_pod_sharing,

@@ -116,3 +116,83 @@ fn kill_worker_of_index(index: usize, timeout: Duration) -> Result<i32> {
     }
     bail!("no worker of shard {index} ran within {timeout:?}")
 }
+
+/// One shard file of four is not a tensor file: its index fails its one retry, the others run
+/// on (maxFailedShards 1 lets the Job go on), and the pipeline ends Failed with that shard in
+/// status.shards.failedIndexes and in the Failed condition, the three good outputs written.
+pub async fn a_failed_shard_is_listed_and_the_others_run_on(env: Arc<Env>) -> Result<()> {
+    let (ns, data) = task_namespace(&env, "failed-shard", &[], "sentiment-data", true).await?;
+    let shards = kube_zerocopy_worker::task::list_shards(&data.join("input"))?;
+    let broken = &shards[2];
+    std::fs::write(broken, b"not a safetensors file")?;
+    readable_by_all(broken)?;
+    let uri = format!("file://{MODELS_MOUNT}/{}", env.torchscript.file);
+    let pipeline = example(
+        "task-torchscript.yaml",
+        &ns.name,
+        &env.torchscript,
+        &uri,
+        |p| {
+            p["metadata"]["name"] = json!("partly");
+            p["spec"]["task"] = json!({
+                "shards": SHARDS, "parallelism": 2, "retriesPerShard": 1, "maxFailedShards": 1,
+            });
+        },
+    )?;
+    let outcome = async {
+        apply(&env.client, &pipeline).await?;
+        let failed = wait_phase(
+            &env.client,
+            &ns.name,
+            "partly",
+            &["Failed"],
+            Duration::from_secs(300),
+        )
+        .await?;
+        let status = failed.status.unwrap_or_default();
+        let listed = status
+            .shards
+            .as_ref()
+            .and_then(|s| s.failed_indexes.clone());
+        ensure!(
+            listed.as_deref() == Some("2"),
+            "status.shards {:?}",
+            status.shards
+        );
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        ensure!(
+            condition.contains("shards 2 failed every retry"),
+            "the Failed condition says {condition:?}"
+        );
+        println!("  {}/partly: Failed: {condition}", ns.name);
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
+        let job = jobs.get("partly-zerocopy").await?;
+        let pods_failed = job.status.and_then(|s| s.failed).unwrap_or(0);
+        ensure!(
+            pods_failed == 2,
+            "{pods_failed} failed pods, not 2 (a try and one retry)"
+        );
+        for (i, shard) in shards.iter().enumerate().filter(|(i, _)| *i != 2) {
+            let name = shard.file_name().unwrap_or_default();
+            let got = read_output_file(&data.join("output").join(name))?;
+            let expected = read_output_file(&env.torchscript.reference.join(name))?;
+            ensure!(
+                got == expected,
+                "shard {i}'s output differs from the reference"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/partly", ns.name), outcome.is_ok());
+    outcome
+}
+
+fn read_output_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
