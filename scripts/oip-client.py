@@ -6,12 +6,15 @@ usage: oip-client.py HOST:PORT MODEL FOLDER
 FOLDER holds input-*.npy. Written there: binary-*.npy (each input sent and answered with the
 binary tensor extension), json-*.npy (sent and answered as JSON), concurrent-*.npy (every input
 sent at once, asynchronously), and report.json: health, server and model metadata, and the
-status and message of each bad request, then whether a good request still succeeds.
+status and message of each bad request, then whether a good request still succeeds, and the
+status line of a request held half sent while the concurrent ones ran.
 """
 
 import json
 import pathlib
+import socket
 import sys
+import time
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -78,9 +81,22 @@ def send_async(path):
     return client.async_infer(model, [tensor])
 
 
+# All at once, while one more request is on its way (a raw connection that has sent half of
+# its body): the replica's passes wait for the others then, and merge them.
+on_its_way = '{"inputs":[{"name":"input","shape":[1,%d],"datatype":"FP32","data":[%s]}]}' % (
+    width, ",".join(["0"] * width))
+host, port = url.split(":")
+holder = socket.create_connection((host, int(port)))
+holder.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {url}\r\n"
+               f"Content-Length: {len(on_its_way)}\r\nConnection: close\r\n\r\n".encode())
+holder.sendall(on_its_way[:10].encode())
+time.sleep(0.2)
 handles = [(path, send_async(path)) for path in inputs]
 for path, handle in handles:
     stem = path.stem.removeprefix("input-")
     np.save(folder / f"concurrent-{stem}.npy", handle.get_result().as_numpy("output"))
+holder.sendall(on_its_way[10:].encode())
+report["held_request"] = holder.makefile("rb").readline().decode().strip()
+holder.close()
 client.close()
 (folder / "report.json").write_text(json.dumps(report, indent=1))

@@ -270,7 +270,8 @@ fn actor_serves_many_batches_from_one_mapping() {
 
 /// The Triton client (tritonclient[http], pinned in scripts/oip-client.sh), as a user of the
 /// protocol would call it: health and metadata, every input with the binary extension and as
-/// JSON, all of them at once (merged by dynamic batching), and eight kinds of bad request.
+/// JSON, all of them at once while one more request is on its way (so that the replica's
+/// passes wait for the others and merge them), and eight kinds of bad request.
 #[test]
 fn an_existing_protocol_client_works_unchanged() {
     let batching = ["--max-batch-rows", "256", "--max-batch-delay-ms", "300"];
@@ -306,6 +307,7 @@ fn an_existing_protocol_client_works_unchanged() {
     for flag in ["live", "ready", "model_ready", "serves_after_errors"] {
         assert_eq!(report[flag], true, "{flag}");
     }
+    assert_eq!(report["held_request"], "HTTP/1.1 200 OK");
     assert_eq!(report["server"]["extensions"][0], "binary_tensor_data");
     let spec = |name: &str, width: i64| serde_json::json!([{"name": name, "datatype": "FP32", "shape": [-1, width]}]);
     assert_eq!(report["model"]["name"], MODEL);
