@@ -51,7 +51,7 @@ pub fn decode_output(body: &[u8]) -> Result<Tensor> {
 
 fn decode_named(body: &[u8], name: &str) -> Result<Tensor> {
     let file = SafeTensors::deserialize(body)
-        .map_err(|e| anyhow::anyhow!("body is not safetensors: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("not a safetensors file: {e}"))?;
     let view = file
         .tensor(name)
         .map_err(|_| anyhow::anyhow!("body has no tensor {name:?}"))?;

@@ -166,7 +166,9 @@ pub async fn a_failed_shard_is_listed_and_the_others_run_on(env: Arc<Env>) -> Re
             .map(|c| c.message.clone())
             .unwrap_or_default();
         ensure!(
-            condition.contains("shards 2 failed every retry"),
+            condition.contains("shards 2 failed every retry")
+                && condition.contains("shard-00002.safetensors")
+                && condition.contains("not a safetensors file"),
             "the Failed condition says {condition:?}"
         );
         println!("  {}/partly: Failed: {condition}", ns.name);
