@@ -563,3 +563,54 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
         assert_eq!(kube_zerocopy_e2e::terminate(replica).code(), Some(0));
     }
 }
+
+/// A shard the models refuse (the wrong width) is not sent again: the driver writes the
+/// others, lists that one with the replica's words, writes no manifest and exits 3 (the Job
+/// fails at once: retrying cannot help).
+#[test]
+fn the_driver_lists_a_refused_batch_and_fails_without_retrying_it() {
+    let mut replica = mlp_replica(&[]);
+    let d = replica.dir.path().to_owned();
+    make_model(&[
+        "inputs",
+        d.join("in").to_str().unwrap(),
+        "--shards",
+        "3",
+        "--batch",
+        "4",
+        "--features",
+        "64",
+    ]);
+    let narrow = tch::Tensor::ones([2, 5], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(&[("input", &narrow)], d.join("in/narrow.safetensors")).unwrap();
+    let out = Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+        .args(["drive", "--model-name", MODEL, "--replicas", &replica.base])
+        .arg("--input")
+        .arg(d.join("in"))
+        .arg("--output")
+        .arg(d.join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(summary["written"], 3);
+    assert_eq!(summary["retried"], 0);
+    let failed = &summary["failed"][0];
+    assert_eq!(failed["input"], "narrow.safetensors");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("HTTP 422") && reason.contains("takes rows of 64 values"),
+        "{reason}"
+    );
+    assert!(!d.join("out/manifest.json").exists());
+    assert_eq!(
+        kube_zerocopy_e2e::terminate(&mut replica.actor).code(),
+        Some(0)
+    );
+}
