@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
+use kube_zerocopy::crd::InferencePipeline;
 use serde_json::json;
 
 use crate::support::*;
@@ -27,11 +28,18 @@ pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
     )?;
     let outcome = async {
         apply(&env.client, &pipeline).await?;
+        // Its workers alone: the run (its uid and generation) is in their environment, and
+        // other scenarios run task workers of index 0 meanwhile (in pods, and on the host).
+        let applied = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
+            .get("retried")
+            .await?;
+        let run = kube_zerocopy::render::run_name(&applied);
         // The worker of index 0 is killed as soon as it runs: it has mapped the weights or is
         // loading them, and has not written its output.
-        let killed =
-            tokio::task::spawn_blocking(|| kill_worker_of_index(0, Duration::from_secs(240)))
-                .await??;
+        let killed = tokio::task::spawn_blocking(move || {
+            kill_worker_of_index(0, &run, Duration::from_secs(240))
+        })
+        .await??;
         println!(
             "  {}/retried: killed the worker of shard 0 (pid {killed})",
             ns.name
@@ -84,11 +92,12 @@ pub async fn killed_worker_is_retried(env: Arc<Env>) -> Result<()> {
     outcome
 }
 
-/// SIGKILLs the first `kube-zerocopy-worker task` process on this machine whose
+/// SIGKILLs the first `kube-zerocopy-worker task` process on this machine of run `run` whose
 /// JOB_COMPLETION_INDEX is `index`; returns its pid.
-fn kill_worker_of_index(index: usize, timeout: Duration) -> Result<i32> {
+fn kill_worker_of_index(index: usize, run: &str, timeout: Duration) -> Result<i32> {
     let start = Instant::now();
     let wanted = format!("JOB_COMPLETION_INDEX={index}");
+    let of_run = format!("KZC_RUN={run}");
     while start.elapsed() < timeout {
         for entry in std::fs::read_dir("/proc")?.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -104,7 +113,8 @@ fn kill_worker_of_index(index: usize, timeout: Duration) -> Result<i32> {
                 continue;
             }
             let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-            if environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes()) {
+            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+            if vars.contains(&wanted.as_bytes()) && vars.contains(&of_run.as_bytes()) {
                 // SAFETY: kill(2) on a pid just read from /proc.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
