@@ -840,6 +840,9 @@ pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<Ba
         spec: Some(JobSpec {
             backoff_limit: Some(3),
             pod_failure_policy: Some(fail_at_once_on_permanent(DRIVER_CONTAINER)),
+            // Never two drivers at once (both would send and write the same batches): a new
+            // one starts only once the one it replaces is gone.
+            pod_replacement_policy: Some("Failed".into()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels.clone()),

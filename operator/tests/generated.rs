@@ -570,6 +570,8 @@ fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
     );
 
     let name = "reviews-driver";
+    let job_spec = run.job.spec.as_ref().unwrap();
+    assert_eq!(job_spec.pod_replacement_policy.as_deref(), Some("Failed"));
     let spec = driver_pod.spec.unwrap();
     assert_eq!(spec.service_account_name.as_deref(), Some(name));
     assert_eq!(run.account.metadata.name.as_deref(), Some(name));

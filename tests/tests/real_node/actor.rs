@@ -571,7 +571,7 @@ async fn post(url: &str, file: Vec<u8>) -> Result<Vec<u8>> {
 }
 
 /// examples/actor-batch.yaml in a `restricted` namespace: 3 replicas and a driver Job over 60
-/// shard files; once outputs appear, one replica pod is killed (deleted with no grace). The
+/// shard files; once outputs appear, one serving replica pod is killed (deleted with no grace). The
 /// run Succeeds, status.batches counts all 60 done, every output is renamed into place on the
 /// host exactly once and equals, byte for byte, what Task mode (`kube-zerocopy local run`)
 /// writes for the same input; the manifest lists all 60; the replicas are scaled to 0.
@@ -623,8 +623,18 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
         let victim = pods(&env.client, &ns.name, &name)
             .await?
             .into_iter()
-            .find(|p| p.labels().get("app.kubernetes.io/component").map(String::as_str) == Some("actor"))
-            .context("no replica pod")?;
+            .find(|p| {
+                // A replica that serves, so that it holds batches when it dies.
+                let serving = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                serving
+                    && p.labels().get("app.kubernetes.io/component").map(String::as_str)
+                        == Some("actor")
+            })
+            .context("no serving replica pod")?;
         let victim_name = victim.metadata.name.clone().context("a pod name")?;
         Api::<Pod>::namespaced(env.client.clone(), &ns.name)
             .delete(&victim_name, &kube::api::DeleteParams::default().grace_period(0))
