@@ -35,6 +35,7 @@ use crate::leader::Election;
 use crate::metrics::Metrics;
 use crate::plan;
 use crate::policy;
+use crate::queue::{self, Hold};
 use crate::render::{self, Rendered, Settings};
 use crate::status::{self, Blocked, ConditionType, Observed, Reason};
 
@@ -187,7 +188,16 @@ async fn apply_task(
     let name = job.metadata.name.clone().unwrap_or_default();
     let generation = pipeline.metadata.generation;
     let work = work_digest(&pipeline.spec);
-    match task_step(current.as_deref(), generation, &work) {
+    let step = task_step(current.as_deref(), generation, &work);
+    // Held: no new Job (a finished one stays until the pipeline goes on).
+    if queue::suspended(pipeline) && matches!(step, TaskStep::Create | TaskStep::Replace) {
+        return Ok(Applied {
+            job: current.map(|j| (*j).clone()),
+            hold: Some(Hold::suspended("no Job is created")),
+            ..Default::default()
+        });
+    }
+    match step {
         TaskStep::Create => {
             annotate(&mut job, generation, work, None);
             let created = api
@@ -298,6 +308,7 @@ async fn reconcile_steps(pipeline: &InferencePipeline, ctx: &Context) -> Result<
         blocked: applied.blocked,
         planning: applied.planning,
         driver: applied.driver,
+        hold: applied.hold,
         mount_failure,
     };
     let new_status = status::compute(pipeline, &observed, Timestamp::now());
@@ -388,6 +399,8 @@ struct Applied {
     planning: Option<String>,
     /// How an Actor's batch run stands.
     driver: Option<batch_run::State>,
+    /// Why nothing (more) runs for now: suspended, or waiting for Kueue.
+    hold: Option<Hold>,
 }
 
 impl Applied {
@@ -701,6 +714,10 @@ async fn apply_plan(
     let uid = cached.as_ref().and_then(|j| j.metadata.uid.clone());
     let pods = pods_of(ctx, pipeline, ns, true);
     match plan::state(cached.as_deref(), &pods, generation, Timestamp::now()) {
+        plan::State::Missing if queue::suspended(pipeline) => Ok(Applied {
+            hold: Some(Hold::suspended("the input's shards are not planned")),
+            ..Default::default()
+        }),
         plan::State::Missing => {
             annotate(&mut job, generation, work_digest(&pipeline.spec), None);
             api.patch(
@@ -805,14 +822,12 @@ async fn apply_objects(
                     return Ok(blocked.into());
                 }
             }
-            apply_task(
-                ctx,
-                pipeline,
-                &Api::namespaced(client.clone(), ns),
-                cached,
-                *job,
-            )
-            .await
+            let jobs = Api::namespaced(client.clone(), ns);
+            let mut applied = apply_task(ctx, pipeline, &jobs, cached, *job).await?;
+            if applied.hold.is_none() {
+                applied.hold = hold_task(ctx, pipeline, ns, &jobs, applied.job.as_ref()).await?;
+            }
+            Ok(applied)
         }
         Rendered::Plan { job } => apply_plan(ctx, pipeline, ns, *job).await,
         Rendered::Actor {
@@ -843,8 +858,9 @@ async fn apply_objects(
                 },
                 None => None,
             };
-            // The run is over: nothing is left to serve.
-            if matches!(driver, Some(batch_run::State::Done)) {
+            // The run is over, or held: nothing is left to serve for now.
+            let suspended = queue::suspended(pipeline);
+            if suspended || matches!(driver, Some(batch_run::State::Done)) {
                 if let Some(spec) = deployment.spec.as_mut() {
                     spec.replicas = Some(0);
                 }
@@ -859,10 +875,62 @@ async fn apply_objects(
             Ok(Applied {
                 deployment: Some(d),
                 driver,
+                hold: suspended.then(|| Hold::suspended("the replicas are scaled to 0")),
                 ..Default::default()
             })
         }
     }
+}
+
+/// Holds a Task pipeline's Job back or lets it go on (see [`crate::queue`]), and says why it
+/// does not run when it does not: spec.suspend is mirrored onto the Job, or, for a Job that
+/// Kueue admits (it carries the queue label), onto its Workload's spec.active.
+async fn hold_task(
+    ctx: &Context,
+    pipeline: &InferencePipeline,
+    ns: &str,
+    jobs: &Api<Job>,
+    job: Option<&Job>,
+) -> Result<Option<Hold>, kube::Error> {
+    let suspend = queue::suspended(pipeline);
+    let Some(job) = job.filter(|j| !finished(j)) else {
+        return Ok(None);
+    };
+    // The Job's own label, as it was created: Kueue admits it or not by that.
+    let Some(queue_name) = job.labels().get(queue::QUEUE_LABEL) else {
+        suspend_job(jobs, job, suspend).await?;
+        return Ok(suspend.then(|| {
+            Hold::suspended("the Job is suspended and its pods stopped (the shards done stay done)")
+        }));
+    };
+    let workload = queue::workload_of(ctx.client.clone(), ns, job).await?;
+    if let Some(workload) = workload.as_ref().filter(|w| queue::is_active(w) == suspend) {
+        queue::set_active(ctx.client.clone(), ns, workload, !suspend).await?;
+    }
+    if suspend {
+        return Ok(Some(Hold::suspended(
+            "the Job's Workload is deactivated (Kueue suspends the Job and releases its quota)",
+        )));
+    }
+    let waiting = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+    let why = workload.as_ref().and_then(queue::pending_reason);
+    Ok(waiting.then(|| Hold::queued(queue_name, why.as_deref())))
+}
+
+/// Sets a running Job's spec.suspend to `suspend` if it differs: the Job controller stops its
+/// pods, or starts them again (an Indexed Job's completed indexes stay completed).
+async fn suspend_job(jobs: &Api<Job>, job: &Job, suspend: bool) -> Result<(), kube::Error> {
+    let current = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+    if current != suspend && !finished(job) {
+        let patch = json!({"spec": {"suspend": suspend}});
+        jobs.patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Carries an Actor's batch run on (see [`batch_run::state`]): applies the driver's identity,
@@ -895,15 +963,22 @@ async fn apply_batch_run(
         .await?;
     let state = batch_run::state(pipeline, cached.as_deref());
     match &state {
+        // Held: the run starts once the pipeline goes on.
+        batch_run::State::Missing if queue::suspended(pipeline) => {}
         batch_run::State::Missing => {
             jobs.patch(&name, &apply, &Patch::Apply(&run.job)).await?;
+        }
+        batch_run::State::Running => {
+            if let Some(job) = cached.as_deref() {
+                suspend_job(&jobs, job, queue::suspended(pipeline)).await?;
+            }
         }
         batch_run::State::Outdated => {
             let uid = cached.as_ref().and_then(|j| j.metadata.uid.clone());
             delete_seen(&jobs, &name, uid).await?;
         }
         // A Job's pod template cannot change: the run goes on as it started.
-        batch_run::State::Running | batch_run::State::Done | batch_run::State::Failed(_) => {}
+        batch_run::State::Done | batch_run::State::Failed(_) => {}
     }
     Ok(Ok(state))
 }

@@ -92,6 +92,12 @@ pub struct InferencePipelineSpec {
     /// Actor mode only: how many replicas, dynamic batching, and batches in flight per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<ActorSettings>,
+    /// Holds the pipeline back: no pod runs while true. A Task's running Job is suspended (the
+    /// shards already done stay done), an Actor's replicas are scaled to 0; setting it to false
+    /// goes on where it stopped. A pipeline labelled kueue.x-k8s.io/queue-name is admitted by
+    /// Kueue instead, and suspending it deactivates its Workload. Default: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
     /// Seconds after the pipeline finished (Succeeded or Failed) when the operator deletes it,
     /// and with it its Jobs, pods and Service (the outputs stay). Kept when not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -366,6 +372,10 @@ pub enum Phase {
     Ready,
     Degraded,
     Blocked,
+    /// spec.suspend is true: nothing runs until it is false.
+    Suspended,
+    /// The Job waits for Kueue to admit it (the pipeline's queue has no room for it yet).
+    Queued,
     // A phase written by another version of the operator: read, never written, so that a
     // rollback does not stop the watch of every pipeline on one it cannot decode.
     #[serde(other)]
@@ -384,6 +394,8 @@ impl Phase {
             Phase::Ready => "Ready",
             Phase::Degraded => "Degraded",
             Phase::Blocked => "Blocked",
+            Phase::Suspended => "Suspended",
+            Phase::Queued => "Queued",
             Phase::Unknown => "Unknown",
         }
     }
@@ -392,7 +404,10 @@ impl Phase {
     /// (Blocked is not: the namespace watch brings a relabelled namespace, and this covers a
     /// cache that has not caught up with it yet.)
     pub fn is_settled(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Ready)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::Ready | Phase::Suspended
+        )
     }
 
     /// A phase that needs a person's attention: its event is a Warning.

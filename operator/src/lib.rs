@@ -14,6 +14,7 @@ pub mod node_store;
 pub mod plan;
 pub mod policy;
 pub mod quantity;
+pub mod queue;
 pub mod render;
 pub mod status;
 pub mod validation;

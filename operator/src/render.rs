@@ -1016,6 +1016,11 @@ pub fn render_planned(
                 );
             }
             let mut metadata = metadata(pipeline);
+            // Queued: Kueue admits the Job and then unsuspends it (see crate::queue).
+            let queued = crate::queue::queue_name(pipeline).is_some();
+            if let Some(labels) = metadata.labels.as_mut() {
+                labels.extend(crate::queue::kueue_labels(pipeline));
+            }
             if let Some(plan) = plan {
                 metadata.annotations = Some(BTreeMap::from([(
                     crate::plan::INPUT_DIGEST.to_owned(),
@@ -1039,6 +1044,7 @@ pub fn render_planned(
                     pod_failure_policy: Some(fail_at_once_on_permanent(
                         crate::status::WORKER_CONTAINER,
                     )),
+                    suspend: queued.then_some(true),
                     template,
                     ..Default::default()
                 }),
@@ -1048,6 +1054,13 @@ pub fn render_planned(
         }
         Mode::Actor => {
             let actor = spec.actor.clone().context("mode Actor needs spec.actor")?;
+            if let Some(queue) = crate::queue::queue_name(pipeline) {
+                bail!(
+                    "the label {}={queue} queues a Task pipeline's Job with Kueue; an Actor \
+                     pipeline's replicas are not queued: remove the label, or use spec.suspend",
+                    crate::queue::QUEUE_LABEL
+                );
+            }
             let deployment = Deployment {
                 metadata: metadata(pipeline),
                 spec: Some(DeploymentSpec {
@@ -1402,5 +1415,42 @@ mod tests {
             "  device: cuda\n  template: {image: 'registry.example/own:1'}\n",
         ));
         assert_eq!(custom.1, "registry.example/own:1");
+    }
+
+    /// A queued Task pipeline's Job carries the queue label and starts suspended, for Kueue to
+    /// admit; an unqueued one runs at once; an Actor pipeline is not queued.
+    #[test]
+    fn a_queued_job_starts_suspended_with_the_queue_label() {
+        let job = |p: &InferencePipeline| {
+            let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+                panic!("a Task pipeline renders a Job")
+            };
+            job
+        };
+        let plain = job(&pipeline(""));
+        assert_eq!(plain.spec.unwrap().suspend, None);
+        let mut queued = pipeline("");
+        queued.metadata.labels = Some(BTreeMap::from([(
+            crate::queue::QUEUE_LABEL.to_owned(),
+            "team-a".to_owned(),
+        )]));
+        let queued_job = job(&queued);
+        assert_eq!(
+            queued_job.labels().get(crate::queue::QUEUE_LABEL),
+            Some(&"team-a".to_owned())
+        );
+        assert_eq!(queued_job.spec.unwrap().suspend, Some(true));
+        let mut actor: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: a}\nspec:\n  mode: Actor\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///opt/models/m.pt'}}]\n  actor: {replicas: 1}\n",
+        )
+        .unwrap();
+        actor.metadata.labels = queued.metadata.labels.clone();
+        let refused = render(&actor, &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("an Actor pipeline's replicas are not queued"),
+            "{refused}"
+        );
     }
 }

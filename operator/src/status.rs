@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{InferencePipeline, InferencePipelineStatus, Mode, Phase, ShardStatus};
+use crate::queue::Hold;
 
 /// The conditions of a pipeline's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,10 @@ pub enum Reason {
     Creating,
     RolledOut,
     RollingOut,
+    /// spec.suspend is true: Progressing is False until it is not.
+    Suspended,
+    /// The Job waits for Kueue to admit it.
+    WaitingForAdmission,
     /// Degraded is False.
     AsExpected,
 }
@@ -98,6 +103,8 @@ impl Reason {
             Reason::Creating => "Creating",
             Reason::RolledOut => "RolledOut",
             Reason::RollingOut => "RollingOut",
+            Reason::Suspended => "Suspended",
+            Reason::WaitingForAdmission => "WaitingForAdmission",
             Reason::AsExpected => "AsExpected",
         }
     }
@@ -128,6 +135,8 @@ pub struct Observed<'a> {
     /// Node sharing: why the node agent did not mount a pod's models (the latest FailedMount
     /// of the pipeline's waiting pods), with the pod's name.
     pub mount_failure: Option<String>,
+    /// Why nothing (more) runs for now: spec.suspend, or a Job Kueue has not admitted.
+    pub hold: Option<crate::queue::Hold>,
 }
 
 impl Reason {
@@ -621,6 +630,34 @@ pub fn compute(
         phase = Phase::Degraded;
     }
     conds.push(degraded);
+    // Held, unless it is over or cannot be made: the phase says so, Progressing says why.
+    if let Some(hold) = &observed.hold {
+        if !matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Blocked) {
+            let (held, progressing) = match hold {
+                Hold::Suspended(why) => (
+                    Phase::Suspended,
+                    cond(ConditionType::Progressing, false, Reason::Suspended, why),
+                ),
+                Hold::Queued(why) => (
+                    Phase::Queued,
+                    cond(
+                        ConditionType::Progressing,
+                        true,
+                        Reason::WaitingForAdmission,
+                        why,
+                    ),
+                ),
+            };
+            phase = held;
+            match conds
+                .iter_mut()
+                .find(|c| c.type_ == ConditionType::Progressing)
+            {
+                Some(c) => *c = progressing,
+                None => conds.push(progressing),
+            }
+        }
+    }
 
     let previous = pipeline
         .status
@@ -935,6 +972,55 @@ mod tests {
             progressing(&with_pods(&p, &job(1, None), &[])).1,
             "ShardsRunning"
         );
+    }
+
+    /// A held pipeline says so in its phase and why in Progressing, keeping its progress; a
+    /// finished one is not held any more.
+    #[test]
+    fn a_held_pipeline_says_why_it_does_not_run() {
+        let p = pipeline("Task");
+        let held = |job: &Job, hold: Hold| {
+            compute(
+                &p,
+                &Observed {
+                    job: Some(job),
+                    hold: Some(hold),
+                    ..Default::default()
+                },
+                Timestamp::UNIX_EPOCH,
+            )
+        };
+        let suspended = held(&job(1, None), Hold::suspended("the Job is suspended"));
+        assert_eq!(suspended.phase, Some(Phase::Suspended));
+        assert_eq!(suspended.progress.as_deref(), Some("1/4"));
+        let progressing = get(&suspended, ConditionType::Progressing);
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", "Suspended")
+        );
+        assert_eq!(
+            phase_note(&suspended).as_deref(),
+            Some("spec.suspend is true: the Job is suspended; set it to false to go on")
+        );
+        let queued = held(&job(0, None), Hold::queued("team-a", Some("no quota")));
+        assert_eq!(queued.phase, Some(Phase::Queued));
+        let progressing = get(&queued, ConditionType::Progressing);
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", "WaitingForAdmission")
+        );
+        assert_eq!(
+            progressing.message,
+            "waiting for Kueue to admit the Job in LocalQueue team-a: no quota"
+        );
+        let conditions: Vec<&str> = queued.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            conditions.iter().filter(|c| **c == "Progressing").count(),
+            1,
+            "{conditions:?}"
+        );
+        let done = held(&job(4, Some("Complete")), Hold::suspended("nothing"));
+        assert_eq!(done.phase, Some(Phase::Succeeded));
     }
 
     /// A Job failed by its pod failure policy: the condition says why in the worker's words.

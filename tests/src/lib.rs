@@ -4,6 +4,7 @@
 pub mod azure;
 pub mod cluster;
 pub mod invalid;
+pub mod kueue;
 pub mod s3;
 pub mod wait;
 use std::io::{BufRead, BufReader, Write};

@@ -96,6 +96,12 @@ impl Pki {
         self.issue(name, subject, "client")
     }
 
+    /// A serving certificate `<name>.crt` + `<name>.key` for 127.0.0.1 and localhost (and the
+    /// apiserver's names), signed by the CA.
+    pub fn issue_server(&self, name: &str, subject: &str) -> Result<()> {
+        self.issue(name, subject, "server")
+    }
+
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }

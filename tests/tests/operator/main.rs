@@ -13,6 +13,7 @@ mod lifecycle;
 mod mistakes;
 mod node_store;
 mod pod_security;
+mod queue;
 mod support;
 mod task;
 
@@ -46,6 +47,8 @@ fn main() {
         task::a_task_pipeline_succeeds_with_one_event_per_phase,
         task::more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_event,
         task::a_finished_pipeline_is_deleted_once_its_ttl_is_up,
+        queue::a_suspended_pipeline_runs_only_while_resumed,
+        queue::queued_pipelines_wait_for_quota_and_run_in_turn,
         actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
         pod_security::node_sharing_pods_pass_restricted,
         node_store::an_agent_writes_only_its_own_nodes_store_and_labels,

@@ -15,6 +15,7 @@ use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::render::Settings;
 use kube_zerocopy::status::Reason;
 use kube_zerocopy_e2e::cluster::ControlPlane;
+use kube_zerocopy_e2e::kueue::Kueue;
 use kube_zerocopy_e2e::wait::eventually;
 use kube_zerocopy_e2e::{bin, repo};
 use serde_json::json;
@@ -39,6 +40,8 @@ pub struct Env {
     pub operator: Mutex<Operator>,
     /// What the operator renders with (its default runtime image).
     pub settings: Settings,
+    /// Kueue, for the pipelines that ask for a queue.
+    pub kueue: Kueue,
     _work: tempfile::TempDir,
 }
 
@@ -49,6 +52,7 @@ impl Env {
         let work = tempfile::tempdir()?;
         let cp = ControlPlane::start().await?;
         let admin = cp.client().await?;
+        let kueue = Kueue::start(&cp, &admin).await?;
         helm_install(&cp);
         let kubeconfig = service_account_kubeconfig(&cp, &admin, work.path()).await;
         let log = cp.dir().join("operator.log");
@@ -64,6 +68,7 @@ impl Env {
                 runtime_image: RUNTIME_IMAGE.into(),
                 ..Default::default()
             },
+            kueue,
             _work: work,
         })
     }

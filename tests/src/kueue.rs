@@ -1,0 +1,156 @@
+//! Kueue, the job queueing controller, on the test control plane: built from its pinned module
+//! by scripts/kueue.sh, its CustomResourceDefinitions applied from the same version, run as a
+//! process under the admin's kubeconfig. Only Jobs labelled `kueue.x-k8s.io/queue-name` are
+//! its (`manageJobsWithoutQueueName: false`); its admission webhooks are not registered with
+//! the API server, so a queued Job must be created suspended, as the operator does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use serde_json::json;
+
+use crate::cluster::process::{wait_until_answers, Process, Spawner};
+use crate::cluster::{free_port, run_script, ControlPlane};
+use crate::wait::eventually_seen;
+
+/// Kueue answers /readyz once its webhook server listens: seconds, more on a loaded machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Where Kueue reads its metrics server's certificate when it does not manage its own
+/// certificates: fixed in its main.go, and read even with the metrics server off.
+const METRICS_CERTS: &str = "/etc/kueue/metrics/certs";
+
+/// A running Kueue, killed on drop (and with the test process).
+pub struct Kueue {
+    pub log: PathBuf,
+    process: Option<Process>,
+    _spawner: Spawner,
+}
+
+impl Kueue {
+    /// Builds Kueue if needed (minutes, the first time), applies its CRDs, starts it with its
+    /// files in the control plane's folder and returns once it is ready.
+    pub async fn start(cp: &ControlPlane, admin: &Client) -> Result<Kueue> {
+        let bin = tokio::task::spawn_blocking(|| run_script("kueue.sh", &[])).await??;
+        let bin = PathBuf::from(bin.trim());
+        if bin.as_os_str().is_empty() {
+            bail!("scripts/kueue.sh printed no folder");
+        }
+        apply_crds(admin, &bin.join("crds")).await?;
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "kueue-system"}}))?,
+            )
+            .await
+            .or_else(|e| match e {
+                kube::Error::Api(ref a) if a.code == 409 => Ok(Default::default()),
+                e => Err(e),
+            })?;
+
+        let dir = cp.dir().join("kueue");
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)?;
+        let pki = cp.pki();
+        pki.issue_server("kueue", "/CN=kueue-webhook-service")?;
+        for folder in [certs.as_path(), Path::new(METRICS_CERTS)] {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("creating {} (Kueue reads it)", folder.display()))?;
+            std::fs::copy(pki.path("kueue.crt"), folder.join("tls.crt"))?;
+            std::fs::copy(pki.path("kueue.key"), folder.join("tls.key"))?;
+        }
+        let health = free_port()?;
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: config.kueue.x-k8s.io/v1beta2\n\
+                 kind: Configuration\n\
+                 namespace: kueue-system\n\
+                 manageJobsWithoutQueueName: false\n\
+                 leaderElection: {{leaderElect: false}}\n\
+                 internalCertManagement: {{enable: false}}\n\
+                 webhook: {{host: 127.0.0.1, port: {webhook}, certDir: {certs}}}\n\
+                 metrics: {{bindAddress: \"0\"}}\n\
+                 health: {{healthProbeBindAddress: \"127.0.0.1:{health}\"}}\n\
+                 integrations: {{frameworks: [batch/job]}}\n\
+                 featureGates: {{VisibilityOnDemand: false}}\n",
+                webhook = free_port()?,
+                certs = certs.display(),
+            ),
+        )?;
+        let log = dir.join("kueue.log");
+        let mut cmd = Command::new(bin.join("kueue"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--zap-log-level=2")
+            .env("KUBECONFIG", cp.kubeconfig_path());
+        let spawner = Spawner::new()?;
+        let mut process = spawner.spawn_logged("kueue", cmd, &log, false)?;
+        let url = format!("http://127.0.0.1:{health}/readyz");
+        let log_of_wait = log.clone();
+        let process = tokio::task::spawn_blocking(move || {
+            wait_until_answers(&mut process, &url, false, READY_TIMEOUT, &log_of_wait)
+                .map(|()| process)
+        })
+        .await??;
+        Ok(Kueue {
+            log,
+            process: Some(process),
+            _spawner: spawner,
+        })
+    }
+}
+
+impl Drop for Kueue {
+    fn drop(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+}
+
+/// Applies every CRD in `folder` (server-side: the Workload CRD is too large for the
+/// last-applied annotation) and waits until each is established.
+async fn apply_crds(admin: &Client, folder: &Path) -> Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let mut names = vec![];
+    let mut files: Vec<_> = std::fs::read_dir(folder)
+        .with_context(|| format!("reading {}", folder.display()))?
+        .collect::<std::io::Result<_>>()?;
+    files.sort_by_key(|f| f.path());
+    for file in files
+        .iter()
+        .filter(|f| f.path().extension() == Some("yaml".as_ref()))
+    {
+        let crd: CustomResourceDefinition =
+            serde_yaml::from_str(&std::fs::read_to_string(file.path())?)
+                .with_context(|| format!("reading {}", file.path().display()))?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("kube-zerocopy-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying the CRD {name}"))?;
+        names.push(name);
+    }
+    for name in names {
+        let what = format!("the CRD {name} established");
+        eventually_seen(&what, Duration::from_secs(60), || async {
+            let crd = crds.get(&name).await?;
+            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+            let established = conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok((established.then_some(()), format!("{conditions:?}")))
+        })
+        .await?;
+    }
+    Ok(())
+}
