@@ -8,6 +8,8 @@
 # 3.35.0 is the newest release that runs on Node 20 (3.36.0 asks for >= 21, 3.37.0 for >= 22).
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pip-venv.sh"
+
 VERSION=3.35.0
 CLIENT=azure-storage-blob==12.31.1
 
@@ -37,12 +39,6 @@ if ! { [ -f "$DIR/.azurite.complete" ] && [ -x "$BIN/azurite-blob" ]; }; then
   [ -x "$BIN/azurite-blob" ] || { echo "azure-server.sh: no $BIN/azurite-blob" >&2; exit 1; }
   touch "$DIR/.azurite.complete"
 fi
-if ! [ -f "$DIR/.client.complete" ]; then
-  rm -rf "$DIR/client"
-  echo "installing $CLIENT from PyPI" >&2
-  python3 -m venv "$DIR/client" >&2
-  "$DIR/client/bin/pip" install --quiet --disable-pip-version-check "$CLIENT" >&2
-  touch "$DIR/.client.complete"
-fi
+pip_venv "$DIR/client" "$DIR/.client.complete" "$CLIENT"
 echo "azure-server.sh: azurite v$VERSION ready in $BIN ($((SECONDS - started)) s)" >&2
 echo "$DIR"

@@ -4,6 +4,8 @@
 # (scripts/oip-client.py). Prints the virtual environment's folder on stdout; logs go to stderr.
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pip-venv.sh"
+
 CLIENT="tritonclient[http]==2.73.0"
 DIR="${KZC_CACHE:-$HOME/.cache/kube-zerocopy}/oip-client/2.73.0"
 mkdir -p "$(dirname "$DIR")"
@@ -11,11 +13,5 @@ mkdir -p "$(dirname "$DIR")"
 # first one's install; an interrupted install is not marked complete and is done again.
 exec 9>"$DIR.lock"
 flock 9
-if ! [ -f "$DIR/.complete" ]; then
-  rm -rf "$DIR"
-  echo "installing $CLIENT from PyPI" >&2
-  python3 -m venv "$DIR" >&2
-  "$DIR/bin/pip" install --quiet --disable-pip-version-check "$CLIENT" >&2
-  touch "$DIR/.complete"
-fi
+pip_venv "$DIR" "$DIR/.complete" "$CLIENT"
 echo "$DIR"

@@ -32,8 +32,8 @@ use kube_zerocopy_sidecar::config::{
 use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
-    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, Sharing,
-    SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, PodOverrides,
+    Sharing, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -738,23 +738,13 @@ pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job
             backoff_limit: Some(2),
             active_deadline_seconds: Some(600),
             pod_failure_policy: Some(fail_at_once_on_permanent(crate::plan::PLAN_CONTAINER)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    restart_policy: Some("Never".into()),
-                    service_account_name: overrides.service_account_name.clone(),
-                    automount_service_account_token: Some(false),
-                    node_selector: overrides.node_selector.clone(),
-                    tolerations: overrides.tolerations.clone(),
-                    security_context: Some(pod_security()),
-                    ..Default::default()
-                }),
-            },
+            template: helper_pod(
+                labels,
+                container,
+                volumes,
+                &overrides,
+                (overrides.service_account_name.clone(), false),
+            ),
             ..Default::default()
         }),
         status: None,
@@ -787,6 +777,35 @@ fn helper_container(
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The pod of a helper Job (the planner, the driver): its one container, run once, placed as
+/// the pipeline's pods are, under `account` (a ServiceAccount, and whether its token is
+/// mounted).
+fn helper_pod(
+    labels: BTreeMap<String, String>,
+    container: Container,
+    volumes: Vec<Volume>,
+    overrides: &PodOverrides,
+    (account, automount): (Option<String>, bool),
+) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            restart_policy: Some("Never".into()),
+            service_account_name: account,
+            automount_service_account_token: Some(automount),
+            node_selector: overrides.node_selector.clone(),
+            tolerations: overrides.tolerations.clone(),
+            security_context: Some(pod_security()),
+            ..Default::default()
+        }),
     }
 }
 
@@ -843,23 +862,13 @@ pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<Ba
             // Never two drivers at once (both would send and write the same batches): a new
             // one starts only once the one it replaces is gone.
             pod_replacement_policy: Some("Failed".into()),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels.clone()),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    restart_policy: Some("Never".into()),
-                    service_account_name: Some(name.clone()),
-                    automount_service_account_token: Some(true),
-                    node_selector: overrides.node_selector.clone(),
-                    tolerations: overrides.tolerations.clone(),
-                    security_context: Some(pod_security()),
-                    ..Default::default()
-                }),
-            },
+            template: helper_pod(
+                labels.clone(),
+                container,
+                volumes,
+                &overrides,
+                (Some(name.clone()), true),
+            ),
             ..Default::default()
         }),
         status: None,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_zerocopy::crd::{InferencePipeline, Phase};
@@ -75,4 +76,46 @@ pub async fn an_actor_pipeline_scales_and_rolls_out_a_new_model(env: Arc<Env>) {
     .await;
     assert!(rolled.metadata.generation > before.metadata.generation);
     ready("3/3").await;
+}
+
+/// A batch run (an Actor with an input and an output) created suspended has no replica and no
+/// driver Job; resumed, its driver runs (kwok completes its pod), the pipeline Succeeds with
+/// its replicas scaled to 0, and ttlSecondsAfterFinished deletes it with its objects.
+pub async fn a_suspended_batch_run_runs_once_resumed_and_expires(env: Arc<Env>) {
+    let ns = env.namespace("batch-run").await;
+    let pipelines: Api<InferencePipeline> = env.api(&ns);
+    let deployments: Api<Deployment> = env.api(&ns);
+    let jobs: Api<Job> = env.api(&ns);
+    let mut run = actor_pipeline("reviews", &ns, 2, "file:///models/a.safetensors");
+    run.spec.input = Some(serde_json::from_value(json!({"uri": "file:///data/in"})).unwrap());
+    run.spec.output = Some(serde_json::from_value(json!({"uri": "file:///data/out"})).unwrap());
+    run.spec.suspend = Some(true);
+    run.spec.ttl_seconds_after_finished = Some(5);
+    pipelines
+        .create(&PostParams::default(), &run)
+        .await
+        .unwrap();
+    wait_phase(&pipelines, "reviews", Phase::Suspended, None, MINUTE).await;
+    let replicas = |d: Deployment| d.spec.and_then(|s| s.replicas);
+    let held = deployments.get("reviews-zerocopy").await.unwrap();
+    assert_eq!(replicas(held), Some(0));
+    assert!(jobs.get_opt("reviews-driver").await.unwrap().is_none());
+
+    pipelines
+        .patch(
+            "reviews",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap();
+    wait_phase(&pipelines, "reviews", Phase::Succeeded, None, 3 * MINUTE).await;
+    let done = deployments.get("reviews-zerocopy").await.unwrap();
+    assert_eq!(replicas(done), Some(0), "the replicas outlive their run");
+    eventually("the finished run deleted after its ttl", MINUTE, || async {
+        let gone = pipelines.get_opt("reviews").await.unwrap().is_none();
+        let driver_gone = jobs.get_opt("reviews-driver").await.unwrap().is_none();
+        (gone && driver_gone).then_some(())
+    })
+    .await;
 }

@@ -50,6 +50,7 @@ fn main() {
         queue::a_suspended_pipeline_runs_only_while_resumed,
         queue::queued_pipelines_wait_for_quota_and_run_in_turn,
         actor::an_actor_pipeline_scales_and_rolls_out_a_new_model,
+        actor::a_suspended_batch_run_runs_once_resumed_and_expires,
         pod_security::node_sharing_pods_pass_restricted,
         node_store::an_agent_writes_only_its_own_nodes_store_and_labels,
         node_store::node_sharing_pods_prefer_nodes_that_hold_their_models,
