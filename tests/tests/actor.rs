@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube_zerocopy_e2e::{
-    make_model, metric_value, repo, source, start_actor, succeeded, Actor, Pod, RenameCounter,
+    make_model, metric_value, read_output, repo, source, start_actor, succeeded, Actor, Pod,
+    RenameCounter,
 };
 use kube_zerocopy_sidecar::ModelFormat;
 use kube_zerocopy_worker::oip;
@@ -437,41 +438,8 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
     const SHARDS: usize = 52;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let model = d.join("mlp.safetensors");
     // Large enough that a batch takes milliseconds: the replica dies with batches in flight.
-    make_model(&[
-        "mlp",
-        model.to_str().unwrap(),
-        "--sizes",
-        "256,1024,1024,16",
-    ]);
-    make_model(&[
-        "inputs",
-        d.join("in").to_str().unwrap(),
-        "--shards",
-        &SHARDS.to_string(),
-        "--batch",
-        "256",
-        "--features",
-        "256",
-    ]);
-
-    // Task mode's outputs for the same input: the reference.
-    let pipeline = format!(
-        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: reference}}\n\
-         spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, source: {{uri: 'file://{}'}}}}\n  \
-         input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
-        model.display(),
-        d.join("in").display(),
-        d.join("task-out").display()
-    );
-    std::fs::write(d.join("task.yaml"), pipeline).unwrap();
-    let task = Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
-        .args(["local", "run", "--json", "-f"])
-        .arg(d.join("task.yaml"))
-        .output()
-        .unwrap();
-    succeeded(&task);
+    let model = mlp_and_shards(d, SHARDS);
 
     let models = [source("mlp", ModelFormat::Safetensors, &model)];
     let pod = Pod::new();
@@ -613,4 +581,149 @@ fn the_driver_lists_a_refused_batch_and_fails_without_retrying_it() {
         kube_zerocopy_e2e::terminate(&mut replica.actor).code(),
         Some(0)
     );
+}
+
+/// Shard files larger than a replica takes in one body (it refuses bodies over 100 000 bytes
+/// here) are sent in row ranges of at most 64 KiB, and their outputs joined; the driver,
+/// SIGKILLed mid-run and started again for the same run, skips what it committed and writes
+/// the rest. Every output ends up in place (only a batch in flight at the kill may be written
+/// twice, with the same bytes) and equals Task mode's within float rounding (the row ranges run
+/// as smaller matrix products); the manifest lists every shard once.
+#[test]
+fn a_killed_driver_resumes_and_sends_large_shards_in_row_ranges() {
+    const SHARDS: usize = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 256 rows of 256 float32 values: 256 KiB of tensor per shard file.
+    let model = mlp_and_shards(d, SHARDS);
+    let task_out = d.join("task-out");
+
+    let models = [source("mlp", ModelFormat::Safetensors, &model)];
+    let pod = Pod::new();
+    assert!(pod.publish(&models).status.success());
+    let limit = ["--max-body-bytes", "100000", "--model-name", MODEL];
+    let mut replicas: Vec<(Actor, String)> =
+        (0..2).map(|_| start_actor(&pod, &models, &limit)).collect();
+    let urls: Vec<String> = replicas.iter().map(|(_, url)| url.clone()).collect();
+    let out = d.join("out");
+    let renames = RenameCounter::watch(&out);
+    let drive = || {
+        Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+            .args(["drive", "--model-name", MODEL, "--run", "r1"])
+            .args(["--max-request-bytes", "65536"])
+            .arg("--input")
+            .arg(d.join("in"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--replicas", &urls.join(",")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = drive();
+    let started = Instant::now();
+    while kube_zerocopy_worker::task::list_shards(&out).unwrap().len() < 5 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let written_before = kube_zerocopy_worker::task::list_shards(&out).unwrap().len();
+    assert!(
+        written_before < SHARDS,
+        "the driver finished before it was killed"
+    );
+    assert!(!out.join("manifest.json").exists());
+
+    let again = drive().wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("{summary:#}");
+    let committed_before = summary["committedBefore"].as_u64().unwrap() as usize;
+    assert!(committed_before >= 5, "{summary}");
+    assert_eq!(summary["written"], SHARDS - committed_before);
+    assert_eq!(summary["failed"], serde_json::json!([]));
+
+    let counts = renames.counts();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    // At most the batches in flight when it was killed (2 per replica) went out again.
+    assert!(
+        twice.len() <= 4 && twice.iter().all(|(_, n)| **n == 2),
+        "{counts:?}"
+    );
+    for input in kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap() {
+        let name = input.file_name().unwrap().to_str().unwrap();
+        assert!(counts.contains_key(name), "{name} was never written");
+        let got = read_output(&out.join(name));
+        let expected = read_output(&task_out.join(name));
+        assert_eq!(got.size(), expected.size(), "{name}");
+        assert!(
+            got.allclose(&expected, 1e-5, 1e-5, false),
+            "{name} differs from the Task's beyond rounding"
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["shards"].as_array().unwrap().len(), SHARDS);
+    // Each shard took 4 requests of 64 rows: the replicas answered at least 4 per shard.
+    let requests: f64 = urls
+        .iter()
+        .map(|url| metric_value(&metrics(url), "kube_zerocopy_worker_batches_total").unwrap())
+        .sum();
+    assert!(requests >= (4 * SHARDS) as f64, "{requests} requests");
+    for (replica, _) in &mut replicas {
+        assert_eq!(kube_zerocopy_e2e::terminate(replica).code(), Some(0));
+    }
+}
+
+/// In `d`: an Mlp 256-1024-1024-16 (`mlp.safetensors`), `shards` shard files of 256 rows of
+/// 256 values (`in/`), and Task mode's outputs for them (`task-out/`), the reference a
+/// driver's outputs are compared with. Returns the model's path.
+fn mlp_and_shards(d: &Path, shards: usize) -> std::path::PathBuf {
+    let model = d.join("mlp.safetensors");
+    make_model(&[
+        "mlp",
+        model.to_str().unwrap(),
+        "--sizes",
+        "256,1024,1024,16",
+    ]);
+    let input = d.join("in");
+    let shards = shards.to_string();
+    make_model(&[
+        "inputs",
+        input.to_str().unwrap(),
+        "--shards",
+        &shards,
+        "--batch",
+        "256",
+        "--features",
+        "256",
+    ]);
+    local_task_run(d, &model, &input, &d.join("task-out"));
+    model
+}
+
+/// Task mode's outputs for the shards of `input` (`kube-zerocopy local run` of one model).
+fn local_task_run(d: &Path, model: &Path, input: &Path, output: &Path) {
+    let pipeline = format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: reference}}\n\
+         spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, source: {{uri: 'file://{}'}}}}\n  \
+         input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
+        model.display(),
+        input.display(),
+        output.display()
+    );
+    std::fs::write(d.join("task.yaml"), pipeline).unwrap();
+    let task = Command::new(kube_zerocopy_e2e::bin("kube-zerocopy"))
+        .args(["local", "run", "--json", "-f"])
+        .arg(d.join("task.yaml"))
+        .output()
+        .unwrap();
+    succeeded(&task);
 }

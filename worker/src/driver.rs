@@ -35,8 +35,11 @@ pub struct Settings {
     pub in_flight_per_replica: usize,
     /// Sends of one batch before it is given up.
     pub max_attempts: u32,
-    /// How long one replica may take to answer one batch.
+    /// How long one replica may take to answer one request.
     pub request_timeout: Duration,
+    /// The most tensor bytes in one request: a larger shard file is sent in row ranges (the
+    /// replicas refuse bodies above their own limit, 64 MiB by default).
+    pub max_request_bytes: usize,
     /// The run the outputs belong to (one generation of one pipeline).
     pub run: String,
     /// The listing digest the input was planned with, if planned.
@@ -351,47 +354,22 @@ fn send(
         Ok(file) => file,
         Err(e) => return Outcome::Fatal(e),
     };
-    let (body, json_length) = match oip::request_from_file(&file) {
-        Ok(request) => request,
+    let requests = match oip::requests_from_file(&file, settings.max_request_bytes) {
+        Ok(requests) => requests,
         Err(e) => return Outcome::Refused(format!("{}: {e:#}", entry.name)),
     };
     drop(file);
-    let sent = agent
-        .post(format!("{url}/v2/models/{}/infer", settings.model))
-        .header(oip::HEADER_LENGTH, json_length.to_string())
-        .header("content-type", "application/octet-stream")
-        .send(&body[..]);
-    let mut response = match sent {
-        Ok(response) => response,
-        Err(e) => return Outcome::Retry(e.to_string()),
-    };
-    let status = response.status().as_u16();
-    let json_length = response
-        .headers()
-        .get(oip::HEADER_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let answer = match response
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()
-    {
-        Ok(answer) => answer,
-        Err(e) => return Outcome::Retry(format!("reading the answer: {e}")),
-    };
-    if status != 200 {
-        let said = serde_json::from_slice::<serde_json::Value>(&answer)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&answer).chars().take(300).collect());
-        let why = format!("HTTP {status}: {said}");
-        // The replica's trouble (busy, slow, broken) or the batch's (refused by the models).
-        return match status {
-            408 | 429 | 500..=599 => Outcome::Retry(why),
-            _ => Outcome::Refused(why),
-        };
+    // The row ranges of one shard go to the same replica, one after the other; a failed one
+    // sends the whole shard again.
+    let mut answers = Vec::with_capacity(requests.len());
+    for (body, json_length) in &requests {
+        match post(agent, url, settings, body, *json_length) {
+            Ok(answer) => answers.push(answer),
+            Err(outcome) => return outcome,
+        }
     }
-    let written = match oip::file_from_answer(&answer, json_length) {
+    let parts: Vec<(&[u8], Option<usize>)> = answers.iter().map(|(a, l)| (&a[..], *l)).collect();
+    let written = match oip::file_from_answers(&parts) {
         Ok(written) => written,
         Err(e) => return Outcome::Retry(format!("the answer: {e:#}")),
     };
@@ -399,6 +377,46 @@ fn send(
         Ok(record) => Outcome::Written(record),
         Err(e) => Outcome::Fatal(e),
     }
+}
+
+/// One request to one replica: the answer's body and JSON length, or what to do instead.
+fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    settings: &Settings,
+    body: &[u8],
+    json_length: usize,
+) -> Result<(Vec<u8>, Option<usize>), Outcome> {
+    let sent = agent
+        .post(format!("{url}/v2/models/{}/infer", settings.model))
+        .header(oip::HEADER_LENGTH, json_length.to_string())
+        .header("content-type", "application/octet-stream")
+        .send(body);
+    let mut response = sent.map_err(|e| Outcome::Retry(e.to_string()))?;
+    let status = response.status().as_u16();
+    let json_length = response
+        .headers()
+        .get(oip::HEADER_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let answer = response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .map_err(|e| Outcome::Retry(format!("reading the answer: {e}")))?;
+    if status != 200 {
+        let said = serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&answer).chars().take(300).collect());
+        let why = format!("HTTP {status}: {said}");
+        // The replica's trouble (busy, slow, broken) or the batch's (refused by the models).
+        return Err(match status {
+            408 | 429 | 500..=599 => Outcome::Retry(why),
+            _ => Outcome::Refused(why),
+        });
+    }
+    Ok((answer, json_length))
 }
 
 /// The driver inside its cluster: it finds the replicas behind their Service in its

@@ -133,9 +133,13 @@ enum Command {
         /// Sends of one batch before it is listed as failed.
         #[arg(long, env = "KZC_MAX_ATTEMPTS", default_value_t = 5)]
         max_attempts: u32,
-        /// Seconds one replica may take to answer one batch.
+        /// Seconds one replica may take to answer one request.
         #[arg(long, env = "KZC_REQUEST_TIMEOUT", default_value_t = 300)]
         request_timeout: u64,
+        /// The most tensor bytes in one request: a larger shard file is sent in row ranges,
+        /// their outputs joined (the replicas take bodies of 64 MiB at most by default).
+        #[arg(long, env = "KZC_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+        max_request_bytes: usize,
         /// The listing digest the input was planned with: a changed input stops the run.
         #[arg(long, env = "KZC_INPUT_DIGEST")]
         input_digest: Option<String>,
@@ -381,6 +385,7 @@ fn drive(command: Command) -> Result<()> {
         in_flight_per_replica,
         max_attempts,
         request_timeout,
+        max_request_bytes,
         input_digest,
         run,
     } = command
@@ -392,6 +397,7 @@ fn drive(command: Command) -> Result<()> {
         in_flight_per_replica: in_flight_per_replica.max(1),
         max_attempts: max_attempts.max(1),
         request_timeout: Duration::from_secs(request_timeout),
+        max_request_bytes: max_request_bytes.max(1),
         run,
         planned: input_digest,
     };

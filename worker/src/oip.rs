@@ -414,28 +414,84 @@ fn file_dtype(datatype: &str) -> Result<Dtype> {
 /// binary extension), asking for the output as bytes: the body and the JSON part's length.
 /// No tensor is built: the driver needs no libtorch.
 pub fn request_from_file(file: &[u8]) -> Result<(Vec<u8>, usize)> {
+    let mut requests = requests_from_file(file, usize::MAX)?;
+    Ok(requests.remove(0))
+}
+
+/// [`request_from_file`], split into row ranges whose tensor bytes are at most `max_bytes`
+/// each (one row at least): a shard file larger than a replica takes in one request is sent
+/// in parts, in order, and [`file_from_answers`] joins their outputs.
+pub fn requests_from_file(file: &[u8], max_bytes: usize) -> Result<Vec<(Vec<u8>, usize)>> {
     let file = SafeTensors::deserialize(file).context("not a safetensors file")?;
     let input = file
         .tensor(INPUT)
         .map_err(|_| anyhow!("the file has no tensor {INPUT:?}"))?;
+    let datatype = file_datatype(input.dtype())?;
+    let (shape, data) = (input.shape(), input.data());
+    let rows = shape.first().copied().unwrap_or(0);
+    if data.len() <= max_bytes || rows < 2 {
+        return Ok(vec![binary_request(datatype, shape, data)?]);
+    }
+    let row_bytes = data.len() / rows;
+    let rows_per_request = (max_bytes / row_bytes.max(1)).max(1);
+    data.chunks(rows_per_request * row_bytes)
+        .map(|part| {
+            let mut part_shape = shape.to_vec();
+            part_shape[0] = part.len() / row_bytes;
+            binary_request(datatype, &part_shape, part)
+        })
+        .collect()
+}
+
+fn binary_request(datatype: &str, shape: &[usize], data: &[u8]) -> Result<(Vec<u8>, usize)> {
     let header = serde_json::json!({
         "inputs": [{
             "name": INPUT,
-            "datatype": file_datatype(input.dtype())?,
-            "shape": input.shape(),
-            "parameters": { "binary_data_size": input.data().len() },
+            "datatype": datatype,
+            "shape": shape,
+            "parameters": { "binary_data_size": data.len() },
         }],
         "outputs": [{ "name": OUTPUT, "parameters": { "binary_data": true } }],
     });
     let mut body = serde_json::to_vec(&header)?;
     let json_length = body.len();
-    body.extend_from_slice(input.data());
+    body.extend_from_slice(data);
     Ok((body, json_length))
 }
 
 /// The output of an answer with the binary extension, as a safetensors file holding tensor
 /// `output`: the same bytes as the models' output written by a Task.
 pub fn file_from_answer(body: &[u8], json_length: Option<usize>) -> Result<Vec<u8>> {
+    file_from_answers(&[(body, json_length)])
+}
+
+/// The outputs of the answers to a file's row ranges ([`requests_from_file`]), in order, as one
+/// safetensors file holding tensor `output`: their rows one after the other.
+pub fn file_from_answers(answers: &[(&[u8], Option<usize>)]) -> Result<Vec<u8>> {
+    let parts = answers
+        .iter()
+        .map(|(body, json_length)| binary_output(body, *json_length))
+        .collect::<Result<Vec<_>>>()?;
+    let (dtype, mut shape, first) = parts.first().cloned().context("no answer")?;
+    let mut joined = Vec::new();
+    if parts.len() > 1 {
+        for (part_dtype, part_shape, data) in &parts {
+            ensure!(
+                *part_dtype == dtype && !part_shape.is_empty() && part_shape[1..] == shape[1..],
+                "the outputs of the row ranges differ in datatype or shape ({part_dtype:?} \
+                 {part_shape:?}, {dtype:?} {shape:?})"
+            );
+            joined.extend_from_slice(data);
+        }
+        shape[0] = parts.iter().map(|(_, s, _)| s[0]).sum();
+    }
+    let data = if parts.len() > 1 { &joined[..] } else { first };
+    let view = safetensors::tensor::TensorView::new(dtype, shape, data)?;
+    Ok(safetensors::serialize([(OUTPUT, view)], None)?)
+}
+
+/// The one output of an answer with the binary extension: its datatype, shape and bytes.
+fn binary_output(body: &[u8], json_length: Option<usize>) -> Result<(Dtype, Vec<usize>, &[u8])> {
     let json_length = json_length.context("the answer carries no binary output")?;
     ensure!(
         json_length <= body.len(),
@@ -465,8 +521,7 @@ pub fn file_from_answer(body: &[u8], json_length: Option<usize>) -> Result<Vec<u
         .iter()
         .map(|&d| usize::try_from(d).context("a negative size"))
         .collect::<Result<Vec<_>>>()?;
-    let view = safetensors::tensor::TensorView::new(file_dtype(&spec.datatype)?, shape, binary)?;
-    Ok(safetensors::serialize([(OUTPUT, view)], None)?)
+    Ok((file_dtype(&spec.datatype)?, shape, binary))
 }
 
 #[cfg(test)]
@@ -510,6 +565,53 @@ mod tests {
         assert!(as_json.json_length.is_none());
         let output = decode_answer(&as_json.body, None).unwrap();
         assert!(output.equal(&input.to_kind(Kind::Int64)));
+    }
+
+    /// A file larger than a request is sent in row ranges, and the answers' rows, joined, are
+    /// the file's output.
+    #[test]
+    fn a_large_file_is_sent_in_row_ranges_and_its_answers_joined() {
+        let input = Tensor::arange(15, (Kind::Float, tch::Device::Cpu)).reshape([5, 3]);
+        let data: Vec<u8> = Vec::<f32>::try_from(input.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![5, 3], &data).unwrap();
+        let file = safetensors::serialize([(INPUT, view)], None).unwrap();
+        // Two rows of 12 bytes fit in 30 bytes: rows 0-1, 2-3 and 4.
+        let requests = requests_from_file(&file, 30).unwrap();
+        let parts: Vec<Tensor> = requests
+            .iter()
+            .map(|(body, json_length)| decode_request(body, Some(*json_length)).unwrap().input)
+            .collect();
+        let rows: Vec<i64> = parts.iter().map(|p| p.size()[0]).collect();
+        assert_eq!(rows, [2, 2, 1]);
+        assert!(Tensor::cat(&parts, 0).equal(&input));
+        assert_eq!(requests_from_file(&file, 1 << 20).unwrap().len(), 1);
+        // The models double each row: the joined file holds the doubled rows in order.
+        let answers: Vec<Answer> = parts
+            .iter()
+            .map(|p| encode_answer("m", None, &(p * 2), true).unwrap())
+            .collect();
+        let bodies: Vec<(&[u8], Option<usize>)> = answers
+            .iter()
+            .map(|a| (&a.body[..], a.json_length))
+            .collect();
+        let joined = file_from_answers(&bodies).unwrap();
+        let output = SafeTensors::deserialize(&joined).unwrap();
+        let output = output.tensor(OUTPUT).unwrap();
+        assert_eq!(output.shape(), [5, 3]);
+        let doubled: Vec<u8> = (0..15)
+            .flat_map(|v| (2.0 * v as f32).to_le_bytes())
+            .collect();
+        assert_eq!(output.data(), &doubled[..]);
+        // Answers that do not fit together are refused, not joined.
+        let other =
+            encode_answer("m", None, &Tensor::ones([1, 4], tch::kind::FLOAT_CPU), true).unwrap();
+        let mismatched = [bodies[0], (&other.body[..], other.json_length)];
+        let refused = file_from_answers(&mismatched).unwrap_err().to_string();
+        assert!(refused.contains("differ in datatype or shape"), "{refused}");
     }
 
     #[test]
