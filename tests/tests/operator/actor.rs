@@ -90,7 +90,9 @@ pub async fn a_suspended_batch_run_runs_once_resumed_and_expires(env: Arc<Env>) 
     run.spec.input = Some(serde_json::from_value(json!({"uri": "file:///data/in"})).unwrap());
     run.spec.output = Some(serde_json::from_value(json!({"uri": "file:///data/out"})).unwrap());
     run.spec.suspend = Some(true);
-    run.spec.ttl_seconds_after_finished = Some(5);
+    // Long enough that a poll sees it Succeeded before it is deleted (3 s was not, once,
+    // on a loaded machine).
+    run.spec.ttl_seconds_after_finished = Some(15);
     pipelines
         .create(&PostParams::default(), &run)
         .await

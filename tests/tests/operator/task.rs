@@ -223,7 +223,9 @@ pub async fn a_finished_pipeline_is_deleted_once_its_ttl_is_up(env: Arc<Env>) {
     let pipelines: Api<InferencePipeline> = env.api(&ns);
     let jobs: Api<Job> = env.api(&ns);
     let mut pipeline = task_pipeline("short", &ns, 2);
-    pipeline.spec.ttl_seconds_after_finished = Some(3);
+    // Long enough that a poll sees it Succeeded before it is deleted (3 s was not, once,
+    // on a loaded machine).
+    pipeline.spec.ttl_seconds_after_finished = Some(15);
     let task = pipeline.spec.task.as_mut().unwrap();
     task.retries_per_shard = Some(1);
     task.max_failed_shards = Some(1);
