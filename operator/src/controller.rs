@@ -913,7 +913,10 @@ async fn hold_task(
         )));
     }
     let waiting = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
-    let why = workload.as_ref().and_then(queue::pending_reason);
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let age = created.map_or(0, |t| Timestamp::now().as_second() - t.as_second());
+    let age = Duration::from_secs(age.max(0) as u64);
+    let why = queue::waiting_reason(workload.as_ref(), age);
     Ok(waiting.then(|| Hold::queued(queue_name, why.as_deref())))
 }
 

@@ -111,6 +111,27 @@ pub fn pending_reason(workload: &DynamicObject) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// How long after a queued Job's creation Kueue is expected to have made its Workload.
+const WORKLOAD_EXPECTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Why a queued Job waits, from its Workload: Kueue's words; with no Workload long after the
+/// Job was made (`job_age`), what makes one (Kueue, within a second, when it runs and manages
+/// batch/job); nothing to add before then.
+pub fn waiting_reason(
+    workload: Option<&DynamicObject>,
+    job_age: std::time::Duration,
+) -> Option<String> {
+    match workload {
+        Some(workload) => pending_reason(workload),
+        None if job_age >= WORKLOAD_EXPECTED_WITHIN => Some(format!(
+            "Kueue has made no Workload for it in {} s (is Kueue running, with batch/job among \
+             its integrations?)",
+            job_age.as_secs()
+        )),
+        None => None,
+    }
+}
+
 /// Whether Kueue may admit the Workload (spec.active, true unless set).
 pub fn is_active(workload: &DynamicObject) -> bool {
     workload.data["spec"]["active"].as_bool().unwrap_or(true)
@@ -135,6 +156,7 @@ pub async fn set_active(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn workload(data: serde_json::Value) -> DynamicObject {
         serde_json::from_value(json!({
@@ -170,7 +192,16 @@ mod tests {
             "spec": {"active": false},
             "status": {"conditions": [{"type": "QuotaReserved", "status": "True", "message": "Quota reserved in ClusterQueue cq"}]},
         }));
-        assert_eq!(pending_reason(&admitted), None);
+        let (now, later) = (Duration::from_secs(1), Duration::from_secs(45));
+        assert_eq!(waiting_reason(Some(&admitted), later), None);
+        assert_eq!(waiting_reason(None, now), None);
+        assert_eq!(
+            waiting_reason(None, later).as_deref(),
+            Some(
+                "Kueue has made no Workload for it in 45 s (is Kueue running, with batch/job \
+                 among its integrations?)"
+            )
+        );
         assert!(!is_active(&admitted));
         assert_eq!(
             Hold::queued("team-a", None),

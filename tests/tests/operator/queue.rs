@@ -13,7 +13,7 @@ use kube::api::{
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, InferencePipelineStatus, Phase};
 use kube_zerocopy::queue::QUEUE_LABEL;
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_e2e::wait::{eventually, eventually_seen};
 use serde_json::json;
 
 use crate::support::{actor_pipeline, task_pipeline, wait_phase, Env, MINUTE};
@@ -226,7 +226,9 @@ pub async fn queued_pipelines_wait_for_quota_and_run_in_turn(env: Arc<Env>) {
     let pipelines: Api<InferencePipeline> = env.api(&ns);
     let jobs: Api<Job> = env.api(&ns);
     pipelines
-        .create(&PostParams::default(), &queued("first", &ns, 12))
+        // Long enough (kwok runs a shard in about a second) that the operator looks at the
+        // second pipeline (every 15 s while it is queued) while the first still holds the quota.
+        .create(&PostParams::default(), &queued("first", &ns, 60))
         .await
         .unwrap();
     wait_phase(&pipelines, "first", Phase::Running, None, 2 * MINUTE).await;
@@ -234,12 +236,17 @@ pub async fn queued_pipelines_wait_for_quota_and_run_in_turn(env: Arc<Env>) {
         .create(&PostParams::default(), &queued("second", &ns, 3))
         .await
         .unwrap();
-    let status = eventually("second waiting in Kueue's words", MINUTE, || async {
-        let status = pipelines.get("second").await.unwrap().status?;
+    let status = eventually_seen("second waiting in Kueue's words", MINUTE, || async {
+        let Some(status) = pipelines.get("second").await?.status else {
+            return Ok((None, "no status".into()));
+        };
+        let seen = format!("{:?}: {:?}", status.phase, progressing(&status));
         let (_, message) = progressing(&status);
-        (status.phase == Some(Phase::Queued) && message.contains("quota")).then_some(status)
+        let queued = status.phase == Some(Phase::Queued) && message.contains("quota");
+        Ok((queued.then_some(status), seen))
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let (reason, message) = progressing(&status);
     assert_eq!(reason, "WaitingForAdmission");
     assert!(
@@ -290,8 +297,8 @@ pub async fn queued_pipelines_wait_for_quota_and_run_in_turn(env: Arc<Env>) {
         &pipelines,
         "first",
         Phase::Succeeded,
-        Some("12/12"),
-        3 * MINUTE,
+        Some("60/60"),
+        4 * MINUTE,
     )
     .await;
     wait_phase(
