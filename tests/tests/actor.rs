@@ -645,8 +645,12 @@ fn a_killed_driver_resumes_and_sends_large_shards_in_row_ranges() {
     );
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     println!("{summary:#}");
+    // An output whose record was not written yet at the kill counts as not committed.
     let committed_before = summary["committedBefore"].as_u64().unwrap() as usize;
-    assert!(committed_before >= 5, "{summary}");
+    assert!(
+        committed_before > 0 && committed_before <= written_before,
+        "{written_before} outputs at the kill: {summary}"
+    );
     assert_eq!(summary["written"], SHARDS - committed_before);
     assert_eq!(summary["failed"], serde_json::json!([]));
 

@@ -181,7 +181,13 @@ fn list_folder(root: &Path, dir: &str) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
     for entry in read {
         let entry = entry.with_context(reading)?;
-        let meta = entry.metadata().with_context(reading)?;
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            // Gone since the folder was read: another writer's temporary file, renamed into
+            // place meanwhile (shards write their records into one folder at once).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(reading),
+        };
         if !meta.is_file() {
             continue;
         }
