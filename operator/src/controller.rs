@@ -903,6 +903,12 @@ async fn hold_task(
             Hold::suspended("the Job is suspended and its pods stopped (the shards done stay done)")
         }));
     };
+    let waiting = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+    // Admitted and running, and not to be held: its Workload is active, nothing to say. (A
+    // deactivated Workload's Job is suspended by Kueue.) No list on every reconcile of a run.
+    if !suspend && !waiting {
+        return Ok(None);
+    }
     let workload = queue::workload_of(ctx.client.clone(), ns, job).await?;
     if let Some(workload) = workload.as_ref().filter(|w| queue::is_active(w) == suspend) {
         queue::set_active(ctx.client.clone(), ns, workload, !suspend).await?;
@@ -912,7 +918,6 @@ async fn hold_task(
             "the Job's Workload is deactivated (Kueue suspends the Job and releases its quota)",
         )));
     }
-    let waiting = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let age = created.map_or(0, |t| Timestamp::now().as_second() - t.as_second());
     let age = Duration::from_secs(age.max(0) as u64);
