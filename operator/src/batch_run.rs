@@ -28,9 +28,11 @@ pub fn is_batch(pipeline: &InferencePipeline) -> bool {
     pipeline.spec.mode == Mode::Actor && pipeline.spec.input.is_some()
 }
 
-/// The driver's Job, ServiceAccount, Role and RoleBinding.
+/// The driver's Job, ServiceAccount, Role and RoleBinding: `<pipeline>-zerocopy-driver`, like
+/// the pipeline's other objects, so as not to meet the namespace's own (a `spark-driver`).
+/// The operator still touches none of these that the pipeline does not own.
 pub fn driver_name(pipeline: &InferencePipeline) -> String {
-    format!("{}-driver", pipeline.name_any())
+    format!("{}-zerocopy-driver", pipeline.name_any())
 }
 
 /// The run: the pipeline's uid prefix and a digest of what it computes (models, input,
@@ -109,7 +111,7 @@ mod tests {
         let p = pipeline(2, "/data/in");
         let job = |run: &str, condition: Option<(&str, &str)>| -> Job {
             serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "p-driver", "annotations": {RUN_ANNOTATION: run}},
+                "metadata": {"name": "p-zerocopy-driver", "annotations": {RUN_ANNOTATION: run}},
                 "status": {"conditions": condition.map(|(t, m)| vec![serde_json::json!({
                     "type": t, "status": "True", "message": m})]).unwrap_or_default()},
             }))

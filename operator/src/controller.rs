@@ -20,7 +20,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -785,17 +785,58 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     Ok(match api.get_opt(name).await? {
-        Some(existing) if !owned_by(&existing, pipeline) => Some(Blocked {
-            reason: Reason::ObjectNotOwned,
-            message: format!(
-                "a {} named {name} already exists in namespace {ns} and does not belong to this \
-                 pipeline, which would take it over: delete or rename that {}, or rename the pipeline",
-                K::kind(&()),
-                K::kind(&())
-            ),
-        }),
+        Some(existing) if !owned_by(&existing, pipeline) => Some(not_owned::<K>(ns, name)),
         _ => None,
     })
+}
+
+fn not_owned<K: Resource<DynamicType = ()>>(ns: &str, name: &str) -> Blocked {
+    let kind = K::kind(&());
+    Blocked {
+        reason: Reason::ObjectNotOwned,
+        message: format!(
+            "a {kind} named {name} already exists in namespace {ns} and does not belong to this \
+             pipeline, which would take it over: delete or rename that {kind}, or rename the pipeline"
+        ),
+    }
+}
+
+/// Applies `object` if the pipeline owns the object of its name, or creates it if there is
+/// none; never touches one that is not the pipeline's (see [`foreign`]). Creating is a POST,
+/// which fails on an object made meanwhile instead of taking it over.
+async fn apply_owned<K>(
+    api: &Api<K>,
+    pipeline: &InferencePipeline,
+    ns: &str,
+    object: &K,
+) -> Result<Option<Blocked>, kube::Error>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    match api.get_opt(&name).await? {
+        Some(existing) if !owned_by(&existing, pipeline) => Ok(Some(not_owned::<K>(ns, &name))),
+        Some(_) => {
+            let apply = PatchParams::apply(MANAGER).force();
+            api.patch(&name, &apply, &Patch::Apply(object)).await?;
+            Ok(None)
+        }
+        None => {
+            let create = PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            match api.create(&create, object).await {
+                Ok(_) => Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(not_owned::<K>(ns, &name))),
+                Err(e) => Err(e),
+            }
+        }
+    }
 }
 
 /// Applies a pipeline's objects: its Job (see [`apply_task`]), or its Service and Deployment.
@@ -899,9 +940,12 @@ async fn hold_task(
     // The Job's own label, as it was created: Kueue admits it or not by that.
     let Some(queue_name) = job.labels().get(queue::QUEUE_LABEL) else {
         suspend_job(jobs, job, suspend).await?;
-        return Ok(suspend.then(|| {
-            Hold::suspended("the Job is suspended and its pods stopped (the shards done stay done)")
-        }));
+        if suspend {
+            return Ok(Some(Hold::suspended(
+                "the Job is suspended and its pods stopped (the shards done stay done)",
+            )));
+        }
+        return Ok(queue::held_by_another(job).then(Hold::held_by_another));
     };
     let waiting = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
     // Admitted and running, and not to be held: its Workload is active, nothing to say. (A
@@ -925,12 +969,17 @@ async fn hold_task(
     Ok(waiting.then(|| Hold::queued(queue_name, why.as_deref())))
 }
 
-/// Sets a running Job's spec.suspend to `suspend` if it differs: the Job controller stops its
-/// pods, or starts them again (an Indexed Job's completed indexes stay completed).
+/// Suspends a running Job for spec.suspend, or resumes one it suspended (see
+/// [`queue::suspend_change`]): the Job controller stops its pods, or starts them again (an
+/// Indexed Job's completed indexes stay completed).
 async fn suspend_job(jobs: &Api<Job>, job: &Job, suspend: bool) -> Result<(), kube::Error> {
-    let current = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
-    if current != suspend && !finished(job) {
-        let patch = json!({"spec": {"suspend": suspend}});
+    let change = queue::suspend_change(job, suspend).filter(|_| !finished(job));
+    if let Some(suspend) = change {
+        let ours = suspend.then_some("true");
+        let patch = json!({
+            "metadata": {"annotations": {queue::SUSPENDED_BY_PIPELINE: ours}},
+            "spec": {"suspend": suspend},
+        });
         jobs.patch(
             &job.name_any(),
             &PatchParams::default(),
@@ -943,7 +992,8 @@ async fn suspend_job(jobs: &Api<Job>, job: &Job, suspend: bool) -> Result<(), ku
 
 /// Carries an Actor's batch run on (see [`batch_run::state`]): applies the driver's identity,
 /// creates its Job once, replaces the Job of another run, and says how the run stands; or why
-/// it cannot (a Job of its name that is not the pipeline's).
+/// it cannot (a Job, ServiceAccount, Role or RoleBinding of its name that is not the
+/// pipeline's).
 async fn apply_batch_run(
     ctx: &Context,
     pipeline: &InferencePipeline,
@@ -951,7 +1001,6 @@ async fn apply_batch_run(
     run: render::BatchRun,
 ) -> Result<Result<batch_run::State, Blocked>, kube::Error> {
     let name = batch_run::driver_name(pipeline);
-    let apply = PatchParams::apply(MANAGER).force();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let cached = ctx.jobs.get(&ObjectRef::new(&name).within(ns));
     if cached.is_none() {
@@ -959,22 +1008,29 @@ async fn apply_batch_run(
             return Ok(Err(blocked));
         }
     }
+    // The driver's identity: a ServiceAccount of the same name that the pipeline does not own
+    // (an administrator's, with its bindings and cloud identity) must never be taken over.
     let client = ctx.client.clone();
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .patch(&name, &apply, &Patch::Apply(&run.account))
-        .await?;
-    Api::<Role>::namespaced(client.clone(), ns)
-        .patch(&name, &apply, &Patch::Apply(&run.role))
-        .await?;
-    Api::<RoleBinding>::namespaced(client, ns)
-        .patch(&name, &apply, &Patch::Apply(&run.binding))
-        .await?;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    if let Some(blocked) = apply_owned(&accounts, pipeline, ns, &run.account).await? {
+        return Ok(Err(blocked));
+    }
+    let roles = Api::<Role>::namespaced(client.clone(), ns);
+    if let Some(blocked) = apply_owned(&roles, pipeline, ns, &run.role).await? {
+        return Ok(Err(blocked));
+    }
+    let bindings = Api::<RoleBinding>::namespaced(client, ns);
+    if let Some(blocked) = apply_owned(&bindings, pipeline, ns, &run.binding).await? {
+        return Ok(Err(blocked));
+    }
     let state = batch_run::state(pipeline, cached.as_deref());
     match &state {
         // Held: the run starts once the pipeline goes on.
         batch_run::State::Missing if queue::suspended(pipeline) => {}
         batch_run::State::Missing => {
-            jobs.patch(&name, &apply, &Patch::Apply(&run.job)).await?;
+            if let Some(blocked) = apply_owned(&jobs, pipeline, ns, &run.job).await? {
+                return Ok(Err(blocked));
+            }
         }
         batch_run::State::Running => {
             if let Some(job) = cached.as_deref() {

@@ -46,6 +46,7 @@ impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
     // shards' rule leaves a name too long anyway to the rule before it: one reason, not two.)
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must start with a letter and hold only lowercase letters, digits and '-': the pipeline's Service and Job are named after it"),
     validation = Rule::new("self.metadata.name.size() <= 54").message("metadata.name may have at most 54 characters: the pipeline's objects are named <name>-zerocopy, at most 63"),
+    validation = Rule::new("self.spec.mode != 'Actor' || !has(self.spec.input) || self.metadata.name.size() > 54 || self.metadata.name.size() <= 47").message("metadata.name may have at most 47 characters for an Actor pipeline with an input: its driver's Job is named <name>-zerocopy-driver, at most 63"),
     validation = Rule::new("self.spec.mode != 'Task' || !has(self.spec.task) || !has(self.spec.task.shards) || self.metadata.name.size() > 54 || self.metadata.name.size() + string(self.spec.task.shards - 1).size() <= 53").message("metadata.name is too long for this many shards: each pod's host name <name>-zerocopy-<shard index> must have at most 63 characters")
 )]
 #[serde(rename_all = "camelCase")]

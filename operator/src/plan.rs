@@ -48,6 +48,26 @@ pub fn of_job(job: &Job) -> Option<PlannedInput> {
     })
 }
 
+/// The most shards a plan may have: an Indexed Job with a backoff per index takes at most
+/// 100 000 completions.
+pub const MAX_SHARDS: i32 = 100_000;
+
+/// The plan if it is one the operator can run: its pod wrote it (with the pipeline's image,
+/// which a template may choose), so its bounds are checked as a spec's are.
+fn checked(plan: PlannedInput) -> Result<PlannedInput, String> {
+    if !(1..=MAX_SHARDS).contains(&plan.shards) {
+        return Err(format!(
+            "the planning pod planned {} shards; a plan has 1 to {MAX_SHARDS}",
+            plan.shards
+        ));
+    }
+    let hex = |d: &str| d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !hex(&plan.input_digest) {
+        return Err("the planning pod's input digest is not a sha256 in hex".into());
+    }
+    Ok(plan)
+}
+
 /// Where the planning of a generation stands.
 #[derive(Debug, PartialEq)]
 pub enum State {
@@ -99,14 +119,21 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
                 .clone()
         })
         .collect();
-    if condition("Complete").is_some() {
+    if let Some(ended) = condition("Complete") {
         let plan = terminated
             .iter()
             .filter(|t| t.exit_code == 0)
             // What `kube-zerocopy-worker plan` writes is the status's own shape.
             .find_map(|t| serde_json::from_str::<PlannedInput>(t.message.as_deref()?).ok());
-        if let Some(plan) = plan {
-            return State::Done(plan);
+        match plan.map(checked) {
+            Some(Ok(plan)) => return State::Done(plan),
+            Some(Err(why)) => {
+                return State::Failed {
+                    why,
+                    retry: retry_due(ended, now),
+                }
+            }
+            None => {}
         }
     }
     // Complete without a plan to read (its pod deleted, or no termination message): as a
@@ -203,14 +230,34 @@ mod tests {
     fn a_finished_plan_is_read_from_its_pods_termination_message() {
         let now = Timestamp::now();
         let done = job(3, Some(("Complete", now)));
-        let pods = [pod(0, r#"{"shards":12,"inputDigest":"ab12"}"#)];
+        let digest = "ab12".repeat(16);
+        let plan = |shards: i64, digest: &str| {
+            [pod(
+                0,
+                &format!(r#"{{"shards":{shards},"inputDigest":"{digest}"}}"#),
+            )]
+        };
+        let pods = plan(12, &digest);
         assert_eq!(
             state(Some(&done), &pods, Some(3), now),
             State::Done(PlannedInput {
                 shards: 12,
-                input_digest: "ab12".into()
+                input_digest: digest.clone()
             })
         );
+        // A plan out of bounds is a failed plan, in words.
+        for (shards, digest, words) in [
+            (0, digest.as_str(), "planned 0 shards"),
+            (100_001, &digest, "planned 100001 shards"),
+            (12, "ab12", "not a sha256"),
+            (12, &"AB12".repeat(16), "not a sha256"),
+        ] {
+            let State::Failed { why, .. } = state(Some(&done), &plan(shards, digest), Some(3), now)
+            else {
+                panic!("{shards} {digest} accepted")
+            };
+            assert!(why.contains(words), "{why}");
+        }
         // Another generation's plan: planned again.
         assert_eq!(state(Some(&done), &pods, Some(4), now), State::Outdated);
         // One whose pod is gone: after a minute, not over and over.

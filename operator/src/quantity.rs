@@ -17,10 +17,14 @@ pub fn to_bytes(q: &str) -> Result<u64> {
         "M" => 1e6,
         "G" => 1e9,
         "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
         "Ki" => 1024.0,
         "Mi" => 1024f64.powi(2),
         "Gi" => 1024f64.powi(3),
         "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
         other => bail!("{q:?}: unsupported quantity suffix {other:?}"),
     };
     Ok((value * scale).ceil() as u64)

@@ -47,6 +47,33 @@ pub fn suspended(pipeline: &InferencePipeline) -> bool {
     pipeline.spec.suspend == Some(true)
 }
 
+/// The annotation on a Job that the operator suspended for spec.suspend. It resumes only such
+/// Jobs: one that another controller holds (Kueue, when it manages Jobs without its queue
+/// label too) is that controller's to resume, or its pods would start without admission.
+pub const SUSPENDED_BY_PIPELINE: &str = "kube-zerocopy.io/suspended-by-pipeline";
+
+/// What the operator sets a running Job's spec.suspend to, if anything, for a pipeline that is
+/// (`suspend`) or is not suspended.
+pub fn suspend_change(job: &Job, suspend: bool) -> Option<bool> {
+    let current = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+    let ours = job
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SUSPENDED_BY_PIPELINE));
+    match (suspend, current) {
+        (true, false) => Some(true),
+        (false, true) if ours => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether another controller holds `job` suspended (see [`SUSPENDED_BY_PIPELINE`]).
+pub fn held_by_another(job: &Job) -> bool {
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+    suspended && suspend_change(job, false).is_none()
+}
+
 /// Why nothing (more) runs for now, when that is so.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hold {
@@ -61,6 +88,16 @@ impl Hold {
         Hold::Suspended(format!(
             "spec.suspend is true: {what}; set it to false to go on"
         ))
+    }
+
+    /// A Job without the queue label that another controller suspended.
+    pub fn held_by_another() -> Hold {
+        Hold::Queued(
+            "the Job was suspended by another controller (Kueue, where it manages Jobs without \
+             a queue label), which resumes it once it admits it; kube-zerocopy resumes only the \
+             Jobs it suspended"
+                .into(),
+        )
     }
 
     /// A Job that waits for admission in `queue`; `why` is the Workload's pending message.
@@ -155,8 +192,34 @@ pub async fn set_active(
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn only_a_job_the_operator_suspended_is_resumed_by_it() {
+        let job = |suspend: bool, ours: bool| -> Job {
+            let annotations = if ours {
+                json!({SUSPENDED_BY_PIPELINE: "true"})
+            } else {
+                json!({})
+            };
+            serde_json::from_value(json!({
+                "metadata": {"name": "p-zerocopy", "annotations": annotations},
+                "spec": {"suspend": suspend, "template": {}},
+            }))
+            .unwrap()
+        };
+        assert_eq!(suspend_change(&job(false, false), true), Some(true));
+        assert_eq!(suspend_change(&job(true, true), false), Some(false));
+        // Suspended by Kueue (no annotation): left for Kueue to resume, and said so.
+        assert_eq!(suspend_change(&job(true, false), false), None);
+        assert!(held_by_another(&job(true, false)));
+        assert!(!held_by_another(&job(true, true)));
+        assert!(!held_by_another(&job(false, false)));
+        assert_eq!(suspend_change(&job(true, false), true), None);
+        assert_eq!(suspend_change(&job(false, false), false), None);
+    }
 
     fn workload(data: serde_json::Value) -> DynamicObject {
         serde_json::from_value(json!({

@@ -203,17 +203,27 @@ fn owner_reference(pipeline: &InferencePipeline) -> Option<OwnerReference> {
     pipeline.controller_owner_ref(&())
 }
 
+/// The most the models of one pipeline may add up to: far above any node's memory, and far
+/// enough below 2^64 that the volume and memory sizes computed from it cannot overflow.
+const MAX_MODEL_BYTES: u64 = 1 << 60;
+
 /// Bytes of all models, when every model gives its size.
 pub fn total_model_bytes(pipeline: &InferencePipeline) -> Result<Option<u64>> {
     let mut total = 0u64;
     for m in &pipeline.spec.models {
-        match &m.source.size {
-            Some(q) => {
-                total +=
-                    quantity::to_bytes(&q.0).with_context(|| format!("model {:?}: size", m.name))?
-            }
-            None => return Ok(None),
-        }
+        let Some(q) = &m.source.size else {
+            return Ok(None);
+        };
+        let size = quantity::to_bytes(&q.0).with_context(|| format!("model {:?}: size", m.name))?;
+        total = total
+            .checked_add(size)
+            .filter(|&t| t <= MAX_MODEL_BYTES)
+            .with_context(|| {
+                format!(
+                    "the models' sizes add up to more than 1Ei (model {:?})",
+                    m.name
+                )
+            })?;
     }
     Ok(Some(total))
 }
@@ -728,13 +738,19 @@ pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job
         crate::plan::STEP_LABEL.into(),
         crate::plan::PLAN_STEP.into(),
     );
+    // Queued as the pipeline's Job is: where Kueue manages every Job, an unlabelled one would
+    // wait in no queue of the pipeline's.
+    let queued = crate::queue::queue_name(pipeline).is_some();
+    let mut job_labels = labels.clone();
+    job_labels.extend(crate::queue::kueue_labels(pipeline));
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(crate::plan::job_name(pipeline)),
-            labels: Some(labels.clone()),
+            labels: Some(job_labels),
             ..metadata(pipeline)
         },
         spec: Some(JobSpec {
+            suspend: queued.then_some(true),
             backoff_limit: Some(2),
             active_deadline_seconds: Some(600),
             pod_failure_policy: Some(fail_at_once_on_permanent(crate::plan::PLAN_CONTAINER)),
@@ -832,11 +848,12 @@ pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<Ba
     volume_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
     volumes.extend(overrides.volumes.clone().unwrap_or_default());
-    // It holds a few batches' bytes at a time, never a model.
+    // It holds a few batches' bytes at a time, never a model. It runs the project's own image
+    // whatever the template names: it holds a token, which the pipeline's code never gets.
     let container = helper_container(
         DRIVER_CONTAINER,
         &driver,
-        runtime_image(spec, settings),
+        settings.runtime_image.clone(),
         volume_mounts,
         ("100m", "128Mi", 1 << 30),
     );
@@ -1393,6 +1410,26 @@ mod tests {
             .map(|m| m.name)
             .collect();
         assert_eq!(names, [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME]);
+    }
+
+    #[test]
+    fn model_sizes_that_add_up_past_the_bound_are_refused_not_wrapped() {
+        let two = |size: &str| {
+            let mut p = pipeline("");
+            let model = |name: &str| {
+                serde_json::json!({"name": name, "format": "Safetensors",
+                    "source": {"uri": format!("file:///{name}"), "size": size}})
+            };
+            p.spec.models =
+                serde_json::from_value(serde_json::json!([model("a"), model("b")])).unwrap();
+            p
+        };
+        for (size, last) in [("8Ei", "a"), ("600Pi", "b")] {
+            let err = total_model_bytes(&two(size)).unwrap_err();
+            let expected = format!("add up to more than 1Ei (model {last:?})");
+            assert!(format!("{err:#}").contains(&expected), "{err:#}");
+        }
+        assert_eq!(total_model_bytes(&two("1Gi")).unwrap(), Some(2 << 30));
     }
 
     #[test]

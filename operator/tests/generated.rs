@@ -569,7 +569,7 @@ fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
         "the Service would send requests to the driver"
     );
 
-    let name = "reviews-driver";
+    let name = "reviews-zerocopy-driver";
     let job_spec = run.job.spec.as_ref().unwrap();
     assert_eq!(job_spec.pod_replacement_policy.as_deref(), Some("Failed"));
     let spec = driver_pod.spec.unwrap();
@@ -614,4 +614,33 @@ fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
         let owner = &meta.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.uid, "1234abcd-ef");
     }
+}
+
+/// The driver holds a token for the pipeline's status: it runs the project's image whatever
+/// the template names, so that a tenant's image never runs with it. The replicas run theirs.
+#[test]
+fn a_batch_run_s_driver_runs_the_project_s_image_not_the_template_s() {
+    let mut pipeline = pipeline("actor-batch");
+    let template = pipeline.spec.template.get_or_insert_with(Default::default);
+    template.image = Some("tenant/own:1".into());
+    let settings = Settings::default();
+    let Rendered::Actor {
+        deployment,
+        run: Some(run),
+        ..
+    } = render(&pipeline, &settings).unwrap()
+    else {
+        panic!("an Actor with an input renders a batch run")
+    };
+    let image = |pod: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        pod.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(
+        image(&run.job.spec.unwrap().template),
+        settings.runtime_image
+    );
+    assert_eq!(image(&deployment.spec.unwrap().template), "tenant/own:1");
 }

@@ -203,6 +203,59 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     actor.wait().unwrap();
 }
 
+/// With dynamic batching on, a pass waits for more requests while others are on their way. A
+/// request of shape [] arriving then used to end the inference thread (its rows were looked
+/// for past the end of its shape) and with it the replica.
+#[test]
+fn a_client_that_sends_a_scalar_while_a_pass_waits_cannot_kill_the_replica() {
+    let batching = ["--max-batch-rows", "256", "--max-batch-delay-ms", "3000"];
+    let mut replica = mlp_replica(&batching);
+    let (actor, base) = (&mut replica.actor, replica.base.clone());
+    let good = tch::Tensor::ones([4, 64], (tch::Kind::Float, tch::Device::Cpu));
+
+    // The scalar's request is in flight (half its body sent) when the good one arrives, so
+    // that the good one's pass waits for it.
+    let scalar = br#"{"inputs":[{"name":"input","shape":[],"datatype":"FP32","data":[1.0]}]}"#;
+    let address = base.trim_start_matches("http://");
+    let mut attacker = TcpStream::connect(address).unwrap();
+    write!(
+        attacker,
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        scalar.len()
+    )
+    .unwrap();
+    attacker.write_all(&scalar[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting = {
+        let (base, good) = (base.clone(), good.shallow_clone());
+        std::thread::spawn(move || infer(&base, &good).0)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    attacker.write_all(&scalar[10..]).unwrap();
+    attacker
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = attacker.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("has shape []"), "{answer}");
+
+    assert_eq!(waiting.join().unwrap(), 200, "the waiting pass is answered");
+    assert!(
+        actor.try_wait().unwrap().is_none(),
+        "the scalar killed the replica"
+    );
+    let (status, output) = infer(&base, &good);
+    assert_eq!(status, 200, "{output:?}");
+    let live = agent()
+        .get(format!("{base}/v2/health/live"))
+        .call()
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    actor.kill().unwrap();
+    actor.wait().unwrap();
+}
+
 #[test]
 fn actor_serves_many_batches_from_one_mapping() {
     let dir = tempfile::tempdir().unwrap();

@@ -274,9 +274,14 @@ impl Job {
         self.input.size().first().copied()
     }
 
+    /// Whether `other` can join this job's pass: both have rows, of one datatype and shape.
     fn fits_with(&self, other: &Job) -> bool {
         let (a, b) = (self.input.size(), other.input.size());
-        self.input.kind() == other.input.kind() && !a.is_empty() && a[1..] == b[1..]
+        let rows_of_one_shape = matches!(
+            (a.split_first(), b.split_first()),
+            (Some((_, a)), Some((_, b))) if a == b
+        );
+        self.input.kind() == other.input.kind() && rows_of_one_shape
     }
 }
 
@@ -305,15 +310,18 @@ fn forward(pipeline: &Pipeline, input: &Tensor) -> Result<Tensor, Refusal> {
             Err(Refusal::ModelRefused(reason))
         }
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
-            error!(panic = message, shape = ?input.size(), "a batch panicked inside the models");
+            error!(panic = panic_message(&*panic), shape = ?input.size(), "a batch panicked inside the models");
             Err(Refusal::Internal)
         }
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 /// Runs `group` as one forward pass and answers each job with its own rows; if the pass fails
@@ -373,29 +381,52 @@ fn run_jobs(
                 Err(_) => return,
             },
         };
-        let mut group = vec![first];
-        if let (Some(batching), Some(mut rows)) = (batching, group[0].rows()) {
-            let deadline = Instant::now() + batching.max_delay;
-            while rows < batching.max_rows && in_flight.load(Ordering::SeqCst) > group.len() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match queue.recv_timeout(left) {
-                    Ok(job)
-                        if group[0].fits_with(&job)
-                            && job.rows().is_some_and(|n| rows + n <= batching.max_rows) =>
-                    {
-                        rows += job.rows().unwrap_or(0);
-                        group.push(job);
-                    }
-                    Ok(job) => {
-                        next = Some(job);
-                        break;
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        // A panic while merging or answering fails the requests of this pass alone (their
+        // replies are dropped: 500), never the thread that serves every other request.
+        let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let group = gather(first, &queue, &mut next, batching, in_flight);
+            run_group(pipeline, group, metrics);
+        }));
+        if let Err(panic) = pass {
+            error!(
+                panic = panic_message(&*panic),
+                "a pass panicked; its requests were failed"
+            );
+        }
+    }
+}
+
+/// The requests of one pass: `first`, then as many that fit as arrive within the delay while
+/// others are on their way. One that does not fit is left in `next` for the next pass.
+fn gather(
+    first: Job,
+    queue: &Receiver<Job>,
+    next: &mut Option<Job>,
+    batching: Option<Batching>,
+    in_flight: &AtomicUsize,
+) -> Vec<Job> {
+    let mut group = vec![first];
+    if let (Some(batching), Some(mut rows)) = (batching, group[0].rows()) {
+        let deadline = Instant::now() + batching.max_delay;
+        while rows < batching.max_rows && in_flight.load(Ordering::SeqCst) > group.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match queue.recv_timeout(left) {
+                Ok(job)
+                    if group[0].fits_with(&job)
+                        && job.rows().is_some_and(|n| rows + n <= batching.max_rows) =>
+                {
+                    rows += job.rows().unwrap_or(0);
+                    group.push(job);
                 }
+                Ok(job) => {
+                    *next = Some(job);
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        run_group(pipeline, group, metrics);
     }
+    group
 }
 
 /// What the inference thread and the HTTP side share.
@@ -405,6 +436,8 @@ struct State {
     metadata: OnceLock<ModelMetadata>,
     /// Cleared if the inference thread ends: the replica is no longer ready.
     inferring: AtomicBool,
+    /// Set if the inference thread ends (however it ends): the replica is no longer live.
+    ended: AtomicBool,
     /// Set on SIGTERM.
     draining: AtomicBool,
     /// Inference requests being read, run or answered.
@@ -416,6 +449,16 @@ impl State {
         self.metadata.get().is_some()
             && self.inferring.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Marks the inference thread ended when it ends, a panic included.
+struct Ended<'a>(&'a State);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.inferring.store(false, Ordering::Relaxed);
+        self.0.ended.store(true, Ordering::Relaxed);
     }
 }
 
@@ -504,7 +547,14 @@ impl Server {
         let method = request.method().clone();
         match (&method, path.as_str()) {
             (&Method::GET, "/v2/health/live") => {
-                json(StatusCode::OK, serde_json::json!({"live": true}))
+                // The protocol answers false with a 4xx; the kubelet then restarts the replica.
+                let live = !self.state.ended.load(Ordering::Relaxed);
+                let status = if live {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                json(status, serde_json::json!({ "live": live }))
             }
             (&Method::GET, "/v2/health/ready") => self.readiness(),
             (&Method::GET, "/v2") => json(
@@ -742,6 +792,7 @@ pub fn serve(
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
+                let _ended = Ended(&state);
                 let pipeline = match load() {
                     Ok(pipeline) => pipeline,
                     Err(e) => {
@@ -760,7 +811,6 @@ pub fn serve(
                     &state.in_flight,
                     &metrics,
                 );
-                state.inferring.store(false, Ordering::Relaxed);
             })
             .context("starting the inference thread")?;
     }
@@ -793,6 +843,20 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_requests_with_rows_of_one_shape_and_datatype_are_merged() {
+        let job = |shape: &[i64], kind| Job {
+            input: Tensor::zeros(shape, (kind, tch::Device::Cpu)),
+            reply: oneshot::channel().0,
+        };
+        let float = tch::Kind::Float;
+        assert!(job(&[2, 4], float).fits_with(&job(&[3, 4], float)));
+        assert!(!job(&[2, 4], float).fits_with(&job(&[], float)));
+        assert!(!job(&[], float).fits_with(&job(&[2, 4], float)));
+        assert!(!job(&[2, 4], float).fits_with(&job(&[2, 5], float)));
+        assert!(!job(&[2, 4], float).fits_with(&job(&[2, 4], tch::Kind::Double)));
+    }
 
     #[test]
     fn model_paths_are_routed_with_or_without_a_version() {

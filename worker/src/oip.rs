@@ -136,6 +136,11 @@ pub fn decode_request(body: &[u8], json_length: Option<usize>) -> Result<InferRe
         "the model has no input {:?}; its input is {INPUT:?}",
         input.name
     );
+    // Requests are batches of rows, merged along their first dimension.
+    ensure!(
+        !input.shape.is_empty(),
+        "input {INPUT:?} has shape []; the model takes a batch of rows, shape [rows, ...]"
+    );
     let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
         (Some(size), None) => {
             let size = size
@@ -190,14 +195,20 @@ fn elements(shape: &[i64]) -> Result<usize> {
 
 fn from_bytes(bytes: &[u8], shape: &[i64], datatype: &str) -> Result<Tensor> {
     let kind = kind(datatype)?;
-    let expected = elements(shape)? * kind.elt_size_in_bytes();
+    let expected = elements(shape)?
+        .checked_mul(kind.elt_size_in_bytes())
+        .ok_or_else(|| anyhow!("shape {shape:?} is too large"))?;
     ensure!(
         bytes.len() == expected,
         "input {INPUT:?} of shape {shape:?} and datatype {datatype} takes {expected} bytes, \
          not {}",
         bytes.len()
     );
-    Ok(Tensor::f_from_data_size(bytes, shape, kind)?)
+    tensor(
+        Tensor::f_from_data_size(bytes, shape, kind),
+        shape,
+        datatype,
+    )
 }
 
 /// The JSON array's leaves in row-major order (flat or nested arrays alike).
@@ -235,7 +246,7 @@ fn from_json(data: &Value, shape: &[i64], datatype: &str) -> Result<Tensor> {
                 .iter()
                 .map(|v| v.as_f64().ok_or_else(|| wrong(v)))
                 .collect::<Result<_>>()?;
-            Tensor::from_slice(&v).f_to_kind(kind)?
+            tensor(Tensor::from_slice(&v).f_to_kind(kind), shape, datatype)?
         }
         _ => {
             let (min, max) = integer_range(kind);
@@ -247,10 +258,19 @@ fn from_json(data: &Value, shape: &[i64], datatype: &str) -> Result<Tensor> {
                         .ok_or_else(|| wrong(v))
                 })
                 .collect::<Result<_>>()?;
-            Tensor::from_slice(&v).f_to_kind(kind)?
+            tensor(Tensor::from_slice(&v).f_to_kind(kind), shape, datatype)?
         }
     };
-    Ok(flat.f_reshape(shape)?)
+    tensor(flat.f_reshape(shape), shape, datatype)
+}
+
+/// libtorch's refusal in one line for the client; its whole message (a backtrace with memory
+/// addresses and build paths) stays in the log.
+fn tensor<T>(made: Result<T, tch::TchError>, shape: &[i64], datatype: &str) -> Result<T> {
+    made.map_err(|e| {
+        tracing::warn!(error = %e, ?shape, datatype, "libtorch refused a request's tensor");
+        anyhow!("input {INPUT:?} cannot be a tensor of shape {shape:?} and datatype {datatype}")
+    })
 }
 
 fn integer_range(kind: Kind) -> (i64, i64) {
@@ -629,6 +649,9 @@ mod tests {
         assert!(error(&json_request("[2]", "FP32", r#"[1,"a"]"#), None).contains("\"a\""));
         let other_name = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
         assert!(error(other_name, None).contains("no input \"x\""));
+        assert!(error(&json_request("[]", "FP32", "[1]"), None).contains("has shape []"));
+        let huge = br#"{"inputs":[{"name":"input","shape":[4611686018427387904,2],"datatype":"FP64","parameters":{"binary_data_size":0}}]}"#;
+        assert!(error(huge, Some(huge.len())).contains("too large"));
         let (body, json_length) =
             encode_request(&Tensor::ones([2, 2], tch::kind::FLOAT_CPU)).unwrap();
         assert!(error(&body[..body.len() - 1], Some(json_length)).contains("declares 16 bytes"));

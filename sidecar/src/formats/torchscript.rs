@@ -22,7 +22,7 @@ use zip::{CompressionMethod, ZipArchive};
 use super::LaidOut;
 use crate::layout::{plan, Staging, TensorEntry, SKELETON_FILE};
 use crate::pickle::storage_refs;
-use crate::source::{read_into_hashing, reader, seek_position, Source, SourceReader};
+use crate::source::{read_into_hashing, reader, seek_position, Source};
 
 /// The tensor archives of a TorchScript file and their pickles.
 const ARCHIVES: [&str; 2] = ["data", "constants"];
@@ -38,11 +38,86 @@ const MAX_SKELETON_BYTES: u64 = 256 << 20;
 /// remote, so small enough not to fetch tensor bytes along with a header.
 const HEADER_READS: usize = 64 << 10;
 
-type Archive<'a> = ZipArchive<BufReader<SourceReader<'a>>>;
-
 pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
     let mut zip = ZipArchive::new(BufReader::with_capacity(HEADER_READS, reader(source)))
         .context("not a TorchScript archive (it is not a valid zip file)")?;
+    let structure = read_structure(&mut zip)?;
+    drop(zip);
+
+    let (tensors, tensors_bytes) = plan(structure.storages.iter().map(|s| {
+        let name = s
+            .record
+            .strip_prefix(&structure.prefix)
+            .unwrap_or(&s.record);
+        (name.to_owned(), s.dtype, vec![s.numel])
+    }))?;
+    let spans = structure
+        .storages
+        .iter()
+        .zip(&tensors)
+        .filter(|(_, entry)| entry.length > 0)
+        .map(|(storage, entry)| (storage.start, entry))
+        .collect();
+
+    let mut out = staging.create_tensors_file(tensors_bytes)?;
+    let (sha256, rest) = read_archive(source, &mut out, spans)?;
+
+    // The digest binds only the bytes of the in-order pass: the structure that placed each
+    // storage came from earlier reads, which a server (or anyone on a plain http path) may
+    // have answered with other bytes. Read again from the hashed bytes, it must be the same.
+    let mut zip = ZipArchive::new(Sparse::new(source.len(), &rest)).context(SERVED_TWO_ARCHIVES)?;
+    if read_structure(&mut zip).context(SERVED_TWO_ARCHIVES)? != structure {
+        bail!(SERVED_TWO_ARCHIVES);
+    }
+
+    // The skeleton: every record but the storages, copied as they are from the bytes in memory.
+    let skeleton = staging.path().join(SKELETON_FILE);
+    let mut writer = zip::ZipWriter::new(File::create(&skeleton)?);
+    for name in &structure.names {
+        let is_storage = ARCHIVES
+            .iter()
+            .any(|a| name.starts_with(&format!("{}{a}/", structure.prefix)));
+        if !is_storage {
+            writer.raw_copy_file(zip.by_name(name)?)?;
+        }
+    }
+    writer.finish()?;
+    Ok(LaidOut {
+        tensors,
+        tensors_bytes,
+        skeleton: Some(SKELETON_FILE.to_owned()),
+        source_sha256: Some(sha256),
+    })
+}
+
+const SERVED_TWO_ARCHIVES: &str = "the source's central directory, local headers or pickles \
+    differ between the reads that placed the storages and the bytes that were hashed (the \
+    server answered two reads of the same bytes differently); nothing was published";
+
+/// What the layout takes from an archive's structure.
+#[derive(Debug, PartialEq)]
+struct Structure {
+    /// Every record's name, in the central directory's order.
+    names: Vec<String>,
+    /// The archive's folder (`<archive>/`).
+    prefix: String,
+    storages: Vec<Storage>,
+}
+
+/// A tensor storage's record: what its pickle declares and where its bytes lie.
+#[derive(Debug, PartialEq)]
+struct Storage {
+    /// `<archive>/data/<key>` or `<archive>/constants/<key>`.
+    record: String,
+    dtype: crate::layout::DType,
+    numel: u64,
+    /// The offset of its first byte in the archive.
+    start: u64,
+}
+
+/// Reads the records, the pickles and each storage's record of an archive, and checks that
+/// every storage is stored whole and uncompressed.
+fn read_structure<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<Structure> {
     let names: Vec<String> = zip
         .file_names()
         .map(|n| n.map(|s| s.into_owned()))
@@ -63,16 +138,15 @@ pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
         bail!("TorchScript archive is missing its code/ records");
     }
 
-    let mut wanted = Vec::new();
-    let mut records = Vec::new();
+    let mut storages = Vec::new();
     for archive in ARCHIVES {
         let pickle_name = format!("{prefix}{archive}.pkl");
-        let pickle = read_record(&mut zip, &pickle_name)?;
+        let pickle = read_record(zip, &pickle_name)?;
         let refs = storage_refs(&pickle).with_context(|| format!("reading {pickle_name}"))?;
         for r in refs {
             let record = format!("{prefix}{archive}/{}", r.key);
-            let size = match zip.by_name(&record) {
-                Ok(f) => f.size(),
+            let f = match zip.by_name(&record) {
+                Ok(f) => f,
                 Err(ZipError::FileNotFound) => bail!(
                     "TorchScript archive is missing record {record} (storage {:?} of {archive}.pkl)",
                     r.key
@@ -86,58 +160,34 @@ pub fn lay_out(source: &dyn Source, staging: &Staging) -> Result<LaidOut> {
                     r.key, r.numel
                 )
             })?;
-            if size != needed {
-                bail!("record {record} holds {size} bytes, its storage declares {needed}");
+            if f.size() != needed {
+                bail!(
+                    "record {record} holds {} bytes, its storage declares {needed}",
+                    f.size()
+                );
             }
-            wanted.push((format!("{archive}/{}", r.key), r.dtype, vec![r.numel]));
-            records.push(record);
+            // Stored, not compressed, so that its bytes are its tensor's.
+            if f.compression() != CompressionMethod::Stored {
+                bail!(
+                    "record {record} is compressed ({}); TorchScript stores its storages uncompressed",
+                    f.compression()
+                );
+            }
+            let start = f
+                .data_start()
+                .with_context(|| format!("record {record} has no data offset"))?;
+            storages.push(Storage {
+                record,
+                dtype: r.dtype,
+                numel: r.numel,
+                start,
+            });
         }
     }
-
-    let (tensors, tensors_bytes) = plan(wanted)?;
-    // Where each storage's bytes are: stored, not compressed, so that they are its tensor's.
-    let mut spans = Vec::with_capacity(records.len());
-    for (entry, record) in tensors.iter().zip(&records) {
-        let f = zip
-            .by_name(record)
-            .with_context(|| format!("reading record {record}"))?;
-        if f.compression() != CompressionMethod::Stored {
-            bail!(
-                "record {record} is compressed ({}); TorchScript stores its storages uncompressed",
-                f.compression()
-            );
-        }
-        let start = f
-            .data_start()
-            .with_context(|| format!("record {record} has no data offset"))?;
-        if entry.length > 0 {
-            spans.push((start, entry));
-        }
-    }
-    drop(zip);
-
-    let mut out = staging.create_tensors_file(tensors_bytes)?;
-    let (sha256, rest) = read_archive(source, &mut out, spans)?;
-
-    // The skeleton: every record but the storages, copied as they are from the bytes in memory.
-    let mut zip = ZipArchive::new(Sparse::new(source.len(), &rest))
-        .context("reading the archive's records again")?;
-    let skeleton = staging.path().join(SKELETON_FILE);
-    let mut writer = zip::ZipWriter::new(File::create(&skeleton)?);
-    for name in &names {
-        let is_storage = ARCHIVES
-            .iter()
-            .any(|a| name.starts_with(&format!("{prefix}{a}/")));
-        if !is_storage {
-            writer.raw_copy_file(zip.by_name(name)?)?;
-        }
-    }
-    writer.finish()?;
-    Ok(LaidOut {
-        tensors,
-        tensors_bytes,
-        skeleton: Some(SKELETON_FILE.to_owned()),
-        source_sha256: Some(sha256),
+    Ok(Structure {
+        names,
+        prefix,
+        storages,
     })
 }
 
@@ -248,7 +298,7 @@ impl Seek for Sparse<'_> {
 }
 
 /// A pickle record, read whole up to [`MAX_PICKLE_BYTES`] whatever its header declares.
-fn read_record(zip: &mut Archive<'_>, name: &str) -> Result<Vec<u8>> {
+fn read_record<R: Read + Seek>(zip: &mut ZipArchive<R>, name: &str) -> Result<Vec<u8>> {
     let f = match zip.by_name(name) {
         Ok(f) => f,
         Err(ZipError::FileNotFound) => bail!("TorchScript archive is missing record {name}"),

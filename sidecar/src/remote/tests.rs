@@ -25,6 +25,9 @@ struct Object {
     replace_after: Option<usize>,
     /// HEAD answered 403, as a presigned GET URL answers it.
     refuse_head: bool,
+    /// Other bytes of the same length, served to every range of at most 64 KiB (a zip's
+    /// central directory and headers are read that way) under the same ETag.
+    forged_small_reads: Option<Vec<u8>>,
     ranged_answers: usize,
 }
 
@@ -48,6 +51,7 @@ impl Server {
             cut: 0,
             replace_after: None,
             refuse_head: false,
+            forged_small_reads: None,
             ranged_answers: 0,
         }));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -131,7 +135,10 @@ fn answer(mut stream: TcpStream, object: &Mutex<Object>, seen: &Mutex<Vec<Seen>>
         object.cut -= 1;
         send /= 2;
     }
-    let body = object.body[start..start + send].to_vec();
+    let body = match &object.forged_small_reads {
+        Some(forged) if end - start <= 64 << 10 => forged[start..start + send].to_vec(),
+        _ => object.body[start..start + send].to_vec(),
+    };
     if object.replace_after == Some(object.ranged_answers) {
         object.body.iter_mut().for_each(|b| *b = b.wrapping_add(1));
         object.etag = format!("\"{}\"", &sha256_hex(&object.body)[..16]);
@@ -195,6 +202,10 @@ impl Published {
 }
 
 fn publish(uri: &str, sha256: Option<String>) -> Published {
+    publish_as(ModelFormat::Safetensors, uri, sha256)
+}
+
+fn publish_as(format: ModelFormat, uri: &str, sha256: Option<String>) -> Published {
     let store = tempfile::tempdir().unwrap();
     let downloads = tempfile::tempdir().unwrap();
     let publisher = Publisher {
@@ -205,7 +216,7 @@ fn publish(uri: &str, sha256: Option<String>) -> Published {
     };
     let model = ModelSource {
         name: "m".into(),
-        format: ModelFormat::Safetensors,
+        format,
         uri: uri.into(),
         sha256,
         architecture: None,
@@ -352,4 +363,88 @@ fn a_source_that_refuses_head_is_downloaded_whole() {
         ["HEAD", "GET"],
         "a HEAD, then one GET of the whole file"
     );
+}
+
+/// A TorchScript-shaped archive with two storages of 1 MiB (`data/0` of bytes 0, `data/1` of
+/// bytes 1) and a code record of 128 KiB after them, so that the in-order read of its last
+/// part (the code and the central directory) is larger than 64 KiB.
+fn torchscript_archive() -> Vec<u8> {
+    const NUMEL: u64 = 1 << 20;
+    let storage = |key: &str| {
+        let mut p = vec![b'(', 0x8c, 7];
+        p.extend_from_slice(b"storage");
+        p.extend_from_slice(b"ctorch\nByteStorage\n");
+        p.extend_from_slice(&[0x8c, 1, key.as_bytes()[0], 0x8c, 3]);
+        p.extend_from_slice(b"cpu");
+        p.extend_from_slice(&[0x8a, 8]);
+        p.extend_from_slice(&NUMEL.to_le_bytes());
+        p.extend_from_slice(b"tQ");
+        p
+    };
+    let mut data_pkl = vec![0x80, 2, b'('];
+    data_pkl.extend(storage("0"));
+    data_pkl.extend(storage("1"));
+    data_pkl.extend_from_slice(b"t.");
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let code = "# padding\n".repeat((128 << 10) / 10);
+    let records: [(&str, Vec<u8>); 5] = [
+        ("m/data/0", vec![0; NUMEL as usize]),
+        ("m/data/1", vec![1; NUMEL as usize]),
+        ("m/data.pkl", data_pkl),
+        ("m/constants.pkl", vec![0x80, 2, b')', b'.']),
+        ("m/code/__torch__.py", code.into_bytes()),
+    ];
+    for (name, bytes) in records {
+        zip.start_file(name, stored).unwrap();
+        zip.write_all(&bytes).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// `archive` with the names of its two storages swapped in the central directory: a zip as
+/// valid as the original, whose `data/0` is the original's `data/1`.
+fn with_storages_swapped(archive: &[u8]) -> Vec<u8> {
+    let mut forged = archive.to_vec();
+    let directory = archive.len() - 2048;
+    let at = |name: &[u8]| {
+        directory
+            + archive[directory..]
+                .windows(name.len())
+                .position(|w| w == name)
+                .unwrap()
+    };
+    let (zero, one) = (at(b"m/data/0"), at(b"m/data/1"));
+    forged[zero + 7] = b'1';
+    forged[one + 7] = b'0';
+    forged
+}
+
+#[test]
+fn a_server_that_serves_another_central_directory_to_the_structure_reads_publishes_nothing() {
+    let genuine = torchscript_archive();
+    let digest = sha256_hex(&genuine);
+
+    // The server answers honestly: the model is published under its digest.
+    let honest = Server::start(genuine.clone(), true);
+    let published = publish_as(ModelFormat::TorchScript, &honest.uri, Some(digest.clone()));
+    assert_eq!(published.result.as_ref().unwrap(), &digest);
+    let tensors = &published.blobs()[&digest];
+    assert!(tensors[..1 << 20].iter().all(|&b| b == 0), "data/0 first");
+
+    // The same server answers the structure's reads with the storages swapped, and the
+    // in-order read with the genuine file: every byte hashed is the genuine file's.
+    let two_faced = Server::start(genuine.clone(), true);
+    two_faced.object.lock().unwrap().forged_small_reads = Some(with_storages_swapped(&genuine));
+    let published = publish_as(ModelFormat::TorchScript, &two_faced.uri, Some(digest));
+    let err = format!("{:#}", published.result.as_ref().unwrap_err());
+    assert!(
+        err.contains(
+            "differ between the reads that placed the storages and the bytes that were hashed"
+        ),
+        "{err}"
+    );
+    assert!(published.blobs().is_empty(), "nothing is published");
+    assert_eq!(published.staging_left(), 0);
 }

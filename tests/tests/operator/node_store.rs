@@ -123,6 +123,11 @@ pub async fn an_agent_writes_only_its_own_nodes_store_and_labels(env: Arc<Env>) 
         json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}}),
         json!({"metadata": {"annotations": {"example.com/note": "x"}}}),
         json!({"spec": {"unschedulable": true}}),
+        // A finalizer keeps the node from being deleted; an owner reference to an object that
+        // goes away would have the garbage collector delete the node with it.
+        json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+        json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+            "name": "gone", "uid": "00000000-0000-0000-0000-000000000001"}]}}),
     ];
     for patch in not_labels {
         let (code, message) = refusal(merge_node(&nodes, own, patch.clone()).await);

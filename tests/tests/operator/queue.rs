@@ -332,3 +332,60 @@ pub async fn queued_pipelines_wait_for_quota_and_run_in_turn(env: Arc<Env>) {
         "second started at {second_started}, before first finished at {first_done}"
     );
 }
+
+/// Where Kueue manages Jobs without its queue label too, it suspends an unlabelled pipeline's
+/// Job when it is made and resumes it once admitted. The operator used to resume such a Job at
+/// its next look, starting pods Kueue had not admitted. Here another controller suspends the
+/// Job as Kueue would: it stays suspended, the pipeline is Queued and says by whom; resumed by
+/// that controller, it runs to the end.
+pub async fn a_job_another_controller_suspended_is_not_resumed_by_the_operator(env: Arc<Env>) {
+    let ns = env.namespace("held-elsewhere").await;
+    let pipelines: Api<InferencePipeline> = env.api(&ns);
+    let jobs: Api<Job> = env.api(&ns);
+    let mut managed = task_pipeline("managed", &ns, 30);
+    managed.spec.task.as_mut().unwrap().parallelism = Some(1);
+    pipelines
+        .create(&PostParams::default(), &managed)
+        .await
+        .unwrap();
+    eventually("the Job", MINUTE, || async {
+        jobs.get_opt("managed-zerocopy").await.unwrap()
+    })
+    .await;
+    let admission = |suspend: bool| {
+        let jobs = jobs.clone();
+        async move {
+            let as_kueue = PatchParams {
+                field_manager: Some("kueue-admission".into()),
+                ..Default::default()
+            };
+            let patch = json!({"spec": {"suspend": suspend}});
+            jobs.patch("managed-zerocopy", &as_kueue, &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    admission(true).await;
+    let status = eventually(
+        "the pipeline Queued, by another controller",
+        MINUTE,
+        || async {
+            let s = pipelines.get("managed").await.unwrap().status?;
+            (s.phase == Some(Phase::Queued) && progressing(&s).1.contains("another controller"))
+                .then_some(s)
+        },
+    )
+    .await;
+    println!("held elsewhere: {}", progressing(&status).1);
+    // Looked at again (the status was written after the suspension): still suspended.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let job = jobs.get("managed-zerocopy").await.unwrap();
+    assert_eq!(
+        job.spec.unwrap().suspend,
+        Some(true),
+        "the operator resumed it"
+    );
+
+    admission(false).await;
+    wait_phase(&pipelines, "managed", Phase::Succeeded, None, 3 * MINUTE).await;
+}
