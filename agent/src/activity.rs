@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kube_zerocopy_sidecar::config::ModelSource;
 use kube_zerocopy_sidecar::publish::Observer;
+use kube_zerocopy_sidecar::redact;
 use kube_zerocopy_sidecar::Store;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
@@ -97,7 +98,7 @@ impl Activity {
             .iter()
             .map(|((source, name), progress)| Fetch {
                 name: name.clone(),
-                source: source.clone(),
+                source: redact::uri(source).into_owned(),
                 started_at: progress.started_at,
                 elapsed: progress.started.elapsed(),
                 bytes: progress.bytes,
@@ -139,7 +140,7 @@ impl Observer for Activity {
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {
         let record = Publication {
             name: model.name.clone(),
-            source: model.uri.clone(),
+            source: redact::uri(&model.uri).into_owned(),
             published_at: SystemTime::now(),
             fetch_seconds: fetch.as_secs_f64(),
             layout_seconds: layout.as_secs_f64(),

@@ -15,6 +15,7 @@ use std::time::Instant;
 use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
 use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
+use kube_zerocopy_sidecar::redact;
 use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -97,6 +98,22 @@ impl Agent {
         if views::is_mounted(target).map_err(internal)? {
             return Ok(());
         }
+        // A failed publication leaves no view behind: each view counts as a pod that maps.
+        let published = self.publish_into_view(volume_id, &view, target, &models);
+        if published.is_err() {
+            let _ = views.remove(volume_id);
+        }
+        published
+    }
+
+    /// [`Self::publish_volume`]'s work once its view's folder is known.
+    fn publish_into_view(
+        &self,
+        volume_id: &str,
+        view: &Path,
+        target: &Path,
+        models: &[ModelSource],
+    ) -> Result<(), Status> {
         let layouts = Layouts::new(self.store.clone());
         for digest in models.iter().filter_map(|m| m.sha256.as_deref()) {
             self.vet_existing(&layouts, &digest.to_ascii_lowercase())?;
@@ -106,9 +123,10 @@ impl Agent {
             store: self.store.clone(),
             bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
             download_dir: self.download_dir.clone(),
+            file_root: self.file_sources.clone(),
             observer: Some(self.activity.clone()),
         };
-        let holds = publisher.publish_all(&models).map_err(|e| {
+        let holds = publisher.publish_all(models).map_err(|e| {
             let message = format!("{e:#}");
             if e.chain().any(|c| c.is::<StoreFull>()) {
                 Status::resource_exhausted(message)
@@ -121,13 +139,10 @@ impl Agent {
         }
         // One hold per model, in the models' order: their digests are what the view links.
         let digests: Vec<&str> = holds.iter().map(|h| h.digest.as_str()).collect();
-        let mounted = views
+        self.views()
             .link(volume_id, &digests)
-            .and_then(|view| views::mount_read_only(&view, target));
-        if let Err(e) = mounted {
-            let _ = views.remove(volume_id);
-            return Err(internal(e));
-        }
+            .and_then(|view| views::mount_read_only(&view, target))
+            .map_err(internal)?;
         info!(volume_id, target = %target.display(), ?digests, "volume published");
         let mut all = self.holds.lock().unwrap();
         all.insert(volume_id.to_owned(), holds);
@@ -367,7 +382,8 @@ impl Node for Service {
         self.0
             .metrics
             .published(started.elapsed(), published.is_ok());
-        published?;
+        // The kubelet shows the message in the pod's events, to whoever can read them.
+        published.map_err(|e| Status::new(e.code(), redact::uris_in(e.message())))?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 

@@ -95,6 +95,11 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(dir) = &cli.lock_dir {
         store = store.with_lock_dir(dir);
     }
+    // Downloads a killed agent left behind: the agent is their only writer on this node.
+    let removed = kube_zerocopy_sidecar::source::remove_left_downloads(&cli.download_dir)?;
+    if removed > 0 {
+        tracing::info!(removed, "removed downloads left by an earlier run");
+    }
     let agent = Agent::new(
         cli.driver,
         cli.node_id,

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,22 +47,12 @@ pub fn status(store: &Store, activity: &Activity) -> Result<NodeStoreStatus> {
     let mut models = Vec::new();
     for digest in store.published()? {
         let dir = store.model_dir(&digest);
-        let mut bytes = 0;
-        let mut pods = 0;
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            let metadata = entry.metadata()?;
-            bytes += metadata.len();
-            // Every view links the manifest once: its other links are the pods that map it.
-            if entry.file_name() == MANIFEST_FILE {
-                pods = metadata.nlink().saturating_sub(1) as u32;
-            }
-        }
-        let record = activity.publication(&digest);
-        let published_at = match &record {
-            Some(r) => r.published_at,
-            None => fs::metadata(&dir)?.modified()?,
+        // A model collected since the listing is simply no longer held.
+        let Some((bytes, pods, modified)) = gone_is_none(held_files(&dir))? else {
+            continue;
         };
+        let record = activity.publication(&digest);
+        let published_at = record.as_ref().map_or(modified, |r| r.published_at);
         models.push(HeldModel {
             name: record.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
             source: record
@@ -111,6 +102,29 @@ pub fn status(store: &Store, activity: &Activity) -> Result<NodeStoreStatus> {
         models,
         fetching,
     })
+}
+
+/// A model's folder: its bytes, the pods that map it and when it was written.
+fn held_files(dir: &Path) -> std::io::Result<(u64, u32, std::time::SystemTime)> {
+    let (mut bytes, mut pods) = (0, 0);
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        bytes += metadata.len();
+        // Every view links the manifest once: its other links are the pods that map it.
+        if entry.file_name() == MANIFEST_FILE {
+            pods = metadata.nlink().saturating_sub(1) as u32;
+        }
+    }
+    Ok((bytes, pods, fs::metadata(dir)?.modified()?))
+}
+
+/// `None` for what was removed meanwhile (NotFound); any other error stays one.
+fn gone_is_none<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        other => other.map(Some),
+    }
 }
 
 /// Mounted volumes: one view each.
@@ -271,6 +285,16 @@ mod tests {
     use kube_zerocopy_sidecar::publish::Observer;
 
     use super::*;
+
+    #[test]
+    fn a_model_removed_since_the_listing_is_left_out_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = gone_is_none(held_files(&dir.path().join("gone"))).unwrap();
+        assert!(gone.is_none());
+        std::fs::write(dir.path().join(MANIFEST_FILE), b"{}").unwrap();
+        let (bytes, pods, _) = gone_is_none(held_files(dir.path())).unwrap().unwrap();
+        assert_eq!((bytes, pods), (2, 0));
+    }
 
     #[test]
     fn a_fetch_under_way_is_reported_with_its_progress_until_it_ends() {

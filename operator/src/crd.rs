@@ -197,6 +197,7 @@ pub struct ModelSourceSpec {
     #[x_kube(validation = Rule::new("!self.startsWith('az://') || self.matches('^az://[a-z0-9](-?[a-z0-9])+/[^?#]+$')").message("source.uri must be az://<container>/<blob>: a container name of 3 to 63 lowercase letters, digits and single '-', then the blob's name"))]
     #[x_kube(validation = Rule::new("!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^?#]+$')").message("source.uri must be s3://<bucket>/<key>: a bucket name of 3 to 63 lowercase letters, digits, '.' and '-', then the object's key"))]
     #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*@')").message("source.uri must not carry credentials (user:password@): put a token in a Secret and name it in source.bearerTokenSecret"))]
+    #[x_kube(validation = Rule::new("!self.matches('(?i)[?&#](x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|awsaccesskeyid|signature|sig|access_token|token)=')").message("source.uri must not carry a signature or token in its query (a presigned or SAS URL is a credential, and a source's URI is shown in logs, events and status): put a token in a Secret named in source.bearerTokenSecret, or use s3:// or az:// with source.credentialsSecret"))]
     pub uri: String,
     /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
     /// and the weight server's memory. Default: no size limit on the volume.

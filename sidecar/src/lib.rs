@@ -19,6 +19,7 @@ pub mod layout;
 pub mod pickle;
 pub mod process;
 pub mod publish;
+pub mod redact;
 pub mod remote;
 pub mod source;
 

@@ -36,7 +36,7 @@ pub const EXIT_PERMANENT: i32 = 3;
 /// or [`EXIT_PERMANENT`] for a [`Permanent`] error.
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
-        let message = format!("{e:#}");
+        let message = crate::redact::uris_in(&format!("{e:#}")).into_owned();
         eprintln!("error: {message}");
         write_termination_message(&message);
         let permanent = e.chain().any(|c| c.is::<Permanent>());

@@ -18,6 +18,9 @@ pub struct Publisher {
     pub bindings: Bindings,
     /// Where http(s) sources are downloaded before they are laid out (a disk, not the store).
     pub download_dir: PathBuf,
+    /// The only folder `file://` sources are read from, opened beneath it (the node agent's,
+    /// which reads as root on any pod's say-so); `None`: any file the process may read.
+    pub file_root: Option<PathBuf>,
     /// Told how each fetch goes and what was published (the node agent reports it per node);
     /// the logs tell it in any case.
     pub observer: Option<Arc<dyn Observer>>,
@@ -78,7 +81,7 @@ impl Publisher {
             }
         }
         let started = Instant::now();
-        info!(model = %model.name, uri = %model.uri, "fetching");
+        info!(model = %model.name, uri = %crate::redact::uri(&model.uri), "fetching");
         let logged = Mutex::new(started);
         let on_progress = |bytes: u64, total: Option<u64>| {
             if let Some(observer) = &self.observer {
@@ -91,8 +94,13 @@ impl Publisher {
                 info!(model = %model.name, bytes, total, mib_per_s = format!("{mib_per_s:.1}"), "fetching");
             }
         };
-        let published = fetch(model, &self.download_dir, &on_progress)
-            .and_then(|fetched| self.lay_out_and_publish(model, fetched, hold, &lock_key, started));
+        let published = fetch(
+            model,
+            &self.download_dir,
+            self.file_root.as_deref(),
+            &on_progress,
+        )
+        .and_then(|fetched| self.lay_out_and_publish(model, fetched, hold, &lock_key, started));
         if let Some(observer) = &self.observer {
             observer.fetched(model);
         }

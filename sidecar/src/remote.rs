@@ -156,7 +156,7 @@ impl<'a> RemoteObject<'a> {
                 // Some http(s) sources refuse HEAD (a presigned GET URL, a server that does
                 // not implement it): the download asks with GET and says what it answers.
                 Err(Failure::Permanent(e)) if matches!(location, Location::Http { .. }) => {
-                    tracing::info!(uri = %name, error = %format!("{e:#}"), "HEAD refused: downloading the file whole");
+                    tracing::info!(uri = %crate::redact::uri(&name), error = %crate::redact::uris_in(&format!("{e:#}")), "HEAD refused: downloading the file whole");
                     Ok(None)
                 }
                 sent => sent.map(Some),
@@ -181,7 +181,7 @@ impl<'a> RemoteObject<'a> {
             if let Location::Store { .. } = location {
                 bail!("{name}: the object store sent no size or no ETag");
             }
-            tracing::info!(uri = %name, "the server offers no byte ranges with a strong ETag: downloading the file whole");
+            tracing::info!(uri = %crate::redact::uri(&name), "the server offers no byte ranges with a strong ETag: downloading the file whole");
             return Ok(None);
         };
         if let Some(max) = policy.max_bytes.filter(|&max| len > max) {

@@ -80,6 +80,45 @@ impl SourceFile {
     /// Opens `path`; `name` (the URI) is what errors call it.
     pub fn open(path: &Path, name: &str) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open source {name}"))?;
+        Self::from_file(file, name)
+    }
+
+    /// Opens `path` only where it lies beneath `root`, every link in it resolved inside `root`
+    /// by the kernel (openat2 with RESOLVE_BENEATH on the root's descriptor): a check of the
+    /// path made earlier cannot be undone by a link swapped in before the open.
+    pub fn open_beneath(root: &Path, path: &Path, name: &str) -> Result<Self> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+        let outside = || {
+            anyhow::anyhow!(
+                "source {name} is not a file under {}, the only folder file:// sources are read from",
+                root.display()
+            )
+        };
+        let canonical = std::fs::canonicalize(root)
+            .with_context(|| format!("reading the folder of file:// sources {}", root.display()))?;
+        let beneath = path
+            .strip_prefix(root)
+            .or_else(|_| path.strip_prefix(&canonical))
+            .map_err(|_| outside())?;
+        let dir = File::open(&canonical)
+            .with_context(|| format!("opening the folder of file:// sources {}", root.display()))?;
+        let fd = openat2(
+            &dir,
+            beneath,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV => outside(),
+            e => {
+                anyhow::Error::new(io::Error::from(e)).context(format!("cannot open source {name}"))
+            }
+        })?;
+        Self::from_file(File::from(fd), name)
+    }
+
+    fn from_file(file: File, name: &str) -> Result<Self> {
         let metadata = file
             .metadata()
             .with_context(|| format!("reading source {name}"))?;
@@ -303,7 +342,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`, `az://`). Both formats hash the source
+/// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`, `az://`); a `file://` one only
+/// from beneath `file_root` when given (see [`SourceFile::open_beneath`]). Both formats hash the source
 /// as their layout reads each byte into place, so a local file is read once and a remote
 /// object whose server offers byte ranges is streamed into place, never written to a disk. A
 /// server without ranges is downloaded into `download_dir` first, under a name of its own,
@@ -311,12 +351,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn fetch<'a>(
     model: &ModelSource,
     download_dir: &Path,
+    file_root: Option<&Path>,
     on_progress: download::OnProgress<'a>,
 ) -> Result<Fetched<'a>> {
     let uri = model.uri.as_str();
     let declared = model.sha256.as_ref().map(|d| d.to_ascii_lowercase());
     if let Some(path) = uri.strip_prefix("file://") {
-        let source = SourceFile::open(Path::new(path), uri)?;
+        let source = match file_root {
+            Some(root) => SourceFile::open_beneath(root, Path::new(path), uri)?,
+            None => SourceFile::open(Path::new(path), uri)?,
+        };
         // Without a declared digest the file is hashed first (a local read): a model already
         // published is then found without laying it out again.
         let (sha256, hashed) = match declared {
@@ -355,6 +399,35 @@ pub fn fetch<'a>(
     }
 }
 
+/// The name every download file starts with in a download folder.
+const DOWNLOAD_PREFIX: &str = ".download-";
+
+/// Removes the download files a killed process left in `download_dir` (a file is removed when
+/// its [`Fetched`] is dropped, which a SIGKILL skips); returns how many. To be called before
+/// this process downloads anything: another process's download in the same folder would go too.
+pub fn remove_left_downloads(download_dir: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(download_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        entries => entries.with_context(|| format!("reading {}", download_dir.display()))?,
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(DOWNLOAD_PREFIX)
+        {
+            match std::fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", entry.path().display()))
+                }
+                _ => removed += 1,
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// Downloads an http(s) file whole into `download_dir`, in one transfer that resumes (a
 /// server without ranges, or without HEAD), hashing it on the way.
 fn download_whole<'a>(
@@ -367,7 +440,7 @@ fn download_whole<'a>(
         .with_context(|| format!("creating download folder {}", download_dir.display()))?;
     // A name of its own: two weight servers may share the folder.
     let (mut file, path) = tempfile::Builder::new()
-        .prefix(".download-")
+        .prefix(DOWNLOAD_PREFIX)
         .tempfile_in(download_dir)
         .with_context(|| format!("creating a file in {}", download_dir.display()))?
         .keep()
@@ -395,5 +468,55 @@ fn download_whole<'a>(
             let _ = std::fs::remove_file(&path);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downloads_left_by_a_killed_process_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".download-abc", ".download-def", "keep.safetensors"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_left_downloads(dir.path()).unwrap(), 2);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["keep.safetensors"]);
+        assert_eq!(remove_left_downloads(&dir.path().join("none")).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_file_source_is_opened_only_beneath_its_folder_whatever_links_lead_elsewhere() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let secret = elsewhere.path().join("secret");
+        std::fs::write(&secret, b"node secret").unwrap();
+        std::fs::write(root.path().join("m.safetensors"), b"model").unwrap();
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        // A link planted in the folder, as one swapped in after a check of the path would be.
+        std::os::unix::fs::symlink(&secret, root.path().join("planted")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("sub/out")).unwrap();
+        let open = |relative: &str| {
+            let path = root.path().join(relative);
+            SourceFile::open_beneath(root.path(), &path, &format!("file://{relative}"))
+        };
+        let inside = open("sub/../m.safetensors").unwrap();
+        assert_eq!(inside.len(), 5);
+        for escape in ["planted", "sub/out/secret", "../secret", "sub/../../secret"] {
+            let err = format!("{:#}", open(escape).err().expect(escape));
+            assert!(err.contains("is not a file under"), "{escape}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            SourceFile::open_beneath(root.path(), &secret, "file://secret")
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("is not a file under"), "{err}");
     }
 }

@@ -72,6 +72,21 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "source.uri must not carry credentials",
         ),
         (
+            "a presigned URL's signature in the source's URI",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://b.s3.amazonaws.com/m.pt?X-Amz-Credential=AKIA&X-Amz-Signature=ab12'}}}}]\n{task}")),
+            "source.uri must not carry a signature or token in its query",
+        ),
+        (
+            "an Azure SAS in the source's URI",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://a.blob.core.windows.net/c/m.pt?sv=2024&sig=ab12'}}}}]\n{task}")),
+            "source.uri must not carry a signature or token in its query",
+        ),
+        (
+            "a driver's name too long for its Job",
+            named(&"b".repeat(50), &format!("  mode: Actor\n{model}  actor: {{replicas: 1}}\n  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n")),
+            "its driver's Job is named <name>-zerocopy-driver",
+        ),
+        (
             "a bearer token for a file source",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
             "bearerTokenSecret applies only to http(s) sources",

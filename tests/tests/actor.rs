@@ -191,12 +191,15 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     );
 
     let text = metrics(&base);
-    assert!(
-        text.contains("kube_zerocopy_worker_batches_total 2"),
+    let value = |name: &str| metric_value(&text, name);
+    assert_eq!(
+        value("kube_zerocopy_worker_batches_total"),
+        Some(2.0),
         "{text}"
     );
-    assert!(
-        text.contains("kube_zerocopy_worker_batch_errors_total 3"),
+    assert_eq!(
+        value("kube_zerocopy_worker_batch_errors_total"),
+        Some(3.0),
         "{text}"
     );
     actor.kill().unwrap();

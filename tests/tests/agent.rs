@@ -762,6 +762,12 @@ async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
         refused.message()
     );
     assert!(!target("c").exists(), "a mount after a refusal");
+    // Its view (made for its bindings before the store was found full) went with it: each
+    // view counts as a pod in the NodeStore.
+    assert!(
+        !agent.store().join(".views/c").exists(),
+        "a refused volume left its view"
+    );
     // The mounted model stayed: in use, it is never removed to make room.
     assert!(stored(&second) && !stored(&big));
     assert_eq!(
