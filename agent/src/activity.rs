@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +16,8 @@ use kube_zerocopy_sidecar::Store;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+
+use crate::integrity::Layouts;
 
 /// A model published by the agent, as recorded when it was.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -135,6 +137,12 @@ impl Observer for Activity {
     fn made_room(&self, _: &ModelSource, removed: &str) {
         self.room_evictions.inc();
         self.forget(removed);
+    }
+
+    fn publishing(&self, digest: &str, laid_out: &Path) -> anyhow::Result<()> {
+        // Before the entry is visible: another volume that vets it meanwhile finds the record
+        // (without it, it would discard the entry as one the agent never laid out).
+        Layouts::new(self.store.clone()).record_laid_out(digest, laid_out)
     }
 
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {

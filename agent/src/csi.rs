@@ -200,7 +200,10 @@ impl Agent {
             return Ok(());
         }
         if before.get(digest) != Some(&folder) {
-            layouts.record(digest).map_err(internal)?;
+            // Laid out by this agent (in this call or another's): recorded before it appeared.
+            if !layouts.is_recorded(digest) {
+                layouts.record(digest).map_err(internal)?;
+            }
             self.metrics.layouts.inc();
         } else if let Check::Untrusted(why) = layouts.check(digest).map_err(internal)? {
             self.discard(digest, &why)?;

@@ -40,10 +40,21 @@ impl Layouts {
 
     /// Records the entry of `digest` as it is now (call right after laying it out).
     pub fn record(&self, digest: &str) -> Result<()> {
-        let hash = hash_entry(&self.store.model_dir(digest))?;
+        self.record_laid_out(digest, &self.store.model_dir(digest))
+    }
+
+    /// Records the files of `digest` laid out in `dir` (its staging folder, before it becomes
+    /// the entry: the record then exists whenever the entry does).
+    pub fn record_laid_out(&self, digest: &str, dir: &Path) -> Result<()> {
+        let hash = hash_entry(dir)?;
         let path = self.record_path(digest);
         fs::create_dir_all(path.parent().expect("a folder"))?;
         fs::write(&path, hash).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Whether the agent recorded laying out `digest`.
+    pub fn is_recorded(&self, digest: &str) -> bool {
+        self.record_path(digest).is_file()
     }
 
     /// Whether the entry of `digest` is the one recorded.

@@ -133,4 +133,5 @@ pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         "/livez" => (200, "ok".into()),
         _ => (404, "not found".into()),
     })
+    .map(|_| ())
 }

@@ -121,6 +121,7 @@ pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         "/readyz" => (503, "starting".into()),
         _ => (404, "not found".into()),
     })
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -640,7 +640,14 @@ impl Staging {
 
     /// fsyncs the folder's files, writes the manifest, and renames the folder into place under
     /// the manifest's digest.
-    pub fn publish(mut self, manifest: &Manifest) -> Result<PathBuf> {
+    /// `before_visible` sees the complete folder just before it is renamed into place: what
+    /// must exist whenever the entry does (the node agent's record of it) is written there;
+    /// its error stops the publication.
+    pub fn publish(
+        mut self,
+        manifest: &Manifest,
+        before_visible: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let target = self.blobs.join(&manifest.digest);
         let manifest_path = self.dir.join(MANIFEST_FILE);
         let mut f = File::create(&manifest_path)?;
@@ -650,6 +657,7 @@ impl Staging {
             File::open(entry.path())?.sync_all()?;
         }
         File::open(&self.dir)?.sync_all()?;
+        before_visible(&self.dir)?;
         fs::create_dir_all(&self.blobs)?;
         match fs::rename(&self.dir, &target) {
             Ok(()) => {}

@@ -4,6 +4,18 @@
 //! 1 (3 when retrying cannot help), and for the long-running servers a clean exit on SIGTERM.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -78,22 +90,138 @@ pub fn exit_on_terminate() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The most connections the endpoints serve at once; more are closed as they arrive, so that
+/// no number of clients exhausts the process's memory (its cgroup may also hold a store).
+pub const MAX_ENDPOINT_CONNECTIONS: usize = 1024;
+
+/// How long a connection may take to send a request's headers, or stay idle between
+/// requests, before it is closed.
+pub const ENDPOINT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves plain-text endpoints (/livez, /readyz, /metrics) on `listen` from a thread of its
-/// own: `answer` gives each path's status code and body.
+/// own, one task per connection (hyper, on a runtime of one thread): `answer` gives each
+/// path's status code and body. Returns the address it listens on.
 pub fn serve_endpoints(
     listen: &str,
-    answer: impl Fn(&str) -> (u16, String) + Send + 'static,
-) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(listen)
+    answer: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+) -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = Arc::new(answer);
     std::thread::Builder::new()
         .name("endpoints".into())
         .spawn(move || {
-            for request in server.incoming_requests() {
-                let (code, body) = answer(request.url());
-                let response = tiny_http::Response::from_string(body).with_status_code(code);
-                let _ = request.respond(response);
-            }
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a listening socket");
+                let open = Arc::new(Semaphore::new(MAX_ENDPOINT_CONNECTIONS));
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot accept a connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let answer = answer.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request: Request<Incoming>| {
+                            let (code, body) = answer(request.uri().path());
+                            let response = Response::builder()
+                                .status(code)
+                                .header("content-type", "text/plain; charset=utf-8")
+                                .body(Full::new(Bytes::from(body)));
+                            async move { response }
+                        });
+                        let _ = http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(ENDPOINT_HEADER_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        drop(permit);
+                    });
+                }
+            })
         })?;
-    Ok(())
+    Ok(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+
+    fn threads() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn get(address: SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    /// A thread per connection (tiny_http's) let a few thousand idle connections from any pod
+    /// exhaust the agent's threads and memory, its liveness failing with every mount. Now an
+    /// idle connection is a task, closed after the header timeout; beyond the cap a connection
+    /// is closed as it arrives.
+    #[test]
+    fn a_flood_of_idle_connections_costs_no_threads_and_health_still_answers() {
+        let address = serve_endpoints("127.0.0.1:0", |path| match path {
+            "/livez" => (200, "ok".into()),
+            _ => (404, "no".into()),
+        })
+        .unwrap();
+        let before = threads();
+        let mut idle: Vec<TcpStream> = (0..MAX_ENDPOINT_CONNECTIONS - 24)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect();
+        let answer = get(address, "/livez");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok"), "{answer}");
+        let grown = threads().saturating_sub(before);
+        // Other tests of this binary start threads meanwhile; a thread per connection is 1000.
+        assert!(
+            grown < 100,
+            "{} idle connections cost {grown} threads",
+            idle.len()
+        );
+        // Past the cap: closed at once, nothing kept for it.
+        idle.extend((0..100).map(|_| TcpStream::connect(address).unwrap()));
+        let mut last = idle.pop().unwrap();
+        last.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let closed = last.read(&mut [0u8; 1]);
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // An idle connection is closed once its headers are overdue, and room comes back.
+        idle[0]
+            .set_read_timeout(Some(ENDPOINT_HEADER_TIMEOUT * 6))
+            .unwrap();
+        let ended = idle[0].read(&mut [0u8; 1]);
+        assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+        drop(idle);
+        assert!(get(address, "/other").starts_with("HTTP/1.1 404"));
+    }
 }

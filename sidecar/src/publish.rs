@@ -1,7 +1,7 @@
 //! The sidecar's job: every model from its source to a published folder, then the bindings.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,11 @@ pub trait Observer: Send + Sync {
     fn fetching(&self, model: &ModelSource, started: Instant, bytes: u64, total: Option<u64>);
     /// The fetch of `model` ended (published or not).
     fn fetched(&self, model: &ModelSource);
+    /// `digest` is laid out, complete, in the folder `laid_out`, which becomes visible in the
+    /// store next (if this returns no error).
+    fn publishing(&self, _digest: &str, _laid_out: &Path) -> Result<()> {
+        Ok(())
+    }
     /// `model` was laid out and published as `digest`.
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration);
     /// The unused model `removed` was removed to make room for `model`.
@@ -177,7 +182,10 @@ impl Publisher {
             tensors: laid.tensors,
             skeleton: laid.skeleton,
         };
-        let dir = staging.publish(&manifest)?;
+        let dir = staging.publish(&manifest, |laid_out| match &self.observer {
+            Some(observer) => observer.publishing(&digest, laid_out),
+            None => Ok(()),
+        })?;
         info!(model = %model.name, %digest, dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "published");
         if let Some(observer) = &self.observer {
             observer.published(model, &digest, fetch_time, started.elapsed() - fetch_time);
@@ -293,6 +301,57 @@ mod tests {
             err,
             format!("sha256 mismatch: expected {declared}, the source has {actual}")
         );
+    }
+
+    /// The node agent records each entry it lays out before the entry is visible: another
+    /// volume vetting it meanwhile would otherwise find no record and discard it.
+    #[test]
+    fn the_observer_sees_the_complete_folder_before_the_entry_is_visible() {
+        struct Seen {
+            store: Store,
+            before_visible: std::sync::Mutex<Vec<(bool, bool)>>,
+        }
+        impl Observer for Seen {
+            fn fetching(&self, _: &ModelSource, _: Instant, _: u64, _: Option<u64>) {}
+            fn fetched(&self, _: &ModelSource) {}
+            fn published(&self, _: &ModelSource, _: &str, _: Duration, _: Duration) {}
+            fn made_room(&self, _: &ModelSource, _: &str) {}
+            fn publishing(&self, digest: &str, laid_out: &Path) -> Result<()> {
+                let complete = laid_out.join(crate::layout::MANIFEST_FILE).is_file();
+                let visible = self.store.is_published(digest);
+                self.before_visible
+                    .lock()
+                    .unwrap()
+                    .push((complete, visible));
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let header = br#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        let mut model = (header.len() as u64).to_le_bytes().to_vec();
+        model.extend_from_slice(header);
+        model.extend_from_slice(&[1, 2, 3, 4]);
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, &model).unwrap();
+        let store = Store::new(dir.path().join("store"));
+        let seen = Arc::new(Seen {
+            store: store.clone(),
+            before_visible: Default::default(),
+        });
+        let publisher = Publisher {
+            store: store.clone(),
+            bindings: Bindings::new(dir.path().join("bindings")),
+            download_dir: dir.path().join("downloads"),
+            file_root: None,
+            observer: Some(seen.clone()),
+        };
+        let source: ModelSource = serde_json::from_value(serde_json::json!({
+            "name": "m", "format": "Safetensors", "uri": format!("file://{}", path.display())
+        }))
+        .unwrap();
+        let hold = publisher.publish(&source).unwrap();
+        assert_eq!(*seen.before_visible.lock().unwrap(), [(true, false)]);
+        assert!(store.is_published(&hold.digest));
     }
 
     #[test]
