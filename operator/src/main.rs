@@ -102,9 +102,12 @@ struct Policy {
     /// Allow hostPath volumes in template.volumes.
     #[arg(long, env = "KZC_ALLOW_HOST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     allow_host_path: bool,
-    /// Allow template.serviceAccountName.
+    /// Allow template.serviceAccountName and projected ServiceAccount tokens.
     #[arg(long, env = "KZC_ALLOW_SERVICE_ACCOUNT", default_value_t = false, action = clap::ArgAction::Set)]
     allow_service_account: bool,
+    /// The taint keys template.tolerations may tolerate, comma-separated (`*`: any).
+    #[arg(long, env = "KZC_TOLERATION_KEYS", value_delimiter = ',', default_values_t = kube_zerocopy::policy::DEFAULT_TOLERATION_KEYS.map(String::from))]
+    toleration_keys: Vec<String>,
 }
 
 impl Policy {
@@ -112,6 +115,7 @@ impl Policy {
         settings.policy = kube_zerocopy::policy::PipelinePolicy {
             allow_host_path: self.allow_host_path,
             allow_service_account: self.allow_service_account,
+            toleration_keys: self.toleration_keys,
         };
     }
 }

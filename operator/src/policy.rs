@@ -4,8 +4,12 @@
 //! template decides what else those pods reach. The operator's own volumes (the weight store,
 //! the bindings, the downloads, the sources' credentials) are never the template's to mount,
 //! so no worker can write the weights or read another model's token. What reaches beyond the
-//! pod (hostPath volumes, another ServiceAccount) is off unless the operator's policy (chart
-//! values `pipelinePolicy`) allows it.
+//! pod (hostPath volumes, another ServiceAccount or its token, tolerations of taints) is off
+//! unless the operator's policy (chart values `pipelinePolicy`) allows it. Volumes are an
+//! allow-list: the types that stay within the namespace (claims, ConfigMaps, Secrets,
+//! emptyDir, downwardAPI, projections of those, ephemeral claims, CSI); a network file system
+//! or block device named inline (nfs, iscsi, rbd, flexVolume, ...) is refused in any namespace,
+//! since a Pod Security level other than `restricted` would let it through.
 
 use crate::crd::InferencePipelineSpec;
 
@@ -14,16 +18,53 @@ pub const RESERVED_VOLUME_PREFIX: &str = "kzc-";
 /// Where the operator mounts its volumes in the containers.
 pub const RESERVED_MOUNT_ROOT: &str = "/kzc";
 
-/// What the operator lets pipelines add; the default allows neither.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What the operator lets pipelines add; the default allows no hostPath, no ServiceAccount and
+/// only GPU nodes' taint among tolerations.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PipelinePolicy {
     /// template.volumes may hold hostPath volumes (the node's files, read and written as the
     /// pods' user).
     pub allow_host_path: bool,
-    /// template.serviceAccountName may name a ServiceAccount (whose token a projected volume
-    /// of the template could then mount).
+    /// template.serviceAccountName may name a ServiceAccount, and a projected volume may hold
+    /// the pod's ServiceAccount token.
     pub allow_service_account: bool,
+    /// The taint keys template.tolerations may tolerate (`*`: any, including a toleration
+    /// without a key, which tolerates every taint: control-plane nodes').
+    pub toleration_keys: Vec<String>,
 }
+
+impl Default for PipelinePolicy {
+    fn default() -> Self {
+        PipelinePolicy {
+            allow_host_path: false,
+            allow_service_account: false,
+            toleration_keys: DEFAULT_TOLERATION_KEYS.map(String::from).to_vec(),
+        }
+    }
+}
+
+/// Volume types a template may use: each stays within the pod's namespace.
+const VOLUME_TYPES: [&str; 9] = [
+    "persistentVolumeClaim",
+    "configMap",
+    "secret",
+    "emptyDir",
+    "downwardAPI",
+    "projected",
+    "ephemeral",
+    "csi",
+    "hostPath",
+];
+
+/// The node labels of control-plane nodes: a nodeSelector on them is refused (where those
+/// nodes carry no taint, it alone would place the pipeline's pods there).
+const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+/// The toleration keys allowed when the operator's settings name none: GPU nodes' taint.
+pub const DEFAULT_TOLERATION_KEYS: [&str; 1] = ["nvidia.com/gpu"];
 
 /// Why a pipeline's template is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +87,33 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
             return Err(Refusal::Reserved(format!(
                 "template.volumes[{i}]: the name {:?} is reserved for the operator's own \
                  volumes (names starting with {RESERVED_VOLUME_PREFIX}); rename it",
+                volume.name
+            )));
+        }
+        let value = serde_json::to_value(volume).unwrap_or_default();
+        let kind = value
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .find(|k| *k != "name");
+        if let Some(kind) = kind.filter(|k| !VOLUME_TYPES.contains(k)) {
+            return Err(Refusal::Forbidden(format!(
+                "template.volumes[{i}] ({:?}) is a volume of type {kind}; a pipeline's template may use \
+                 {} volumes: reach other storage through a PersistentVolumeClaim",
+                volume.name,
+                VOLUME_TYPES[..8].join(", ")
+            )));
+        }
+        let token = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+            .any(|s| s.service_account_token.is_some());
+        if token && !policy.allow_service_account {
+            return Err(Refusal::Forbidden(format!(
+                "template.volumes[{i}] ({:?}) projects the pod's ServiceAccount token, which \
+                 this operator's policy forbids (chart value pipelinePolicy.allowServiceAccount)",
                 volume.name
             )));
         }
@@ -72,6 +140,34 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
                 "template.volumeMounts[{i}]: the path {:?} is where the operator mounts its own \
                  volumes ({RESERVED_MOUNT_ROOT}); mount it elsewhere",
                 mount.mount_path
+            )));
+        }
+    }
+    let any_key = policy.toleration_keys.iter().any(|k| k == "*");
+    for (i, toleration) in template.tolerations.iter().flatten().enumerate() {
+        let key = toleration.key.as_deref().unwrap_or_default();
+        if !any_key && !policy.toleration_keys.iter().any(|k| k == key) {
+            let what = if key.is_empty() {
+                "tolerates every taint (it has no key), control-plane nodes' too".to_owned()
+            } else {
+                format!("tolerates the taint {key:?}")
+            };
+            return Err(Refusal::Forbidden(format!(
+                "template.tolerations[{i}] {what}, which this operator's policy does not allow \
+                 (chart value pipelinePolicy.tolerationKeys: {})",
+                policy.toleration_keys.join(", ")
+            )));
+        }
+    }
+    for label in CONTROL_PLANE_LABELS {
+        if template
+            .node_selector
+            .as_ref()
+            .is_some_and(|s| s.contains_key(label))
+        {
+            return Err(Refusal::Forbidden(format!(
+                "template.nodeSelector selects control-plane nodes ({label}): a pipeline's pods \
+                 run on worker nodes"
             )));
         }
     }
@@ -116,6 +212,7 @@ mod tests {
         let all = PipelinePolicy {
             allow_host_path: true,
             allow_service_account: true,
+            toleration_keys: vec!["*".into()],
         };
         let Refusal::Reserved(message) =
             refused("    volumes: [{name: kzc-store, emptyDir: {}}]\n", &all)
@@ -147,6 +244,55 @@ mod tests {
             "    volumes: [{name: data, emptyDir: {}}]\n    volumeMounts: [{name: data, mountPath: /kzcdata}]\n",
         );
         assert_eq!(check(&near, &all), Ok(()));
+    }
+
+    #[test]
+    fn volumes_beyond_the_namespace_tokens_and_control_plane_placement_are_refused() {
+        let default = PipelinePolicy::default();
+        for (template, words) in [
+            (
+                "    volumes: [{name: share, nfs: {server: 10.0.0.1, path: /export}}]\n",
+                "is a volume of type nfs",
+            ),
+            (
+                "    volumes: [{name: disk, iscsi: {targetPortal: 10.0.0.1, iqn: x, lun: 0}}]\n",
+                "is a volume of type iscsi",
+            ),
+            (
+                "    volumes: [{name: t, projected: {sources: [{serviceAccountToken: {path: token}}]}}]\n",
+                "projects the pod's ServiceAccount token",
+            ),
+            (
+                "    tolerations: [{operator: Exists}]\n",
+                "tolerates every taint",
+            ),
+            (
+                "    tolerations: [{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}]\n",
+                "tolerates the taint \"node-role.kubernetes.io/control-plane\"",
+            ),
+            (
+                "    nodeSelector: {node-role.kubernetes.io/control-plane: ''}\n",
+                "selects control-plane nodes",
+            ),
+        ] {
+            let Refusal::Forbidden(message) = refused(template, &default) else {
+                panic!("{template}: a policy matter")
+            };
+            assert!(message.contains(words), "{template}: {message}");
+        }
+        // What stays in the namespace, and a GPU node's taint, pass.
+        let fine = spec(
+            "    volumes: [{name: c, configMap: {name: c}}, {name: s, secret: {secretName: s}}, {name: p, projected: {sources: [{configMap: {name: c}}]}}, {name: e, emptyDir: {medium: Memory}}]\n    tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    nodeSelector: {nvidia.com/gpu.present: 'true'}\n",
+        );
+        assert_eq!(check(&fine, &default), Ok(()));
+        let any = PipelinePolicy {
+            toleration_keys: vec!["*".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            check(&spec("    tolerations: [{operator: Exists}]\n"), &any),
+            Ok(())
+        );
     }
 
     #[test]
