@@ -84,6 +84,39 @@ pub async fn a_template_with_a_host_path_is_forbidden_by_policy(env: Arc<Env>) {
         degraded.message
     );
     assert!(jobs.get_opt("forbidden-zerocopy").await.unwrap().is_none());
+
+    // The rest of the policy, through the chart's own settings: a network file system named
+    // inline, a toleration of control-plane nodes' taint, the pod's token projected.
+    for (name, template, words) in [
+        (
+            "nfs",
+            json!({"volumes": [{"name": "share", "nfs": {"server": "10.0.0.1", "path": "/"}}]}),
+            "is a volume of type nfs",
+        ),
+        (
+            "taint",
+            json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}),
+            "pipelinePolicy.tolerationKeys: nvidia.com/gpu",
+        ),
+        (
+            "token",
+            json!({"volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}]}),
+            "projects the pod's ServiceAccount token",
+        ),
+    ] {
+        let name = format!("forbidden-{name}");
+        let mut p = task_pipeline(&name, &ns, 1);
+        p.spec.template = Some(serde_json::from_value(template).unwrap());
+        pipelines.create(&PostParams::default(), &p).await.unwrap();
+        let (_, degraded) = eventually(&format!("{name} to say why"), MINUTE, || {
+            degraded_with(&pipelines, &name, Reason::ForbiddenByPolicy.as_str())
+        })
+        .await;
+        println!("forbidden: {}", degraded.message);
+        assert!(degraded.message.contains(words), "{}", degraded.message);
+        let job = format!("{name}-zerocopy");
+        assert!(jobs.get_opt(&job).await.unwrap().is_none());
+    }
 }
 
 /// A pipeline the schema lets through but whose Job the API server refuses (a nodeSelector key
