@@ -90,9 +90,14 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
     })
     .await;
     println!("events of the Task pipeline: {recorded:?}");
-    for phase in ["Pending", "Running", "Succeeded"] {
+    // Each phase once: Pending (the Job just made) and Succeeded always; Running at most once,
+    // since kwok may run and complete the pods between two looks of the operator.
+    for (phase, least) in [("Pending", 1), ("Running", 0), ("Succeeded", 1)] {
         let sent: i32 = recorded.iter().filter(|e| e.0 == phase).map(|e| e.3).sum();
-        assert!(sent <= 1, "{phase} announced {sent} times: {recorded:?}");
+        assert!(
+            (least..=1).contains(&sent),
+            "{phase} announced {sent} times: {recorded:?}"
+        );
     }
     let succeeded = recorded.iter().find(|e| e.0 == "Succeeded").unwrap();
     assert_eq!(succeeded.2, "3/3 shards succeeded", "{recorded:?}");
