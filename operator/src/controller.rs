@@ -18,6 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -874,6 +875,7 @@ async fn apply_objects(
         Rendered::Actor {
             mut deployment,
             service,
+            network_policy,
             run,
         } => {
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -892,6 +894,10 @@ async fn apply_objects(
                     &Patch::Apply(&service),
                 )
                 .await?;
+            let policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
+            if let Some(blocked) = apply_owned(&policies, pipeline, ns, &network_policy).await? {
+                return Ok(blocked.into());
+            }
             let driver = match run {
                 Some(run) => match apply_batch_run(ctx, pipeline, ns, *run).await? {
                     Ok(state) => Some(state),

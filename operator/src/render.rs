@@ -21,6 +21,9 @@ use k8s_openapi::api::core::v1::{
     SecretProjection, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
     VolumeMount, VolumeProjection,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
+};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -112,6 +115,8 @@ pub enum Rendered {
     Actor {
         deployment: Box<Deployment>,
         service: Box<Service>,
+        /// Who may reach the replicas: the pods of the pipeline's namespace.
+        network_policy: Box<NetworkPolicy>,
         /// With an input and an output: the driver that runs it through the replicas.
         run: Option<Box<BatchRun>>,
     },
@@ -135,11 +140,13 @@ impl Rendered {
             Rendered::Actor {
                 deployment,
                 service,
+                network_policy,
                 run,
             } => {
                 let mut docs = vec![
                     serde_yaml::to_string(deployment)?,
                     serde_yaml::to_string(service)?,
+                    serde_yaml::to_string(network_policy)?,
                 ];
                 if let Some(run) = run {
                     docs.push(serde_yaml::to_string(&run.account)?);
@@ -1106,7 +1113,7 @@ pub fn render_planned(
             let service = Service {
                 metadata: metadata(pipeline),
                 spec: Some(ServiceSpec {
-                    selector: Some(selector),
+                    selector: Some(selector.clone()),
                     ports: Some(vec![ServicePort {
                         name: Some("http".into()),
                         port: 80,
@@ -1117,12 +1124,34 @@ pub fn render_planned(
                 }),
                 status: None,
             };
+            // The replicas answer anyone who reaches them: only the pods of the pipeline's
+            // namespace may (its driver among them). Policies add up: another NetworkPolicy
+            // admits more (an ingress gateway, a monitoring namespace).
+            let network_policy = NetworkPolicy {
+                metadata: metadata(pipeline),
+                spec: Some(NetworkPolicySpec {
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Some(selector),
+                        ..Default::default()
+                    }),
+                    policy_types: Some(vec!["Ingress".into()]),
+                    ingress: Some(vec![NetworkPolicyIngressRule {
+                        from: Some(vec![NetworkPolicyPeer {
+                            pod_selector: Some(LabelSelector::default()),
+                            ..Default::default()
+                        }]),
+                        ports: None,
+                    }]),
+                    ..Default::default()
+                }),
+            };
             let run = crate::batch_run::is_batch(pipeline)
                 .then(|| batch_run(pipeline, settings))
                 .transpose()?;
             Ok(Rendered::Actor {
                 deployment: Box::new(deployment),
                 service: Box::new(service),
+                network_policy: Box::new(network_policy),
                 run: run.map(Box::new),
             })
         }

@@ -545,6 +545,7 @@ fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
         deployment,
         service,
         run: Some(run),
+        ..
     } = render(&pipeline, &Settings::default()).unwrap()
     else {
         panic!("an Actor with an input renders a batch run")
@@ -643,4 +644,27 @@ fn a_batch_run_s_driver_runs_the_project_s_image_not_the_template_s() {
         settings.runtime_image
     );
     assert_eq!(image(&deployment.spec.unwrap().template), "tenant/own:1");
+}
+
+/// The replicas answer only the pods of their pipeline's namespace (the driver among them):
+/// the NetworkPolicy selects the replicas alone and admits a peer of that namespace only.
+#[test]
+fn an_actor_s_replicas_admit_only_their_namespace() {
+    let pipeline = pipeline("actor-batch");
+    let Rendered::Actor {
+        service,
+        network_policy,
+        ..
+    } = render(&pipeline, &Settings::default()).unwrap()
+    else {
+        panic!("an Actor pipeline renders a NetworkPolicy")
+    };
+    let spec = serde_json::to_value(network_policy.spec.unwrap()).unwrap();
+    let selector = serde_json::to_value(service.spec.unwrap().selector.unwrap()).unwrap();
+    assert_eq!(spec["podSelector"]["matchLabels"], selector);
+    assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        spec["ingress"],
+        serde_json::json!([{"from": [{"podSelector": {}}]}])
+    );
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
@@ -31,6 +32,18 @@ pub async fn an_actor_pipeline_scales_and_rolls_out_a_new_model(env: Arc<Env>) {
         services.get_opt("online-zerocopy").await.unwrap()
     })
     .await;
+    // Only the namespace's pods reach the replicas: a policy the API server took as it is.
+    let policies: Api<NetworkPolicy> = env.api(&ns);
+    let policy = eventually("the NetworkPolicy", MINUTE, || async {
+        policies.get_opt("online-zerocopy").await.unwrap()
+    })
+    .await;
+    let spec = serde_json::to_value(policy.spec.unwrap()).unwrap();
+    assert_eq!(
+        spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "actor"
+    );
+    assert_eq!(spec["ingress"], json!([{"from": [{"podSelector": {}}]}]));
     let ready = |replicas: &'static str| {
         wait_phase(
             &pipelines,
