@@ -16,6 +16,7 @@ use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIB
 use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
 use kube_zerocopy_sidecar::redact;
+use kube_zerocopy_sidecar::source::SourceLimits;
 use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -40,8 +41,9 @@ pub struct Agent {
     pub store: Store,
     /// Where http(s) sources are downloaded before they are laid out.
     pub download_dir: PathBuf,
-    /// The node's folder whose files a volume may name as `file://` sources; none when None.
-    pub file_sources: Option<PathBuf>,
+    /// What sources may limits: the node's folder whose files a volume may name as `file://`
+    /// sources (none when None), and the internal networks remote sources may be in.
+    pub limits: SourceLimits,
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
     pub metrics: Arc<Metrics>,
@@ -58,7 +60,7 @@ impl Agent {
         node_id: String,
         store: Store,
         download_dir: PathBuf,
-        file_sources: Option<PathBuf>,
+        limits: SourceLimits,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(store.root().to_owned()));
         Arc::new(Agent {
@@ -68,7 +70,7 @@ impl Agent {
             node_id,
             store,
             download_dir,
-            file_sources,
+            limits,
             holds: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashSet::new()),
         })
@@ -123,7 +125,7 @@ impl Agent {
             store: self.store.clone(),
             bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
             download_dir: self.download_dir.clone(),
-            file_root: self.file_sources.clone(),
+            limits: self.limits.clone(),
             observer: Some(self.activity.clone()),
         };
         let holds = publisher.publish_all(models).map_err(|e| {
@@ -249,7 +251,7 @@ impl Agent {
                 model.uri
             ));
         };
-        let Some(root) = &self.file_sources else {
+        let Some(root) = &self.limits.file_root else {
             return refuse(format!(
                 "source {:?}: this node's agent reads no file:// sources (its \
                  KZC_FILE_SOURCES is not set); serve the model over http(s)",

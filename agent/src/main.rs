@@ -11,6 +11,8 @@ use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
 use kube_zerocopy_agent::{metrics, report, store_memory};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
+use kube_zerocopy_sidecar::networks::SourceNetworks;
+use kube_zerocopy_sidecar::source::SourceLimits;
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
@@ -45,6 +47,14 @@ struct Cli {
     /// model cache); volumes may name no file at all when unset.
     #[arg(long, env = "KZC_FILE_SOURCES")]
     file_sources: Option<PathBuf>,
+    /// Internal networks (comma-separated, `10.20.0.0/16,fd00::/8`) that http(s) sources may
+    /// be fetched from: loopback, private and link-local addresses are refused otherwise.
+    #[arg(long, env = "KZC_SOURCE_NETWORKS", default_value = "", value_parser = SourceNetworks::parse)]
+    source_networks: SourceNetworks,
+    /// A source that sends fewer bytes a second than this, over a minute, is broken off: a
+    /// fetch holds its model's lock, which a trickling source would hold for ever.
+    #[arg(long, env = "KZC_MIN_SOURCE_BYTES_PER_SECOND", default_value_t = 65536)]
+    min_source_bytes_per_second: u64,
     /// Seconds a model no pod mounts stays in the store before the collection removes it (a
     /// full store makes room at once, from the unused model used least recently).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
@@ -105,7 +115,11 @@ fn run(cli: Cli) -> Result<()> {
         cli.node_id,
         store,
         cli.download_dir,
-        cli.file_sources,
+        SourceLimits {
+            file_root: cli.file_sources,
+            networks: Some(Arc::new(cli.source_networks)),
+            min_bytes_per_second: Some(cli.min_source_bytes_per_second),
+        },
     );
     metrics::serve(&cli.metrics_listen, agent.metrics.clone())?;
     collect_periodically(

@@ -18,6 +18,10 @@ use anyhow::{anyhow, Context, Result};
 use backon::BackoffBuilder;
 use sha2::{Digest, Sha256};
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::DefaultConnector;
+
+use crate::networks::{AddressRefused, GuardedResolver, SourceNetworks};
 
 /// Where Debian (the runtime image) and RHEL-like systems keep the system's CA bundle.
 const SYSTEM_CA_BUNDLES: [&str; 2] = [
@@ -40,6 +44,12 @@ pub struct Policy {
     pub bearer_token_file: Option<PathBuf>,
     /// PEM certificates trusted besides the system's bundle (a mounted ConfigMap key).
     pub ca_file: Option<PathBuf>,
+    /// The internal networks the source may be reached in; `None`: any address.
+    pub networks: Option<Arc<SourceNetworks>>,
+    /// A transfer slower than this over `rate_window` fails: a source that sends a byte just
+    /// before each stall timeout would otherwise hold its model's lock for ever.
+    pub min_bytes_per_second: Option<u64>,
+    pub rate_window: Duration,
 }
 
 impl Default for Policy {
@@ -51,6 +61,9 @@ impl Default for Policy {
             max_bytes: None,
             bearer_token_file: None,
             ca_file: None,
+            networks: None,
+            min_bytes_per_second: None,
+            rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -179,7 +192,17 @@ pub(crate) fn agent(uri: &str, policy: &Policy) -> Result<ureq::Agent> {
                 .build(),
         )
         .build();
-    Ok(config.into())
+    Ok(match &policy.networks {
+        Some(networks) => ureq::Agent::with_parts(
+            config,
+            DefaultConnector::default(),
+            GuardedResolver {
+                networks: networks.clone(),
+                inner: DefaultResolver::default(),
+            },
+        ),
+        None => config.into(),
+    })
 }
 
 /// The system's CA bundle plus `extra`; ureq's built-in roots when neither has a certificate.
@@ -317,6 +340,7 @@ impl Transfer<'_> {
         let mut body = response.into_body();
         let mut reader = body.with_config().limit(u64::MAX).reader();
         let mut buf = vec![0u8; 1 << 20];
+        let mut pace = Pace::new(policy);
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -341,6 +365,7 @@ impl Transfer<'_> {
             self.hasher.update(&buf[..n]);
             self.written += n as u64;
             on_progress(self.written, total);
+            pace.received(n, uri)?;
         }
         match total {
             Some(total) if total != self.written => Err(Failure::Transient(anyhow!(
@@ -349,6 +374,49 @@ impl Transfer<'_> {
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+/// Measures a transfer's rate window by window (see [`Policy::min_bytes_per_second`]).
+pub(crate) struct Pace {
+    min_bytes_per_second: Option<u64>,
+    window: Duration,
+    window_started: std::time::Instant,
+    in_window: u64,
+}
+
+impl Pace {
+    pub(crate) fn new(policy: &Policy) -> Pace {
+        Pace {
+            min_bytes_per_second: policy.min_bytes_per_second,
+            window: policy.rate_window,
+            window_started: std::time::Instant::now(),
+            in_window: 0,
+        }
+    }
+
+    /// Counts `n` bytes received; fails for good when a whole window went by below the rate
+    /// (a slower source is not tried again: it would hold the lock as long once more).
+    pub(crate) fn received(&mut self, n: usize, uri: &str) -> Result<(), Failure> {
+        let Some(min) = self.min_bytes_per_second else {
+            return Ok(());
+        };
+        self.in_window += n as u64;
+        let elapsed = self.window_started.elapsed();
+        if elapsed < self.window {
+            return Ok(());
+        }
+        if (self.in_window as f64) < min as f64 * elapsed.as_secs_f64() {
+            return Err(Failure::Permanent(anyhow!(
+                "{uri} sent {} bytes in {:.0} s, slower than the {min} bytes a second a source \
+                 must keep up; nothing was published",
+                self.in_window,
+                elapsed.as_secs_f64()
+            )));
+        }
+        self.window_started = std::time::Instant::now();
+        self.in_window = 0;
+        Ok(())
     }
 }
 
@@ -405,6 +473,12 @@ pub(crate) fn classify(uri: &str, error: ureq::Error, credentials: &str) -> Fail
         E::TooManyRedirects => Failure::Permanent(anyhow!("{uri}: too many redirects")),
         e @ (E::Tls(_) | E::Rustls(_) | E::Pem(_)) => tls_failed(uri, &e),
         // rustls reports a certificate it does not trust through the stream, as an io error.
+        E::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<AddressRefused>()) =>
+        {
+            Failure::Permanent(anyhow::Error::new(AddressRefused).context(uri.to_owned()))
+        }
         E::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
             tls_failed(uri, &e)
         }

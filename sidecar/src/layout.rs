@@ -293,6 +293,13 @@ impl Store {
     /// Takes the node-wide lock for `key`, waiting while another process holds it. The lock is
     /// released when the returned file is dropped or the process dies.
     pub fn lock(&self, key: &str) -> Result<File> {
+        let (file, path) = self.key_lock(key)?;
+        self.wait_for(&file, &path, Lock::Exclusive)?;
+        Ok(file)
+    }
+
+    /// The lock file of `key` (see [`Store::lock`]), opened, not locked.
+    fn key_lock(&self, key: &str) -> Result<(File, PathBuf)> {
         let dir = self.lock_root().join(".locks");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(format!("{key}.lock"));
@@ -302,8 +309,7 @@ impl Store {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        self.wait_for(&file, &path, Lock::Exclusive)?;
-        Ok(file)
+        Ok((file, path))
     }
 
     /// Takes `file`'s lock, waiting at most the store's lock timeout.
@@ -375,11 +381,13 @@ impl Store {
             }
         }
         self.empty_trash()?;
+        // A staging folder is written under its key's lock (a digest, or a URI's key while
+        // the digest is unknown): one whose lock is free was left by a killed writer.
         for name in names_in(&self.root.join(".staging"))? {
-            let digest = name.split('.').next().unwrap_or_default();
+            let key = name.split('.').next().unwrap_or_default();
             if self
-                .users_lock(digest)
-                .and_then(|users| try_lock(&users, Lock::Exclusive))
+                .key_lock(key)
+                .and_then(|(lock, _)| try_lock(&lock, Lock::Exclusive))
                 .unwrap_or(false)
             {
                 let _ = fs::remove_dir_all(self.root.join(".staging").join(&name));
@@ -571,6 +579,8 @@ fn try_lock(file: &File, kind: Lock) -> Result<bool> {
 pub struct StoreFull {
     pub needed: u64,
     pub free: u64,
+    /// The store's whole size: a model larger than that cannot fit whatever is removed.
+    pub capacity: u64,
     pub store: String,
 }
 
@@ -602,9 +612,9 @@ impl Staging {
             if let Err(e) =
                 rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)
             {
-                let free = rustix::fs::statvfs(&self.dir)
-                    .map(|s| s.f_bavail * s.f_frsize)
-                    .unwrap_or(0);
+                let (free, capacity) = rustix::fs::statvfs(&self.dir)
+                    .map(|s| (s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize))
+                    .unwrap_or((0, 0));
                 if e == rustix::io::Errno::NOSPC {
                     let store = self
                         .dir
@@ -614,6 +624,7 @@ impl Staging {
                     return Err(StoreFull {
                         needed: size,
                         free,
+                        capacity,
                         store: store.display().to_string(),
                     }
                     .into());
@@ -915,15 +926,27 @@ mod tests {
     fn staging_is_collected_only_when_nobody_writes_that_model() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
+        let lock = store.lock("cc").unwrap();
         let writing = store.begin("cc").unwrap();
-        let _hold = store.hold("cc").unwrap();
+        // A model fetched by URI alone is staged under its URI's key, which nobody holds as
+        // a user: its writer's lock is what keeps it.
+        let uri_lock = store.lock("uri-ee").unwrap();
+        let fetching = store.begin("uri-ee").unwrap();
         let left = store.begin("dd").unwrap();
         std::mem::forget(left); // a killed sidecar's leftover
         store.collect_unused(Duration::ZERO).unwrap();
+        let mut staging = names_in(&dir.path().join(".staging")).unwrap();
+        staging.sort();
+        assert_eq!(staging.len(), 2, "{staging:?}");
+        assert!(staging[0].starts_with("cc."), "{staging:?}");
+        assert!(staging[1].starts_with("uri-ee."), "{staging:?}");
+        // The writer is killed: its lock goes with it, and its folder with the next collection.
+        std::mem::forget(fetching);
+        drop(uri_lock);
+        store.collect_unused(Duration::ZERO).unwrap();
         let staging = names_in(&dir.path().join(".staging")).unwrap();
         assert_eq!(staging.len(), 1, "{staging:?}");
-        assert!(staging[0].starts_with("cc."), "{staging:?}");
-        drop(writing);
+        drop((writing, lock));
     }
 
     #[test]

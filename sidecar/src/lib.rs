@@ -16,6 +16,7 @@ pub mod config;
 pub mod download;
 pub mod formats;
 pub mod layout;
+pub mod networks;
 pub mod pickle;
 pub mod process;
 pub mod publish;

@@ -71,7 +71,7 @@ fn run(cli: Cli) -> Result<()> {
             .with_lock_timeout(Duration::from_secs(cli.lock_timeout)),
         bindings: cli.paths.bindings(),
         download_dir: cli.download_dir,
-        file_root: None,
+        limits: Default::default(),
         observer: None,
     };
     match cli.command.unwrap_or(Command::Serve {

@@ -11,16 +11,15 @@ use tracing::info;
 use crate::config::ModelSource;
 use crate::formats::{self, LaidOut};
 use crate::layout::{Bindings, Hold, Manifest, Staging, Store, StoreFull, LAYOUT_VERSION};
-use crate::source::{fetch, sha256_hex, Fetched, Source};
+use crate::source::{fetch, sha256_hex, Fetched, Source, SourceLimits};
 
 pub struct Publisher {
     pub store: Store,
     pub bindings: Bindings,
     /// Where http(s) sources are downloaded before they are laid out (a disk, not the store).
     pub download_dir: PathBuf,
-    /// The only folder `file://` sources are read from, opened beneath it (the node agent's,
-    /// which reads as root on any pod's say-so); `None`: any file the process may read.
-    pub file_root: Option<PathBuf>,
+    /// What sources may reach and how slow they may be (see [`SourceLimits`]).
+    pub limits: SourceLimits,
     /// Told how each fetch goes and what was published (the node agent reports it per node);
     /// the logs tell it in any case.
     pub observer: Option<Arc<dyn Observer>>,
@@ -99,13 +98,8 @@ impl Publisher {
                 info!(model = %model.name, bytes, total, mib_per_s = format!("{mib_per_s:.1}"), "fetching");
             }
         };
-        let published = fetch(
-            model,
-            &self.download_dir,
-            self.file_root.as_deref(),
-            &on_progress,
-        )
-        .and_then(|fetched| self.lay_out_and_publish(model, fetched, hold, &lock_key, started));
+        let published = fetch(model, &self.download_dir, &self.limits, &on_progress)
+            .and_then(|fetched| self.lay_out_and_publish(model, fetched, hold, &lock_key, started));
         if let Some(observer) = &self.observer {
             observer.fetched(model);
         }
@@ -145,9 +139,24 @@ impl Publisher {
             }
         }
 
-        let source = fetched.source.as_ref();
         let staging_key = fetched.sha256.as_deref().unwrap_or(lock_key);
-        let (staging, laid) = self.lay_out_making_room(model, staging_key, source)?;
+        // Room is made only for a model fetched and hashed: a streamed source's header could
+        // claim any size, and its bytes may never come.
+        let may_make_room = !fetched.streamed;
+        let (staging, laid) = match self.lay_out_making_room(
+            model,
+            staging_key,
+            &*fetched.source,
+            may_make_room,
+        ) {
+            Err(e) if fetched.streamed && e.chain().any(|c| c.is::<StoreFull>()) => {
+                info!(model = %model.name, "the store is full: fetching the model whole before anything is removed to make room for it");
+                let fetched = fetched.into_local(&self.download_dir)?;
+                return self.lay_out_and_publish(model, fetched, hold, lock_key, started);
+            }
+            laid => laid?,
+        };
+        let source = fetched.source.as_ref();
         if fetched.streamed {
             fetch_time = started.elapsed();
             info!(model = %model.name, bytes = fetched.size(), secs = fetch_time.as_secs_f32(), "fetched into place");
@@ -208,21 +217,35 @@ impl Publisher {
         Ok(true)
     }
 
-    /// Writes the model into a staging folder (removed again if this fails). Room may be
-    /// taken by models that no pod uses any more: they are removed least recently used first,
-    /// one at a time, until this one fits.
+    /// Writes the model into a staging folder (removed again if this fails). When
+    /// `may_make_room`, room may be taken by models that no pod uses any more: they are
+    /// removed least recently used first, one at a time, until this one fits. A model larger
+    /// than the whole store removes nothing.
     fn lay_out_making_room(
         &self,
         model: &ModelSource,
         staging_key: &str,
         source: &dyn Source,
+        may_make_room: bool,
     ) -> Result<(Staging, LaidOut)> {
         loop {
             let laid = self.store.begin(staging_key).and_then(|staging| {
                 Ok((formats::lay_out(model.format, source, &staging)?, staging))
             });
+            let full = laid
+                .as_ref()
+                .err()
+                .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<StoreFull>()))
+                .map(|full| (full.needed, full.capacity));
             match laid {
-                Err(e) if e.chain().any(|c| c.is::<StoreFull>()) => {
+                Err(e) if full.is_some_and(|(needed, capacity)| needed > capacity) => {
+                    let capacity = full.map_or(0, |(_, capacity)| capacity);
+                    return Err(e.context(format!(
+                        "the model is larger than the whole store ({capacity} bytes): nothing \
+                         was removed to make room"
+                    )));
+                }
+                Err(e) if may_make_room && full.is_some() => {
                     let Some(removed) = self.store.collect_least_recently_used()? else {
                         return Err(e);
                     };
@@ -342,7 +365,7 @@ mod tests {
             store: store.clone(),
             bindings: Bindings::new(dir.path().join("bindings")),
             download_dir: dir.path().join("downloads"),
-            file_root: None,
+            limits: SourceLimits::default(),
             observer: Some(seen.clone()),
         };
         let source: ModelSource = serde_json::from_value(serde_json::json!({

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::cloud::{self, Storage};
 use crate::config::ModelSource;
 use crate::download::{self, Failure, OnProgress, Policy};
+use crate::networks::AddressRefused;
 use crate::source::Source;
 
 /// How long a presigned request stays valid: each request is signed just before it is sent.
@@ -155,7 +156,10 @@ impl<'a> RemoteObject<'a> {
             match sent {
                 // Some http(s) sources refuse HEAD (a presigned GET URL, a server that does
                 // not implement it): the download asks with GET and says what it answers.
-                Err(Failure::Permanent(e)) if matches!(location, Location::Http { .. }) => {
+                Err(Failure::Permanent(e))
+                    if matches!(location, Location::Http { .. })
+                        && !e.chain().any(|c| c.is::<AddressRefused>()) =>
+                {
                     tracing::info!(uri = %crate::redact::uri(&name), error = %crate::redact::uris_in(&format!("{e:#}")), "HEAD refused: downloading the file whole");
                     Ok(None)
                 }
@@ -240,6 +244,7 @@ impl<'a> RemoteObject<'a> {
         }
         let mut body = response.into_body();
         let mut reader = body.with_config().limit(u64::MAX).reader();
+        let mut pace = download::Pace::new(&self.policy);
         while *done < buf.len() {
             match std::io::Read::read(&mut reader, &mut buf[*done..]) {
                 Ok(0) => break,
@@ -247,6 +252,7 @@ impl<'a> RemoteObject<'a> {
                     *done += n;
                     let fetched = self.fetched.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                     (self.on_progress)(fetched, Some(self.len));
+                    pace.received(n, name)?;
                 }
                 Err(e) => {
                     return Err(Failure::Transient(anyhow!(

@@ -13,13 +13,14 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::config::ModelSource;
 use crate::download;
+use crate::networks::SourceNetworks;
 use crate::remote::RemoteObject;
 
 /// Bytes of a model's source, read by offset.
@@ -310,6 +311,20 @@ pub(crate) fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64>
     pos.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before 0"))
 }
 
+/// What a fetch may reach, and how slow it may be. The node agent's are limited: it fetches
+/// on any pod's say-so, and a fetch holds its model's lock.
+#[derive(Clone, Debug, Default)]
+pub struct SourceLimits {
+    /// The only folder `file://` sources are read from, opened beneath it; `None`: any file
+    /// the process may read.
+    pub file_root: Option<PathBuf>,
+    /// The internal networks remote sources may be fetched from besides public addresses;
+    /// `None`: any address.
+    pub networks: Option<Arc<SourceNetworks>>,
+    /// A transfer slower than this many bytes a second over a minute is broken off.
+    pub min_bytes_per_second: Option<u64>,
+}
+
 /// A source ready to be laid out. A downloaded file is removed on drop.
 pub struct Fetched<'a> {
     pub source: Box<dyn Source + 'a>,
@@ -324,10 +339,72 @@ pub struct Fetched<'a> {
     downloaded: Option<PathBuf>,
 }
 
-impl Fetched<'_> {
+impl<'a> Fetched<'a> {
     pub fn size(&self) -> u64 {
         self.source.len()
     }
+
+    /// The same source fetched whole into `download_dir` (under a name of its own, removed
+    /// with the returned [`Fetched`]) and hashed on the way; a declared digest must match.
+    /// For a streamed source that must be verified before the store makes room for it.
+    pub fn into_local(self, download_dir: &Path) -> Result<Fetched<'a>> {
+        let name = self.source.name().to_owned();
+        let (mut file, path) = download_file(download_dir)?;
+        let copied = copy_hashing(self.source.as_ref(), &mut file).and_then(|sha256| {
+            self.source.check_unchanged()?;
+            if let Some(declared) = self.sha256.as_ref().filter(|d| **d != sha256) {
+                bail!("sha256 mismatch: expected {declared}, the source has {sha256}");
+            }
+            Ok((SourceFile::open(&path, &name)?, sha256))
+        });
+        downloaded(copied, path)
+    }
+}
+
+/// A file downloaded into `path` and hashed as a [`Fetched`]; on error the file is removed.
+fn downloaded<'a>(file: Result<(SourceFile, String)>, path: PathBuf) -> Result<Fetched<'a>> {
+    match file {
+        Ok((source, sha256)) => Ok(Fetched {
+            source: Box::new(source),
+            sha256: Some(sha256),
+            hashed: true,
+            streamed: false,
+            downloaded: Some(path),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Copies the whole of `source` into `file` in order; returns its sha256.
+fn copy_hashing(source: &dyn Source, file: &mut std::fs::File) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 8 << 20];
+    let mut offset = 0;
+    while offset < source.len() {
+        let n =
+            usize::try_from(source.len() - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        source.read_exact_at(&mut buf[..n], offset)?;
+        hasher.update(&buf[..n]);
+        io::Write::write_all(file, &buf[..n]).context("writing the downloaded file")?;
+        offset += n as u64;
+    }
+    file.sync_all().context("syncing the downloaded file")?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A new file of its own in `download_dir` (two processes may share the folder).
+fn download_file(download_dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+    std::fs::create_dir_all(download_dir)
+        .with_context(|| format!("creating download folder {}", download_dir.display()))?;
+    tempfile::Builder::new()
+        .prefix(DOWNLOAD_PREFIX)
+        .tempfile_in(download_dir)
+        .with_context(|| format!("creating a file in {}", download_dir.display()))?
+        .keep()
+        .context("keeping the download file")
 }
 
 impl Drop for Fetched<'_> {
@@ -343,7 +420,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Fetches `model`'s source (`file://`, `http(s)://`, `s3://`, `az://`); a `file://` one only
-/// from beneath `file_root` when given (see [`SourceFile::open_beneath`]). Both formats hash the source
+/// from beneath `limits.file_root` when given (see [`SourceFile::open_beneath`]). Both formats hash the source
 /// as their layout reads each byte into place, so a local file is read once and a remote
 /// object whose server offers byte ranges is streamed into place, never written to a disk. A
 /// server without ranges is downloaded into `download_dir` first, under a name of its own,
@@ -351,13 +428,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn fetch<'a>(
     model: &ModelSource,
     download_dir: &Path,
-    file_root: Option<&Path>,
+    limits: &SourceLimits,
     on_progress: download::OnProgress<'a>,
 ) -> Result<Fetched<'a>> {
     let uri = model.uri.as_str();
     let declared = model.sha256.as_ref().map(|d| d.to_ascii_lowercase());
     if let Some(path) = uri.strip_prefix("file://") {
-        let source = match file_root {
+        let source = match &limits.file_root {
             Some(root) => SourceFile::open_beneath(root, Path::new(path), uri)?,
             None => SourceFile::open(Path::new(path), uri)?,
         };
@@ -385,6 +462,8 @@ pub fn fetch<'a>(
         max_bytes: model.max_bytes,
         bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
         ca_file: model.ca_file.as_ref().map(PathBuf::from),
+        networks: limits.networks.clone(),
+        min_bytes_per_second: limits.min_bytes_per_second,
         ..download::Policy::default()
     };
     match RemoteObject::open(model, &policy, on_progress)? {
@@ -436,15 +515,7 @@ fn download_whole<'a>(
     policy: &download::Policy,
     on_progress: download::OnProgress,
 ) -> Result<Fetched<'a>> {
-    std::fs::create_dir_all(download_dir)
-        .with_context(|| format!("creating download folder {}", download_dir.display()))?;
-    // A name of its own: two weight servers may share the folder.
-    let (mut file, path) = tempfile::Builder::new()
-        .prefix(DOWNLOAD_PREFIX)
-        .tempfile_in(download_dir)
-        .with_context(|| format!("creating a file in {}", download_dir.display()))?
-        .keep()
-        .context("keeping the download file")?;
+    let (mut file, path) = download_file(download_dir)?;
     let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
         let source = SourceFile::open(&path, uri)?;
         if source.len() != done.bytes {
@@ -456,19 +527,7 @@ fn download_whole<'a>(
         }
         Ok((source, done.sha256))
     });
-    match fetched {
-        Ok((source, sha256)) => Ok(Fetched {
-            source: Box::new(source),
-            sha256: Some(sha256),
-            hashed: true,
-            streamed: false,
-            downloaded: Some(path),
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            Err(e)
-        }
-    }
+    downloaded(fetched, path)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use kube_zerocopy_agent::proto::csi::{
 };
 use kube_zerocopy_agent::report::status;
 use kube_zerocopy_e2e::cluster::free_port;
+use kube_zerocopy_e2e::cluster::real::serve_folder_on;
 use kube_zerocopy_e2e::{
     bin, make_model, metric_value, read_output, sha256_of, source, succeeded, terminate,
 };
@@ -123,6 +124,12 @@ impl Agent {
         metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     }
 
+    /// Whether the store holds `model` (by its declared digest).
+    fn holds(&self, model: &ModelSource) -> bool {
+        let digest = model.sha256.as_deref().unwrap();
+        self.store().join("blobs").join(digest).is_dir()
+    }
+
     fn store(&self) -> PathBuf {
         self.dir.path().join("store")
     }
@@ -181,6 +188,13 @@ fn publish_request(
         ]),
         ..Default::default()
     }
+}
+
+/// A volume of `model` alone, mounted at `<pods>/<id>/mount`.
+fn one_model_volume(pods: &Path, id: &str, model: &ModelSource) -> NodePublishVolumeRequest {
+    let target = pods.join(id).join("mount");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    publish_request(id, &target, std::slice::from_ref(model))
 }
 
 fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
@@ -707,14 +721,8 @@ async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
     let mut node = NodeClient::new(agent.channel().await);
     let pods = tempfile::tempdir().unwrap();
     let target = |pod: &str| pods.path().join(pod).join("mount");
-    let publish = |id: &str, model: &ModelSource| {
-        std::fs::create_dir_all(target(id).parent().unwrap()).unwrap();
-        publish_request(id, &target(id), std::slice::from_ref(model))
-    };
-    let stored = |model: &ModelSource| {
-        let digest = model.sha256.as_deref().unwrap();
-        agent.store().join("blobs").join(digest).is_dir()
-    };
+    let publish = |id: &str, model: &ModelSource| one_model_volume(pods.path(), id, model);
+    let stored = |model: &ModelSource| agent.holds(model);
 
     node.node_publish_volume(publish("a", &first))
         .await
@@ -781,6 +789,209 @@ async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
         1.0
     );
     node.node_unpublish_volume(unpublish_request("b", &target("b")))
+        .await
+        .unwrap();
+    assert!(agent.stop().success());
+}
+
+/// A model served over http from 127.0.0.1 (which the agent is told it may fetch from).
+fn served(name: &str, base: &str, file: &Path, sha256: Option<String>) -> ModelSource {
+    ModelSource {
+        uri: format!("{base}/{}", file.file_name().unwrap().to_string_lossy()),
+        sha256,
+        ..source(name, ModelFormat::Safetensors, file)
+    }
+}
+
+/// A tenant names a model whose source is not what it declares, on a full store of 1 MiB
+/// holding another tenant's unused model: the agent fetches and verifies it before it removes
+/// anything, so the other model stays; an honest model of the same size then makes room as
+/// before, and one larger than the whole store removes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_does_not_verify_removes_no_other_model_to_make_room() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let kept = mlp_in(m, "kept", "64,1200,64");
+    let big = mlp_in(m, "big", "64,1100,64");
+    let base = serve_folder_on(std::net::Ipv4Addr::LOCALHOST, m).unwrap();
+    let agent = Agent::start_with(
+        Some(m),
+        &[
+            ("KZC_STORE_SIZE", "1m"),
+            ("KZC_KEEP_UNUSED", "3600"),
+            ("KZC_SOURCE_NETWORKS", "127.0.0.1"),
+        ],
+    );
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| pods.path().join(pod).join("mount");
+    let publish = |id: &str, model: &ModelSource| one_model_volume(pods.path(), id, model);
+    let stored = |model: &ModelSource| agent.holds(model);
+    node.node_publish_volume(publish("a", &kept)).await.unwrap();
+    node.node_unpublish_volume(unpublish_request("a", &target("a")))
+        .await
+        .unwrap();
+    assert!(stored(&kept));
+
+    let lying = served(
+        "big",
+        &base,
+        &m.join("big.safetensors"),
+        Some("ab".repeat(32)),
+    );
+    let refused = node
+        .node_publish_volume(publish("b", &lying))
+        .await
+        .expect_err("a source that is not what it declares");
+    assert!(
+        refused.message().contains("sha256 mismatch"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        stored(&kept),
+        "an unverified model removed another to make room"
+    );
+    assert_eq!(
+        agent.metric("kube_zerocopy_agent_room_evictions_total"),
+        0.0
+    );
+
+    let honest = served("big", &base, &m.join("big.safetensors"), big.sha256.clone());
+    node.node_publish_volume(publish("c", &honest))
+        .await
+        .unwrap_or_else(|e| panic!("an honest model of the same size: {e}"));
+    assert!(stored(&big) && !stored(&kept));
+    assert_eq!(
+        agent.metric("kube_zerocopy_agent_room_evictions_total"),
+        1.0
+    );
+    node.node_unpublish_volume(unpublish_request("c", &target("c")))
+        .await
+        .unwrap();
+
+    let huge = mlp_in(m, "huge", "64,4096,64");
+    let refused = node
+        .node_publish_volume(publish(
+            "d",
+            &served(
+                "huge",
+                &base,
+                &m.join("huge.safetensors"),
+                huge.sha256.clone(),
+            ),
+        ))
+        .await
+        .expect_err("a model larger than the store");
+    assert!(
+        refused.message().contains("larger than the whole store"),
+        "{}",
+        refused.message()
+    );
+    assert!(stored(&big), "a model that can never fit removed another");
+    assert!(agent.stop().success());
+}
+
+/// A tenant names sources on the node's own addresses: the agent's metrics port on localhost,
+/// another loopback address, the cloud's metadata service, and an allowed server that
+/// redirects to a loopback one. Each is refused before a connection is made, in words that say
+/// nothing of what is there; the allowed server itself is fetched.
+#[tokio::test(flavor = "multi_thread")]
+async fn sources_on_internal_addresses_are_refused_without_a_request() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let model = mlp_in(m, "m", "8,16,8");
+    // The internal server: any connection to it is counted.
+    let internal = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let internal_addr = internal.local_addr().unwrap();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reached.clone();
+    std::thread::spawn(move || {
+        for _ in internal.incoming() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The allowed server: its model, and a redirect to the internal server.
+    let allowed = tiny_http::Server::http("127.0.0.4:0").unwrap();
+    let allowed_base = format!("http://{}", allowed.server_addr().to_ip().unwrap());
+    let model_bytes = std::fs::read(m.join("m.safetensors")).unwrap();
+    std::thread::spawn(move || {
+        for request in allowed.incoming_requests() {
+            let response = if request.url() == "/redirect" {
+                tiny_http::Response::from_data(Vec::new())
+                    .with_status_code(302)
+                    .with_header(
+                        tiny_http::Header::from_bytes(
+                            "Location",
+                            format!("http://{internal_addr}/m.safetensors"),
+                        )
+                        .unwrap(),
+                    )
+            } else {
+                tiny_http::Response::from_data(model_bytes.clone())
+            };
+            let _ = request.respond(response);
+        }
+    });
+    let agent = Agent::start_with(None, &[("KZC_SOURCE_NETWORKS", "127.0.0.4/32")]);
+    let metrics_port = agent
+        .metrics
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let at = |uri: String| ModelSource {
+        uri,
+        sha256: None,
+        ..model.clone()
+    };
+    let attacks = [
+        at(format!("http://{internal_addr}/m.safetensors")),
+        at(format!("http://localhost:{metrics_port}/metrics")),
+        at("http://169.254.169.254/latest/meta-data/iam/security-credentials/".into()),
+        at(format!("{allowed_base}/redirect")),
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        let target = pods.path().join(format!("attack-{i}")).join("mount");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let refused = node
+            .node_publish_volume(publish_request(
+                &format!("attack-{i}"),
+                &target,
+                std::slice::from_ref(attack),
+            ))
+            .await
+            .expect_err("a source on an internal address");
+        println!("refused {}: {}", attack.uri, refused.message());
+        assert!(
+            refused
+                .message()
+                .contains("resolves to no address the node agent may fetch from"),
+            "{}: {}",
+            attack.uri,
+            refused.message()
+        );
+        assert!(!target.exists());
+    }
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a connection reached the internal server"
+    );
+    // The allowed network is fetched from.
+    let target = pods.path().join("allowed").join("mount");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    node.node_publish_volume(publish_request(
+        "allowed",
+        &target,
+        &[at(format!("{allowed_base}/m.safetensors"))],
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("a source in an allowed network: {e}"));
+    node.node_unpublish_volume(unpublish_request("allowed", &target))
         .await
         .unwrap();
     assert!(agent.stop().success());

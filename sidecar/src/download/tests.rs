@@ -166,31 +166,64 @@ fn a_stalled_transfer_resumes_from_its_last_byte() {
     );
 }
 
+/// A reply of `body` in pieces of `piece` bytes, 150 ms apart.
+fn in_pieces(body: Vec<u8>, piece: usize) -> Reply {
+    Box::new(move |_, stream| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes());
+        for piece in body.chunks(piece) {
+            if stream
+                .write_all(piece)
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
+                return;
+            }
+            thread::sleep(Duration::from_millis(150));
+        }
+    })
+}
+
+/// A stall timeout of 500 ms, and a minimum rate of 1000 bytes a second over 1 s.
+fn at_least_1000_bytes_a_second() -> Policy {
+    Policy {
+        stall: Duration::from_millis(500),
+        min_bytes_per_second: Some(1000),
+        rate_window: Duration::from_secs(1),
+        ..quick()
+    }
+}
+
 #[test]
 fn a_slow_but_steady_transfer_is_never_cut_off() {
     // 20 pieces, 150 ms apart: six times the stall timeout in all, never a stall.
     let body = content(20 << 10, 2);
-    let sent = body.clone();
-    let server = serve(vec![Box::new(move |_, stream| {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            sent.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        for piece in sent.chunks(1 << 10) {
-            stream.write_all(piece).unwrap();
-            stream.flush().unwrap();
-            thread::sleep(Duration::from_millis(150));
-        }
-    })]);
-    let policy = Policy {
-        stall: Duration::from_millis(500),
-        ..quick()
-    };
+    let server = serve(vec![in_pieces(body.clone(), 1 << 10)]);
+    // About 6.8 KB a second, above the minimum rate.
+    let policy = at_least_1000_bytes_a_second();
     let (result, written) = fetch(&server.uri, &policy);
     assert_eq!(result.unwrap().sha256, sha(&body));
     assert!(written == body);
     assert_eq!(server.requests().len(), 1, "the transfer was restarted");
+}
+
+/// A source that sends a byte just before each stall timeout would hold its model's lock for
+/// as long as it likes: below the minimum rate over a window it fails, and is not tried again.
+#[test]
+fn a_source_that_trickles_below_the_minimum_rate_fails_without_retrying() {
+    let server = serve(vec![in_pieces(content(1 << 10, 5), 1)]);
+    let policy = at_least_1000_bytes_a_second();
+    let (result, _) = fetch(&server.uri, &policy);
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("slower than the 1000 bytes a second"), "{err}");
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "a trickling source was tried again"
+    );
 }
 
 #[test]

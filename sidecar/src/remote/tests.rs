@@ -212,7 +212,7 @@ fn publish_as(format: ModelFormat, uri: &str, sha256: Option<String>) -> Publish
         store: Store::new(store.path()),
         bindings: Bindings::new(store.path().join("bindings")),
         download_dir: downloads.path().to_owned(),
-        file_root: None,
+        limits: Default::default(),
         observer: None,
     };
     let model = ModelSource {
