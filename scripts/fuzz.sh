@@ -40,6 +40,7 @@ seed torchscript_layout cp "$scratch/net.pt"
 seed pickle sh -c "cd '$scratch' && unzip -o -q net.pt '*/data.pkl' '*/constants.pkl' && find . -name '*.pkl' -exec cp --backup=numbered {} \"\$0\" \\;"
 seed manifest sh -c "printf '\\200\\0\\0\\0\\0\\0\\0\\0{\"layout_version\":1,\"digest\":\"d\",\"format\":\"Safetensors\",\"source_bytes\":1,\"tensors_bytes\":128,\"tensors\":[{\"name\":\"w\",\"dtype\":\"F32\",\"shape\":[2,3],\"offset\":0,\"length\":24},{\"name\":\"b\",\"dtype\":\"BF16\",\"shape\":[3],\"offset\":64,\"length\":6}]}' > \"\$0/seed\""
 seed pipeline_yaml cp examples/*.yaml
+seed oip_request sh -c "printf '\\000%s' '{\"id\":\"1\",\"inputs\":[{\"name\":\"input\",\"shape\":[2,2],\"datatype\":\"FP32\",\"data\":[[1,2],[3,4.5]]}],\"outputs\":[{\"name\":\"output\"}]}' > \"\$0/seed\""
 seed csi_volume_attributes sh -c "printf '[{\"name\":\"mlp\",\"format\":\"Safetensors\",\"uri\":\"https://models.example/m.safetensors?sig=x\",\"sha256\":\"%s\"}]' \"\$(printf 'ab%.0s' \$(seq 32))\" > \"\$0/seed\""
 
 targets=$(cargo +nightly fuzz list --fuzz-dir fuzz)

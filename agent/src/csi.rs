@@ -180,6 +180,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Checks every entry of the store against its record, as [`Self::vet_existing`] does
+    /// once per folder: one changed since (or planted) is removed, and laid out again from its
+    /// source at its next mount. Returns how many were removed.
+    pub fn verify_store(&self) -> anyhow::Result<usize> {
+        let layouts = Layouts::new(self.store.clone());
+        let mut removed = 0;
+        for digest in layouts.entries()?.into_keys() {
+            // An entry collected meanwhile cannot be checked, and need not be.
+            let Ok(check) = layouts.check(&digest) else {
+                continue;
+            };
+            if let Check::Untrusted(why) = check {
+                self.verified.lock().unwrap().retain(|(d, _)| *d != digest);
+                self.discard(&digest, &why)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes an entry that does not verify (it is laid out again from its source).
     fn discard(&self, digest: &str, why: &str) -> Result<(), Status> {
         warn!(%digest, %why, "a store entry that does not verify: removed, laid out again");

@@ -1,7 +1,9 @@
 //! The store's entries as the agent laid them out: when the agent publishes a model it records
-//! the sha256 of the laid-out files (`<store>/.layouts/<digest>`, beside the store's other
-//! bookkeeping and outside every pod's view), and it serves an entry it did not lay out in this
-//! call only once that entry's files hash to the record. The source's digest names what was
+//! the sha256 of the laid-out files (`.layouts/<digest>` in the store's private folder: the
+//! agent's own memory volume, which nothing else on the node writes, not beside the entries
+//! where whoever could change an entry could change its record too), and it serves an entry it
+//! did not lay out in this call only once that entry's files hash to the record; it also
+//! checks every entry again periodically. The source's digest names what was
 //! fetched; this one, what is served: an entry whose files changed since (or one that appeared
 //! in the store without the agent laying it out) is removed and laid out again from its source.
 
@@ -35,7 +37,7 @@ impl Layouts {
     }
 
     fn record_path(&self, digest: &str) -> PathBuf {
-        self.store.root().join(".layouts").join(digest)
+        self.store.private_root().join(".layouts").join(digest)
     }
 
     /// Records the entry of `digest` as it is now (call right after laying it out).
@@ -104,7 +106,7 @@ impl Layouts {
 
 /// The sha256 over the entry's files in name order: each one's name, length and bytes. Anything
 /// that is not a plain file (a link, a folder) makes the entry unverifiable.
-fn hash_entry(dir: &Path) -> Result<String> {
+pub fn hash_entry(dir: &Path) -> Result<String> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .map(|e| e.map(|e| e.file_name()))

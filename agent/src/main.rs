@@ -12,7 +12,7 @@ use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_serv
 use kube_zerocopy_agent::{metrics, report, store_memory};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::networks::SourceNetworks;
-use kube_zerocopy_sidecar::source::SourceLimits;
+use kube_zerocopy_sidecar::source::{DownloadSlots, SourceLimits};
 use kube_zerocopy_sidecar::Store;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
@@ -55,6 +55,14 @@ struct Cli {
     /// fetch holds its model's lock, which a trickling source would hold for ever.
     #[arg(long, env = "KZC_MIN_SOURCE_BYTES_PER_SECOND", default_value_t = 65536)]
     min_source_bytes_per_second: u64,
+    /// Sources downloaded to the download folder at once at most (from servers without byte
+    /// ranges, or fetched whole before room is made): with the store's capacity as the most a
+    /// source may have, the folder holds at most that many times the store.
+    #[arg(long, env = "KZC_MAX_DOWNLOADS", default_value_t = 2)]
+    max_downloads: usize,
+    /// Seconds between two checks of every store entry against the agent's layout records.
+    #[arg(long, env = "KZC_VERIFY_EVERY", default_value_t = 3600)]
+    verify_every: u64,
     /// Seconds a model no pod mounts stays in the store before the collection removes it (a
     /// full store makes room at once, from the unused model used least recently).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
@@ -74,6 +82,21 @@ struct Cli {
 fn main() {
     kube_zerocopy_sidecar::process::init_logs();
     kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+}
+
+/// Checks, every `period`, that every store entry is still what the agent laid out.
+fn verify_periodically(agent: Arc<Agent>, period: Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(period);
+        match agent.verify_store() {
+            Ok(0) => {}
+            Ok(removed) => warn!(
+                removed,
+                "store entries changed since they were laid out: removed"
+            ),
+            Err(e) => warn!(error = format!("{e:#}"), "verifying the store"),
+        }
+    });
 }
 
 /// Removes, every `period`, the models that no volume has mounted for `keep_unused`.
@@ -110,6 +133,10 @@ fn run(cli: Cli) -> Result<()> {
     if removed > 0 {
         tracing::info!(removed, "removed downloads left by an earlier run");
     }
+    // A source larger than the whole store could never be laid out: none is fetched.
+    let capacity = rustix::fs::statvfs(&cli.store)
+        .map(|s| s.f_blocks * s.f_frsize)
+        .with_context(|| format!("reading the size of the store {}", cli.store.display()))?;
     let agent = Agent::new(
         cli.driver,
         cli.node_id,
@@ -119,9 +146,12 @@ fn run(cli: Cli) -> Result<()> {
             file_root: cli.file_sources,
             networks: Some(Arc::new(cli.source_networks)),
             min_bytes_per_second: Some(cli.min_source_bytes_per_second),
+            max_source_bytes: Some(capacity),
+            downloads: Some(DownloadSlots::new(cli.max_downloads)),
         },
     );
     metrics::serve(&cli.metrics_listen, agent.metrics.clone())?;
+    verify_periodically(agent.clone(), Duration::from_secs(cli.verify_every.max(1)));
     collect_periodically(
         agent.clone(),
         Duration::from_secs(cli.collect_every.max(1)),

@@ -40,6 +40,9 @@ pub struct Policy {
     pub first_pause: Duration,
     /// The most bytes the file may have (the model's declared size); more is an error.
     pub max_bytes: Option<u64>,
+    /// The most bytes any source may have here, whatever it declares (the node agent's: its
+    /// store's capacity, as a larger source could never be laid out).
+    pub ceiling: Option<u64>,
     /// A bearer token's file (a mounted Secret key), sent as `Authorization: Bearer`.
     pub bearer_token_file: Option<PathBuf>,
     /// PEM certificates trusted besides the system's bundle (a mounted ConfigMap key).
@@ -59,6 +62,7 @@ impl Default for Policy {
             attempts_without_progress: 4,
             first_pause: Duration::from_secs(1),
             max_bytes: None,
+            ceiling: None,
             bearer_token_file: None,
             ca_file: None,
             networks: None,
@@ -332,10 +336,10 @@ impl Transfer<'_> {
                 )))
             }
         };
-        if let (Some(total), Some(max)) = (total, policy.max_bytes) {
-            if total > max {
-                return Err(Failure::Permanent(too_big(uri, max, Some(total))));
-            }
+        if let Some(total) = total {
+            policy
+                .check_size(uri, total, true)
+                .map_err(Failure::Permanent)?;
         }
         let mut body = response.into_body();
         let mut reader = body.with_config().limit(u64::MAX).reader();
@@ -352,12 +356,9 @@ impl Transfer<'_> {
                     )))
                 }
             };
-            if let Some(max) = policy
-                .max_bytes
-                .filter(|&max| self.written + n as u64 > max)
-            {
-                return Err(Failure::Permanent(too_big(uri, max, None)));
-            }
+            policy
+                .check_size(uri, self.written + n as u64, false)
+                .map_err(Failure::Permanent)?;
             self.file
                 .write_all(&buf[..n])
                 .with_context(|| format!("writing the download of {uri}"))
@@ -420,15 +421,28 @@ impl Pace {
     }
 }
 
-pub(crate) fn too_big(uri: &str, max: u64, announced: Option<u64>) -> anyhow::Error {
-    let what = match announced {
-        Some(n) => format!("is {n} bytes"),
-        None => "sent more".to_owned(),
-    };
-    anyhow!(
-        "{uri} {what}, more than the model's declared size ({max} bytes, source.size); \
-         raise source.size if the file is right"
-    )
+impl Policy {
+    /// Fails when a source of `bytes` (`announced` by the server, or received so far) is more
+    /// than the model's declared size or the ceiling allow.
+    pub(crate) fn check_size(&self, uri: &str, bytes: u64, announced: bool) -> Result<()> {
+        let what = match announced {
+            true => format!("is {bytes} bytes"),
+            false => "sent more".to_owned(),
+        };
+        if let Some(max) = self.max_bytes.filter(|&max| bytes > max) {
+            anyhow::bail!(
+                "{uri} {what}, more than the model's declared size ({max} bytes, source.size); \
+                 raise source.size if the file is right"
+            );
+        }
+        if let Some(ceiling) = self.ceiling.filter(|&ceiling| bytes > ceiling) {
+            anyhow::bail!(
+                "{uri} {what}, more than the node's store holds ({ceiling} bytes): it could \
+                 never be laid out there; use sharing: Pod, or a larger nodeStore.capacityMiB"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What `If-Range` may carry: a strong ETag, else a Last-Modified date (weak ETags may not).

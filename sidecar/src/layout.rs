@@ -219,6 +219,12 @@ impl Store {
         self.lock_dir.as_deref().unwrap_or(&self.root)
     }
 
+    /// Where the store's writer keeps what no one else may write (its locks and its other
+    /// bookkeeping): the lock folder when set (see [`Store::with_lock_dir`]), else the root.
+    pub fn private_root(&self) -> &Path {
+        self.lock_root()
+    }
+
     /// The same store, giving up on a held lock after `timeout` instead of [`LOCK_TIMEOUT`].
     pub fn with_lock_timeout(self, timeout: Duration) -> Self {
         Store {

@@ -151,7 +151,7 @@ impl Publisher {
         ) {
             Err(e) if fetched.streamed && e.chain().any(|c| c.is::<StoreFull>()) => {
                 info!(model = %model.name, "the store is full: fetching the model whole before anything is removed to make room for it");
-                let fetched = fetched.into_local(&self.download_dir)?;
+                let fetched = fetched.into_local(&self.download_dir, &self.limits)?;
                 return self.lay_out_and_publish(model, fetched, hold, lock_key, started);
             }
             laid => laid?,

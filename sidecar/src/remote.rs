@@ -188,9 +188,7 @@ impl<'a> RemoteObject<'a> {
             tracing::info!(uri = %crate::redact::uri(&name), "the server offers no byte ranges with a strong ETag: downloading the file whole");
             return Ok(None);
         };
-        if let Some(max) = policy.max_bytes.filter(|&max| len > max) {
-            bail!(download::too_big(&name, max, Some(len)));
-        }
+        policy.check_size(&name, len, true)?;
         Ok(Some(RemoteObject {
             name,
             location,

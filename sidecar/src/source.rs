@@ -323,6 +323,48 @@ pub struct SourceLimits {
     pub networks: Option<Arc<SourceNetworks>>,
     /// A transfer slower than this many bytes a second over a minute is broken off.
     pub min_bytes_per_second: Option<u64>,
+    /// The most bytes a source may have, whatever its model declares.
+    pub max_source_bytes: Option<u64>,
+    /// Downloads to disk at once at most: the download folder then holds at most so many
+    /// sources of at most `max_source_bytes`.
+    pub downloads: Option<Arc<DownloadSlots>>,
+}
+
+/// A count of downloads that may run at once; a download waits for a free one.
+#[derive(Debug)]
+pub struct DownloadSlots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl DownloadSlots {
+    pub fn new(count: usize) -> Arc<Self> {
+        Arc::new(DownloadSlots {
+            free: Mutex::new(count.max(1)),
+            freed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Waits for a free slot and takes it until the returned guard is dropped.
+    fn take(self: &Arc<Self>) -> DownloadSlot {
+        let mut free = self.free.lock().unwrap();
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap();
+        }
+        *free -= 1;
+        DownloadSlot(self.clone())
+    }
+}
+
+/// A taken [`DownloadSlots`] slot, given back when dropped.
+#[derive(Debug)]
+struct DownloadSlot(Arc<DownloadSlots>);
+
+impl Drop for DownloadSlot {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap() += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A source ready to be laid out. A downloaded file is removed on drop.
@@ -337,6 +379,8 @@ pub struct Fetched<'a> {
     /// the fetch ends with the layout.
     pub streamed: bool,
     downloaded: Option<PathBuf>,
+    /// The download slot its file takes while it lives.
+    _slot: Option<DownloadSlot>,
 }
 
 impl<'a> Fetched<'a> {
@@ -347,8 +391,9 @@ impl<'a> Fetched<'a> {
     /// The same source fetched whole into `download_dir` (under a name of its own, removed
     /// with the returned [`Fetched`]) and hashed on the way; a declared digest must match.
     /// For a streamed source that must be verified before the store makes room for it.
-    pub fn into_local(self, download_dir: &Path) -> Result<Fetched<'a>> {
+    pub fn into_local(self, download_dir: &Path, limits: &SourceLimits) -> Result<Fetched<'a>> {
         let name = self.source.name().to_owned();
+        let slot = limits.downloads.as_ref().map(DownloadSlots::take);
         let (mut file, path) = download_file(download_dir)?;
         let copied = copy_hashing(self.source.as_ref(), &mut file).and_then(|sha256| {
             self.source.check_unchanged()?;
@@ -357,12 +402,16 @@ impl<'a> Fetched<'a> {
             }
             Ok((SourceFile::open(&path, &name)?, sha256))
         });
-        downloaded(copied, path)
+        downloaded(copied, path, slot)
     }
 }
 
 /// A file downloaded into `path` and hashed as a [`Fetched`]; on error the file is removed.
-fn downloaded<'a>(file: Result<(SourceFile, String)>, path: PathBuf) -> Result<Fetched<'a>> {
+fn downloaded<'a>(
+    file: Result<(SourceFile, String)>,
+    path: PathBuf,
+    slot: Option<DownloadSlot>,
+) -> Result<Fetched<'a>> {
     match file {
         Ok((source, sha256)) => Ok(Fetched {
             source: Box::new(source),
@@ -370,6 +419,7 @@ fn downloaded<'a>(file: Result<(SourceFile, String)>, path: PathBuf) -> Result<F
             hashed: true,
             streamed: false,
             downloaded: Some(path),
+            _slot: slot,
         }),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
@@ -450,6 +500,7 @@ pub fn fetch<'a>(
             hashed,
             streamed: false,
             downloaded: None,
+            _slot: None,
         });
     }
     if !["http://", "https://", "s3://", "az://"]
@@ -460,6 +511,7 @@ pub fn fetch<'a>(
     }
     let policy = download::Policy {
         max_bytes: model.max_bytes,
+        ceiling: limits.max_source_bytes,
         bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
         ca_file: model.ca_file.as_ref().map(PathBuf::from),
         networks: limits.networks.clone(),
@@ -473,8 +525,12 @@ pub fn fetch<'a>(
             hashed: false,
             streamed: true,
             downloaded: None,
+            _slot: None,
         }),
-        None => download_whole(uri, download_dir, &policy, on_progress),
+        None => {
+            let slot = limits.downloads.as_ref().map(DownloadSlots::take);
+            download_whole(uri, download_dir, &policy, on_progress, slot)
+        }
     }
 }
 
@@ -514,6 +570,7 @@ fn download_whole<'a>(
     download_dir: &Path,
     policy: &download::Policy,
     on_progress: download::OnProgress,
+    slot: Option<DownloadSlot>,
 ) -> Result<Fetched<'a>> {
     let (mut file, path) = download_file(download_dir)?;
     let fetched = download::download(uri, &mut file, policy, on_progress).and_then(|done| {
@@ -527,7 +584,7 @@ fn download_whole<'a>(
         }
         Ok((source, done.sha256))
     });
-    downloaded(fetched, path)
+    downloaded(fetched, path, slot)
 }
 
 #[cfg(test)]

@@ -206,6 +206,62 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
     actor.wait().unwrap();
 }
 
+/// Clients that open requests with large declared bodies and hold them back: a replica admits
+/// twice its queue of requests (their bodies read and decoded meanwhile) and answers the next
+/// one 503 before reading its body, so held-back bodies cannot pile up in its memory; health is
+/// answered meanwhile, and once the clients go, requests are served again.
+#[test]
+fn clients_that_hold_their_bodies_back_cannot_fill_the_replicas_memory() {
+    let mut replica = mlp_replica(&["--queued-batches", "1"]);
+    let (actor, base) = (&mut replica.actor, replica.base.clone());
+    let good = tch::Tensor::ones([4, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let address = base.trim_start_matches("http://");
+    let holding: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut held = TcpStream::connect(address).unwrap();
+            write!(
+                held,
+                "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+                60 << 20
+            )
+            .unwrap();
+            held.write_all(&[b' '; 1000]).unwrap();
+            held
+        })
+        .collect();
+    // Admitted once their headers are read: wait until the replica has both.
+    let started = std::time::Instant::now();
+    let refused = loop {
+        let (status, answer) = infer(&base, &good);
+        if status == 503 {
+            break answer.unwrap_err();
+        }
+        assert_eq!(status, 200);
+        assert!(started.elapsed() < Duration::from_secs(30), "never refused");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(refused.contains("waiting already"), "{refused}");
+    assert_eq!(
+        ureq::get(format!("{base}/v2/health/live"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(holding);
+    let started = std::time::Instant::now();
+    while infer(&base, &good).0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the clients' requests were never let go"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(actor.try_wait().unwrap().is_none());
+    actor.kill().unwrap();
+    actor.wait().unwrap();
+}
+
 /// With dynamic batching on, a pass waits for more requests while others are on their way. A
 /// request of shape [] arriving then used to end the inference thread (its rows were looked
 /// for past the end of its shape) and with it the replica.
@@ -549,9 +605,11 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
     let by_killed = summary["byReplica"][killed_url.as_str()]
         .as_u64()
         .unwrap_or(0);
+    // It served before it was killed (a replica that never served would prove nothing), and
+    // the others did the rest.
     assert!(
-        (by_killed as usize) < SHARDS,
-        "the killed replica did everything"
+        (1..SHARDS).contains(&(by_killed as usize)),
+        "the killed replica wrote {by_killed} of {SHARDS} batches"
     );
 
     // Each output put in place once, and equal to the Task's, byte for byte.

@@ -806,7 +806,7 @@ fn served(name: &str, base: &str, file: &Path, sha256: Option<String>) -> ModelS
 /// A tenant names a model whose source is not what it declares, on a full store of 1 MiB
 /// holding another tenant's unused model: the agent fetches and verifies it before it removes
 /// anything, so the other model stays; an honest model of the same size then makes room as
-/// before, and one larger than the whole store removes nothing.
+/// before, and one larger than the whole store is not even fetched.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_that_does_not_verify_removes_no_other_model_to_make_room() {
     let models_dir = tempfile::tempdir().unwrap();
@@ -884,7 +884,9 @@ async fn a_model_that_does_not_verify_removes_no_other_model_to_make_room() {
         .await
         .expect_err("a model larger than the store");
     assert!(
-        refused.message().contains("larger than the whole store"),
+        refused
+            .message()
+            .contains("more than the node's store holds"),
         "{}",
         refused.message()
     );
@@ -992,6 +994,75 @@ async fn sources_on_internal_addresses_are_refused_without_a_request() {
     .await
     .unwrap_or_else(|e| panic!("a source in an allowed network: {e}"));
     node.node_unpublish_volume(unpublish_request("allowed", &target))
+        .await
+        .unwrap();
+    assert!(agent.stop().success());
+}
+
+/// Someone with the node's files changes a published model's tensors while the agent runs,
+/// and writes a layout record beside the store's entries that matches the change. The agent
+/// keeps its records in its own memory folder (the chart's lock folder), so the forged one is
+/// not read; its periodic check finds the entry changed and removes it, though it had verified
+/// that folder before; the next mount lays the model out again from its source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_changed_in_the_store_with_a_forged_record_is_caught_by_the_periodic_check() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let model = mlp_in(m, "a", "64,256,8");
+    let digest = model.sha256.clone().unwrap();
+    let private = tempfile::tempdir().unwrap();
+    let private_dir = private.path().to_str().unwrap();
+    let agent = Agent::start_with(
+        Some(m),
+        &[
+            ("KZC_LOCK_DIR", private_dir),
+            ("KZC_KEEP_UNUSED", "3600"),
+            ("KZC_VERIFY_EVERY", "1"),
+        ],
+    );
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| pods.path().join(pod).join("mount");
+    node.node_publish_volume(one_model_volume(pods.path(), "first", &model))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(unpublish_request("first", &target("first")))
+        .await
+        .unwrap();
+    assert!(private.path().join(".layouts").join(&digest).is_file());
+    assert!(!agent.store().join(".layouts").exists());
+    let entry = agent.store().join("blobs").join(&digest);
+    let genuine = sha256_of(&entry.join("tensors.bin"));
+
+    // Changed in place (same folder, same inode), a matching record planted beside it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(entry.join("tensors.bin"))
+        .unwrap();
+    std::io::Write::write_all(&mut file, &[0xff; 64]).unwrap();
+    drop(file);
+    let forged = kube_zerocopy_agent::integrity::hash_entry(&entry).unwrap();
+    std::fs::create_dir_all(agent.store().join(".layouts")).unwrap();
+    std::fs::write(agent.store().join(".layouts").join(&digest), forged).unwrap();
+
+    let started = Instant::now();
+    while agent.metric("kube_zerocopy_agent_discarded_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the changed entry was never caught"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!entry.exists(), "the changed entry is still in the store");
+    node.node_publish_volume(one_model_volume(pods.path(), "second", &model))
+        .await
+        .unwrap();
+    let served = target("second")
+        .join("blobs")
+        .join(&digest)
+        .join("tensors.bin");
+    assert_eq!(sha256_of(&served), genuine);
+    node.node_unpublish_volume(unpublish_request("second", &target("second")))
         .await
         .unwrap();
     assert!(agent.stop().success());

@@ -15,9 +15,11 @@
 //! and tch's tensors may not be shared between threads). With dynamic batching, requests that
 //! arrive within `max_delay` of each other and fit together run as one forward pass of at most
 //! `max_rows` rows, each answered with its own rows; a pass waits only while other requests are
-//! on their way. Up to [`Limits::queued_batches`] requests
-//! wait, beyond that 503 with Retry-After. A body must arrive within [`Limits::body_timeout`]
-//! (else 408) and hold at most [`Limits::max_body_bytes`] (else 413). A request the protocol or
+//! on their way. Up to [`Limits::queued_batches`] requests wait, and twice as many are admitted
+//! at once (their bodies read, then decoded off the serving threads); beyond that 503 with
+//! Retry-After, before the body is read. A body must arrive within [`Limits::body_timeout`]
+//! (else 408) and hold at most [`Limits::max_body_bytes`] (else 413); at most
+//! [`Limits::max_connections`] connections are open. A request the protocol or
 //! the models refuse gets a 4xx in the protocol's shape (`{"error": ...}`) naming what was sent;
 //! a panic inside a model is caught at the batch boundary (500) and the replica goes on.
 //!
@@ -64,8 +66,12 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// How long a request's headers may take to arrive.
     pub header_timeout: Duration,
-    /// Requests that may wait while a batch runs.
+    /// Requests that may wait while a batch runs. Twice as many are admitted at once (their
+    /// bodies read and decoded meanwhile); beyond that a request is answered 503 before its
+    /// body is read.
     pub queued_batches: usize,
+    /// Open connections at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +81,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             queued_batches: 8,
+            max_connections: 1024,
         }
     }
 }
@@ -481,6 +488,8 @@ impl Drop for InFlight<'_> {
 /// What the HTTP side shares.
 struct Server {
     jobs: SyncSender<Job>,
+    /// A permit per request between admission and answer (see [`Limits::queued_batches`]).
+    admitted: Arc<tokio::sync::Semaphore>,
     metrics: Arc<ActorMetrics>,
     state: Arc<State>,
     settings: Settings,
@@ -633,6 +642,12 @@ impl Server {
     }
 
     async fn infer(&self, request: Request<Incoming>) -> Result<Answer, Refusal> {
+        // Admitted before the body is read: a burst of large bodies cannot hold more memory
+        // than the admitted requests' limits.
+        let _admitted = self
+            .admitted
+            .try_acquire()
+            .map_err(|_| Refusal::Busy(self.settings.limits.queued_batches))?;
         let _in_flight = InFlight::new(&self.state.in_flight);
         let started = Instant::now();
         let json_length = match request.headers().get(oip::HEADER_LENGTH) {
@@ -647,9 +662,11 @@ impl Server {
             ),
         };
         let body = self.read_body(request).await?;
-        let request = oip::decode_request(&body, json_length)
+        // Off the serving threads, which also answer health and metrics.
+        let request = tokio::task::spawn_blocking(move || oip::decode_request(&body, json_length))
+            .await
+            .map_err(|_| Refusal::Internal)?
             .map_err(|e| Refusal::BadRequest(format!("{e:#}")))?;
-        drop(body);
         let rows = request.input.size().first().copied().unwrap_or(1);
         let (reply, output) = oneshot::channel();
         self.jobs
@@ -716,7 +733,15 @@ impl Server {
 }
 
 async fn accept(listener: tokio::net::TcpListener, server: Arc<Server>) -> Result<()> {
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        server.settings.limits.max_connections.max(1),
+    ));
     loop {
+        let open = connections
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the connection limit was closed")?;
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -727,6 +752,7 @@ async fn accept(listener: tokio::net::TcpListener, server: Arc<Server>) -> Resul
         };
         let server = server.clone();
         tokio::spawn(async move {
+            let _open = open;
             let header_timeout = server.settings.limits.header_timeout;
             let service = service_fn(move |request| {
                 let server = server.clone();
@@ -823,6 +849,9 @@ pub fn serve(
     let drain = settings.drain;
     let server = Arc::new(Server {
         jobs,
+        admitted: Arc::new(tokio::sync::Semaphore::new(
+            2 * settings.limits.queued_batches.max(1),
+        )),
         metrics,
         state: state.clone(),
         settings,

@@ -11,15 +11,15 @@
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
-/// The header giving the length of the JSON part of a binary request or answer.
-pub const HEADER_LENGTH: &str = "inference-header-content-length";
+mod json_data;
+mod request;
 
-/// The one input and the one output of a pipeline.
-pub const INPUT: &str = "input";
-pub const OUTPUT: &str = "output";
+use request::{elements, Data};
+pub use request::{HEADER_LENGTH, INPUT, OUTPUT};
 
 /// A tensor as the protocol describes it (metadata, requests, answers).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -37,32 +37,6 @@ pub struct ModelMetadata {
     pub platform: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    data: Option<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestHeader {
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<RequestInput>,
-    outputs: Option<Vec<RequestedOutput>>,
 }
 
 /// An inference request, decoded.
@@ -112,84 +86,16 @@ fn kind(datatype: &str) -> Result<Kind> {
 /// Reads a request body: all JSON, or `json_length` bytes of JSON and then the tensors' bytes.
 /// Errors are the client's and say what to change.
 pub fn decode_request(body: &[u8], json_length: Option<usize>) -> Result<InferRequest> {
-    let (json, mut binary) = match json_length {
-        Some(n) => {
-            ensure!(
-                n <= body.len(),
-                "{HEADER_LENGTH} is {n} but the body holds only {} bytes",
-                body.len()
-            );
-            body.split_at(n)
-        }
-        None => (body, &[][..]),
+    let request = request::parse(body, json_length)?;
+    let (shape, datatype) = (&request.shape[..], &request.datatype[..]);
+    let input = match &request.data {
+        Data::Bytes(bytes) => from_bytes(bytes, shape, datatype)?,
+        Data::Json(data) => from_json(data, shape, datatype)?,
     };
-    let header: RequestHeader =
-        serde_json::from_slice(json).context("the request is not an inference request")?;
-    let [input] = &header.inputs[..] else {
-        bail!(
-            "the request has {} inputs; the model takes one, {INPUT:?}",
-            header.inputs.len()
-        );
-    };
-    ensure!(
-        input.name == INPUT,
-        "the model has no input {:?}; its input is {INPUT:?}",
-        input.name
-    );
-    // Requests are batches of rows, merged along their first dimension.
-    ensure!(
-        !input.shape.is_empty(),
-        "input {INPUT:?} has shape []; the model takes a batch of rows, shape [rows, ...]"
-    );
-    let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
-        (Some(size), None) => {
-            let size = size
-                .as_u64()
-                .and_then(|s| usize::try_from(s).ok())
-                .context("binary_data_size is not a byte count")?;
-            ensure!(
-                size <= binary.len(),
-                "input {INPUT:?} declares {size} bytes of binary data but {} follow the header",
-                binary.len()
-            );
-            let (bytes, rest) = binary.split_at(size);
-            binary = rest;
-            from_bytes(bytes, &input.shape, &input.datatype)?
-        }
-        (None, Some(data)) => from_json(data, &input.shape, &input.datatype)?,
-        (Some(_), Some(_)) => bail!("input {INPUT:?} has both data and binary_data_size"),
-        (None, None) => bail!("input {INPUT:?} has neither data nor binary_data_size"),
-    };
-    ensure!(
-        binary.is_empty(),
-        "{} bytes follow the inputs' binary data",
-        binary.len()
-    );
-    let flag = |p: &Map<String, Value>, name: &str| p.get(name).and_then(Value::as_bool);
-    let mut binary_output = flag(&header.parameters, "binary_data_output").unwrap_or(false);
-    for output in header.outputs.iter().flatten() {
-        ensure!(
-            output.name == OUTPUT,
-            "the model has no output {:?}; its output is {OUTPUT:?}",
-            output.name
-        );
-        if let Some(binary) = flag(&output.parameters, "binary_data") {
-            binary_output = binary;
-        }
-    }
     Ok(InferRequest {
-        id: header.id,
-        input: tensor,
-        binary_output,
-    })
-}
-
-/// The number of elements of `shape`, which must be a tensor's shape.
-fn elements(shape: &[i64]) -> Result<usize> {
-    shape.iter().try_fold(1usize, |n, &d| {
-        let d = usize::try_from(d).map_err(|_| anyhow!("shape {shape:?} has a negative size"))?;
-        n.checked_mul(d)
-            .ok_or_else(|| anyhow!("shape {shape:?} is too large"))
+        id: request.id,
+        input,
+        binary_output: request.binary_output,
     })
 }
 
@@ -211,53 +117,24 @@ fn from_bytes(bytes: &[u8], shape: &[i64], datatype: &str) -> Result<Tensor> {
     )
 }
 
-/// The JSON array's leaves in row-major order (flat or nested arrays alike).
-fn leaves<'a>(data: &'a Value, out: &mut Vec<&'a Value>) -> Result<()> {
-    match data {
-        Value::Array(items) => items.iter().try_for_each(|item| leaves(item, out)),
-        leaf => {
-            out.push(leaf);
-            Ok(())
-        }
-    }
-}
-
-fn from_json(data: &Value, shape: &[i64], datatype: &str) -> Result<Tensor> {
+fn from_json(data: &RawValue, shape: &[i64], datatype: &str) -> Result<Tensor> {
     let kind = kind(datatype)?;
-    let mut values = Vec::new();
-    leaves(data, &mut values)?;
     let expected = elements(shape)?;
-    ensure!(
-        values.len() == expected,
-        "input {INPUT:?} of shape {shape:?} takes {expected} values, not {}",
-        values.len()
-    );
-    let wrong = |v: &Value| anyhow!("{v} is not a value of datatype {datatype}");
+    let what = format!("input {INPUT:?} of shape {shape:?}");
     let flat = match kind {
         Kind::Bool => {
-            let v: Vec<bool> = values
-                .iter()
-                .map(|v| v.as_bool().ok_or_else(|| wrong(v)))
-                .collect::<Result<_>>()?;
-            Tensor::from_slice(&v)
+            Tensor::from_slice(&json_data::read::<bool>(data, expected, &what, datatype)?)
         }
         Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
-            let v: Vec<f64> = values
-                .iter()
-                .map(|v| v.as_f64().ok_or_else(|| wrong(v)))
-                .collect::<Result<_>>()?;
+            let v = json_data::read::<f64>(data, expected, &what, datatype)?;
             tensor(Tensor::from_slice(&v).f_to_kind(kind), shape, datatype)?
         }
         _ => {
+            let v = json_data::read::<i64>(data, expected, &what, datatype)?;
             let (min, max) = integer_range(kind);
-            let v: Vec<i64> = values
-                .iter()
-                .map(|v| {
-                    v.as_i64()
-                        .filter(|i| (min..=max).contains(i))
-                        .ok_or_else(|| wrong(v))
-                })
-                .collect::<Result<_>>()?;
+            if let Some(out) = v.iter().find(|i| !(min..=max).contains(*i)) {
+                bail!("{out} is not a value of datatype {datatype}");
+            }
             tensor(Tensor::from_slice(&v).f_to_kind(kind), shape, datatype)?
         }
     };
@@ -369,7 +246,10 @@ pub fn decode_answer(body: &[u8], json_length: Option<usize>) -> Result<Tensor> 
             );
             from_bytes(binary, &spec.shape, &spec.datatype)
         }
-        None => from_json(&output["data"], &spec.shape, &spec.datatype),
+        None => {
+            let data = serde_json::value::to_raw_value(&output["data"])?;
+            from_json(&data, &spec.shape, &spec.datatype)
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod mistakes;
 mod node_store;
 mod pod_security;
 mod queue;
+mod rights;
 mod support;
 mod task;
 
@@ -56,6 +57,7 @@ fn main() {
         pod_security::node_sharing_pods_pass_restricted,
         node_store::an_agent_writes_only_its_own_nodes_store_and_labels,
         node_store::node_sharing_pods_prefer_nodes_that_hold_their_models,
+        rights::the_operators_account_holds_the_committed_rights_and_cannot_lend_them,
     ];
     let one_at_a_time = scenarios![
         lifecycle::an_operator_killed_mid_reconcile_converges_when_restarted,
