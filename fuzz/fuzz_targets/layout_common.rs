@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use kube_zerocopy_sidecar::config::ModelFormat;
 use kube_zerocopy_sidecar::formats;
-use kube_zerocopy_sidecar::source::SourceFile;
+use kube_zerocopy_sidecar::source::{Source, SourceFile};
 use kube_zerocopy_sidecar::Store;
 
 fn scratch() -> &'static (tempfile::TempDir, PathBuf, Store) {

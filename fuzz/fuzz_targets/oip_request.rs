@@ -17,6 +17,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(!parsed.shape.is_empty());
+    assert!(parsed.id.as_ref().is_none_or(|id| id.len() <= body.len()));
+    let _ = parsed.binary_output;
+    if let request::Data::Bytes(bytes) = &parsed.data {
+        assert!(bytes.len() <= body.len());
+    }
     let Ok(expected) = request::elements(&parsed.shape) else {
         return;
     };
