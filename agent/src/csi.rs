@@ -31,7 +31,11 @@ use crate::proto::csi::{
     NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, ProbeRequest, ProbeResponse,
 };
+use crate::tenants::{Shares, Tenants};
 use crate::views::{self, Views};
+
+/// The volume attribute in which the kubelet passes the pod's namespace.
+const POD_NAMESPACE_ATTRIBUTE: &str = "csi.storage.k8s.io/pod.namespace";
 use kube_zerocopy_sidecar::config::VIEW_BINDINGS_DIR;
 
 pub struct Agent {
@@ -41,9 +45,12 @@ pub struct Agent {
     pub store: Store,
     /// Where http(s) sources are downloaded before they are laid out.
     pub download_dir: PathBuf,
-    /// What sources may limits: the node's folder whose files a volume may name as `file://`
-    /// sources (none when None), and the internal networks remote sources may be in.
+    /// What sources may reach and how slow they may be: the node's folder whose files a
+    /// volume may name as `file://` sources (none when None), the internal networks remote
+    /// sources may be in, a minimum rate, the most a source may hold, downloads at once.
     pub limits: SourceLimits,
+    /// What each namespace holds of the store and has under way.
+    tenants: Tenants,
     /// Each published volume's claims on its models, so that no collection removes them.
     holds: Mutex<HashMap<String, Vec<Hold>>>,
     pub metrics: Arc<Metrics>,
@@ -61,6 +68,7 @@ impl Agent {
         store: Store,
         download_dir: PathBuf,
         limits: SourceLimits,
+        shares: Shares,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(store.root().to_owned()));
         Arc::new(Agent {
@@ -71,6 +79,7 @@ impl Agent {
             store,
             download_dir,
             limits,
+            tenants: Tenants::new(shares),
             holds: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashSet::new()),
         })
@@ -84,6 +93,7 @@ impl Agent {
     fn publish_volume(
         &self,
         volume_id: &str,
+        namespace: &str,
         target: &Path,
         models_json: &str,
     ) -> Result<(), Status> {
@@ -100,10 +110,26 @@ impl Agent {
         if views::is_mounted(target).map_err(internal)? {
             return Ok(());
         }
+        // Counted when something may be fetched and laid out: a volume of models the store
+        // holds already is only verified and linked.
+        let held = models.iter().all(|m| {
+            m.sha256
+                .as_deref()
+                .is_some_and(|d| self.store.is_published(&d.to_ascii_lowercase()))
+        });
+        let _publishing = match held {
+            true => None,
+            false => Some(
+                self.tenants
+                    .start_publication(namespace)
+                    .map_err(Status::unavailable)?,
+            ),
+        };
         // A failed publication leaves no view behind: each view counts as a pod that maps.
-        let published = self.publish_into_view(volume_id, &view, target, &models);
+        let published = self.publish_into_view(volume_id, namespace, &view, target, &models);
         if published.is_err() {
             let _ = views.remove(volume_id);
+            self.tenants.release(volume_id);
         }
         published
     }
@@ -112,6 +138,7 @@ impl Agent {
     fn publish_into_view(
         &self,
         volume_id: &str,
+        namespace: &str,
         view: &Path,
         target: &Path,
         models: &[ModelSource],
@@ -139,6 +166,16 @@ impl Agent {
         for hold in &holds {
             self.settle(&layouts, &hold.digest, &before)?;
         }
+        // Counted against the namespace's share before it is mounted (and forgotten again if
+        // it is not).
+        let sizes = holds
+            .iter()
+            .map(|h| Ok((h.digest.clone(), self.store.open(&h.digest)?.tensors_bytes)))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(internal)?;
+        self.tenants
+            .admit(volume_id, namespace, sizes)
+            .map_err(Status::resource_exhausted)?;
         // One hold per model, in the models' order: their digests are what the view links.
         let digests: Vec<&str> = holds.iter().map(|h| h.digest.as_str()).collect();
         self.views()
@@ -300,6 +337,7 @@ impl Agent {
         self.views().remove(volume_id).map_err(internal)?;
         // The models were in use until now: their idle time counts from here.
         let released = {
+            self.tenants.release(volume_id);
             let mut all = self.holds.lock().unwrap();
             let released = all.remove(volume_id);
             self.metrics.volumes.set(all.len() as i64);
@@ -399,10 +437,16 @@ impl Node for Service {
                     "the volume has no attribute {MODELS_ATTRIBUTE:?}: the pod's models"
                 ))
             })?;
+        // The kubelet says whose pod it is (the CSIDriver's podInfoOnMount).
+        let namespace = r
+            .volume_context
+            .get(POD_NAMESPACE_ATTRIBUTE)
+            .cloned()
+            .unwrap_or_default();
         let agent = self.0.clone();
         let started = Instant::now();
         let published = blocking(move || {
-            agent.publish_volume(&r.volume_id, Path::new(&r.target_path), &models)
+            agent.publish_volume(&r.volume_id, &namespace, Path::new(&r.target_path), &models)
         })
         .await;
         self.0

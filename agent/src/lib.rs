@@ -11,6 +11,7 @@
 //! - [`integrity`]: the record of what the agent laid out, checked before an entry is served.
 //! - [`activity`]: the fetches under way and a record of each publication.
 //! - [`report`]: the node's `NodeStore` and its labels of held models, written to the API.
+//! - [`tenants`]: each namespace's share of the store and of the publications under way.
 
 pub mod activity;
 pub mod csi;
@@ -18,6 +19,7 @@ pub mod integrity;
 pub mod metrics;
 pub mod report;
 pub mod store_memory;
+pub mod tenants;
 pub mod views;
 
 pub mod proto {

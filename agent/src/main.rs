@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kube_zerocopy_agent::csi::{Agent, Service};
 use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_server::NodeServer};
+use kube_zerocopy_agent::tenants::Shares;
 use kube_zerocopy_agent::{metrics, report, store_memory};
 use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
 use kube_zerocopy_sidecar::networks::SourceNetworks;
@@ -63,6 +64,12 @@ struct Cli {
     /// Seconds between two checks of every store entry against the agent's layout records.
     #[arg(long, env = "KZC_VERIFY_EVERY", default_value_t = 3600)]
     verify_every: u64,
+    /// The share of the store one namespace's mounted volumes may hold, in percent.
+    #[arg(long, env = "KZC_NAMESPACE_SHARE_PERCENT", default_value_t = 50)]
+    namespace_share_percent: u64,
+    /// Publications one namespace may have under way on the node at once.
+    #[arg(long, env = "KZC_NAMESPACE_PUBLICATIONS", default_value_t = 4)]
+    namespace_publications: usize,
     /// Seconds a model no pod mounts stays in the store before the collection removes it (a
     /// full store makes room at once, from the unused model used least recently).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]
@@ -148,6 +155,10 @@ fn run(cli: Cli) -> Result<()> {
             min_bytes_per_second: Some(cli.min_source_bytes_per_second),
             max_source_bytes: Some(capacity),
             downloads: Some(DownloadSlots::new(cli.max_downloads)),
+        },
+        Shares {
+            store_bytes: capacity / 100 * cli.namespace_share_percent.min(100),
+            publications: cli.namespace_publications.max(1),
         },
     );
     metrics::serve(&cli.metrics_listen, agent.metrics.clone())?;

@@ -716,7 +716,11 @@ async fn a_full_store_makes_room_and_a_model_that_cannot_fit_is_refused() {
     );
     let agent = Agent::start_with(
         Some(m),
-        &[("KZC_STORE_SIZE", "1m"), ("KZC_KEEP_UNUSED", "3600")],
+        &[
+            ("KZC_STORE_SIZE", "1m"),
+            ("KZC_KEEP_UNUSED", "3600"),
+            ("KZC_NAMESPACE_SHARE_PERCENT", "100"),
+        ],
     );
     let mut node = NodeClient::new(agent.channel().await);
     let pods = tempfile::tempdir().unwrap();
@@ -820,6 +824,7 @@ async fn a_model_that_does_not_verify_removes_no_other_model_to_make_room() {
             ("KZC_STORE_SIZE", "1m"),
             ("KZC_KEEP_UNUSED", "3600"),
             ("KZC_SOURCE_NETWORKS", "127.0.0.1"),
+            ("KZC_NAMESPACE_SHARE_PERCENT", "100"),
         ],
     );
     let mut node = NodeClient::new(agent.channel().await);
@@ -1065,5 +1070,69 @@ async fn a_model_changed_in_the_store_with_a_forged_record_is_caught_by_the_peri
     node.node_unpublish_volume(unpublish_request("second", &target("second")))
         .await
         .unwrap();
+    assert!(agent.stop().success());
+}
+
+/// One tenant mounts models until its volumes would hold more than half the node's store (the
+/// default share): its next volume is refused with ResourceExhausted, in words that name the
+/// share; another namespace mounts that same model, from its own share; once the first
+/// tenant's volume goes, its next one is mounted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_cannot_hold_more_than_its_share_of_the_store() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    // About 600 KiB and 550 KiB: either fits in half of 2 MiB, both do not.
+    let (first, second) = (
+        mlp_in(m, "first", "64,1200,64"),
+        mlp_in(m, "second", "64,1100,64"),
+    );
+    let agent = Agent::start_with(Some(m), &[("KZC_STORE_SIZE", "2m")]);
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let target = |pod: &str| pods.path().join(pod).join("mount");
+    let in_namespace = |id: &str, model: &ModelSource, ns: &str| {
+        let mut request = one_model_volume(pods.path(), id, model);
+        request
+            .volume_context
+            .insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
+        request
+    };
+    node.node_publish_volume(in_namespace("a1", &first, "tenant-a"))
+        .await
+        .unwrap();
+    let refused = node
+        .node_publish_volume(in_namespace("a2", &second, "tenant-a"))
+        .await
+        .expect_err("more than the namespace's share");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("namespace \"tenant-a\" would hold")
+            && refused
+                .message()
+                .contains("nodeStore.namespaceSharePercent"),
+        "{}",
+        refused.message()
+    );
+    assert!(!target("a2").exists(), "a refused volume was mounted");
+    node.node_publish_volume(in_namespace("b1", &second, "tenant-b"))
+        .await
+        .unwrap_or_else(|e| panic!("another namespace's share: {e}"));
+    node.node_unpublish_volume(unpublish_request("a1", &target("a1")))
+        .await
+        .unwrap();
+    node.node_publish_volume(in_namespace("a2", &second, "tenant-a"))
+        .await
+        .unwrap_or_else(|e| panic!("the share once the first volume went: {e}"));
+    for id in ["a2", "b1"] {
+        node.node_unpublish_volume(unpublish_request(id, &target(id)))
+            .await
+            .unwrap();
+    }
     assert!(agent.stop().success());
 }

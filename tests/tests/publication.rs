@@ -3,7 +3,7 @@
 //! asked for the same model load it once; a serving one keeps its models and collects the
 //! unused ones.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,6 +153,10 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     assert_eq!(seen.contents, std::collections::BTreeSet::from([published]));
 }
 
+/// Two sidecars on one node asked for the same model at once: the model's server holds its
+/// first answer until the second sidecar waits for the model's lock, so that they race for
+/// real; the model is fetched once (one GET), laid out once, and both pods are bound to one
+/// copy (one inode).
 #[test]
 fn two_sidecars_on_one_node_load_a_model_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,8 +168,33 @@ fn two_sidecars_on_one_node_load_a_model_once() {
         "2048,2048,2048,10",
     ]);
     let digest = sha256_of(&file);
+    let bytes = std::fs::read(&file).unwrap();
+    // The model's server (no ranges: one GET brings it whole), held until released.
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let address = server.server_addr().to_ip().unwrap();
+    let (release, gets) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let asked = Arc::new(AtomicBool::new(false));
+    {
+        let (release, gets, asked) = (release.clone(), gets.clone(), asked.clone());
+        std::thread::spawn(move || {
+            for request in server.incoming_requests() {
+                asked.store(true, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if *request.method() == tiny_http::Method::Get {
+                    gets.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = request.respond(tiny_http::Response::from_data(bytes.clone()));
+            }
+        });
+    }
     let model = ModelSource {
         sha256: Some(digest.clone()),
+        uri: format!("http://{address}/m.safetensors"),
         ..source("m", ModelFormat::Safetensors, &file)
     };
     let first = Pod::new();
@@ -177,14 +206,36 @@ fn two_sidecars_on_one_node_load_a_model_once() {
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn(&first), spawn(&second));
-    let logs: Vec<String> = [a, b]
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            succeeded(&out)
-        })
-        .collect();
+    let a = spawn(&first);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !asked.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the first sidecar never asked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The first holds the model's lock while its source is held: the second, once it says it
+    // waits for the lock, waits for the first.
+    let mut b = spawn(&second);
+    let mut second_log = String::new();
+    {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(b.stderr.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            second_log += &line;
+            second_log.push('\n');
+            if line.contains("waiting for the model's lock") {
+                break;
+            }
+        }
+        release.store(true, Ordering::SeqCst);
+        for line in lines {
+            second_log += &line.unwrap();
+            second_log.push('\n');
+        }
+    }
+    let first_log = succeeded(&a.wait_with_output().unwrap());
+    assert!(b.wait().unwrap().success(), "{second_log}");
+    let logs = [first_log, second_log];
     let loaded = logs.iter().filter(|l| l.contains("laid out")).count();
     let verified = logs
         .iter()
@@ -196,11 +247,22 @@ fn two_sidecars_on_one_node_load_a_model_once() {
         "logs:\n{}",
         logs.join("\n---\n")
     );
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        1,
+        "the model was fetched more than once"
+    );
     assert_eq!(first.published(), vec![digest.clone()]);
     // Both pods are bound to the one copy.
+    let mut inodes = std::collections::BTreeSet::new();
     for pod in [&first, &second] {
         assert_eq!(pod.bindings().read().unwrap().unwrap()["m"], digest);
+        let tensors = pod.store().model_dir(&digest).join("tensors.bin");
+        inodes.insert(std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(tensors).unwrap(),
+        ));
     }
+    assert_eq!(inodes.len(), 1, "two copies of the model");
 }
 
 /// The weight server's health endpoints while it serves: /livez answers at once, /readyz says

@@ -206,12 +206,32 @@ fn publish(uri: &str, sha256: Option<String>) -> Published {
 }
 
 fn publish_as(format: ModelFormat, uri: &str, sha256: Option<String>) -> Published {
-    let store = tempfile::tempdir().unwrap();
     let downloads = tempfile::tempdir().unwrap();
+    let download_dir = downloads.path().to_owned();
+    publish_into(format, uri, sha256, downloads, download_dir)
+}
+
+/// [`publish`] with a download folder that cannot hold a file (a file stands at its place:
+/// root, as these tests run, is refused too), so that any write to the disk fails.
+fn publish_without_a_disk(uri: &str) -> Published {
+    let downloads = tempfile::tempdir().unwrap();
+    let download_dir = downloads.path().join("not-a-folder");
+    std::fs::write(&download_dir, b"").unwrap();
+    publish_into(ModelFormat::Safetensors, uri, None, downloads, download_dir)
+}
+
+fn publish_into(
+    format: ModelFormat,
+    uri: &str,
+    sha256: Option<String>,
+    downloads: tempfile::TempDir,
+    download_dir: std::path::PathBuf,
+) -> Published {
+    let store = tempfile::tempdir().unwrap();
     let publisher = Publisher {
         store: Store::new(store.path()),
         bindings: Bindings::new(store.path().join("bindings")),
-        download_dir: downloads.path().to_owned(),
+        download_dir,
         limits: Default::default(),
         observer: None,
     };
@@ -250,7 +270,7 @@ fn expected_tensors(bytes: &[u8]) -> Vec<u8> {
 fn a_model_is_streamed_into_place_by_ranges_with_no_file_on_disk() {
     let bytes = safetensors(40);
     let server = Server::start(bytes.clone(), true);
-    let published = publish(&server.uri, None);
+    let published = publish_without_a_disk(&server.uri);
     let digest = published.result.as_ref().unwrap();
     assert_eq!(
         *digest,
@@ -261,7 +281,11 @@ fn a_model_is_streamed_into_place_by_ranges_with_no_file_on_disk() {
         published.blobs(),
         BTreeMap::from([(digest.clone(), expected_tensors(&bytes))])
     );
-    assert_eq!(published.downloads_left(), 0, "nothing written to the disk");
+    assert_eq!(
+        published.downloads_left(),
+        1,
+        "only the file in the folder's place"
+    );
     assert_eq!(published.staging_left(), 0);
     let gets = server.ranged_gets();
     assert!(gets.len() >= 5, "40 MiB in 8 MiB ranges: {gets:?}");
@@ -348,6 +372,9 @@ fn a_server_without_ranges_is_downloaded_whole() {
     assert_eq!(published.result.as_ref().unwrap(), &sha256_hex(&bytes));
     assert!(server.ranged_gets().is_empty());
     assert_eq!(published.downloads_left(), 0, "the download is removed");
+    // It needs the disk: without one it fails (what the streamed test's success rules out).
+    let without = publish_without_a_disk(&server.uri);
+    assert!(without.result.is_err(), "downloaded whole without a disk");
 }
 
 #[test]
