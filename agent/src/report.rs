@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
-use kube_zerocopy::node_store::{
+use kube_zerocopy_contract::node_store::{
     held_label, human_bytes, Fetching, HeldModel, NodeStore, NodeStoreStatus, HELD_LABEL_PREFIX,
 };
 use kube_zerocopy_sidecar::layout::MANIFEST_FILE;

@@ -881,19 +881,14 @@ async fn apply_objects(
             let services: Api<Service> = Api::namespaced(client.clone(), ns);
             let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
             let name = render::object_name(pipeline);
-            if let Some(blocked) = foreign(&services, pipeline, ns, &name).await? {
-                return Ok(blocked.into());
-            }
             if let Some(blocked) = foreign(&deployments, pipeline, ns, &name).await? {
                 return Ok(blocked.into());
             }
-            services
-                .patch(
-                    &render::object_name(pipeline),
-                    &apply,
-                    &Patch::Apply(&service),
-                )
-                .await?;
+            // Created with a POST when missing: one made meanwhile by someone else is refused,
+            // never taken over.
+            if let Some(blocked) = apply_owned(&services, pipeline, ns, &service).await? {
+                return Ok(blocked.into());
+            }
             let policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
             if let Some(blocked) = apply_owned(&policies, pipeline, ns, &network_policy).await? {
                 return Ok(blocked.into());

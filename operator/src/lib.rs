@@ -10,7 +10,6 @@ pub mod invocation;
 pub mod leader;
 pub mod local;
 pub mod metrics;
-pub mod node_store;
 pub mod plan;
 pub mod policy;
 pub mod quantity;
@@ -18,3 +17,6 @@ pub mod queue;
 pub mod render;
 pub mod status;
 pub mod validation;
+
+/// The `NodeStore` resource lives in the contract crate, which the node agent uses alone.
+pub use kube_zerocopy_contract::node_store;
