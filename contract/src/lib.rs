@@ -2,6 +2,9 @@
 //! reads. Light on dependencies (kube's derive, k8s-openapi, schemars, serde), so that every
 //! binary can depend on it without the operator.
 //!
+//! - [`models`]: the models a pod serves, as the operator renders them for the weight server,
+//!   the workers and the node agent.
 //! - [`node_store`]: the `NodeStore` resource each node agent writes, and its node labels.
 
+pub mod models;
 pub mod node_store;

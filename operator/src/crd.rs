@@ -4,23 +4,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-// The sidecar's ModelFormat, with a schema for the CRD.
-/// Safetensors: a file of named tensors, run by a built-in architecture (see architecture).
-/// TorchScript: a module saved with torch.jit.save, which carries its own code.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum ModelFormat {
-    Safetensors,
-    TorchScript,
-}
-
-impl From<ModelFormat> for kube_zerocopy_sidecar::ModelFormat {
-    fn from(f: ModelFormat) -> Self {
-        match f {
-            ModelFormat::Safetensors => Self::Safetensors,
-            ModelFormat::TorchScript => Self::TorchScript,
-        }
-    }
-}
+/// One format type for the resource and every binary that reads the models.
+pub use kube_zerocopy_contract::models::ModelFormat;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
@@ -526,7 +511,7 @@ impl InferencePipelineSpec {
                 };
                 kube_zerocopy_sidecar::ModelSource {
                     name: m.name.clone(),
-                    format: m.format.into(),
+                    format: m.format,
                     uri: m.source.uri.clone(),
                     sha256: m.source.sha256.clone(),
                     architecture: m.architecture.clone(),

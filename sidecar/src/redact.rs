@@ -16,33 +16,41 @@ pub fn uri(uri: &str) -> Cow<'_, str> {
     }
 }
 
-/// `text` with every http(s) URL in it shown by [`uri`]: a URL ends at white space or at a
-/// character that cannot be part of one unquoted (a quote, a bracket, a comma before a space).
+/// `text` with every URL in it shown by [`uri`], whatever its scheme (a mistyped scheme
+/// carries its credential as well): a URL starts at its scheme and ends at white space or a
+/// quote, less a closing bracket or punctuation that ends the sentence. Anything else may be
+/// part of a URL as a user wrote it, so it is left out with the query.
 pub fn uris_in(text: &str) -> Cow<'_, str> {
-    if !text.contains("http://") && !text.contains("https://") {
+    if !text.contains("://") {
         return Cow::Borrowed(text);
     }
     let mut shown = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(start) = ["http://", "https://"]
-        .iter()
-        .filter_map(|scheme| rest.find(scheme))
-        .min()
-    {
+    while let Some(separator) = rest.find("://") {
+        let start = scheme_start(&rest[..separator]);
         shown.push_str(&rest[..start]);
         let url = &rest[start..];
         let end = url
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\''))
             .unwrap_or(url.len());
         // A closing bracket or trailing punctuation belongs to the sentence, not the URL.
         let end = url[..end]
             .trim_end_matches([')', ']', '}', ',', ';', ':', '.'])
-            .len();
+            .len()
+            .max(separator - start + 3);
         shown.push_str(&uri(&url[..end]));
         rest = &url[end..];
     }
     shown.push_str(rest);
     Cow::Owned(shown)
+}
+
+/// Where the scheme that ends `before` begins: the letters, digits, `+`, `-` and `.` just
+/// before `://`.
+fn scheme_start(before: &str) -> usize {
+    before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |at| at + 1)
 }
 
 #[cfg(test)]
@@ -76,5 +84,14 @@ mod tests {
              then \"http://10.0.0.1/x?<redacted>\"."
         );
         assert!(matches!(uris_in("no url here"), Cow::Borrowed(_)));
+        assert_eq!(
+            uris_in("unknown scheme in \"htpts://m.example/m.pt?sig=SECRET\""),
+            "unknown scheme in \"htpts://m.example/m.pt?<redacted>\""
+        );
+        assert_eq!(uris_in("odd ://?x"), "odd ://?<redacted>");
+        assert_eq!(
+            uris_in("(https://h.example/a`b<c>?sig=SECRET)."),
+            "(https://h.example/a`b<c>?<redacted>)."
+        );
     }
 }

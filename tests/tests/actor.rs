@@ -212,7 +212,8 @@ fn actor_refuses_what_does_not_fit_and_goes_on_serving() {
 /// answered meanwhile, and once the clients go, requests are served again.
 #[test]
 fn clients_that_hold_their_bodies_back_cannot_fill_the_replicas_memory() {
-    let mut replica = mlp_replica(&["--queued-batches", "1"]);
+    // The held bodies must outlast a loaded machine's pauses.
+    let mut replica = mlp_replica(&["--queued-batches", "1", "--body-timeout", "300"]);
     let (actor, base) = (&mut replica.actor, replica.base.clone());
     let good = tch::Tensor::ones([4, 64], (tch::Kind::Float, tch::Device::Cpu));
     let address = base.trim_start_matches("http://");
@@ -229,17 +230,19 @@ fn clients_that_hold_their_bodies_back_cannot_fill_the_replicas_memory() {
             held
         })
         .collect();
-    // Admitted once their headers are read: wait until the replica has both.
+    // Admitted once their headers are read: wait until the replica counts both.
     let started = std::time::Instant::now();
-    let refused = loop {
-        let (status, answer) = infer(&base, &good);
-        if status == 503 {
-            break answer.unwrap_err();
-        }
-        assert_eq!(status, 200);
-        assert!(started.elapsed() < Duration::from_secs(30), "never refused");
+    while metric_value(&metrics(&base), "kube_zerocopy_worker_requests_in_flight") != Some(2.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the held requests were never admitted: {}",
+            metrics(&base)
+        );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+    let (status, answer) = infer(&base, &good);
+    assert_eq!(status, 503, "{answer:?}");
+    let refused = answer.unwrap_err();
     assert!(refused.contains("waiting already"), "{refused}");
     assert_eq!(
         ureq::get(format!("{base}/v2/health/live"))
@@ -252,7 +255,7 @@ fn clients_that_hold_their_bodies_back_cannot_fill_the_replicas_memory() {
     let started = std::time::Instant::now();
     while infer(&base, &good).0 != 200 {
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(60),
             "the clients' requests were never let go"
         );
         std::thread::sleep(Duration::from_millis(50));

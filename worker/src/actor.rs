@@ -148,6 +148,7 @@ struct ActorMetrics {
     rows: Counter,
     executions: Counter,
     seconds: Histogram,
+    in_flight: Gauge,
     weights: Gauge,
     process_pss: Gauge,
     process_uss: Gauge,
@@ -185,6 +186,12 @@ impl ActorMetrics {
             Unit::Seconds,
             seconds.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Inference requests admitted and not yet answered (their bodies read, queued or running)",
+            in_flight.clone(),
+        );
         let process_pss = bytes(
             &mut registry,
             "process_pss",
@@ -207,6 +214,7 @@ impl ActorMetrics {
             rows,
             executions,
             seconds,
+            in_flight,
             weights,
             process_pss,
             process_uss,
@@ -226,7 +234,8 @@ impl ActorMetrics {
     }
 
     /// The text format, with the memory gauges read from /proc now.
-    fn render(&self) -> Result<String> {
+    fn render(&self, in_flight: usize) -> Result<String> {
+        self.in_flight.set(in_flight as i64);
         let process = MemoryStats::of_process("self")?;
         self.process_pss.set(process.pss_kib as i64 * 1024);
         self.process_uss.set(process.uss_kib as i64 * 1024);
@@ -574,7 +583,10 @@ impl Server {
                     "extensions": ["binary_tensor_data"],
                 }),
             ),
-            (&Method::GET, "/metrics") => match self.metrics.render() {
+            (&Method::GET, "/metrics") => match self
+                .metrics
+                .render(self.state.in_flight.load(Ordering::SeqCst))
+            {
                 Ok(metrics) => answer(StatusCode::OK, "text/plain; charset=utf-8", metrics),
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "cannot render the metrics");
