@@ -332,6 +332,13 @@ pub struct ActorSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("actor.inFlightPerReplica must be 1 to 64"))]
     pub in_flight_per_replica: Option<i32>,
+    /// A key of a Secret in the pipeline's namespace holding the token clients must send to
+    /// the replicas as `Authorization: Bearer <token>` on the model's paths
+    /// (`/v2/models/...`; health, /metrics and the server's metadata stay open to probes and
+    /// Prometheus). A batch run's driver sends it. A changed Secret applies within a minute,
+    /// without a restart. Not set: any pod the pipeline's NetworkPolicy admits may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<k8s_openapi::api::core::v1::SecretKeySelector>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -488,6 +495,8 @@ pub struct PlannedInput {
 /// The file names of a model's bearer token and CA bundle in its folder of source files, and
 /// the folder of its S3 credentials there.
 pub const SOURCE_TOKEN_FILE: &str = "token";
+/// The file, under [`crate::invocation::Mounts::client_token`], of `actor.tokenSecret`.
+pub const CLIENT_TOKEN_FILE: &str = "token";
 pub const SOURCE_CA_FILE: &str = "ca.crt";
 pub const SOURCE_S3_DIR: &str = "s3";
 pub const SOURCE_AZURE_DIR: &str = "azure";

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
 
-use crate::crd::{DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput};
+use crate::crd::{
+    DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput, CLIENT_TOKEN_FILE,
+};
 
 pub const SIDECAR_BINARY: &str = "kube-zerocopy-sidecar";
 pub const WORKER_BINARY: &str = "kube-zerocopy-worker";
@@ -25,6 +27,8 @@ pub struct Mounts {
     pub sources: PathBuf,
     /// The input's and output's S3 credentials, under input/ and output/ (workers only).
     pub data: PathBuf,
+    /// The token an Actor's clients send (its replicas and its batch run's driver only).
+    pub client_token: PathBuf,
 }
 
 impl Mounts {
@@ -36,6 +40,7 @@ impl Mounts {
             downloads: "/kzc/downloads".into(),
             sources: "/kzc/sources".into(),
             data: "/kzc/data".into(),
+            client_token: "/kzc/client-token".into(),
         }
     }
 }
@@ -167,6 +172,7 @@ pub fn actor_worker(spec: &InferencePipelineSpec, name: &str, mounts: &Mounts) -
             env.push(("KZC_MAX_BATCH_DELAY_MS".into(), delay.to_string()));
         }
     }
+    env.extend(client_token_env(spec, mounts));
     Invocation {
         command: vec![WORKER_BINARY.into(), "actor".into()],
         env,
@@ -191,10 +197,21 @@ pub fn driver(
     if let Some(n) = spec.actor.as_ref().and_then(|a| a.in_flight_per_replica) {
         env.push(("KZC_IN_FLIGHT_PER_REPLICA".into(), n.to_string()));
     }
+    env.extend(client_token_env(spec, mounts));
     Invocation {
         command: vec![WORKER_BINARY.into(), "drive".into()],
         env,
     }
+}
+
+/// Where the replicas and the driver find `actor.tokenSecret`, when it is set.
+fn client_token_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Option<(String, String)> {
+    spec.actor.as_ref()?.token_secret.as_ref()?;
+    let file = mounts.client_token.join(CLIENT_TOKEN_FILE);
+    Some((
+        "KZC_CLIENT_TOKEN_FILE".into(),
+        file.to_string_lossy().into_owned(),
+    ))
 }
 
 fn device(spec: &InferencePipelineSpec) -> &'static str {

@@ -200,6 +200,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
             .join(format!("kube-zerocopy-downloads-{}", std::process::id())),
         sources: pod_dir.join("sources"),
         data: pod_dir.join("data"),
+        client_token: pod_dir.join("client-token"),
     };
     let logs = pod_dir.join("logs");
     std::fs::create_dir_all(&logs)?;

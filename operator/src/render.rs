@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, NodeAffinity,
     NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
     PreferredSchedulingTerm, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretProjection, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeProjection,
+    SecretKeySelector, SecretProjection, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
@@ -36,7 +36,7 @@ use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
 
 use crate::crd::{
     DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, PodOverrides,
-    Sharing, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    Sharing, CLIENT_TOKEN_FILE, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -59,6 +59,7 @@ pub const DOWNLOADS_VOLUME: &str = "kzc-downloads";
 pub const MODELS_VOLUME: &str = "kzc-models";
 /// A model's token and CA bundle: kzc-source-<index of the model>.
 pub const SOURCE_VOLUME_PREFIX: &str = "kzc-source-";
+pub const CLIENT_TOKEN_VOLUME: &str = "kzc-client-token";
 /// The input's or output's S3 credentials: kzc-input-credentials, kzc-output-credentials.
 const DATA_CREDENTIALS_SUFFIX: &str = "-credentials";
 
@@ -353,6 +354,7 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
         }
     };
     all.extend(data_volumes(&pipeline.spec).into_iter().map(|(v, _)| v));
+    all.extend(client_token_volume(&pipeline.spec));
     if let Some(extra) = pipeline
         .spec
         .template
@@ -437,18 +439,7 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
                 .source
                 .bearer_token_secret
                 .as_ref()
-                .map(|s| VolumeProjection {
-                    secret: Some(SecretProjection {
-                        name: s.name.clone(),
-                        items: Some(vec![KeyToPath {
-                            key: s.key.clone(),
-                            path: SOURCE_TOKEN_FILE.into(),
-                            ..Default::default()
-                        }]),
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
-                });
+                .map(|s| secret_key(s, SOURCE_TOKEN_FILE));
             let ca = m.source.ca_config_map.as_ref().map(|c| VolumeProjection {
                 config_map: Some(ConfigMapProjection {
                     name: c.name.clone(),
@@ -476,6 +467,37 @@ fn source_volumes(spec: &InferencePipelineSpec) -> Vec<(Volume, String)> {
             })
         })
         .collect()
+}
+
+/// One key of a Secret, as the file `path` of a projected volume; the pod does not start
+/// without it.
+fn secret_key(selector: &SecretKeySelector, path: &str) -> VolumeProjection {
+    VolumeProjection {
+        secret: Some(SecretProjection {
+            name: selector.name.clone(),
+            items: Some(vec![KeyToPath {
+                key: selector.key.clone(),
+                path: path.to_owned(),
+                ..Default::default()
+            }]),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `actor.tokenSecret`, when set, as a volume: the replicas mount it to check their clients'
+/// token, the driver to send it. The kubelet updates it when the Secret changes.
+fn client_token_volume(spec: &InferencePipelineSpec) -> Option<Volume> {
+    let secret = spec.actor.as_ref()?.token_secret.as_ref()?;
+    Some(Volume {
+        name: CLIENT_TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![secret_key(secret, CLIENT_TOKEN_FILE)]),
+            default_mode: Some(0o440),
+        }),
+        ..Default::default()
+    })
 }
 
 /// The input's and output's credentials (when they name a Secret) as projected volumes, with
@@ -615,6 +637,9 @@ fn pod_template(
         Sharing::Node => (vec![mount(MODELS_VOLUME, &mounts.store, true)], None),
     };
     worker_mounts.extend(data_mounts(&data_volumes(spec), mounts));
+    if let Some(token) = client_token_volume(spec) {
+        worker_mounts.push(mount(&token.name, &mounts.client_token, true));
+    }
     worker_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut resources = overrides.resources.clone().unwrap_or_default();
     if spec.device == DeviceKind::Cuda {
@@ -852,8 +877,13 @@ pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<Ba
     );
     let credentials = data_volumes(spec);
     let mut volume_mounts = data_mounts(&credentials, &mounts);
+    let token = client_token_volume(spec);
+    if let Some(token) = &token {
+        volume_mounts.push(mount(&token.name, &mounts.client_token, true));
+    }
     volume_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
+    volumes.extend(token);
     volumes.extend(overrides.volumes.clone().unwrap_or_default());
     // It holds a few batches' bytes at a time, never a model. It runs the project's own image
     // whatever the template names: it holds a token, which the pipeline's code never gets.
@@ -1268,6 +1298,73 @@ mod tests {
             .and_then(|e| e.value)
             .unwrap();
         kube_zerocopy_sidecar::config::models_from_json(&models).unwrap()
+    }
+
+    #[test]
+    fn the_client_token_reaches_the_replicas_and_the_driver_only() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2, tokenSecret: {name: clients, key: bearer}}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n",
+        )
+        .unwrap();
+        let Rendered::Actor {
+            deployment, run, ..
+        } = render(&p, &Settings::default()).unwrap()
+        else {
+            panic!("an Actor pipeline renders a Deployment")
+        };
+        let token_file = Some("/kzc/client-token/token".to_owned());
+        let env_of = |c: &Container| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "KZC_CLIENT_TOKEN_FILE")
+                .and_then(|e| e.value.clone())
+        };
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let worker = &pod.containers[0];
+        assert_eq!(env_of(worker), token_file);
+        let mounted = mount_of(worker, CLIENT_TOKEN_VOLUME);
+        assert_eq!(
+            (mounted.mount_path.as_str(), mounted.read_only),
+            ("/kzc/client-token", Some(true))
+        );
+        let weight_server = &pod.init_containers.unwrap()[0];
+        assert_eq!(env_of(weight_server), None);
+        assert!(weight_server
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != CLIENT_TOKEN_VOLUME));
+        let volumes = pod.volumes.unwrap();
+        let projected = projected_volume(&volumes, CLIENT_TOKEN_VOLUME);
+        assert_eq!(projected.default_mode, Some(0o440));
+        let secret = projected.sources.unwrap()[0].secret.clone().unwrap();
+        assert_eq!(secret.name, "clients");
+        assert_eq!(secret.items.unwrap()[0].key, "bearer");
+
+        let driver_pod = run.unwrap().job.spec.unwrap().template.spec.unwrap();
+        let driver = &driver_pod.containers[0];
+        assert_eq!(env_of(driver), token_file);
+        assert_eq!(
+            mount_of(driver, CLIENT_TOKEN_VOLUME).mount_path,
+            "/kzc/client-token"
+        );
+        projected_volume(driver_pod.volumes.as_ref().unwrap(), CLIENT_TOKEN_VOLUME);
+
+        // Without the setting, nothing of it.
+        let mut open = p.clone();
+        open.spec.actor.as_mut().unwrap().token_secret = None;
+        let Rendered::Actor { deployment, .. } = render(&open, &Settings::default()).unwrap()
+        else {
+            panic!("an Actor pipeline renders a Deployment")
+        };
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        assert_eq!(env_of(&pod.containers[0]), None);
+        assert!(pod
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.name != CLIENT_TOKEN_VOLUME));
     }
 
     #[test]

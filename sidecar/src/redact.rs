@@ -49,8 +49,10 @@ pub fn uris_in(text: &str) -> Cow<'_, str> {
 /// before `://`.
 fn scheme_start(before: &str) -> usize {
     before
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-        .map_or(0, |at| at + 1)
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |(at, c)| at + c.len_utf8())
 }
 
 #[cfg(test)]
@@ -89,6 +91,7 @@ mod tests {
             "unknown scheme in \"htpts://m.example/m.pt?<redacted>\""
         );
         assert_eq!(uris_in("odd ://?x"), "odd ://?<redacted>");
+        assert_eq!(uris_in("јhttp://h/?t=1"), "јhttp://h/?<redacted>");
         assert_eq!(
             uris_in("(https://h.example/a`b<c>?sig=SECRET)."),
             "(https://h.example/a`b<c>?<redacted>)."

@@ -700,6 +700,126 @@ fn the_driver_lists_a_refused_batch_and_fails_without_retrying_it() {
     );
 }
 
+/// A replica given a client token answers the model's paths only to clients that send it:
+/// none or a wrong one gets 401 (health and metrics stay open to probes); a rotated token
+/// applies without a restart; the driver sends the token it is given, and one the replicas
+/// refuse stops its run at once (exit 3) with words that name the setting, writing nothing.
+#[test]
+fn clients_without_the_replicas_token_are_refused() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let token_arg = token_file.to_str().unwrap();
+    let mut replica = mlp_replica(&["--client-token-file", token_arg]);
+    let base = replica.base.clone();
+    let good = tch::Tensor::ones([4, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let (body, json_length) = oip::encode_request(&good).unwrap();
+    let call = |authorization: Option<&str>| {
+        let mut request = agent()
+            .post(format!("{base}/v2/models/{MODEL}/infer"))
+            .header(oip::HEADER_LENGTH, json_length.to_string());
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        let response = request.send(&body[..]).unwrap();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let (status, _, body) = read_answer(response);
+        let said = if status == 200 {
+            String::new()
+        } else {
+            error_message(&body)
+        };
+        (status, challenge, said)
+    };
+    let (status, challenge, said) = call(None);
+    assert_eq!(
+        (status, challenge.as_deref()),
+        (401, Some("Bearer")),
+        "{said}"
+    );
+    assert!(said.contains("needs a bearer token"), "{said}");
+    let (status, _, said) = call(Some("Bearer first-token-guess"));
+    assert_eq!(status, 401, "{said}");
+    assert!(said.contains("not this model's"), "{said}");
+    assert_eq!(call(Some("Bearer first-token")).0, 200);
+    let metadata = agent()
+        .get(format!("{base}/v2/models/{MODEL}"))
+        .call()
+        .unwrap();
+    assert_eq!(metadata.status().as_u16(), 401);
+    for open in ["/v2/health/ready", "/v2/health/live", "/metrics", "/v2"] {
+        let answer = agent().get(format!("{base}{open}")).call().unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{open}");
+    }
+
+    // The kubelet swaps the Secret's file when it changes.
+    std::fs::write(&token_file, "second-token").unwrap();
+    let started = std::time::Instant::now();
+    while call(Some("Bearer second-token")).0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the rotated token was never taken"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(call(Some("Bearer first-token")).0, 401);
+
+    let d = replica.dir.path().to_owned();
+    make_model(&[
+        "inputs",
+        d.join("in").to_str().unwrap(),
+        "--shards",
+        "2",
+        "--batch",
+        "4",
+        "--features",
+        "64",
+    ]);
+    let drive = |token: &Path, output: &str| {
+        Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))
+            .args(["drive", "--model-name", MODEL, "--replicas", &replica.base])
+            .arg("--input")
+            .arg(d.join("in"))
+            .arg("--output")
+            .arg(d.join(output))
+            .arg("--client-token-file")
+            .arg(token)
+            .output()
+            .unwrap()
+    };
+    let stale = secrets.path().join("stale");
+    std::fs::write(&stale, "first-token").unwrap();
+    let refused = drive(&stale, "refused-out");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("refused the driver's token") && stderr.contains("actor.tokenSecret"),
+        "{stderr}"
+    );
+    let written = std::fs::read_dir(d.join("refused-out"))
+        .map(|entries| {
+            entries
+                .filter(|e| e.as_ref().unwrap().path().is_file())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(written, 0);
+    let served = drive(&token_file, "out");
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    assert!(d.join("out/manifest.json").exists());
+    assert_eq!(
+        kube_zerocopy_e2e::terminate(&mut replica.actor).code(),
+        Some(0)
+    );
+}
+
 /// Shard files larger than a replica takes in one body (it refuses bodies over 100 000 bytes
 /// here) are sent in row ranges of at most 64 KiB, and their outputs joined; the driver,
 /// SIGKILLed mid-run and started again for the same run, skips what it committed and writes

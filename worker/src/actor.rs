@@ -38,7 +38,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -52,6 +54,7 @@ use tch::Tensor;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use crate::client_token::{ClientToken, Unauthorized};
 use crate::memory::MemoryStats;
 use crate::model::{Module, Pipeline};
 use crate::nn::WrongInput;
@@ -104,6 +107,9 @@ pub struct Settings {
     pub batching: Option<Batching>,
     /// The longest drain after SIGTERM.
     pub drain: Duration,
+    /// The token clients must send to reach the model's paths; health, metrics and the
+    /// server's metadata stay open (the kubelet's probes, Prometheus).
+    pub client_token: Option<Arc<ClientToken>>,
 }
 
 /// Why a request got no answer, as the client is told.
@@ -125,6 +131,8 @@ pub enum Refusal {
     ModelRefused(String),
     #[error("the batch failed inside the worker; its log says why")]
     Internal,
+    #[error(transparent)]
+    Unauthorized(#[from] Unauthorized),
 }
 
 impl Refusal {
@@ -137,6 +145,7 @@ impl Refusal {
             Refusal::Busy(_) | Refusal::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::ModelRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -530,6 +539,11 @@ fn refused(refusal: &Refusal) -> Answer {
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if matches!(refusal, Refusal::Unauthorized(_)) {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     response
 }
 
@@ -595,7 +609,10 @@ impl Server {
             },
             (_, p) => match p.strip_prefix("/v2/models/").and_then(model_route) {
                 Some((route, name, version)) => {
-                    let outcome = match self.check_model(route, name, version) {
+                    let outcome = match self
+                        .check_client(&request)
+                        .and_then(|()| self.check_model(route, name, version))
+                    {
                         Err(refusal) => Err(refusal),
                         Ok(()) => match (&method, route) {
                             (&Method::GET, ModelRoute::Metadata) => Ok(json(
@@ -627,6 +644,15 @@ impl Server {
             StatusCode::BAD_REQUEST
         };
         json(status, serde_json::json!({ "ready": ready }))
+    }
+
+    /// The client sent the token, when the replica has one.
+    fn check_client(&self, request: &Request<Incoming>) -> Result<(), Refusal> {
+        let Some(token) = &self.settings.client_token else {
+            return Ok(());
+        };
+        let authorization = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+        Ok(token.admits(authorization)?)
     }
 
     /// The model and version asked for are the ones served, and mapped.

@@ -23,6 +23,7 @@ use kube_zerocopy_sidecar::process::Permanent;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::client_token::ClientToken;
 use crate::data::{Entry, Store};
 use crate::oip;
 use crate::task::{self, ShardRecord};
@@ -44,6 +45,8 @@ pub struct Settings {
     pub run: String,
     /// The listing digest the input was planned with, if planned.
     pub planned: Option<String>,
+    /// The token the replicas want, sent with every request.
+    pub client_token: Option<std::sync::Arc<ClientToken>>,
 }
 
 /// Where the replicas are: their base URLs, asked again while the driver runs.
@@ -387,11 +390,14 @@ fn post(
     body: &[u8],
     json_length: usize,
 ) -> Result<(Vec<u8>, Option<usize>), Outcome> {
-    let sent = agent
+    let mut request = agent
         .post(format!("{url}/v2/models/{}/infer", settings.model))
         .header(oip::HEADER_LENGTH, json_length.to_string())
-        .header("content-type", "application/octet-stream")
-        .send(body);
+        .header("content-type", "application/octet-stream");
+    if let Some(token) = &settings.client_token {
+        request = request.header("authorization", token.header());
+    }
+    let sent = request.send(body);
     let mut response = sent.map_err(|e| Outcome::Retry(e.to_string()))?;
     let status = response.status().as_u16();
     let json_length = response
@@ -412,6 +418,13 @@ fn post(
         let why = format!("HTTP {status}: {said}");
         // The replica's trouble (busy, slow, broken) or the batch's (refused by the models).
         return Err(match status {
+            // Every batch would be refused alike: the run stops with the replicas' words.
+            401 | 403 => Outcome::Fatal(
+                Permanent(format!(
+                    "the replicas refused the driver's token ({why}): check actor.tokenSecret"
+                ))
+                .into(),
+            ),
             408 | 429 | 500..=599 => Outcome::Retry(why),
             _ => Outcome::Refused(why),
         });

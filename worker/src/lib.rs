@@ -14,6 +14,7 @@
 //!   Inference Protocol ([`oip`]); [`driver`]: what streams an input through the replicas.
 
 pub mod actor;
+pub mod client_token;
 pub mod cuda;
 pub mod data;
 pub mod driver;

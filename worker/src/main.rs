@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -20,6 +21,7 @@ use kube_zerocopy_sidecar::layout::PodPaths;
 use kube_zerocopy_sidecar::process::Permanent;
 use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::actor::{Batching, Limits, Settings};
+use kube_zerocopy_worker::client_token::ClientToken;
 use kube_zerocopy_worker::data::Store;
 use kube_zerocopy_worker::driver;
 use kube_zerocopy_worker::memory::MemoryStats;
@@ -103,6 +105,9 @@ enum Command {
         /// The longest drain after SIGTERM, in seconds.
         #[arg(long, env = "KZC_DRAIN_SECONDS", default_value_t = 20)]
         drain_seconds: u64,
+        /// A file holding the bearer token clients must send to the model's paths.
+        #[arg(long, env = "KZC_CLIENT_TOKEN_FILE")]
+        client_token_file: Option<PathBuf>,
     },
     /// Stream the input's shard files through actor replicas, writing each answer as output.
     Drive {
@@ -146,6 +151,9 @@ enum Command {
         /// The run the outputs belong to: its records and manifest are the run's.
         #[arg(long, env = "KZC_RUN", default_value = "run")]
         run: String,
+        /// A file holding the bearer token the replicas want.
+        #[arg(long, env = "KZC_CLIENT_TOKEN_FILE")]
+        client_token_file: Option<PathBuf>,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -308,7 +316,12 @@ fn run(cli: Cli) -> Result<()> {
             max_batch_rows,
             max_batch_delay_ms,
             drain_seconds,
+            client_token_file,
         } => {
+            let client_token = client_token_file
+                .map(|path| ClientToken::open(&path).map(Arc::new))
+                .transpose()
+                .map_err(|e| Permanent(format!("{e:#}")))?;
             let settings = Settings {
                 model: model_name,
                 limits: Limits {
@@ -322,6 +335,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_delay: Duration::from_millis(max_batch_delay_ms),
                 }),
                 drain: Duration::from_secs(drain_seconds),
+                client_token,
             };
             let prefault = cli.prefault;
             let load = move || Pipeline::load_shared(&store, &bindings, &models, device, prefault);
@@ -388,6 +402,7 @@ fn drive(command: Command) -> Result<()> {
         max_request_bytes,
         input_digest,
         run,
+        client_token_file,
     } = command
     else {
         unreachable!("called for drive only")
@@ -400,6 +415,10 @@ fn drive(command: Command) -> Result<()> {
         max_request_bytes: max_request_bytes.max(1),
         run,
         planned: input_digest,
+        client_token: client_token_file
+            .map(|path| ClientToken::open(&path).map(Arc::new))
+            .transpose()
+            .map_err(|e| Permanent(format!("{e:#}")))?,
     };
     let (input, output) = (input.open()?, output.open()?);
     let summary = match service {
