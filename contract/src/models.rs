@@ -114,12 +114,6 @@ pub fn models_from_json(json: &str) -> anyhow::Result<Vec<ModelSource>> {
     Ok(models)
 }
 
-pub fn models_from_env() -> anyhow::Result<Vec<ModelSource>> {
-    let json = std::env::var(MODELS_ENV)
-        .map_err(|_| anyhow::anyhow!("{MODELS_ENV} is not set: it must list the models"))?;
-    models_from_json(&json)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

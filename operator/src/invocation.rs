@@ -2,9 +2,10 @@
 //! function of the pipeline and the paths where the pod's volumes are mounted, shared by the
 //! Kubernetes rendering and by `kube-zerocopy local`, so both run exactly the same thing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
+use anyhow::{bail, Context, Result};
+use kube_zerocopy_contract::pod::{self, to_env};
 
 use crate::crd::{
     DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput, CLIENT_TOKEN_FILE,
@@ -51,26 +52,24 @@ pub struct Invocation {
     pub env: Vec<(String, String)>,
 }
 
-fn common_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Vec<(String, String)> {
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    vec![
-        (
-            MODELS_ENV.to_owned(),
-            models_to_json(&spec.model_sources(&mounts.sources)),
-        ),
-        ("KZC_STORE".to_owned(), path(&mounts.store)),
-        ("KZC_BINDINGS".to_owned(), path(&mounts.bindings)),
-    ]
+/// The store, bindings and models, as the weight server and the workers read them.
+fn pod_models(spec: &InferencePipelineSpec, mounts: &Mounts) -> pod::PodModels {
+    pod::PodModels {
+        models: Some(pod::Models(spec.model_sources(&mounts.sources))),
+        store: mounts.store.clone(),
+        bindings: mounts.bindings.clone(),
+    }
 }
 
 /// The weight server (Pod sharing: its pod's own store).
 pub fn sidecar(spec: &InferencePipelineSpec, mounts: &Mounts, listen: &str) -> Invocation {
-    let mut env = common_env(spec, mounts);
-    env.push((
-        "KZC_DOWNLOAD_DIR".into(),
-        mounts.downloads.to_string_lossy().into_owned(),
-    ));
-    env.push(("KZC_LISTEN".into(), listen.to_owned()));
+    let mut env = to_env(&pod_models(spec, mounts));
+    env.extend(to_env(&pod::WeightServer {
+        download_dir: mounts.downloads.clone(),
+    }));
+    env.extend(to_env(&pod::Serve {
+        listen: listen.to_owned(),
+    }));
     Invocation {
         command: vec![SIDECAR_BINARY.into(), "serve".into()],
         env,
@@ -81,48 +80,48 @@ pub fn sidecar(spec: &InferencePipelineSpec, mounts: &Mounts, listen: &str) -> I
 pub fn probe(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
     Invocation {
         command: vec![SIDECAR_BINARY.into(), "probe".into()],
-        env: common_env(spec, mounts),
+        env: to_env(&pod_models(spec, mounts)),
     }
 }
 
-/// Where the input or output is (`KZC_INPUT`, a folder or an s3:// or az:// prefix) and how
-/// it is reached (`KZC_INPUT_S3`, `KZC_INPUT_AZURE`); its credentials are under
-/// `mounts.data`/<field>/.
-fn data_env(
-    field: &str,
-    location: Option<&DataLocation>,
+/// Where the input is and how it is reached; its credentials are under `mounts.data`/input/.
+fn input(location: &DataLocation, mounts: &Mounts) -> pod::Input {
+    let dir = mounts.data.join("input");
+    pod::Input {
+        input: location.uri.trim_start_matches("file://").to_owned(),
+        input_s3: location.access(&dir),
+        input_azure: location.azure_access(&dir),
+    }
+}
+
+/// Where the output is, as [`input`], under `mounts.data`/output/.
+fn output(location: &DataLocation, mounts: &Mounts) -> pod::Output {
+    let dir = mounts.data.join("output");
+    pod::Output {
+        output: location.uri.trim_start_matches("file://").to_owned(),
+        output_s3: location.access(&dir),
+        output_azure: location.azure_access(&dir),
+    }
+}
+
+/// A pipeline's input and output (a Task, a batch run: both are required there).
+fn input_output(
+    spec: &InferencePipelineSpec,
     mounts: &Mounts,
-) -> Vec<(String, String)> {
-    let Some(location) = location else {
-        return vec![];
-    };
-    let var = format!("KZC_{}", field.to_uppercase());
-    let mut env = vec![(
-        var.clone(),
-        location.uri.trim_start_matches("file://").to_owned(),
-    )];
-    let dir = mounts.data.join(field);
-    if let Some(access) = location.access(&dir) {
-        env.push((
-            format!("{var}_S3"),
-            serde_json::to_string(&access).expect("S3 settings serialize"),
-        ));
+) -> Result<(pod::Input, pod::Output)> {
+    match (&spec.input, &spec.output) {
+        (Some(i), Some(o)) => Ok((input(i, mounts), output(o, mounts))),
+        _ => bail!("spec.input and spec.output are needed here"),
     }
-    if let Some(access) = location.azure_access(&dir) {
-        env.push((
-            format!("{var}_AZURE"),
-            serde_json::to_string(&access).expect("Azure settings serialize"),
-        ));
-    }
-    env
 }
 
 /// Lists a Task pipeline's input once (see [`crate::plan`]).
-pub fn planner(spec: &InferencePipelineSpec, mounts: &Mounts) -> Invocation {
-    Invocation {
+pub fn planner(spec: &InferencePipelineSpec, mounts: &Mounts) -> Result<Invocation> {
+    let location = spec.input.as_ref().context("planning needs spec.input")?;
+    Ok(Invocation {
         command: vec![WORKER_BINARY.into(), "plan".into()],
-        env: data_env("input", spec.input.as_ref(), mounts),
-    }
+        env: to_env(&input(location, mounts)),
+    })
 }
 
 /// A Task-mode worker. The shard index comes from `JOB_COMPLETION_INDEX`, which an Indexed
@@ -133,25 +132,26 @@ pub fn task_worker(
     mounts: &Mounts,
     plan: Option<&PlannedInput>,
     run: &str,
-) -> Invocation {
-    let mut env = common_env(spec, mounts);
-    env.extend(data_env("input", spec.input.as_ref(), mounts));
-    env.extend(data_env("output", spec.output.as_ref(), mounts));
+) -> Result<Invocation> {
+    let (input, output) = input_output(spec, mounts)?;
     // The worker checks the input against them: a count or a listing that disagrees fails
     // the Task.
     let declared = spec.task.as_ref().and_then(|t| t.shards);
-    if let Some(shards) = declared.or(plan.map(|p| p.shards)) {
-        env.push(("KZC_SHARDS".into(), shards.to_string()));
-    }
-    if let Some(plan) = plan {
-        env.push(("KZC_INPUT_DIGEST".into(), plan.input_digest.clone()));
-    }
-    env.push(("KZC_RUN".into(), run.to_owned()));
-    env.push(("KZC_DEVICE".into(), device(spec).into()));
-    Invocation {
+    let shards = declared.or(plan.map(|p| p.shards));
+    let task = pod::Task {
+        input,
+        output,
+        shards: shards.map(|n| n.max(0) as usize),
+        input_digest: plan.map(|p| p.input_digest.clone()),
+        run: run.to_owned(),
+    };
+    let mut env = to_env(&pod_models(spec, mounts));
+    env.extend(to_env(&task));
+    env.extend(to_env(&device(spec)));
+    Ok(Invocation {
         command: vec![WORKER_BINARY.into(), "task".into()],
         env,
-    }
+    })
 }
 
 /// The port an Actor worker serves batches on.
@@ -162,17 +162,19 @@ pub const SIDECAR_PORT: i32 = 8471;
 /// An Actor-mode worker: maps the models once, then serves batches with the Open Inference
 /// Protocol, the pipeline being its one model, `name`.
 pub fn actor_worker(spec: &InferencePipelineSpec, name: &str, mounts: &Mounts) -> Invocation {
-    let mut env = common_env(spec, mounts);
-    env.push(("KZC_DEVICE".into(), device(spec).into()));
-    env.push(("KZC_LISTEN".into(), format!("0.0.0.0:{ACTOR_PORT}")));
-    env.push(("KZC_MODEL_NAME".into(), name.to_owned()));
-    if let Some(batching) = spec.actor.as_ref().and_then(|a| a.batching.as_ref()) {
-        env.push(("KZC_MAX_BATCH_ROWS".into(), batching.max_rows.to_string()));
-        if let Some(delay) = batching.max_delay_millis {
-            env.push(("KZC_MAX_BATCH_DELAY_MS".into(), delay.to_string()));
-        }
-    }
-    env.extend(client_token_env(spec, mounts));
+    let batching = spec.actor.as_ref().and_then(|a| a.batching.as_ref());
+    let actor = pod::Actor {
+        listen: format!("0.0.0.0:{ACTOR_PORT}"),
+        model_name: name.to_owned(),
+        max_batch_rows: batching.map(|b| b.max_rows),
+        max_batch_delay_ms: batching
+            .and_then(|b| b.max_delay_millis)
+            .map(|ms| ms.max(0) as u64),
+        client_token_file: client_token_file(spec, mounts),
+    };
+    let mut env = to_env(&pod_models(spec, mounts));
+    env.extend(to_env(&device(spec)));
+    env.extend(to_env(&actor));
     Invocation {
         command: vec![WORKER_BINARY.into(), "actor".into()],
         env,
@@ -187,36 +189,40 @@ pub fn driver(
     service: &str,
     run: &str,
     mounts: &Mounts,
-) -> Invocation {
-    let mut env = data_env("input", spec.input.as_ref(), mounts);
-    env.extend(data_env("output", spec.output.as_ref(), mounts));
-    env.push(("KZC_SERVICE".into(), service.to_owned()));
-    env.push(("KZC_MODEL_NAME".into(), name.to_owned()));
-    env.push(("KZC_PIPELINE".into(), name.to_owned()));
-    env.push(("KZC_RUN".into(), run.to_owned()));
-    if let Some(n) = spec.actor.as_ref().and_then(|a| a.in_flight_per_replica) {
-        env.push(("KZC_IN_FLIGHT_PER_REPLICA".into(), n.to_string()));
-    }
-    env.extend(client_token_env(spec, mounts));
-    Invocation {
+) -> Result<Invocation> {
+    let (input, output) = input_output(spec, mounts)?;
+    let driver = pod::Driver {
+        input,
+        output,
+        service: Some(service.to_owned()),
+        pipeline: Some(name.to_owned()),
+        model_name: name.to_owned(),
+        in_flight_per_replica: spec
+            .actor
+            .as_ref()
+            .and_then(|a| a.in_flight_per_replica)
+            .map(|n| n.max(1) as usize),
+        run: run.to_owned(),
+        client_token_file: client_token_file(spec, mounts),
+    };
+    Ok(Invocation {
         command: vec![WORKER_BINARY.into(), "drive".into()],
-        env,
-    }
+        env: to_env(&driver),
+    })
 }
 
 /// Where the replicas and the driver find `actor.tokenSecret`, when it is set.
-fn client_token_env(spec: &InferencePipelineSpec, mounts: &Mounts) -> Option<(String, String)> {
+fn client_token_file(spec: &InferencePipelineSpec, mounts: &Mounts) -> Option<PathBuf> {
     spec.actor.as_ref()?.token_secret.as_ref()?;
-    let file = mounts.client_token.join(CLIENT_TOKEN_FILE);
-    Some((
-        "KZC_CLIENT_TOKEN_FILE".into(),
-        file.to_string_lossy().into_owned(),
-    ))
+    Some(mounts.client_token.join(CLIENT_TOKEN_FILE))
 }
 
-fn device(spec: &InferencePipelineSpec) -> &'static str {
-    match spec.device {
+fn device(spec: &InferencePipelineSpec) -> pod::Device {
+    let device = match spec.device {
         DeviceKind::Cpu => "cpu",
         DeviceKind::Cuda => "cuda",
+    };
+    pod::Device {
+        device: device.to_owned(),
     }
 }

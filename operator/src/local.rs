@@ -233,7 +233,7 @@ fn plan_input(
     mounts: &Mounts,
     bin_dir: &Path,
 ) -> Result<PlannedInput> {
-    let planner = invocation::planner(&pipeline.spec, mounts);
+    let planner = invocation::planner(&pipeline.spec, mounts)?;
     let program = bin_dir.join(&planner.command[0]);
     let out = Command::new(&program)
         .args(&planner.command[1..])
@@ -328,7 +328,7 @@ fn run_pod(
             .as_secs(),
         std::process::id()
     );
-    let worker = invocation::task_worker(spec, mounts, plan, &run);
+    let worker = invocation::task_worker(spec, mounts, plan, &run)?;
     let mut pending: VecDeque<usize> = (0..shard_count).collect();
     let mut running: Vec<(usize, Child)> = Vec::new();
     let mut reports = Vec::new();

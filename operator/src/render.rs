@@ -740,7 +740,7 @@ pub fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Result<Job
     policy::check(spec, &settings.policy)?;
     let overrides = spec.template.clone().unwrap_or_default();
     let mounts = Mounts::in_pod();
-    let planner = invocation::planner(spec, &mounts);
+    let planner = invocation::planner(spec, &mounts)?;
     let credentials: Vec<_> = data_volumes(spec)
         .into_iter()
         .filter(|(_, field)| *field == "input")
@@ -874,7 +874,7 @@ pub fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Result<Ba
         &object_name(pipeline),
         &run_name(pipeline),
         &mounts,
-    );
+    )?;
     let credentials = data_volumes(spec);
     let mut volume_mounts = data_mounts(&credentials, &mounts);
     let token = client_token_volume(spec);
@@ -1059,7 +1059,7 @@ pub fn render_planned(
     let model_bytes = total_model_bytes(pipeline)?;
     let (volumes, mounts) = volumes(pipeline, model_bytes);
     let worker = match spec.mode {
-        Mode::Task => invocation::task_worker(spec, &mounts, plan, &run_name(pipeline)),
+        Mode::Task => invocation::task_worker(spec, &mounts, plan, &run_name(pipeline))?,
         Mode::Actor => invocation::actor_worker(spec, &pipeline.name_any(), &mounts),
     };
     let template = pod_template(pipeline, settings, worker, &mounts, volumes, model_bytes);

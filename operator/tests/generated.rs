@@ -668,3 +668,101 @@ fn an_actor_s_replicas_admit_only_their_namespace() {
         serde_json::json!([{"from": [{"podSelector": {}}]}])
     );
 }
+
+/// The pod contract: every container of every example (planning Jobs, Task workers, Actor
+/// replicas, batch-run drivers, weight servers and their probes) sets only variables its
+/// binary reads, and its binary's own parsers accept each value, giving back what the
+/// pipeline says.
+#[test]
+fn every_rendered_container_s_environment_is_read_by_its_binary() {
+    use kube_zerocopy_contract::pod::{self, from_env, variables};
+    fn check<T: clap::Args + clap::FromArgMatches>(
+        env: &[(String, String)],
+        claimed: &mut Vec<String>,
+    ) -> T {
+        claimed.extend(variables::<T>());
+        from_env(env).unwrap_or_else(|e| panic!("{e}"))
+    }
+    let mut checked = std::collections::BTreeSet::new();
+    for name in cluster_examples() {
+        let pipeline = pipeline(&name);
+        let mut pods = vec![pod_spec(&rendered(&name))];
+        if let Ok(plan @ Rendered::Plan { .. }) = render(&pipeline, &Settings::default()) {
+            pods.push(pod_spec(&plan));
+        }
+        if let Rendered::Actor { run: Some(run), .. } = rendered(&name) {
+            pods.push(run.job.spec.unwrap().template.spec.unwrap());
+        }
+        for pod in pods {
+            let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+            for container in containers {
+                let env = env_of(container);
+                let command = container.command.clone().unwrap();
+                let mut probe = container
+                    .startup_probe
+                    .as_ref()
+                    .and_then(|p| p.exec.as_ref()?.command.clone());
+                let mut claimed = vec![];
+                let role = format!("{name}: {}", command.join(" "));
+                match &command.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                    ["kube-zerocopy-worker", "plan"] => {
+                        let input: pod::Input = check(&env, &mut claimed);
+                        assert_eq!(
+                            Some(&input.input),
+                            pipeline
+                                .spec
+                                .input
+                                .as_ref()
+                                .map(|i| i.uri.trim_start_matches("file://").to_owned())
+                                .as_ref()
+                        );
+                    }
+                    ["kube-zerocopy-worker", "task"] => {
+                        let models: pod::PodModels = check(&env, &mut claimed);
+                        assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
+                        let _: pod::Device = check(&env, &mut claimed);
+                        let task: pod::Task = check(&env, &mut claimed);
+                        // Declared, or as planned.
+                        let declared = pipeline.spec.task.as_ref().and_then(|t| t.shards);
+                        let shards = declared.unwrap_or(planned().shards) as usize;
+                        assert_eq!(task.shards, Some(shards), "{role}");
+                    }
+                    ["kube-zerocopy-worker", "actor"] => {
+                        let models: pod::PodModels = check(&env, &mut claimed);
+                        assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
+                        let _: pod::Device = check(&env, &mut claimed);
+                        let actor: pod::Actor = check(&env, &mut claimed);
+                        assert_eq!(actor.model_name, name_of(&pipeline));
+                    }
+                    ["kube-zerocopy-worker", "drive"] => {
+                        let driver: pod::Driver = check(&env, &mut claimed);
+                        assert_eq!(driver.pipeline.as_deref(), Some(&name_of(&pipeline)[..]));
+                    }
+                    ["kube-zerocopy-sidecar", "serve"] => {
+                        let models: pod::PodModels = check(&env, &mut claimed);
+                        assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
+                        let _: pod::WeightServer = check(&env, &mut claimed);
+                        let _: pod::Serve = check(&env, &mut claimed);
+                        // The startup probe runs `probe` with the same store and models.
+                        let probe = probe.take().expect("the weight server has a probe");
+                        assert_eq!(probe[..2], ["kube-zerocopy-sidecar", "probe"]);
+                    }
+                    other => panic!("{name}: a container runs {other:?}, which no test reads"),
+                }
+                for (variable, _) in &env {
+                    assert!(
+                        claimed.contains(variable),
+                        "{role} sets {variable}, which its binary does not read"
+                    );
+                }
+                checked.insert(command.join(" "));
+            }
+        }
+    }
+    // Every kind of container was seen.
+    assert_eq!(checked.len(), 5, "{checked:?}");
+}
+
+fn name_of(pipeline: &InferencePipeline) -> String {
+    pipeline.metadata.name.clone().unwrap()
+}

@@ -1085,30 +1085,3 @@ mod tests {
             .contains("does not match"));
     }
 }
-
-/// Where a pod's store and bindings are, as both binaries take them (flags or environment).
-#[derive(clap::Args, Clone, Debug)]
-pub struct PodPaths {
-    /// The store: the pod's own (an emptyDir with medium Memory), or the node agent's read-only
-    /// view of the node's store.
-    #[arg(long, env = "KZC_STORE", global = true, default_value = "/kzc/store")]
-    pub store: PathBuf,
-    /// This pod's bindings folder (model name -> digest).
-    #[arg(
-        long,
-        env = "KZC_BINDINGS",
-        global = true,
-        default_value = "/kzc/bindings"
-    )]
-    pub bindings: PathBuf,
-}
-
-impl PodPaths {
-    pub fn store(&self) -> Store {
-        Store::new(&self.store)
-    }
-
-    pub fn bindings(&self) -> Bindings {
-        Bindings::new(&self.bindings)
-    }
-}

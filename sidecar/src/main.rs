@@ -2,15 +2,15 @@
 //! model of `KZC_MODELS` into the shared store, binds them for this pod, then stays up serving
 //! its readiness endpoint until the pod ends.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use clap::{Args, FromArgMatches};
 use clap::{Parser, Subcommand};
-use kube_zerocopy_sidecar::config::models_from_env;
-use kube_zerocopy_sidecar::layout::PodPaths;
+use kube_zerocopy_contract::pod;
+use kube_zerocopy_sidecar::layout::{Bindings, Store};
 use kube_zerocopy_sidecar::publish::Publisher;
 use tracing::{info, warn};
 
@@ -18,10 +18,9 @@ use tracing::{info, warn};
 #[command(name = "kube-zerocopy-sidecar", version, about)]
 struct Cli {
     #[command(flatten)]
-    paths: PodPaths,
-    /// Where http(s) sources are downloaded before they are laid out.
-    #[arg(long, env = "KZC_DOWNLOAD_DIR", global = true, default_value_os_t = std::env::temp_dir())]
-    download_dir: PathBuf,
+    pod: pod::PodModels,
+    #[command(flatten)]
+    weight_server: pod::WeightServer,
     /// Seconds a model may stay in the store unused (no sidecar holding it) before the
     /// collection removes it; a full store makes room at once, least recently used first.
     #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
@@ -34,17 +33,15 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// `serve`'s defaults, also what runs when no subcommand is given.
-const LISTEN: &str = "0.0.0.0:8471";
+/// `serve`'s default period, also what runs when no subcommand is given.
 const COLLECT_EVERY_SECS: u64 = 60;
 
 #[derive(Subcommand)]
 enum Command {
     /// Publish every model, then serve readiness until terminated (the default).
     Serve {
-        /// Address of the HTTP endpoints /readyz and /livez.
-        #[arg(long, env = "KZC_LISTEN", default_value = LISTEN)]
-        listen: String,
+        #[command(flatten)]
+        serve: pod::Serve,
         /// Seconds between marking this pod's models as used and collecting unused ones.
         #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = COLLECT_EVERY_SECS)]
         collect_every: u64,
@@ -59,34 +56,40 @@ enum Command {
 
 fn main() {
     kube_zerocopy_sidecar::process::init_logs();
-    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+    kube_zerocopy_sidecar::process::exit_on_error(
+        run(kube_zerocopy_sidecar::process::parse_args()),
+    );
 }
 
 fn run(cli: Cli) -> Result<()> {
     let keep_unused = Duration::from_secs(cli.keep_unused);
     let publisher = Publisher {
-        store: cli
-            .paths
-            .store()
-            .with_lock_timeout(Duration::from_secs(cli.lock_timeout)),
-        bindings: cli.paths.bindings(),
-        download_dir: cli.download_dir,
+        store: Store::new(&cli.pod.store).with_lock_timeout(Duration::from_secs(cli.lock_timeout)),
+        bindings: Bindings::new(&cli.pod.bindings),
+        download_dir: cli.weight_server.download_dir,
         limits: Default::default(),
         observer: None,
     };
-    match cli.command.unwrap_or(Command::Serve {
-        listen: LISTEN.into(),
-        collect_every: COLLECT_EVERY_SECS,
-    }) {
-        Command::Probe => publisher.check_ready(&models_from_env()?),
-        Command::Publish => publisher.publish_all(&models_from_env()?).map(|_| ()),
+    let command = match cli.command {
+        Some(command) => command,
+        None => Command::Serve {
+            serve: pod::Serve::from_arg_matches(
+                &pod::Serve::augment_args(clap::Command::new("serve")).get_matches_from(["serve"]),
+            )?,
+            collect_every: COLLECT_EVERY_SECS,
+        },
+    };
+    let models = || cli.pod.models();
+    match command {
+        Command::Probe => publisher.check_ready(models()?),
+        Command::Publish => publisher.publish_all(models()?).map(|_| ()),
         Command::Gc => {
             let removed = publisher.store.collect_unused(keep_unused)?;
             info!(?removed, "collected unused models");
             Ok(())
         }
         Command::Serve {
-            listen,
+            serve: pod::Serve { listen },
             collect_every,
         } => {
             kube_zerocopy_sidecar::process::exit_on_terminate()?;
@@ -101,7 +104,7 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 (code, body.to_owned())
             })?;
-            let holds = publisher.publish_all(&models_from_env()?)?;
+            let holds = publisher.publish_all(models()?)?;
             ready.store(true, Ordering::SeqCst);
             // Stay up as the pod's sidecar, holding its models, until Kubernetes ends it with
             // the pod; meanwhile keep a node's store free of models no pod uses any more.

@@ -56,6 +56,22 @@ pub fn exit_on_error(result: anyhow::Result<()>) {
     }
 }
 
+/// The command line and environment as `T`, or the process ends: help and version as clap
+/// prints them; a mistake as a [`Permanent`] error through [`exit_on_error`], so that it is
+/// the termination message too and a URI's query in a value is not shown.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let said = e.to_string();
+            let said = said.trim().trim_start_matches("error: ");
+            exit_on_error(Err(Permanent(said.to_owned()).into()));
+            unreachable!("exit_on_error ends the process on an error")
+        }
+    }
+}
+
 /// Where Kubernetes reads a container's termination message (its terminationMessagePath);
 /// `KZC_TERMINATION_LOG` names another file.
 const TERMINATION_LOG: &str = "/dev/termination-log";

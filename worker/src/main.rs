@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use kube_zerocopy_sidecar::config::models_from_env;
-use kube_zerocopy_sidecar::config::{AzureAccess, S3Access};
-use kube_zerocopy_sidecar::layout::PodPaths;
+use kube_zerocopy_contract::pod;
+use kube_zerocopy_sidecar::layout::{Bindings, Store as ModelStore};
 use kube_zerocopy_sidecar::process::Permanent;
 use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::actor::{Batching, Limits, Settings};
@@ -33,10 +32,9 @@ use tch::{Device, Kind, Tensor};
 #[command(name = "kube-zerocopy-worker", version, about)]
 struct Cli {
     #[command(flatten)]
-    paths: PodPaths,
-    /// cpu, or cuda / cuda:N (weights are copied once from the shared memory to the GPU).
-    #[arg(long, env = "KZC_DEVICE", global = true, default_value = "cpu")]
-    device: String,
+    pod: pod::PodModels,
+    #[command(flatten)]
+    device: pod::Device,
     /// Fault every page of the mapping in at load (MAP_POPULATE) instead of on first use.
     #[arg(long, env = "KZC_PREFAULT", global = true)]
     prefault: bool,
@@ -59,7 +57,7 @@ enum Command {
     /// List the input once: how many shards, and the digest of the listing.
     Plan {
         #[command(flatten)]
-        input: Input,
+        input: pod::Input,
     },
     /// Run one shard of the input through the models, in order.
     Task {
@@ -67,26 +65,12 @@ enum Command {
         #[arg(long, env = "JOB_COMPLETION_INDEX")]
         shard_index: usize,
         #[command(flatten)]
-        input: Input,
-        #[command(flatten)]
-        output: Output,
-        /// How many shard files the input must hold (the Job's completions).
-        #[arg(long, env = "KZC_SHARDS")]
-        shards: Option<usize>,
-        /// The listing digest the input was planned with: a changed input fails the Task.
-        #[arg(long, env = "KZC_INPUT_DIGEST")]
-        input_digest: Option<String>,
-        /// The run the shard belongs to: its records and manifest are the run's.
-        #[arg(long, env = "KZC_RUN", default_value = "run")]
-        run: String,
+        task: pod::Task,
     },
     /// Load the models once, then serve batches with the Open Inference Protocol (v2, REST).
     Actor {
-        #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: String,
-        /// The model's name in the protocol (the pipeline's name).
-        #[arg(long, env = "KZC_MODEL_NAME", default_value = "pipeline")]
-        model_name: String,
+        #[command(flatten)]
+        actor: pod::Actor,
         /// The largest request body accepted (413 beyond).
         #[arg(long, env = "KZC_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
         max_body_bytes: u64,
@@ -96,45 +80,23 @@ enum Command {
         /// Requests that may wait while a batch runs (503 with Retry-After beyond).
         #[arg(long, env = "KZC_QUEUED_BATCHES", default_value_t = Limits::default().queued_batches)]
         queued_batches: usize,
-        /// Dynamic batching: the most rows of one forward pass (off when not set).
-        #[arg(long, env = "KZC_MAX_BATCH_ROWS")]
-        max_batch_rows: Option<i64>,
-        /// Dynamic batching: how long a request waits for others to join it.
-        #[arg(long, env = "KZC_MAX_BATCH_DELAY_MS", default_value_t = 5)]
-        max_batch_delay_ms: u64,
         /// The longest drain after SIGTERM, in seconds.
         #[arg(long, env = "KZC_DRAIN_SECONDS", default_value_t = 20)]
         drain_seconds: u64,
-        /// A file holding the bearer token clients must send to the model's paths.
-        #[arg(long, env = "KZC_CLIENT_TOKEN_FILE")]
-        client_token_file: Option<PathBuf>,
     },
     /// Stream the input's shard files through actor replicas, writing each answer as output.
     Drive {
         #[command(flatten)]
-        input: Input,
-        #[command(flatten)]
-        output: Output,
-        /// The replicas' base URLs (http://host:port), comma-separated.
+        driver: pod::Driver,
+        /// Or the replicas' base URLs (http://host:port), comma-separated, instead of a Service.
         #[arg(
             long,
             env = "KZC_REPLICAS",
             value_delimiter = ',',
-            required_unless_present = "service"
+            required_unless_present = "service",
+            conflicts_with = "service"
         )]
         replicas: Vec<String>,
-        /// Or the Service in front of them: its ready endpoints, asked again every 2 s.
-        #[arg(long, env = "KZC_SERVICE", conflicts_with = "replicas")]
-        service: Option<String>,
-        /// With --service: the pipeline whose status.batches the driver keeps current.
-        #[arg(long, env = "KZC_PIPELINE", requires = "service")]
-        pipeline: Option<String>,
-        /// The model's name in the protocol (the pipeline's name).
-        #[arg(long, env = "KZC_MODEL_NAME", default_value = "pipeline")]
-        model_name: String,
-        /// Batches that may wait on one replica at a time.
-        #[arg(long, env = "KZC_IN_FLIGHT_PER_REPLICA", default_value_t = 2)]
-        in_flight_per_replica: usize,
         /// Sends of one batch before it is listed as failed.
         #[arg(long, env = "KZC_MAX_ATTEMPTS", default_value_t = 5)]
         max_attempts: u32,
@@ -148,12 +110,6 @@ enum Command {
         /// The listing digest the input was planned with: a changed input stops the run.
         #[arg(long, env = "KZC_INPUT_DIGEST")]
         input_digest: Option<String>,
-        /// The run the outputs belong to: its records and manifest are the run's.
-        #[arg(long, env = "KZC_RUN", default_value = "run")]
-        run: String,
-        /// A file holding the bearer token the replicas want.
-        #[arg(long, env = "KZC_CLIENT_TOKEN_FILE")]
-        client_token_file: Option<PathBuf>,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -171,56 +127,23 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct Input {
-    /// A folder, or an object storage prefix (s3://bucket/prefix/), of safetensors files.
-    #[arg(long, env = "KZC_INPUT")]
-    input: String,
-    /// How to reach an s3:// input (JSON: endpoint, region, credentialsDir).
-    #[arg(long, env = "KZC_INPUT_S3", value_parser = json_settings::<S3Access>)]
-    input_s3: Option<S3Access>,
-    /// How to reach an az:// input (JSON: account, endpoint, credentialsDir).
-    #[arg(long, env = "KZC_INPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
-    input_azure: Option<AzureAccess>,
+/// Opens a pipeline's input or output where it is.
+fn open_input(input: &pod::Input) -> Result<Store> {
+    Store::open(
+        &input.input,
+        input.input_s3.as_ref(),
+        input.input_azure.as_ref(),
+        "input",
+    )
 }
 
-#[derive(clap::Args)]
-struct Output {
-    /// A folder, or an object storage prefix (s3://bucket/prefix/).
-    #[arg(long, env = "KZC_OUTPUT")]
-    output: String,
-    /// How to reach an s3:// output (JSON: endpoint, region, credentialsDir).
-    #[arg(long, env = "KZC_OUTPUT_S3", value_parser = json_settings::<S3Access>)]
-    output_s3: Option<S3Access>,
-    /// How to reach an az:// output (JSON: account, endpoint, credentialsDir).
-    #[arg(long, env = "KZC_OUTPUT_AZURE", value_parser = json_settings::<AzureAccess>)]
-    output_azure: Option<AzureAccess>,
-}
-
-impl Output {
-    fn open(&self) -> Result<Store> {
-        Store::open(
-            &self.output,
-            self.output_s3.as_ref(),
-            self.output_azure.as_ref(),
-            "output",
-        )
-    }
-}
-
-impl Input {
-    fn open(&self) -> Result<Store> {
-        Store::open(
-            &self.input,
-            self.input_s3.as_ref(),
-            self.input_azure.as_ref(),
-            "input",
-        )
-    }
-}
-
-fn json_settings<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
-    serde_json::from_str(s).map_err(|e| format!("not the store's settings: {e}"))
+fn open_output(output: &pod::Output) -> Result<Store> {
+    Store::open(
+        &output.output,
+        output.output_s3.as_ref(),
+        output.output_azure.as_ref(),
+        "output",
+    )
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -236,7 +159,9 @@ fn parse_device(s: &str) -> Result<Device> {
 
 fn main() {
     kube_zerocopy_sidecar::process::init_logs();
-    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+    kube_zerocopy_sidecar::process::exit_on_error(
+        run(kube_zerocopy_sidecar::process::parse_args()),
+    );
 }
 
 fn ms(since: Instant) -> f64 {
@@ -246,7 +171,7 @@ fn ms(since: Instant) -> f64 {
 fn run(cli: Cli) -> Result<()> {
     // Planning lists the input: no models, no libtorch.
     if let Command::Plan { input } = &cli.command {
-        let plan = serde_json::to_string(&task::plan(&input.open()?)?)?;
+        let plan = serde_json::to_string(&task::plan(&open_input(input)?)?)?;
         println!("{plan}");
         kube_zerocopy_sidecar::process::write_termination_message(&plan);
         return Ok(());
@@ -256,13 +181,13 @@ fn run(cli: Cli) -> Result<()> {
         return drive(cli.command);
     }
     let started = Instant::now();
-    let device = parse_device(&cli.device)?;
+    let device = parse_device(&cli.device.device)?;
     if device.is_cuda() {
         kube_zerocopy_worker::cuda::load_backend()?;
     }
-    let models = models_from_env()?;
-    let store = cli.paths.store();
-    let bindings = cli.paths.bindings();
+    let models = cli.pod.models()?.to_vec();
+    let store = ModelStore::new(&cli.pod.store);
+    let bindings = Bindings::new(&cli.pod.bindings);
     // libtorch's own start-up (thread pools, allocator), measured apart from the load.
     let init = Instant::now();
     let _ = Tensor::zeros([1], (Kind::Float, device));
@@ -272,14 +197,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { .. } | Command::Drive { .. } => unreachable!("done above"),
         Command::Task {
             shard_index,
-            input,
-            output,
-            shards,
-            input_digest,
-            run,
+            task:
+                pod::Task {
+                    input,
+                    output,
+                    shards,
+                    input_digest,
+                    run,
+                },
         } => {
-            let input = input.open()?;
-            let output = output.open()?;
+            let input = open_input(&input)?;
+            let output = open_output(&output)?;
             let load = Instant::now();
             let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
             let load_ms = ms(load);
@@ -308,15 +236,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Actor {
-            listen,
-            model_name,
+            actor:
+                pod::Actor {
+                    listen,
+                    model_name,
+                    max_batch_rows,
+                    max_batch_delay_ms,
+                    client_token_file,
+                },
             max_body_bytes,
             body_timeout,
             queued_batches,
-            max_batch_rows,
-            max_batch_delay_ms,
             drain_seconds,
-            client_token_file,
         } => {
             let client_token = client_token_file
                 .map(|path| ClientToken::open(&path).map(Arc::new))
@@ -332,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 batching: max_batch_rows.map(|max_rows| Batching {
                     max_rows,
-                    max_delay: Duration::from_millis(max_batch_delay_ms),
+                    max_delay: Duration::from_millis(max_batch_delay_ms.unwrap_or(5)),
                 }),
                 drain: Duration::from_secs(drain_seconds),
                 client_token,
@@ -390,26 +321,29 @@ fn run(cli: Cli) -> Result<()> {
 
 fn drive(command: Command) -> Result<()> {
     let Command::Drive {
-        input,
-        output,
+        driver:
+            pod::Driver {
+                input,
+                output,
+                service,
+                pipeline,
+                model_name,
+                in_flight_per_replica,
+                run,
+                client_token_file,
+            },
         replicas,
-        service,
-        pipeline,
-        model_name,
-        in_flight_per_replica,
         max_attempts,
         request_timeout,
         max_request_bytes,
         input_digest,
-        run,
-        client_token_file,
     } = command
     else {
         unreachable!("called for drive only")
     };
     let settings = driver::Settings {
         model: model_name,
-        in_flight_per_replica: in_flight_per_replica.max(1),
+        in_flight_per_replica: in_flight_per_replica.unwrap_or(2).max(1),
         max_attempts: max_attempts.max(1),
         request_timeout: Duration::from_secs(request_timeout),
         max_request_bytes: max_request_bytes.max(1),
@@ -420,7 +354,7 @@ fn drive(command: Command) -> Result<()> {
             .transpose()
             .map_err(|e| Permanent(format!("{e:#}")))?,
     };
-    let (input, output) = (input.open()?, output.open()?);
+    let (input, output) = (open_input(&input)?, open_output(&output)?);
     let summary = match service {
         Some(service) => {
             let cluster = driver::InCluster::new(&service, pipeline.as_deref())?;
