@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kube_zerocopy_runtime::redact;
 use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
 use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
 use kube_zerocopy_sidecar::publish::Publisher;
-use kube_zerocopy_sidecar::redact;
 use kube_zerocopy_sidecar::source::SourceLimits;
 use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};

@@ -87,8 +87,8 @@ struct Cli {
 }
 
 fn main() {
-    kube_zerocopy_sidecar::process::init_logs();
-    kube_zerocopy_sidecar::process::exit_on_error(run(Cli::parse()));
+    kube_zerocopy_runtime::process::init_logs();
+    kube_zerocopy_runtime::process::exit_on_error(run(Cli::parse()));
 }
 
 /// Checks, every `period`, that every store entry is still what the agent laid out.
@@ -125,7 +125,7 @@ fn collect_periodically(agent: Arc<Agent>, period: Duration, keep_unused: Durati
 }
 
 fn run(cli: Cli) -> Result<()> {
-    kube_zerocopy_sidecar::process::exit_on_terminate()?;
+    kube_zerocopy_runtime::process::exit_on_terminate()?;
     std::fs::create_dir_all(&cli.store)
         .with_context(|| format!("creating the store {}", cli.store.display()))?;
     if let Some(size) = &cli.store_size {

@@ -128,7 +128,7 @@ impl Metrics {
 
 /// Serves /metrics and /livez on `listen` from a thread of its own.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    kube_zerocopy_sidecar::process::serve_endpoints(listen, move |path| match path {
+    kube_zerocopy_runtime::process::serve_endpoints(listen, move |path| match path {
         "/metrics" => (200, metrics.render()),
         "/livez" => (200, "ok".into()),
         _ => (404, "not found".into()),

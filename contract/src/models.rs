@@ -16,6 +16,14 @@ pub const MODELS_ATTRIBUTE: &str = "models";
 /// `blobs/`, is a store's).
 pub const VIEW_BINDINGS_DIR: &str = "bindings";
 
+/// The credential files in an S3 credentials folder ([`S3Access::credentials_dir`]): the keys
+/// of the pipeline's Secret, as the operator mounts them.
+pub const ACCESS_KEY_ID_FILE: &str = "AWS_ACCESS_KEY_ID";
+pub const SECRET_ACCESS_KEY_FILE: &str = "AWS_SECRET_ACCESS_KEY";
+pub const SESSION_TOKEN_FILE: &str = "AWS_SESSION_TOKEN";
+/// The credential file in an Azure credentials folder: the storage account's key.
+pub const ACCOUNT_KEY_FILE: &str = "AZURE_STORAGE_ACCOUNT_KEY";
+
 /// Safetensors: a file of named tensors, run by a built-in architecture (see architecture).
 /// TorchScript: a module saved with torch.jit.save, which carries its own code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -99,7 +99,12 @@ pub struct Models(pub Vec<ModelSource>);
 impl FromStr for Models {
     type Err = anyhow::Error;
 
+    /// An empty list is read (collecting unused models needs none); a command that publishes
+    /// or maps models refuses it ([`PodModels::models`]).
     fn from_str(json: &str) -> anyhow::Result<Self> {
+        if serde_json::from_str::<Vec<serde_json::Value>>(json).is_ok_and(|list| list.is_empty()) {
+            return Ok(Models(vec![]));
+        }
         models_from_json(json).map(Models)
     }
 }
@@ -129,10 +134,13 @@ pub struct PodModels {
 impl PodModels {
     /// The models, which every command that publishes or maps them needs.
     pub fn models(&self) -> anyhow::Result<&[ModelSource]> {
-        self.models
-            .as_ref()
-            .map(|m| &m.0[..])
-            .ok_or_else(|| anyhow::anyhow!("{MODELS_ENV} is not set: it must list the models"))
+        match &self.models {
+            None => anyhow::bail!("{MODELS_ENV} is not set: it must list the models"),
+            Some(Models(models)) if models.is_empty() => {
+                anyhow::bail!("{MODELS_ENV} lists no models")
+            }
+            Some(Models(models)) => Ok(models),
+        }
     }
 }
 
@@ -304,6 +312,22 @@ mod tests {
             client_token_file: Some("/kzc/client-token/token".into()),
         };
         assert_eq!(parse::<Actor>(&to_env(&actor)), actor);
+    }
+
+    #[test]
+    fn an_empty_list_of_models_is_read_but_not_served() {
+        let env = [(MODELS_ENV.to_owned(), "[]".to_owned())];
+        let pod: PodModels = parse(&env);
+        let e = pod.models().unwrap_err();
+        assert!(e.to_string().contains("lists no models"), "{e}");
+        let unset: PodModels = parse(&[]);
+        assert!(unset
+            .models()
+            .unwrap_err()
+            .to_string()
+            .contains("is not set"));
+        let bad = [(MODELS_ENV.to_owned(), r#"[{"name":"a"}]"#.to_owned())];
+        assert!(from_env::<PodModels>(&bad).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 // it: the list is parsed and checked, and every URI in it (or in the error) is shown without
 // its query string.
 use kube_zerocopy_sidecar::config::models_from_json;
-use kube_zerocopy_sidecar::redact;
+use kube_zerocopy_runtime::redact;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(json) = std::str::from_utf8(data) else {

@@ -158,7 +158,8 @@ pub fn work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
         task.parallelism = None;
     }
     let json = serde_json::to_vec(&work).expect("a spec serializes");
-    kube_zerocopy_sidecar::source::sha256_hex(&json)
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(&json))
 }
 
 /// Marks a Job with the generation and the work it was rendered from and, for a re-run, why.

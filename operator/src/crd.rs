@@ -507,7 +507,7 @@ impl InferencePipelineSpec {
     pub fn model_sources(
         &self,
         sources: &std::path::Path,
-    ) -> Vec<kube_zerocopy_sidecar::ModelSource> {
+    ) -> Vec<kube_zerocopy_contract::models::ModelSource> {
         self.models
             .iter()
             .map(|m| {
@@ -518,7 +518,7 @@ impl InferencePipelineSpec {
                         .to_string_lossy()
                         .into_owned()
                 };
-                kube_zerocopy_sidecar::ModelSource {
+                kube_zerocopy_contract::models::ModelSource {
                     name: m.name.clone(),
                     format: m.format,
                     uri: m.source.uri.clone(),
@@ -544,7 +544,7 @@ impl InferencePipelineSpec {
                         .source
                         .s3
                         .as_ref()
-                        .map(|s3| kube_zerocopy_sidecar::S3Access {
+                        .map(|s3| kube_zerocopy_contract::models::S3Access {
                             endpoint: s3.endpoint.clone(),
                             region: s3.region.clone(),
                             credentials_dir: s3
@@ -565,8 +565,8 @@ impl InferencePipelineSpec {
 
 impl AzureSourceSpec {
     /// The settings the sidecar or worker reads; the Secret's key is mounted in `dir`.
-    pub fn access(&self, dir: &str) -> kube_zerocopy_sidecar::AzureAccess {
-        kube_zerocopy_sidecar::AzureAccess {
+    pub fn access(&self, dir: &str) -> kube_zerocopy_contract::models::AzureAccess {
+        kube_zerocopy_contract::models::AzureAccess {
             account: self.account.clone(),
             endpoint: self.endpoint.clone(),
             credentials_dir: self.credentials_secret.as_ref().map(|_| dir.to_owned()),
@@ -580,7 +580,7 @@ impl DataLocation {
     pub fn azure_access(
         &self,
         dir: &std::path::Path,
-    ) -> Option<kube_zerocopy_sidecar::AzureAccess> {
+    ) -> Option<kube_zerocopy_contract::models::AzureAccess> {
         let dir = dir.join(SOURCE_AZURE_DIR);
         self.azure
             .as_ref()
@@ -589,7 +589,10 @@ impl DataLocation {
 
     /// How the workers reach an s3:// input or output; its Secret's keys are mounted under
     /// `dir` (see [`SOURCE_S3_DIR`]).
-    pub fn access(&self, dir: &std::path::Path) -> Option<kube_zerocopy_sidecar::S3Access> {
+    pub fn access(
+        &self,
+        dir: &std::path::Path,
+    ) -> Option<kube_zerocopy_contract::models::S3Access> {
         if !self.uri.starts_with("s3://") {
             return None;
         }
@@ -598,7 +601,7 @@ impl DataLocation {
             region: None,
             credentials_secret: None,
         });
-        Some(kube_zerocopy_sidecar::S3Access {
+        Some(kube_zerocopy_contract::models::S3Access {
             endpoint: s3.endpoint,
             region: s3.region,
             credentials_dir: s3

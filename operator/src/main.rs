@@ -142,7 +142,7 @@ enum LocalCommand {
 }
 
 fn main() {
-    kube_zerocopy_sidecar::process::init_logs();
+    kube_zerocopy_runtime::process::init_logs();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -114,7 +114,7 @@ impl Metrics {
 /// Serves /metrics, /livez and /readyz on `listen` from a thread of its own. /livez answers
 /// as long as the process serves; /readyz once the controller runs or stands by.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    kube_zerocopy_sidecar::process::serve_endpoints(listen, move |path| match path {
+    kube_zerocopy_runtime::process::serve_endpoints(listen, move |path| match path {
         "/metrics" => (200, metrics.render()),
         "/livez" => (200, "ok".into()),
         "/readyz" if metrics.is_ready() => (200, "ok".into()),

@@ -29,10 +29,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use kube_zerocopy_sidecar::config::{
+use kube_zerocopy_contract::models::{
     models_to_json, MODELS_ATTRIBUTE, NODE_STORE_DRIVER, VIEW_BINDINGS_DIR,
 };
-use kube_zerocopy_sidecar::process::EXIT_PERMANENT;
+use kube_zerocopy_runtime::process::EXIT_PERMANENT;
 
 use crate::crd::{
     DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, PodOverrides,
@@ -384,7 +384,7 @@ fn store_credentials(
 
 /// An Azure credentials Secret's account key under [`SOURCE_AZURE_DIR`].
 fn azure_credentials(secret: &str) -> VolumeProjection {
-    use kube_zerocopy_sidecar::cloud::ACCOUNT_KEY_FILE;
+    use kube_zerocopy_contract::models::ACCOUNT_KEY_FILE;
     VolumeProjection {
         secret: Some(SecretProjection {
             name: secret.to_owned(),
@@ -402,7 +402,7 @@ fn azure_credentials(secret: &str) -> VolumeProjection {
 /// An S3 credentials Secret's keys under [`SOURCE_S3_DIR`]: the key id and secret required,
 /// a session token only when the Secret has one.
 fn s3_credentials(secret: &str) -> Vec<VolumeProjection> {
-    use kube_zerocopy_sidecar::cloud::{
+    use kube_zerocopy_contract::models::{
         ACCESS_KEY_ID_FILE, SECRET_ACCESS_KEY_FILE, SESSION_TOKEN_FILE,
     };
     let keys = |keys: &[&str], optional: bool| VolumeProjection {
@@ -1289,15 +1289,15 @@ mod tests {
     }
 
     /// The models as the weight server reads them from its environment.
-    fn models_of(sidecar: Container) -> Vec<kube_zerocopy_sidecar::ModelSource> {
+    fn models_of(sidecar: Container) -> Vec<kube_zerocopy_contract::models::ModelSource> {
         let models = sidecar
             .env
             .unwrap()
             .into_iter()
-            .find(|e| e.name == kube_zerocopy_sidecar::config::MODELS_ENV)
+            .find(|e| e.name == kube_zerocopy_contract::models::MODELS_ENV)
             .and_then(|e| e.value)
             .unwrap();
-        kube_zerocopy_sidecar::config::models_from_json(&models).unwrap()
+        kube_zerocopy_contract::models::models_from_json(&models).unwrap()
     }
 
     #[test]
@@ -1460,7 +1460,7 @@ mod tests {
         let models = models_of(sidecar);
         assert_eq!(
             models[0].s3,
-            Some(kube_zerocopy_sidecar::S3Access {
+            Some(kube_zerocopy_contract::models::S3Access {
                 endpoint: Some("http://minio.storage:9000".into()),
                 region: Some("eu-west-1".into()),
                 credentials_dir: Some("/kzc/sources/head/s3".into()),
@@ -1507,7 +1507,7 @@ mod tests {
         );
         assert_eq!(
             models_of(sidecar)[0].azure,
-            Some(kube_zerocopy_sidecar::AzureAccess {
+            Some(kube_zerocopy_contract::models::AzureAccess {
                 account: "models".into(),
                 endpoint: None,
                 credentials_dir: Some("/kzc/sources/head/azure".into()),

@@ -208,7 +208,7 @@ fn rendered_pods_keep_their_promises() {
             .map(|m| m.name.clone())
             .collect();
         assert_eq!(
-            kube_zerocopy_sidecar::config::models_from_json(&models)
+            kube_zerocopy_contract::models::models_from_json(&models)
                 .unwrap()
                 .iter()
                 .map(|m| m.name.clone())

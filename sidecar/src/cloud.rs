@@ -14,14 +14,10 @@ use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::signer::Signer;
 use object_store::ObjectStore;
 
-use crate::config::{AzureAccess, S3Access};
-
-/// The credential files in an S3 credentials folder: the keys of the pipeline's Secret.
-pub const ACCESS_KEY_ID_FILE: &str = "AWS_ACCESS_KEY_ID";
-pub const SECRET_ACCESS_KEY_FILE: &str = "AWS_SECRET_ACCESS_KEY";
-pub const SESSION_TOKEN_FILE: &str = "AWS_SESSION_TOKEN";
-/// The credential file in an Azure credentials folder: the storage account's key.
-pub const ACCOUNT_KEY_FILE: &str = "AZURE_STORAGE_ACCOUNT_KEY";
+use crate::config::{
+    AzureAccess, S3Access, ACCESS_KEY_ID_FILE, ACCOUNT_KEY_FILE, SECRET_ACCESS_KEY_FILE,
+    SESSION_TOKEN_FILE,
+};
 
 /// What both clients are: a store (list, get, put) that also signs URLs.
 pub trait Storage: ObjectStore + Signer {}

@@ -163,10 +163,10 @@ pub(crate) fn retrying<T>(
         }
         let wait = pause.next().unwrap_or(Duration::from_secs(30));
         tracing::warn!(
-            uri = %crate::redact::uri(uri),
+            uri = %kube_zerocopy_runtime::redact::uri(uri),
             received,
             retry_in_ms = wait.as_millis() as u64,
-            error = %crate::redact::uris_in(&format!("{error:#}")),
+            error = %kube_zerocopy_runtime::redact::uris_in(&format!("{error:#}")),
             "{retrying}"
         );
         std::thread::sleep(wait);
@@ -324,7 +324,7 @@ impl Transfer<'_> {
             }
             200 => {
                 if self.written > 0 {
-                    tracing::info!(uri = %crate::redact::uri(uri), "the server sent the whole file again (it changed, or it ignores ranges): starting over");
+                    tracing::info!(uri = %kube_zerocopy_runtime::redact::uri(uri), "the server sent the whole file again (it changed, or it ignores ranges): starting over");
                     self.start_over().map_err(Failure::Permanent)?;
                 }
                 self.validator = validator(header("ETag"), header("Last-Modified"));

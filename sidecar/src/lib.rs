@@ -9,7 +9,6 @@
 //! - [`download`]: http(s) downloads that resume, with a stall timeout and a size cap.
 //! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
-//! - [`process`]: logging and error reporting shared by every kube-zerocopy binary.
 
 pub mod cloud;
 pub mod config;
@@ -18,9 +17,7 @@ pub mod formats;
 pub mod layout;
 pub mod networks;
 pub mod pickle;
-pub mod process;
 pub mod publish;
-pub mod redact;
 pub mod remote;
 pub mod source;
 

@@ -55,9 +55,9 @@ enum Command {
 }
 
 fn main() {
-    kube_zerocopy_sidecar::process::init_logs();
-    kube_zerocopy_sidecar::process::exit_on_error(
-        run(kube_zerocopy_sidecar::process::parse_args()),
+    kube_zerocopy_runtime::process::init_logs();
+    kube_zerocopy_runtime::process::exit_on_error(
+        run(kube_zerocopy_runtime::process::parse_args()),
     );
 }
 
@@ -92,10 +92,10 @@ fn run(cli: Cli) -> Result<()> {
             serve: pod::Serve { listen },
             collect_every,
         } => {
-            kube_zerocopy_sidecar::process::exit_on_terminate()?;
+            kube_zerocopy_runtime::process::exit_on_terminate()?;
             let ready = Arc::new(AtomicBool::new(false));
             let flag = ready.clone();
-            kube_zerocopy_sidecar::process::serve_endpoints(&listen, move |path| {
+            kube_zerocopy_runtime::process::serve_endpoints(&listen, move |path| {
                 let (code, body) = match path {
                     "/livez" => (200, "ok"),
                     "/readyz" if flag.load(Ordering::SeqCst) => (200, "ready"),

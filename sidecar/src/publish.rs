@@ -85,7 +85,7 @@ impl Publisher {
             }
         }
         let started = Instant::now();
-        info!(model = %model.name, uri = %crate::redact::uri(&model.uri), "fetching");
+        info!(model = %model.name, uri = %kube_zerocopy_runtime::redact::uri(&model.uri), "fetching");
         let logged = Mutex::new(started);
         let on_progress = |bytes: u64, total: Option<u64>| {
             if let Some(observer) = &self.observer {

@@ -160,7 +160,7 @@ impl<'a> RemoteObject<'a> {
                     if matches!(location, Location::Http { .. })
                         && !e.chain().any(|c| c.is::<AddressRefused>()) =>
                 {
-                    tracing::info!(uri = %crate::redact::uri(&name), error = %crate::redact::uris_in(&format!("{e:#}")), "HEAD refused: downloading the file whole");
+                    tracing::info!(uri = %kube_zerocopy_runtime::redact::uri(&name), error = %kube_zerocopy_runtime::redact::uris_in(&format!("{e:#}")), "HEAD refused: downloading the file whole");
                     Ok(None)
                 }
                 sent => sent.map(Some),
@@ -185,7 +185,7 @@ impl<'a> RemoteObject<'a> {
             if let Location::Store { .. } = location {
                 bail!("{name}: the object store sent no size or no ETag");
             }
-            tracing::info!(uri = %crate::redact::uri(&name), "the server offers no byte ranges with a strong ETag: downloading the file whole");
+            tracing::info!(uri = %kube_zerocopy_runtime::redact::uri(&name), "the server offers no byte ranges with a strong ETag: downloading the file whole");
             return Ok(None);
         };
         policy.check_size(&name, len, true)?;

@@ -515,7 +515,7 @@ fn a_task_pipeline_reads_and_writes_s3_prefixes_and_writes_a_manifest() {
 /// credentials name the field that holds them.
 #[test]
 fn a_changed_input_is_refused_and_an_empty_one_cannot_be_planned() {
-    use kube_zerocopy_sidecar::process::Permanent;
+    use kube_zerocopy_runtime::process::Permanent;
     use kube_zerocopy_worker::data::Store;
     use kube_zerocopy_worker::task::{checked_listing, plan, Shard};
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube_zerocopy_sidecar::process::Permanent;
+use kube_zerocopy_runtime::process::Permanent;
 use serde::Serialize;
 use tracing::{info, warn};
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_zerocopy_contract::pod;
+use kube_zerocopy_runtime::process::Permanent;
 use kube_zerocopy_sidecar::layout::{Bindings, Store as ModelStore};
-use kube_zerocopy_sidecar::process::Permanent;
 use kube_zerocopy_sidecar::ModelSource;
 use kube_zerocopy_worker::actor::{Batching, Limits, Settings};
 use kube_zerocopy_worker::client_token::ClientToken;
@@ -158,9 +158,9 @@ fn parse_device(s: &str) -> Result<Device> {
 }
 
 fn main() {
-    kube_zerocopy_sidecar::process::init_logs();
-    kube_zerocopy_sidecar::process::exit_on_error(
-        run(kube_zerocopy_sidecar::process::parse_args()),
+    kube_zerocopy_runtime::process::init_logs();
+    kube_zerocopy_runtime::process::exit_on_error(
+        run(kube_zerocopy_runtime::process::parse_args()),
     );
 }
 
@@ -173,7 +173,7 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Plan { input } = &cli.command {
         let plan = serde_json::to_string(&task::plan(&open_input(input)?)?)?;
         println!("{plan}");
-        kube_zerocopy_sidecar::process::write_termination_message(&plan);
+        kube_zerocopy_runtime::process::write_termination_message(&plan);
         return Ok(());
     }
     // Driving sends files' bytes as they are: no models, no libtorch either.
@@ -370,7 +370,7 @@ fn drive(command: Command) -> Result<()> {
     };
     let report = serde_json::to_string(&summary)?;
     println!("{report}");
-    kube_zerocopy_sidecar::process::write_termination_message(&report);
+    kube_zerocopy_runtime::process::write_termination_message(&report);
     if let Some(first) = summary.failed.first() {
         return Err(Permanent(format!(
             "{} of {} batches failed; the first, {}: {}",

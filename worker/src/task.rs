@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use kube_zerocopy_sidecar::process::Permanent;
+use kube_zerocopy_runtime::process::Permanent;
 
 use crate::data::{Entry, Store};
 use crate::model::Pipeline;
