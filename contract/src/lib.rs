@@ -6,7 +6,9 @@
 //!   the workers and the node agent.
 //! - [`node_store`]: the `NodeStore` resource each node agent writes, and its node labels.
 //! - [`pod`]: what the operator sets in each container's environment, as the binaries read it.
+//! - [`settings`]: what the chart sets for the operator and the node agent.
 
 pub mod models;
 pub mod node_store;
 pub mod pod;
+pub mod settings;

@@ -68,7 +68,12 @@ pub fn from_env<T: clap::Args + clap::FromArgMatches>(
         let reads = |a: &&clap::Arg| a.get_env().and_then(|e| e.to_str()) == Some(variable);
         if let Some(argument) = command.get_arguments().find(reads) {
             let long = argument.get_long().expect("every argument has a long flag");
-            args.push(format!("--{long}={value}"));
+            if argument.get_action().takes_values() {
+                args.push(format!("--{long}={value}"));
+            } else if matches!(value.as_str(), "true" | "1" | "yes" | "on") {
+                // A flag: set by a true value, as clap reads its variable.
+                args.push(format!("--{long}"));
+            }
         }
     }
     T::from_arg_matches(&command.try_get_matches_from(args)?)
@@ -223,6 +228,7 @@ pub struct Task {
 /// An Actor replica: where it serves, under which name, how it batches, whom it answers.
 #[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
 pub struct Actor {
+    /// The address the protocol (and health, /metrics) is served on.
     #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
     /// The model's name in the protocol (the pipeline's name).
@@ -266,6 +272,91 @@ pub struct Driver {
     /// A file holding the bearer token the replicas want.
     #[arg(long, env = "KZC_CLIENT_TOKEN_FILE")]
     pub client_token_file: Option<PathBuf>,
+}
+
+/// How the worker maps the models: settings of the worker's own, which the operator leaves at
+/// their defaults (a pipeline's template may set them).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct Mapping {
+    /// Fault every page of the mapping in at load (MAP_POPULATE) instead of on first use.
+    #[arg(long, env = "KZC_PREFAULT", global = true)]
+    pub prefault: bool,
+}
+
+/// Whether the worker pins the mapping before copying it to the GPU (default true; `false` or
+/// `0` where pinning fails): read where the copy is made.
+pub const PIN_HOST_ENV: &str = "KZC_PIN_HOST";
+
+/// The largest request body a replica takes, by default.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 << 20;
+/// Seconds a request body may take to arrive, by default.
+pub const DEFAULT_BODY_TIMEOUT_SECONDS: u64 = 30;
+/// Requests that may wait while a batch runs, by default.
+pub const DEFAULT_QUEUED_BATCHES: usize = 8;
+
+/// What a replica accepts from its clients, and how long it drains: the worker's own
+/// settings, at their defaults unless a pipeline's template sets them.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct ActorLimits {
+    /// The largest request body accepted (413 beyond).
+    #[arg(long, env = "KZC_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: u64,
+    /// Seconds a request body may take to arrive (408 beyond).
+    #[arg(long, env = "KZC_BODY_TIMEOUT", default_value_t = DEFAULT_BODY_TIMEOUT_SECONDS)]
+    pub body_timeout: u64,
+    /// Requests that may wait while a batch runs (503 with Retry-After beyond).
+    #[arg(long, env = "KZC_QUEUED_BATCHES", default_value_t = DEFAULT_QUEUED_BATCHES)]
+    pub queued_batches: usize,
+    /// The longest drain after SIGTERM, in seconds.
+    #[arg(long, env = "KZC_DRAIN_SECONDS", default_value_t = 20)]
+    pub drain_seconds: u64,
+}
+
+/// How a driver sends: the worker's own settings, and the replicas' addresses when it runs
+/// outside a cluster.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct DriverLimits {
+    /// Or the replicas' base URLs (http://host:port), comma-separated, instead of a Service.
+    #[arg(
+        long,
+        env = "KZC_REPLICAS",
+        value_delimiter = ',',
+        required_unless_present = "service",
+        conflicts_with = "service"
+    )]
+    pub replicas: Vec<String>,
+    /// Sends of one batch before it is listed as failed.
+    #[arg(long, env = "KZC_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Seconds one replica may take to answer one request.
+    #[arg(long, env = "KZC_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout: u64,
+    /// The most tensor bytes in one request: a larger shard file is sent in row ranges,
+    /// their outputs joined (the replicas take bodies of 64 MiB at most by default).
+    #[arg(long, env = "KZC_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+    pub max_request_bytes: usize,
+    /// The listing digest the input was planned with: a changed input stops the run.
+    #[arg(long, env = "KZC_INPUT_DIGEST")]
+    pub input_digest: Option<String>,
+}
+
+/// Seconds a store's user waits for a lock another process holds, by default.
+pub const DEFAULT_LOCK_TIMEOUT_SECONDS: u64 = 900;
+
+/// How the weight server keeps a store: its own settings.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct StoreUpkeep {
+    /// Seconds a model may stay in the store unused (no sidecar holding it) before the
+    /// collection removes it; a full store makes room at once, least recently used first.
+    #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
+    pub keep_unused: u64,
+    /// Seconds to wait for a lock another process holds (another sidecar laying out the same
+    /// model) before failing with the reason.
+    #[arg(long, env = "KZC_LOCK_TIMEOUT", global = true, default_value_t = DEFAULT_LOCK_TIMEOUT_SECONDS)]
+    pub lock_timeout: u64,
+    /// Seconds between marking this pod's models as used and collecting unused ones (`serve`).
+    #[arg(long, env = "KZC_COLLECT_EVERY", global = true, default_value_t = 60)]
+    pub collect_every: u64,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::leader::Election;
 use kube_zerocopy::node_store::NodeStore;
 use kube_zerocopy::{local, render};
+use kube_zerocopy_contract::settings;
 
 #[derive(Parser)]
 #[command(name = "kube-zerocopy", version, about)]
@@ -29,29 +30,8 @@ enum Resource {
 enum Command {
     /// Run the operator: reconcile InferencePipelines into Jobs and Deployments.
     Operator {
-        /// Watch one namespace only (default: all).
-        #[arg(long, env = "KZC_WATCH_NAMESPACE")]
-        namespace: Option<String>,
         #[command(flatten)]
-        images: Images,
-        #[command(flatten)]
-        policy: Policy,
-        /// Address of /metrics, /livez and /readyz.
-        #[arg(long, env = "KZC_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
-        metrics_listen: String,
-        /// Reconcile only while holding the leader lease, so that replicas never race.
-        #[arg(long, env = "KZC_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-        leader_election: bool,
-        /// The namespace of the leader lease: the operator's own.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-        lease_namespace: String,
-        /// This replica's name in the election (default: host name and process id).
-        #[arg(long, env = "POD_NAME")]
-        identity: Option<String>,
-        /// Seconds a lease holds without renewal: how long a standby waits for a leader that
-        /// died without handing the lease back.
-        #[arg(long, env = "KZC_LEASE_DURATION", default_value_t = 15)]
-        lease_duration: u64,
+        settings: settings::Operator,
     },
     /// Print a CustomResourceDefinition as YAML.
     Crd {
@@ -63,9 +43,9 @@ enum Command {
         #[arg(short = 'f', long)]
         file: PathBuf,
         #[command(flatten)]
-        images: Images,
+        images: settings::Images,
         #[command(flatten)]
-        policy: Policy,
+        policy: settings::Policy,
     },
     /// Run pipelines on this machine, without a cluster.
     Local {
@@ -74,50 +54,21 @@ enum Command {
     },
 }
 
-/// The images the pipelines' pods run (the operator's version when not set).
-#[derive(clap::Args)]
-struct Images {
-    /// The runtime image (sidecar and worker) of cpu pipelines.
-    #[arg(long, env = "KZC_RUNTIME_IMAGE")]
-    runtime_image: Option<String>,
-    /// The runtime image of cuda pipelines (libtorch's CUDA backend and libraries).
-    #[arg(long, env = "KZC_CUDA_RUNTIME_IMAGE")]
-    cuda_runtime_image: Option<String>,
-}
-
-impl Images {
-    fn apply(self, settings: &mut render::Settings) {
-        if let Some(image) = self.runtime_image {
-            settings.runtime_image = image;
-        }
-        if let Some(image) = self.cuda_runtime_image {
-            settings.cuda_runtime_image = image;
-        }
+/// The chart's (or the command line's) images and policy, over the operator's defaults.
+fn render_settings(images: settings::Images, policy: settings::Policy) -> render::Settings {
+    let mut settings = render::Settings::default();
+    if let Some(image) = images.runtime_image {
+        settings.runtime_image = image;
     }
-}
-
-/// What pipelines' templates may add to their pods (everything else is refused).
-#[derive(clap::Args)]
-struct Policy {
-    /// Allow hostPath volumes in template.volumes.
-    #[arg(long, env = "KZC_ALLOW_HOST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
-    allow_host_path: bool,
-    /// Allow template.serviceAccountName and projected ServiceAccount tokens.
-    #[arg(long, env = "KZC_ALLOW_SERVICE_ACCOUNT", default_value_t = false, action = clap::ArgAction::Set)]
-    allow_service_account: bool,
-    /// The taint keys template.tolerations may tolerate, comma-separated (`*`: any).
-    #[arg(long, env = "KZC_TOLERATION_KEYS", value_delimiter = ',', default_values_t = kube_zerocopy::policy::DEFAULT_TOLERATION_KEYS.map(String::from))]
-    toleration_keys: Vec<String>,
-}
-
-impl Policy {
-    fn apply(self, settings: &mut render::Settings) {
-        settings.policy = kube_zerocopy::policy::PipelinePolicy {
-            allow_host_path: self.allow_host_path,
-            allow_service_account: self.allow_service_account,
-            toleration_keys: self.toleration_keys,
-        };
+    if let Some(image) = images.cuda_runtime_image {
+        settings.cuda_runtime_image = image;
     }
+    settings.policy = kube_zerocopy::policy::PipelinePolicy {
+        allow_host_path: policy.allow_host_path,
+        allow_service_account: policy.allow_service_account,
+        toleration_keys: policy.toleration_keys,
+    };
+    settings
 }
 
 #[derive(Subcommand)]
@@ -161,18 +112,19 @@ fn emit(text: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Operator {
-            namespace,
-            images,
-            policy,
-            metrics_listen,
-            leader_election,
-            lease_namespace,
-            identity,
-            lease_duration,
+            settings:
+                settings::Operator {
+                    namespace,
+                    images,
+                    policy,
+                    metrics_listen,
+                    leader_election,
+                    lease_namespace,
+                    identity,
+                    lease_duration,
+                },
         } => {
-            let mut settings = render::Settings::default();
-            images.apply(&mut settings);
-            policy.apply(&mut settings);
+            let settings = render_settings(images, policy);
             let metrics = std::sync::Arc::new(kube_zerocopy::metrics::Metrics::default());
             kube_zerocopy::metrics::serve(&metrics_listen, metrics.clone())?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -184,7 +136,7 @@ fn run(cli: Cli) -> Result<()> {
                     identity: identity.unwrap_or_else(Election::default_identity),
                     lease_duration: Duration::from_secs(lease_duration),
                 });
-                // The chart sets KZC_WATCH_NAMESPACE="" for all namespaces.
+                // The chart sets an empty namespace for all namespaces.
                 let namespace = namespace.filter(|n| !n.is_empty());
                 kube_zerocopy::controller::run(client, settings, namespace, election, metrics).await
             })
@@ -203,9 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             policy,
         } => {
             let pipeline = local::load_pipeline(&file)?;
-            let mut settings = render::Settings::default();
-            images.apply(&mut settings);
-            policy.apply(&mut settings);
+            let settings = render_settings(images, policy);
             emit(&render::render(&pipeline, &settings)?.to_yaml()?)?;
             Ok(())
         }

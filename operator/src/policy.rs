@@ -63,8 +63,7 @@ const CONTROL_PLANE_LABELS: [&str; 2] = [
     "node-role.kubernetes.io/master",
 ];
 
-/// The toleration keys allowed when the operator's settings name none: GPU nodes' taint.
-pub const DEFAULT_TOLERATION_KEYS: [&str; 1] = ["nvidia.com/gpu"];
+pub use kube_zerocopy_contract::settings::DEFAULT_TOLERATION_KEYS;
 
 /// Why a pipeline's template is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -1191,6 +1191,7 @@ pub fn render_planned(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube_zerocopy_contract::pod;
 
     fn pipeline(template: &str) -> InferencePipeline {
         serde_yaml::from_str(&format!(
@@ -1313,12 +1314,27 @@ mod tests {
             panic!("an Actor pipeline renders a Deployment")
         };
         let token_file = Some("/kzc/client-token/token".to_owned());
+        // The token file as the worker reads it, in either role.
         let env_of = |c: &Container| {
-            c.env
+            let env: Vec<(String, String)> = c
+                .env
                 .iter()
                 .flatten()
-                .find(|e| e.name == "KZC_CLIENT_TOKEN_FILE")
-                .and_then(|e| e.value.clone())
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect();
+            let file = |file: Option<std::path::PathBuf>| file.map(|f| f.display().to_string());
+            match c.command.as_ref().map(|c| c[1].as_str()) {
+                Some("actor") => file(pod::from_env::<pod::Actor>(&env).unwrap().client_token_file),
+                Some("drive") => file(
+                    pod::from_env::<pod::Driver>(&env)
+                        .unwrap()
+                        .client_token_file,
+                ),
+                _ => env
+                    .iter()
+                    .any(|(_, v)| v.contains("client-token"))
+                    .then(|| "mentioned".to_owned()),
+            }
         };
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let worker = &pod.containers[0];
@@ -1519,10 +1535,16 @@ mod tests {
             .into_iter()
             .map(|e| (e.name, e.value.unwrap_or_default()))
             .collect();
-        assert!(env.contains(&(
-            "KZC_INPUT_AZURE".into(),
-            r#"{"account":"data","endpoint":"http://azurite:10000/data","credentialsDir":"/kzc/data/input/azure"}"#.into()
-        )), "{env:?}");
+        let task: kube_zerocopy_contract::pod::Task =
+            kube_zerocopy_contract::pod::from_env(&env).unwrap();
+        assert_eq!(
+            task.input.input_azure,
+            Some(kube_zerocopy_contract::models::AzureAccess {
+                account: "data".into(),
+                endpoint: Some("http://azurite:10000/data".into()),
+                credentials_dir: Some("/kzc/data/input/azure".into()),
+            })
+        );
     }
 
     #[test]

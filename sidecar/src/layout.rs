@@ -185,7 +185,8 @@ pub fn plan(
 /// How long a sidecar waits for a lock another process holds before it gives up: long enough
 /// for another sidecar to lay out a large model, short enough that a process that never lets
 /// go (hung, or hostile on a shared store) fails the pod with the reason instead of hanging it.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
+pub const LOCK_TIMEOUT: Duration =
+    Duration::from_secs(kube_zerocopy_contract::pod::DEFAULT_LOCK_TIMEOUT_SECONDS);
 
 /// The content-addressed store: the shared volume's root.
 #[derive(Clone, Debug)]

@@ -21,20 +21,11 @@ struct Cli {
     pod: pod::PodModels,
     #[command(flatten)]
     weight_server: pod::WeightServer,
-    /// Seconds a model may stay in the store unused (no sidecar holding it) before the
-    /// collection removes it; a full store makes room at once, least recently used first.
-    #[arg(long, env = "KZC_KEEP_UNUSED", global = true, default_value_t = 3600)]
-    keep_unused: u64,
-    /// Seconds to wait for a lock another process holds (another sidecar laying out the same
-    /// model) before failing with the reason.
-    #[arg(long, env = "KZC_LOCK_TIMEOUT", global = true, default_value_t = kube_zerocopy_sidecar::layout::LOCK_TIMEOUT.as_secs())]
-    lock_timeout: u64,
+    #[command(flatten)]
+    upkeep: pod::StoreUpkeep,
     #[command(subcommand)]
     command: Option<Command>,
 }
-
-/// `serve`'s default period, also what runs when no subcommand is given.
-const COLLECT_EVERY_SECS: u64 = 60;
 
 #[derive(Subcommand)]
 enum Command {
@@ -42,9 +33,6 @@ enum Command {
     Serve {
         #[command(flatten)]
         serve: pod::Serve,
-        /// Seconds between marking this pod's models as used and collecting unused ones.
-        #[arg(long, env = "KZC_COLLECT_EVERY", default_value_t = COLLECT_EVERY_SECS)]
-        collect_every: u64,
     },
     /// Publish every model and exit.
     Publish,
@@ -62,9 +50,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let keep_unused = Duration::from_secs(cli.keep_unused);
+    let keep_unused = Duration::from_secs(cli.upkeep.keep_unused);
     let publisher = Publisher {
-        store: Store::new(&cli.pod.store).with_lock_timeout(Duration::from_secs(cli.lock_timeout)),
+        store: Store::new(&cli.pod.store)
+            .with_lock_timeout(Duration::from_secs(cli.upkeep.lock_timeout)),
         bindings: Bindings::new(&cli.pod.bindings),
         download_dir: cli.weight_server.download_dir,
         limits: Default::default(),
@@ -76,7 +65,6 @@ fn run(cli: Cli) -> Result<()> {
             serve: pod::Serve::from_arg_matches(
                 &pod::Serve::augment_args(clap::Command::new("serve")).get_matches_from(["serve"]),
             )?,
-            collect_every: COLLECT_EVERY_SECS,
         },
     };
     let models = || cli.pod.models();
@@ -90,7 +78,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve {
             serve: pod::Serve { listen },
-            collect_every,
         } => {
             kube_zerocopy_runtime::process::exit_on_terminate()?;
             let ready = Arc::new(AtomicBool::new(false));
@@ -114,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(_) => {}
                     Err(e) => warn!(error = format!("{e:#}"), "collecting unused models"),
                 }
-                std::thread::sleep(Duration::from_secs(collect_every.max(1)));
+                std::thread::sleep(Duration::from_secs(cli.upkeep.collect_every.max(1)));
                 for hold in &holds {
                     if let Err(e) = hold.refresh() {
                         warn!(error = format!("{e:#}"), "marking a model as used");

@@ -59,6 +59,7 @@ use crate::memory::MemoryStats;
 use crate::model::{Module, Pipeline};
 use crate::nn::WrongInput;
 use crate::oip::{self, ModelMetadata, TensorSpec};
+use kube_zerocopy_contract::pod;
 
 /// What a replica accepts from its clients.
 #[derive(Clone, Debug)]
@@ -80,10 +81,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 64 << 20,
-            body_timeout: Duration::from_secs(30),
+            max_body_bytes: pod::DEFAULT_MAX_BODY_BYTES,
+            body_timeout: Duration::from_secs(pod::DEFAULT_BODY_TIMEOUT_SECONDS),
             header_timeout: Duration::from_secs(10),
-            queued_batches: 8,
+            queued_batches: pod::DEFAULT_QUEUED_BATCHES,
             max_connections: 1024,
         }
     }

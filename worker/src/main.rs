@@ -35,9 +35,8 @@ struct Cli {
     pod: pod::PodModels,
     #[command(flatten)]
     device: pod::Device,
-    /// Fault every page of the mapping in at load (MAP_POPULATE) instead of on first use.
-    #[arg(long, env = "KZC_PREFAULT", global = true)]
-    prefault: bool,
+    #[command(flatten)]
+    mapping: pod::Mapping,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,45 +70,15 @@ enum Command {
     Actor {
         #[command(flatten)]
         actor: pod::Actor,
-        /// The largest request body accepted (413 beyond).
-        #[arg(long, env = "KZC_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
-        max_body_bytes: u64,
-        /// Seconds a request body may take to arrive (408 beyond).
-        #[arg(long, env = "KZC_BODY_TIMEOUT", default_value_t = Limits::default().body_timeout.as_secs())]
-        body_timeout: u64,
-        /// Requests that may wait while a batch runs (503 with Retry-After beyond).
-        #[arg(long, env = "KZC_QUEUED_BATCHES", default_value_t = Limits::default().queued_batches)]
-        queued_batches: usize,
-        /// The longest drain after SIGTERM, in seconds.
-        #[arg(long, env = "KZC_DRAIN_SECONDS", default_value_t = 20)]
-        drain_seconds: u64,
+        #[command(flatten)]
+        limits: pod::ActorLimits,
     },
     /// Stream the input's shard files through actor replicas, writing each answer as output.
     Drive {
         #[command(flatten)]
         driver: pod::Driver,
-        /// Or the replicas' base URLs (http://host:port), comma-separated, instead of a Service.
-        #[arg(
-            long,
-            env = "KZC_REPLICAS",
-            value_delimiter = ',',
-            required_unless_present = "service",
-            conflicts_with = "service"
-        )]
-        replicas: Vec<String>,
-        /// Sends of one batch before it is listed as failed.
-        #[arg(long, env = "KZC_MAX_ATTEMPTS", default_value_t = 5)]
-        max_attempts: u32,
-        /// Seconds one replica may take to answer one request.
-        #[arg(long, env = "KZC_REQUEST_TIMEOUT", default_value_t = 300)]
-        request_timeout: u64,
-        /// The most tensor bytes in one request: a larger shard file is sent in row ranges,
-        /// their outputs joined (the replicas take bodies of 64 MiB at most by default).
-        #[arg(long, env = "KZC_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
-        max_request_bytes: usize,
-        /// The listing digest the input was planned with: a changed input stops the run.
-        #[arg(long, env = "KZC_INPUT_DIGEST")]
-        input_digest: Option<String>,
+        #[command(flatten)]
+        limits: pod::DriverLimits,
     },
     /// Load the models, run one input, print a JSON report.
     Inspect {
@@ -209,7 +178,8 @@ fn run(cli: Cli) -> Result<()> {
             let input = open_input(&input)?;
             let output = open_output(&output)?;
             let load = Instant::now();
-            let pipeline = Pipeline::load_shared(&store, &bindings, &models, device, cli.prefault)?;
+            let pipeline =
+                Pipeline::load_shared(&store, &bindings, &models, device, cli.mapping.prefault)?;
             let load_ms = ms(load);
             let infer = Instant::now();
             let shard = task::Shard {
@@ -244,10 +214,13 @@ fn run(cli: Cli) -> Result<()> {
                     max_batch_delay_ms,
                     client_token_file,
                 },
-            max_body_bytes,
-            body_timeout,
-            queued_batches,
-            drain_seconds,
+            limits:
+                pod::ActorLimits {
+                    max_body_bytes,
+                    body_timeout,
+                    queued_batches,
+                    drain_seconds,
+                },
         } => {
             let client_token = client_token_file
                 .map(|path| ClientToken::open(&path).map(Arc::new))
@@ -268,7 +241,7 @@ fn run(cli: Cli) -> Result<()> {
                 drain: Duration::from_secs(drain_seconds),
                 client_token,
             };
-            let prefault = cli.prefault;
+            let prefault = cli.mapping.prefault;
             let load = move || Pipeline::load_shared(&store, &bindings, &models, device, prefault);
             kube_zerocopy_worker::actor::serve(load, &listen, settings)
         }
@@ -283,7 +256,7 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|m| match loader {
                     Loader::Shared => {
-                        LoadedModel::load_shared(&store, &bindings, m, device, cli.prefault)
+                        LoadedModel::load_shared(&store, &bindings, m, device, cli.mapping.prefault)
                     }
                     Loader::Copy => LoadedModel::load_copying(&source_path(m)?, m, device),
                 })
@@ -332,11 +305,14 @@ fn drive(command: Command) -> Result<()> {
                 run,
                 client_token_file,
             },
-        replicas,
-        max_attempts,
-        request_timeout,
-        max_request_bytes,
-        input_digest,
+        limits:
+            pod::DriverLimits {
+                replicas,
+                max_attempts,
+                request_timeout,
+                max_request_bytes,
+                input_digest,
+            },
     } = command
     else {
         unreachable!("called for drive only")

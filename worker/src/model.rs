@@ -136,7 +136,7 @@ impl LoadedModel {
 
 /// Whether to pin the mapping before copying to the GPU (`KZC_PIN_HOST`, default true).
 fn pin_for_cuda() -> bool {
-    std::env::var("KZC_PIN_HOST")
+    std::env::var(kube_zerocopy_contract::pod::PIN_HOST_ENV)
         .map(|v| v != "false" && v != "0")
         .unwrap_or(true)
 }

@@ -125,3 +125,85 @@ pub async fn a_watched_namespace_gives_the_operator_no_cluster_wide_rights(env: 
         false
     );
 }
+
+/// The chart's contract with its binaries: the operator's and the node agent's containers set
+/// only variables their binaries read (the logging ones apart), each with a value the
+/// binary's own parser takes, and the values the chart was given arrive as set.
+pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<Env>) {
+    use kube_zerocopy_contract::pod::{from_env, variables};
+    use kube_zerocopy_contract::settings::{NodeAgent, Operator};
+    let out = helm_template(
+        &env,
+        &[
+            "watchNamespace=pipelines",
+            "nodeStore.sourceNetworks=10.20.0.0/16",
+            "nodeStore.fileSources=/var/models",
+            "pipelinePolicy.allowHostPath=true",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let container = |kind: &str, name: &str| -> Vec<(String, String)> {
+        let workload = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == kind
+                    && d["spec"]["template"]["spec"]["containers"]
+                        .as_sequence()
+                        .is_some_and(|c| c.iter().any(|c| c["name"] == name))
+            })
+            .unwrap_or_else(|| panic!("no {kind} with a container {name}"));
+        let containers = workload["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap();
+        let container = containers.iter().find(|c| c["name"] == name).unwrap();
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let name = e["name"].as_str().unwrap().to_owned();
+                // From the downward API: a value of the right kind.
+                let value = e["value"].as_str().unwrap_or("from-the-pod").to_owned();
+                (name, value)
+            })
+            .collect()
+    };
+    let read_elsewhere = ["RUST_LOG", "KZC_LOG_FORMAT"];
+    let unread = |env: &[(String, String)], read: Vec<String>| -> Vec<String> {
+        env.iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| !read.contains(k) && !read_elsewhere.contains(&k.as_str()))
+            .collect()
+    };
+
+    let operator_env = container("Deployment", "operator");
+    let operator: Operator = from_env(&operator_env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        unread(&operator_env, variables::<Operator>()),
+        Vec::<String>::new()
+    );
+    assert_eq!(operator.namespace.as_deref(), Some("pipelines"));
+    assert!(operator.policy.allow_host_path);
+    assert!(!operator.policy.allow_service_account);
+
+    let agent_env = container("DaemonSet", "agent");
+    let agent: NodeAgent = from_env(&agent_env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        unread(&agent_env, variables::<NodeAgent>()),
+        Vec::<String>::new()
+    );
+    assert_eq!(agent.source_networks, "10.20.0.0/16");
+    assert_eq!(
+        agent.file_sources.as_deref(),
+        Some(std::path::Path::new("/var/models"))
+    );
+    assert_eq!(agent.namespace_share_percent, 50);
+}
