@@ -43,6 +43,8 @@ pub struct Fetch {
 
 /// How far a fetch has come.
 struct Progress {
+    /// The source as the report shows it.
+    shown: String,
     started: Instant,
     started_at: SystemTime,
     bytes: u64,
@@ -98,9 +100,9 @@ impl Activity {
         let fetching = self.fetching.lock().unwrap();
         fetching
             .iter()
-            .map(|((source, name), progress)| Fetch {
+            .map(|((_, name), progress)| Fetch {
                 name: name.clone(),
-                source: redact::uri(source).into_owned(),
+                source: progress.shown.clone(),
                 started_at: progress.started_at,
                 elapsed: progress.started.elapsed(),
                 bytes: progress.bytes,
@@ -118,6 +120,7 @@ impl Observer for Activity {
             .or_insert_with(|| {
                 self.changed.notify_one();
                 Progress {
+                    shown: shown_source(model),
                     started,
                     started_at: SystemTime::now() - started.elapsed(),
                     bytes: 0,
@@ -139,7 +142,7 @@ impl Observer for Activity {
         self.forget(removed);
     }
 
-    fn publishing(&self, digest: &str, laid_out: &Path) -> anyhow::Result<()> {
+    fn publishing(&self, _: &ModelSource, digest: &str, laid_out: &Path) -> anyhow::Result<()> {
         // Before the entry is visible: another volume that vets it meanwhile finds the record
         // (without it, it would discard the entry as one the agent never laid out).
         Layouts::new(self.store.clone()).record_laid_out(digest, laid_out)
@@ -148,7 +151,7 @@ impl Observer for Activity {
     fn published(&self, model: &ModelSource, digest: &str, fetch: Duration, layout: Duration) {
         let record = Publication {
             name: model.name.clone(),
-            source: redact::uri(&model.uri).into_owned(),
+            source: shown_source(model),
             published_at: SystemTime::now(),
             fetch_seconds: fetch.as_secs_f64(),
             layout_seconds: layout.as_secs_f64(),
@@ -161,5 +164,14 @@ impl Observer for Activity {
             warn!(error = %e, path = %path.display(), "recording a publication");
         }
         self.changed.notify_one();
+    }
+}
+
+/// A model's source as the node's report shows it (to whoever reads NodeStores): without its
+/// query, and none at all for a private one (where a tenant keeps its models is its own).
+fn shown_source(model: &ModelSource) -> String {
+    match model.names_credentials() {
+        true => "(a private source)".to_owned(),
+        false => redact::uri(&model.uri).into_owned(),
     }
 }

@@ -21,6 +21,7 @@ use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::access::{Access, Guard, NotShown};
 use crate::activity::Activity;
 use crate::integrity::{Check, Layouts};
 use crate::metrics::Metrics;
@@ -33,6 +34,7 @@ use crate::proto::csi::{
 };
 use crate::tenants::{Shares, Tenants};
 use crate::views::{self, Views};
+use crate::volume_secret::VolumeSecret;
 
 /// The volume attribute in which the kubelet passes the pod's namespace.
 const POD_NAMESPACE_ATTRIBUTE: &str = "csi.storage.k8s.io/pod.namespace";
@@ -56,6 +58,8 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     /// The publications' fetches and records, for the node's report.
     pub activity: Arc<Activity>,
+    /// Which entries are private, and who has shown access to them.
+    access: Arc<Access>,
     /// The store entries checked against their layout records, by digest and folder (inode):
     /// a folder that is replaced is checked again.
     verified: Mutex<HashSet<(String, u64)>>,
@@ -73,6 +77,11 @@ impl Agent {
         let metrics = Arc::new(Metrics::new(store.root().to_owned()));
         Arc::new(Agent {
             activity: Arc::new(Activity::new(store.clone(), metrics.room_evictions.clone())),
+            access: Arc::new(Access::new(
+                store.clone(),
+                download_dir.clone(),
+                limits.clone(),
+            )),
             metrics,
             driver,
             node_id,
@@ -90,19 +99,24 @@ impl Agent {
     }
 
     /// Publishes the volume's models, links them into its view and mounts it at `target`.
+    /// `secrets`: the keys of the Secret the volume names, its models' only credentials.
     fn publish_volume(
         &self,
         volume_id: &str,
         namespace: &str,
         target: &Path,
         models_json: &str,
+        secrets: &HashMap<String, String>,
     ) -> Result<(), Status> {
-        let models = models_from_json(models_json).map_err(|e| {
+        let mut models = models_from_json(models_json).map_err(|e| {
             Status::invalid_argument(format!("volume attribute {MODELS_ATTRIBUTE:?}: {e:#}"))
         })?;
         for model in &models {
             self.check_source(model)?;
         }
+        // Laid out for this call alone, and removed when it returns.
+        let _secret = VolumeSecret::lay_out(self.store.private_root(), secrets, &mut models)
+            .map_err(Status::permission_denied)?;
         let views = self.views();
         let view = views
             .dir(volume_id)
@@ -153,12 +167,17 @@ impl Agent {
             bindings: Bindings::new(view.join(VIEW_BINDINGS_DIR)),
             download_dir: self.download_dir.clone(),
             limits: self.limits.clone(),
-            observer: Some(self.activity.clone()),
+            observer: Some(Arc::new(Guard {
+                activity: self.activity.clone(),
+                access: self.access.clone(),
+            })),
         };
         let holds = publisher.publish_all(models).map_err(|e| {
             let message = format!("{e:#}");
             if e.chain().any(|c| c.is::<StoreFull>()) {
                 Status::resource_exhausted(message)
+            } else if e.chain().any(|c| c.is::<NotShown>()) {
+                Status::permission_denied(message)
             } else {
                 Status::internal(message)
             }
@@ -276,9 +295,9 @@ impl Agent {
     }
 
     /// Whoever can create a pod can name any source in its volume, and the agent reads as
-    /// root: it fetches http(s) sources, and reads `file://` ones only under the folder the
-    /// node's administrator set aside for them. A volume carries no credentials: a file named
-    /// as a token or CA bundle would be a file of the node read on a pod's say-so.
+    /// root: it fetches http(s), s3 and az sources (with the volume's own credentials alone:
+    /// see [`VolumeSecret`]), and reads `file://` ones only under the folder the node's
+    /// administrator set aside for them.
     fn check_source(&self, model: &ModelSource) -> Result<(), Status> {
         let refuse = |why: String| {
             Err(Status::permission_denied(format!(
@@ -286,26 +305,15 @@ impl Agent {
                 model.name
             )))
         };
-        if model.bearer_token_file.is_some()
-            || model.ca_file.is_some()
-            || model.s3.is_some()
-            || model.azure.is_some()
+        if ["http://", "https://", "s3://", "az://"]
+            .iter()
+            .any(|scheme| model.uri.starts_with(scheme))
         {
-            return refuse(
-                "the node agent takes no bearer token, CA file, S3 or Azure settings from a \
-                 volume's attributes"
-                    .into(),
-            );
-        }
-        if model.uri.starts_with("http://") || model.uri.starts_with("https://") {
             return Ok(());
         }
         let Some(path) = model.uri.strip_prefix("file://") else {
-            // s3:// or az:// would be read with the node's own identity (its instance profile,
-            // the agent's workload identity), for whichever pipeline names an object.
             return refuse(format!(
-                "source {:?} is not http(s):// or file://; the node agent reads no s3:// or \
-                 az:// sources (use sharing: Pod with their credentialsSecret)",
+                "source {:?} is not http(s)://, s3://, az:// or file://",
                 model.uri
             ));
         };
@@ -446,7 +454,13 @@ impl Node for Service {
         let agent = self.0.clone();
         let started = Instant::now();
         let published = blocking(move || {
-            agent.publish_volume(&r.volume_id, &namespace, Path::new(&r.target_path), &models)
+            agent.publish_volume(
+                &r.volume_id,
+                &namespace,
+                Path::new(&r.target_path),
+                &models,
+                &r.secrets,
+            )
         })
         .await;
         self.0

@@ -12,7 +12,10 @@
 //! - [`activity`]: the fetches under way and a record of each publication.
 //! - [`report`]: the node's `NodeStore` and its labels of held models, written to the API.
 //! - [`tenants`]: each namespace's share of the store and of the publications under way.
+//! - [`volume_secret`]: a volume's credentials, the keys of the Secret the kubelet hands over.
+//! - [`access`]: private models, served only to volumes that show they may read them.
 
+pub mod access;
 pub mod activity;
 pub mod csi;
 pub mod integrity;
@@ -21,6 +24,7 @@ pub mod report;
 pub mod store_memory;
 pub mod tenants;
 pub mod views;
+pub mod volume_secret;
 
 pub mod proto {
     pub mod csi {

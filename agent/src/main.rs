@@ -74,7 +74,9 @@ fn run(cli: NodeAgent) -> Result<()> {
     if let Some(dir) = &cli.lock_dir {
         store = store.with_lock_dir(dir);
     }
-    // Downloads a killed agent left behind: the agent is their only writer on this node.
+    // What a killed agent left behind: it is their only writer on this node.
+    kube_zerocopy_agent::volume_secret::VolumeSecret::remove_left(store.private_root())
+        .context("removing the volumes' Secrets an earlier run left")?;
     let removed = kube_zerocopy_sidecar::source::remove_left_downloads(&cli.download_dir)?;
     if removed > 0 {
         tracing::info!(removed, "removed downloads left by an earlier run");
@@ -101,6 +103,7 @@ fn run(cli: NodeAgent) -> Result<()> {
         Shares {
             store_bytes: capacity / 100 * cli.namespace_share_percent.min(100),
             publications: cli.namespace_publications.max(1),
+            node_publications: cli.max_publications.max(1),
         },
     );
     metrics::serve(&cli.metrics_listen, agent.metrics.clone())?;

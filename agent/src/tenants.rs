@@ -2,7 +2,8 @@
 //! that one namespace could otherwise pin all of it (its volumes' models are never removed to
 //! make room) or keep the agent busy with publications. A namespace (the pod's, which the
 //! kubelet passes on each mount) may pin at most its share of the store's bytes, counting each
-//! model its mounted volumes hold once, and have a bounded number of publications under way.
+//! model its mounted volumes hold once, and have a bounded number of publications under way;
+//! the node as a whole has a bound of its own, for the memory the publications' parsers take.
 //! What the agent counts starts with its process: volumes mounted before a restart count again
 //! once they are mounted again.
 
@@ -16,6 +17,9 @@ pub struct Shares {
     pub store_bytes: u64,
     /// Publications one namespace may have under way at once.
     pub publications: usize,
+    /// Publications all namespaces together may have under way at once: each holds a parser's
+    /// bounded memory in the agent, which is sized for this many.
+    pub node_publications: usize,
 }
 
 /// A mounted volume: its pod's namespace and the models it holds, with their sizes.
@@ -61,6 +65,13 @@ impl Tenants {
     /// mount that fails).
     pub fn start_publication(&self, namespace: &str) -> Result<Publishing<'_>, String> {
         let mut publishing = self.publishing.lock().unwrap();
+        let all: usize = publishing.values().sum();
+        if all >= self.shares.node_publications {
+            return Err(format!(
+                "this node's agent has {all} publications under way, the most it runs at once \
+                 (the chart's nodeStore.maxPublications); the mount is tried again"
+            ));
+        }
         let count = publishing.entry(namespace.to_owned()).or_default();
         if *count >= self.shares.publications {
             return Err(format!(
@@ -129,6 +140,7 @@ mod tests {
         let tenants = Tenants::new(Shares {
             store_bytes: 100,
             publications: 1,
+            node_publications: 8,
         });
         tenants.admit("v1", "a", vec![model("m1", 60)]).unwrap();
         // The same model again costs nothing more.
@@ -150,17 +162,25 @@ mod tests {
     }
 
     #[test]
-    fn publications_under_way_are_bounded_per_namespace() {
+    fn publications_under_way_are_bounded_per_namespace_and_on_the_node() {
         let tenants = Tenants::new(Shares {
             store_bytes: 100,
             publications: 2,
+            node_publications: 3,
         });
         let first = tenants.start_publication("a").unwrap();
         let _second = tenants.start_publication("a").unwrap();
         let refused = tenants.start_publication("a").err().unwrap();
         assert!(refused.contains("2 publications under way"), "{refused}");
         let _other = tenants.start_publication("b").unwrap();
+        // Three namespaces' publications fill the node whatever their shares.
+        let refused = tenants.start_publication("c").err().unwrap();
+        assert!(
+            refused.contains("3 publications under way") && refused.contains("maxPublications"),
+            "{refused}"
+        );
         drop(first);
-        let _third = tenants.start_publication("a").unwrap();
+        let _third = tenants.start_publication("c").unwrap();
+        assert!(tenants.start_publication("a").is_err());
     }
 }

@@ -16,6 +16,14 @@ pub const MODELS_ATTRIBUTE: &str = "models";
 /// `blobs/`, is a store's).
 pub const VIEW_BINDINGS_DIR: &str = "bindings";
 
+/// Where a Node-sharing volume's credentials are: the keys of the one Secret its
+/// `nodePublishSecretRef` names, which the kubelet reads in the pod's namespace and hands to
+/// the node agent with the volume. The operator writes credential paths beneath it into the
+/// volume's [`MODELS_ATTRIBUTE`] (a bearer token is one key, an S3 or Azure credentials folder
+/// the folder itself); the agent lays the Secret's keys out in a folder of its own for the
+/// publication alone, and reads nothing else as credentials.
+pub const VOLUME_SECRET_DIR: &str = "/kzc/volume-secret";
+
 /// The credential files in an S3 credentials folder ([`S3Access::credentials_dir`]): the keys
 /// of the pipeline's Secret, as the operator mounts them.
 pub const ACCESS_KEY_ID_FILE: &str = "AWS_ACCESS_KEY_ID";
@@ -62,6 +70,22 @@ pub struct ModelSource {
     /// az: which storage account holds the container, and with which credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureAccess>,
+}
+
+impl ModelSource {
+    /// Whether its source is read with credentials the pipeline named (a bearer token, an S3
+    /// or Azure credentials folder): a private model.
+    pub fn names_credentials(&self) -> bool {
+        self.bearer_token_file.is_some()
+            || self
+                .s3
+                .as_ref()
+                .is_some_and(|s| s.credentials_dir.is_some())
+            || self
+                .azure
+                .as_ref()
+                .is_some_and(|a| a.credentials_dir.is_some())
+    }
 }
 
 /// How an `s3://` source is reached. Unset fields come from the environment (AWS_REGION,

@@ -114,6 +114,9 @@ pub struct NodeAgent {
     /// Publications one namespace may have under way on the node at once.
     #[arg(long, env = "KZC_NAMESPACE_PUBLICATIONS", default_value_t = 4)]
     pub namespace_publications: usize,
+    /// Publications all namespaces together may have under way on the node at once.
+    #[arg(long, env = "KZC_MAX_PUBLICATIONS", default_value_t = 8)]
+    pub max_publications: usize,
     /// Seconds a model no pod mounts stays in the store before the collection removes it (a
     /// full store makes room at once, from the unused model used least recently).
     #[arg(long, env = "KZC_KEEP_UNUSED", default_value_t = 3600)]

@@ -40,8 +40,8 @@ pub use kube_zerocopy_contract::models::ModelFormat;
 #[x_kube(validation = Rule::new("!has(self.actor) || self.mode == 'Actor'").message("spec.actor applies only to mode Actor; use spec.task for mode Task"))]
 #[x_kube(validation = Rule::new("self.mode != 'Task' || (has(self.input) && has(self.output))").message("mode Task needs spec.input and spec.output (folders or s3:// prefixes of shard files)"))]
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
-#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.bearerTokenSecret) && !has(m.source.caConfigMap))").message("sharing: Node fetches the models through each node's agent, which takes no bearerTokenSecret or caConfigMap from a pipeline (it serves every namespace): use sharing: Pod for a model that needs them"))]
-#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !m.source.uri.startsWith('s3://') && !m.source.uri.startsWith('az://'))").message("sharing: Node does not read s3:// or az:// sources: the node's agent would read them with the node's own identity on any pipeline's say-so; use sharing: Pod with the source's credentialsSecret"))]
+#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.caConfigMap))").message("sharing: Node: the node's agent takes a model's credentials from one Secret (the kubelet hands it over with the volume), not a caConfigMap: use sharing: Pod for a source behind a private CA"))]
+#[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, (!m.source.uri.startsWith('s3://') || (has(m.source.s3) && has(m.source.s3.credentialsSecret))) && (!m.source.uri.startsWith('az://') || (has(m.source.azure) && has(m.source.azure.credentialsSecret))))").message("sharing: Node reads an s3:// or az:// source only with the pipeline's own credentials, never with the node's identity: name source.s3.credentialsSecret or source.azure.credentialsSecret, or use sharing: Pod"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.input) == has(self.output)").message("mode Actor takes spec.input and spec.output together (a batch run: a driver streams the input through the replicas into the output) or neither (the replicas serve requests behind their Service)"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || !has(self.actor) || !has(self.actor.inFlightPerReplica) || has(self.input)").message("actor.inFlightPerReplica applies only to a batch run (spec.input and spec.output)"))]
@@ -197,7 +197,7 @@ pub struct ModelSourceSpec {
     pub sha256: Option<String>,
     /// http(s) only: a key of a Secret in the pipeline's namespace holding a token, sent as
     /// `Authorization: Bearer <token>` (not on redirects to another host). Only the weight
-    /// server mounts it.
+    /// server mounts it; with Node sharing the kubelet hands the Secret to the node's agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_secret: Option<k8s_openapi::api::core::v1::SecretKeySelector>,
     /// https and s3 only: a key of a ConfigMap in the pipeline's namespace holding PEM
@@ -231,7 +231,8 @@ pub struct AzureSourceSpec {
     pub endpoint: Option<String>,
     /// The name of a Secret in the pipeline's namespace with the key AZURE_STORAGE_ACCOUNT_KEY
     /// (the account's access key). Only the containers that read the object mount it: the
-    /// weight server for a model, the workers for data.
+    /// weight server for a model, the workers for data; with Node sharing the kubelet hands
+    /// it to the node's agent (and it is required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub credentials_secret: Option<String>,
@@ -254,7 +255,8 @@ pub struct S3SourceSpec {
     pub region: Option<String>,
     /// The name of a Secret in the pipeline's namespace with the keys AWS_ACCESS_KEY_ID and
     /// AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). Only the containers that
-    /// read the object mount it: the weight server for a model, the workers for data.
+    /// read the object mount it: the weight server for a model, the workers for data; with
+    /// Node sharing the kubelet hands it to the node's agent (and it is required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub credentials_secret: Option<String>,
@@ -501,23 +503,45 @@ pub const SOURCE_CA_FILE: &str = "ca.crt";
 pub const SOURCE_S3_DIR: &str = "s3";
 pub const SOURCE_AZURE_DIR: &str = "azure";
 
+/// Where the models' credential files are, as the reader of [`ModelSource`]s finds them.
+///
+/// [`ModelSource`]: kube_zerocopy_contract::models::ModelSource
+#[derive(Clone, Copy, Debug)]
+pub enum CredentialFiles<'a> {
+    /// The weight server's: each model's own folder under this one (see
+    /// [`SOURCE_TOKEN_FILE`]), projected from its Secrets.
+    PerModel(&'a std::path::Path),
+    /// The node agent's: the keys of the volume's one Secret (see
+    /// [`kube_zerocopy_contract::models::VOLUME_SECRET_DIR`]).
+    VolumeSecret,
+}
+
 impl InferencePipelineSpec {
-    /// The models as the sidecar and the workers read them (`KZC_MODELS`). A model's token and
-    /// CA files are under `sources`/<model name>/ (see [`SOURCE_TOKEN_FILE`]).
+    /// The models as the sidecar, the workers (`KZC_MODELS`) and the node agent (the volume's
+    /// `models` attribute) read them, their credentials at `credentials`.
     pub fn model_sources(
         &self,
-        sources: &std::path::Path,
+        credentials: CredentialFiles,
     ) -> Vec<kube_zerocopy_contract::models::ModelSource> {
+        use kube_zerocopy_contract::models::VOLUME_SECRET_DIR;
         self.models
             .iter()
             .map(|m| {
-                let file = |name: &str| {
-                    sources
+                let file = |name: &str| match credentials {
+                    CredentialFiles::PerModel(sources) => sources
                         .join(&m.name)
                         .join(name)
                         .to_string_lossy()
-                        .into_owned()
+                        .into_owned(),
+                    CredentialFiles::VolumeSecret => VOLUME_SECRET_DIR.to_owned(),
                 };
+                let token_file =
+                    |secret: &k8s_openapi::api::core::v1::SecretKeySelector| match credentials {
+                        CredentialFiles::PerModel(_) => file(SOURCE_TOKEN_FILE),
+                        CredentialFiles::VolumeSecret => {
+                            format!("{VOLUME_SECRET_DIR}/{}", secret.key)
+                        }
+                    };
                 kube_zerocopy_contract::models::ModelSource {
                     name: m.name.clone(),
                     format: m.format,
@@ -530,11 +554,7 @@ impl InferencePipelineSpec {
                         .size
                         .as_ref()
                         .and_then(|q| crate::quantity::to_bytes(&q.0).ok()),
-                    bearer_token_file: m
-                        .source
-                        .bearer_token_secret
-                        .as_ref()
-                        .map(|_| file(SOURCE_TOKEN_FILE)),
+                    bearer_token_file: m.source.bearer_token_secret.as_ref().map(token_file),
                     ca_file: m
                         .source
                         .ca_config_map
@@ -560,6 +580,32 @@ impl InferencePipelineSpec {
                 }
             })
             .collect()
+    }
+
+    /// The one Secret that holds the models' credentials with Node sharing: the CSI volume's
+    /// nodePublishSecretRef, which is one Secret (a CEL rule comparing the names exceeds the
+    /// API server's cost budget: the operator blocks a pipeline that names several, and
+    /// `render` says why).
+    pub fn volume_secret(&self) -> anyhow::Result<Option<String>> {
+        let mut names = self.models.iter().filter_map(|m| {
+            let source = &m.source;
+            source
+                .bearer_token_secret
+                .as_ref()
+                .map(|s| s.name.clone())
+                .or_else(|| source.s3.as_ref()?.credentials_secret.clone())
+                .or_else(|| source.azure.as_ref()?.credentials_secret.clone())
+        });
+        let first = names.next();
+        if let Some(other) = names.find(|n| Some(n) != first.as_ref()) {
+            anyhow::bail!(
+                "sharing: Node: the models' credentials (bearerTokenSecret, s3.credentialsSecret, \
+                 azure.credentialsSecret) must all be keys of one Secret, the one the kubelet \
+                 hands to the node's agent with the volume; they name {:?} and {other:?}",
+                first.unwrap_or_default()
+            );
+        }
+        Ok(first)
     }
 }
 

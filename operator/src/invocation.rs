@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use kube_zerocopy_contract::pod::{self, to_env};
 
 use crate::crd::{
-    DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput, CLIENT_TOKEN_FILE,
+    CredentialFiles, DataLocation, DeviceKind, InferencePipelineSpec, PlannedInput,
+    CLIENT_TOKEN_FILE,
 };
 
 pub const SIDECAR_BINARY: &str = "kube-zerocopy-sidecar";
@@ -55,7 +56,9 @@ pub struct Invocation {
 /// The store, bindings and models, as the weight server and the workers read them.
 fn pod_models(spec: &InferencePipelineSpec, mounts: &Mounts) -> pod::PodModels {
     pod::PodModels {
-        models: Some(pod::Models(spec.model_sources(&mounts.sources))),
+        models: Some(pod::Models(
+            spec.model_sources(CredentialFiles::PerModel(&mounts.sources)),
+        )),
         store: mounts.store.clone(),
         bindings: mounts.bindings.clone(),
     }

@@ -66,6 +66,58 @@ pub fn load_pipeline(file: &Path) -> Result<InferencePipeline> {
     checked(file, read_object(file)?)
 }
 
+/// Every InferencePipeline in `path`, each checked as the API server would: a file's YAML
+/// documents (other kinds beside them, such as the ConfigMap a model is in, are skipped), a
+/// folder's `.yaml` and `.yml` files by name, or `-` for standard input. None is an error.
+pub fn load_pipelines(path: &Path) -> Result<Vec<InferencePipeline>> {
+    let files = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
+        vec![(PathBuf::from("(standard input)"), text)]
+    } else if path.is_dir() {
+        let mut names = Vec::new();
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+        {
+            let file = entry?.path();
+            if file.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                names.push(file);
+            }
+        }
+        names.sort();
+        names
+            .into_iter()
+            .map(|file| {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                Ok((file, text))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        vec![(path.to_owned(), text)]
+    };
+    let mut pipelines = Vec::new();
+    for (file, text) in files {
+        for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let object = serde_json::Value::deserialize(document)
+                .with_context(|| format!("{} (document {}) is not YAML", file.display(), i + 1))?;
+            if object.is_null() || object["kind"] != "InferencePipeline" {
+                continue;
+            }
+            let label = PathBuf::from(format!("{} (document {})", file.display(), i + 1));
+            pipelines.push(checked(&label, object)?);
+        }
+    }
+    if pipelines.is_empty() {
+        bail!("{} holds no InferencePipeline", path.display());
+    }
+    Ok(pipelines)
+}
+
 fn read_object(file: &Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;

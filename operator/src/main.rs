@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
@@ -38,8 +38,11 @@ enum Command {
         #[arg(value_enum, default_value = "inference-pipeline")]
         resource: Resource,
     },
-    /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster.
+    /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster,
+    /// after the checks the API server makes.
     Render {
+        /// A YAML file (every InferencePipeline in it; other kinds are skipped), a folder of
+        /// them, or - for standard input.
         #[arg(short = 'f', long)]
         file: PathBuf,
         #[command(flatten)]
@@ -154,9 +157,16 @@ fn run(cli: Cli) -> Result<()> {
             images,
             policy,
         } => {
-            let pipeline = local::load_pipeline(&file)?;
             let settings = render_settings(images, policy);
-            emit(&render::render(&pipeline, &settings)?.to_yaml()?)?;
+            for pipeline in local::load_pipelines(&file)? {
+                let rendered = render::render(&pipeline, &settings).with_context(|| {
+                    format!(
+                        "pipeline {}",
+                        pipeline.metadata.name.as_deref().unwrap_or_default()
+                    )
+                })?;
+                emit(&rendered.to_yaml()?)?;
+            }
             Ok(())
         }
         Command::Local {

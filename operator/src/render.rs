@@ -15,11 +15,11 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, CSIVolumeSource, Capabilities, ConfigMapProjection, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, NodeAffinity,
-    NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec,
-    PreferredSchedulingTerm, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecretProjection, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, LocalObjectReference,
+    NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, PreferredSchedulingTerm, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretProjection, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
@@ -35,8 +35,9 @@ use kube_zerocopy_contract::models::{
 use kube_zerocopy_runtime::process::EXIT_PERMANENT;
 
 use crate::crd::{
-    DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput, PodOverrides,
-    Sharing, CLIENT_TOKEN_FILE, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    CredentialFiles, DeviceKind, InferencePipeline, InferencePipelineSpec, Mode, PlannedInput,
+    PodOverrides, Sharing, CLIENT_TOKEN_FILE, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR,
+    SOURCE_TOKEN_FILE,
 };
 use crate::invocation::{self, Invocation, Mounts, ACTOR_PORT, SIDECAR_PORT};
 use crate::node_store::held_label;
@@ -330,7 +331,8 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
             (own, in_pod)
         }
         Sharing::Node => {
-            let models = models_to_json(&pipeline.spec.model_sources(&in_pod.sources));
+            let models =
+                models_to_json(&pipeline.spec.model_sources(CredentialFiles::VolumeSecret));
             let volume = Volume {
                 name: MODELS_VOLUME.into(),
                 csi: Some(CSIVolumeSource {
@@ -340,6 +342,14 @@ fn volumes(pipeline: &InferencePipeline, model_bytes: Option<u64>) -> (Vec<Volum
                         MODELS_ATTRIBUTE.to_owned(),
                         models,
                     )])),
+                    // The kubelet reads it in the pod's namespace and hands it to the agent.
+                    // Checked to be one Secret before rendering (see render_planned).
+                    node_publish_secret_ref: pipeline
+                        .spec
+                        .volume_secret()
+                        .ok()
+                        .flatten()
+                        .map(|name| LocalObjectReference { name }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -1049,6 +1059,9 @@ pub fn render_planned(
     let spec = &pipeline.spec;
     policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
+    if spec.sharing == Sharing::Node {
+        spec.volume_secret()?;
+    }
     // A declared count needs no plan: the workers check the count alone.
     let plan = plan.filter(|_| crate::plan::needed(spec));
     if crate::plan::needed(spec) && plan.is_none() {
@@ -1244,6 +1257,43 @@ mod tests {
         assert_eq!(requirement.operator, "Exists");
         // Each pod holds its own copy with Pod sharing: no node is better.
         assert_eq!(affinity("Pod"), None);
+    }
+
+    /// A private model with Node sharing: the kubelet hands the one Secret to the node's
+    /// agent with the volume (nodePublishSecretRef), the volume's models name its keys, and no
+    /// container of the pod mounts it.
+    #[test]
+    fn a_private_model_s_secret_goes_to_the_node_agent_with_the_volume_alone() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  sharing: Node\n  actor: {replicas: 1}\n  models:\n    - {name: a, format: TorchScript, source: {uri: 'https://hub.example/a.pt', bearerTokenSecret: {name: team-models, key: hub-token}}}\n    - {name: b, format: TorchScript, source: {uri: 's3://weights/b.pt', s3: {region: eu-west-1, credentialsSecret: team-models}}}\n",
+        )
+        .unwrap();
+        let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
+            panic!("an Actor pipeline renders a Deployment")
+        };
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let volumes = pod.volumes.unwrap();
+        let csi = volumes
+            .iter()
+            .find_map(|v| v.csi.clone())
+            .expect("a CSI volume");
+        assert_eq!(csi.node_publish_secret_ref.unwrap().name, "team-models");
+        let models = kube_zerocopy_contract::models::models_from_json(
+            &csi.volume_attributes.unwrap()[MODELS_ATTRIBUTE],
+        )
+        .unwrap();
+        use kube_zerocopy_contract::models::VOLUME_SECRET_DIR;
+        assert_eq!(
+            models[0].bearer_token_file.as_deref(),
+            Some(format!("{VOLUME_SECRET_DIR}/hub-token").as_str())
+        );
+        assert_eq!(
+            models[1].s3.as_ref().unwrap().credentials_dir.as_deref(),
+            Some(VOLUME_SECRET_DIR)
+        );
+        assert!(volumes
+            .iter()
+            .all(|v| v.projected.is_none() && v.secret.is_none()));
     }
 
     fn mount_of<'a>(c: &'a Container, name: &str) -> &'a VolumeMount {

@@ -20,6 +20,9 @@ pub enum ConditionType {
     Failed,
     /// Something a person must look at: the reason says what.
     Degraded,
+    /// The pipeline has what it is for: an Actor's replicas serve, a Task's or batch run's
+    /// outputs are all written (`kubectl wait --for=condition=Ready`).
+    Ready,
 }
 
 impl ConditionType {
@@ -30,6 +33,7 @@ impl ConditionType {
             ConditionType::Succeeded => "Succeeded",
             ConditionType::Failed => "Failed",
             ConditionType::Degraded => "Degraded",
+            ConditionType::Ready => "Ready",
         }
     }
 }
@@ -658,6 +662,8 @@ pub fn compute(
             }
         }
     }
+    let ready = ready(crate::batch_run::is_batch(pipeline), phase, &conds);
+    conds.push(ready);
 
     let previous = pipeline
         .status
@@ -692,6 +698,40 @@ pub fn compute(
         batches: None,
         conditions,
         observed_generation: generation,
+    }
+}
+
+/// The Ready condition of a pipeline in `phase` with the other conditions `conds`: True once
+/// an Actor (not a batch run) is Ready or a pipeline has Succeeded. Its reason is the phase;
+/// while not ready, its message is what the condition of trouble or progress says.
+fn ready(is_batch: bool, phase: Phase, conds: &[Cond]) -> Cond {
+    let said = |type_: ConditionType| {
+        conds
+            .iter()
+            .find(|c| c.type_ == type_ && c.status && !c.message.is_empty())
+            .map(|c| c.message.clone())
+    };
+    let (status, message) = match phase {
+        Phase::Ready if !is_batch => (true, "the replicas serve the models".to_owned()),
+        Phase::Succeeded => (true, "every output is written".to_owned()),
+        _ => (
+            false,
+            said(ConditionType::Failed)
+                .or_else(|| said(ConditionType::Degraded))
+                .or_else(|| {
+                    conds
+                        .iter()
+                        .find(|c| c.type_ == ConditionType::Progressing)
+                        .map(|c| c.message.clone())
+                })
+                .unwrap_or_default(),
+        ),
+    };
+    Cond {
+        type_: ConditionType::Ready,
+        status,
+        reason: phase.as_str().to_owned(),
+        message,
     }
 }
 
@@ -808,6 +848,84 @@ mod tests {
         );
         assert_eq!(s.phase, Some(Phase::Failed));
         assert_eq!(get(&s, ConditionType::Failed).message, "why");
+    }
+
+    /// `kubectl wait --for=condition=Ready`: a Task once every output is written (not while it
+    /// runs, nor when it failed), an Actor once its replicas are rolled out, each with why not.
+    #[test]
+    fn ready_says_whether_the_pipeline_has_what_it_is_for() {
+        let ready = |s: &InferencePipelineStatus| {
+            let c = get(s, ConditionType::Ready);
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let p = pipeline("Task");
+        let observe = |j: &Job| {
+            compute(
+                &p,
+                &Observed {
+                    job: Some(j),
+                    ..Default::default()
+                },
+                Timestamp::UNIX_EPOCH,
+            )
+        };
+        let (status, reason, _) = ready(&observe(&job(2, None)));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Running"));
+        assert_eq!(
+            ready(&observe(&job(4, Some("Complete")))),
+            (
+                "True".into(),
+                "Succeeded".into(),
+                "every output is written".into()
+            )
+        );
+        assert_eq!(
+            ready(&observe(&job(1, Some("Failed")))),
+            ("False".into(), "Failed".into(), "why".into())
+        );
+
+        // Serving requests: no input or output (a batch run's are Ready only once written).
+        let mut actor = pipeline("Actor");
+        actor.spec.input = None;
+        actor.spec.output = None;
+        let deployment = |available: i32| Deployment {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+                replicas: Some(2),
+                ..Default::default()
+            }),
+            status: Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+                observed_generation: Some(1),
+                replicas: Some(2),
+                updated_replicas: Some(2),
+                available_replicas: Some(available),
+                ..Default::default()
+            }),
+        };
+        let serving = |available: i32| {
+            let d = deployment(available);
+            compute(
+                &actor,
+                &Observed {
+                    deployment: Some(&d),
+                    ..Default::default()
+                },
+                Timestamp::UNIX_EPOCH,
+            )
+        };
+        assert_eq!(
+            ready(&serving(2)),
+            (
+                "True".into(),
+                "Ready".into(),
+                "the replicas serve the models".into()
+            )
+        );
+        let (status, reason, _) = ready(&serving(1));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Progressing"));
     }
 
     #[test]

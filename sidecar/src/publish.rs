@@ -31,9 +31,15 @@ pub trait Observer: Send + Sync {
     fn fetching(&self, model: &ModelSource, started: Instant, bytes: u64, total: Option<u64>);
     /// The fetch of `model` ended (published or not).
     fn fetched(&self, model: &ModelSource);
-    /// `digest` is laid out, complete, in the folder `laid_out`, which becomes visible in the
-    /// store next (if this returns no error).
-    fn publishing(&self, _digest: &str, _laid_out: &Path) -> Result<()> {
+    /// `model`, fetched and hashed as `digest`, is laid out, complete, in the folder
+    /// `laid_out`, which becomes visible in the store next (if this returns no error).
+    fn publishing(&self, _model: &ModelSource, _digest: &str, _laid_out: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// `model` declares `digest`, which the store holds already, laid out from some source:
+    /// an error keeps it from `model`'s holder (who has not shown its source to hold those
+    /// bytes). Called under the digest's lock.
+    fn may_serve_published(&self, _model: &ModelSource, _digest: &str) -> Result<()> {
         Ok(())
     }
     /// `model` was laid out and published as `digest`.
@@ -81,6 +87,7 @@ impl Publisher {
         let _lock = self.store.lock(&lock_key)?;
         if let (Some(digest), Some(_)) = (&expected, &hold) {
             if self.verified_if_published(model, digest, "already published; verified")? {
+                self.may_serve_published(model, digest)?;
                 return Ok(hold.expect("a declared digest is held"));
             }
         }
@@ -135,6 +142,10 @@ impl Publisher {
                 }
             }
             if self.verified_if_published(model, digest, "already published; verified")? {
+                // A declared digest of a source not hashed yet proves nothing of its bytes.
+                if !fetched.hashed {
+                    self.may_serve_published(model, digest)?;
+                }
                 return Ok(hold.expect("held above"));
             }
         }
@@ -192,7 +203,7 @@ impl Publisher {
             skeleton: laid.skeleton,
         };
         let dir = staging.publish(&manifest, |laid_out| match &self.observer {
-            Some(observer) => observer.publishing(&digest, laid_out),
+            Some(observer) => observer.publishing(model, &digest, laid_out),
             None => Ok(()),
         })?;
         info!(model = %model.name, %digest, dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "published");
@@ -200,6 +211,14 @@ impl Publisher {
             observer.published(model, &digest, fetch_time, started.elapsed() - fetch_time);
         }
         Ok(hold)
+    }
+
+    /// Asks the observer whether `model`'s holder may have the published `digest`.
+    fn may_serve_published(&self, model: &ModelSource, digest: &str) -> Result<()> {
+        match &self.observer {
+            Some(observer) => observer.may_serve_published(model, digest),
+            None => Ok(()),
+        }
     }
 
     /// True when `digest` is published already, its folder verified (`open`); says `found`.
@@ -339,7 +358,7 @@ mod tests {
             fn fetched(&self, _: &ModelSource) {}
             fn published(&self, _: &ModelSource, _: &str, _: Duration, _: Duration) {}
             fn made_room(&self, _: &ModelSource, _: &str) {}
-            fn publishing(&self, digest: &str, laid_out: &Path) -> Result<()> {
+            fn publishing(&self, _: &ModelSource, digest: &str, laid_out: &Path) -> Result<()> {
                 let complete = laid_out.join(crate::layout::MANIFEST_FILE).is_file();
                 let visible = self.store.is_published(digest);
                 self.before_visible

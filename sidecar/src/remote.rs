@@ -201,6 +201,11 @@ impl<'a> RemoteObject<'a> {
         }))
     }
 
+    /// The object's ETag when it was opened: which version of it is read.
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
     /// One request for `buf.len()` bytes from `offset`, of which `done` are already in `buf`:
     /// fills `buf` from there, counting what arrives in `done`.
     fn attempt(&self, buf: &mut [u8], offset: u64, done: &mut usize) -> Result<(), Failure> {

@@ -509,15 +509,7 @@ pub fn fetch<'a>(
     {
         bail!("source {uri}: unsupported scheme; use file://, http://, https://, s3:// or az://");
     }
-    let policy = download::Policy {
-        max_bytes: model.max_bytes,
-        ceiling: limits.max_source_bytes,
-        bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
-        ca_file: model.ca_file.as_ref().map(PathBuf::from),
-        networks: limits.networks.clone(),
-        min_bytes_per_second: limits.min_bytes_per_second,
-        ..download::Policy::default()
-    };
+    let policy = remote_policy(model, limits);
     match RemoteObject::open(model, &policy, on_progress)? {
         Some(remote) => Ok(Fetched {
             source: Box::new(remote),
@@ -532,6 +524,57 @@ pub fn fetch<'a>(
             download_whole(uri, download_dir, &policy, on_progress, slot)
         }
     }
+}
+
+/// How `model`'s remote source is read within `limits`.
+fn remote_policy(model: &ModelSource, limits: &SourceLimits) -> download::Policy {
+    download::Policy {
+        max_bytes: model.max_bytes,
+        ceiling: limits.max_source_bytes,
+        bearer_token_file: model.bearer_token_file.as_ref().map(PathBuf::from),
+        ca_file: model.ca_file.as_ref().map(PathBuf::from),
+        networks: limits.networks.clone(),
+        min_bytes_per_second: limits.min_bytes_per_second,
+        ..download::Policy::default()
+    }
+}
+
+/// The version (ETag) of `model`'s remote source now, asked with its credentials (a HEAD):
+/// `None` when the source offers no strong ETag with ranges, or is not remote. An error when
+/// the source refuses the credentials or cannot be reached.
+pub fn version_of(model: &ModelSource, limits: &SourceLimits) -> Result<Option<String>> {
+    if !["http://", "https://", "s3://", "az://"]
+        .iter()
+        .any(|scheme| model.uri.starts_with(scheme))
+    {
+        return Ok(None);
+    }
+    let policy = remote_policy(model, limits);
+    let quiet = |_: u64, _: Option<u64>| {};
+    let remote = RemoteObject::open(model, &policy, &quiet)?;
+    Ok(remote.map(|r| r.etag().to_owned()))
+}
+
+/// The sha256 of `model`'s source as it is now, read whole (into `download_dir` when it is
+/// remote, removed again), whatever digest it declares: what its holder can show it reads.
+pub fn sha256_of(
+    model: &ModelSource,
+    download_dir: &Path,
+    limits: &SourceLimits,
+) -> Result<String> {
+    let undeclared = ModelSource {
+        sha256: None,
+        ..model.clone()
+    };
+    let quiet = |_: u64, _: Option<u64>| {};
+    let mut fetched = fetch(&undeclared, download_dir, limits, &quiet)?;
+    if !fetched.hashed {
+        fetched = fetched.into_local(download_dir, limits)?;
+    }
+    Ok(fetched
+        .sha256
+        .clone()
+        .expect("a source read whole is hashed"))
 }
 
 /// The name every download file starts with in a download folder.

@@ -107,9 +107,9 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "s3.endpoint must be http(s)://<host>[:<port>]",
         ),
         (
-            "an s3 source with Node sharing",
-            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{credentialsSecret: s3-reader}}}}}}]\n{task}", zeros = "0".repeat(64))),
-            "sharing: Node does not read s3:// or az:// sources",
+            "an s3 source with Node sharing and no credentials",
+            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 's3://weights/m.pt', sha256: '{zeros}', s3: {{region: eu-west-1}}}}}}]\n{task}", zeros = "0".repeat(64))),
+            "sharing: Node reads an s3:// or az:// source only with the pipeline's own credentials",
         ),
         (
             "an az:// source without its account",
@@ -117,9 +117,9 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "source.azure (the storage account) is needed by az:// sources and applies only to them",
         ),
         (
-            "an az:// source with Node sharing",
+            "an az:// source with Node sharing and no credentials",
             base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 'az://models/m.pt', sha256: '{zeros}', azure: {{account: models}}}}}}]\n{task}", zeros = "0".repeat(64))),
-            "sharing: Node does not read s3:// or az:// sources",
+            "sharing: Node reads an s3:// or az:// source only with the pipeline's own credentials",
         ),
         (
             "an Azure account name with capitals",
@@ -147,9 +147,9 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "a bucket name of 3 to 63 lowercase letters",
         ),
         (
-            "a bearer token with Node sharing",
-            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://hub.example/m.pt', bearerTokenSecret: {{name: s, key: t}}}}}}]\n{task}")),
-            "sharing: Node fetches the models through each node's agent",
+            "a CA ConfigMap with Node sharing",
+            base(&format!("  mode: Task\n  sharing: Node\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://hub.example/m.pt', caConfigMap: {{name: ca, key: ca.crt}}}}}}]\n{task}")),
+            "sharing: Node: the node's agent takes a model's credentials from one Secret",
         ),
     ]
 }

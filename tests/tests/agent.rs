@@ -1136,3 +1136,170 @@ async fn a_namespace_cannot_hold_more_than_its_share_of_the_store() {
     }
     assert!(agent.stop().success());
 }
+
+/// A private model on S3, mounted with Node sharing by its owners' namespace with the keys of
+/// the Secret its volume names (the kubelet hands them over). Other namespaces name its digest,
+/// which any NodeStore shows: one with a server of its own, one with the owners' URI and no
+/// credentials, one with the owners' URI and keys that S3 refuses, and one with a public source
+/// of other bytes. Each is refused without a mount; a namespace with valid keys for the same
+/// object is served by one HEAD (the object's bytes are changed behind the S3 server's back with
+/// its ETag kept, so that only the version check could let it in), and one with a public copy of
+/// the same bytes by reading that copy whole. The node's report shows no private source.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_namespace_naming_a_private_model_s_digest_gets_nothing_without_its_credentials() {
+    use kube_zerocopy_contract::models::{
+        ACCESS_KEY_ID_FILE, SECRET_ACCESS_KEY_FILE, VOLUME_SECRET_DIR,
+    };
+    use kube_zerocopy_e2e::s3::S3Server;
+    let models_dir = tempfile::tempdir().unwrap();
+    let m = models_dir.path();
+    let private = mlp_in(m, "private", "32,96,8");
+    let digest = private.sha256.clone().unwrap();
+    let s3 = tokio::task::spawn_blocking(|| {
+        let s3 = S3Server::start().unwrap();
+        s3.create_bucket("private").unwrap();
+        s3
+    })
+    .await
+    .unwrap();
+    s3.put_file("private", "m.safetensors", &m.join("private.safetensors"))
+        .unwrap();
+    // A public copy of the same bytes, and a server of the attacker's with other bytes under
+    // the same name.
+    let public_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        m.join("private.safetensors"),
+        public_dir.path().join("m.safetensors"),
+    )
+    .unwrap();
+    let public = serve_folder_on(std::net::Ipv4Addr::LOCALHOST, public_dir.path()).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = mlp_in(other_dir.path(), "m", "32,80,8");
+    assert_ne!(other.sha256, private.sha256);
+    let attackers = serve_folder_on(std::net::Ipv4Addr::LOCALHOST, other_dir.path()).unwrap();
+
+    let agent = Agent::start_with(None, &[("KZC_SOURCE_NETWORKS", "127.0.0.0/8")]);
+    let mut node = NodeClient::new(agent.channel().await);
+    let pods = tempfile::tempdir().unwrap();
+    let keys = |secret: &str| {
+        HashMap::from([
+            (ACCESS_KEY_ID_FILE.to_string(), s3.access_key.clone()),
+            (SECRET_ACCESS_KEY_FILE.to_string(), secret.to_owned()),
+        ])
+    };
+    let on_s3 = |credentials: bool| ModelSource {
+        uri: "s3://private/m.safetensors".into(),
+        s3: Some(kube_zerocopy_sidecar::S3Access {
+            endpoint: Some(s3.endpoint.clone()),
+            region: Some(s3.region.clone()),
+            credentials_dir: credentials.then(|| VOLUME_SECRET_DIR.to_owned()),
+        }),
+        ..private.clone()
+    };
+    let at = |uri: String| ModelSource {
+        uri,
+        ..private.clone()
+    };
+    // As the kubelet sends it: the pod's namespace, and the Secret the volume names.
+    let volume = |id: &str, namespace: &str, model: &ModelSource, secret| {
+        let mut request = one_model_volume(pods.path(), id, model);
+        request
+            .volume_context
+            .insert("csi.storage.k8s.io/pod.namespace".into(), namespace.into());
+        request.secrets = secret;
+        request
+    };
+    let target = |id: &str| pods.path().join(id).join("mount");
+
+    node.node_publish_volume(volume(
+        "owner",
+        "owners",
+        &on_s3(true),
+        keys(&s3.secret_key),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("the owners' private model: {e}"));
+    assert!(
+        target("owner")
+            .join("blobs")
+            .join(&digest)
+            .join("manifest.json")
+            .is_file(),
+        "the owners' volume shows its model"
+    );
+
+    let attacks = [
+        (
+            "own-server",
+            at(format!("{attackers}/m.safetensors")),
+            HashMap::new(),
+        ),
+        ("no-credentials", on_s3(false), HashMap::new()),
+        ("wrong-keys", on_s3(true), keys("not-the-secret")),
+        (
+            "own-keys-elsewhere",
+            at(format!("{attackers}/m.safetensors")),
+            keys(&s3.secret_key),
+        ),
+    ];
+    for (id, model, secret) in attacks {
+        let refused = node
+            .node_publish_volume(volume(id, "attackers", &model, secret))
+            .await
+            .expect_err(id);
+        println!("refused {id}: {}", refused.message());
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{id}: {refused:?}"
+        );
+        assert!(
+            !target(id).join("blobs").exists(),
+            "{id}: something was mounted"
+        );
+    }
+
+    // Served by the version check alone: the bytes it would read now are not the model's.
+    let object = s3.root.join("private").join("m.safetensors");
+    let mut changed = std::fs::read(&object).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xff;
+    std::fs::write(&object, &changed).unwrap();
+    node.node_publish_volume(volume(
+        "same-object",
+        "team-b",
+        &on_s3(true),
+        keys(&s3.secret_key),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("the same object with valid keys: {e}"));
+    // Served by reading a public copy of the same bytes whole.
+    node.node_publish_volume(volume(
+        "public-copy",
+        "team-c",
+        &at(format!("{public}/m.safetensors")),
+        HashMap::new(),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("a public copy of the same bytes: {e}"));
+    for id in ["same-object", "public-copy"] {
+        assert!(
+            target(id).join("blobs").join(&digest).is_dir(),
+            "{id} does not show the model"
+        );
+    }
+
+    let store = Store::new(agent.store());
+    let report = status(&store, &Activity::new(store.clone(), Default::default())).unwrap();
+    let shown = serde_json::to_string(&report).unwrap();
+    assert!(
+        !shown.contains("s3://private"),
+        "the report shows a private source: {shown}"
+    );
+    for id in ["owner", "same-object", "public-copy"] {
+        node.node_unpublish_volume(unpublish_request(id, &target(id)))
+            .await
+            .unwrap();
+    }
+    assert!(agent.stop().success());
+}

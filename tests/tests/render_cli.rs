@@ -87,3 +87,64 @@ fn render_refuses_resources_that_are_not_quantities() {
         "{stderr}"
     );
 }
+
+/// `-f` takes what `kubectl apply -f` does: a folder (the quickstart's ConfigMap and pipeline),
+/// standard input, and a file of several documents whose other kinds are skipped; a file with
+/// no pipeline at all is an error that says so.
+#[test]
+fn render_reads_a_folder_standard_input_and_documents_of_other_kinds() {
+    let count = |out: &std::process::Output, kind: &str| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| *l == format!("kind: {kind}"))
+            .count()
+    };
+    let folder = render(&repo().join("examples/quickstart"));
+    assert!(
+        folder.status.success(),
+        "{}",
+        String::from_utf8_lossy(&folder.stderr)
+    );
+    assert_eq!(count(&folder, "Deployment"), 1);
+
+    let pipeline = std::fs::read_to_string(repo().join("examples/actor-s3.yaml")).unwrap();
+    let mut child = Command::new(bin("kube-zerocopy"))
+        .args(["render", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pipeline.as_bytes()).unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert_eq!(count(&piped, "Deployment"), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {a: b}\n";
+    let second = pipeline.replace("name: classifier-s3", "name: classifier-two");
+    let file = dir.path().join("all.yaml");
+    std::fs::write(&file, format!("{config_map}---\n{pipeline}\n---\n{second}")).unwrap();
+    let several = render(&file);
+    assert!(
+        several.status.success(),
+        "{}",
+        String::from_utf8_lossy(&several.stderr)
+    );
+    assert_eq!(count(&several, "Deployment"), 2);
+    assert_eq!(count(&several, "ConfigMap"), 0);
+
+    let none = dir.path().join("none.yaml");
+    std::fs::write(&none, config_map).unwrap();
+    let out = render(&none);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no InferencePipeline"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -124,6 +124,80 @@ pub async fn safetensors_from_s3_with_a_secret(env: Arc<Env>) -> Result<()> {
     outcome
 }
 
+/// examples/actor-s3.yaml with Node sharing: the node agent reads the private model with the
+/// keys of the Secret the pod's CSI volume names (the kubelet reads it in the pod's namespace
+/// and hands it over), and the owners' replica answers. A pipeline of another namespace names
+/// the same digest and object with a Secret whose keys S3 refuses: its pod is never given the
+/// node's copy (the agent refuses the mount; WeightsReady says why), and the owners' replica
+/// still answers.
+pub async fn private_s3_model_with_node_sharing_serves_its_owners_only(
+    env: Arc<Env>,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let owners = TestNamespace::create(&env.client, "private-owners", &[RESTRICTED]).await?;
+    let others = TestNamespace::create(&env.client, "private-others", &[RESTRICTED]).await?;
+    let server = tokio::task::spawn_blocking(|| S3Server::start_on(GATEWAY)).await??;
+    server.create_bucket("private")?;
+    let file = env.models_dir().join(env.safetensors.file);
+    server.put_file("private", env.safetensors.file, &file)?;
+    s3_secret(&env.client, &owners.name, "s3-reader", &server).await?;
+    let refused_keys: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-reader"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+        },
+    }))?;
+    Api::<Secret>::namespaced(env.client.clone(), &others.name)
+        .create(&Default::default(), &refused_keys)
+        .await?;
+    let uri = format!("s3://private/{}", env.safetensors.file);
+    let pipeline = |ns: &str| {
+        example("actor-s3.yaml", ns, &env.safetensors, &uri, |p| {
+            p["spec"]["sharing"] = json!("Node");
+            p["spec"]["actor"] = json!({"replicas": 1});
+            p["spec"]["models"][0]["source"]["s3"] = json!({
+                "endpoint": server.endpoint,
+                "region": server.region,
+                "credentialsSecret": "s3-reader",
+            });
+        })
+    };
+    let owned = pipeline(&owners.name)?;
+    let name = owned.metadata.name.clone().context("a name")?;
+    let outcome = async {
+        run_actor(&env, &owned, &env.safetensors).await?;
+        apply(&env.client, &pipeline(&others.name)?).await?;
+        let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &others.name);
+        let condition =
+            crate::bad_model::weights_ready_with(&api, &name, "ModelsNotMounted", 180).await?;
+        ensure!(
+            condition.message.contains("as a private model"),
+            "the other namespace's pod was not refused as the agent refuses it: {condition:?}"
+        );
+        ensure!(
+            !condition.message.contains(&server.secret_key),
+            "the refusal shows the owners' secret"
+        );
+        for pod in pods(&env.client, &others.name, &name).await? {
+            ensure!(
+                !crate::bad_model::any_started(&pod),
+                "the other namespace's worker started"
+            );
+        }
+        // The owners' replica answers on.
+        run_actor(&env, &owned, &env.safetensors).await?;
+        println!(
+            "  {}/{name}: served from the node's store with its Secret; {}/{name} refused",
+            owners.name, others.name
+        );
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/{name}", owners.name), outcome.is_ok());
+    outcome
+}
+
 /// examples/actor-safetensors.yaml twice, Node sharing, in two namespaces that enforce Pod
 /// Security `restricted` (2 replicas each, the model over http): the node agent mounts the
 /// model into all four pods from one copy in its store, charged to the agent, and no worker

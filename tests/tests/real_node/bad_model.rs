@@ -124,16 +124,7 @@ pub async fn node_sharing_wrong_digest_is_told_by_the_agent(env: Arc<Env>) -> Re
         status.phase
     );
     for pod in pods(&env.client, &ns.name, &name).await? {
-        let started = pod
-            .status
-            .and_then(|s| s.container_statuses)
-            .into_iter()
-            .flatten()
-            .any(|c| {
-                c.state
-                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-            });
-        ensure!(!started, "a container started without its models");
+        ensure!(!any_started(&pod), "a container started without its models");
     }
     // Nothing half-published in the agent's store.
     let store = env.cluster.node.agent_dir().join("store");
@@ -147,8 +138,21 @@ pub async fn node_sharing_wrong_digest_is_told_by_the_agent(env: Arc<Env>) -> Re
     Ok(())
 }
 
+/// Whether any of the pod's containers has started (runs or ran).
+pub fn any_started(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .iter()
+        .filter_map(|s| s.container_statuses.as_ref())
+        .flatten()
+        .any(|c| {
+            c.state
+                .as_ref()
+                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+        })
+}
+
 /// The pipeline's WeightsReady condition once its reason is `reason` (printed).
-async fn weights_ready_with(
+pub async fn weights_ready_with(
     api: &Api<InferencePipeline>,
     name: &str,
     reason: &str,

@@ -43,6 +43,7 @@ fn main() {
         actor::torchscript_pod_sharing,
         actor::safetensors_two_namespaces_node_sharing,
         actor::safetensors_from_s3_with_a_secret,
+        actor::private_s3_model_with_node_sharing_serves_its_owners_only,
         actor::batch_run_survives_a_killed_replica,
         retry::killed_worker_is_retried,
         retry::a_failed_shard_is_listed_and_the_others_run_on,

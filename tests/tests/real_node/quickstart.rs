@@ -40,6 +40,20 @@ pub async fn quickstart_runs_as_it_is(env: Arc<Env>) -> Result<()> {
         )
         .await?;
         timelines(&env.client, &ns.name, "quickstart").await?;
+        // What `kubectl wait --for=condition=Ready` waits for.
+        let status = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
+            .get_status("quickstart")
+            .await?
+            .status
+            .context("no status")?;
+        ensure!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "Ready, yet no Ready=True condition: {:?}",
+            status.conditions
+        );
 
         // The reference: the copying load of the ConfigMap's bytes.
         let bytes = &model
