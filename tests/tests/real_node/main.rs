@@ -15,6 +15,7 @@ mod quickstart;
 mod retry;
 mod support;
 mod task;
+mod tenant_attacks;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,7 +44,6 @@ fn main() {
         actor::torchscript_pod_sharing,
         actor::safetensors_two_namespaces_node_sharing,
         actor::safetensors_from_s3_with_a_secret,
-        actor::private_s3_model_with_node_sharing_serves_its_owners_only,
         actor::batch_run_survives_a_killed_replica,
         retry::killed_worker_is_retried,
         retry::a_failed_shard_is_listed_and_the_others_run_on,
@@ -51,6 +51,10 @@ fn main() {
         bad_model::node_sharing_wrong_digest_is_told_by_the_agent,
         pod_security::restricted_namespace_runs_pod_sharing,
         images::each_image_runs_with_runc_as_non_root,
+        tenant_attacks::a_private_model_mounted_by_another_namespace_that_names_its_digest,
+        tenant_attacks::a_batch_driver_taking_over_an_administrators_account,
+        tenant_attacks::sources_on_node_local_addresses,
+        tenant_attacks::an_idle_connection_flood_of_the_node_agent,
     ];
     let names = || scenarios.iter().map(|(n, _)| n.replace("::", "_"));
     if args.list {
@@ -90,11 +94,13 @@ fn main() {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     let (succeeded, total) = env.outcomes();
+    let (refused, attacks) = env.attacks();
     // Every scenario has finished: this is the last reference.
     if let (true, Ok(mut env)) = (conclusion.has_failed(), Arc::try_unwrap(env)) {
         env.cluster.keep_files();
     }
     drop(runtime);
     println!("real-node pipelines: {succeeded} succeeded of {total}");
+    println!("tenant attacks: {refused} refused of {attacks}");
     conclusion.exit();
 }

@@ -50,6 +50,8 @@ pub struct Env {
     pub http_base: String,
     /// Each pipeline the scenarios ran, and whether it did what it should.
     outcomes: Mutex<Vec<(String, bool)>>,
+    /// The tenant attacks tried, and whether each was refused with its victim unharmed.
+    attacks: Mutex<Vec<(String, bool)>>,
 }
 
 impl Env {
@@ -103,6 +105,7 @@ impl Env {
             safetensors,
             http_base,
             outcomes: Mutex::new(Vec::new()),
+            attacks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -123,6 +126,17 @@ impl Env {
     pub fn outcomes(&self) -> (usize, usize) {
         let o = self.outcomes.lock().unwrap();
         (o.iter().filter(|(_, ok)| *ok).count(), o.len())
+    }
+
+    /// Counts a tenant attack for the closing line: `refused` when it was, its victim unharmed.
+    pub fn record_attack(&self, attack: &str, refused: bool) {
+        self.attacks.lock().unwrap().push((attack.into(), refused));
+    }
+
+    /// (refused, total) of the recorded attacks.
+    pub fn attacks(&self) -> (usize, usize) {
+        let a = self.attacks.lock().unwrap();
+        (a.iter().filter(|(_, refused)| *refused).count(), a.len())
     }
 }
 

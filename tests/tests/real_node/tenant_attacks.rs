@@ -1,0 +1,318 @@
+//! Tenants attacking one another on the real node, each beside a victim: another tenant's
+//! pipeline, an administrator's objects, or the node's agent that every tenant shares. Every
+//! attack must be refused, the victim unharmed; the binary ends with `tenant attacks: N refused
+//! of M`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::api::{Api, ListParams, PostParams};
+use kube_zerocopy::crd::InferencePipeline;
+use kube_zerocopy_e2e::cluster::host::GATEWAY;
+use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
+use kube_zerocopy_e2e::s3::S3Server;
+use serde_json::json;
+
+use crate::actor::run_actor;
+use crate::bad_model::{any_started, weights_ready_with};
+use crate::support::*;
+
+/// examples/actor-s3.yaml with Node sharing: the node agent reads the private model with the
+/// keys of the Secret the pod's CSI volume names (the kubelet reads it in the pod's namespace
+/// and hands it over), and the owners' replica answers. A pipeline of another namespace names
+/// the same digest and object with a Secret whose keys S3 refuses: its pod is never given the
+/// node's copy (the agent refuses the mount; WeightsReady says why), and the owners' replica
+/// still answers.
+pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
+    env: Arc<Env>,
+) -> Result<()> {
+    let owners = TestNamespace::create(&env.client, "private-owners", &[RESTRICTED]).await?;
+    let others = TestNamespace::create(&env.client, "private-others", &[RESTRICTED]).await?;
+    let server = tokio::task::spawn_blocking(|| S3Server::start_on(GATEWAY)).await??;
+    server.create_bucket("private")?;
+    let file = env.models_dir().join(env.safetensors.file);
+    server.put_file("private", env.safetensors.file, &file)?;
+    s3_secret(&env.client, &owners.name, "s3-reader", &server).await?;
+    let refused_keys: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-reader"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+        },
+    }))?;
+    Api::<Secret>::namespaced(env.client.clone(), &others.name)
+        .create(&Default::default(), &refused_keys)
+        .await?;
+    let uri = format!("s3://private/{}", env.safetensors.file);
+    let pipeline = |ns: &str| {
+        example("actor-s3.yaml", ns, &env.safetensors, &uri, |p| {
+            p["spec"]["sharing"] = json!("Node");
+            p["spec"]["actor"] = json!({"replicas": 1});
+            p["spec"]["models"][0]["source"]["s3"] = json!({
+                "endpoint": server.endpoint,
+                "region": server.region,
+                "credentialsSecret": "s3-reader",
+            });
+        })
+    };
+    let owned = pipeline(&owners.name)?;
+    let name = owned.metadata.name.clone().context("a name")?;
+    let outcome = async {
+        run_actor(&env, &owned, &env.safetensors).await?;
+        apply(&env.client, &pipeline(&others.name)?).await?;
+        let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &others.name);
+        let condition = weights_ready_with(&api, &name, "ModelsNotMounted", 180).await?;
+        ensure!(
+            condition.message.contains("as a private model"),
+            "the other namespace's pod was not refused as the agent refuses it: {condition:?}"
+        );
+        ensure!(
+            !condition.message.contains(&server.secret_key),
+            "the refusal shows the owners' secret"
+        );
+        for pod in pods(&env.client, &others.name, &name).await? {
+            ensure!(!any_started(&pod), "the other namespace's worker started");
+        }
+        // The owners' replica answers on.
+        run_actor(&env, &owned, &env.safetensors).await?;
+        println!(
+            "  {}/{name}: served from the node's store with its Secret; {}/{name} refused",
+            owners.name, others.name
+        );
+        Ok(())
+    }
+    .await;
+    env.record(&format!("{}/{name}", owners.name), outcome.is_ok());
+    env.record_attack(
+        "a private model mounted by another namespace that names its digest",
+        outcome.is_ok(),
+    );
+    outcome
+}
+
+/// A batch run named so that its driver's account would be `etl-zerocopy-driver`, which an
+/// administrator made for another job, with a cloud identity and rights of its own: the
+/// operator creates no driver, takes nothing over (Blocked, ObjectNotOwned), and the account
+/// is as it was.
+pub async fn a_batch_driver_taking_over_an_administrators_account(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "takeover", &[RESTRICTED]).await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &ns.name);
+    let driver = "etl-zerocopy-driver";
+    let cloud = "eks.amazonaws.com/role-arn";
+    let account: ServiceAccount = serde_json::from_value(json!({
+        "metadata": {"name": driver, "annotations": {cloud: "arn:aws:iam::1:role/etl-admin"}}
+    }))?;
+    let before = accounts.create(&PostParams::default(), &account).await?;
+    let uri = format!("{}/{}", env.http_base, env.torchscript.file);
+    let pipeline = example("actor-batch.yaml", &ns.name, &env.torchscript, &uri, |p| {
+        p["metadata"]["name"] = json!("etl");
+        p["spec"]["actor"]["replicas"] = json!(1);
+    })?;
+    let outcome = async {
+        apply(&env.client, &pipeline).await?;
+        wait_phase(
+            &env.client,
+            &ns.name,
+            "etl",
+            &["Blocked"],
+            Duration::from_secs(120),
+        )
+        .await?;
+        let status = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
+            .get_status("etl")
+            .await?
+            .status
+            .context("no status")?;
+        let degraded = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .context("no Degraded condition")?;
+        ensure!(
+            degraded.reason == "ObjectNotOwned"
+                && degraded
+                    .message
+                    .contains(&format!("a ServiceAccount named {driver} already exists")),
+            "{}: {}",
+            degraded.reason,
+            degraded.message
+        );
+        let after = accounts.get(driver).await?;
+        ensure!(
+            after.metadata.resource_version == before.metadata.resource_version
+                && after.metadata.owner_references.is_none(),
+            "the administrator's account was changed: {:?}",
+            after.metadata
+        );
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
+        ensure!(
+            jobs.get_opt("etl-zerocopy-driver").await?.is_none(),
+            "a driver runs under the administrator's account"
+        );
+        println!("  {}/etl: Blocked, {}", ns.name, degraded.message);
+        Ok(())
+    }
+    .await;
+    env.record_attack(
+        "a batch driver taking over an administrator's account",
+        outcome.is_ok(),
+    );
+    outcome
+}
+
+/// A Node-sharing pipeline whose model source is the operator's metrics on its pod's address,
+/// and another whose source is the cloud's metadata service: the node's agent, which fetches
+/// from the node's network position, connects to neither, and the pods are told only that the
+/// source was refused (nothing of what is there).
+pub async fn sources_on_node_local_addresses(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "ssrf", &[RESTRICTED]).await?;
+    let operator = Api::<Pod>::namespaced(env.client.clone(), OPERATOR_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await?;
+    let operator_ip = operator
+        .items
+        .iter()
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .context("no operator pod with an address")?;
+    let targets = [
+        (
+            "operator-metrics",
+            format!("http://{operator_ip}:8080/metrics"),
+        ),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/".to_owned(),
+        ),
+    ];
+    let outcome = async {
+        for (name, uri) in &targets {
+            // No digest: the agent would fetch it (a held digest needs no fetch).
+            let pipeline = example(
+                "actor-safetensors.yaml",
+                &ns.name,
+                &env.safetensors,
+                uri,
+                |p| {
+                    p["metadata"]["name"] = json!(name);
+                    p["spec"]["actor"] = json!({"replicas": 1});
+                    if let Some(source) = p["spec"]["models"][0]["source"].as_object_mut() {
+                        source.remove("sha256");
+                    }
+                },
+            )?;
+            apply(&env.client, &pipeline).await?;
+            let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
+            let condition = weights_ready_with(&api, name, "ModelsNotMounted", 180).await?;
+            ensure!(
+                condition
+                    .message
+                    .contains("resolves to no address the node agent may fetch from")
+                    && !condition.message.contains("# HELP"),
+                "{name}: {}",
+                condition.message
+            );
+        }
+        Ok(())
+    }
+    .await;
+    env.record_attack("sources on node-local addresses", outcome.is_ok());
+    outcome
+}
+
+/// Two thousand idle connections to the node agent's metrics port, from the node (any pod can
+/// open them): held while a victim's Node-sharing pipeline is mounted; the pipeline serves, the
+/// agent answers /livez on a new connection, and it did not restart.
+pub async fn an_idle_connection_flood_of_the_node_agent(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "flood", &[RESTRICTED]).await?;
+    let agents = Api::<Pod>::namespaced(env.client.clone(), OPERATOR_NAMESPACE);
+    let agent = || async {
+        let pods = agents
+            .list(&ListParams::default().labels("app.kubernetes.io/component=node-agent"))
+            .await?;
+        let pod = pods.items.into_iter().next().context("no node agent pod")?;
+        let status = pod.status.context("an agent pod without status")?;
+        let restarts: i32 = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.restart_count)
+            .sum();
+        anyhow::Ok((
+            status.pod_ip.context("an agent without an address")?,
+            restarts,
+        ))
+    };
+    let (ip, restarts) = agent().await?;
+    let address: std::net::SocketAddr = format!("{ip}:9471").parse()?;
+    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+    let victim = example(
+        "actor-safetensors.yaml",
+        &ns.name,
+        &env.safetensors,
+        &uri,
+        |p| {
+            p["spec"]["actor"] = json!({"replicas": 1});
+        },
+    )?;
+    let outcome = async {
+        raise_open_files(8192)?;
+        let held: Vec<_> = (0..2000)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()
+            })
+            .collect();
+        println!(
+            "  {}: {} idle connections to the agent held",
+            ns.name,
+            held.len()
+        );
+        run_actor(&env, &victim, &env.safetensors).await?;
+        let livez = tokio::task::spawn_blocking(move || {
+            ureq::get(&format!("http://{address}/livez"))
+                .call()
+                .map(|r| r.status().as_u16())
+        })
+        .await??;
+        ensure!(livez == 200, "the agent's /livez answered {livez}");
+        drop(held);
+        let (_, after) = agent().await?;
+        ensure!(
+            after == restarts,
+            "the agent restarted ({restarts} restarts before, {after} after)"
+        );
+        Ok(())
+    }
+    .await;
+    env.record(
+        &format!(
+            "{}/{}",
+            ns.name,
+            victim.metadata.name.clone().unwrap_or_default()
+        ),
+        outcome.is_ok(),
+    );
+    env.record_attack(
+        "an idle-connection flood of the node agent",
+        outcome.is_ok(),
+    );
+    outcome
+}
+
+/// Lets this process hold `count` files at once (its connections).
+fn raise_open_files(count: u64) -> Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: count,
+        rlim_max: count,
+    };
+    // SAFETY: setrlimit reads the struct it is given and nothing else.
+    let done = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    ensure!(
+        done == 0,
+        "raising the open files limit: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
