@@ -402,6 +402,25 @@ pub async fn s3_secret(
     Ok(())
 }
 
+/// The Degraded condition of the pipeline `name` once it is Blocked (within two minutes).
+pub async fn blocked_because(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    wait_phase(client, ns, name, &["Blocked"], Duration::from_secs(120)).await?;
+    let status = Api::<InferencePipeline>::namespaced(client.clone(), ns)
+        .get_status(name)
+        .await?
+        .status
+        .context("no status")?;
+    status
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .context("no Degraded condition")
+}
+
 pub async fn apply(client: &Client, pipeline: &InferencePipeline) -> Result<()> {
     let ns = pipeline
         .metadata

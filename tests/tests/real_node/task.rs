@@ -140,24 +140,7 @@ pub async fn torchscript_with_data_on_s3(env: Arc<Env>) -> Result<()> {
         empty.spec.input.as_mut().context("an input")?.uri = "s3://batch/nothing/".into();
         empty.spec.output.as_mut().context("an output")?.uri = "s3://batch/none/".into();
         apply(&env.client, &empty).await?;
-        wait_phase(
-            &env.client,
-            &ns.name,
-            "embed-empty",
-            &["Blocked"],
-            Duration::from_secs(120),
-        )
-        .await?;
-        let status = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
-            .get_status("embed-empty")
-            .await?
-            .status
-            .context("no status")?;
-        let degraded = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .context("no Degraded condition")?;
+        let degraded = blocked_because(&env.client, &ns.name, "embed-empty").await?;
         ensure!(
             degraded.reason == "InputNotPlanned"
                 && degraded

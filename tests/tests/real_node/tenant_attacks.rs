@@ -113,24 +113,7 @@ pub async fn a_batch_driver_taking_over_an_administrators_account(env: Arc<Env>)
     })?;
     let outcome = async {
         apply(&env.client, &pipeline).await?;
-        wait_phase(
-            &env.client,
-            &ns.name,
-            "etl",
-            &["Blocked"],
-            Duration::from_secs(120),
-        )
-        .await?;
-        let status = Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
-            .get_status("etl")
-            .await?
-            .status
-            .context("no status")?;
-        let degraded = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .context("no Degraded condition")?;
+        let degraded = blocked_because(&env.client, &ns.name, "etl").await?;
         ensure!(
             degraded.reason == "ObjectNotOwned"
                 && degraded
