@@ -32,6 +32,9 @@ pub struct Policy {
     /// The taint keys template.tolerations may tolerate, comma-separated (`*`: any).
     #[arg(long, env = "KZC_TOLERATION_KEYS", value_delimiter = ',', default_values_t = DEFAULT_TOLERATION_KEYS.map(String::from))]
     pub toleration_keys: Vec<String>,
+    /// The node agent runs (the chart's nodeStore.enabled): pipelines may use sharing: Node.
+    #[arg(long, env = "KZC_NODE_SHARING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub node_sharing: bool,
 }
 
 /// The operator's own settings (`kube-zerocopy operator`).

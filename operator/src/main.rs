@@ -70,6 +70,7 @@ fn render_settings(images: settings::Images, policy: settings::Policy) -> render
         allow_host_path: policy.allow_host_path,
         allow_service_account: policy.allow_service_account,
         toleration_keys: policy.toleration_keys,
+        node_sharing: policy.node_sharing,
     };
     settings
 }

@@ -31,6 +31,8 @@ pub struct PipelinePolicy {
     /// The taint keys template.tolerations may tolerate (`*`: any, including a toleration
     /// without a key, which tolerates every taint: control-plane nodes').
     pub toleration_keys: Vec<String>,
+    /// The node agent runs on the cluster's nodes: `sharing: Node` can be mounted.
+    pub node_sharing: bool,
 }
 
 impl Default for PipelinePolicy {
@@ -39,6 +41,7 @@ impl Default for PipelinePolicy {
             allow_host_path: false,
             allow_service_account: false,
             toleration_keys: DEFAULT_TOLERATION_KEYS.map(String::from).to_vec(),
+            node_sharing: true,
         }
     }
 }
@@ -78,6 +81,14 @@ pub enum Refusal {
 
 /// Checks a pipeline's template against the reserved names and `policy`.
 pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<(), Refusal> {
+    if spec.sharing == crate::crd::Sharing::Node && !policy.node_sharing {
+        return Err(Refusal::Forbidden(
+            "sharing: Node needs the node agent, which this installation does not run (the \
+             chart's nodeStore.enabled is false): install the chart with \
+             nodeStore.enabled=true, or use sharing: Pod"
+                .into(),
+        ));
+    }
     let Some(template) = &spec.template else {
         return Ok(());
     };
@@ -198,6 +209,25 @@ mod tests {
         check(&spec(template), policy).expect_err(template)
     }
 
+    /// Without the node agent (the chart's default), a Node-sharing pipeline is refused in words
+    /// that say how to get one; Pod sharing runs.
+    #[test]
+    fn node_sharing_needs_the_node_agent() {
+        let without = PipelinePolicy {
+            node_sharing: false,
+            ..Default::default()
+        };
+        let mut node = spec("    volumes: []\n");
+        node.sharing = crate::crd::Sharing::Node;
+        let Err(Refusal::Forbidden(why)) = check(&node, &without) else {
+            panic!("Node sharing without the agent")
+        };
+        assert!(why.contains("nodeStore.enabled=true"), "{why}");
+        assert_eq!(check(&node, &PipelinePolicy::default()), Ok(()));
+        node.sharing = crate::crd::Sharing::Pod;
+        assert_eq!(check(&node, &without), Ok(()));
+    }
+
     #[test]
     fn a_claim_mounted_where_the_template_likes_passes() {
         let ok = spec(
@@ -212,6 +242,7 @@ mod tests {
             allow_host_path: true,
             allow_service_account: true,
             toleration_keys: vec!["*".into()],
+            node_sharing: true,
         };
         let Refusal::Reserved(message) =
             refused("    volumes: [{name: kzc-store, emptyDir: {}}]\n", &all)

@@ -139,6 +139,7 @@ impl RealCluster {
             .args(["--set", &format!("image.repository={repository}")])
             .args(["--set", &format!("image.tag={tag}")])
             .args(["--set", &format!("runtimeImage={}", self.images.runtime.0)])
+            .args(["--set", "nodeStore.enabled=true"])
             .args(["--set", &format!("nodeStore.capacityMiB={NODE_STORE_MIB}")])
             // The test's model server, on the pods' gateway (a private address).
             .args(["--set", &format!("nodeStore.sourceNetworks={GATEWAY}/32")])

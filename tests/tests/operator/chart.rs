@@ -36,7 +36,15 @@ pub async fn a_watched_namespace_gives_the_operator_no_cluster_wide_rights(env: 
     let render = |extra: &'static str| {
         let env = env.clone();
         async move {
-            let out = helm_template(&env, &[&format!("watchNamespace={WATCHED}"), extra]).await;
+            let out = helm_template(
+                &env,
+                &[
+                    &format!("watchNamespace={WATCHED}"),
+                    "nodeStore.enabled=true",
+                    extra,
+                ],
+            )
+            .await;
             assert!(
                 out.status.success(),
                 "{}",
@@ -136,6 +144,7 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
         &env,
         &[
             "watchNamespace=pipelines",
+            "nodeStore.enabled=true",
             "nodeStore.sourceNetworks=10.20.0.0/16",
             "nodeStore.fileSources=/var/models",
             "pipelinePolicy.allowHostPath=true",
@@ -193,6 +202,7 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
     assert_eq!(operator.namespace.as_deref(), Some("pipelines"));
     assert!(operator.policy.allow_host_path);
     assert!(!operator.policy.allow_service_account);
+    assert!(operator.policy.node_sharing);
 
     let agent_env = container("DaemonSet", "agent");
     let agent: NodeAgent = from_env(&agent_env).unwrap_or_else(|e| panic!("{e}"));
@@ -206,4 +216,70 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
         Some(std::path::Path::new("/var/models"))
     );
     assert_eq!(agent.namespace_share_percent, 50);
+}
+
+/// The chart's default install runs no node agent (it is privileged and reserves memory on
+/// every node): no DaemonSet, CSIDriver or agent account, and the operator is told so (it
+/// refuses Node-sharing pipelines). Enabled, the agent tolerates GPU nodes' taint, not every
+/// taint.
+pub async fn the_default_install_runs_no_node_agent(env: Arc<Env>) {
+    use kube_zerocopy_contract::pod::from_env;
+    use kube_zerocopy_contract::settings::Operator;
+    let render = |values: &'static [&'static str]| {
+        let env = env.clone();
+        async move {
+            let out = helm_template(&env, values).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_yaml::Deserializer::from_slice(&out.stdout)
+                .map(|d| serde::Deserialize::deserialize(d).unwrap())
+                .collect::<Vec<serde_yaml::Value>>()
+        }
+    };
+    let defaults = render(&[]).await;
+    let kinds: Vec<&str> = defaults.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["DaemonSet", "CSIDriver"] {
+        assert!(
+            !kinds.contains(&kind),
+            "the default install has a {kind}: {kinds:?}"
+        );
+    }
+    let operator = defaults
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("the operator's Deployment");
+    let env_of = |container: &serde_yaml::Value| -> Vec<(String, String)> {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let value = e["value"].as_str().unwrap_or("from-the-pod").to_owned();
+                (e["name"].as_str().unwrap().to_owned(), value)
+            })
+            .collect()
+    };
+    let settings: Operator = from_env(&env_of(
+        &operator["spec"]["template"]["spec"]["containers"][0],
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!settings.policy.node_sharing);
+
+    let enabled = render(&["nodeStore.enabled=true"]).await;
+    let agent = enabled
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the node agent's DaemonSet");
+    let tolerations = agent["spec"]["template"]["spec"]["tolerations"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        tolerations
+            .iter()
+            .all(|t| t["key"].as_str().is_some_and(|k| !k.is_empty())),
+        "the agent tolerates every taint: {tolerations:?}"
+    );
 }

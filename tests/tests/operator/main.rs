@@ -39,6 +39,7 @@ fn main() {
         chart::two_replicas_without_leader_election_are_refused,
         chart::a_watched_namespace_gives_the_operator_no_cluster_wide_rights,
         chart::the_charts_containers_set_only_what_their_binaries_read,
+        chart::the_default_install_runs_no_node_agent,
         explain::kubectl_explain_describes_every_field,
         mistakes::invalid_pipelines_are_rejected_in_the_cli_s_words,
         mistakes::a_template_with_a_host_path_is_forbidden_by_policy,

@@ -377,6 +377,9 @@ fn helm_install(cp: &ControlPlane) {
             "--wait=false",
         ])
         .args(["--set", &format!("runtimeImage={RUNTIME_IMAGE}")])
+        // Node sharing's scenarios need the agent's objects (its DaemonSet stays unscheduled
+        // on kwok nodes).
+        .args(["--set", "nodeStore.enabled=true"])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig_path())
         .output()
