@@ -29,6 +29,7 @@ pub fn held_label(digest: &str) -> String {
     kind = "NodeStore",
     status = "NodeStoreStatus",
     shortname = "nstore",
+    category = "kube-zerocopy",
     printcolumn = r#"{"name":"Models","type":"string","jsonPath":".status.models[*].name"}"#,
     printcolumn = r#"{"name":"Used","type":"string","jsonPath":".status.usage"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.pods"}"#,

@@ -15,6 +15,8 @@ pub use kube_zerocopy_contract::models::ModelFormat;
     namespaced,
     status = "InferencePipelineStatus",
     shortname = "ipl",
+    // `kubectl get kube-zerocopy`: the pipelines and the nodes' stores.
+    category = "kube-zerocopy",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
@@ -24,6 +26,7 @@ pub use kube_zerocopy_contract::models::ModelFormat;
     printcolumn = r#"{"name":"Device","type":"string","jsonPath":".spec.device","priority":1}"#,
     printcolumn = r#"{"name":"Sharing","type":"string","jsonPath":".spec.sharing","priority":1}"#,
     printcolumn = r#"{"name":"Models","type":"string","jsonPath":".spec.models[*].name","priority":1}"#,
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "A batch-inference pipeline: models loaded once per pod (or node) into shared memory and mapped by its workers, run as an Indexed Job (Task) or a Deployment (Actor).",
     // The pipeline's objects are named <name>-zerocopy; a Service name is a DNS-1035 label and
@@ -433,10 +436,14 @@ pub struct InferencePipelineStatus {
     /// Task without spec.task.shards: what planning found in the input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planned_input: Option<PlannedInput>,
+    /// Actor: where the replicas answer the Open Inference Protocol inside the cluster (their
+    /// Service): `http://<name>-zerocopy.<namespace>.svc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// An Actor's batch run, as its driver reports it (the driver writes this field alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batches: Option<BatchProgress>,
-    /// WeightsReady, Progressing, Succeeded, Failed, Degraded.
+    /// WeightsReady, Progressing, Succeeded, Failed, Degraded, Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     /// The pipeline's generation this status describes.

@@ -695,10 +695,20 @@ pub fn compute(
         progress,
         shards,
         planned_input: observed.job.and_then(crate::plan::of_job),
+        url: (pipeline.spec.mode == Mode::Actor).then(|| service_url(pipeline)),
         batches: None,
         conditions,
         observed_generation: generation,
     }
+}
+
+/// Where an Actor pipeline's replicas answer inside the cluster: its Service's DNS name.
+fn service_url(pipeline: &InferencePipeline) -> String {
+    format!(
+        "http://{}.{}.svc",
+        crate::render::object_name(pipeline),
+        pipeline.metadata.namespace.as_deref().unwrap_or("default")
+    )
 }
 
 /// The Ready condition of a pipeline in `phase` with the other conditions `conds`: True once
@@ -926,6 +936,12 @@ mod tests {
         );
         let (status, reason, _) = ready(&serving(1));
         assert_eq!((status.as_str(), reason.as_str()), ("False", "Progressing"));
+        assert_eq!(
+            serving(2).url.as_deref(),
+            Some("http://p-zerocopy.default.svc"),
+            "where the replicas answer"
+        );
+        assert_eq!(observe(&job(2, None)).url, None);
     }
 
     #[test]

@@ -54,6 +54,12 @@ pub async fn quickstart_runs_as_it_is(env: Arc<Env>) -> Result<()> {
             "Ready, yet no Ready=True condition: {:?}",
             status.conditions
         );
+        let url = format!("http://quickstart-zerocopy.{}.svc", ns.name);
+        ensure!(
+            status.url.as_deref() == Some(url.as_str()),
+            "status.url {:?}, not {url}",
+            status.url
+        );
 
         // The reference: the copying load of the ConfigMap's bytes.
         let bytes = &model
