@@ -163,6 +163,31 @@ impl Rendered {
     }
 }
 
+/// Extended resources (GPUs, MIG slices: names with a domain) cannot be overcommitted: the API
+/// server refuses a request other than the limit. The template may give either: both get it
+/// (the limit when it gives both).
+fn equal_extended_resources(resources: &mut ResourceRequirements) {
+    let extended: std::collections::BTreeSet<String> = [&resources.limits, &resources.requests]
+        .into_iter()
+        .flatten()
+        .flat_map(|amounts| amounts.keys())
+        .filter(|name| name.contains('/'))
+        .cloned()
+        .collect();
+    if extended.is_empty() {
+        return;
+    }
+    let limits = resources.limits.get_or_insert_with(BTreeMap::new);
+    let requests = resources.requests.get_or_insert_with(BTreeMap::new);
+    for name in extended {
+        let amount = limits.get(&name).or_else(|| requests.get(&name)).cloned();
+        if let Some(amount) = amount {
+            limits.insert(name.clone(), amount.clone());
+            requests.insert(name, amount);
+        }
+    }
+}
+
 /// The name of every object a pipeline owns.
 pub fn object_name(pipeline: &InferencePipeline) -> String {
     format!(
@@ -652,19 +677,22 @@ fn pod_template(
     }
     worker_mounts.extend(overrides.volume_mounts.clone().unwrap_or_default());
     let mut resources = overrides.resources.clone().unwrap_or_default();
-    if spec.device == DeviceKind::Cuda {
-        let gpu = ("nvidia.com/gpu".to_string(), Quantity("1".into()));
+    // One GPU unless the template names NVIDIA's devices itself (several GPUs, a MIG slice).
+    let names_gpus = |r: &Option<BTreeMap<String, Quantity>>| {
+        r.iter()
+            .flatten()
+            .any(|(name, _)| name.starts_with("nvidia.com/"))
+    };
+    if spec.device == DeviceKind::Cuda
+        && !names_gpus(&resources.limits)
+        && !names_gpus(&resources.requests)
+    {
         resources
             .limits
             .get_or_insert_with(BTreeMap::new)
-            .entry(gpu.0.clone())
-            .or_insert(gpu.1.clone());
-        resources
-            .requests
-            .get_or_insert_with(BTreeMap::new)
-            .entry(gpu.0)
-            .or_insert(gpu.1);
+            .insert("nvidia.com/gpu".into(), Quantity("1".into()));
     }
+    equal_extended_resources(&mut resources);
     let is_actor = spec.mode == Mode::Actor;
     let worker = Container {
         name: crate::status::WORKER_CONTAINER.into(),
@@ -1659,6 +1687,40 @@ mod tests {
             "  device: cuda\n  template: {image: 'registry.example/own:1'}\n",
         ));
         assert_eq!(custom.1, "registry.example/own:1");
+    }
+
+    /// GPUs are requested as much as limited (the API server refuses anything else): one by
+    /// default, the template's count, or a MIG slice instead of a whole GPU.
+    #[test]
+    fn gpus_are_requested_as_much_as_they_are_limited() {
+        let gpus = |template: &str| {
+            let (_, worker) = containers(&pipeline(&format!("  device: cuda\n{template}")));
+            let r = worker.resources.unwrap();
+            let amounts = |m: Option<BTreeMap<String, Quantity>>| -> Vec<(String, String)> {
+                m.unwrap_or_default()
+                    .into_iter()
+                    .filter(|(n, _)| n.contains('/'))
+                    .map(|(n, q)| (n, q.0))
+                    .collect()
+            };
+            let (requests, limits) = (amounts(r.requests), amounts(r.limits));
+            assert_eq!(requests, limits, "{template}");
+            limits
+        };
+        let one = |name: &str, count: &str| vec![(name.to_owned(), count.to_owned())];
+        assert_eq!(gpus(""), one("nvidia.com/gpu", "1"));
+        assert_eq!(
+            gpus("  template: {resources: {limits: {nvidia.com/gpu: 2}}}\n"),
+            one("nvidia.com/gpu", "2")
+        );
+        assert_eq!(
+            gpus("  template: {resources: {requests: {nvidia.com/gpu: 4}}}\n"),
+            one("nvidia.com/gpu", "4")
+        );
+        assert_eq!(
+            gpus("  template: {resources: {limits: {nvidia.com/mig-1g.10gb: 1}}}\n"),
+            one("nvidia.com/mig-1g.10gb", "1")
+        );
     }
 
     /// A queued Task pipeline's Job carries the queue label and starts suspended, for Kueue to
