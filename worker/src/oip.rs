@@ -325,7 +325,7 @@ pub fn requests_from_file(file: &[u8], max_bytes: usize) -> Result<Vec<(Vec<u8>,
     let file = SafeTensors::deserialize(file).context("not a safetensors file")?;
     let input = file
         .tensor(INPUT)
-        .map_err(|_| anyhow!("the file has no tensor {INPUT:?}"))?;
+        .map_err(|_| anyhow!("{}", crate::shard_file::no_tensor(&file, INPUT)))?;
     let datatype = file_datatype(input.dtype())?;
     let (shape, data) = (input.shape(), input.data());
     let rows = shape.first().copied().unwrap_or(0);

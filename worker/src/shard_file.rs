@@ -54,13 +54,39 @@ fn decode_named(body: &[u8], name: &str) -> Result<Tensor> {
         .map_err(|e| anyhow::anyhow!("not a safetensors file: {e}"))?;
     let view = file
         .tensor(name)
-        .map_err(|_| anyhow::anyhow!("body has no tensor {name:?}"))?;
+        .map_err(|_| anyhow::anyhow!("{}", no_tensor(&file, name)))?;
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     Ok(Tensor::f_from_data_size(
         view.data(),
         &shape,
         kind(view.dtype())?,
     )?)
+}
+
+/// Why `file` is refused for lacking the tensor `name`: with the tensors it has, so that a
+/// misnamed one is seen at once.
+pub fn no_tensor(file: &SafeTensors, name: &str) -> String {
+    let mut names: Vec<&str> = file.names();
+    names.sort_unstable();
+    let shown = names
+        .iter()
+        .take(8)
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        "it has no tensor {name:?}; it has {}{}",
+        if shown.is_empty() {
+            "none".to_owned()
+        } else {
+            shown.join(", ")
+        },
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// `t` as a safetensors body with tensor `output`.
@@ -72,4 +98,24 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>> {
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
     let view = safetensors::tensor::TensorView::new(dtype(t.kind())?, shape, &bytes)?;
     Ok(safetensors::serialize([(OUTPUT_TENSOR, view)], None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard whose tensor is misnamed says which tensors it has.
+    #[test]
+    fn a_missing_tensor_is_refused_with_the_names_there_are() {
+        let bytes = [0u8; 8];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &bytes).unwrap();
+        let body =
+            safetensors::serialize([("inputs", view.clone()), ("mask", view)], None).unwrap();
+        let refused = decode(&body).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            r#"it has no tensor "input"; it has "inputs", "mask""#
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Node sharing in a namespace that enforces Pod Security "restricted": its pods mount their
 //! models through the node agent's CSI volume (no hostPath), so the real admission lets them
 //! in and the operator creates the pipeline's objects as anywhere else. So do a Task's on S3
-//! prefixes: its planning pod, and its workers that mount the data's credentials.
+//! prefixes: its planning pod, and its workers that mount the data's credentials; and GPU
+//! pods, one GPU, several or a MIG slice.
 
 use std::sync::Arc;
 
@@ -47,6 +48,25 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
         input_digest: "0".repeat(64),
     };
 
+    // GPU pods: the example (one GPU), two GPUs, and a MIG slice, each asked of the template's
+    // limits alone; the API server refuses an extended resource requested other than limited.
+    let gpus = |name: &str, limits: serde_json::Value| {
+        let mut p = kube_zerocopy::local::load_pipeline(
+            &kube_zerocopy_e2e::repo().join("examples/task-safetensors.yaml"),
+        )
+        .unwrap();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some(PSA_NS.into());
+        if !limits.is_null() {
+            let template = p.spec.template.as_mut().unwrap();
+            template.resources = Some(serde_json::from_value(json!({"limits": limits})).unwrap());
+        }
+        p
+    };
+    let one_gpu = gpus("one-gpu", serde_json::Value::Null);
+    let two_gpus = gpus("two-gpus", json!({"nvidia.com/gpu": "2"}));
+    let mig = gpus("mig-slice", json!({"nvidia.com/mig-1g.10gb": "1"}));
+
     // The API server's own admission takes each rendered pod (a dry run creates nothing).
     let pods: Api<Pod> = Api::namespaced(admin.clone(), PSA_NS);
     let rendered = [
@@ -54,6 +74,9 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
         (&actor, None),
         (&on_s3, None),
         (&on_s3, Some(&plan)),
+        (&one_gpu, None),
+        (&two_gpus, None),
+        (&mig, None),
     ];
     for (pipeline, plan) in rendered {
         let template: PodTemplateSpec =

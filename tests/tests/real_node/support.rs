@@ -141,7 +141,7 @@ impl Env {
 }
 
 /// Runs `kube-zerocopy local run` over the inputs with one model: the reference outputs.
-fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Model> {
+pub fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result<Model> {
     let model = dir.join("models").join(file);
     let output = dir.join(format!("reference-{file}"));
     local_task_run(&model, format, &dir.join("input"), &output)?;

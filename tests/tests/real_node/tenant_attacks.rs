@@ -31,10 +31,13 @@ pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
 ) -> Result<()> {
     let owners = TestNamespace::create(&env.client, "private-owners", &[RESTRICTED]).await?;
     let others = TestNamespace::create(&env.client, "private-others", &[RESTRICTED]).await?;
+    // A model of its own: a digest the node holds from a public source (another scenario's)
+    // would be served to whoever names it, as anyone may fetch that source.
+    let private = private_model(&env)?;
     let server = tokio::task::spawn_blocking(|| S3Server::start_on(GATEWAY)).await??;
     server.create_bucket("private")?;
-    let file = env.models_dir().join(env.safetensors.file);
-    server.put_file("private", env.safetensors.file, &file)?;
+    let file = env.models_dir().join(private.file);
+    server.put_file("private", private.file, &file)?;
     s3_secret(&env.client, &owners.name, "s3-reader", &server).await?;
     let refused_keys: Secret = serde_json::from_value(json!({
         "metadata": {"name": "s3-reader"},
@@ -46,9 +49,9 @@ pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
     Api::<Secret>::namespaced(env.client.clone(), &others.name)
         .create(&Default::default(), &refused_keys)
         .await?;
-    let uri = format!("s3://private/{}", env.safetensors.file);
+    let uri = format!("s3://private/{}", private.file);
     let pipeline = |ns: &str| {
-        example("actor-s3.yaml", ns, &env.safetensors, &uri, |p| {
+        example("actor-s3.yaml", ns, &private, &uri, |p| {
             p["spec"]["sharing"] = json!("Node");
             p["spec"]["actor"] = json!({"replicas": 1});
             p["spec"]["models"][0]["source"]["s3"] = json!({
@@ -61,7 +64,7 @@ pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
     let owned = pipeline(&owners.name)?;
     let name = owned.metadata.name.clone().context("a name")?;
     let outcome = async {
-        run_actor(&env, &owned, &env.safetensors).await?;
+        run_actor(&env, &owned, &private).await?;
         apply(&env.client, &pipeline(&others.name)?).await?;
         let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &others.name);
         let condition = weights_ready_with(&api, &name, "ModelsNotMounted", 180).await?;
@@ -77,7 +80,7 @@ pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
             ensure!(!any_started(&pod), "the other namespace's worker started");
         }
         // The owners' replica answers on.
-        run_actor(&env, &owned, &env.safetensors).await?;
+        run_actor(&env, &owned, &private).await?;
         println!(
             "  {}/{name}: served from the node's store with its Secret; {}/{name} refused",
             owners.name, others.name
@@ -91,6 +94,20 @@ pub async fn a_private_model_mounted_by_another_namespace_that_names_its_digest(
         outcome.is_ok(),
     );
     outcome
+}
+
+/// An Mlp of its own on the host, with its reference outputs (`kube-zerocopy local run`).
+fn private_model(env: &Env) -> Result<Model> {
+    const FILE: &str = "private-mlp.safetensors";
+    let file = env.models_dir().join(FILE);
+    kube_zerocopy_e2e::make_model(&[
+        "mlp",
+        file.to_str().context("a path")?,
+        "--sizes",
+        "512,640,16",
+    ]);
+    readable_by_all(&file)?;
+    reference(env.data.path(), FILE, "Safetensors")
 }
 
 /// A batch run named so that its driver's account would be `etl-zerocopy-driver`, which an
@@ -207,7 +224,8 @@ pub async fn sources_on_node_local_addresses(env: Arc<Env>) -> Result<()> {
 
 /// Two thousand idle connections to the node agent's metrics port, from the node (any pod can
 /// open them): held while a victim's Node-sharing pipeline is mounted; the pipeline serves, the
-/// agent answers /livez on a new connection, and it did not restart.
+/// agent answers /livez on a new connection once the held ones' headers are overdue (they are
+/// still open on the attacker's side), and it did not restart.
 pub async fn an_idle_connection_flood_of_the_node_agent(env: Arc<Env>) -> Result<()> {
     let ns = TestNamespace::create(&env.client, "flood", &[RESTRICTED]).await?;
     let agents = Api::<Pod>::namespaced(env.client.clone(), OPERATOR_NAMESPACE);
@@ -242,6 +260,7 @@ pub async fn an_idle_connection_flood_of_the_node_agent(env: Arc<Env>) -> Result
     )?;
     let outcome = async {
         raise_open_files(8192)?;
+        let flooded = std::time::Instant::now();
         let held: Vec<_> = (0..2000)
             .filter_map(|_| {
                 std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()
@@ -253,6 +272,10 @@ pub async fn an_idle_connection_flood_of_the_node_agent(env: Arc<Env>) -> Result
             held.len()
         );
         run_actor(&env, &victim, &env.safetensors).await?;
+        // Past the cap, connections are closed as they come, and the held ones once their
+        // headers are overdue: /livez answers a new connection by then, the flood still held.
+        let overdue = kube_zerocopy_runtime::process::ENDPOINT_HEADER_TIMEOUT * 2;
+        tokio::time::sleep(overdue.saturating_sub(flooded.elapsed())).await;
         let livez = tokio::task::spawn_blocking(move || {
             ureq::get(&format!("http://{address}/livez"))
                 .call()
@@ -298,4 +321,192 @@ fn raise_open_files(count: u64) -> Result<()> {
         std::io::Error::last_os_error()
     );
     Ok(())
+}
+
+/// A victim's model sits unused in the node's store (its pipeline deleted, the model kept for
+/// its next replica). An attacker's Node-sharing pipeline names a source whose safetensors
+/// header claims nearly the whole store and whose bytes then trickle: the agent removes
+/// nothing to make room for bytes it has not fetched and verified (it fetches the model whole
+/// first, which the trickle never completes), the attacker's pod is refused, and the victim's
+/// model is still in the store.
+pub async fn a_store_wipe_by_a_crafted_size_header(env: Arc<Env>) -> Result<()> {
+    let ns = TestNamespace::create(&env.client, "wipe", &[RESTRICTED]).await?;
+    // The victim: a model of its own, mounted once, then unused.
+    let file = env.models_dir().join("wipe-victim.safetensors");
+    kube_zerocopy_e2e::make_model(&[
+        "mlp",
+        file.to_str().context("a path")?,
+        "--sizes",
+        "64,320,8",
+    ]);
+    readable_by_all(&file)?;
+    let digest = kube_zerocopy_e2e::sha256_of(&file);
+    let model = Model {
+        file: env.safetensors.file,
+        format: env.safetensors.format,
+        bytes: std::fs::metadata(&file)?.len(),
+        sha256: digest.clone(),
+        reference: env.safetensors.reference.clone(),
+    };
+    let uri = format!("{}/wipe-victim.safetensors", env.http_base);
+    let victim = example("actor-safetensors.yaml", &ns.name, &model, &uri, |p| {
+        p["metadata"]["name"] = json!("victim");
+        p["spec"]["actor"] = json!({"replicas": 1});
+    })?;
+    let held = env
+        .cluster
+        .node
+        .agent_dir()
+        .join("store/blobs")
+        .join(&digest);
+    let claimed = (kube_zerocopy_e2e::cluster::real::NODE_STORE_MIB - 1) << 20;
+    let server = crafted_size_server(claimed)?;
+    let outcome = async {
+        apply(&env.client, &victim).await?;
+        wait_phase(
+            &env.client,
+            &ns.name,
+            "victim",
+            &["Ready"],
+            Duration::from_secs(300),
+        )
+        .await?;
+        Api::<InferencePipeline>::namespaced(env.client.clone(), &ns.name)
+            .delete("victim", &Default::default())
+            .await?;
+        kube_zerocopy_e2e::wait::eventually_seen(
+            "the victim's pods gone",
+            Duration::from_secs(120),
+            || {
+                let (client, ns) = (env.client.clone(), ns.name.clone());
+                async move {
+                    let left = pods(&client, &ns, "victim").await?.len();
+                    Ok(((left == 0).then_some(()), format!("{left} pods left")))
+                }
+            },
+        )
+        .await?;
+        ensure!(
+            held.is_dir(),
+            "the victim's unused model is not in the store"
+        );
+
+        let attack = example(
+            "actor-safetensors.yaml",
+            &ns.name,
+            &env.safetensors,
+            &server,
+            |p| {
+                p["metadata"]["name"] = json!("wipe");
+                p["spec"]["actor"] = json!({"replicas": 1});
+                if let Some(source) = p["spec"]["models"][0]["source"].as_object_mut() {
+                    source.remove("sha256");
+                    source.remove("size");
+                }
+            },
+        )?;
+        apply(&env.client, &attack).await?;
+        let api: Api<InferencePipeline> = Api::namespaced(env.client.clone(), &ns.name);
+        let condition = weights_ready_with(&api, "wipe", "ModelsNotMounted", 240).await?;
+        ensure!(
+            held.is_dir(),
+            "the victim's model was removed for the attacker's claim ({})",
+            condition.message
+        );
+        Ok(())
+    }
+    .await;
+    env.record_attack("a store wipe by a crafted size header", outcome.is_ok());
+    outcome
+}
+
+/// A server on the pods' gateway whose one file is a safetensors header claiming a tensor of
+/// `claimed` bytes, with byte ranges and an ETag: the header is answered at once, the tensor's
+/// bytes one every half second. Returns the file's URL.
+fn crafted_size_server(claimed: u64) -> Result<String> {
+    let header =
+        format!(r#"{{"w":{{"dtype":"U8","shape":[{claimed}],"data_offsets":[0,{claimed}]}}}}"#);
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(header.as_bytes());
+    let total = head.len() as u64 + claimed;
+    let server = tiny_http::Server::http((GATEWAY, 0))
+        .map_err(|e| anyhow::anyhow!("starting the crafted server: {e}"))?;
+    let port = server.server_addr().to_ip().context("an address")?.port();
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let head = head.clone();
+            std::thread::spawn(move || {
+                let range = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Range"))
+                    .and_then(|h| h.value.as_str().strip_prefix("bytes=").map(str::to_owned))
+                    .and_then(|r| {
+                        let (start, end) = r.split_once('-')?;
+                        Some((start.parse::<u64>().ok()?, end.parse::<u64>().ok()?))
+                    });
+                let header = |name: &str, value: String| {
+                    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap()
+                };
+                let (status, start, len) = match range {
+                    Some((start, end)) => (206, start, end.min(total - 1) + 1 - start),
+                    None => (200, 0, total),
+                };
+                let mut headers = vec![
+                    header("ETag", "\"crafted\"".into()),
+                    header("Accept-Ranges", "bytes".into()),
+                ];
+                if status == 206 {
+                    headers.push(header(
+                        "Content-Range",
+                        format!("bytes {start}-{}/{total}", start + len - 1),
+                    ));
+                }
+                let body = Trickle {
+                    head,
+                    offset: start,
+                    left: len,
+                };
+                let response = tiny_http::Response::new(
+                    status.into(),
+                    headers,
+                    body,
+                    Some(len as usize),
+                    None,
+                );
+                let _ = request.respond(response);
+            });
+        }
+    });
+    Ok(format!("http://{GATEWAY}:{port}/m.safetensors"))
+}
+
+/// The crafted file's bytes from `offset`: its header at once, then a zero every half second.
+struct Trickle {
+    head: Vec<u8>,
+    offset: u64,
+    left: u64,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = match self.head.get(self.offset as usize..) {
+            Some(rest) if !rest.is_empty() => {
+                let n = rest.len().min(buf.len()).min(self.left as usize);
+                buf[..n].copy_from_slice(&rest[..n]);
+                n
+            }
+            _ => {
+                std::thread::sleep(Duration::from_millis(500));
+                buf[0] = 0;
+                1
+            }
+        };
+        self.offset += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
