@@ -3,9 +3,10 @@
 //! one-line message, the container's termination message (what Kubernetes shows) and exit code
 //! 1 (3 when retrying cannot help), and for the long-running servers a clean exit on SIGTERM.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,6 +111,49 @@ pub fn exit_on_terminate() -> anyhow::Result<()> {
 /// no number of clients exhausts the process's memory (its cgroup may also hold a store).
 pub const MAX_ENDPOINT_CONNECTIONS: usize = 1024;
 
+/// The most connections one peer address may have open at once: one client (a pod) cannot
+/// take the whole of [`MAX_ENDPOINT_CONNECTIONS`] from the others (the kubelet's probes, the
+/// metrics scraper).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// The connections open per peer address, each counted until its [`PeerSlot`] drops.
+#[derive(Clone, Default)]
+struct Peers(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open connection of a peer.
+struct PeerSlot {
+    peers: Peers,
+    address: IpAddr,
+}
+
+impl Peers {
+    /// A slot for `address`, unless it has [`MAX_CONNECTIONS_PER_PEER`] open already.
+    fn take(&self, address: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap();
+        let count = open.entry(address).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap();
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// How long a connection may take to send a request's headers, or stay idle between
 /// requests, before it is closed.
 pub const ENDPOINT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,14 +180,18 @@ pub fn serve_endpoints(
                 let listener =
                     tokio::net::TcpListener::from_std(listener).expect("a listening socket");
                 let open = Arc::new(Semaphore::new(MAX_ENDPOINT_CONNECTIONS));
+                let peers = Peers::default();
                 loop {
-                    let stream = match listener.accept().await {
-                        Ok((stream, _)) => stream,
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(accepted) => accepted,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot accept a connection");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
+                    };
+                    let Some(slot) = peers.take(peer.ip()) else {
+                        continue;
                     };
                     let Ok(permit) = open.clone().try_acquire_owned() else {
                         continue;
@@ -163,7 +211,7 @@ pub fn serve_endpoints(
                             .header_read_timeout(ENDPOINT_HEADER_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
-                        drop(permit);
+                        drop((permit, slot));
                     });
                 }
             })
@@ -199,6 +247,49 @@ mod tests {
         answer
     }
 
+    /// A connection to `address` from `peer`, another loopback address of this machine.
+    fn connect_from(peer: [u8; 4], address: SocketAddr) -> TcpStream {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stream = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((peer, 0))).unwrap();
+            socket.connect(address).await.unwrap()
+        });
+        let stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    }
+
+    /// One peer's idle connections fill its own share only: past it, its connections are
+    /// closed as they arrive, and another peer is served meanwhile.
+    #[test]
+    fn one_peer_cannot_take_the_connections_of_the_others() {
+        let address = serve_endpoints("127.0.0.1:0", |_| (200, "ok".into())).unwrap();
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| connect_from([127, 0, 0, 3], address))
+            .collect();
+        // One more asks for /livez: closed unanswered (it would be answered within its share).
+        let mut over = connect_from([127, 0, 0, 3], address);
+        over.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let _ = write!(
+            over,
+            "GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut answer = String::new();
+        let _ = over.read_to_string(&mut answer);
+        assert!(
+            answer.is_empty(),
+            "a peer past its share was answered: {answer}"
+        );
+        let answer = get(address, "/livez");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(idle);
+    }
+
     /// A thread per connection (tiny_http's) let a few thousand idle connections from any pod
     /// exhaust the agent's threads and memory, its liveness failing with every mount. Now an
     /// idle connection is a task, closed after the header timeout; beyond the cap a connection
@@ -211,8 +302,10 @@ mod tests {
         })
         .unwrap();
         let before = threads();
+        // From many peers (loopback addresses), each within its own share.
+        let peer = |i: usize| [127, 0, 1 + (i / MAX_CONNECTIONS_PER_PEER) as u8, 1];
         let mut idle: Vec<TcpStream> = (0..MAX_ENDPOINT_CONNECTIONS - 24)
-            .map(|_| TcpStream::connect(address).unwrap())
+            .map(|i| connect_from(peer(i), address))
             .collect();
         let answer = get(address, "/livez");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -225,7 +318,7 @@ mod tests {
             idle.len()
         );
         // Past the cap: closed at once, nothing kept for it.
-        idle.extend((0..100).map(|_| TcpStream::connect(address).unwrap()));
+        idle.extend((0..100).map(|i| connect_from(peer(MAX_ENDPOINT_CONNECTIONS + i), address)));
         let mut last = idle.pop().unwrap();
         last.set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
