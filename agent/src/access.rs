@@ -100,27 +100,35 @@ impl Access {
     }
 
     /// Records that `model`, read with its credentials, is a source of `digest` (laid out from
-    /// it now, or shown to hold it): the entry is private from now on. Under the digest's lock.
+    /// it now): the entry is private from now on. Under the digest's lock.
     pub fn record(&self, model: &ModelSource, digest: &str) -> Result<()> {
+        self.record_version(digest, self.version_now(model))
+    }
+
+    /// Records `digest` as private, read from `version` of a source when it is known. Without a
+    /// version (a source that offers none, or a HEAD that failed) the entry is private all the
+    /// same: later volumes show their bytes instead.
+    fn record_version(&self, digest: &str, version: Option<Version>) -> Result<()> {
         let mut record = self.read(digest)?.unwrap_or_default();
-        // Without a version (a source that offers none, or a HEAD that failed) the entry is
-        // private all the same: later volumes show their bytes instead.
-        match source::version_of(model, &self.limits) {
-            Ok(Some(etag)) => {
-                let version = Version {
-                    source: source_identity(model),
-                    etag,
-                };
-                if !record.versions.contains(&version) {
-                    record.versions.push(version);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(model = %model.name, error = format!("{e:#}"), "a private source's version could not be read")
-            }
+        if let Some(version) = version.filter(|v| !record.versions.contains(v)) {
+            record.versions.push(version);
         }
         self.write(digest, &record)
+    }
+
+    /// The version of `model`'s source now, asked with its credentials (one HEAD); `None`
+    /// when it offers none or does not answer (logged).
+    fn version_now(&self, model: &ModelSource) -> Option<Version> {
+        match source::version_of(model, &self.limits) {
+            Ok(etag) => etag.map(|etag| Version {
+                source: source_identity(model),
+                etag,
+            }),
+            Err(e) => {
+                warn!(model = %model.name, error = format!("{e:#}"), "a source's version could not be read");
+                None
+            }
+        }
     }
 
     /// Ok when `model`'s holder may have the published `digest`: a public entry, or a private
@@ -129,17 +137,16 @@ impl Access {
         let Some(record) = self.read(digest)? else {
             return Ok(());
         };
-        if model.names_credentials() {
-            if let Ok(Some(etag)) = source::version_of(model, &self.limits) {
-                let version = Version {
-                    source: source_identity(model),
-                    etag,
-                };
-                if record.versions.contains(&version) {
-                    info!(model = %model.name, %digest, "a private model: the volume's source is a version it was read from");
-                    return Ok(());
-                }
-            }
+        let version = model
+            .names_credentials()
+            .then(|| self.version_now(model))
+            .flatten();
+        if version
+            .as_ref()
+            .is_some_and(|v| record.versions.contains(v))
+        {
+            info!(model = %model.name, %digest, "a private model: the volume's source is a version it was read from");
+            return Ok(());
         }
         let started = Instant::now();
         info!(model = %model.name, %digest, "a private model: reading the volume's source whole to show it holds the same bytes");
@@ -148,7 +155,7 @@ impl Access {
             Ok(sha256) if sha256 == digest => {
                 info!(model = %model.name, %digest, secs = started.elapsed().as_secs_f32(), "the volume's source holds the private model's bytes");
                 if model.names_credentials() {
-                    self.record(model, digest)?;
+                    self.record_version(digest, version)?;
                 }
                 return Ok(());
             }

@@ -305,10 +305,7 @@ impl Agent {
                 model.name
             )))
         };
-        if ["http://", "https://", "s3://", "az://"]
-            .iter()
-            .any(|scheme| model.uri.starts_with(scheme))
-        {
+        if kube_zerocopy_sidecar::source::is_remote(&model.uri) {
             return Ok(());
         }
         let Some(path) = model.uri.strip_prefix("file://") else {

@@ -503,10 +503,7 @@ pub fn fetch<'a>(
             _slot: None,
         });
     }
-    if !["http://", "https://", "s3://", "az://"]
-        .iter()
-        .any(|scheme| uri.starts_with(scheme))
-    {
+    if !is_remote(uri) {
         bail!("source {uri}: unsupported scheme; use file://, http://, https://, s3:// or az://");
     }
     let policy = remote_policy(model, limits);
@@ -526,6 +523,13 @@ pub fn fetch<'a>(
     }
 }
 
+/// Whether `uri` names a remote source (http(s), S3 or Azure), read by requests.
+pub fn is_remote(uri: &str) -> bool {
+    ["http://", "https://", "s3://", "az://"]
+        .iter()
+        .any(|scheme| uri.starts_with(scheme))
+}
+
 /// How `model`'s remote source is read within `limits`.
 fn remote_policy(model: &ModelSource, limits: &SourceLimits) -> download::Policy {
     download::Policy {
@@ -543,10 +547,7 @@ fn remote_policy(model: &ModelSource, limits: &SourceLimits) -> download::Policy
 /// `None` when the source offers no strong ETag with ranges, or is not remote. An error when
 /// the source refuses the credentials or cannot be reached.
 pub fn version_of(model: &ModelSource, limits: &SourceLimits) -> Result<Option<String>> {
-    if !["http://", "https://", "s3://", "az://"]
-        .iter()
-        .any(|scheme| model.uri.starts_with(scheme))
-    {
+    if !is_remote(&model.uri) {
         return Ok(None);
     }
     let policy = remote_policy(model, limits);
