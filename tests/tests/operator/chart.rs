@@ -18,6 +18,34 @@ async fn helm_template(env: &Env, values: &[&str]) -> std::process::Output {
     helm.output().unwrap()
 }
 
+/// The documents `helm template` renders for these `--set` values (it must succeed).
+async fn rendered(env: &Env, values: &[&str]) -> Vec<serde_yaml::Value> {
+    let out = helm_template(env, values).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// A rendered container's environment, name and value; a value from the downward API reads as
+/// one of the right kind.
+fn container_env(container: &serde_yaml::Value) -> Vec<(String, String)> {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            let value = e["value"].as_str().unwrap_or("from-the-pod").to_owned();
+            (name, value)
+        })
+        .collect()
+}
+
 /// Two operator replicas without leader election would race: the chart refuses to render.
 pub async fn two_replicas_without_leader_election_are_refused(env: Arc<Env>) {
     let out = helm_template(&env, &["replicas=2", "leaderElection.enabled=false"]).await;
@@ -36,23 +64,8 @@ pub async fn a_watched_namespace_gives_the_operator_no_cluster_wide_rights(env: 
     let render = |extra: &'static str| {
         let env = env.clone();
         async move {
-            let out = helm_template(
-                &env,
-                &[
-                    &format!("watchNamespace={WATCHED}"),
-                    "nodeStore.enabled=true",
-                    extra,
-                ],
-            )
-            .await;
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_yaml::Deserializer::from_slice(&out.stdout)
-                .map(|d| serde::Deserialize::deserialize(d).unwrap())
-                .collect::<Vec<serde_yaml::Value>>()
+            let watched = format!("watchNamespace={WATCHED}");
+            rendered(&env, &[&watched, "nodeStore.enabled=true", extra]).await
         }
     };
     let kinds = |docs: &[serde_yaml::Value], kind: &str| -> Vec<serde_yaml::Value> {
@@ -140,7 +153,7 @@ pub async fn a_watched_namespace_gives_the_operator_no_cluster_wide_rights(env: 
 pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<Env>) {
     use kube_zerocopy_contract::pod::{from_env, variables};
     use kube_zerocopy_contract::settings::{NodeAgent, Operator};
-    let out = helm_template(
+    let docs = rendered(
         &env,
         &[
             "watchNamespace=pipelines",
@@ -151,14 +164,6 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
     let container = |kind: &str, name: &str| -> Vec<(String, String)> {
         let workload = docs
             .iter()
@@ -172,18 +177,7 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
         let containers = workload["spec"]["template"]["spec"]["containers"]
             .as_sequence()
             .unwrap();
-        let container = containers.iter().find(|c| c["name"] == name).unwrap();
-        container["env"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let name = e["name"].as_str().unwrap().to_owned();
-                // From the downward API: a value of the right kind.
-                let value = e["value"].as_str().unwrap_or("from-the-pod").to_owned();
-                (name, value)
-            })
-            .collect()
+        container_env(containers.iter().find(|c| c["name"] == name).unwrap())
     };
     let read_elsewhere = ["RUST_LOG", "KZC_LOG_FORMAT"];
     let unread = |env: &[(String, String)], read: Vec<String>| -> Vec<String> {
@@ -225,21 +219,7 @@ pub async fn the_charts_containers_set_only_what_their_binaries_read(env: Arc<En
 pub async fn the_default_install_runs_no_node_agent(env: Arc<Env>) {
     use kube_zerocopy_contract::pod::from_env;
     use kube_zerocopy_contract::settings::Operator;
-    let render = |values: &'static [&'static str]| {
-        let env = env.clone();
-        async move {
-            let out = helm_template(&env, values).await;
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_yaml::Deserializer::from_slice(&out.stdout)
-                .map(|d| serde::Deserialize::deserialize(d).unwrap())
-                .collect::<Vec<serde_yaml::Value>>()
-        }
-    };
-    let defaults = render(&[]).await;
+    let defaults = rendered(&env, &[]).await;
     let kinds: Vec<&str> = defaults.iter().filter_map(|d| d["kind"].as_str()).collect();
     for kind in ["DaemonSet", "CSIDriver"] {
         assert!(
@@ -251,24 +231,13 @@ pub async fn the_default_install_runs_no_node_agent(env: Arc<Env>) {
         .iter()
         .find(|d| d["kind"] == "Deployment")
         .expect("the operator's Deployment");
-    let env_of = |container: &serde_yaml::Value| -> Vec<(String, String)> {
-        container["env"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let value = e["value"].as_str().unwrap_or("from-the-pod").to_owned();
-                (e["name"].as_str().unwrap().to_owned(), value)
-            })
-            .collect()
-    };
-    let settings: Operator = from_env(&env_of(
+    let settings: Operator = from_env(&container_env(
         &operator["spec"]["template"]["spec"]["containers"][0],
     ))
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(!settings.policy.node_sharing);
 
-    let enabled = render(&["nodeStore.enabled=true"]).await;
+    let enabled = rendered(&env, &["nodeStore.enabled=true"]).await;
     let agent = enabled
         .iter()
         .find(|d| d["kind"] == "DaemonSet")
