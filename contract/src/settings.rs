@@ -6,6 +6,13 @@ use std::path::PathBuf;
 
 use crate::models::NODE_STORE_DRIVER;
 
+/// `json` makes every binary log one JSON object per line (the chart sets it); anything else,
+/// or nothing, logs text.
+pub const LOG_FORMAT_ENV: &str = "KZC_LOG_FORMAT";
+/// Where a binary writes its termination message instead of `/dev/termination-log` (tests
+/// outside a pod).
+pub const TERMINATION_LOG_ENV: &str = "KZC_TERMINATION_LOG";
+
 /// The toleration keys allowed when the operator's settings name none: GPU nodes' taint.
 pub const DEFAULT_TOLERATION_KEYS: [&str; 1] = ["nvidia.com/gpu"];
 

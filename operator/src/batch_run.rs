@@ -13,15 +13,8 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{InferencePipeline, Mode};
-
-/// The driver's container.
-pub const DRIVER_CONTAINER: &str = "driver";
-/// The value of [`crate::plan::STEP_LABEL`] on the driver's Job.
-pub const DRIVE_STEP: &str = "drive";
-/// The driver Job's annotation: the run it drives.
-pub const RUN_ANNOTATION: &str = "kube-zerocopy.io/run";
-/// The driver's field manager when it writes `status.batches`.
-pub const DRIVER_MANAGER: &str = "kube-zerocopy-driver";
+use crate::k8s_ext::{JobExt, COMPLETE, FAILED};
+use kube_zerocopy_contract::names;
 
 /// Whether the pipeline is an Actor with data to run through it.
 pub fn is_batch(pipeline: &InferencePipeline) -> bool {
@@ -61,28 +54,15 @@ pub fn state(pipeline: &InferencePipeline, job: Option<&Job>) -> State {
     let Some(job) = job else {
         return State::Missing;
     };
-    if job.annotations().get(RUN_ANNOTATION) != Some(&run_name(pipeline)) {
+    if job.annotations().get(names::RUN_ANNOTATION) != Some(&run_name(pipeline)) {
         return State::Outdated;
     }
-    let conditions = job
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|c| c.status == "True");
-    for c in conditions {
-        match c.type_.as_str() {
-            "Complete" => return State::Done,
-            "Failed" => {
-                return State::Failed(
-                    c.message
-                        .clone()
-                        .unwrap_or_else(|| "the driver Job failed".into()),
-                )
-            }
-            _ => {}
-        }
+    if job.condition(COMPLETE).is_some() {
+        return State::Done;
+    }
+    if let Some(failed) = job.condition(FAILED) {
+        let why = failed.message.clone();
+        return State::Failed(why.unwrap_or_else(|| "the driver Job failed".into()));
     }
     State::Running
 }
@@ -111,7 +91,7 @@ mod tests {
         let p = pipeline(2, "/data/in");
         let job = |run: &str, condition: Option<(&str, &str)>| -> Job {
             serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "p-zerocopy-driver", "annotations": {RUN_ANNOTATION: run}},
+                "metadata": {"name": "p-zerocopy-driver", "annotations": {names::RUN_ANNOTATION: run}},
                 "status": {"conditions": condition.map(|(t, m)| vec![serde_json::json!({
                     "type": t, "status": "True", "message": m})]).unwrap_or_default()},
             }))

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::controller::{is_transient, retry_transient};
+use crate::retry::{is_transient, retry_transient};
 
 /// Where the lease lives and who asks for it.
 #[derive(Clone, Debug)]

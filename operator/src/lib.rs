@@ -7,6 +7,7 @@ pub mod batch_run;
 pub mod controller;
 pub mod crd;
 pub mod invocation;
+pub mod k8s_ext;
 pub mod leader;
 pub mod local;
 pub mod metrics;
@@ -14,7 +15,9 @@ pub mod plan;
 pub mod policy;
 pub mod quantity;
 pub mod queue;
+pub mod reconcile;
 pub mod render;
+pub mod retry;
 pub mod status;
 pub mod validation;
 

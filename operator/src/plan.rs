@@ -13,14 +13,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::crd::{InferencePipeline, InferencePipelineSpec, Mode, PlannedInput};
+use crate::k8s_ext::{JobExt, COMPLETE, FAILED};
+use kube_zerocopy_contract::names;
 
-/// The planning pod's one container.
-pub const PLAN_CONTAINER: &str = "plan";
-/// Marks the planning Job's pods, which are not the pipeline's workers.
-pub const STEP_LABEL: &str = "kube-zerocopy.io/step";
-pub const PLAN_STEP: &str = "plan";
-/// The Indexed Job's annotation: the listing digest it was planned with.
-pub const INPUT_DIGEST: &str = "kube-zerocopy.io/input-digest";
 /// A failed plan is tried again after this long: the input may be in place by then.
 pub const RETRY_FAILED_AFTER: SignedDuration = SignedDuration::from_secs(60);
 /// The label the Job controller puts on its pods.
@@ -44,7 +39,10 @@ pub fn job_name(pipeline: &InferencePipeline) -> String {
 pub fn of_job(job: &Job) -> Option<PlannedInput> {
     Some(PlannedInput {
         shards: job.spec.as_ref()?.completions?,
-        input_digest: job.annotations().get(INPUT_DIGEST)?.clone(),
+        input_digest: job
+            .annotations()
+            .get(names::INPUT_DIGEST_ANNOTATION)?
+            .clone(),
     })
 }
 
@@ -91,17 +89,11 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
     };
     let planned_for = job
         .annotations()
-        .get(crate::controller::GENERATION)
+        .get(names::GENERATION_ANNOTATION)
         .and_then(|g| g.parse::<i64>().ok());
     if planned_for != generation {
         return State::Outdated;
     }
-    let condition = |t: &str| {
-        job.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == t && c.status == "True"))
-    };
     let name = job.name_any();
     let terminated: Vec<_> = pods
         .iter()
@@ -112,14 +104,14 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
                 .container_statuses
                 .as_ref()?
                 .iter()
-                .find(|c| c.name == PLAN_CONTAINER)?
+                .find(|c| c.name == names::PLAN_CONTAINER)?
                 .state
                 .as_ref()?
                 .terminated
                 .clone()
         })
         .collect();
-    if let Some(ended) = condition("Complete") {
+    if let Some(ended) = job.condition(COMPLETE) {
         let plan = terminated
             .iter()
             .filter(|t| t.exit_code == 0)
@@ -138,7 +130,7 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
     }
     // Complete without a plan to read (its pod deleted, or no termination message): as a
     // failure, tried again after a while rather than at once, over and over.
-    if let Some(ended) = condition("Complete") {
+    if let Some(ended) = job.condition(COMPLETE) {
         return State::Failed {
             why: "the planning pod ended without its plan (its pod was deleted, or it wrote no \
                   termination message)"
@@ -146,7 +138,7 @@ pub fn state(job: Option<&Job>, pods: &[Pod], generation: Option<i64>, now: Time
             retry: retry_due(ended, now),
         };
     }
-    if let Some(failed) = condition("Failed") {
+    if let Some(failed) = job.condition(FAILED) {
         // The worker's own words, else the Job's.
         let why = terminated
             .iter()
@@ -183,7 +175,7 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some("p-plan".into()),
                 annotations: Some(
-                    [(crate::controller::GENERATION.into(), generation.to_string())].into(),
+                    [(names::GENERATION_ANNOTATION.into(), generation.to_string())].into(),
                 ),
                 ..Default::default()
             },
@@ -209,7 +201,7 @@ mod tests {
             },
             status: Some(PodStatus {
                 container_statuses: Some(vec![ContainerStatus {
-                    name: PLAN_CONTAINER.into(),
+                    name: names::PLAN_CONTAINER.into(),
                     state: Some(ContainerState {
                         terminated: Some(ContainerStateTerminated {
                             exit_code,

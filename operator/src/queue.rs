@@ -15,6 +15,7 @@ use kube::Client;
 use serde_json::json;
 
 use crate::crd::InferencePipeline;
+use kube_zerocopy_contract::names;
 
 /// The label that names the LocalQueue a Job waits in, as Kueue reads it.
 pub const QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
@@ -47,11 +48,6 @@ pub fn suspended(pipeline: &InferencePipeline) -> bool {
     pipeline.spec.suspend == Some(true)
 }
 
-/// The annotation on a Job that the operator suspended for spec.suspend. It resumes only such
-/// Jobs: one that another controller holds (Kueue, when it manages Jobs without its queue
-/// label too) is that controller's to resume, or its pods would start without admission.
-pub const SUSPENDED_BY_PIPELINE: &str = "kube-zerocopy.io/suspended-by-pipeline";
-
 /// What the operator sets a running Job's spec.suspend to, if anything, for a pipeline that is
 /// (`suspend`) or is not suspended.
 pub fn suspend_change(job: &Job, suspend: bool) -> Option<bool> {
@@ -60,7 +56,7 @@ pub fn suspend_change(job: &Job, suspend: bool) -> Option<bool> {
         .metadata
         .annotations
         .as_ref()
-        .is_some_and(|a| a.contains_key(SUSPENDED_BY_PIPELINE));
+        .is_some_and(|a| a.contains_key(names::SUSPENDED_BY_PIPELINE_ANNOTATION));
     match (suspend, current) {
         (true, false) => Some(true),
         (false, true) if ours => Some(false),
@@ -68,7 +64,7 @@ pub fn suspend_change(job: &Job, suspend: bool) -> Option<bool> {
     }
 }
 
-/// Whether another controller holds `job` suspended (see [`SUSPENDED_BY_PIPELINE`]).
+/// Whether another controller holds `job` suspended (see [`names::SUSPENDED_BY_PIPELINE_ANNOTATION`]).
 pub fn held_by_another(job: &Job) -> bool {
     let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
     suspended && suspend_change(job, false).is_none()
@@ -200,7 +196,7 @@ mod tests {
     fn only_a_job_the_operator_suspended_is_resumed_by_it() {
         let job = |suspend: bool, ours: bool| -> Job {
             let annotations = if ours {
-                json!({SUSPENDED_BY_PIPELINE: "true"})
+                json!({names::SUSPENDED_BY_PIPELINE_ANNOTATION: "true"})
             } else {
                 json!({})
             };

@@ -603,7 +603,8 @@ fn a_batch_run_is_driven_by_a_job_that_may_only_find_the_replicas_and_report() {
     let run_name = kube_zerocopy::batch_run::run_name(&pipeline);
     assert_eq!(value("KZC_RUN"), Some(run_name.as_str()));
     assert_eq!(
-        run.job.metadata.annotations.as_ref().unwrap()[kube_zerocopy::batch_run::RUN_ANNOTATION],
+        run.job.metadata.annotations.as_ref().unwrap()
+            [kube_zerocopy_contract::names::RUN_ANNOTATION],
         run_name
     );
     for meta in [

@@ -3,6 +3,7 @@
 //! one-line message, the container's termination message (what Kubernetes shows) and exit code
 //! 1 (3 when retrying cannot help), and for the long-running servers a clean exit on SIGTERM.
 
+use kube_zerocopy_contract::settings::{LOG_FORMAT_ENV, TERMINATION_LOG_ENV};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +30,7 @@ pub fn init_logs() {
         .with_writer(std::io::stderr)
         // A container's log (and its termination message) is a file: no colour codes there.
         .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("KZC_LOG_FORMAT").is_ok_and(|f| f == "json") {
+    if std::env::var(LOG_FORMAT_ENV).is_ok_and(|f| f == "json") {
         logs.json().init();
     } else {
         logs.init();
@@ -80,7 +81,7 @@ const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Writes `message` as the termination message, only into a file that exists: Kubernetes
 /// mounts it in a pod; outside one, nothing is created (not even in /dev, as root).
 pub fn write_termination_message(message: &str) {
-    let path = std::env::var("KZC_TERMINATION_LOG").unwrap_or_else(|_| TERMINATION_LOG.into());
+    let path = std::env::var(TERMINATION_LOG_ENV).unwrap_or_else(|_| TERMINATION_LOG.into());
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)

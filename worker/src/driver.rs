@@ -445,7 +445,7 @@ pub struct InCluster {
 }
 
 /// The field manager of `status.batches`.
-const MANAGER: &str = "kube-zerocopy-driver";
+use kube_zerocopy_contract::names::DRIVER_MANAGER as MANAGER;
 
 impl InCluster {
     pub fn new(service: &str, pipeline: Option<&str>) -> Result<Self> {

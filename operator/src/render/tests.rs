@@ -1,0 +1,529 @@
+use super::*;
+use crate::node_store::held_label;
+use k8s_openapi::api::core::v1::{Container, ProjectedVolumeSource, Volume, VolumeMount};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube_zerocopy_contract::models::MODELS_ATTRIBUTE;
+use kube_zerocopy_contract::pod;
+
+fn pipeline(template: &str) -> InferencePipeline {
+    serde_yaml::from_str(&format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
+    ))
+    .unwrap()
+}
+
+fn containers(p: &InferencePipeline) -> (Container, Container) {
+    let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+        panic!("a Task pipeline renders a Job")
+    };
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    (
+        pod.init_containers.unwrap()[0].clone(),
+        pod.containers[0].clone(),
+    )
+}
+
+#[test]
+fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
+    let digest = "ab".repeat(32);
+    let yaml = format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  sharing: SHARING\n  actor: {{replicas: 2}}\n  models:\n  - {{name: a, format: TorchScript, source: {{uri: 'https://m.example/a.pt', sha256: '{digest}'}}}}\n  - {{name: b, format: TorchScript, source: {{uri: 'https://m.example/b.pt'}}}}\n"
+    );
+    let affinity = |sharing: &str| {
+        let p: InferencePipeline = serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap();
+        let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
+            panic!("an Actor pipeline renders a Deployment")
+        };
+        deployment.spec.unwrap().template.spec.unwrap().affinity
+    };
+    // One preference, for the model whose digest is known before it is fetched.
+    let node = affinity("Node").unwrap().node_affinity.unwrap();
+    assert!(node
+        .required_during_scheduling_ignored_during_execution
+        .is_none());
+    let terms = node
+        .preferred_during_scheduling_ignored_during_execution
+        .unwrap();
+    let [term] = &terms[..] else {
+        panic!("{terms:?}")
+    };
+    let [requirement] = &term.preference.match_expressions.as_ref().unwrap()[..] else {
+        panic!("{term:?}")
+    };
+    assert_eq!(requirement.key, held_label(&digest));
+    assert_eq!(requirement.operator, "Exists");
+    // Each pod holds its own copy with Pod sharing: no node is better.
+    assert_eq!(affinity("Pod"), None);
+}
+
+/// A private model with Node sharing: the kubelet hands the one Secret to the node's
+/// agent with the volume (nodePublishSecretRef), the volume's models name its keys, and no
+/// container of the pod mounts it.
+#[test]
+fn a_private_model_s_secret_goes_to_the_node_agent_with_the_volume_alone() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  sharing: Node\n  actor: {replicas: 1}\n  models:\n    - {name: a, format: TorchScript, source: {uri: 'https://hub.example/a.pt', bearerTokenSecret: {name: team-models, key: hub-token}}}\n    - {name: b, format: TorchScript, source: {uri: 's3://weights/b.pt', s3: {region: eu-west-1, credentialsSecret: team-models}}}\n",
+    )
+    .unwrap();
+    let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
+        panic!("an Actor pipeline renders a Deployment")
+    };
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let volumes = pod.volumes.unwrap();
+    let csi = volumes
+        .iter()
+        .find_map(|v| v.csi.clone())
+        .expect("a CSI volume");
+    assert_eq!(csi.node_publish_secret_ref.unwrap().name, "team-models");
+    let models = kube_zerocopy_contract::models::models_from_json(
+        &csi.volume_attributes.unwrap()[MODELS_ATTRIBUTE],
+    )
+    .unwrap();
+    use kube_zerocopy_contract::models::VOLUME_SECRET_DIR;
+    assert_eq!(
+        models[0].bearer_token_file.as_deref(),
+        Some(format!("{VOLUME_SECRET_DIR}/hub-token").as_str())
+    );
+    assert_eq!(
+        models[1].s3.as_ref().unwrap().credentials_dir.as_deref(),
+        Some(VOLUME_SECRET_DIR)
+    );
+    assert!(volumes
+        .iter()
+        .all(|v| v.projected.is_none() && v.secret.is_none()));
+}
+
+fn mount_of<'a>(c: &'a Container, name: &str) -> &'a VolumeMount {
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    mounts.iter().find(|m| m.name == name).unwrap()
+}
+
+#[test]
+fn the_weight_server_mounts_the_templates_volumes_read_only() {
+    let p = pipeline(
+        "  template:\n    volumeMounts:\n      - {name: data, mountPath: /data}\n      - {name: models, mountPath: /opt/models, subPath: v2}\n",
+    );
+    let (sidecar, worker) = containers(&p);
+    let data = mount_of(&sidecar, "data");
+    assert_eq!(
+        (data.mount_path.as_str(), data.read_only),
+        ("/data", Some(true))
+    );
+    let models = mount_of(&sidecar, "models");
+    assert_eq!(
+        (models.sub_path.as_deref(), models.read_only),
+        (Some("v2"), Some(true))
+    );
+    // The worker's mounts stay as the template says: it writes its output to /data.
+    assert_eq!(mount_of(&worker, "data").read_only, None);
+    // The sidecar's own volumes stay writable.
+    assert_eq!(mount_of(&sidecar, STORE_VOLUME).read_only, Some(false));
+}
+
+/// The volumes of a Task pipeline's pods.
+fn task_volumes(p: &InferencePipeline) -> Vec<Volume> {
+    let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+        unreachable!()
+    };
+    job.spec.unwrap().template.spec.unwrap().volumes.unwrap()
+}
+
+fn projected_volume(volumes: &[Volume], name: &str) -> ProjectedVolumeSource {
+    volumes
+        .iter()
+        .find(|v| v.name == name)
+        .and_then(|v| v.projected.clone())
+        .unwrap()
+}
+
+/// The models as the weight server reads them from its environment.
+fn models_of(sidecar: Container) -> Vec<kube_zerocopy_contract::models::ModelSource> {
+    let models = sidecar
+        .env
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == kube_zerocopy_contract::models::MODELS_ENV)
+        .and_then(|e| e.value)
+        .unwrap();
+    kube_zerocopy_contract::models::models_from_json(&models).unwrap()
+}
+
+#[test]
+fn the_client_token_reaches_the_replicas_and_the_driver_only() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2, tokenSecret: {name: clients, key: bearer}}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n",
+    )
+    .unwrap();
+    let Rendered::Actor {
+        deployment, run, ..
+    } = render(&p, &Settings::default()).unwrap()
+    else {
+        panic!("an Actor pipeline renders a Deployment")
+    };
+    let token_file = Some("/kzc/client-token/token".to_owned());
+    // The token file as the worker reads it, in either role.
+    let env_of = |c: &Container| {
+        let env: Vec<(String, String)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        let file = |file: Option<std::path::PathBuf>| file.map(|f| f.display().to_string());
+        match c.command.as_ref().map(|c| c[1].as_str()) {
+            Some("actor") => file(pod::from_env::<pod::Actor>(&env).unwrap().client_token_file),
+            Some("drive") => file(
+                pod::from_env::<pod::Driver>(&env)
+                    .unwrap()
+                    .client_token_file,
+            ),
+            _ => env
+                .iter()
+                .any(|(_, v)| v.contains("client-token"))
+                .then(|| "mentioned".to_owned()),
+        }
+    };
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let worker = &pod.containers[0];
+    assert_eq!(env_of(worker), token_file);
+    let mounted = mount_of(worker, CLIENT_TOKEN_VOLUME);
+    assert_eq!(
+        (mounted.mount_path.as_str(), mounted.read_only),
+        ("/kzc/client-token", Some(true))
+    );
+    let weight_server = &pod.init_containers.unwrap()[0];
+    assert_eq!(env_of(weight_server), None);
+    assert!(weight_server
+        .volume_mounts
+        .iter()
+        .flatten()
+        .all(|m| m.name != CLIENT_TOKEN_VOLUME));
+    let volumes = pod.volumes.unwrap();
+    let projected = projected_volume(&volumes, CLIENT_TOKEN_VOLUME);
+    assert_eq!(projected.default_mode, Some(0o440));
+    let secret = projected.sources.unwrap()[0].secret.clone().unwrap();
+    assert_eq!(secret.name, "clients");
+    assert_eq!(secret.items.unwrap()[0].key, "bearer");
+
+    let driver_pod = run.unwrap().job.spec.unwrap().template.spec.unwrap();
+    let driver = &driver_pod.containers[0];
+    assert_eq!(env_of(driver), token_file);
+    assert_eq!(
+        mount_of(driver, CLIENT_TOKEN_VOLUME).mount_path,
+        "/kzc/client-token"
+    );
+    projected_volume(driver_pod.volumes.as_ref().unwrap(), CLIENT_TOKEN_VOLUME);
+
+    // Without the setting, nothing of it.
+    let mut open = p.clone();
+    open.spec.actor.as_mut().unwrap().token_secret = None;
+    let Rendered::Actor { deployment, .. } = render(&open, &Settings::default()).unwrap() else {
+        panic!("an Actor pipeline renders a Deployment")
+    };
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(env_of(&pod.containers[0]), None);
+    assert!(pod
+        .volumes
+        .iter()
+        .flatten()
+        .all(|v| v.name != CLIENT_TOKEN_VOLUME));
+}
+
+#[test]
+fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_says() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - {name: open, format: TorchScript, source: {uri: 'https://a.example/m.pt', size: 2Ki}}\n    - name: private\n      format: TorchScript\n      source:\n        uri: https://b.example/m.pt\n        bearerTokenSecret: {name: hub, key: token}\n        caConfigMap: {name: corp-ca, key: bundle.pem}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+    )
+    .unwrap();
+    let (sidecar, worker) = containers(&p);
+    let source = mount_of(&sidecar, "kzc-source-1");
+    assert_eq!(
+        (source.mount_path.as_str(), source.read_only),
+        ("/kzc/sources/private", Some(true))
+    );
+    let worker_mounts = worker.volume_mounts.unwrap();
+    assert!(worker_mounts
+        .iter()
+        .all(|m| !m.name.starts_with(SOURCE_VOLUME_PREFIX)));
+    let volumes = task_volumes(&p);
+    let projected = projected_volume(&volumes, "kzc-source-1");
+    assert_eq!(projected.default_mode, Some(0o440));
+    let sources = projected.sources.unwrap();
+    let secret = sources[0].secret.clone().unwrap();
+    assert_eq!(secret.name, "hub");
+    assert_eq!(secret.items.unwrap()[0].key, "token");
+    let ca = sources[1].config_map.clone().unwrap();
+    assert_eq!(
+        (ca.name.as_str(), ca.items.unwrap()[0].key.as_str()),
+        ("corp-ca", "bundle.pem")
+    );
+    // The first model names neither: no volume of its own.
+    assert!(volumes.iter().all(|v| v.name != "kzc-source-0"));
+    // What the weight server reads: the files where they are mounted, the size as a cap.
+    let models = models_of(sidecar);
+    assert_eq!(models[0].max_bytes, Some(2048));
+    assert_eq!(models[0].bearer_token_file, None);
+    assert_eq!(
+        models[1].bearer_token_file.as_deref(),
+        Some("/kzc/sources/private/token")
+    );
+    assert_eq!(
+        models[1].ca_file.as_deref(),
+        Some("/kzc/sources/private/ca.crt")
+    );
+}
+
+#[test]
+fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_session_token() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: s3://weights/head.safetensors\n        s3: {endpoint: 'http://minio.storage:9000', region: eu-west-1, credentialsSecret: s3-reader}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+    )
+    .unwrap();
+    let (sidecar, worker) = containers(&p);
+    assert_eq!(
+        mount_of(&sidecar, "kzc-source-0").mount_path,
+        "/kzc/sources/head"
+    );
+    assert!(worker
+        .volume_mounts
+        .unwrap()
+        .iter()
+        .all(|m| !m.name.starts_with(SOURCE_VOLUME_PREFIX)));
+    let sources = projected_volume(&task_volumes(&p), "kzc-source-0")
+        .sources
+        .unwrap();
+    // Each projection as "secret: key->path, ... (optional)".
+    let projected: Vec<String> = sources
+        .into_iter()
+        .map(|s| {
+            let secret = s.secret.unwrap();
+            let items: Vec<String> = secret
+                .items
+                .unwrap()
+                .into_iter()
+                .map(|i| format!("{}->{}", i.key, i.path))
+                .collect();
+            format!(
+                "{}: {} ({:?})",
+                secret.name,
+                items.join(", "),
+                secret.optional
+            )
+        })
+        .collect();
+    assert_eq!(
+        projected,
+        [
+            "s3-reader: AWS_ACCESS_KEY_ID->s3/AWS_ACCESS_KEY_ID, \
+             AWS_SECRET_ACCESS_KEY->s3/AWS_SECRET_ACCESS_KEY (Some(false))",
+            "s3-reader: AWS_SESSION_TOKEN->s3/AWS_SESSION_TOKEN (Some(true))",
+        ]
+    );
+    let models = models_of(sidecar);
+    assert_eq!(
+        models[0].s3,
+        Some(kube_zerocopy_contract::models::S3Access {
+            endpoint: Some("http://minio.storage:9000".into()),
+            region: Some("eu-west-1".into()),
+            credentials_dir: Some("/kzc/sources/head/s3".into()),
+        })
+    );
+}
+
+/// An Azure model's account key goes to the weight server only, the data's to the workers
+/// only, each under its own folder and named in the settings the process reads.
+#[test]
+fn azure_keys_are_mounted_where_they_are_read() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: az://weights/head.safetensors\n        azure: {account: models, credentialsSecret: az-models}\n  input: {uri: 'az://batch/in/', azure: {account: data, endpoint: 'http://azurite:10000/data', credentialsSecret: az-data}}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
+    )
+    .unwrap();
+    let (sidecar, worker) = containers(&p);
+    let names = |c: &Container| -> Vec<String> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| {
+                m.name.starts_with(SOURCE_VOLUME_PREFIX) || m.name.ends_with("-credentials")
+            })
+            .map(|m| format!("{}@{}", m.name, m.mount_path))
+            .collect()
+    };
+    assert_eq!(names(&sidecar), ["kzc-source-0@/kzc/sources/head"]);
+    assert_eq!(names(&worker), ["kzc-input-credentials@/kzc/data/input"]);
+    let key = |volume: &str| {
+        let secret = projected_volume(&task_volumes(&p), volume).sources.unwrap()[0]
+            .secret
+            .clone()
+            .unwrap();
+        let item = &secret.items.unwrap()[0];
+        format!("{}: {}->{}", secret.name, item.key, item.path)
+    };
+    assert_eq!(
+        key("kzc-source-0"),
+        "az-models: AZURE_STORAGE_ACCOUNT_KEY->azure/AZURE_STORAGE_ACCOUNT_KEY"
+    );
+    assert_eq!(
+        key("kzc-input-credentials"),
+        "az-data: AZURE_STORAGE_ACCOUNT_KEY->azure/AZURE_STORAGE_ACCOUNT_KEY"
+    );
+    assert_eq!(
+        models_of(sidecar)[0].azure,
+        Some(kube_zerocopy_contract::models::AzureAccess {
+            account: "models".into(),
+            endpoint: None,
+            credentials_dir: Some("/kzc/sources/head/azure".into()),
+        })
+    );
+    let env: Vec<(String, String)> = worker
+        .env
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    let task: kube_zerocopy_contract::pod::Task =
+        kube_zerocopy_contract::pod::from_env(&env).unwrap();
+    assert_eq!(
+        task.input.input_azure,
+        Some(kube_zerocopy_contract::models::AzureAccess {
+            account: "data".into(),
+            endpoint: Some("http://azurite:10000/data".into()),
+            credentials_dir: Some("/kzc/data/input/azure".into()),
+        })
+    );
+}
+
+#[test]
+fn a_file_model_under_no_mount_still_renders() {
+    // Only readable if a custom image has it; not an error for the operator.
+    let (sidecar, _) = containers(&pipeline(""));
+    let names: Vec<_> = sidecar
+        .volume_mounts
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME]);
+}
+
+#[test]
+fn model_sizes_that_add_up_past_the_bound_are_refused_not_wrapped() {
+    let two = |size: &str| {
+        let mut p = pipeline("");
+        let model = |name: &str| {
+            serde_json::json!({"name": name, "format": "Safetensors",
+                "source": {"uri": format!("file:///{name}"), "size": size}})
+        };
+        p.spec.models =
+            serde_json::from_value(serde_json::json!([model("a"), model("b")])).unwrap();
+        p
+    };
+    for (size, last) in [("8Ei", "a"), ("600Pi", "b")] {
+        let err = total_model_bytes(&two(size)).unwrap_err();
+        let expected = format!("add up to more than 1Ei (model {last:?})");
+        assert!(format!("{err:#}").contains(&expected), "{err:#}");
+    }
+    assert_eq!(total_model_bytes(&two("1Gi")).unwrap(), Some(2 << 30));
+}
+
+#[test]
+fn cuda_pipelines_run_the_cuda_runtime_image_unless_the_template_names_one() {
+    let settings = Settings::default();
+    let images = |p: &InferencePipeline| {
+        let (sidecar, worker) = containers(p);
+        (sidecar.image.unwrap(), worker.image.unwrap())
+    };
+    // The defaults themselves: the chart's two images, not one for both.
+    assert!(settings.runtime_image.starts_with("kube-zerocopy/runtime:"));
+    assert!(settings
+        .cuda_runtime_image
+        .starts_with("kube-zerocopy/runtime-cuda:"));
+    let cpu = images(&pipeline(""));
+    assert_eq!(
+        cpu,
+        (settings.runtime_image.clone(), settings.runtime_image)
+    );
+    let cuda = images(&pipeline("  device: cuda\n"));
+    assert_eq!(
+        cuda,
+        (
+            settings.cuda_runtime_image.clone(),
+            settings.cuda_runtime_image
+        )
+    );
+    let custom = images(&pipeline(
+        "  device: cuda\n  template: {image: 'registry.example/own:1'}\n",
+    ));
+    assert_eq!(custom.1, "registry.example/own:1");
+}
+
+/// GPUs are requested as much as limited (the API server refuses anything else): one by
+/// default, the template's count, or a MIG slice instead of a whole GPU.
+#[test]
+fn gpus_are_requested_as_much_as_they_are_limited() {
+    let gpus = |template: &str| {
+        let (_, worker) = containers(&pipeline(&format!("  device: cuda\n{template}")));
+        let r = worker.resources.unwrap();
+        let amounts = |m: Option<BTreeMap<String, Quantity>>| -> Vec<(String, String)> {
+            m.unwrap_or_default()
+                .into_iter()
+                .filter(|(n, _)| n.contains('/'))
+                .map(|(n, q)| (n, q.0))
+                .collect()
+        };
+        let (requests, limits) = (amounts(r.requests), amounts(r.limits));
+        assert_eq!(requests, limits, "{template}");
+        limits
+    };
+    let one = |name: &str, count: &str| vec![(name.to_owned(), count.to_owned())];
+    assert_eq!(gpus(""), one("nvidia.com/gpu", "1"));
+    assert_eq!(
+        gpus("  template: {resources: {limits: {nvidia.com/gpu: 2}}}\n"),
+        one("nvidia.com/gpu", "2")
+    );
+    assert_eq!(
+        gpus("  template: {resources: {requests: {nvidia.com/gpu: 4}}}\n"),
+        one("nvidia.com/gpu", "4")
+    );
+    assert_eq!(
+        gpus("  template: {resources: {limits: {nvidia.com/mig-1g.10gb: 1}}}\n"),
+        one("nvidia.com/mig-1g.10gb", "1")
+    );
+}
+
+/// A queued Task pipeline's Job carries the queue label and starts suspended, for Kueue to
+/// admit; an unqueued one runs at once; an Actor pipeline is not queued.
+#[test]
+fn a_queued_job_starts_suspended_with_the_queue_label() {
+    let job = |p: &InferencePipeline| {
+        let Rendered::Task { job } = render(p, &Settings::default()).unwrap() else {
+            panic!("a Task pipeline renders a Job")
+        };
+        job
+    };
+    let plain = job(&pipeline(""));
+    assert_eq!(plain.spec.unwrap().suspend, None);
+    let mut queued = pipeline("");
+    queued.metadata.labels = Some(BTreeMap::from([(
+        crate::queue::QUEUE_LABEL.to_owned(),
+        "team-a".to_owned(),
+    )]));
+    let queued_job = job(&queued);
+    assert_eq!(
+        queued_job.labels().get(crate::queue::QUEUE_LABEL),
+        Some(&"team-a".to_owned())
+    );
+    assert_eq!(queued_job.spec.unwrap().suspend, Some(true));
+    let mut actor: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: a}\nspec:\n  mode: Actor\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///opt/models/m.pt'}}]\n  actor: {replicas: 1}\n",
+    )
+    .unwrap();
+    actor.metadata.labels = queued.metadata.labels.clone();
+    let refused = render(&actor, &Settings::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("an Actor pipeline's replicas are not queued"),
+        "{refused}"
+    );
+}
