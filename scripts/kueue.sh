@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (once) Kueue, the job queueing controller, from the module pinned in
-# tests/cluster/kueue/go.mod; tests/src/kueue.rs runs it against the operator tests' API server.
+# tests/cluster/kueue/go.mod; tests/env/src/kueue.rs runs it against the operator tests' API server.
 # Prints the bin folder on stdout (kueue, and crds/ with Kueue's CustomResourceDefinitions of
 # the same version, copied from the module); logs go to stderr.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (once) versitygw, an S3 server whose posix backend serves a folder, from the module
-# pinned in tests/cluster/versitygw/go.mod; tests/src/s3.rs starts it on 127.0.0.1 for the
+# pinned in tests/cluster/versitygw/go.mod; tests/env/src/s3.rs starts it on 127.0.0.1 for the
 # tests that fetch models over S3. Prints the bin folder on stdout; logs go to stderr.
 set -euo pipefail
 

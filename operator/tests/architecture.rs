@@ -233,3 +233,47 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
     }
     assert!(workspace_dependencies("contract").is_empty());
 }
+
+/// The dependencies a manifest names in `section` (`dependencies`, `dev-dependencies`).
+fn dependencies_in(manifest: &str, section: &str) -> BTreeSet<String> {
+    let manifest = fs::read_to_string(workspace().join(manifest)).unwrap();
+    let header = format!("[{section}]");
+    let mut inside = false;
+    let mut found = BTreeSet::new();
+    for line in manifest.lines() {
+        if line.starts_with('[') {
+            inside = line.trim() == header;
+            continue;
+        }
+        let name = line.split(['=', '.', ' ']).next().unwrap_or_default();
+        if inside && !name.is_empty() && !name.starts_with('#') {
+            found.insert(name.to_owned());
+        }
+    }
+    found
+}
+
+#[test]
+fn the_operators_scenarios_and_their_environment_need_no_libtorch() {
+    let torch = [
+        "tch",
+        "kube-zerocopy-worker",
+        "kube-zerocopy-sidecar",
+        "kube-zerocopy-e2e",
+    ];
+    for (manifest, section) in [
+        ("tests/env/Cargo.toml", "dependencies"),
+        ("tests/operator/Cargo.toml", "dependencies"),
+        ("tests/operator/Cargo.toml", "dev-dependencies"),
+    ] {
+        let names = dependencies_in(manifest, section);
+        assert!(!names.is_empty() || section == "dependencies", "{manifest}");
+        for name in torch {
+            assert!(!names.contains(name), "{manifest} [{section}] names {name}");
+        }
+    }
+    assert!(
+        dependencies_in("tests/operator/Cargo.toml", "dev-dependencies")
+            .contains("kube-zerocopy-test-env")
+    );
+}

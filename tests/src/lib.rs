@@ -1,12 +1,9 @@
 //! Harness for the end-to-end tests: real sidecar and worker processes, sharing a real
 //! folder in /dev/shm, on models built by scripts/make_models.py.
 
-pub mod azure;
-pub mod cluster;
-pub mod invalid;
-pub mod kueue;
-pub mod s3;
-pub mod wait;
+pub use kube_zerocopy_test_env::{
+    azure, bin, cluster, invalid, kueue, metric_value, repo, s3, task_pipeline, wait,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -19,33 +16,6 @@ use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
 use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
 use kube_zerocopy_worker::memory::status_kib;
 use serde_json::Value;
-
-/// The repository's root.
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// A binary of the workspace, built in the same profile as the running test (which lives in
-/// target/<profile>/deps) or benchmark (target/<profile>).
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") {
-        dir.parent().unwrap()
-    } else {
-        dir
-    };
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `make test`",
-        path.display()
-    );
-    path
-}
 
 /// Runs scripts/make_models.py with the project's torch environment.
 pub fn make_model(args: &[&str]) {
@@ -439,36 +409,6 @@ pub fn read_output(path: &Path) -> tch::Tensor {
         .expect("an output tensor")
 }
 
-/// The value of the sample `name` (its labels written out, as in the text) in a Prometheus
-/// text page: the operator's, a worker's or the agent's /metrics.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-/// A Task pipeline with one TorchScript model, for the operator's tests and benchmark.
-pub fn task_pipeline(
-    name: &str,
-    namespace: &str,
-    shards: i32,
-    parallelism: i32,
-) -> kube_zerocopy::crd::InferencePipeline {
-    serde_yaml::from_str(&format!(
-        r#"apiVersion: kube-zerocopy.io/v1alpha1
-kind: InferencePipeline
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  mode: Task
-  models:
-    - {{name: encoder, format: TorchScript, source: {{uri: "file:///models/encoder.pt", size: 64Mi}}}}
-  input: {{uri: "file:///data/in"}}
-  output: {{uri: "file:///data/out"}}
-  task: {{shards: {shards}, parallelism: {parallelism}}}
-"#
-    ))
-    .expect("a valid pipeline")
 }

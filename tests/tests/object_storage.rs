@@ -1,4 +1,4 @@
-//! Models fetched from a real S3 server (versitygw on 127.0.0.1, `tests/src/s3.rs`) by
+//! Models fetched from a real S3 server (versitygw on 127.0.0.1, `tests/env/src/s3.rs`) by
 //! `kube-zerocopy-sidecar publish`: safetensors and TorchScript models streamed by byte ranges
 //! into place and laid out as from their files, connections cut midway resumed, a wrong
 //! checksum and refused credentials refused with nothing published; and a Task pipeline's

@@ -5,7 +5,7 @@
 //!   publish` of it as a `file://` source (its sha256 declared) into a store in /dev/shm;
 //! - `curl` of it from a local http server into /dev/shm against publishing it from the same
 //!   server (an http source, read by byte ranges);
-//! - `curl` (SigV4) of it from a local S3 server (versitygw, `tests/src/s3.rs`) into /dev/shm
+//! - `curl` (SigV4) of it from a local S3 server (versitygw, `tests/env/src/s3.rs`) into /dev/shm
 //!   against publishing it from there (an s3:// source).
 //!
 //! Each is timed as a whole process, start to exit; the store and the copies are removed

@@ -224,7 +224,9 @@ mod tests {
         let blocked = refused.expect("another's account is refused");
         assert_eq!(blocked.reason, Reason::ObjectNotOwned);
         assert!(
-            blocked.message.contains("a ServiceAccount named p-zerocopy-driver"),
+            blocked
+                .message
+                .contains("a ServiceAccount named p-zerocopy-driver"),
             "{}",
             blocked.message
         );
@@ -252,7 +254,11 @@ mod tests {
         assert_eq!(refused, None);
         let seen = server.await.unwrap();
         assert_eq!(seen.len(), 2);
-        assert!(seen[1].uri.contains("fieldManager=kube-zerocopy"), "{}", seen[1].uri);
+        assert!(
+            seen[1].uri.contains("fieldManager=kube-zerocopy"),
+            "{}",
+            seen[1].uri
+        );
         assert_eq!(
             seen[1].body["metadata"]["ownerReferences"][0]["uid"],
             "pipeline-uid"

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
 use kube::api::{Api, PostParams};
 use kube_zerocopy::crd::{InferencePipeline, PlannedInput, Sharing};
 use kube_zerocopy::render::{self, Rendered};
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::json;
 
 use crate::support::{actor_pipeline, task_pipeline, Env, MINUTE};
@@ -39,7 +39,7 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
     // A Task on S3 prefixes whose shards are planned: its planning pod and, once planned, its
     // workers with the data's credentials.
     let mut on_s3 = kube_zerocopy::local::load_pipeline(
-        &kube_zerocopy_e2e::repo().join("examples/task-s3.yaml"),
+        &kube_zerocopy_test_env::repo().join("examples/task-s3.yaml"),
     )
     .unwrap();
     on_s3.metadata.namespace = Some(PSA_NS.into());
@@ -52,7 +52,7 @@ pub async fn node_sharing_pods_pass_restricted(env: Arc<Env>) {
     // limits alone; the API server refuses an extended resource requested other than limited.
     let gpus = |name: &str, limits: serde_json::Value| {
         let mut p = kube_zerocopy::local::load_pipeline(
-            &kube_zerocopy_e2e::repo().join("examples/task-safetensors.yaml"),
+            &kube_zerocopy_test_env::repo().join("examples/task-safetensors.yaml"),
         )
         .unwrap();
         p.metadata.name = Some(name.into());

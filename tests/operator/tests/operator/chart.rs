@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kube_zerocopy_e2e::repo;
+use kube_zerocopy_test_env::repo;
 use serde_json::json;
 
 use crate::support::{Env, RELEASE};

@@ -10,6 +10,7 @@ mod actor;
 mod chart;
 mod explain;
 mod lifecycle;
+mod linking;
 mod mistakes;
 mod node_store;
 mod pod_security;
@@ -41,6 +42,7 @@ fn main() {
         chart::the_charts_containers_set_only_what_their_binaries_read,
         chart::the_default_install_runs_no_node_agent,
         explain::kubectl_explain_describes_every_field,
+        linking::the_operators_scenarios_load_no_libtorch,
         mistakes::invalid_pipelines_are_rejected_in_the_cli_s_words,
         mistakes::a_template_with_a_host_path_is_forbidden_by_policy,
         mistakes::a_pipeline_whose_job_is_refused_says_why_until_fixed,

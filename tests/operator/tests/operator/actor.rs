@@ -11,7 +11,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::status::Reason;
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::json;
 
 use crate::support::{actor_pipeline, degraded_with, wait_phase, Env, MINUTE};

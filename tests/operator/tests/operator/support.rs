@@ -14,10 +14,10 @@ use kube::Client;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::render::Settings;
 use kube_zerocopy::status::Reason;
-use kube_zerocopy_e2e::cluster::ControlPlane;
-use kube_zerocopy_e2e::kueue::Kueue;
-use kube_zerocopy_e2e::wait::eventually;
-use kube_zerocopy_e2e::{bin, repo};
+use kube_zerocopy_test_env::cluster::ControlPlane;
+use kube_zerocopy_test_env::kueue::Kueue;
+use kube_zerocopy_test_env::wait::eventually;
+use kube_zerocopy_test_env::{bin, repo};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -100,7 +100,7 @@ pub fn pipeline(yaml: &str) -> InferencePipeline {
 
 /// A Task pipeline of `shards` shards, two at a time.
 pub fn task_pipeline(name: &str, ns: &str, shards: i32) -> InferencePipeline {
-    kube_zerocopy_e2e::task_pipeline(name, ns, shards, 2)
+    kube_zerocopy_test_env::task_pipeline(name, ns, shards, 2)
 }
 
 pub fn actor_pipeline(name: &str, ns: &str, replicas: i32, uri: &str) -> InferencePipeline {
@@ -205,7 +205,7 @@ impl Operator {
         identity: &'static str,
         runtime_image: &str,
     ) -> Operator {
-        let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
+        let port = kube_zerocopy_test_env::cluster::free_port().unwrap();
         let child = Command::new(bin("kube-zerocopy"))
             .arg("operator")
             .env("KUBECONFIG", kubeconfig)

@@ -10,7 +10,7 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use kube_zerocopy_e2e::wait::eventually_seen;
+use kube_zerocopy_test_env::wait::eventually_seen;
 
 use crate::support::{Env, MINUTE};
 
@@ -74,7 +74,7 @@ pub async fn the_operators_account_holds_the_committed_rights_and_cannot_lend_th
     let ns = env.namespace("rights").await;
     let operator = operator_client(&env).await;
     let held = rights(&operator, &ns).await;
-    let expected = std::fs::read_to_string(kube_zerocopy_e2e::repo().join(EXPECTED)).unwrap();
+    let expected = std::fs::read_to_string(kube_zerocopy_test_env::repo().join(EXPECTED)).unwrap();
     let expected: Vec<&str> = expected.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(
         held,

@@ -13,7 +13,7 @@ use kube::api::{
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, InferencePipelineStatus, Phase};
 use kube_zerocopy::queue::QUEUE_LABEL;
-use kube_zerocopy_e2e::wait::{eventually, eventually_seen};
+use kube_zerocopy_test_env::wait::{eventually, eventually_seen};
 use serde_json::json;
 
 use crate::support::{actor_pipeline, task_pipeline, wait_phase, Env, MINUTE};
@@ -170,7 +170,7 @@ async fn create_kueue(env: &Env, kind: &str, ns: Option<&str>, object: serde_jso
 /// A pipeline of `shards` shards, one pod at a time, each pod asking for one cpu, queued in
 /// LocalQueue "team".
 fn queued(name: &str, ns: &str, shards: i32) -> InferencePipeline {
-    let mut pipeline = kube_zerocopy_e2e::task_pipeline(name, ns, shards, 1);
+    let mut pipeline = kube_zerocopy_test_env::task_pipeline(name, ns, shards, 1);
     pipeline
         .metadata
         .labels

@@ -8,7 +8,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::json;
 
 use crate::support::{events_of, task_pipeline, wait_phase, Env, MINUTE};
@@ -54,7 +54,7 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
         .collect();
     let (models, rest) = env_of_worker.split_first().unwrap();
     assert_eq!(models.0, "KZC_MODELS");
-    let models = kube_zerocopy_sidecar::config::models_from_json(&models.1).unwrap();
+    let models = kube_zerocopy_contract::models::models_from_json(&models.1).unwrap();
     assert_eq!(
         models
             .iter()
@@ -121,7 +121,7 @@ pub async fn more_parallelism_applies_in_place_and_a_new_model_reruns_with_an_ev
     pipelines
         .create(
             &PostParams::default(),
-            &kube_zerocopy_e2e::task_pipeline("long", &ns, 30, 1),
+            &kube_zerocopy_test_env::task_pipeline("long", &ns, 30, 1),
         )
         .await
         .unwrap();

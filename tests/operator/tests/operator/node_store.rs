@@ -11,7 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use kube_zerocopy::crd::{InferencePipeline, Sharing};
 use kube_zerocopy::node_store::{held_label, NodeStore};
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::{json, Value};
 
 use crate::support::{actor_pipeline, token_kubeconfig, Env, MINUTE, OPERATOR_NS, RELEASE};

@@ -12,8 +12,8 @@ use kube::ResourceExt;
 use kube_zerocopy::crd::{InferencePipeline, Phase, PodOverrides};
 use kube_zerocopy::status::Reason;
 use kube_zerocopy::validation;
-use kube_zerocopy_e2e::invalid::invalid_pipelines;
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::invalid::invalid_pipelines;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::json;
 
 use crate::support::{actor_pipeline, degraded_with, task_pipeline, wait_warning, Env, MINUTE};

@@ -14,8 +14,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_zerocopy::crd::{InferencePipeline, Phase};
-use kube_zerocopy_e2e::metric_value;
-use kube_zerocopy_e2e::wait::eventually;
+use kube_zerocopy_test_env::metric_value;
+use kube_zerocopy_test_env::wait::eventually;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -171,7 +171,7 @@ pub async fn replicas_elect_one_leader_and_hand_over(env: Arc<Env>) {
     reconciled(&admin, "two-replicas").await;
     let standby_metrics = standby.get("/metrics").unwrap();
     assert!(
-        kube_zerocopy_e2e::metric_value(&standby_metrics, "kube_zerocopy_reconciles_total")
+        kube_zerocopy_test_env::metric_value(&standby_metrics, "kube_zerocopy_reconciles_total")
             == Some(0.0),
         "the standby reconciled: {standby_metrics}"
     );
