@@ -155,6 +155,7 @@ pub enum Sharing {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.architecture) || self.format == 'Safetensors'").message("architecture applies only to format Safetensors (TorchScript archives carry their code)"))]
+#[x_kube(validation = Rule::new("self.format != 'Safetensors' || has(self.architecture)").message("a Safetensors model is named tensors with no code to run them: give architecture (the built-in Mlp), or save the model as TorchScript"))]
 pub struct ModelSpec {
     /// Lowercase letters, digits and '-', like a DNS label.
     #[schemars(length(min = 1, max = 63))]
@@ -165,7 +166,8 @@ pub struct ModelSpec {
     pub format: ModelFormat,
     /// Where the model file is and what it must be.
     pub source: ModelSourceSpec,
-    /// Safetensors only: the built-in architecture the generic worker builds (Mlp).
+    /// Safetensors only, and required there: the built-in architecture the worker builds and
+    /// binds the tensors to (Mlp: Linear layers with ReLU between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
 }

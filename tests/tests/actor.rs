@@ -954,7 +954,7 @@ fn mlp_and_shards(d: &Path, shards: usize) -> std::path::PathBuf {
 fn local_task_run(d: &Path, model: &Path, input: &Path, output: &Path) {
     let pipeline = format!(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: reference}}\n\
-         spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, source: {{uri: 'file://{}'}}}}\n  \
+         spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, architecture: Mlp, source: {{uri: 'file://{}'}}}}\n  \
          input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
         model.display(),
         input.display(),

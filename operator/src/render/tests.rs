@@ -411,7 +411,7 @@ fn model_sizes_that_add_up_past_the_bound_are_refused_not_wrapped() {
     let two = |size: &str| {
         let mut p = pipeline("");
         let model = |name: &str| {
-            serde_json::json!({"name": name, "format": "Safetensors",
+            serde_json::json!({"name": name, "format": "Safetensors", "architecture": "Mlp",
                 "source": {"uri": format!("file:///{name}"), "size": size}})
         };
         p.spec.models =

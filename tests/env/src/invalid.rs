@@ -42,6 +42,11 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "model name must be lowercase",
         ),
         (
+            "Safetensors with no way to run it",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
+            "a Safetensors model is named tensors with no code to run them: give architecture",
+        ),
+        (
             "architecture on TorchScript",
             base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, architecture: Mlp, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
             "architecture applies only to format Safetensors",

@@ -198,7 +198,7 @@ fn main() -> Result<()> {
             &pipeline,
             format!(
                 "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: bench}}\n\
-                 spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, source: {{uri: 'file://{}'}}}}\n  \
+                 spec:\n  mode: Task\n  models:\n    - {{name: mlp, format: Safetensors, architecture: Mlp, source: {{uri: 'file://{}'}}}}\n  \
                  input: {{uri: 'file://{}'}}\n  output: {{uri: 'file://{}'}}\n  task: {{parallelism: 2}}\n",
                 model.display(),
                 d.join("in").display(),
