@@ -62,6 +62,18 @@ def script_model(sizes, seed, freeze):
     return module
 
 
+class PairNet(torch.nn.Module):
+    """Returns two tensors, as models with an auxiliary output do."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.head = torch.nn.Linear(sizes[0], sizes[-1])
+
+    def forward(self, x):
+        y = self.head(x)
+        return y, y * 2
+
+
 def mlp_forward(state, x):
     layers = sorted({int(k.split(".")[1]) for k in state})
     x = x.to(state[f"layers.{layers[0]}.weight"].dtype)
@@ -96,7 +108,7 @@ def forward(chain, input_dir, out_dir):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["mlp", "script", "inputs", "forward"])
+    p.add_argument("kind", choices=["mlp", "script", "pair", "inputs", "forward"])
     p.add_argument("out")
     p.add_argument("--sizes", default="256,512,10")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
@@ -116,6 +128,9 @@ def main():
         forward(a.chain.split(","), a.input, a.out)
     elif a.kind == "script":
         script_model(sizes, a.seed, a.freeze).save(a.out)
+    elif a.kind == "pair":
+        torch.manual_seed(a.seed)
+        torch.jit.script(PairNet(sizes).eval()).save(a.out)
     else:
         os.makedirs(a.out, exist_ok=True)
         g = torch.Generator().manual_seed(a.seed)

@@ -207,6 +207,8 @@ pub struct Output {
 
 /// One shard of a Task pipeline (the shard index is the Job's `JOB_COMPLETION_INDEX`).
 #[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
+// No argument group: the worker's subcommand of the same name has one, and clap refuses two.
+#[group(skip)]
 pub struct Task {
     #[command(flatten)]
     #[serde(flatten)]
@@ -227,6 +229,8 @@ pub struct Task {
 
 /// An Actor replica: where it serves, under which name, how it batches, whom it answers.
 #[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
+// No argument group: the worker's subcommand of the same name has one, and clap refuses two.
+#[group(skip)]
 pub struct Actor {
     /// The address the protocol (and health, /metrics) is served on.
     #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8080")]

@@ -279,6 +279,37 @@ fn full_shared_memory_is_rejected() {
     std::io::stdout().flush().unwrap();
 }
 
+/// A TorchScript model that returns two tensors: the worker refuses it in words, exit code
+/// 1, and writes no output; never the first tensor alone as if it were all.
+#[test]
+fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("pair.pt");
+    make_model(&["pair", model.to_str().unwrap(), "--sizes", "32,4"]);
+    let input = d.join("input");
+    let features = ["--shards", "1", "--batch", "2", "--features", "32"];
+    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
+    let pod = Pod::new();
+    let models = [source("pair", ModelFormat::TorchScript, &model)];
+    succeeded(&pod.publish(&models));
+    let out = pod
+        .command("kube-zerocopy-worker", &models)
+        .args(["task", "--shard-index", "0", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(d.join("output"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("forward returned a tuple of 2 values; a model must return one tensor"),
+        "{stderr}"
+    );
+    assert!(!d.join("output/shard-00000.safetensors").exists());
+}
+
 /// A worker asked for cuda on a machine without a GPU: exit code 1 and the cause in its words
 /// (libtorch's CUDA backend missing, or loaded and seeing no device: which one depends on the
 /// torch build set up here), as the log's error line and as the termination message; a device

@@ -135,8 +135,13 @@ torch::Tensor* kzc_jit_forward(torch::jit::Module* m, torch::Tensor* const* inpu
     std::vector<c10::IValue> args;
     for (int i = 0; i < n; i++) args.emplace_back(*inputs[i]);
     auto out = m->forward(args);
-    if (out.isTuple() && !out.toTupleRef().elements().empty()) out = out.toTupleRef().elements()[0];
-    if (!out.isTensor()) throw std::runtime_error("forward returned " + out.tagKind() + ", not a tensor");
+    // A tuple of one tensor is that tensor; a model that returns several values is refused,
+    // never cut to its first: the outputs would be silently incomplete.
+    if (out.isTuple() && out.toTupleRef().elements().size() == 1) out = out.toTupleRef().elements()[0];
+    if (out.isTuple())
+      throw std::runtime_error("forward returned a tuple of " + std::to_string(out.toTupleRef().elements().size()) +
+                               " values; a model must return one tensor (return the one output the pipeline writes)");
+    if (!out.isTensor()) throw std::runtime_error("forward returned " + out.tagKind() + ", not a tensor; a model must return one tensor");
     return new torch::Tensor(out.toTensor());
   })
 }
