@@ -8,6 +8,7 @@ cargo build --release -p kube-zerocopy
 bin="$KZC_RELEASE/kube-zerocopy"
 "$bin" crd inference-pipeline > crds/inferencepipelines.kube-zerocopy.io.yaml
 "$bin" crd node-store > crds/nodestores.kube-zerocopy.io.yaml
+"$bin" reference > docs/reference.md
 cp crds/*.yaml charts/kube-zerocopy/crds/
 for f in examples/*.yaml; do
   case "$f" in examples/local-*) continue ;; esac

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod quantity;
 pub mod queue;
 pub mod reconcile;
+pub mod reference;
 pub mod render;
 pub mod retry;
 pub mod status;

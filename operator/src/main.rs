@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::CustomResourceExt;
+use kube::{CustomResourceExt, Resource as _};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy::leader::Election;
 use kube_zerocopy::node_store::NodeStore;
@@ -38,6 +38,11 @@ enum Command {
         #[arg(value_enum, default_value = "inference-pipeline")]
         resource: Resource,
     },
+    /// Print the reference of the resources (every field, its type, description and the API
+    /// server's rules) as Markdown.
+    Reference,
+    /// Print the version, the API version it serves and the images its pipelines run.
+    Version,
     /// Print the objects a pipeline becomes (Job, or Deployment and Service), without a cluster,
     /// after the checks the API server makes.
     Render {
@@ -151,6 +156,28 @@ fn run(cli: Cli) -> Result<()> {
                 Resource::NodeStore => NodeStore::crd(),
             };
             emit(&serde_yaml::to_string(&crd)?)?;
+            Ok(())
+        }
+        Command::Reference => {
+            emit(&kube_zerocopy::reference::markdown(&[
+                InferencePipeline::crd(),
+                NodeStore::crd(),
+            ]))?;
+            Ok(())
+        }
+        Command::Version => {
+            let defaults = render::Settings::default();
+            emit(&format!(
+                "kube-zerocopy {}
+api: {}
+runtime image: {}
+cuda runtime image: {}
+",
+                env!("CARGO_PKG_VERSION"),
+                InferencePipeline::api_version(&()),
+                defaults.runtime_image,
+                defaults.cuda_runtime_image,
+            ))?;
             Ok(())
         }
         Command::Render {

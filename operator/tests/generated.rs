@@ -40,6 +40,16 @@ fn committed_crds_match_the_generated_ones() {
     }
 }
 
+#[test]
+fn the_committed_reference_is_the_crds_own() {
+    let generated =
+        kube_zerocopy::reference::markdown(&[InferencePipeline::crd(), NodeStore::crd()]);
+    assert!(
+        read("docs/reference.md") == generated,
+        "docs/reference.md drifted from `kube-zerocopy reference`: run `make generate`"
+    );
+}
+
 const EXAMPLES: [&str; 4] = [
     "task-torchscript",
     "task-safetensors",

@@ -94,13 +94,17 @@ pub fn task_step(current: Option<&Job>, generation: Option<i64>, work: &str) -> 
 }
 
 /// The digest of what a Task pipeline computes: its spec without `task.parallelism`, which
-/// changes only how many shards run at once. Not the rendered Job's, which an operator upgrade
+/// changes only how many shards run at once, `suspend` and `ttlSecondsAfterFinished`. Not the rendered Job's, which an operator upgrade
 /// changes too.
 pub fn work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
     let mut work = spec.clone();
     if let Some(task) = work.task.as_mut() {
         task.parallelism = None;
     }
+    // Whether it is held, and how long it is kept once finished, change nothing it computes:
+    // suspending a running Job (or giving a finished one a TTL) must not replace it.
+    work.suspend = None;
+    work.ttl_seconds_after_finished = None;
     let json = serde_json::to_vec(&work).expect("a spec serializes");
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(&json))
@@ -386,6 +390,41 @@ mod tests {
                 task_step(Some(&current), Some(4), &other),
                 TaskStep::Rescale
             );
+        }
+    }
+
+    /// Holding a running Job (spec.suspend) or giving a finished one a TTL is applied in place:
+    /// neither is a change of what it computes, so neither refuses nor replaces the Job.
+    #[test]
+    fn suspending_or_a_ttl_never_replaces_the_job() {
+        let spec = |extra: &str| {
+            let p: InferencePipeline = serde_yaml::from_str(&format!(
+                "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 30}}\n{extra}"
+            ))
+            .unwrap();
+            p.spec
+        };
+        let work = work_digest(&spec(""));
+        for extra in [
+            "  suspend: true\n",
+            "  suspend: false\n",
+            "  ttlSecondsAfterFinished: 60\n",
+        ] {
+            let changed = work_digest(&spec(extra));
+            assert_eq!(changed, work, "{extra}");
+            for end in [None, Some("Complete")] {
+                let mut current = job(Some(3), end);
+                current
+                    .metadata
+                    .annotations
+                    .as_mut()
+                    .unwrap()
+                    .insert(names::WORK_ANNOTATION.into(), work.clone());
+                assert_eq!(
+                    task_step(Some(&current), Some(4), &changed),
+                    TaskStep::Rescale
+                );
+            }
         }
     }
 }
