@@ -279,8 +279,9 @@ fn full_shared_memory_is_rejected() {
     std::io::stdout().flush().unwrap();
 }
 
-/// A TorchScript model that returns two tensors: the worker refuses it in words, exit code
-/// 1, and writes no output; never the first tensor alone as if it were all.
+/// A TorchScript model that returns two tensors: the worker refuses it in words with the
+/// permanent exit code (every shard would fail the same way: the Job fails at once), and
+/// writes no output; never the first tensor alone as if it were all.
 #[test]
 fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,12 +303,49 @@ fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("forward returned a tuple of 2 values; a model must return one tensor"),
         "{stderr}"
     );
     assert!(!d.join("output/shard-00000.safetensors").exists());
+}
+
+/// An input whose width the TorchScript model does not take: libtorch's own words for what
+/// failed (the shapes), not only "the following operation failed in the TorchScript
+/// interpreter", in the error line and the termination message; the permanent exit code.
+#[test]
+fn a_shape_the_model_does_not_take_is_said_in_libtorchs_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = small_script(d);
+    let input = d.join("input");
+    let features = ["--shards", "1", "--batch", "2", "--features", "32"];
+    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
+    let pod = Pod::new();
+    let models = [source("net", ModelFormat::TorchScript, &model)];
+    succeeded(&pod.publish(&models));
+    let out = pod
+        .command("kube-zerocopy-worker", &models)
+        .args(["task", "--shard-index", "0", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(d.join("output"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    println!("{error}");
+    assert!(
+        error.contains("RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x32 and 64x128)"),
+        "{stderr}"
+    );
+    let termination = std::fs::read_to_string(pod.termination_log()).unwrap();
+    assert_eq!(Some(termination.as_str()), error.strip_prefix("error: "));
 }
 
 /// A worker asked for cuda on a machine without a GPU: exit code 1 and the cause in its words

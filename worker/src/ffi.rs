@@ -75,10 +75,50 @@ pub fn call<T>(f: impl FnOnce(*mut *mut c_char) -> T) -> Result<T> {
         .to_string_lossy()
         .into_owned();
     unsafe { kzc_free(error) };
-    Err(anyhow!(
-        "libtorch: {}",
-        message.lines().next().unwrap_or_default()
-    ))
+    Err(anyhow!("libtorch: {}", one_line(&message)))
+}
+
+/// libtorch's message on one line (the log's error line and the termination message): its
+/// first line and, when an error was raised inside a TorchScript module, the exception it
+/// raised (the last line naming an error), which says what failed (a shape or dtype mismatch),
+/// not only that something did. Backtraces and the TorchScript traceback are left out.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let first = lines.first().copied().unwrap_or_default();
+    let raised = lines.iter().rev().find(|l| {
+        l.split_once(": ")
+            .is_some_and(|(kind, _)| kind.ends_with("Error") && !kind.contains(' '))
+    });
+    match raised {
+        Some(raised) if *raised != first => format!("{first} {raised}"),
+        _ => first.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn an_error_inside_a_torchscript_module_says_what_failed() {
+        let interpreter = "The following operation failed in the TorchScript interpreter.\n\
+            Traceback of TorchScript, serialized code (most recent call last):\n  \
+            File \"code/__torch__.py\", line 9, in forward\n    \
+            return torch.linear(x, weight, bias)\n\
+            RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x32 and 64x4)\n";
+        assert_eq!(
+            one_line(interpreter),
+            "The following operation failed in the TorchScript interpreter. RuntimeError: mat1 \
+             and mat2 shapes cannot be multiplied (2x32 and 64x4)"
+        );
+        let plain =
+            "expected scalar type Float but found Half\nException raised from foo at bar.cpp:1";
+        assert_eq!(one_line(plain), "expected scalar type Float but found Half");
+    }
 }
 
 /// Takes ownership of a tensor the shim allocated.

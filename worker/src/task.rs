@@ -122,11 +122,22 @@ pub fn run_shard(pipeline: &Pipeline, shard: &Shard) -> Result<(ShardRecord, boo
     })?;
     let x = decode(&shard.input.read(entry)?)
         .with_context(|| format!("shard {} of {}", entry.name, shard.input.uri()))?;
-    let y = pipeline.forward(&x)?;
+    let y = pipeline.forward(&x).map_err(|e| forward_failed(entry, e))?;
     let bytes = encode(&y)?;
     let record = commit_output(shard.output, shard.run, shard.index, entry, &bytes)?;
     let committed = commit_if_complete(&shard.input.uri(), shard.output, shard.run, listed.len())?;
     Ok((record, committed))
+}
+
+/// A forward pass that failed: the same model on the same input fails again, so it is
+/// [`Permanent`] (the Task fails at once instead of retrying, and re-fetching, on every shard),
+/// unless memory ran out, which another try elsewhere may have.
+fn forward_failed(entry: &Entry, error: anyhow::Error) -> anyhow::Error {
+    let message = format!("shard {}: {error:#}", entry.name);
+    if message.contains("out of memory") {
+        return anyhow::anyhow!(message);
+    }
+    Permanent(message).into()
 }
 
 /// Writes a shard's output under its input's name, then its record in the run's folder: the
