@@ -99,6 +99,14 @@ fn one_line(message: &str) -> String {
     }
 }
 
+/// Takes ownership of a tensor the shim allocated.
+///
+/// # Safety
+/// `raw` must be a non-null `at::Tensor*` from `new`, owned by nobody else.
+pub unsafe fn tensor(raw: RawTensor) -> Tensor {
+    Tensor::from_ptr(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use super::one_line;
@@ -119,12 +127,4 @@ mod tests {
             "expected scalar type Float but found Half\nException raised from foo at bar.cpp:1";
         assert_eq!(one_line(plain), "expected scalar type Float but found Half");
     }
-}
-
-/// Takes ownership of a tensor the shim allocated.
-///
-/// # Safety
-/// `raw` must be a non-null `at::Tensor*` from `new`, owned by nobody else.
-pub unsafe fn tensor(raw: RawTensor) -> Tensor {
-    Tensor::from_ptr(raw)
 }
