@@ -11,6 +11,9 @@ use serde::Serialize;
 
 use crate::models::{models_from_json, AzureAccess, ModelSource, S3Access, MODELS_ENV};
 
+/// Every variable of the pod contract starts with this: a pipeline's template may add others.
+pub const ENV_PREFIX: &str = "KZC_";
+
 /// `value` as environment variables: each field that has a value, under the variable its
 /// argument reads. Strings and numbers as they are; a list or an object as JSON, which its
 /// argument parses back.

@@ -42,6 +42,10 @@ pub struct Policy {
     /// The node agent runs (the chart's nodeStore.enabled): pipelines may use sharing: Node.
     #[arg(long, env = "KZC_NODE_SHARING", default_value_t = true, action = clap::ArgAction::Set)]
     pub node_sharing: bool,
+    /// The PriorityClasses template.priorityClassName may name, comma-separated (`*`: any;
+    /// none by default).
+    #[arg(long, env = "KZC_PRIORITY_CLASSES", value_delimiter = ',')]
+    pub priority_classes: Vec<String>,
 }
 
 /// The operator's own settings (`kube-zerocopy operator`).

@@ -129,6 +129,25 @@ pub struct PodOverrides {
     /// access; only where the operator's policy allows it (pipelinePolicy.allowServiceAccount).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// More environment for the worker (e.g. OMP_NUM_THREADS, or a Secret's key for the
+    /// model's code). Names starting with KZC_ are the operator's and are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<k8s_openapi::api::core::v1::EnvVar>>,
+    /// Secrets of the namespace that let the nodes pull template.image (a private registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>>,
+    /// The pods' PriorityClass; only those the operator's policy lists
+    /// (pipelinePolicy.priorityClasses). Default: the cluster's default priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The pods' affinity (e.g. nodes of one zone, replicas spread apart). With Node sharing
+    /// the operator adds its preference for nodes that hold the models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// The pods' annotations (e.g. for a service mesh or the cluster autoscaler). Keys under
+    /// kube-zerocopy.io/ are the operator's and are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -76,6 +76,11 @@ fn render_settings(images: settings::Images, policy: settings::Policy) -> render
         allow_service_account: policy.allow_service_account,
         toleration_keys: policy.toleration_keys,
         node_sharing: policy.node_sharing,
+        priority_classes: policy
+            .priority_classes
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect(),
     };
     settings
 }

@@ -17,6 +17,10 @@ use crate::crd::InferencePipelineSpec;
 pub const RESERVED_VOLUME_PREFIX: &str = "kzc-";
 /// Where the operator mounts its volumes in the containers.
 pub const RESERVED_MOUNT_ROOT: &str = "/kzc";
+/// The prefix of the variables that tell the worker what to run.
+pub use kube_zerocopy_contract::pod::ENV_PREFIX as RESERVED_ENV_PREFIX;
+/// The domain of the operator's labels and annotations.
+pub const RESERVED_DOMAIN: &str = "kube-zerocopy.io";
 
 /// What the operator lets pipelines add; the default allows no hostPath, no ServiceAccount and
 /// only GPU nodes' taint among tolerations.
@@ -33,6 +37,9 @@ pub struct PipelinePolicy {
     pub toleration_keys: Vec<String>,
     /// The node agent runs on the cluster's nodes: `sharing: Node` can be mounted.
     pub node_sharing: bool,
+    /// The PriorityClasses template.priorityClassName may name (`*`: any): a higher priority
+    /// preempts other tenants' pods.
+    pub priority_classes: Vec<String>,
 }
 
 impl Default for PipelinePolicy {
@@ -42,6 +49,7 @@ impl Default for PipelinePolicy {
             allow_service_account: false,
             toleration_keys: DEFAULT_TOLERATION_KEYS.map(String::from).to_vec(),
             node_sharing: true,
+            priority_classes: vec![],
         }
     }
 }
@@ -181,6 +189,41 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
             )));
         }
     }
+    for (i, variable) in template.env.iter().flatten().enumerate() {
+        if variable.name.starts_with(RESERVED_ENV_PREFIX) {
+            return Err(Refusal::Reserved(format!(
+                "template.env[{i}]: {:?} is the operator's (names starting with \
+                 {RESERVED_ENV_PREFIX} tell the worker what to run); use another name",
+                variable.name
+            )));
+        }
+    }
+    for key in template.annotations.iter().flatten().map(|(k, _)| k) {
+        if key
+            .split('/')
+            .next()
+            .is_some_and(|domain| domain.ends_with(RESERVED_DOMAIN))
+        {
+            return Err(Refusal::Reserved(format!(
+                "template.annotations: {key:?} is under {RESERVED_DOMAIN}/, the operator's own \
+                 annotations; use another key"
+            )));
+        }
+    }
+    if let Some(class) = &template.priority_class_name {
+        let any = policy.priority_classes.iter().any(|c| c == "*");
+        if !any && !policy.priority_classes.contains(class) {
+            return Err(Refusal::Forbidden(format!(
+                "template.priorityClassName {class:?} is not among the PriorityClasses this \
+                 operator's policy allows (chart value pipelinePolicy.priorityClasses: {})",
+                if policy.priority_classes.is_empty() {
+                    "none".to_owned()
+                } else {
+                    policy.priority_classes.join(", ")
+                }
+            )));
+        }
+    }
     if let Some(account) = &template.service_account_name {
         if !policy.allow_service_account {
             return Err(Refusal::Forbidden(format!(
@@ -243,7 +286,27 @@ mod tests {
             allow_service_account: true,
             toleration_keys: vec!["*".into()],
             node_sharing: true,
+            priority_classes: vec!["*".into()],
         };
+        for (template, words) in [
+            (
+                "    env: [{name: KZC_MODELS, value: x}]\n",
+                "\"KZC_MODELS\" is the operator's",
+            ),
+            (
+                "    annotations: {kube-zerocopy.io/rerun: x}\n",
+                "under kube-zerocopy.io/",
+            ),
+            (
+                "    annotations: {models.kube-zerocopy.io/x: y}\n",
+                "under kube-zerocopy.io/",
+            ),
+        ] {
+            let Refusal::Reserved(message) = refused(template, &all) else {
+                panic!("{template}: a reserved name is a mistake, not a policy matter")
+            };
+            assert!(message.contains(words), "{message}");
+        }
         let Refusal::Reserved(message) =
             refused("    volumes: [{name: kzc-store, emptyDir: {}}]\n", &all)
         else {
@@ -352,5 +415,29 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check(&spec(account), &allowed), Ok(()));
+    }
+
+    /// A PriorityClass is the operator's policy to allow: a higher one preempts other tenants'
+    /// pods. None by default, the listed ones, or any with `*`.
+    #[test]
+    fn a_priority_class_only_where_the_policy_lists_it() {
+        let template = "    priorityClassName: batch-high\n";
+        let Refusal::Forbidden(message) = refused(template, &PipelinePolicy::default()) else {
+            panic!("a PriorityClass is a policy matter")
+        };
+        assert!(
+            message.contains("\"batch-high\" is not among the PriorityClasses")
+                && message.contains("pipelinePolicy.priorityClasses: none"),
+            "{message}"
+        );
+        for classes in [vec!["batch-high".to_owned()], vec!["*".to_owned()]] {
+            let policy = PipelinePolicy {
+                priority_classes: classes,
+                ..PipelinePolicy::default()
+            };
+            assert_eq!(check(&spec(template), &policy), Ok(()));
+        }
+        let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n";
+        assert_eq!(check(&spec(ordinary), &PipelinePolicy::default()), Ok(()));
     }
 }

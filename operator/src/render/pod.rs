@@ -206,7 +206,7 @@ pub(super) fn pod_template(
         name: names::WORKER_CONTAINER.into(),
         image: Some(image),
         command: Some(worker.command.clone()),
-        env: Some(env(&worker)),
+        env: Some([env(&worker), overrides.env.clone().unwrap_or_default()].concat()),
         ports: is_actor.then(|| {
             vec![ContainerPort {
                 name: Some("http".into()),
@@ -235,6 +235,7 @@ pub(super) fn pod_template(
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
+            annotations: overrides.annotations.clone(),
             ..Default::default()
         }),
         spec: Some(PodSpec {
@@ -244,13 +245,45 @@ pub(super) fn pod_template(
             restart_policy: Some(if is_actor { "Always" } else { "Never" }.into()),
             service_account_name: overrides.service_account_name.clone(),
             automount_service_account_token: Some(false),
-            node_selector: overrides.node_selector.clone(),
-            affinity: prefer_nodes_holding(spec),
-            tolerations: overrides.tolerations.clone(),
-            security_context: Some(pod_security()),
-            ..Default::default()
+            affinity: affinity(spec, &overrides),
+            ..placement(&overrides)
         }),
     }
+}
+
+/// Where and how every pod of a pipeline is placed, as its template says: its nodeSelector,
+/// tolerations, PriorityClass and image pull Secrets, with the restricted security context.
+fn placement(overrides: &PodOverrides) -> PodSpec {
+    PodSpec {
+        node_selector: overrides.node_selector.clone(),
+        tolerations: overrides.tolerations.clone(),
+        priority_class_name: overrides.priority_class_name.clone(),
+        image_pull_secrets: overrides.image_pull_secrets.clone(),
+        security_context: Some(pod_security()),
+        ..Default::default()
+    }
+}
+
+/// The template's affinity, with Node sharing's preference for nodes that hold the models
+/// added to its preferred node terms.
+fn affinity(spec: &InferencePipelineSpec, overrides: &PodOverrides) -> Option<Affinity> {
+    let ours = prefer_nodes_holding(spec);
+    let Some(mut theirs) = overrides.affinity.clone() else {
+        return ours;
+    };
+    let preferred = ours
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.preferred_during_scheduling_ignored_during_execution)
+        .unwrap_or_default();
+    if !preferred.is_empty() {
+        theirs
+            .node_affinity
+            .get_or_insert_with(Default::default)
+            .preferred_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new)
+            .extend(preferred);
+    }
+    Some(theirs)
 }
 
 /// Every pod's: not root, the runtime's seccomp profile (Pod Security `restricted`).
@@ -319,6 +352,7 @@ pub(super) fn helper_pod(
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
+            annotations: overrides.annotations.clone(),
             ..Default::default()
         }),
         spec: Some(PodSpec {
@@ -327,10 +361,8 @@ pub(super) fn helper_pod(
             restart_policy: Some("Never".into()),
             service_account_name: account,
             automount_service_account_token: Some(automount),
-            node_selector: overrides.node_selector.clone(),
-            tolerations: overrides.tolerations.clone(),
-            security_context: Some(pod_security()),
-            ..Default::default()
+            affinity: overrides.affinity.clone(),
+            ..placement(overrides)
         }),
     }
 }

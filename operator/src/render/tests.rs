@@ -527,3 +527,68 @@ fn a_queued_job_starts_suspended_with_the_queue_label() {
         "{refused}"
     );
 }
+
+/// What the template adds to every pod of a pipeline: the worker's environment after the
+/// operator's, the pull Secrets, the PriorityClass, the annotations and the affinity, to which
+/// Node sharing adds its preference for the nodes that hold the models; the planning Job's pod
+/// is placed the same way.
+#[test]
+fn the_templates_environment_placement_and_annotations_reach_every_pod() {
+    let digest = "ab".repeat(32);
+    let template = "  sharing: Node\n  template:\n    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    imagePullSecrets: [{name: registry}]\n    priorityClassName: batch\n    annotations: {sidecar.istio.io/inject: 'false'}\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]\n";
+    let mut p = pipeline(template);
+    p.spec.models[0].source.uri = "https://m.example/m.pt".into();
+    p.spec.models[0].source.sha256 = Some(digest.clone());
+    let settings = Settings {
+        policy: PipelinePolicy {
+            priority_classes: vec!["batch".into()],
+            ..PipelinePolicy::default()
+        },
+        ..Settings::default()
+    };
+    let Rendered::Task { job } = render(&p, &settings).unwrap() else {
+        panic!("a Task pipeline renders a Job")
+    };
+    let template = job.spec.unwrap().template;
+    let annotations = template.metadata.unwrap().annotations.unwrap();
+    assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+    let pod = template.spec.unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let last = env.last().unwrap();
+    assert_eq!(
+        (last.name.as_str(), last.value.as_deref()),
+        ("OMP_NUM_THREADS", Some("4"))
+    );
+    assert!(env
+        .iter()
+        .any(|v| v.name == kube_zerocopy_contract::models::MODELS_ENV));
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
+    let node = pod.affinity.unwrap().node_affinity.unwrap();
+    let required = node
+        .required_during_scheduling_ignored_during_execution
+        .unwrap();
+    assert_eq!(
+        required.node_selector_terms[0]
+            .match_expressions
+            .as_ref()
+            .unwrap()[0]
+            .key,
+        "topology.kubernetes.io/zone"
+    );
+    let preferred = node
+        .preferred_during_scheduling_ignored_during_execution
+        .unwrap();
+    let held = &preferred[0].preference.match_expressions.as_ref().unwrap()[0];
+    assert_eq!(held.key, held_label(&digest));
+
+    // Planned shards: the planning Job's pod carries the same placement.
+    p.spec.task.as_mut().unwrap().shards = None;
+    let Rendered::Plan { job } = render(&p, &settings).unwrap() else {
+        panic!("an unplanned Task renders its planning Job")
+    };
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    assert!(pod.affinity.is_some());
+}
