@@ -5,8 +5,9 @@
 //! One model of KZC_BENCH_MIB (default 512, at least 400) MiB, served from the host over http.
 //! Each round: with the model gone from the node's store (the agent collects it once unused,
 //! here at once), an Actor pipeline of 1 replica is applied and its pod timed from when it is
-//! first seen to when its worker's /readyz answers 200 at the pod's IP (polled every 20 ms:
-//! the kubelet's probe period would round every figure up to 2 s); then the pipeline is scaled
+//! first seen to when its worker's /v2/health/ready (the protocol's readiness) answers 200 at
+//! the pod's IP (polled every 20 ms: the kubelet's probe period would round every figure up to
+//! 2 s); then the pipeline is scaled
 //! to 2 and the new pod timed the same way; then the pipeline is deleted. Rounds:
 //! KZC_BENCH_ROUNDS (default 5). The last line is `replica-ready cold/warm = X`: the median
 //! cold time over the median warm time. Needs root (a kubelet), as the real-node tests.
@@ -171,7 +172,8 @@ async fn pod_names(pods: &Api<Pod>) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// The time from when a pod not in `known` is first seen to when its worker answers /readyz.
+/// The time from when a pod not in `known` is first seen to when its worker answers
+/// /v2/health/ready.
 async fn time_new_replica(pods: &Api<Pod>, known: &BTreeSet<String>) -> Result<Duration> {
     let poll = Duration::from_millis(20);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -193,7 +195,7 @@ async fn time_new_replica(pods: &Api<Pod>, known: &BTreeSet<String>) -> Result<D
         );
         let ip = pods.get(&name).await?.status.and_then(|s| s.pod_ip);
         if let Some(ip) = ip {
-            if answers_200(format!("http://{ip}:8080/readyz")).await {
+            if answers_200(format!("http://{ip}:8080/v2/health/ready")).await {
                 return Ok(seen.elapsed());
             }
         }
