@@ -27,7 +27,7 @@ cluster-binaries:
 
 # The pure crates' tests (operator, sidecar, agent): no torch, no cluster, seconds once built.
 test-unit:
-	cargo test --release -p kube-zerocopy -p kube-zerocopy-sidecar -p kube-zerocopy-agent
+	cargo test --release -p kube-zerocopy -p kube-zerocopy-store -p kube-zerocopy-sidecar -p kube-zerocopy-agent
 
 # The real-node scenarios alone (root: a kubelet, containerd and kube-proxy on this machine,
 # the images from `make images`, the chart installed). `make test` runs them too.

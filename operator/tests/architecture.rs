@@ -8,8 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The crates that ship, whose sources these rules cover.
-const PRODUCT_CRATES: [&str; 6] = [
-    "contract", "runtime", "sidecar", "worker", "operator", "agent",
+const PRODUCT_CRATES: [&str; 7] = [
+    "contract", "runtime", "store", "sidecar", "worker", "operator", "agent",
 ];
 const MAX_LINES: usize = 700;
 
@@ -220,7 +220,7 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         ]),
         "the operator depends on the contract and the runtime only"
     );
-    for krate in ["agent", "worker", "sidecar", "runtime"] {
+    for krate in ["agent", "worker", "sidecar", "runtime", "store"] {
         let dependencies = workspace_dependencies(krate);
         assert!(
             !dependencies.contains("kube-zerocopy"),
@@ -232,6 +232,12 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         );
     }
     assert!(workspace_dependencies("contract").is_empty());
+    assert_eq!(
+        workspace_dependencies("store"),
+        BTreeSet::from(["kube-zerocopy-contract".to_owned()]),
+        "the store's layout depends on the contract alone"
+    );
+    assert!(workspace_dependencies("worker").contains("kube-zerocopy-store"));
 }
 
 /// The dependencies a manifest names in `section` (`dependencies`, `dev-dependencies`).

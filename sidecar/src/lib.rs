@@ -3,7 +3,8 @@
 //!
 //! - [`cloud`]: the object stores (S3, Azure Blob) a pipeline names, and their credentials.
 //! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
-//! - [`layout`]: content-addressed store, manifest, atomic publication, bindings.
+//! - [`layout`]: content-addressed store, manifest, atomic publication, bindings (the
+//!   `kube-zerocopy-store` crate, re-exported).
 //! - [`source`]: fetching `file://`, `http(s)://` and `s3://` sources with sha256 verification.
 //! - [`remote`]: reading remote objects by byte ranges, several at once, straight into place.
 //! - [`download`]: http(s) downloads that resume, with a stall timeout and a size cap.
@@ -14,7 +15,8 @@ pub mod cloud;
 pub mod config;
 pub mod download;
 pub mod formats;
-pub mod layout;
+/// The store's layout is its own crate: the workers read it without the fetching.
+pub use kube_zerocopy_store as layout;
 pub mod networks;
 pub mod pickle;
 pub mod publish;

@@ -14,9 +14,9 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use kube_zerocopy_contract::models::{AzureAccess, S3Access};
 use kube_zerocopy_runtime::process::Permanent;
 use kube_zerocopy_sidecar::cloud::{self, Storage};
-use kube_zerocopy_sidecar::config::{AzureAccess, S3Access};
 
 pub const SHARD_EXTENSION: &str = ".safetensors";
 

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use kube_zerocopy_contract::models::ModelSource;
 use kube_zerocopy_contract::pod;
 use kube_zerocopy_runtime::process::Permanent;
-use kube_zerocopy_sidecar::layout::{Bindings, Store as ModelStore};
-use kube_zerocopy_sidecar::ModelSource;
+use kube_zerocopy_store::{Bindings, Store as ModelStore};
 use kube_zerocopy_worker::actor::{Batching, Limits, Settings};
 use kube_zerocopy_worker::client_token::ClientToken;
 use kube_zerocopy_worker::data::Store;

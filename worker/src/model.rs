@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
+use kube_zerocopy_contract::models::{ModelFormat, ModelSource};
+use kube_zerocopy_store::{Bindings, Store};
 use tch::{CModule, Device, Tensor};
 
 use crate::jit::SharedScriptModule;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use kube_zerocopy_sidecar::layout::{DType, Manifest, TensorEntry, TENSORS_FILE};
-use kube_zerocopy_sidecar::{Bindings, Store};
+use kube_zerocopy_store::{Bindings, Store};
+use kube_zerocopy_store::{DType, Manifest, TensorEntry, TENSORS_FILE};
 use memmap2::{Mmap, MmapOptions};
 use tch::Tensor;
 

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{ALIGNMENT, LAYOUT_VERSION, TENSORS_FILE};
-use crate::config::ModelFormat;
+use kube_zerocopy_contract::models::ModelFormat;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {

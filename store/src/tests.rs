@@ -3,7 +3,7 @@ use std::time::{Duration, SystemTime};
 
 use super::store::names_in;
 use super::*;
-use crate::config::ModelFormat;
+use kube_zerocopy_contract::models::ModelFormat;
 
 #[test]
 fn regions_come_in_the_order_asked_and_never_overlap() {
