@@ -7,10 +7,10 @@
 //! here at once), an Actor pipeline of 1 replica is applied and its pod timed from when it is
 //! first seen to when its worker's /v2/health/ready (the protocol's readiness) answers 200 at
 //! the pod's IP (polled every 20 ms: the kubelet's probe period would round every figure up to
-//! 2 s); then the pipeline is scaled
-//! to 2 and the new pod timed the same way; then the pipeline is deleted. Rounds:
-//! KZC_BENCH_ROUNDS (default 5). The last line is `replica-ready cold/warm = X`: the median
-//! cold time over the median warm time. Needs root (a kubelet), as the real-node tests.
+//! 2 s); then the pipeline is scaled to 2 and the new pod timed the same way; then the
+//! pipeline is deleted. Rounds: KZC_BENCH_ROUNDS (default 5). The last line is
+//! `replica-ready cold/warm = X`: the median cold time over the median warm time. Needs root
+//! (a kubelet), as the real-node tests.
 
 use std::collections::BTreeSet;
 use std::path::Path;
