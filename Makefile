@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor clean images images-cuda
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor clean images images-cuda release-dry-run
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -65,6 +65,12 @@ bench-actor: build
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build
 	scripts/images.sh
+
+# What a release does but the push (images as OCI archives, the packaged chart, an SBOM of each
+# image, the chart's images checked against those built) into out/release/. Needs root.
+# RELEASE_ARGS=--cuda adds runtime-cuda. The release workflow runs it, then pushes.
+release-dry-run: build
+	scripts/release-dry-run.sh $(RELEASE_ARGS)
 
 # The same and runtime-cuda (libtorch's CUDA backend and libraries: about 4 GB more, minutes to
 # compress), checked with runc: its worker loads the CUDA backend. Not part of `make test`.
