@@ -311,6 +311,42 @@ fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
     assert!(!d.join("output/shard-00000.safetensors").exists());
 }
 
+/// A safetensors state dict that is not the built-in Mlp (an encoder's tensors): published (it
+/// is a valid file), then refused by the worker in words with the permanent exit code, before
+/// any shard is read: it would be mapped again, and fail again, for every shard.
+#[test]
+fn a_state_dict_the_worker_cannot_build_fails_the_task_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("encoder.safetensors");
+    raw_safetensors(
+        &model,
+        r#"{"encoder.embed.weight":{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}"#,
+        128,
+    );
+    let input = d.join("input");
+    let features = ["--shards", "1", "--batch", "2", "--features", "8"];
+    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
+    let pod = Pod::new();
+    let models = [source("encoder", ModelFormat::Safetensors, &model)];
+    succeeded(&pod.publish(&models));
+    let out = pod
+        .command("kube-zerocopy-worker", &models)
+        .args(["task", "--shard-index", "0", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(d.join("output"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("has no layers.<i>.weight tensors: not an Mlp"),
+        "{stderr}"
+    );
+    assert!(!d.join("output").join("shard-00000.safetensors").exists());
+}
+
 /// An input whose width the TorchScript model does not take: libtorch's own words for what
 /// failed (the shapes), not only "the following operation failed in the TorchScript
 /// interpreter", in the error line and the termination message; the permanent exit code.

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kube_zerocopy_contract::models::{ModelFormat, ModelSource};
+use kube_zerocopy_runtime::process::Permanent;
 use kube_zerocopy_store::{Bindings, Store};
 use tch::{CModule, Device, Tensor};
 
@@ -25,6 +26,10 @@ pub struct LoadedModel {
     pub module: Module,
     /// The mapping behind a zero-copy model (None for the copying baselines).
     pub shared: Option<SharedModel>,
+}
+
+fn permanent(error: anyhow::Error) -> anyhow::Error {
+    Permanent(format!("{error:#}")).into()
 }
 
 fn check_architecture(source: &ModelSource) -> Result<()> {
@@ -59,15 +64,19 @@ impl LoadedModel {
             },
             _ => None,
         };
+        // A published model that cannot be built (another architecture, an archive whose code
+        // does not load) cannot be built on a retry either: permanent, so a Task fails at once
+        // instead of mapping it again for every shard.
         let module = match source.format {
-            ModelFormat::Safetensors => {
-                check_architecture(source)?;
-                let mut mlp = Mlp::bind(&shared)?;
-                mlp.to_device(device);
-                Module::Mlp(mlp)
-            }
+            ModelFormat::Safetensors => check_architecture(source)
+                .and_then(|()| Mlp::bind(&shared))
+                .map_err(permanent)
+                .map(|mut mlp| {
+                    mlp.to_device(device);
+                    Module::Mlp(mlp)
+                })?,
             ModelFormat::TorchScript => {
-                let mut m = SharedScriptModule::load(&shared)?;
+                let mut m = SharedScriptModule::load(&shared).map_err(permanent)?;
                 m.to_device(device)?;
                 Module::Script(m)
             }
