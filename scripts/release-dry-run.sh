@@ -90,7 +90,7 @@ while read -r image; do
   fi
 done <<<"$referenced"
 for name in "${!archive_of[@]}"; do
-  grep -qx "$name" <<<"$referenced" || die "$name is built but the chart does not use it"
+  grep -qxF "$name" <<<"$referenced" || die "$name is built but the chart does not use it"
 done
 [ "$missing" -eq 0 ] || die "$missing image(s) the chart uses were not built"
 

@@ -11,6 +11,8 @@
 //! or block device named inline (nfs, iscsi, rbd, flexVolume, ...) is refused in any namespace,
 //! since a Pod Security level other than `restricted` would let it through.
 
+use k8s_openapi::api::core::v1::Affinity;
+
 use crate::crd::InferencePipelineSpec;
 
 /// The prefix of every volume the operator adds to a pipeline's pods.
@@ -21,6 +23,18 @@ pub const RESERVED_MOUNT_ROOT: &str = "/kzc";
 pub use kube_zerocopy_contract::pod::ENV_PREFIX as RESERVED_ENV_PREFIX;
 /// The domain of the operator's labels and annotations.
 pub const RESERVED_DOMAIN: &str = "kube-zerocopy.io";
+/// Variables a binary reads that do not start with [`RESERVED_ENV_PREFIX`]: the shard a Task's
+/// worker runs, which the Job controller sets only where the container does not.
+const RESERVED_ENV_NAMES: [&str; 1] = ["JOB_COMPLETION_INDEX"];
+/// Pod annotations that would loosen what the pods may do or reach: their AppArmor or seccomp
+/// profile (Pod Security `restricted` checks them where a namespace enforces it; the operator
+/// does not rely on that), and another network attached by a CNI meta-plugin.
+const FORBIDDEN_ANNOTATION_PREFIXES: [&str; 4] = [
+    "container.apparmor.security.beta.kubernetes.io/",
+    "seccomp.security.alpha.kubernetes.io/",
+    "container.seccomp.security.alpha.kubernetes.io/",
+    "k8s.v1.cni.cncf.io/",
+];
 
 /// What the operator lets pipelines add; the default allows no hostPath, no ServiceAccount and
 /// only GPU nodes' taint among tolerations.
@@ -190,15 +204,28 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
         }
     }
     for (i, variable) in template.env.iter().flatten().enumerate() {
-        if variable.name.starts_with(RESERVED_ENV_PREFIX) {
+        if variable.name.starts_with(RESERVED_ENV_PREFIX)
+            || RESERVED_ENV_NAMES.contains(&variable.name.as_str())
+        {
             return Err(Refusal::Reserved(format!(
                 "template.env[{i}]: {:?} is the operator's (names starting with \
-                 {RESERVED_ENV_PREFIX} tell the worker what to run); use another name",
-                variable.name
+                 {RESERVED_ENV_PREFIX}, and {}, tell the worker what to run); use another name",
+                variable.name,
+                RESERVED_ENV_NAMES.join(", ")
             )));
         }
     }
     for key in template.annotations.iter().flatten().map(|(k, _)| k) {
+        if let Some(prefix) = FORBIDDEN_ANNOTATION_PREFIXES
+            .iter()
+            .find(|p| key.starts_with(**p))
+        {
+            return Err(Refusal::Forbidden(format!(
+                "template.annotations: {key:?} ({prefix}…) would change the pods' security \
+                 profile or attach them to another network; the operator sets what its pods run \
+                 with"
+            )));
+        }
         if key
             .split('/')
             .next()
@@ -224,12 +251,87 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
             )));
         }
     }
+    if let Some(affinity) = &template.affinity {
+        check_affinity(affinity)?;
+    }
     if let Some(account) = &template.service_account_name {
         if !policy.allow_service_account {
             return Err(Refusal::Forbidden(format!(
                 "template.serviceAccountName ({account:?}) is forbidden by this operator's \
                  policy (chart value pipelinePolicy.allowServiceAccount)"
             )));
+        }
+    }
+    Ok(())
+}
+
+/// A template's affinity stays within its namespace and off control-plane nodes: no node term
+/// on a control-plane label (as for the nodeSelector), and no pod term that names other
+/// namespaces (an anti-affinity to every namespace's pods would keep other tenants' pods off
+/// the nodes or zones the pipeline's pods hold).
+fn check_affinity(affinity: &Affinity) -> Result<(), Refusal> {
+    let node = affinity.node_affinity.as_ref();
+    let required = node
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default();
+    let preferred = node
+        .and_then(|n| {
+            n.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .into_iter()
+        .flatten()
+        .map(|p| p.preference.clone());
+    for term in required.into_iter().chain(preferred) {
+        let keys = term
+            .match_expressions
+            .iter()
+            .chain(term.match_fields.iter())
+            .flatten()
+            .map(|e| e.key.as_str());
+        if let Some(key) = keys.into_iter().find(|k| CONTROL_PLANE_LABELS.contains(k)) {
+            return Err(Refusal::Forbidden(format!(
+                "template.affinity.nodeAffinity names control-plane nodes ({key}): a \
+                 pipeline's pods run on worker nodes"
+            )));
+        }
+    }
+    let pod_terms = [
+        affinity.pod_affinity.as_ref().map(|a| {
+            (
+                a.required_during_scheduling_ignored_during_execution
+                    .clone(),
+                a.preferred_during_scheduling_ignored_during_execution
+                    .clone(),
+            )
+        }),
+        affinity.pod_anti_affinity.as_ref().map(|a| {
+            (
+                a.required_during_scheduling_ignored_during_execution
+                    .clone(),
+                a.preferred_during_scheduling_ignored_during_execution
+                    .clone(),
+            )
+        }),
+    ];
+    for (required, preferred) in pod_terms.into_iter().flatten() {
+        let terms = required
+            .into_iter()
+            .flatten()
+            .chain(preferred.into_iter().flatten().map(|w| w.pod_affinity_term));
+        for term in terms {
+            if term.namespaces.is_some() || term.namespace_selector.is_some() {
+                return Err(Refusal::Forbidden(
+                    "template.affinity: a pod (anti-)affinity term names other namespaces \
+                     (namespaces or namespaceSelector); a pipeline's pods may place themselves \
+                     only against the pods of their own namespace"
+                        .into(),
+                ));
+            }
         }
     }
     Ok(())
@@ -292,6 +394,10 @@ mod tests {
             (
                 "    env: [{name: KZC_MODELS, value: x}]\n",
                 "\"KZC_MODELS\" is the operator's",
+            ),
+            (
+                "    env: [{name: JOB_COMPLETION_INDEX, value: '0'}]\n",
+                "\"JOB_COMPLETION_INDEX\" is the operator's",
             ),
             (
                 "    annotations: {kube-zerocopy.io/rerun: x}\n",
@@ -439,5 +545,41 @@ mod tests {
         }
         let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n";
         assert_eq!(check(&spec(ordinary), &PipelinePolicy::default()), Ok(()));
+    }
+
+    /// What would loosen the pods or reach past the namespace: a security profile or another
+    /// network by annotation, control-plane nodes or other namespaces' pods by affinity. An
+    /// affinity to the pipeline's own pods, or a zone, is the template's to give.
+    #[test]
+    fn annotations_and_affinities_that_reach_past_the_pipeline_are_forbidden() {
+        for (template, words) in [
+            (
+                "    annotations: {container.apparmor.security.beta.kubernetes.io/worker: unconfined}\n",
+                "would change the pods' security profile",
+            ),
+            (
+                "    annotations: {k8s.v1.cni.cncf.io/networks: other/net}\n",
+                "attach them to another network",
+            ),
+            (
+                "    affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: node-role.kubernetes.io/control-plane, operator: Exists}]}]}}}\n",
+                "names control-plane nodes",
+            ),
+            (
+                "    affinity: {podAntiAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: topology.kubernetes.io/zone, namespaceSelector: {}, labelSelector: {}}]}}\n",
+                "names other namespaces",
+            ),
+            (
+                "    affinity: {podAffinity: {preferredDuringSchedulingIgnoredDuringExecution: [{weight: 1, podAffinityTerm: {topologyKey: kubernetes.io/hostname, namespaces: [other]}}]}}\n",
+                "names other namespaces",
+            ),
+        ] {
+            let Refusal::Forbidden(message) = refused(template, &PipelinePolicy::default()) else {
+                panic!("{template}: a policy matter")
+            };
+            assert!(message.contains(words), "{template}: {message}");
+        }
+        let own = "    affinity: {podAntiAffinity: {preferredDuringSchedulingIgnoredDuringExecution: [{weight: 1, podAffinityTerm: {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: x}}}}]}, nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]}}}\n";
+        assert_eq!(check(&spec(own), &PipelinePolicy::default()), Ok(()));
     }
 }

@@ -46,15 +46,31 @@ pub struct Permanent(pub String);
 
 pub const EXIT_PERMANENT: i32 = 3;
 
+/// An error that no retry of this one shard can fix, though other shards may run (the model
+/// cannot run on this shard's input): the process exits with [`EXIT_SHARD_FAILED`], which the
+/// Job's pod failure policy turns into a failed index at once, counted against the Job's
+/// failed shards, instead of retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ShardFailed(pub String);
+
+pub const EXIT_SHARD_FAILED: i32 = 4;
+
 /// Ends the process on an error, reporting it where a user and Kubernetes look: exit code 1,
-/// or [`EXIT_PERMANENT`] for a [`Permanent`] error.
+/// [`EXIT_PERMANENT`] for a [`Permanent`] error, [`EXIT_SHARD_FAILED`] for a [`ShardFailed`].
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
         let message = crate::redact::uris_in(&format!("{e:#}")).into_owned();
         eprintln!("error: {message}");
         write_termination_message(&message);
-        let permanent = e.chain().any(|c| c.is::<Permanent>());
-        std::process::exit(if permanent { EXIT_PERMANENT } else { 1 });
+        let code = if e.chain().any(|c| c.is::<Permanent>()) {
+            EXIT_PERMANENT
+        } else if e.chain().any(|c| c.is::<ShardFailed>()) {
+            EXIT_SHARD_FAILED
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
 }
 

@@ -280,8 +280,8 @@ fn full_shared_memory_is_rejected() {
 }
 
 /// A TorchScript model that returns two tensors: the worker refuses it in words with the
-/// permanent exit code (every shard would fail the same way: the Job fails at once), and
-/// writes no output; never the first tensor alone as if it were all.
+/// shard's exit code (its index fails at once, without retries), and writes no output; never
+/// the first tensor alone as if it were all.
 #[test]
 fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -303,7 +303,7 @@ fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains("forward returned a tuple of 2 values; a model must return one tensor"),
         "{stderr}"
@@ -349,7 +349,8 @@ fn a_state_dict_the_worker_cannot_build_fails_the_task_at_once() {
 
 /// An input whose width the TorchScript model does not take: libtorch's own words for what
 /// failed (the shapes), not only "the following operation failed in the TorchScript
-/// interpreter", in the error line and the termination message; the permanent exit code.
+/// interpreter", in the error line and the termination message; the shard's exit code (its
+/// index fails at once; the other shards go on).
 #[test]
 fn a_shape_the_model_does_not_take_is_said_in_libtorchs_words() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,7 +371,7 @@ fn a_shape_the_model_does_not_take_is_said_in_libtorchs_words() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     let error = stderr
         .lines()
         .find(|l| l.starts_with("error:"))

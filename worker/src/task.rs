@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use kube_zerocopy_runtime::process::Permanent;
+use kube_zerocopy_runtime::process::{Permanent, ShardFailed};
 
 use crate::data::{Entry, Store};
 use crate::model::Pipeline;
@@ -129,15 +129,23 @@ pub fn run_shard(pipeline: &Pipeline, shard: &Shard) -> Result<(ShardRecord, boo
     Ok((record, committed))
 }
 
-/// A forward pass that failed: the same model on the same input fails again, so it is
-/// [`Permanent`] (the Task fails at once instead of retrying, and re-fetching, on every shard),
-/// unless memory ran out, which another try elsewhere may have.
+/// A forward pass that failed: the same model on the same input fails again, so this shard
+/// fails at once ([`ShardFailed`]: its index fails, the other shards go on, and the Job's cap on
+/// failed shards applies), instead of being retried and its model fetched again; unless the
+/// device failed (memory ran out, a GPU fault), which another try elsewhere may not meet.
 fn forward_failed(entry: &Entry, error: anyhow::Error) -> anyhow::Error {
     let message = format!("shard {}: {error:#}", entry.name);
-    if message.contains("out of memory") {
+    let device = [
+        "out of memory",
+        "CUDA error",
+        "CUBLAS_STATUS",
+        "CUDNN_STATUS",
+        "Xid",
+    ];
+    if device.iter().any(|words| message.contains(words)) {
         return anyhow::anyhow!(message);
     }
-    Permanent(message).into()
+    ShardFailed(message).into()
 }
 
 /// Writes a shard's output under its input's name, then its record in the run's folder: the

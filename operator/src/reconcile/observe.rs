@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
 
-use super::apply::{task_step, work_digest, TaskStep};
+use super::apply::{task_step, work_of, TaskStep};
 use super::{Context, Error};
 use crate::crd::{InferencePipeline, PlannedInput};
 use crate::k8s_ext::PodExt;
@@ -80,7 +80,7 @@ pub(super) fn current_plan(
         .jobs
         .get(&ObjectRef::new(&render::object_name(pipeline)).within(ns));
     if let Some(job) = job {
-        let step = task_step(Some(&job), generation, &work_digest(&pipeline.spec));
+        let step = task_step(Some(&job), generation, &work_of(Some(&job), &pipeline.spec));
         if !matches!(step, TaskStep::Create | TaskStep::Replace) {
             if let Some(plan) = plan::of_job(&job) {
                 return Some(plan);

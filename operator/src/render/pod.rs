@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube_zerocopy_runtime::process::EXIT_PERMANENT;
+use kube_zerocopy_runtime::process::{EXIT_PERMANENT, EXIT_SHARD_FAILED};
 
 use super::volumes::{
     client_token_volume, data_mounts, data_volumes, sidecar_mounts, BINDINGS_VOLUME, MODELS_VOLUME,
@@ -206,7 +206,8 @@ pub(super) fn pod_template(
         name: names::WORKER_CONTAINER.into(),
         image: Some(image),
         command: Some(worker.command.clone()),
-        env: Some([env(&worker), overrides.env.clone().unwrap_or_default()].concat()),
+        // The template's first: where a name is given twice the last wins, the operator's.
+        env: Some([overrides.env.clone().unwrap_or_default(), env(&worker)].concat()),
         ports: is_actor.then(|| {
             vec![ContainerPort {
                 name: Some("http".into()),
@@ -370,15 +371,30 @@ pub(super) fn helper_pod(
 /// Fails the Job at once when `container` says that retrying cannot help (its exit code).
 pub(super) fn fail_at_once_on_permanent(container: &str) -> PodFailurePolicy {
     PodFailurePolicy {
-        rules: vec![PodFailurePolicyRule {
-            action: "FailJob".into(),
-            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                container_name: Some(container.into()),
-                operator: "In".into(),
-                values: vec![EXIT_PERMANENT],
-            }),
-            ..Default::default()
-        }],
+        rules: vec![on_exit_code(container, EXIT_PERMANENT, "FailJob")],
+    }
+}
+
+/// [`fail_at_once_on_permanent`], and a shard that says no retry of it can help (its exit
+/// code) fails its own index at once; the others go on.
+pub(super) fn fail_at_once_on_permanent_or_shard(container: &str) -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            on_exit_code(container, EXIT_PERMANENT, "FailJob"),
+            on_exit_code(container, EXIT_SHARD_FAILED, "FailIndex"),
+        ],
+    }
+}
+
+fn on_exit_code(container: &str, code: i32, action: &str) -> PodFailurePolicyRule {
+    PodFailurePolicyRule {
+        action: action.into(),
+        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+            container_name: Some(container.into()),
+            operator: "In".into(),
+            values: vec![code],
+        }),
+        ..Default::default()
     }
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 
 use super::metadata;
-use super::pod::fail_at_once_on_permanent;
+use super::pod::fail_at_once_on_permanent_or_shard;
 use crate::crd::{InferencePipeline, PlannedInput};
 use kube_zerocopy_contract::names;
 
@@ -58,7 +58,8 @@ pub(super) fn job(
             pod_replacement_policy: Some("Failed".into()),
             // Unless retrying cannot help (the input disagrees with the pipeline or its plan):
             // the worker says so with its exit code, the Job fails at once.
-            pod_failure_policy: Some(fail_at_once_on_permanent(names::WORKER_CONTAINER)),
+            // A shard whose input the model cannot run fails alone, at once.
+            pod_failure_policy: Some(fail_at_once_on_permanent_or_shard(names::WORKER_CONTAINER)),
             suspend: queued.then_some(true),
             template,
             ..Default::default()

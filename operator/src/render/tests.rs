@@ -553,10 +553,11 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     let annotations = template.metadata.unwrap().annotations.unwrap();
     assert_eq!(annotations["sidecar.istio.io/inject"], "false");
     let pod = template.spec.unwrap();
+    // The template's first: where a name were given twice, the operator's (last) would win.
     let env = pod.containers[0].env.clone().unwrap();
-    let last = env.last().unwrap();
+    let first = env.first().unwrap();
     assert_eq!(
-        (last.name.as_str(), last.value.as_deref()),
+        (first.name.as_str(), first.value.as_deref()),
         ("OMP_NUM_THREADS", Some("4"))
     );
     assert!(env

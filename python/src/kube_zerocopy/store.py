@@ -229,7 +229,7 @@ def load_state_dict(
     import torch
 
     if (name is None) == (digest is None):
-        raise TypeError("give a model name or a digest, not both")
+        raise TypeError("give a model name or a digest (one of the two)")
     if digest is None:
         assert name is not None
         digest = resolve(name, bindings)

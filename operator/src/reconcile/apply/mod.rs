@@ -18,7 +18,7 @@ use crate::queue::Hold;
 use crate::render::Rendered;
 use crate::status::{Blocked, Observed, Reason};
 
-pub use task::{task_step, work_digest, TaskStep, SPEC_CHANGED_WHILE_RUNNING};
+pub use task::{task_step, work_digest, work_of, TaskStep, SPEC_CHANGED_WHILE_RUNNING};
 
 /// What the apply step left.
 pub(super) enum Applied {

@@ -94,20 +94,39 @@ pub fn task_step(current: Option<&Job>, generation: Option<i64>, work: &str) -> 
 }
 
 /// The digest of what a Task pipeline computes: its spec without `task.parallelism`, which
-/// changes only how many shards run at once, `suspend` and `ttlSecondsAfterFinished`. Not the rendered Job's, which an operator upgrade
-/// changes too.
+/// changes only how many shards run at once, `suspend` and `ttlSecondsAfterFinished`. Not the
+/// rendered Job's, which an operator upgrade changes too.
 pub fn work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
     let mut work = spec.clone();
-    if let Some(task) = work.task.as_mut() {
-        task.parallelism = None;
-    }
     // Whether it is held, and how long it is kept once finished, change nothing it computes:
     // suspending a running Job (or giving a finished one a TTL) must not replace it.
     work.suspend = None;
     work.ttl_seconds_after_finished = None;
+    earlier_work_digest(&work)
+}
+
+/// The work digest as earlier operators computed it (`suspend` and `ttlSecondsAfterFinished`
+/// counted), which the Jobs they made carry.
+fn earlier_work_digest(spec: &crate::crd::InferencePipelineSpec) -> String {
+    let mut work = spec.clone();
+    if let Some(task) = work.task.as_mut() {
+        task.parallelism = None;
+    }
     let json = serde_json::to_vec(&work).expect("a spec serializes");
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(&json))
+}
+
+/// The digest to compare a Job's with: the earlier operators' when the Job carries that one
+/// (the same work, as they counted it), else [`work_digest`].
+pub fn work_of(current: Option<&Job>, spec: &crate::crd::InferencePipelineSpec) -> String {
+    let carried = current.and_then(|j| j.annotations().get(names::WORK_ANNOTATION));
+    let earlier = earlier_work_digest(spec);
+    if carried == Some(&earlier) {
+        earlier
+    } else {
+        work_digest(spec)
+    }
 }
 
 /// Marks a Job with the generation and the work it was rendered from and, for a re-run, why.
@@ -142,8 +161,12 @@ async fn apply_task(
 ) -> Result<TaskJob, kube::Error> {
     let name = job.metadata.name.clone().unwrap_or_default();
     let generation = pipeline.metadata.generation;
+    let step = task_step(
+        current.as_deref(),
+        generation,
+        &work_of(current.as_deref(), &pipeline.spec),
+    );
     let work = work_digest(&pipeline.spec);
-    let step = task_step(current.as_deref(), generation, &work);
     // Held: no new Job (a finished one stays until the pipeline goes on).
     if queue::suspended(pipeline) && matches!(step, TaskStep::Create | TaskStep::Replace) {
         return Ok(TaskJob {
@@ -170,9 +193,12 @@ async fn apply_task(
         }),
         TaskStep::Rescale => {
             // A merge patch of these fields alone: the Job's template cannot change, its
-            // parallelism can.
+            // parallelism can. The work's digest is written as this operator counts it.
             let patch = json!({
-                "metadata": {"annotations": {names::GENERATION_ANNOTATION: generation.map(|g| g.to_string())}},
+                "metadata": {"annotations": {
+                    names::GENERATION_ANNOTATION: generation.map(|g| g.to_string()),
+                    names::WORK_ANNOTATION: work,
+                }},
                 "spec": {"parallelism": job.spec.as_ref().and_then(|s| s.parallelism)},
             });
             let patched = api
@@ -426,5 +452,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A Job an earlier operator made carries the digest as it counted it (suspend and the
+    /// TTL in): after an upgrade, that Job is still the pipeline's work, rescaled in place, not
+    /// refused or replaced.
+    #[test]
+    fn a_job_of_an_earlier_operator_keeps_its_work() {
+        let p: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 30}\n  ttlSecondsAfterFinished: 86400\n",
+        )
+        .unwrap();
+        let earlier = super::earlier_work_digest(&p.spec);
+        assert_ne!(earlier, work_digest(&p.spec));
+        for end in [None, Some("Complete")] {
+            let mut made = job(Some(3), end);
+            made.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(names::WORK_ANNOTATION.into(), earlier.clone());
+            let work = super::work_of(Some(&made), &p.spec);
+            assert_eq!(task_step(Some(&made), Some(4), &work), TaskStep::Rescale);
+        }
+        // A Job of this operator, or none: today's digest.
+        assert_eq!(super::work_of(None, &p.spec), work_digest(&p.spec));
     }
 }
