@@ -145,6 +145,7 @@ class Refusals(unittest.TestCase):
             ({"length": 4}, "does not match its shape"),
             ({"dtype": "F128"}, "unknown dtype"),
             ({"shape": "x"}, "does not follow the layout"),
+            ({"shape": "12"}, "does not follow the layout"),
         ]:
             with self.subTest(change=change):
                 store = self.crafted(change)

@@ -147,12 +147,21 @@ def _parse(raw: Dict[str, Any], folder: Path) -> Manifest:
         raise LayoutError("the manifest's tensors are not a list")
     tensors: List[TensorEntry] = []
     for e in entries:
-        shape = tuple(int(d) for d in e["shape"])
+        dims = e["shape"]
+        if not isinstance(dims, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in dims
+        ):
+            raise LayoutError(
+                f"tensor {e['name']!r}: its shape does not follow the layout (a list of integers)"
+            )
+        shape = tuple(dims)
         if e["dtype"] not in DTYPE_SIZES:
             raise LayoutError(f"tensor {e['name']!r} has the unknown dtype {e['dtype']!r}")
         tensors.append(
             TensorEntry(str(e["name"]), str(e["dtype"]), shape, int(e["offset"]), int(e["length"]))
         )
+    if raw["digest"] != folder.name:
+        raise LayoutError(f"the manifest names model {raw['digest']!r}, its folder {folder.name}")
     return Manifest(
         digest=str(raw["digest"]),
         format=str(raw["format"]),
