@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use kube_zerocopy_e2e::{make_model, source, succeeded, Pod, SmallTmpfs};
 use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
@@ -279,20 +280,16 @@ fn full_shared_memory_is_rejected() {
     std::io::stdout().flush().unwrap();
 }
 
-/// A TorchScript model that returns two tensors: the worker refuses it in words with the
-/// shard's exit code (its index fails at once, without retries), and writes no output; never
-/// the first tensor alone as if it were all.
-#[test]
-fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let model = d.join("pair.pt");
-    make_model(&["pair", model.to_str().unwrap(), "--sizes", "32,4"]);
+/// Publishes `model` with the real weight server, then runs a Task worker on the one shard file
+/// (2 rows of `features`) of an input in `d`, its output in `d/output`: the pod (its
+/// termination message) and what the worker did.
+fn run_one_shard(d: &Path, model: ModelSource, features: usize) -> (Pod, Output) {
     let input = d.join("input");
-    let features = ["--shards", "1", "--batch", "2", "--features", "32"];
-    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
+    let features = features.to_string();
+    let shape = ["--shards", "1", "--batch", "2", "--features", &features];
+    make_model(&[&["inputs", input.to_str().unwrap()][..], &shape[..]].concat());
     let pod = Pod::new();
-    let models = [source("pair", ModelFormat::TorchScript, &model)];
+    let models = [model];
     succeeded(&pod.publish(&models));
     let out = pod
         .command("kube-zerocopy-worker", &models)
@@ -302,6 +299,19 @@ fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
         .arg(d.join("output"))
         .output()
         .unwrap();
+    (pod, out)
+}
+
+/// A TorchScript model that returns two tensors: the worker refuses it in words with the
+/// shard's exit code (its index fails at once, without retries), and writes no output; never
+/// the first tensor alone as if it were all.
+#[test]
+fn a_model_that_returns_several_tensors_is_refused_not_cut_to_its_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("pair.pt");
+    make_model(&["pair", model.to_str().unwrap(), "--sizes", "32,4"]);
+    let (_pod, out) = run_one_shard(d, source("pair", ModelFormat::TorchScript, &model), 32);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
@@ -324,20 +334,7 @@ fn a_state_dict_the_worker_cannot_build_fails_the_task_at_once() {
         r#"{"encoder.embed.weight":{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}"#,
         128,
     );
-    let input = d.join("input");
-    let features = ["--shards", "1", "--batch", "2", "--features", "8"];
-    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
-    let pod = Pod::new();
-    let models = [source("encoder", ModelFormat::Safetensors, &model)];
-    succeeded(&pod.publish(&models));
-    let out = pod
-        .command("kube-zerocopy-worker", &models)
-        .args(["task", "--shard-index", "0", "--input"])
-        .arg(&input)
-        .arg("--output")
-        .arg(d.join("output"))
-        .output()
-        .unwrap();
+    let (_pod, out) = run_one_shard(d, source("encoder", ModelFormat::Safetensors, &model), 8);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
@@ -356,20 +353,7 @@ fn a_shape_the_model_does_not_take_is_said_in_libtorchs_words() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let model = small_script(d);
-    let input = d.join("input");
-    let features = ["--shards", "1", "--batch", "2", "--features", "32"];
-    make_model(&[&["inputs", input.to_str().unwrap()][..], &features[..]].concat());
-    let pod = Pod::new();
-    let models = [source("net", ModelFormat::TorchScript, &model)];
-    succeeded(&pod.publish(&models));
-    let out = pod
-        .command("kube-zerocopy-worker", &models)
-        .args(["task", "--shard-index", "0", "--input"])
-        .arg(&input)
-        .arg("--output")
-        .arg(d.join("output"))
-        .output()
-        .unwrap();
+    let (pod, out) = run_one_shard(d, source("net", ModelFormat::TorchScript, &model), 32);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     let error = stderr

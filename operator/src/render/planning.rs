@@ -2,11 +2,11 @@
 
 use anyhow::Result;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Volume, VolumeMount};
+use k8s_openapi::api::core::v1::Volume;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::pod::{fail_at_once_on_permanent, helper_container, helper_pod, runtime_image};
-use super::volumes::{data_mounts, data_volumes};
+use super::volumes::{data_mounts, data_volumes, template_mounts_read_only};
 use super::{labels, metadata, Settings};
 use crate::crd::InferencePipeline;
 use crate::invocation::{self, Mounts};
@@ -26,16 +26,7 @@ pub(super) fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Res
         .filter(|(_, field)| *field == "input")
         .collect();
     let mut volume_mounts = data_mounts(&credentials, &mounts);
-    volume_mounts.extend(
-        overrides
-            .volume_mounts
-            .iter()
-            .flatten()
-            .map(|m| VolumeMount {
-                read_only: Some(true),
-                ..m.clone()
-            }),
-    );
+    volume_mounts.extend(template_mounts_read_only(&overrides));
     let mut volumes: Vec<Volume> = credentials.into_iter().map(|(v, _)| v).collect();
     volumes.extend(overrides.volumes.clone().unwrap_or_default());
     let container = helper_container(

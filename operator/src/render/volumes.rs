@@ -16,8 +16,8 @@ use kube_zerocopy_contract::models::{
 
 use super::pod::mount;
 use crate::crd::{
-    CredentialFiles, InferencePipeline, InferencePipelineSpec, Sharing, CLIENT_TOKEN_FILE,
-    SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
+    CredentialFiles, InferencePipeline, InferencePipelineSpec, PodOverrides, Sharing,
+    CLIENT_TOKEN_FILE, SOURCE_AZURE_DIR, SOURCE_CA_FILE, SOURCE_S3_DIR, SOURCE_TOKEN_FILE,
 };
 use crate::invocation::Mounts;
 use crate::quantity;
@@ -318,15 +318,21 @@ pub(super) fn sidecar_mounts(spec: &InferencePipelineSpec, mounts: &Mounts) -> V
             .map(|(v, model)| mount(&v.name, &mounts.sources.join(model), true)),
     );
     let overrides = spec.template.clone().unwrap_or_default();
-    all.extend(
-        overrides
-            .volume_mounts
-            .iter()
-            .flatten()
-            .map(|m| VolumeMount {
-                read_only: Some(true),
-                ..m.clone()
-            }),
-    );
+    all.extend(template_mounts_read_only(&overrides));
     all
+}
+
+/// The template's mounts, each read-only: for the containers that only read what they mount
+/// (the weight server, the planner).
+pub(super) fn template_mounts_read_only(
+    overrides: &PodOverrides,
+) -> impl Iterator<Item = VolumeMount> + '_ {
+    overrides
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| VolumeMount {
+            read_only: Some(true),
+            ..m.clone()
+        })
 }
