@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-zerocopy-sidecar and kube-zerocopy-worker against another torch release (the one a
+# Builds kube-zerocopy-weight-server and kube-zerocopy-worker against another torch release (the one a
 # GPU machine has, which cannot fetch anything) into .device/bin, for scripts/gpu-check.sh:
 #
 #   scripts/build-for-device.sh 2.11.0     # then carry .device/bin to the GPU machine
@@ -35,10 +35,10 @@ sed -i "s/^tch = .*/tch = \"=$TCH\"/; s/^torch-sys = .*/torch-sys = \"=$TCH\"/" 
   unset LIBTORCH_USE_PYTORCH
   LIBTORCH=$LIBTORCH KZC_TORCH_DIR=$LIBTORCH LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR=$CACHE/target \
     RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
-    cargo build --release -p kube-zerocopy-worker -p kube-zerocopy-sidecar --bins
+    cargo build --release -p kube-zerocopy-worker -p kube-zerocopy-weight-server --bins
 )
 mkdir -p .device/bin
-for b in kube-zerocopy-sidecar kube-zerocopy-worker; do
+for b in kube-zerocopy-weight-server kube-zerocopy-worker; do
   strip -o ".device/bin/$b" "$CACHE/target/release/$b"
 done
 ls -la .device/bin

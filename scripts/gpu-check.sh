@@ -8,7 +8,7 @@
 # (VarStore::load / CModule::load onto the device). Outputs must be identical between the
 # zero-copy and copying loads; load-step medians and the ratio are printed.
 #
-#   BIN=<folder with kube-zerocopy-sidecar and kube-zerocopy-worker> OUT=<results> scripts/gpu-check.sh
+#   BIN=<folder with kube-zerocopy-weight-server and kube-zerocopy-worker> OUT=<results> scripts/gpu-check.sh
 # The binaries must be built against the torch that python3 imports there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ export KZC_STORE="$W/store" KZC_BINDINGS="$W/bindings"
 for fmt in Safetensors TorchScript; do
   file=$([ $fmt = Safetensors ] && echo "$W/mlp.safetensors" || echo "$W/net.pt")
   export KZC_MODELS="[{\"name\":\"m\",\"format\":\"$fmt\",\"uri\":\"file://$file\"}]"
-  "$BIN/kube-zerocopy-sidecar" publish 2>/dev/null
+  "$BIN/kube-zerocopy-weight-server" publish 2>/dev/null
   "$BIN/kube-zerocopy-worker" --device cpu inspect --input-file "$W/in/shard-00000.safetensors" \
       --output-file "$OUT/$fmt-cpu.safetensors" > "$OUT/$fmt-cpu.json"
   for round in $(seq "$ROUNDS"); do

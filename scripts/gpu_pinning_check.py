@@ -2,7 +2,7 @@
 
 The worker's cuda path copies the weights once from the shared, read-only mapping to the GPU,
 after pinning the mapping in place with cudaHostRegister (read-only flag). This checks, with
-the GPU's own torch, on a model published by the real kube-zerocopy-sidecar into /dev/shm:
+the GPU's own torch, on a model published by the real kube-zerocopy-weight-server into /dev/shm:
   - that a read-only MAP_SHARED tmpfs mapping can be pinned at all, and with which flags;
   - the host-to-device copy time of every tensor, pinned against pageable, medians of rounds;
   - that the device copies equal the mapped bytes.

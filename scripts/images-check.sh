@@ -92,7 +92,7 @@ log "operator: kube-zerocopy --help ok as 65532 with a read-only root"
 # ---- runtime: --help, then sidecar publishes and worker runs a model --------------------------
 unpack runtime
 [ "$(user_of runtime)" = 65532:65532 ] || die "runtime: runs as $(user_of runtime), not 65532:65532"
-for bin in kube-zerocopy-sidecar kube-zerocopy-worker kube-zerocopy-agent; do
+for bin in kube-zerocopy-weight-server kube-zerocopy-worker kube-zerocopy-agent; do
   spec runtime "[\"/usr/local/bin/$bin\", \"--help\"]"
   run runtime || die "runtime: $bin --help: $(cat "$WORK/runtime.out")"
   log "runtime: $bin --help ok"
@@ -109,10 +109,10 @@ input="${inputs[0]##*/}"
 chown -R 65532:65532 "$WORK/kzc" "$WORK/out"
 chmod -R a+rX "$WORK/models" "$WORK/input"
 models='["KZC_MODELS=[{\"name\":\"m\",\"format\":\"TorchScript\",\"uri\":\"file:///models/model.pt\"}]"]'
-spec runtime '["/usr/local/bin/kube-zerocopy-sidecar", "publish"]' \
+spec runtime '["/usr/local/bin/kube-zerocopy-weight-server", "publish"]' \
   "[[\"$WORK/models\", \"/models\", \"ro\"], [\"$WORK/kzc/store\", \"/kzc/store\", \"rw\"], [\"$WORK/kzc/bindings\", \"/kzc/bindings\", \"rw\"]]" \
   "$models"
-run runtime || die "runtime: kube-zerocopy-sidecar publish: $(cat "$WORK/runtime.out")"
+run runtime || die "runtime: kube-zerocopy-weight-server publish: $(cat "$WORK/runtime.out")"
 log "runtime: the sidecar published the model as 65532"
 spec runtime "[\"/usr/local/bin/kube-zerocopy-worker\", \"inspect\", \"--input-file\", \"/input/$input\", \"--output-file\", \"/out/output.safetensors\"]" \
   "[[\"$WORK/input\", \"/input\", \"ro\"], [\"$WORK/kzc/store\", \"/kzc/store\", \"ro\"], [\"$WORK/kzc/bindings\", \"/kzc/bindings\", \"ro\"], [\"$WORK/out\", \"/out\", \"rw\"]]" \

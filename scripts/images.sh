@@ -260,7 +260,7 @@ OPERATOR_ARCHIVE="$(build operator "$ROOT/Dockerfile.operator" "$ctx" "docker.io
 ctx="$WORK/runtime"
 mkdir -p "$ctx/bin" "$ctx/lib"
 # The weight server and the node agent need nothing beyond the base; the worker needs libtorch.
-for program in kube-zerocopy-sidecar kube-zerocopy-agent; do
+for program in kube-zerocopy-weight-server kube-zerocopy-agent; do
   deps="$(check_deps "$REL/$program")"
   while read -r soname _; do
     [[ "$soname" =~ $BASE_SONAMES ]] || die "$program needs $soname, which the base does not have"

@@ -19,10 +19,10 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use kube_zerocopy_sidecar::config::ModelSource;
-use kube_zerocopy_sidecar::publish::Observer;
-use kube_zerocopy_sidecar::source::{self, SourceLimits};
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::config::ModelSource;
+use kube_zerocopy_fetch::publish::Observer;
+use kube_zerocopy_fetch::source::{self, SourceLimits};
+use kube_zerocopy_fetch::Store;
 
 use crate::activity::Activity;
 

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use kube_zerocopy_fetch::config::ModelSource;
+use kube_zerocopy_fetch::publish::Observer;
+use kube_zerocopy_fetch::Store;
 use kube_zerocopy_runtime::redact;
-use kube_zerocopy_sidecar::config::ModelSource;
-use kube_zerocopy_sidecar::publish::Observer;
-use kube_zerocopy_sidecar::Store;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tracing::warn;

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kube_zerocopy_fetch::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
+use kube_zerocopy_fetch::layout::{Bindings, Hold, StoreFull};
+use kube_zerocopy_fetch::publish::Publisher;
+use kube_zerocopy_fetch::source::SourceLimits;
+use kube_zerocopy_fetch::Store;
 use kube_zerocopy_runtime::redact;
-use kube_zerocopy_sidecar::config::{models_from_json, ModelSource, MODELS_ATTRIBUTE};
-use kube_zerocopy_sidecar::layout::{Bindings, Hold, StoreFull};
-use kube_zerocopy_sidecar::publish::Publisher;
-use kube_zerocopy_sidecar::source::SourceLimits;
-use kube_zerocopy_sidecar::Store;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -38,7 +38,7 @@ use crate::volume_secret::VolumeSecret;
 
 /// The volume attribute in which the kubelet passes the pod's namespace.
 const POD_NAMESPACE_ATTRIBUTE: &str = "csi.storage.k8s.io/pod.namespace";
-use kube_zerocopy_sidecar::config::VIEW_BINDINGS_DIR;
+use kube_zerocopy_fetch::config::VIEW_BINDINGS_DIR;
 
 pub struct Agent {
     /// The CSI driver's name, as pods' volumes and the CSIDriver object name it.
@@ -305,7 +305,7 @@ impl Agent {
                 model.name
             )))
         };
-        if kube_zerocopy_sidecar::source::is_remote(&model.uri) {
+        if kube_zerocopy_fetch::source::is_remote(&model.uri) {
             return Ok(());
         }
         let Some(path) = model.uri.strip_prefix("file://") else {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::Store;
 
 pub struct Layouts {
     store: Store,

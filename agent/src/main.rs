@@ -11,9 +11,9 @@ use kube_zerocopy_agent::proto::csi::{identity_server::IdentityServer, node_serv
 use kube_zerocopy_agent::tenants::Shares;
 use kube_zerocopy_agent::{metrics, report, store_memory};
 use kube_zerocopy_contract::settings::NodeAgent;
-use kube_zerocopy_sidecar::networks::SourceNetworks;
-use kube_zerocopy_sidecar::source::{DownloadSlots, SourceLimits};
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::networks::SourceNetworks;
+use kube_zerocopy_fetch::source::{DownloadSlots, SourceLimits};
+use kube_zerocopy_fetch::Store;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
@@ -77,7 +77,7 @@ fn run(cli: NodeAgent) -> Result<()> {
     // What a killed agent left behind: it is their only writer on this node.
     kube_zerocopy_agent::volume_secret::VolumeSecret::remove_left(store.private_root())
         .context("removing the volumes' Secrets an earlier run left")?;
-    let removed = kube_zerocopy_sidecar::source::remove_left_downloads(&cli.download_dir)?;
+    let removed = kube_zerocopy_fetch::source::remove_left_downloads(&cli.download_dir)?;
     if removed > 0 {
         tracing::info!(removed, "removed downloads left by an earlier run");
     }

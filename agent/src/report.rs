@@ -23,8 +23,8 @@ use kube::{Api, Client, Resource};
 use kube_zerocopy_contract::node_store::{
     held_label, human_bytes, Fetching, HeldModel, NodeStore, NodeStoreStatus, HELD_LABEL_PREFIX,
 };
-use kube_zerocopy_sidecar::layout::MANIFEST_FILE;
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::layout::MANIFEST_FILE;
+use kube_zerocopy_fetch::Store;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -281,8 +281,8 @@ async fn label(nodes: &Api<Node>, node: &Node, held: BTreeSet<String>) -> Result
 mod tests {
     use std::time::Instant;
 
-    use kube_zerocopy_sidecar::config::ModelSource;
-    use kube_zerocopy_sidecar::publish::Observer;
+    use kube_zerocopy_fetch::config::ModelSource;
+    use kube_zerocopy_fetch::publish::Observer;
 
     use super::*;
 

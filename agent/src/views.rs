@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::Store;
 use rustix::mount::{mount_bind, mount_remount, unmount, MountFlags, UnmountFlags};
 
 pub struct Views {

@@ -13,7 +13,7 @@ use std::path::Path;
 use kube_zerocopy_contract::models::{
     ACCESS_KEY_ID_FILE, ACCOUNT_KEY_FILE, SECRET_ACCESS_KEY_FILE, VOLUME_SECRET_DIR,
 };
-use kube_zerocopy_sidecar::config::ModelSource;
+use kube_zerocopy_fetch::config::ModelSource;
 
 /// Where the volumes' Secrets are laid out, under the store's private folder.
 const SECRETS_DIR: &str = ".volume-secrets";
@@ -158,7 +158,7 @@ fn is_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube_zerocopy_sidecar::{ModelFormat, S3Access};
+    use kube_zerocopy_fetch::{ModelFormat, S3Access};
 
     fn model(uri: &str) -> ModelSource {
         ModelSource {

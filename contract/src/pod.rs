@@ -162,6 +162,8 @@ pub struct WeightServer {
 
 /// The address of the weight server's health endpoints (`serve`).
 #[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
+// The subcommand that flattens it is also `Serve`: two argument groups of one name.
+#[group(skip)]
 pub struct Serve {
     /// Address of the HTTP endpoints /readyz and /livez.
     #[arg(long, env = "KZC_LISTEN", default_value = "0.0.0.0:8471")]

@@ -2,7 +2,7 @@
 // A CSI volume's models attribute, as any pod that names the node agent's driver can write
 // it: the list is parsed and checked, and every URI in it (or in the error) is shown without
 // its query string.
-use kube_zerocopy_sidecar::config::models_from_json;
+use kube_zerocopy_fetch::config::models_from_json;
 use kube_zerocopy_runtime::redact;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kube_zerocopy_sidecar::config::ModelFormat;
-use kube_zerocopy_sidecar::formats;
-use kube_zerocopy_sidecar::source::{Source, SourceFile};
-use kube_zerocopy_sidecar::Store;
+use kube_zerocopy_fetch::config::ModelFormat;
+use kube_zerocopy_fetch::formats;
+use kube_zerocopy_fetch::source::{Source, SourceFile};
+use kube_zerocopy_fetch::Store;
 
 fn scratch() -> &'static (tempfile::TempDir, PathBuf, Store) {
     static SCRATCH: OnceLock<(tempfile::TempDir, PathBuf, Store)> = OnceLock::new();
@@ -26,8 +26,8 @@ pub fn lay_out(format: ModelFormat, data: &[u8]) {
     let staging = store.begin("fuzz").expect("a staging folder");
     if let Ok(laid) = formats::lay_out(format, &source, &staging) {
         // What a format accepts, the worker's check must accept too.
-        let manifest = kube_zerocopy_sidecar::Manifest {
-            layout_version: kube_zerocopy_sidecar::layout::LAYOUT_VERSION,
+        let manifest = kube_zerocopy_fetch::Manifest {
+            layout_version: kube_zerocopy_fetch::layout::LAYOUT_VERSION,
             digest: "fuzz".into(),
             format,
             source_bytes: source.len(),

@@ -6,7 +6,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     let len = u64::from_le_bytes(*len);
-    let Ok(manifest) = serde_json::from_slice::<kube_zerocopy_sidecar::Manifest>(json) else {
+    let Ok(manifest) = serde_json::from_slice::<kube_zerocopy_fetch::Manifest>(json) else {
         return;
     };
     if manifest.validate(len).is_ok() {

@@ -12,7 +12,7 @@ use crate::crd::{
     CLIENT_TOKEN_FILE,
 };
 
-pub const SIDECAR_BINARY: &str = "kube-zerocopy-sidecar";
+pub const SIDECAR_BINARY: &str = "kube-zerocopy-weight-server";
 pub const WORKER_BINARY: &str = "kube-zerocopy-worker";
 
 /// Where a pod's volumes are mounted.

@@ -94,7 +94,7 @@ enum LocalCommand {
         /// How many workers at once (default: the pipeline's task.parallelism).
         #[arg(long)]
         parallelism: Option<usize>,
-        /// Where kube-zerocopy-sidecar and kube-zerocopy-worker are (default: beside this binary).
+        /// Where kube-zerocopy-weight-server and kube-zerocopy-worker are (default: beside this binary).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
         /// The folder that plays the node's /dev/shm.

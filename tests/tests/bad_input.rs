@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use kube_zerocopy_e2e::{make_model, source, succeeded, Pod, SmallTmpfs};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 
 /// Publishes and expects a failure whose message contains `cause`.
 fn expect_rejected(pod: &Pod, model: ModelSource, cause: &str) -> String {

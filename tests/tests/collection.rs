@@ -5,12 +5,12 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use kube_zerocopy_e2e::{make_model, source, succeeded, Pod, SmallTmpfs};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 
-/// `kube-zerocopy-sidecar serve` for `models`, returned once they are published and bound.
+/// `kube-zerocopy-weight-server serve` for `models`, returned once they are published and bound.
 fn serve(pod: &Pod, models: &[ModelSource]) -> Child {
     let mut sidecar = pod
-        .command("kube-zerocopy-sidecar", models)
+        .command("kube-zerocopy-weight-server", models)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .stderr(Stdio::null())
         .spawn()
@@ -71,7 +71,7 @@ fn unused_models_make_room_and_a_model_in_use_is_kept() {
     // Without pressure, an unused model stays for --keep-unused, then goes.
     let gc = |keep: &str| {
         let out = second
-            .command("kube-zerocopy-sidecar", &[])
+            .command("kube-zerocopy-weight-server", &[])
             .args(["gc", "--keep-unused", keep])
             .output()
             .unwrap();

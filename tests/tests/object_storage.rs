@@ -1,5 +1,5 @@
 //! Models fetched from a real S3 server (versitygw on 127.0.0.1, `tests/env/src/s3.rs`) by
-//! `kube-zerocopy-sidecar publish`: safetensors and TorchScript models streamed by byte ranges
+//! `kube-zerocopy-weight-server publish`: safetensors and TorchScript models streamed by byte ranges
 //! into place and laid out as from their files, connections cut midway resumed, a wrong
 //! checksum and refused credentials refused with nothing published; and a Task pipeline's
 //! shards read from and written to S3 prefixes, planned without counting, with a manifest.
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use kube_zerocopy_e2e::azure::AzureServer;
 use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
-use kube_zerocopy_sidecar::layout::TENSORS_FILE;
-use kube_zerocopy_sidecar::{AzureAccess, ModelFormat, ModelSource, S3Access};
+use kube_zerocopy_fetch::layout::TENSORS_FILE;
+use kube_zerocopy_fetch::{AzureAccess, ModelFormat, ModelSource, S3Access};
 use sha2::Digest;
 
 const BUCKET: &str = "models";

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube_zerocopy_e2e::{make_model, sha256_of, source, succeeded, Pod};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource, Store};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource, Store};
 
 /// What a reader saw of one model while it was being published.
 #[derive(Default)]
@@ -73,7 +73,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     std::thread::sleep(Duration::from_millis(50));
 
     let mut sidecar = pod
-        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .command("kube-zerocopy-weight-server", std::slice::from_ref(&model))
         .arg("publish")
         .spawn()
         .unwrap();
@@ -113,7 +113,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
     assert!(pod.bindings().read().unwrap().is_none());
     // The probe says not ready, and a worker refuses to start with a clear error.
     let probe = pod
-        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .command("kube-zerocopy-weight-server", std::slice::from_ref(&model))
         .arg("probe")
         .output()
         .unwrap();
@@ -134,7 +134,7 @@ fn sidecar_killed_mid_publish_leaves_no_partial_model_and_a_restart_completes() 
         pod.staging()
     );
     let probe = pod
-        .command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        .command("kube-zerocopy-weight-server", std::slice::from_ref(&model))
         .arg("probe")
         .status()
         .unwrap();
@@ -200,7 +200,7 @@ fn two_sidecars_on_one_node_load_a_model_once() {
     let first = Pod::new();
     let second = Pod::sharing_store_of(&first);
     let spawn = |pod: &Pod| {
-        pod.command("kube-zerocopy-sidecar", std::slice::from_ref(&model))
+        pod.command("kube-zerocopy-weight-server", std::slice::from_ref(&model))
             .arg("publish")
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -297,7 +297,7 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
     }];
     let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
     let mut sidecar = pod
-        .command("kube-zerocopy-sidecar", &models)
+        .command("kube-zerocopy-weight-server", &models)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -320,7 +320,7 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
     assert_eq!(publishing.0, 503, "{publishing:?}");
     assert_eq!(get("/livez").map(|a| a.0), Some(200));
     assert!(!pod
-        .command("kube-zerocopy-sidecar", &models)
+        .command("kube-zerocopy-weight-server", &models)
         .arg("probe")
         .status()
         .unwrap()
@@ -335,7 +335,7 @@ fn the_weight_server_is_ready_only_once_its_models_are_published() {
     };
     assert_eq!(ready, (200, "ready".to_string()));
     assert!(pod
-        .command("kube-zerocopy-sidecar", &models)
+        .command("kube-zerocopy-weight-server", &models)
         .arg("probe")
         .status()
         .unwrap()
@@ -371,7 +371,7 @@ fn a_serving_weight_server_keeps_its_models_and_collects_unused_ones() {
     let serving = Pod::sharing_store_of(&finished);
     let port = kube_zerocopy_e2e::cluster::free_port().unwrap();
     let mut sidecar = serving
-        .command("kube-zerocopy-sidecar", &served)
+        .command("kube-zerocopy-weight-server", &served)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .envs([("KZC_KEEP_UNUSED", "3"), ("KZC_COLLECT_EVERY", "1")])
         .stderr(std::process::Stdio::null())
@@ -418,7 +418,7 @@ fn a_serving_weight_server_keeps_its_models_and_collects_unused_ones() {
     sidecar.kill().unwrap();
     sidecar.wait().unwrap();
     let gc = serving
-        .command("kube-zerocopy-sidecar", &served)
+        .command("kube-zerocopy-weight-server", &served)
         .arg("gc")
         .env("KZC_KEEP_UNUSED", "0")
         .output()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use kube_zerocopy_e2e::{make_model, repo, source, succeeded, Pod};
-use kube_zerocopy_sidecar::ModelFormat;
+use kube_zerocopy_fetch::ModelFormat;
 
 fn python() -> String {
     let venv = std::env::var("KZC_VENV").expect("KZC_VENV (run through `make test`)");

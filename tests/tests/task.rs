@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use kube_zerocopy_e2e::{bin, make_model, read_output, source, succeeded, Pod};
-use kube_zerocopy_sidecar::ModelFormat;
+use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::task::{list_shards, read_input, write_output};
 use kube_zerocopy_worker::LoadedModel;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use kube_zerocopy_e2e::{make_model, mib, read_output, source, succeeded, Pod};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::memory::{status_kib, MemoryStats};
 use kube_zerocopy_worker::shared::SharedModel;
 
@@ -258,8 +258,8 @@ const WRITE_PROBE: &str = "KZC_TEST_WRITE_THROUGH_THE_MAPPING";
 /// the pod's environment) and fills its first tensor in place. Reaching the end means the
 /// write went through.
 fn write_through_the_mapping() {
-    let store = kube_zerocopy_sidecar::Store::new(std::env::var("KZC_STORE").unwrap());
-    let bindings = kube_zerocopy_sidecar::Bindings::new(std::env::var("KZC_BINDINGS").unwrap());
+    let store = kube_zerocopy_fetch::Store::new(std::env::var("KZC_STORE").unwrap());
+    let bindings = kube_zerocopy_fetch::Bindings::new(std::env::var("KZC_BINDINGS").unwrap());
     let model = SharedModel::open(&store, &bindings, "m", false).unwrap();
     let name = model.manifest.tensors[0].name.clone();
     let mut tensor = model.tensor(&name).unwrap();

@@ -15,8 +15,8 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use kube_zerocopy_contract::models::{AzureAccess, S3Access};
+use kube_zerocopy_object_storage::{self as cloud, Storage};
 use kube_zerocopy_runtime::process::Permanent;
-use kube_zerocopy_sidecar::cloud::{self, Storage};
 
 pub const SHARD_EXTENSION: &str = ".safetensors";
 

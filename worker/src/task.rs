@@ -34,7 +34,22 @@ pub const RUNS_DIR: &str = "_kube-zerocopy/runs";
 /// The manifest of a finished run's outputs, under the output.
 pub const MANIFEST: &str = "manifest.json";
 
-pub use kube_zerocopy_sidecar::config::shard_files as list_shards;
+/// The shard files of an input folder, in order: shard `i` is the i-th `*.safetensors` file
+/// by name. The planner, every shard's worker and the local runner list it the same way.
+pub fn list_shards(input: &Path) -> Result<Vec<PathBuf>> {
+    let reading = || format!("reading input folder {}", input.display());
+    let mut shards = Vec::new();
+    // An entry that cannot be read fails the listing: skipping it would shift every shard
+    // after it to another index.
+    for entry in std::fs::read_dir(input).with_context(reading)? {
+        let path = entry.with_context(reading)?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            shards.push(path);
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}
 
 /// What planning found: how many shards, and the digest of the listing they were found in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,7 +46,7 @@ pub use volumes::{
 /// What the operator itself decides, not the pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// The runtime image: kube-zerocopy-sidecar and kube-zerocopy-worker with libtorch's CPU
+    /// The runtime image: kube-zerocopy-weight-server and kube-zerocopy-worker with libtorch's CPU
     /// libraries.
     pub runtime_image: String,
     /// The runtime image of `device: cuda` pipelines: the same, with libtorch's CUDA backend

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::{bin, make_model, source, start_actor, Pod};
-use kube_zerocopy_sidecar::ModelFormat;
+use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::oip;
 
 const MODEL: &str = "bench";

@@ -1,7 +1,7 @@
 //! `make bench-fetch`: what publishing a model costs beyond copying its bytes. One safetensors
 //! model of 1 GiB, rounds alternating side by side in one run:
 //!
-//! - `cp` of the file into /dev/shm (the page cache warm) against `kube-zerocopy-sidecar
+//! - `cp` of the file into /dev/shm (the page cache warm) against `kube-zerocopy-weight-server
 //!   publish` of it as a `file://` source (its sha256 declared) into a store in /dev/shm;
 //! - `curl` of it from a local http server into /dev/shm against publishing it from the same
 //!   server (an http source, read by byte ranges);
@@ -20,7 +20,7 @@ use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::cluster::real::serve_folder_on;
 use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource, S3Access};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource, S3Access};
 
 const ROUNDS: usize = 5;
 /// Linear(8192, 16384) + Linear(16384, 8192), f32: 1 GiB and 96 KiB of biases.
@@ -41,10 +41,10 @@ fn timed(what: &str, command: &mut Command) -> Result<f64> {
     Ok(seconds)
 }
 
-/// Seconds `kube-zerocopy-sidecar publish` of `model` takes into a fresh store in /dev/shm.
+/// Seconds `kube-zerocopy-weight-server publish` of `model` takes into a fresh store in /dev/shm.
 fn publish(model: &ModelSource) -> Result<f64> {
     let pod = Pod::new();
-    let mut command = pod.command("kube-zerocopy-sidecar", std::slice::from_ref(model));
+    let mut command = pod.command("kube-zerocopy-weight-server", std::slice::from_ref(model));
     timed("publish", command.arg("publish"))
 }
 

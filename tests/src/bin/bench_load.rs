@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::{make_model, mib, source, Pod};
-use kube_zerocopy_sidecar::{ModelFormat, ModelSource};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::memory::MemoryStats;
 
 const ROUNDS: usize = 7;

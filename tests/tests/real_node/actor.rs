@@ -23,7 +23,7 @@ use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::s3::S3Server;
 use kube_zerocopy_e2e::wait::eventually_seen;
 use kube_zerocopy_e2e::{make_model, metric_value, read_output, sha256_of, RenameCounter};
-use kube_zerocopy_sidecar::config::NODE_STORE_DRIVER;
+use kube_zerocopy_fetch::config::NODE_STORE_DRIVER;
 use kube_zerocopy_worker::oip;
 use serde_json::json;
 
@@ -435,13 +435,13 @@ async fn no_worker_writes_the_store(env: &Env, pod: &Pod, store: &std::path::Pat
                 &format!("write-attempt-{n}"),
                 &id,
             ])
-            .arg("kube-zerocopy-sidecar")
+            .arg("kube-zerocopy-weight-server")
             .args(*attempt)
             .output()?;
         let said = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
         println!(
-            "  inside a worker, kube-zerocopy-sidecar {}: exit {:?}: {}",
+            "  inside a worker, kube-zerocopy-weight-server {}: exit {:?}: {}",
             attempt.join(" "),
             out.status.code(),
             said.trim().lines().last().unwrap_or("")

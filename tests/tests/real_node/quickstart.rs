@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, PostParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy_e2e::{repo, source};
-use kube_zerocopy_sidecar::ModelFormat;
+use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::model::LoadedModel;
 use tch::{Device, Kind, Tensor};
 

@@ -146,7 +146,7 @@ pub fn reference(dir: &Path, file: &'static str, format: &'static str) -> Result
     let output = dir.join(format!("reference-{file}"));
     local_task_run(&model, format, &dir.join("input"), &output)?;
     let bytes = std::fs::metadata(&model)?.len();
-    let sha256 = kube_zerocopy_sidecar::source::sha256_hex(&std::fs::read(&model)?);
+    let sha256 = kube_zerocopy_fetch::source::sha256_hex(&std::fs::read(&model)?);
     Ok(Model {
         file,
         format,

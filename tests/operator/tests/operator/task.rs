@@ -42,7 +42,7 @@ pub async fn a_task_pipeline_succeeds_with_one_event_per_phase(env: Arc<Env>) {
     let sidecar = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(
         sidecar.command.clone().unwrap(),
-        ["kube-zerocopy-sidecar", "serve"]
+        ["kube-zerocopy-weight-server", "serve"]
     );
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     let env_of_worker: Vec<(String, String)> = pod.containers[0]

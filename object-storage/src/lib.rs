@@ -3,7 +3,7 @@
 //! pipeline's Secret, mounted as files, or else from the environment's chain (web identity,
 //! instance profile, managed identity), as the clouds' own tools take them; every request is
 //! signed by the library. The weight server reads model sources through presigned URLs (see
-//! [`crate::remote`]); the Task workers list, read and write data through the clients.
+//! `kube_zerocopy_fetch::remote`); the Task workers list, read and write data through the clients.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::signer::Signer;
 use object_store::ObjectStore;
 
-use crate::config::{
+use kube_zerocopy_contract::models::{
     AzureAccess, S3Access, ACCESS_KEY_ID_FILE, ACCOUNT_KEY_FILE, SECRET_ACCESS_KEY_FILE,
     SESSION_TOKEN_FILE,
 };

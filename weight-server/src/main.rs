@@ -1,4 +1,4 @@
-//! `kube-zerocopy-sidecar`: the weight server. It runs as a native sidecar: it publishes every
+//! `kube-zerocopy-weight-server`: the weight server. It runs as a native sidecar: it publishes every
 //! model of `KZC_MODELS` into the shared store, binds them for this pod, then stays up serving
 //! its readiness endpoint until the pod ends.
 
@@ -10,12 +10,12 @@ use anyhow::Result;
 use clap::{Args, FromArgMatches};
 use clap::{Parser, Subcommand};
 use kube_zerocopy_contract::pod;
-use kube_zerocopy_sidecar::layout::{Bindings, Store};
-use kube_zerocopy_sidecar::publish::Publisher;
+use kube_zerocopy_fetch::publish::Publisher;
+use kube_zerocopy_store::{Bindings, Store};
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(name = "kube-zerocopy-sidecar", version, about)]
+#[command(name = "kube-zerocopy-weight-server", version, about)]
 struct Cli {
     #[command(flatten)]
     pod: pod::PodModels,

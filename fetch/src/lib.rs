@@ -1,7 +1,9 @@
-//! The weight server's library. It owns the shared-memory layout, the one format that the
-//! sidecar writes and every worker reads, so both sides link this crate.
+//! Fetching models into the store: sources, object storage, ranged and resumed downloads, the
+//! formats' parsers, and publication. The weight server and the node agent run it; the workers
+//! do not link it (they read the store through `kube-zerocopy-store`).
 //!
-//! - [`cloud`]: the object stores (S3, Azure Blob) a pipeline names, and their credentials.
+//! - [`cloud`]: the object stores (S3, Azure Blob) a pipeline names, and their credentials
+//!   (the `kube-zerocopy-object-storage` crate, re-exported).
 //! - [`config`]: the models a pod serves, as rendered by the operator (`KZC_MODELS`).
 //! - [`layout`]: content-addressed store, manifest, atomic publication, bindings (the
 //!   `kube-zerocopy-store` crate, re-exported).
@@ -11,7 +13,8 @@
 //! - [`formats`]: reading safetensors files and TorchScript archives into the layout.
 //! - [`publish`]: the sidecar's job from fetch to published, with node-level locking.
 
-pub mod cloud;
+/// The object stores (S3, Azure Blob) are a crate of their own: Task data uses them too.
+pub use kube_zerocopy_object_storage as cloud;
 pub mod config;
 pub mod download;
 pub mod formats;
