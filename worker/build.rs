@@ -44,6 +44,8 @@ fn main() {
     let lib = torch.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // For the binaries of crates that link this one (the Python worker): DEP_KZC_SHIM_TORCH_LIB.
+    println!("cargo:torch_lib={}", lib.display());
     for l in ["torch_cpu", "torch", "c10"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }

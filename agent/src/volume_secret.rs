@@ -167,6 +167,7 @@ mod tests {
             uri: uri.into(),
             sha256: None,
             architecture: None,
+            python_entry_point: None,
             max_bytes: None,
             bearer_token_file: None,
             ca_file: None,

@@ -32,7 +32,7 @@ pub const SESSION_TOKEN_FILE: &str = "AWS_SESSION_TOKEN";
 /// The credential file in an Azure credentials folder: the storage account's key.
 pub const ACCOUNT_KEY_FILE: &str = "AZURE_STORAGE_ACCOUNT_KEY";
 
-/// Safetensors: a file of named tensors, run by a built-in architecture (see architecture).
+/// Safetensors: a file of named tensors, run by a built-in architecture or the user's Python code.
 /// TorchScript: a module saved with torch.jit.save, which carries its own code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ModelFormat {
@@ -54,6 +54,10 @@ pub struct ModelSource {
     /// For safetensors: the built-in architecture the worker builds (see the worker crate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// For safetensors: the user's Python code (`module:callable`) that builds and runs the
+    /// model, which the Python worker imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_entry_point: Option<String>,
     /// The most bytes the source may have (its declared size): a download stops beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
@@ -158,6 +162,7 @@ mod tests {
             uri: "file:///m.pt".into(),
             sha256: None,
             architecture: None,
+            python_entry_point: None,
             max_bytes: Some(1 << 20),
             bearer_token_file: Some("/kzc/sources/a/token".into()),
             ca_file: None,

@@ -14,6 +14,17 @@ use crate::crd::{
 
 pub const SIDECAR_BINARY: &str = "kube-zerocopy-weight-server";
 pub const WORKER_BINARY: &str = "kube-zerocopy-worker";
+/// The worker with an embedded Python interpreter, in the Python runtime image.
+pub const PYTHON_WORKER_BINARY: &str = "kube-zerocopy-python-worker";
+
+/// The worker that runs the pipeline's models: the Python worker when one is Python code.
+fn model_worker(spec: &InferencePipelineSpec) -> &'static str {
+    if spec.models.iter().any(|m| m.python.is_some()) {
+        PYTHON_WORKER_BINARY
+    } else {
+        WORKER_BINARY
+    }
+}
 
 /// Where a pod's volumes are mounted.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,7 +163,7 @@ pub fn task_worker(
     env.extend(to_env(&task));
     env.extend(to_env(&device(spec)));
     Ok(Invocation {
-        command: vec![WORKER_BINARY.into(), "task".into()],
+        command: vec![model_worker(spec).into(), "task".into()],
         env,
     })
 }
@@ -179,7 +190,7 @@ pub fn actor_worker(spec: &InferencePipelineSpec, name: &str, mounts: &Mounts) -
     env.extend(to_env(&device(spec)));
     env.extend(to_env(&actor));
     Invocation {
-        command: vec![WORKER_BINARY.into(), "actor".into()],
+        command: vec![model_worker(spec).into(), "actor".into()],
         env,
     }
 }

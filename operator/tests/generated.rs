@@ -728,7 +728,7 @@ fn every_rendered_container_s_environment_is_read_by_its_binary() {
                                 .as_ref()
                         );
                     }
-                    ["kube-zerocopy-worker", "task"] => {
+                    ["kube-zerocopy-worker" | "kube-zerocopy-python-worker", "task"] => {
                         let models: pod::PodModels = check(&env, &mut claimed);
                         assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
                         let _: pod::Device = check(&env, &mut claimed);
@@ -738,7 +738,7 @@ fn every_rendered_container_s_environment_is_read_by_its_binary() {
                         let shards = declared.unwrap_or(planned().shards) as usize;
                         assert_eq!(task.shards, Some(shards), "{role}");
                     }
-                    ["kube-zerocopy-worker", "actor"] => {
+                    ["kube-zerocopy-worker" | "kube-zerocopy-python-worker", "actor"] => {
                         let models: pod::PodModels = check(&env, &mut claimed);
                         assert_eq!(models.models().unwrap().len(), pipeline.spec.models.len());
                         let _: pod::Device = check(&env, &mut claimed);
@@ -770,8 +770,8 @@ fn every_rendered_container_s_environment_is_read_by_its_binary() {
             }
         }
     }
-    // Every kind of container was seen.
-    assert_eq!(checked.len(), 5, "{checked:?}");
+    // Every kind of container was seen (the Python worker's Task in the Python example).
+    assert_eq!(checked.len(), 6, "{checked:?}");
 }
 
 fn name_of(pipeline: &InferencePipeline) -> String {

@@ -37,6 +37,7 @@ pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
         uri: format!("file://{}", path.display()),
         sha256: None,
         architecture: None,
+        python_entry_point: None,
         max_bytes: None,
         bearer_token_file: None,
         ca_file: None,
@@ -124,13 +125,17 @@ pub fn start_actor(
     models: &[kube_zerocopy_fetch::ModelSource],
     args: &[&str],
 ) -> (Actor, String) {
+    start_actor_with(pod.command("kube-zerocopy-worker", models), args)
+}
+
+/// [`start_actor`] of a worker command made here (another binary, more environment).
+pub fn start_actor_with(mut worker: Command, args: &[&str]) -> (Actor, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let actor = pod
-        .command("kube-zerocopy-worker", models)
+    let actor = worker
         .args(["actor", "--listen", &format!("127.0.0.1:{port}")])
         .args(args)
         .spawn()
@@ -147,6 +152,25 @@ pub fn start_actor(
         std::thread::sleep(Duration::from_millis(50));
     }
     (actor, base)
+}
+
+/// The status, the header `Inference-Header-Content-Length` and the body of an Open Inference
+/// Protocol answer.
+pub fn read_answer(
+    mut response: ureq::http::Response<ureq::Body>,
+) -> (u16, Option<usize>, Vec<u8>) {
+    use std::io::Read;
+    let json_length = response
+        .headers()
+        .get(kube_zerocopy_worker::oip::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let mut bytes = Vec::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    (response.status().as_u16(), json_length, bytes)
 }
 
 /// Counts the files renamed into `dir` (how every output is put in place), by name.
@@ -308,8 +332,18 @@ impl Pod {
         input: &Path,
         output: &Path,
     ) -> Result<Worker> {
-        let mut child = self
-            .command("kube-zerocopy-worker", models)
+        let worker = self.command("kube-zerocopy-worker", models);
+        Self::spawn_inspect_with(worker, loader, input, output)
+    }
+
+    /// `inspect --hold` of a worker command made here (another binary, more environment).
+    pub fn spawn_inspect_with(
+        mut worker: Command,
+        loader: &str,
+        input: &Path,
+        output: &Path,
+    ) -> Result<Worker> {
+        let mut child = worker
             .args(["inspect", "--hold", "--loader", loader])
             .arg("--input-file")
             .arg(input)

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube_zerocopy_e2e::{
-    make_model, metric_value, read_output, repo, source, start_actor, succeeded, Actor, Pod,
-    RenameCounter,
+    make_model, metric_value, read_answer, read_output, repo, source, start_actor, succeeded,
+    Actor, Pod, RenameCounter,
 };
 use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::oip;
@@ -55,21 +55,6 @@ fn mlp_replica(args: &[&str]) -> MlpReplica {
         _pod: pod,
         dir,
     }
-}
-
-/// The status, the header `Inference-Header-Content-Length` and the body of an answer.
-fn read_answer(mut response: ureq::http::Response<ureq::Body>) -> (u16, Option<usize>, Vec<u8>) {
-    let json_length = response
-        .headers()
-        .get(oip::HEADER_LENGTH)
-        .map(|v| v.to_str().unwrap().parse().unwrap());
-    let mut bytes = Vec::new();
-    response
-        .body_mut()
-        .as_reader()
-        .read_to_end(&mut bytes)
-        .unwrap();
-    (response.status().as_u16(), json_length, bytes)
 }
 
 /// POSTs `body` to the model's infer path as it is (no protocol header).

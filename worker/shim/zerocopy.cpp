@@ -12,6 +12,7 @@
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <caffe2/serialize/inline_container.h>
+#include <ATen/DLConvertor.h>
 
 #include <cstring>
 #include <string>
@@ -46,6 +47,27 @@ static char* kzc_strdup(const std::string& s) {
   }
 
 void kzc_free(char* p) { free(p); }
+
+// DLPack, the standard way to hand a tensor to another framework without a copy: here, to the
+// Python interpreter embedded in the same process, whose torch runs on this same libtorch.
+// The DLManagedTensor owns a reference to `t`'s storage until its deleter runs.
+void* kzc_to_dlpack(const torch::Tensor* t, char** error) {
+  KZC_TRY(error, nullptr, { return static_cast<void*>(at::toDLPack(*t)); })
+}
+
+// Releases a DLManagedTensor that no tensor took (the consumer never used it).
+void kzc_dlpack_delete(void* managed) {
+  auto m = static_cast<DLManagedTensor*>(managed);
+  if (m->deleter) m->deleter(m);
+}
+
+// Takes ownership of a DLManagedTensor: the tensor keeps it, and calls its deleter when the
+// tensor's storage goes.
+torch::Tensor* kzc_from_dlpack(void* managed, char** error) {
+  KZC_TRY(error, nullptr, {
+    return new torch::Tensor(at::fromDLPack(static_cast<DLManagedTensor*>(managed)));
+  })
+}
 
 torch::Tensor* kzc_tensor_from_memory(void* data, const int64_t* sizes, int ndim, int scalar_type,
                                       void* ctx, kzc_release_fn release, char** error) {

@@ -24,6 +24,12 @@ pub type NamedTensorFn = unsafe extern "C" fn(*mut c_void, *const c_char, c_int,
 
 extern "C" {
     pub fn kzc_free(p: *mut c_char);
+    /// A `DLManagedTensor*` that holds a reference to the tensor's storage.
+    pub fn kzc_to_dlpack(t: RawTensor, error: *mut *mut c_char) -> *mut c_void;
+    /// Calls a `DLManagedTensor*`'s deleter.
+    pub fn kzc_dlpack_delete(managed: *mut c_void);
+    /// Takes ownership of a `DLManagedTensor*`.
+    pub fn kzc_from_dlpack(managed: *mut c_void, error: *mut *mut c_char) -> RawTensor;
     pub fn kzc_tensor_from_memory(
         data: *mut c_void,
         sizes: *const i64,

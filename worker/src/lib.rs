@@ -14,9 +14,11 @@
 //!   Inference Protocol ([`oip`]); [`driver`]: what streams an input through the replicas.
 
 pub mod actor;
+pub mod cli;
 pub mod client_token;
 pub mod cuda;
 pub mod data;
+pub mod dlpack;
 pub mod driver;
 mod ffi;
 pub mod jit;

@@ -72,6 +72,24 @@ impl MemoryStats {
     }
 }
 
+/// The address ranges at which the process maps `file` (every mapping of it: the worker's and,
+/// in the Python worker, the Python package's), from /proc/<pid>/maps.
+pub fn mapped_ranges(pid: &str, file: &Path) -> Result<Vec<std::ops::Range<usize>>> {
+    let path = format!("/proc/{pid}/maps");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let file = file.to_string_lossy();
+    let mut ranges = Vec::new();
+    for line in text.lines().filter(|l| l.ends_with(&*file)) {
+        let span = line.split_whitespace().next().unwrap_or_default();
+        if let Some((start, end)) = span.split_once('-') {
+            let start = usize::from_str_radix(start, 16)?;
+            let end = usize::from_str_radix(end, 16)?;
+            ranges.push(start..end);
+        }
+    }
+    Ok(ranges)
+}
+
 /// One "Name: N kB" field of /proc/<pid>/status (`pid` or "self"): VmHWM (the peak resident
 /// set), VmRSS, RssAnon (anonymous memory now).
 pub fn status_kib(pid: &str, name: &str) -> Result<u64> {

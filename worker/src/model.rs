@@ -1,6 +1,7 @@
 //! One loaded model of either format, and a pipeline of them run in order.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use kube_zerocopy_contract::models::{ModelFormat, ModelSource};
@@ -14,8 +15,54 @@ use crate::shared::SharedModel;
 
 pub const DEFAULT_ARCHITECTURE: &str = "Mlp";
 
+/// A model run by code the worker does not hold: the user's Python code, in the Python worker.
+pub trait Forward: Send + Sync {
+    /// One batch: the input tensor in, the output tensor out.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The tensors the model runs with, by name (to show where they lie).
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
+}
+
+/// Builds the models that name Python code (`python.entryPoint`) from their mapped weights.
+/// The Python worker registers one before it runs its commands; the plain worker has none.
+pub trait PythonBuilder: Send + Sync {
+    fn build(
+        &self,
+        source: &ModelSource,
+        shared: &SharedModel,
+        device: Device,
+    ) -> Result<Box<dyn Forward>>;
+}
+
+static PYTHON: OnceLock<Box<dyn PythonBuilder>> = OnceLock::new();
+
+/// Makes this process build Python models with `builder` (once, before any model is loaded).
+pub fn register_python(builder: Box<dyn PythonBuilder>) {
+    if PYTHON.set(builder).is_err() {
+        panic!("a Python model builder is registered already");
+    }
+}
+
+fn build_python(
+    source: &ModelSource,
+    entry_point: &str,
+    shared: &SharedModel,
+    device: Device,
+) -> Result<Box<dyn Forward>> {
+    match PYTHON.get() {
+        Some(builder) => builder.build(source, shared, device),
+        None => bail!(
+            "model {:?} is run by Python code ({entry_point}), and this worker has no Python: \
+             build the pipeline's image FROM the Python runtime image",
+            source.name
+        ),
+    }
+}
+
 pub enum Module {
     Mlp(Mlp),
+    /// The user's Python code (the Python worker).
+    Python(Box<dyn Forward>),
     Script(SharedScriptModule),
     /// The copying baseline for TorchScript (`CModule::load`).
     CModule(CModule),
@@ -68,6 +115,12 @@ impl LoadedModel {
         // does not load) cannot be built on a retry either: permanent, so a Task fails at once
         // instead of mapping it again for every shard.
         let module = match source.format {
+            ModelFormat::Safetensors if source.python_entry_point.is_some() => {
+                let entry_point = source.python_entry_point.as_deref().unwrap_or_default();
+                Module::Python(
+                    build_python(source, entry_point, &shared, device).map_err(permanent)?,
+                )
+            }
             ModelFormat::Safetensors => check_architecture(source)
                 .and_then(|()| Mlp::bind(&shared))
                 .map_err(permanent)
@@ -92,6 +145,12 @@ impl LoadedModel {
     /// `CModule::load`. The baseline for tests and benchmarks.
     pub fn load_copying(path: &Path, source: &ModelSource, device: Device) -> Result<Self> {
         let module = match source.format {
+            ModelFormat::Safetensors if source.python_entry_point.is_some() => {
+                bail!(
+                    "model {:?}: the copying loader runs built-in models only",
+                    source.name
+                )
+            }
             ModelFormat::Safetensors => {
                 check_architecture(source)?;
                 let (sizes, kind) = mlp_header(path)?;
@@ -119,6 +178,7 @@ impl LoadedModel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         tch::no_grad(|| match &self.module {
             Module::Mlp(m) => m.f_forward(&self.name, x),
+            Module::Python(m) => m.forward(x),
             Module::Script(m) => m.forward(std::slice::from_ref(x)),
             Module::CModule(m) => Ok(m.forward_ts(&[x])?),
         })
@@ -140,6 +200,7 @@ impl LoadedModel {
                 .map(|n| (n.name, n.tensor))
                 .collect(),
             Module::CModule(m) => m.named_parameters()?,
+            Module::Python(m) => m.tensors()?,
         })
     }
 }

@@ -241,6 +241,7 @@ fn publish_into(
         uri: uri.into(),
         sha256,
         architecture: None,
+        python_entry_point: None,
         max_bytes: None,
         bearer_token_file: None,
         ca_file: None,

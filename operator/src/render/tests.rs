@@ -593,3 +593,24 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     assert!(pod.affinity.is_some());
 }
+
+#[test]
+fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_worker() {
+    let python = "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: MODE\n  models: [{name: m, format: Safetensors, python: {entryPoint: 'models:build'}, source: {uri: 'https://m.example/m.safetensors'}}]\n  template: {image: 'registry.example/mine:1'}\n";
+    let command = |yaml: &str| -> Vec<String> {
+        let p: InferencePipeline = serde_yaml::from_str(yaml).unwrap();
+        let pod = match render(&p, &Settings::default()).unwrap() {
+            Rendered::Task { job } => job.spec.unwrap().template.spec.unwrap(),
+            Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template.spec.unwrap(),
+            _ => panic!("a Task Job or an Actor Deployment"),
+        };
+        pod.containers[0].command.clone().unwrap()
+    };
+    let task = python.replace("MODE", "Task")
+        + "  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 2}\n";
+    assert_eq!(command(&task), ["kube-zerocopy-python-worker", "task"]);
+    let actor = python.replace("MODE", "Actor") + "  actor: {replicas: 1}\n";
+    assert_eq!(command(&actor), ["kube-zerocopy-python-worker", "actor"]);
+    let (_, worker) = containers(&pipeline(""));
+    assert_eq!(worker.command.unwrap(), ["kube-zerocopy-worker", "task"]);
+}

@@ -1,5 +1,6 @@
 """Map models published by kube-zerocopy into read-only torch tensors, without a copy."""
 
+from kube_zerocopy.modules import bind
 from kube_zerocopy.store import (
     LayoutError,
     Manifest,
@@ -13,6 +14,7 @@ __all__ = [
     "LayoutError",
     "Manifest",
     "TensorEntry",
+    "bind",
     "load_state_dict",
     "open_manifest",
     "resolve",

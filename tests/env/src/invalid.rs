@@ -44,7 +44,22 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
         (
             "Safetensors with no way to run it",
             base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
-            "a Safetensors model is named tensors with no code to run them: give architecture",
+            "a Safetensors model is named tensors with no code to run them: give python.entryPoint",
+        ),
+        (
+            "Python code named for a TorchScript model",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: TorchScript, python: {{entryPoint: 'models:build'}}, source: {{uri: 'file:///m.pt'}}}}]\n{task}")),
+            "python applies only to format Safetensors",
+        ),
+        (
+            "both Python code and a built-in architecture",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, architecture: Mlp, python: {{entryPoint: 'models:build'}}, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
+            "give python or architecture, not both",
+        ),
+        (
+            "a Python entry point that is a path",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, python: {{entryPoint: 'models/build.py'}}, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
+            "python.entryPoint must be module:callable",
         ),
         (
             "architecture on TorchScript",

@@ -4,6 +4,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod status;
+pub use status::*;
+
 /// One format type for the resource and every binary that reads the models.
 pub use kube_zerocopy_contract::models::ModelFormat;
 
@@ -45,6 +48,7 @@ pub use kube_zerocopy_contract::models::ModelFormat;
 #[x_kube(validation = Rule::new("!has(self.input) || !has(self.output) || (self.input.uri != self.output.uri && self.input.uri + '/' != self.output.uri && self.input.uri != self.output.uri + '/')").message("spec.output must be another folder than spec.input: each output file is named after its shard and would replace it"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, !has(m.source.caConfigMap))").message("sharing: Node: the node's agent takes a model's credentials from one Secret (the kubelet hands it over with the volume), not a caConfigMap: use sharing: Pod for a source behind a private CA"))]
 #[x_kube(validation = Rule::new("!has(self.sharing) || self.sharing != 'Node' || self.models.all(m, (!m.source.uri.startsWith('s3://') || (has(m.source.s3) && has(m.source.s3.credentialsSecret))) && (!m.source.uri.startsWith('az://') || (has(m.source.azure) && has(m.source.azure.credentialsSecret))))").message("sharing: Node reads an s3:// or az:// source only with the pipeline's own credentials, never with the node's identity: name source.s3.credentialsSecret or source.azure.credentialsSecret, or use sharing: Pod"))]
+#[x_kube(validation = Rule::new("self.models.all(m, !has(m.python)) || (has(self.template) && has(self.template.image))").message("a model run by Python code needs template.image: your image, built FROM the Python runtime image with your code installed"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.actor)").message("mode Actor needs spec.actor with replicas"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || has(self.input) == has(self.output)").message("mode Actor takes spec.input and spec.output together (a batch run: a driver streams the input through the replicas into the output) or neither (the replicas serve requests behind their Service)"))]
 #[x_kube(validation = Rule::new("self.mode != 'Actor' || !has(self.actor) || !has(self.actor.inFlightPerReplica) || has(self.input)").message("actor.inFlightPerReplica applies only to a batch run (spec.input and spec.output)"))]
@@ -101,7 +105,8 @@ pub struct InferencePipelineSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodOverrides {
-    /// The runtime image (sidecar and worker); defaults to the operator's.
+    /// The runtime image (weight server and worker); defaults to the operator's. Required when
+    /// a model is run by Python code: an image built FROM the Python runtime image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The worker container's resources (activations; the weights are charged to the sidecar).
@@ -174,7 +179,9 @@ pub enum Sharing {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.architecture) || self.format == 'Safetensors'").message("architecture applies only to format Safetensors (TorchScript archives carry their code)"))]
-#[x_kube(validation = Rule::new("self.format != 'Safetensors' || has(self.architecture)").message("a Safetensors model is named tensors with no code to run them: give architecture (the built-in Mlp), or save the model as TorchScript"))]
+#[x_kube(validation = Rule::new("!has(self.python) || self.format == 'Safetensors'").message("python applies only to format Safetensors (TorchScript archives carry their code)"))]
+#[x_kube(validation = Rule::new("self.format != 'Safetensors' || has(self.architecture) || has(self.python)").message("a Safetensors model is named tensors with no code to run them: give python.entryPoint (your model's code, in an image built FROM the Python runtime image) or architecture (the built-in Mlp), or save the model as TorchScript"))]
+#[x_kube(validation = Rule::new("!has(self.architecture) || !has(self.python)").message("give python or architecture, not both: python names your model's code, architecture a built-in one"))]
 pub struct ModelSpec {
     /// Lowercase letters, digits and '-', like a DNS label.
     #[schemars(length(min = 1, max = 63))]
@@ -185,10 +192,28 @@ pub struct ModelSpec {
     pub format: ModelFormat,
     /// Where the model file is and what it must be.
     pub source: ModelSourceSpec,
-    /// Safetensors only, and required there: the built-in architecture the worker builds and
-    /// binds the tensors to (Mlp: Linear layers with ReLU between them).
+    /// Safetensors only: the built-in architecture the worker builds and binds the tensors to
+    /// (Mlp: Linear layers with ReLU between them). A Safetensors model needs this or python.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// Safetensors only: your model's Python code, which builds the model from its tensors
+    /// (mapped read-only, without a copy) and runs each batch. The pipeline's image must be
+    /// built FROM the Python runtime image. A Safetensors model needs this or architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonModel>,
+}
+
+/// A model run by the user's Python code.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PythonModel {
+    /// `module:callable`, importable in the image (e.g. `my_models.classifier:build`). It is
+    /// called once as `callable(weights, device)` with the model's tensors by name; what it
+    /// returns is called with each batch (`{"input": tensor}`) and answers a tensor, or
+    /// `{"output": tensor}`.
+    #[schemars(length(min = 3, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$')").message("python.entryPoint must be module:callable, e.g. my_models.classifier:build (dotted Python names)"))]
+    pub entry_point: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -380,148 +405,6 @@ pub struct BatchingSettings {
     pub max_delay_millis: Option<i64>,
 }
 
-/// Pending, Running, Succeeded, Failed (Task); Pending, Progressing, Ready, Degraded (Actor);
-/// Blocked (both: nothing could be applied, the Degraded condition says why).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Phase {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Progressing,
-    Ready,
-    Degraded,
-    Blocked,
-    /// spec.suspend is true: nothing runs until it is false.
-    Suspended,
-    /// The Job waits for Kueue to admit it (the pipeline's queue has no room for it yet).
-    Queued,
-    // A phase written by another version of the operator: read, never written, so that a
-    // rollback does not stop the watch of every pipeline on one it cannot decode.
-    #[serde(other)]
-    #[schemars(skip)]
-    Unknown,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Running => "Running",
-            Phase::Succeeded => "Succeeded",
-            Phase::Failed => "Failed",
-            Phase::Progressing => "Progressing",
-            Phase::Ready => "Ready",
-            Phase::Degraded => "Degraded",
-            Phase::Blocked => "Blocked",
-            Phase::Suspended => "Suspended",
-            Phase::Queued => "Queued",
-            Phase::Unknown => "Unknown",
-        }
-    }
-
-    /// Nothing changes until the spec or the cluster does: the pipeline is looked at rarely.
-    /// (Blocked is not: the namespace watch brings a relabelled namespace, and this covers a
-    /// cache that has not caught up with it yet.)
-    pub fn is_settled(self) -> bool {
-        matches!(
-            self,
-            Phase::Succeeded | Phase::Failed | Phase::Ready | Phase::Suspended
-        )
-    }
-
-    /// A phase that needs a person's attention: its event is a Warning.
-    pub fn is_warning(self) -> bool {
-        matches!(self, Phase::Failed | Phase::Degraded | Phase::Blocked)
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What the operator observed: phase, progress, conditions.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct InferencePipelineStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<Phase>,
-    /// Task: shards succeeded/total. Actor: replicas available/desired.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<String>,
-    /// Task: the Job's shards by state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shards: Option<ShardStatus>,
-    /// Task without spec.task.shards: what planning found in the input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub planned_input: Option<PlannedInput>,
-    /// Actor: where the replicas answer the Open Inference Protocol inside the cluster (their
-    /// Service): `http://<name>-zerocopy.<namespace>.svc`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// An Actor's batch run, as its driver reports it (the driver writes this field alone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batches: Option<BatchProgress>,
-    /// WeightsReady, Progressing, Succeeded, Failed, Degraded, Ready.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    /// The pipeline's generation this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-}
-
-/// How an Actor's batch run stands: written by its driver as it goes.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BatchProgress {
-    /// Shard files in the input: one batch each.
-    pub total: i64,
-    /// Batches whose output is written and committed (by this run, before a restart too).
-    pub done: i64,
-    /// Sends that failed (a replica gone, busy or broken) and went to another replica.
-    pub retried: i64,
-    /// Batches that could not be done, by input file, with why.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub failed: Vec<FailedBatch>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct FailedBatch {
-    /// The shard file, as named under the input.
-    pub input: String,
-    /// Why it could not be done (the models' refusal, or the last of its failed sends).
-    pub reason: String,
-}
-
-/// A Task pipeline's shards (the Indexed Job's completions) by state.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct ShardStatus {
-    /// Shards in all (spec.task.shards, or as planned).
-    pub total: i32,
-    /// Shards whose output is written.
-    pub succeeded: i32,
-    /// Pods that failed (a shard is retried up to the Job's backoff limit).
-    pub failed: i32,
-    /// Pods running now.
-    pub active: i32,
-    /// The shards that failed every retry, as the Job lists them ("1,3-5").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_indexes: Option<String>,
-}
-
-/// What listing a Task pipeline's input found, when its Job was made.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PlannedInput {
-    /// Shard files found: the Job's completions.
-    pub shards: i32,
-    /// sha256 of the listing (names, sizes, versions): every shard checks that the input it
-    /// reads still lists the same.
-    pub input_digest: String,
-}
-
 /// The file names of a model's bearer token and CA bundle in its folder of source files, and
 /// the folder of its S3 credentials there.
 pub const SOURCE_TOKEN_FILE: &str = "token";
@@ -576,6 +459,7 @@ impl InferencePipelineSpec {
                     uri: m.source.uri.clone(),
                     sha256: m.source.sha256.clone(),
                     architecture: m.architecture.clone(),
+                    python_entry_point: m.python.as_ref().map(|p| p.entry_point.clone()),
                     // An unparsable size fails the rendering before this is used.
                     max_bytes: m
                         .source

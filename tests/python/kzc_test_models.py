@@ -1,0 +1,76 @@
+"""A user's model code, as the Python worker's tests run it: a small attention block with a
+tied pair of weights, built on the meta device and bound to the mapped weights.
+
+Run as a script, it writes what the tests compare against, computed by plain PyTorch (the
+ordinary, copying way): ``python kzc_test_models.py <folder>`` writes ``block.safetensors``
+(the seeded weights, the tied copy left out as Hugging Face leaves it out), ``input.safetensors``
+and ``reference.safetensors``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch import nn
+
+import kube_zerocopy
+
+SEQ, DIM, HEADS, ROWS = 4, 16, 2, 6
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.attention = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.up = nn.Linear(DIM, 4 * DIM)
+        self.down = nn.Linear(4 * DIM, DIM)
+        self.encode = nn.Linear(DIM, DIM, bias=False)
+        self.decode = nn.Linear(DIM, DIM, bias=False)
+        self.register_buffer("scale", torch.ones(DIM))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.decode.weight = self.encode.weight
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        x = batch["input"].reshape(-1, SEQ, DIM)
+        h = self.norm(x)
+        h = x + self.attention(h, h, h, need_weights=False)[0]
+        h = h + self.down(nn.functional.gelu(self.up(h)))
+        y = self.decode(torch.tanh(self.encode(h))) * self.scale
+        return {"output": y.mean(dim=1)}
+
+
+def build(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """The entry point: nothing allocated for the weights, which stay where they are mapped."""
+    with torch.device("meta"):
+        block = Block()
+    return kube_zerocopy.bind(block, weights).to(device)
+
+
+def answers_a_tuple(weights: Dict[str, torch.Tensor], device: torch.device) -> object:
+    """A model whose batches answer a tuple, which the pipeline cannot read."""
+    return lambda batch: (batch["input"], batch["input"])
+
+
+def main(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    block = Block().eval()
+    with torch.no_grad():
+        block.scale.uniform_(0.5, 1.5)
+    state = {k: v.contiguous() for k, v in block.state_dict().items() if k != "decode.weight"}
+    save_file(state, str(folder / "block.safetensors"))
+    x = torch.randn(ROWS, SEQ * DIM)
+    save_file({"input": x}, str(folder / "input.safetensors"))
+    with torch.no_grad():
+        save_file({"output": block({"input": x})["output"]}, str(folder / "reference.safetensors"))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

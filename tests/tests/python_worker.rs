@@ -1,0 +1,223 @@
+//! The Python worker runs a user's own PyTorch module (`tests/python/kzc_test_models.py`: an
+//! attention block with tied weights, built on the meta device) on weights the real weight
+//! server published: every parameter and buffer lies in a mapping of the store's
+//! `tensors.bin`, the tied pair is one tensor, and the output equals what plain PyTorch
+//! computes from the same seeded module. Code that fails says so in Python's words, for good.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kube_zerocopy_e2e::{read_answer, read_output, repo, source, start_actor_with, succeeded, Pod};
+use kube_zerocopy_fetch::{ModelFormat, ModelSource};
+use kube_zerocopy_runtime::process::EXIT_PERMANENT;
+use kube_zerocopy_worker::oip;
+
+fn python() -> String {
+    let venv = std::env::var("KZC_VENV").expect("KZC_VENV (run through `make test`)");
+    format!("{venv}/bin/python")
+}
+
+/// Where the embedded interpreter finds torch (the project's environment), the project's
+/// package, and the user's code: what the Python runtime image has installed.
+fn python_path() -> String {
+    let site = Command::new(python())
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ])
+        .output()
+        .unwrap();
+    let site = String::from_utf8(site.stdout).unwrap();
+    [
+        repo().join("python/src"),
+        repo().join("tests/python"),
+        PathBuf::from(site.trim()),
+    ]
+    .map(|p| p.display().to_string())
+    .join(":")
+}
+
+/// The seeded block's weights, an input and plain PyTorch's output, written into `dir`.
+fn make_block(dir: &Path) {
+    let status = Command::new(python())
+        .arg(repo().join("tests/python/kzc_test_models.py"))
+        .arg(dir)
+        .env("PYTHONPATH", python_path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kzc_test_models.py failed");
+}
+
+fn block(dir: &Path, entry_point: &str) -> ModelSource {
+    ModelSource {
+        python_entry_point: Some(entry_point.into()),
+        ..source(
+            "block",
+            ModelFormat::Safetensors,
+            &dir.join("block.safetensors"),
+        )
+    }
+}
+
+fn worker(pod: &Pod, binary: &str, models: &[ModelSource]) -> Command {
+    let mut command = pod.command(binary, models);
+    command.env("PYTHONPATH", python_path());
+    command
+}
+
+#[test]
+fn a_users_pytorch_module_runs_on_the_mapped_weights_and_answers_as_pytorch_does() {
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    make_block(dir);
+    let models = [block(dir, "kzc_test_models:build")];
+    succeeded(&pod.publish(&models));
+    let (_, manifest) = pod.bindings().resolve(&pod.store(), "block").unwrap();
+
+    let output = dir.join("output.safetensors");
+    let command = worker(&pod, "kube-zerocopy-python-worker", &models);
+    let inspected =
+        Pod::spawn_inspect_with(command, "shared", &dir.join("input.safetensors"), &output)
+            .unwrap();
+    let report = &inspected.report["models"][0];
+    println!("python worker: {report}");
+    // Every tensor the module runs with, the tied decoder's weight among them, lies in a
+    // mapping of the published file: nothing was copied, not even while the module was built.
+    assert_eq!(report["outside_mapping"], serde_json::json!([]), "{report}");
+    let names = report["tensors"].as_u64().unwrap();
+    assert!(
+        names as usize > manifest.tensors.len(),
+        "the tied weight is listed under both names: {report}"
+    );
+    let listed = report["tensor_bytes"].as_u64().unwrap();
+    assert!(listed >= manifest.tensors_bytes, "{report}");
+    inspected.finish();
+
+    let reference = read_output(&dir.join("reference.safetensors"));
+    let answer = read_output(&output);
+    assert_eq!(answer.size(), reference.size());
+    let difference = (&answer - &reference).abs().max().double_value(&[]);
+    assert!(difference <= 1e-5, "differs from PyTorch by {difference}");
+}
+
+/// Infers `input` from a replica: the status, and the output or the error's words.
+fn infer(base: &str, input: &tch::Tensor) -> (u16, Result<tch::Tensor, String>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let (body, json_length) = oip::encode_request(input).unwrap();
+    let response = agent
+        .post(format!("{base}/v2/models/block/infer"))
+        .header(oip::HEADER_LENGTH, json_length.to_string())
+        .send(&body[..])
+        .unwrap();
+    let (status, json_length, bytes) = read_answer(response);
+    match status {
+        200 => (status, Ok(oip::decode_answer(&bytes, json_length).unwrap())),
+        _ => (status, Err(String::from_utf8_lossy(&bytes).into_owned())),
+    }
+}
+
+#[test]
+fn a_python_replica_batches_requests_through_the_users_module_and_survives_a_bad_one() {
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    make_block(dir);
+    let models = [block(dir, "kzc_test_models:build")];
+    succeeded(&pod.publish(&models));
+    let command = worker(&pod, "kube-zerocopy-python-worker", &models);
+    let (_actor, base) = start_actor_with(
+        command,
+        &[
+            "--model-name",
+            "block",
+            "--max-batch-rows",
+            "6",
+            "--max-batch-delay-ms",
+            "50",
+        ],
+    );
+    let input = tch::Tensor::read_safetensors(dir.join("input.safetensors"))
+        .unwrap()
+        .remove(0)
+        .1;
+    let reference = read_output(&dir.join("reference.safetensors"));
+    // Three clients at once, two rows each: batched together, each answered its own rows.
+    std::thread::scope(|scope| {
+        let answers: Vec<_> = (0..3i64)
+            .map(|i| {
+                let rows = input.narrow(0, 2 * i, 2);
+                let base = &base;
+                scope.spawn(move || infer(base, &rows))
+            })
+            .collect();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let (status, output) = answer.join().unwrap();
+            let output = output.unwrap_or_else(|e| panic!("{status}: {e}"));
+            let expected = reference.narrow(0, 2 * i as i64, 2);
+            let difference = (&output - &expected).abs().max().double_value(&[]);
+            assert!(difference <= 1e-5, "client {i} differs by {difference}");
+        }
+    });
+    // Rows of the wrong width: refused (the module's own words go to the replica's log), and
+    // the replica goes on serving.
+    let wrong = tch::Tensor::ones([2, 5], (tch::Kind::Float, tch::Device::Cpu));
+    let (status, said) = infer(&base, &wrong);
+    assert!(status >= 400, "{status}");
+    let said = said.unwrap_err();
+    assert!(
+        said.contains("cannot run a batch of shape [2, 5]"),
+        "{said}"
+    );
+    let (status, again) = infer(&base, &input.narrow(0, 0, 2));
+    assert_eq!(status, 200, "{again:?}");
+}
+
+#[test]
+fn python_code_that_fails_is_refused_in_pythons_words_for_good() {
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    make_block(dir);
+    let input = dir.join("input.safetensors");
+    let run = |binary: &str, entry_point: &str| {
+        let models = [block(dir, entry_point)];
+        succeeded(&pod.publish(&models));
+        let out = worker(&pod, binary, &models)
+            .args(["inspect", "--input-file"])
+            .arg(&input)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, said) = run("kube-zerocopy-python-worker", "kzc_missing_models:build");
+    assert_eq!(code, Some(EXIT_PERMANENT), "{said}");
+    assert!(
+        said.contains("No module named 'kzc_missing_models'"),
+        "{said}"
+    );
+
+    let (code, said) = run("kube-zerocopy-python-worker", "kzc_test_models:absent");
+    assert_eq!(code, Some(EXIT_PERMANENT), "{said}");
+    assert!(said.contains("has no 'absent'"), "{said}");
+
+    // A batch's answer the pipeline cannot read fails that batch (not the build).
+    let (code, said) = run(
+        "kube-zerocopy-python-worker",
+        "kzc_test_models:answers_a_tuple",
+    );
+    assert_ne!(code, Some(0), "{said}");
+    assert!(
+        said.contains("a batch's answer is tuple; answer a tensor"),
+        "{said}"
+    );
+
+    // The plain worker has no interpreter, and says what to run instead.
+    let (code, said) = run("kube-zerocopy-worker", "kzc_test_models:build");
+    assert_eq!(code, Some(EXIT_PERMANENT), "{said}");
+    assert!(said.contains("this worker has no Python"), "{said}");
+}
