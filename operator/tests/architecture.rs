@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The crates that ship, whose sources these rules cover.
-const PRODUCT_CRATES: [&str; 9] = [
+const PRODUCT_CRATES: [&str; 10] = [
     "contract",
     "runtime",
     "store",
@@ -16,6 +16,7 @@ const PRODUCT_CRATES: [&str; 9] = [
     "fetch",
     "weight-server",
     "worker",
+    "python-worker",
     "operator",
     "agent",
 ];
@@ -234,6 +235,7 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         "fetch",
         "weight-server",
         "object-storage",
+        "python-worker",
         "runtime",
         "store",
     ] {

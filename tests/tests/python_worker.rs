@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kube_zerocopy_e2e::{read_answer, read_output, repo, source, start_actor_with, succeeded, Pod};
+use kube_zerocopy_e2e::{bin, read_answer, read_output, repo, source, start_actor_with, succeeded, Pod};
 use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_runtime::process::EXIT_PERMANENT;
 use kube_zerocopy_worker::oip;
@@ -98,6 +98,51 @@ fn a_users_pytorch_module_runs_on_the_mapped_weights_and_answers_as_pytorch_does
     assert_eq!(answer.size(), reference.size());
     let difference = (&answer - &reference).abs().max().double_value(&[]);
     assert!(difference <= 1e-5, "differs from PyTorch by {difference}");
+}
+
+#[test]
+fn a_python_pipeline_runs_locally_shard_by_shard_as_on_a_cluster() {
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    make_block(dir);
+    // Two shards: the input's rows split in halves.
+    let input = tch::Tensor::read_safetensors(dir.join("input.safetensors"))
+        .unwrap()
+        .remove(0)
+        .1;
+    std::fs::create_dir(dir.join("input")).unwrap();
+    for (i, rows) in input.chunk(2, 0).iter().enumerate() {
+        let shard = dir.join(format!("input/part-{i}.safetensors"));
+        tch::Tensor::write_safetensors(&[("input", rows)], shard).unwrap();
+    }
+    let pipeline = format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: block}}\n\
+         spec:\n  mode: Task\n  models:\n    - name: block\n      format: Safetensors\n      \
+         python: {{entryPoint: 'kzc_test_models:build'}}\n      \
+         source: {{uri: 'file://{d}/block.safetensors'}}\n  \
+         input: {{uri: 'file://{d}/input'}}\n  output: {{uri: 'file://{d}/output'}}\n  \
+         template: {{image: 'registry.example/block:1'}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("pipeline.yaml"), pipeline).unwrap();
+    let out = Command::new(bin("kube-zerocopy"))
+        .args(["local", "run", "--json", "-f"])
+        .arg(dir.join("pipeline.yaml"))
+        .env("PYTHONPATH", python_path())
+        .output()
+        .unwrap();
+    let said = succeeded(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {stdout}\n{said}"));
+    assert_eq!(summary["succeeded"], 2, "{summary}");
+    let reference = read_output(&dir.join("reference.safetensors"));
+    for (i, expected) in reference.chunk(2, 0).iter().enumerate() {
+        let answer = read_output(&dir.join(format!("output/part-{i}.safetensors")));
+        let difference = (&answer - expected).abs().max().double_value(&[]);
+        assert!(difference <= 1e-5, "shard {i} differs by {difference}");
+    }
 }
 
 /// Infers `input` from a replica: the status, and the output or the error's words.
