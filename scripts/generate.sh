@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make generate: writes what `kube-zerocopy` generates and the repository commits: the CRDs
-# (crds/ and the chart's crds/) and the rendered examples. Tests fail when these drift.
+# (crds/ and the chart's files/crds/) and the rendered examples. Tests fail when these drift.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -9,7 +9,7 @@ bin="$KZC_RELEASE/kube-zerocopy"
 "$bin" crd inference-pipeline > crds/inferencepipelines.kube-zerocopy.io.yaml
 "$bin" crd node-store > crds/nodestores.kube-zerocopy.io.yaml
 "$bin" reference > docs/reference.md
-cp crds/*.yaml charts/kube-zerocopy/crds/
+cp crds/*.yaml charts/kube-zerocopy/files/crds/
 for f in examples/*.yaml; do
   case "$f" in examples/local-*) continue ;; esac
   "$bin" render -f "$f" > "examples/rendered/$(basename "$f")"

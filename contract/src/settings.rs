@@ -50,6 +50,8 @@ pub struct Policy {
 
 /// The operator's own settings (`kube-zerocopy operator`).
 #[derive(clap::Args, Clone, Debug, PartialEq)]
+// No argument group: the operator's subcommand of the same name has one, and clap refuses two.
+#[group(skip)]
 pub struct Operator {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "KZC_WATCH_NAMESPACE")]

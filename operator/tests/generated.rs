@@ -30,7 +30,7 @@ fn committed_crds_match_the_generated_ones() {
     for crd in [InferencePipeline::crd(), NodeStore::crd()] {
         let generated = serde_yaml::to_string(&crd).unwrap();
         let file = format!("{}.yaml", crd.metadata.name.unwrap());
-        for folder in ["crds", "charts/kube-zerocopy/crds"] {
+        for folder in ["crds", "charts/kube-zerocopy/files/crds"] {
             let path = format!("{folder}/{file}");
             assert!(
                 read(&path) == generated,

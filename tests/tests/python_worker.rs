@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kube_zerocopy_e2e::{bin, read_answer, read_output, repo, source, start_actor_with, succeeded, Pod};
+use kube_zerocopy_e2e::{
+    bin, read_answer, read_output, repo, source, start_actor_with, succeeded, Pod,
+};
 use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_runtime::process::EXIT_PERMANENT;
 use kube_zerocopy_worker::oip;

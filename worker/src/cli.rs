@@ -416,3 +416,14 @@ fn pointer_report(m: &LoadedModel) -> Result<serde_json::Value> {
         "mapping_memory": mapping_memory,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command line's definition in debug builds only, when it parses: a clash
+    /// (two argument groups of one name) would end the debug binary at its first run.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

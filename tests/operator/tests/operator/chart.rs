@@ -252,3 +252,61 @@ pub async fn the_default_install_runs_no_node_agent(env: Arc<Env>) {
         "the agent tolerates every taint: {tolerations:?}"
     );
 }
+
+/// `helm upgrade` upgrades the CRDs, which Helm never does for a chart's crds/ folder: a CRD
+/// that says something else (as an older release's would) is the chart's again after the
+/// upgrade, and it stays marked to be kept by `helm uninstall`.
+pub async fn helm_upgrade_upgrades_the_crds(env: Arc<Env>) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+
+    let crds: Api<CustomResourceDefinition> = Api::all(env.admin.clone());
+    let name = "inferencepipelines.kube-zerocopy.io";
+    // A field's description: the rules of the schema do not depend on it.
+    let description = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/models/items/properties/python/description";
+    let described = |crd: &CustomResourceDefinition| {
+        let crd = serde_json::to_value(crd).unwrap();
+        crd.pointer(description)
+            .and_then(|d| d.as_str())
+            .map(str::to_owned)
+    };
+    let current = described(&crds.get(name).await.unwrap()).expect("the field is described");
+    let older: json_patch::Patch = serde_json::from_value(
+        json!([{"op": "replace", "path": description, "value": "an older release's"}]),
+    )
+    .unwrap();
+    crds.patch(name, &PatchParams::default(), &Patch::<()>::Json(older))
+        .await
+        .unwrap();
+    assert_eq!(
+        described(&crds.get(name).await.unwrap()).as_deref(),
+        Some("an older release's")
+    );
+
+    let mut helm = env.cp.lock().await.helm();
+    let out = helm
+        .args(["upgrade", RELEASE])
+        .arg(repo().join("charts/kube-zerocopy"))
+        .args(["--namespace", crate::support::OPERATOR_NS])
+        .args(["--reuse-values", "--wait=false"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upgraded = crds.get(name).await.unwrap();
+    assert_eq!(
+        described(&upgraded),
+        Some(current),
+        "helm upgrade left the CRD as it was"
+    );
+    let annotations = upgraded.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
+}

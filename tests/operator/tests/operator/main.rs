@@ -69,6 +69,7 @@ fn main() {
         lifecycle::the_operator_rides_out_an_api_server_outage,
         lifecycle::replicas_elect_one_leader_and_hand_over,
         lifecycle::deleting_pipelines_removes_their_objects_without_warnings,
+        chart::helm_upgrade_upgrades_the_crds,
     ];
     if args.list {
         let names = side_by_side.iter().chain(&one_at_a_time).map(|(n, _)| n);
