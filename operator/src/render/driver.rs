@@ -51,6 +51,9 @@ pub(super) fn batch_run(pipeline: &InferencePipeline, settings: &Settings) -> Re
         DRIVER_CONTAINER,
         &driver,
         settings.runtime_image.clone(),
+        // Not the template's environment: the driver holds its own account's token, which
+        // variables such as LD_PRELOAD would hand to the tenant's code.
+        Vec::new(),
         volume_mounts,
         ("100m", "128Mi", 1 << 30),
     );

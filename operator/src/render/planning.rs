@@ -33,6 +33,12 @@ pub(super) fn plan_job(pipeline: &InferencePipeline, settings: &Settings) -> Res
         names::PLAN_CONTAINER,
         &planner,
         runtime_image(spec, settings),
+        // It lists the input as the workers read it: with the template's settings (a region,
+        // a proxy).
+        spec.template
+            .as_ref()
+            .and_then(|t| t.env.clone())
+            .unwrap_or_default(),
         volume_mounts,
         ("50m", "64Mi", 256 << 20),
     );

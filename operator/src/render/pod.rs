@@ -312,11 +312,13 @@ pub(super) fn runtime_image(spec: &InferencePipelineSpec, settings: &Settings) -
 }
 
 /// A restricted container of the runtime image that runs `invocation` beside the models (the
-/// planner, the driver), with its requests (cpu, memory) and memory limit.
+/// planner, the driver), with its requests (cpu, memory) and memory limit; `template_env`
+/// first, as in the workers.
 pub(super) fn helper_container(
     name: &str,
     invocation: &Invocation,
     image: String,
+    template_env: Vec<EnvVar>,
     volume_mounts: Vec<VolumeMount>,
     (cpu, requested, limit): (&str, &str, u64),
 ) -> Container {
@@ -324,7 +326,7 @@ pub(super) fn helper_container(
         name: name.into(),
         image: Some(image),
         command: Some(invocation.command.clone()),
-        env: Some(env(invocation)),
+        env: Some([template_env, env(invocation)].concat()),
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(volume_mounts),

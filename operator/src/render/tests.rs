@@ -592,6 +592,9 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
     assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     assert!(pod.affinity.is_some());
+    // It lists the input with the template's settings, as the workers read it.
+    let env = pod.containers[0].env.clone().unwrap();
+    assert_eq!(env[0].name, "OMP_NUM_THREADS");
 }
 
 #[test]
@@ -613,4 +616,29 @@ fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_wo
     assert_eq!(command(&actor), ["kube-zerocopy-python-worker", "actor"]);
     let (_, worker) = containers(&pipeline(""));
     assert_eq!(worker.command.unwrap(), ["kube-zerocopy-worker", "task"]);
+}
+
+#[test]
+fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template:\n    env: [{name: LD_PRELOAD, value: /data/in/hook.so}]\n",
+    )
+    .unwrap();
+    let Rendered::Actor {
+        deployment, run, ..
+    } = render(&p, &Settings::default()).unwrap()
+    else {
+        panic!("an Actor pipeline renders a Deployment")
+    };
+    let names =
+        |c: &Container| -> Vec<String> { c.env.iter().flatten().map(|v| v.name.clone()).collect() };
+    let replica = deployment.spec.unwrap().template.spec.unwrap();
+    assert!(names(&replica.containers[0]).contains(&"LD_PRELOAD".to_owned()));
+    // The driver holds its account's token: a tenant's variable must not reach its process.
+    let driver = run.unwrap().job.spec.unwrap().template.spec.unwrap();
+    let driver_env = names(&driver.containers[0]);
+    assert!(
+        !driver_env.contains(&"LD_PRELOAD".to_owned()),
+        "{driver_env:?}"
+    );
 }
