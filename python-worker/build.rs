@@ -2,6 +2,7 @@
 //! Python runtime image keeps both where its Python installed them.
 
 fn main() {
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     let python = pyo3_build_config::get();
     if let Some(dir) = &python.lib_dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");

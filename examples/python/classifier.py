@@ -24,8 +24,8 @@ class Classifier(nn.Module):
 
 
 def build(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    # Built on the meta device: nothing is allocated for the weights, which are then bound
-    # where they are mapped (on cuda, `.to(device)` is their one copy to the GPU).
-    with torch.device("meta"):
+    # Built without memory for the weights, which are then bound where they are mapped (on
+    # cuda, `.to(device)` is their one copy to the GPU).
+    with kube_zerocopy.empty_weights():
         model = Classifier()
     return kube_zerocopy.bind(model, weights).to(device)

@@ -66,6 +66,7 @@ impl PythonBuilder for Builder {
                 .map_err(|e| python_error(py, e))
                 .with_context(|| format!("building model {:?} with {entry_point}", source.name))?;
             Ok(Box::new(PythonModel {
+                glue: py.import(GLUE).map_err(|e| python_error(py, e))?.unbind(),
                 model: model.unbind(),
             }) as Box<dyn Forward>)
         })
@@ -73,6 +74,8 @@ impl PythonBuilder for Builder {
 }
 
 struct PythonModel {
+    /// `kube_zerocopy.embedded`.
+    glue: Py<PyModule>,
     /// `kube_zerocopy.embedded.Model`.
     model: Py<PyAny>,
 }
@@ -81,9 +84,10 @@ impl Forward for PythonModel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Python::attach(|py| {
             let batch = to_capsule(py, x)?;
-            let answer = py
-                .import(GLUE)
-                .and_then(|glue| glue.call_method1("forward", (self.model.bind(py), batch)))
+            let answer = self
+                .glue
+                .bind(py)
+                .call_method1("forward", (self.model.bind(py), batch))
                 .map_err(|e| python_error(py, e))?;
             from_capsule(py, &answer)
         })
@@ -91,9 +95,10 @@ impl Forward for PythonModel {
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         Python::attach(|py| {
-            let named: Vec<(String, Bound<PyAny>)> = py
-                .import(GLUE)
-                .and_then(|glue| glue.call_method1("tensors", (self.model.bind(py),)))
+            let named: Vec<(String, Bound<PyAny>)> = self
+                .glue
+                .bind(py)
+                .call_method1("tensors", (self.model.bind(py),))
                 .and_then(|list| list.extract())
                 .map_err(|e| python_error(py, e))?;
             named
@@ -149,11 +154,15 @@ fn from_capsule(py: Python<'_>, capsule: &Bound<'_, PyAny>) -> Result<Tensor> {
         return Err(python_error(py, PyErr::fetch(py)))
             .context("the model's answer is not a DLPack tensor");
     }
+    // SAFETY: the capsule holds the only owner of `managed`; if the import fails, the capsule
+    // still owns it and its destructor releases it.
+    let tensor = unsafe { dlpack::import(managed) }?;
     // Taken: renamed, the capsule's own destructor leaves the tensor to us.
-    // SAFETY: `capsule` is a capsule (checked above); the name is a static string.
+    // SAFETY: `capsule` is a capsule (GetPointer checked it); the name is a static string.
     if unsafe { ffi::PyCapsule_SetName(capsule.as_ptr(), USED_DLTENSOR.as_ptr()) } != 0 {
+        // The capsule would release what the tensor now owns: keep both rather than free twice.
+        std::mem::forget(tensor);
         return Err(python_error(py, PyErr::fetch(py)));
     }
-    // SAFETY: the capsule held the only owner of `managed`, which it gave up just above.
-    unsafe { dlpack::import(managed) }
+    Ok(tensor)
 }

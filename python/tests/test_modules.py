@@ -10,7 +10,7 @@ from typing import List
 import torch
 from torch import nn
 
-from kube_zerocopy import bind, load_state_dict, resolve
+from kube_zerocopy import bind, empty_weights, load_state_dict, resolve
 
 MODEL = os.environ["KZC_TEST_MODEL"]
 STORE = Path(os.environ["KZC_STORE"])
@@ -41,10 +41,13 @@ class Bind(unittest.TestCase):
         self.weights = load_state_dict(MODEL)
         self.sizes = layer_sizes(self.weights)
         blob = STORE / "blobs" / resolve(MODEL) / "tensors.bin"
+        # The mapping of the weights just loaded (the one that holds their first tensor).
+        first = next(iter(self.weights.values())).data_ptr()
         for line in Path("/proc/self/maps").read_text().splitlines():
             if line.endswith(str(blob)):
                 start, end = (int(a, 16) for a in line.split()[0].split("-"))
-                self.mapping = range(start, end)
+                if start <= first < end:
+                    self.mapping = range(start, end)
 
     def test_a_module_built_on_meta_runs_on_the_mapped_tensors_themselves(self) -> None:
         with torch.device("meta"):
@@ -87,6 +90,25 @@ class Bind(unittest.TestCase):
             untied = Untied(self.sizes, tied=True)
         with self.assertRaisesRegex(KeyError, "head.weight"):
             bind(untied, self.weights)
+
+    def test_buffers_a_module_computes_keep_their_values_with_empty_weights(self) -> None:
+        class Scaled(Mlp):
+            def __init__(self, sizes: List[int]) -> None:
+                super().__init__(sizes)
+                self.register_buffer("scale", torch.full((sizes[0],), 2.0), persistent=False)
+
+        # Built on the meta device, the buffer has no value: refused by name, not run.
+        with torch.device("meta"):
+            on_meta = Scaled(self.sizes)
+        with self.assertRaisesRegex(KeyError, "scale"):
+            bind(on_meta, self.weights)
+        with empty_weights():
+            model = Scaled(self.sizes)
+        self.assertTrue(all(p.is_meta for p in model.parameters()))
+        bind(model, self.weights)
+        self.assertTrue(torch.equal(model.scale, torch.full((self.sizes[0],), 2.0)))
+        for name, p in model.named_parameters():
+            self.assertIn(p.data_ptr(), self.mapping, name)
 
 
 if __name__ == "__main__":

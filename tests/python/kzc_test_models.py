@@ -1,5 +1,6 @@
 """A user's model code, as the Python worker's tests run it: a small attention block with a
-tied pair of weights, built on the meta device and bound to the mapped weights.
+tied pair of weights and a buffer it computes itself (no state dict holds it), built without
+memory for its weights and bound to the mapped ones.
 
 Run as a script, it writes what the tests compare against, computed by plain PyTorch (the
 ordinary, copying way): ``python kzc_test_models.py <folder>`` writes ``block.safetensors``
@@ -31,13 +32,15 @@ class Block(nn.Module):
         self.encode = nn.Linear(DIM, DIM, bias=False)
         self.decode = nn.Linear(DIM, DIM, bias=False)
         self.register_buffer("scale", torch.ones(DIM))
+        # Computed from the config, as rotary frequencies are: not in the file.
+        self.register_buffer("positions", torch.linspace(0.5, 1.5, SEQ).reshape(SEQ, 1), persistent=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         self.decode.weight = self.encode.weight
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        x = batch["input"].reshape(-1, SEQ, DIM)
+        x = batch["input"].reshape(-1, SEQ, DIM) * self.positions
         h = self.norm(x)
         h = x + self.attention(h, h, h, need_weights=False)[0]
         h = h + self.down(nn.functional.gelu(self.up(h)))
@@ -47,7 +50,7 @@ class Block(nn.Module):
 
 def build(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """The entry point: nothing allocated for the weights, which stay where they are mapped."""
-    with torch.device("meta"):
+    with kube_zerocopy.empty_weights():
         block = Block()
     return kube_zerocopy.bind(block, weights).to(device)
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kube_zerocopy_e2e::{
-    bin, read_answer, read_output, repo, source, start_actor_with, succeeded, Pod,
+    bin, metric_value, read_answer, read_output, repo, source, start_actor_with, succeeded, Pod,
 };
 use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_runtime::process::EXIT_PERMANENT;
@@ -182,7 +182,7 @@ fn a_python_replica_batches_requests_through_the_users_module_and_survives_a_bad
             "--max-batch-rows",
             "6",
             "--max-batch-delay-ms",
-            "50",
+            "500",
         ],
     );
     let input = tch::Tensor::read_safetensors(dir.join("input.safetensors"))
@@ -207,6 +207,15 @@ fn a_python_replica_batches_requests_through_the_users_module_and_survives_a_bad
             assert!(difference <= 1e-5, "client {i} differs by {difference}");
         }
     });
+    // Merged: fewer forward passes through the user's module than requests.
+    let metrics = ureq::get(format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let executions = metric_value(&metrics, "kube_zerocopy_worker_executions_total");
+    assert!(executions.is_some_and(|n| n < 3.0), "{metrics}");
     // Rows of the wrong width: refused (the module's own words go to the replica's log), and
     // the replica goes on serving.
     let wrong = tch::Tensor::ones([2, 5], (tch::Kind::Float, tch::Device::Cpu));

@@ -1,6 +1,6 @@
 //! The worker's command line: maps the pod's published models and runs them. The
 //! `kube-zerocopy-worker` binary is this alone; the Python worker registers its model
-//! builder first ([`crate::model::register`]), then runs the same commands.
+//! builder first ([`crate::model::register_python`]), then runs the same commands.
 //!
 //! - `plan`: list a Task pipeline's input once; its shard count and listing digest as JSON
 //!   (stdout, and the termination message, which the operator reads).

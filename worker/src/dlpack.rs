@@ -23,6 +23,7 @@ pub fn export(t: &Tensor) -> Result<*mut c_void> {
 /// # Safety
 /// `managed` must be a live `DLManagedTensor*` that nobody else owns or deletes.
 pub unsafe fn import(managed: *mut c_void) -> Result<Tensor> {
+    // SAFETY: the caller hands over the only owner of `managed`; the shim gives it to the tensor.
     let raw = ffi::call(|error| unsafe { ffi::kzc_from_dlpack(managed, error) })?;
     // SAFETY: the shim returned a new tensor that nobody else owns.
     Ok(unsafe { ffi::tensor(raw) })
@@ -33,6 +34,7 @@ pub unsafe fn import(managed: *mut c_void) -> Result<Tensor> {
 /// # Safety
 /// `managed` must be a live `DLManagedTensor*` that nobody else owns or deletes.
 pub unsafe fn delete(managed: *mut c_void) {
+    // SAFETY: the caller hands over the only owner of `managed`, released once here.
     unsafe { ffi::kzc_dlpack_delete(managed) }
 }
 

@@ -79,6 +79,19 @@ fn permanent(error: anyhow::Error) -> anyhow::Error {
     Permanent(format!("{error:#}")).into()
 }
 
+/// Whether an error is the device's (memory full, a CUDA failure), which a retry on another
+/// moment or node may not meet, rather than the model's or its input's.
+pub fn is_device_failure(message: &str) -> bool {
+    const DEVICE: [&str; 5] = [
+        "out of memory",
+        "CUDA error",
+        "CUBLAS_STATUS",
+        "CUDNN_STATUS",
+        "Xid",
+    ];
+    DEVICE.iter().any(|words| message.contains(words))
+}
+
 fn check_architecture(source: &ModelSource) -> Result<()> {
     match source.architecture.as_deref().unwrap_or(DEFAULT_ARCHITECTURE) {
         DEFAULT_ARCHITECTURE => Ok(()),
@@ -101,8 +114,10 @@ impl LoadedModel {
     ) -> Result<Self> {
         let shared = SharedModel::open(store, bindings, &source.name, prefault)?;
         // cuda: one host-to-device copy, from pinned pages when the driver allows it.
+        // A Python model is copied to the GPU from the package's own mapping: nothing to pin here.
+        let python = source.python_entry_point.is_some();
         let _pinned = match device {
-            Device::Cuda(_) if pin_for_cuda() => match shared.pin_for_cuda() {
+            Device::Cuda(_) if pin_for_cuda() && !python => match shared.pin_for_cuda() {
                 Ok(guard) => Some(guard),
                 Err(e) => {
                     tracing::warn!(model = %source.name, error = %e, "copying to the GPU from unpinned memory");
@@ -117,9 +132,16 @@ impl LoadedModel {
         let module = match source.format {
             ModelFormat::Safetensors if source.python_entry_point.is_some() => {
                 let entry_point = source.python_entry_point.as_deref().unwrap_or_default();
-                Module::Python(
-                    build_python(source, entry_point, &shared, device).map_err(permanent)?,
-                )
+                // The user's code, built again on a retry only if the device failed it (its
+                // `.to(device)` met a full GPU); anything else fails the same way every time.
+                let built = build_python(source, entry_point, &shared, device).map_err(|e| {
+                    if is_device_failure(&format!("{e:#}")) {
+                        e
+                    } else {
+                        permanent(e)
+                    }
+                })?;
+                Module::Python(built)
             }
             ModelFormat::Safetensors => check_architecture(source)
                 .and_then(|()| Mlp::bind(&shared))

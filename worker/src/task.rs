@@ -150,14 +150,7 @@ pub fn run_shard(pipeline: &Pipeline, shard: &Shard) -> Result<(ShardRecord, boo
 /// device failed (memory ran out, a GPU fault), which another try elsewhere may not meet.
 fn forward_failed(entry: &Entry, error: anyhow::Error) -> anyhow::Error {
     let message = format!("shard {}: {error:#}", entry.name);
-    let device = [
-        "out of memory",
-        "CUDA error",
-        "CUBLAS_STATUS",
-        "CUDNN_STATUS",
-        "Xid",
-    ];
-    if device.iter().any(|words| message.contains(words)) {
+    if crate::model::is_device_failure(&message) {
         return anyhow::anyhow!(message);
     }
     ShardFailed(message).into()

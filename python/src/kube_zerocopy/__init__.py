@@ -1,6 +1,6 @@
 """Map models published by kube-zerocopy into read-only torch tensors, without a copy."""
 
-from kube_zerocopy.modules import bind
+from kube_zerocopy.modules import bind, empty_weights
 from kube_zerocopy.store import (
     LayoutError,
     Manifest,
@@ -15,6 +15,7 @@ __all__ = [
     "Manifest",
     "TensorEntry",
     "bind",
+    "empty_weights",
     "load_state_dict",
     "open_manifest",
     "resolve",

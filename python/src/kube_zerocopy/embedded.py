@@ -10,6 +10,7 @@ runs a batch: called with ``{"input": tensor}``, it answers a tensor, or ``{"out
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
@@ -19,6 +20,13 @@ from kube_zerocopy.store import load_state_dict
 
 INPUT = "input"
 OUTPUT = "output"
+
+# The worker's output is a pipe in a pod: the user's prints reach the log line by line, not
+# when a buffer fills (the interpreter is never finalised to flush one).
+for _stream in (sys.stdout, sys.stderr):
+    reconfigure = getattr(_stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
 
 
 @dataclass
@@ -84,11 +92,11 @@ def forward(model: Model, batch: Any) -> Any:
 
 
 def tensors(model: Model) -> List[Tuple[str, Any]]:
-    """The tensors the model runs with (its parameters and buffers when it is a module, else
-    the weights it was given), each a DLPack capsule: where they lie shows there was no copy."""
+    """The weights the model runs with (its state dict when it is a module, tied weights under
+    each name; else the weights it was given), each a DLPack capsule: where they lie shows
+    there was no copy. Buffers the module computes itself are not weights."""
     if isinstance(model.run, torch.nn.Module):
-        named = dict(model.run.named_parameters(remove_duplicate=False))
-        named.update(model.run.named_buffers(remove_duplicate=False))
+        named = dict(model.run.state_dict(keep_vars=True))
     else:
         named = dict(model.weights)
     return [(name, torch.utils.dlpack.to_dlpack(t.detach())) for name, t in named.items()]
