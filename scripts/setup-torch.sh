@@ -19,4 +19,12 @@ if [ ! -f "$VENV/.complete" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION" numpy safetensors >&2
   touch "$VENV/.complete"
 fi
+# What the tests use besides torch, pinned; added to an environment made before they were (the
+# stamp names what is installed).
+EXTRAS=("transformers==5.25.0")
+if [ "$(cat "$VENV/.extras" 2>/dev/null)" != "${EXTRAS[*]}" ]; then
+  echo "installing ${EXTRAS[*]} into $VENV" >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "${EXTRAS[@]}" >&2
+  echo "${EXTRAS[*]}" > "$VENV/.extras"
+fi
 echo "$VENV"

@@ -230,6 +230,57 @@ fn a_python_replica_batches_requests_through_the_users_module_and_survives_a_bad
     assert_eq!(status, 200, "{again:?}");
 }
 
+/// A Hugging Face checkpoint as `save_pretrained` writes it (config.json and model.safetensors,
+/// the output layer tied to the token embedding and left out), built by transformers' own
+/// classes from its config and bound to the mapped weights.
+#[test]
+fn a_hugging_face_checkpoint_runs_in_transformers_on_the_mapped_weights() {
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    let status = Command::new(python())
+        .arg(repo().join("tests/python/kzc_test_hf.py"))
+        .arg(dir)
+        .env("PYTHONPATH", python_path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kzc_test_hf.py failed");
+    let checkpoint = dir.join("checkpoint");
+    let models = [ModelSource {
+        python_entry_point: Some("kzc_test_hf:build".into()),
+        ..source(
+            "gpt2",
+            ModelFormat::Safetensors,
+            &checkpoint.join("model.safetensors"),
+        )
+    }];
+    succeeded(&pod.publish(&models));
+    let (_, manifest) = pod.bindings().resolve(&pod.store(), "gpt2").unwrap();
+
+    let output = dir.join("output.safetensors");
+    let mut command = worker(&pod, "kube-zerocopy-python-worker", &models);
+    command.env("KZC_TEST_CHECKPOINT", &checkpoint);
+    let inspected =
+        Pod::spawn_inspect_with(command, "shared", &dir.join("input.safetensors"), &output)
+            .unwrap();
+    let report = &inspected.report["models"][0];
+    println!("transformers model: {report}");
+    // Every weight the model runs with, the tied output layer too, lies in the mapping.
+    assert_eq!(report["outside_mapping"], serde_json::json!([]), "{report}");
+    assert!(
+        report["tensors"].as_u64().unwrap() as usize > manifest.tensors.len(),
+        "the tied output layer is listed: {report}"
+    );
+    inspected.finish();
+    let reference = read_output(&dir.join("reference.safetensors"));
+    let answer = read_output(&output);
+    assert_eq!(answer.size(), reference.size());
+    let difference = (&answer - &reference).abs().max().double_value(&[]);
+    assert!(
+        difference <= 1e-5,
+        "differs from transformers by {difference}"
+    );
+}
+
 #[test]
 fn python_code_that_fails_is_refused_in_pythons_words_for_good() {
     let pod = Pod::new();
