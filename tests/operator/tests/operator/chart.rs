@@ -253,6 +253,77 @@ pub async fn the_default_install_runs_no_node_agent(env: Arc<Env>) {
     );
 }
 
+/// Node pools of different sizes get an agent each: its own DaemonSet on its pool's nodes,
+/// with its pool's store capacity (the agent's memory follows it) and tolerations, the
+/// others' defaults; pools that could share a node, and names that cannot name objects, are
+/// refused.
+pub async fn node_pools_get_an_agent_each_with_their_capacity(env: Arc<Env>) {
+    let pools = [
+        "nodeStore.enabled=true",
+        "nodeStore.nodeSelector.kubernetes\\.io/os=linux",
+        "nodeStore.pools[0].name=small",
+        "nodeStore.pools[0].nodeSelector.pool=small",
+        "nodeStore.pools[0].capacityMiB=1024",
+        "nodeStore.pools[1].name=large",
+        "nodeStore.pools[1].nodeSelector.pool=large",
+        "nodeStore.pools[1].tolerations=null",
+    ];
+    let agents: Vec<serde_yaml::Value> = rendered(&env, &pools)
+        .await
+        .into_iter()
+        .filter(|d| d["kind"] == "DaemonSet")
+        .collect();
+    let of = |name: &str| {
+        agents
+            .iter()
+            .find(|d| d["metadata"]["name"] == format!("{RELEASE}-kube-zerocopy-agent-{name}"))
+            .unwrap_or_else(|| panic!("no agent for pool {name}"))
+    };
+    assert_eq!(agents.len(), 2);
+    for (pool, store, memory, tolerated) in [
+        ("small", "1024m", "1280Mi", true),
+        ("large", "8192m", "8448Mi", false),
+    ] {
+        let agent = of(pool);
+        assert_eq!(
+            agent["spec"]["selector"]["matchLabels"]["kube-zerocopy.io/agent-pool"],
+            pool
+        );
+        let spec = &agent["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeSelector"]["pool"], pool);
+        assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
+        let container = &spec["containers"][0];
+        let env = container_env(container);
+        assert!(
+            env.contains(&("KZC_STORE_SIZE".into(), store.into())),
+            "{env:?}"
+        );
+        assert_eq!(container["resources"]["limits"]["memory"], memory);
+        assert_eq!(!spec["tolerations"].is_null(), tolerated, "{pool}");
+    }
+    for (values, refused) in [
+        (
+            &[
+                "nodeStore.enabled=true",
+                "nodeStore.pools[0].name=a",
+                "nodeStore.pools[1].name=b",
+            ][..],
+            "pool \"a\" needs a nodeSelector",
+        ),
+        (
+            &["nodeStore.enabled=true", "nodeStore.pools[0].name=Big"][..],
+            "\"Big\" is not a name",
+        ),
+    ] {
+        let out = helm_template(&env, values).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(refused),
+            "{values:?}: {stderr}"
+        );
+    }
+}
+
 /// `helm upgrade` upgrades the CRDs, which Helm never does for a chart's crds/ folder: a CRD
 /// that says something else (as an older release's would) is the chart's again after the
 /// upgrade, and it stays marked to be kept by `helm uninstall`.
