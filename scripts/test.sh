@@ -9,7 +9,8 @@ log=$(mktemp)
 set +e
 # --tests: every target whose manifest lets it be tested (test = false keeps binaries and
 # helpers without tests out of the build; --all-targets would build them anyway).
-cargo test --release --workspace --tests --no-fail-fast -- --test-threads=2 --show-output 2>&1 | tee "$log"
+# The bench feature builds the benchmarks, whose smoke modes tests/tests/benchmarks.rs runs.
+cargo test --release --workspace --tests --features kube-zerocopy-e2e/bench --no-fail-fast -- --test-threads=2 --show-output 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # Each binary's own list of its tests, to compare with what it reported: a binary that ends

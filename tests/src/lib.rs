@@ -17,6 +17,15 @@ use kube_zerocopy_fetch::{Bindings, ModelFormat, ModelSource, Store};
 use kube_zerocopy_worker::memory::status_kib;
 use serde_json::Value;
 
+/// Set to 1, a benchmark runs in its smoke mode: one round of a small model, which `make test`
+/// runs so that a change that breaks a benchmark fails CI (its figures then mean nothing).
+pub const BENCH_SMOKE_ENV: &str = "KZC_BENCH_SMOKE";
+
+/// Whether this benchmark runs in its smoke mode ([`BENCH_SMOKE_ENV`]).
+pub fn bench_smoke() -> bool {
+    std::env::var(BENCH_SMOKE_ENV).is_ok_and(|v| v == "1")
+}
+
 /// Runs scripts/make_models.py with the project's torch environment.
 pub fn make_model(args: &[&str]) {
     let python = std::env::var("KZC_VENV")

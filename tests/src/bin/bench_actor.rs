@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kube_zerocopy::local::median;
-use kube_zerocopy_e2e::{bin, make_model, source, start_actor, Pod};
+use kube_zerocopy_e2e::{bench_smoke, bin, make_model, source, start_actor, Pod};
 use kube_zerocopy_fetch::ModelFormat;
 use kube_zerocopy_worker::oip;
 
@@ -94,8 +94,18 @@ fn load(base: &str, rows: i64, concurrency: usize, requests: usize) -> Result<Lo
 }
 
 fn main() -> Result<()> {
-    let rounds = env_number("KZC_BENCH_ROUNDS", 3)?.max(1);
-    let shards = env_number("KZC_BENCH_SHARDS", 24)?.max(1);
+    // The smoke mode: one round, few requests and shards.
+    let smoke = bench_smoke();
+    let rounds = if smoke {
+        1
+    } else {
+        env_number("KZC_BENCH_ROUNDS", 3)?.max(1)
+    };
+    let shards = if smoke {
+        4
+    } else {
+        env_number("KZC_BENCH_SHARDS", 24)?.max(1)
+    };
     let dir = tempfile::Builder::new()
         .prefix("kzc-bench-actor-")
         .tempdir()?;
@@ -132,7 +142,11 @@ fn main() -> Result<()> {
     for round in 0..rounds {
         for &rows in &BATCH_SIZES {
             for &concurrency in &CONCURRENCY {
-                let requests = if rows == 1 { 600 } else { 120 }.max(4 * concurrency);
+                let requests = match (smoke, rows) {
+                    (true, _) => 2 * concurrency,
+                    (false, 1) => 600.max(4 * concurrency),
+                    (false, _) => 120.max(4 * concurrency),
+                };
                 // Alternating which goes first, so that neither always meets a warmer machine.
                 let order = if round % 2 == 0 {
                     [true, false]
@@ -246,6 +260,7 @@ fn main() -> Result<()> {
          (ready) {pool:.0} rows/s; pool/task = {:.2}",
         pool / task
     );
+    println!("pool-vs-task rows/s pool/task = {:.2}", pool / task);
     let single = |batching| summary(&measured[&(1, CONCURRENCY[2], batching)]).0;
     println!(
         "actor-batching rows/s on/off = {:.2}",

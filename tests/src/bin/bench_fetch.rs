@@ -19,12 +19,14 @@ use anyhow::{ensure, Context, Result};
 use kube_zerocopy::local::median;
 use kube_zerocopy_e2e::cluster::real::serve_folder_on;
 use kube_zerocopy_e2e::s3::S3Server;
-use kube_zerocopy_e2e::{make_model, sha256_of, source, Pod};
+use kube_zerocopy_e2e::{bench_smoke, make_model, sha256_of, source, Pod};
 use kube_zerocopy_fetch::{ModelFormat, ModelSource, S3Access};
 
 const ROUNDS: usize = 5;
 /// Linear(8192, 16384) + Linear(16384, 8192), f32: 1 GiB and 96 KiB of biases.
 const SIZES: &str = "8192,16384,8192";
+/// The smoke mode's: 2 MiB.
+const SMOKE_SIZES: &str = "512,1024,512";
 
 /// Seconds a command takes, start to exit; it must succeed.
 fn timed(what: &str, command: &mut Command) -> Result<f64> {
@@ -69,6 +71,10 @@ fn report(label: &str, seconds: &[f64], bytes: u64) -> f64 {
 }
 
 fn main() -> Result<()> {
+    let (rounds, sizes) = match bench_smoke() {
+        true => (1, SMOKE_SIZES),
+        false => (ROUNDS, SIZES),
+    };
     let work = tempfile::Builder::new()
         .prefix("kzc-bench-fetch-")
         .tempdir()?;
@@ -77,7 +83,7 @@ fn main() -> Result<()> {
         "mlp",
         file.to_str().context("a UTF-8 path")?,
         "--sizes",
-        SIZES,
+        sizes,
     ]);
     let bytes = std::fs::metadata(&file)?.len();
     // Warm the page cache: the file:// rows read from memory, as a node's model cache would.
@@ -124,7 +130,7 @@ fn main() -> Result<()> {
         "-o",
     ];
     println!(
-        "model: {:.2} GiB ({bytes} bytes), {ROUNDS} rounds, each side by side",
+        "model: {:.2} GiB ({bytes} bytes), {rounds} rounds, each side by side",
         bytes as f64 / (1u64 << 30) as f64
     );
 
@@ -138,7 +144,7 @@ fn main() -> Result<()> {
         ("curl", &curl_s3, &from_s3),
     ];
     let mut seconds = vec![(Vec::new(), Vec::new()); pairs.len()];
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for ((program, args, model), (copies, publishes)) in pairs.iter().zip(&mut seconds) {
             // Alternate the order so that neither side always runs on a warmer machine.
             if round % 2 == 0 {

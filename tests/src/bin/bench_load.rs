@@ -12,14 +12,30 @@ use std::time::Instant;
 
 use anyhow::Result;
 use kube_zerocopy::local::median;
-use kube_zerocopy_e2e::{make_model, mib, source, Pod};
+use kube_zerocopy_e2e::{bench_smoke, make_model, mib, source, Pod};
 use kube_zerocopy_fetch::{ModelFormat, ModelSource};
 use kube_zerocopy_worker::memory::MemoryStats;
 
-const ROUNDS: usize = 7;
 const WORKERS: usize = 4;
-/// 4 x Linear(5120, 5120) + Linear(5120, 128), f32: 402.5 MiB.
-const SIZES: &str = "5120,5120,5120,5120,5120,128";
+
+/// Rounds of new processes: 7, one in the smoke mode.
+fn rounds() -> usize {
+    if bench_smoke() {
+        1
+    } else {
+        7
+    }
+}
+
+/// The model's widths, the first its input's features: 4 x Linear(5120, 5120) + Linear(5120,
+/// 128), f32, 402.5 MiB; 0.3 MiB in the smoke mode.
+fn sizes() -> (&'static str, &'static str) {
+    if bench_smoke() {
+        ("256,256,256,16", "256")
+    } else {
+        ("5120,5120,5120,5120,5120,128", "5120")
+    }
+}
 
 #[derive(Default)]
 struct Samples {
@@ -42,7 +58,7 @@ fn measure(
     work: &Path,
 ) -> Result<Vec<Samples>> {
     let mut samples: Vec<Samples> = variants.iter().map(|_| Samples::default()).collect();
-    for round in 0..ROUNDS {
+    for round in 0..rounds() {
         // Alternate the order so neither side always runs on a warmer machine.
         let order: Vec<usize> = if round % 2 == 0 {
             (0..variants.len()).collect()
@@ -130,9 +146,10 @@ fn bench(
     );
     let (_, manifest) = pod.bindings().resolve(&pod.store(), "bench")?;
     println!(
-        "\n{format:?} model: {:.1} MiB of weights ({}), {ROUNDS} rounds of new processes",
+        "\n{format:?} model: {:.1} MiB of weights ({}), {} rounds of new processes",
         manifest.tensors_bytes as f64 / (1 << 20) as f64,
-        file.display()
+        file.display(),
+        rounds()
     );
     let variants = [
         Variant {
@@ -198,7 +215,10 @@ fn huge_pages(file: &Path, input: &Path, work: &Path) -> Result<()> {
         loader: "shared",
         prefault: false,
     }];
-    println!("\nSafetensors model on a tmpfs store of its own, by the tmpfs's huge= option ({ROUNDS} rounds of new processes):");
+    println!(
+        "\nSafetensors model on a tmpfs store of its own, by the tmpfs's huge= option ({} rounds of new processes):",
+        rounds()
+    );
     println!(
         "  {:<22} {:>16} {:>18} {:>24}",
         "store", "ShmemHugePages", "first inference ms", "process to 1st infer ms"
@@ -277,8 +297,9 @@ fn main() -> Result<()> {
     println!("bench-load on {cores} cores, {mem}");
     let mlp = w.join("mlp.safetensors");
     let script = w.join("net.pt");
-    make_model(&["mlp", mlp.to_str().unwrap(), "--sizes", SIZES]);
-    make_model(&["script", script.to_str().unwrap(), "--sizes", SIZES]);
+    let (sizes, features) = sizes();
+    make_model(&["mlp", mlp.to_str().unwrap(), "--sizes", sizes]);
+    make_model(&["script", script.to_str().unwrap(), "--sizes", sizes]);
     make_model(&[
         "inputs",
         w.join("in").to_str().unwrap(),
@@ -287,12 +308,12 @@ fn main() -> Result<()> {
         "--batch",
         "8",
         "--features",
-        "5120",
+        features,
     ]);
     let input = w.join("in/shard-00000.safetensors");
     // libtorch's own start-up, apart from any load: a worker process that loads libtorch (a
     // linked library) and exits at once.
-    let startup: Vec<f64> = (0..ROUNDS)
+    let startup: Vec<f64> = (0..rounds())
         .map(|_| {
             let t = Instant::now();
             let ok = std::process::Command::new(kube_zerocopy_e2e::bin("kube-zerocopy-worker"))

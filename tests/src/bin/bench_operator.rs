@@ -23,7 +23,14 @@ use kube_zerocopy::render::{render, Rendered, Settings};
 use kube_zerocopy_e2e::bin;
 use kube_zerocopy_e2e::cluster::ControlPlane;
 
-const PIPELINES: usize = 200;
+/// Pipelines per round: 200, 10 in the smoke mode.
+fn pipelines_per_round() -> usize {
+    if kube_zerocopy_e2e::bench_smoke() {
+        10
+    } else {
+        200
+    }
+}
 
 fn pipeline(ns: &str, i: usize) -> InferencePipeline {
     kube_zerocopy_e2e::task_pipeline(&format!("p{i:03}"), ns, 1, 1)
@@ -43,12 +50,12 @@ async fn count_jobs(jobs: &Api<Job>) -> Result<usize> {
     Ok(jobs.list(&ListParams::default()).await?.items.len())
 }
 
-/// Seconds for the operator to apply the Jobs of PIPELINES pipelines created in `ns` before it
+/// Seconds for the operator to apply the Jobs of the pipelines created in `ns` before it
 /// starts (its start, lease and initial lists included).
 async fn through_operator(cp: &ControlPlane, client: &kube::Client, ns: &str) -> Result<f64> {
     namespace(client, ns).await?;
     let pipelines: Api<InferencePipeline> = Api::namespaced(client.clone(), ns);
-    for i in 0..PIPELINES {
+    for i in 0..pipelines_per_round() {
         pipelines
             .create(&PostParams::default(), &pipeline(ns, i))
             .await?;
@@ -65,7 +72,7 @@ async fn through_operator(cp: &ControlPlane, client: &kube::Client, ns: &str) ->
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting the operator")?;
-    while count_jobs(&jobs).await? < PIPELINES {
+    while count_jobs(&jobs).await? < pipelines_per_round() {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "the operator did not apply every Job in 10 minutes"
@@ -83,7 +90,7 @@ async fn raw_apply(client: &kube::Client, ns: &str) -> Result<f64> {
     namespace(client, ns).await?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     let settings = Settings::default();
-    let rendered: Vec<Job> = (0..PIPELINES)
+    let rendered: Vec<Job> = (0..pipelines_per_round())
         .map(|i| match render(&pipeline(ns, i), &settings) {
             Ok(Rendered::Task { job }) => *job,
             _ => unreachable!("a Task pipeline renders a Job"),
@@ -104,16 +111,20 @@ async fn raw_apply(client: &kube::Client, ns: &str) -> Result<f64> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let rounds: usize = std::env::var("KZC_BENCH_ROUNDS")
-        .ok()
-        .map(|r| r.parse())
-        .transpose()
-        .context("KZC_BENCH_ROUNDS")?
-        .unwrap_or(5);
+    let rounds: usize = match kube_zerocopy_e2e::bench_smoke() {
+        true => 1,
+        false => std::env::var("KZC_BENCH_ROUNDS")
+            .ok()
+            .map(|r| r.parse())
+            .transpose()
+            .context("KZC_BENCH_ROUNDS")?
+            .unwrap_or(5),
+    };
+    let per_round = pipelines_per_round();
     let cp = ControlPlane::start().await?;
     let client = cp.client().await?;
     println!(
-        "bench-operator: control plane up in {:.1} s; {} cores; {rounds} rounds of {PIPELINES} pipelines",
+        "bench-operator: control plane up in {:.1} s; {} cores; {rounds} rounds of {per_round} pipelines",
         cp.startup_time().as_secs_f64(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -129,8 +140,8 @@ async fn main() -> Result<()> {
         let operator_secs = through_operator(&cp, &client, &format!("operator-{round}")).await?;
         let raw_secs = raw_apply(&client, &format!("raw-{round}")).await?;
         let (operator_rate, raw_rate) = (
-            PIPELINES as f64 / operator_secs,
-            PIPELINES as f64 / raw_secs,
+            per_round as f64 / operator_secs,
+            per_round as f64 / raw_secs,
         );
         println!(
             "round {round}: operator {operator_secs:.2} s ({operator_rate:.1}/s, from its start), \
