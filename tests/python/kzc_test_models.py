@@ -5,7 +5,8 @@ memory for its weights and bound to the mapped ones.
 Run as a script, it writes what the tests compare against, computed by plain PyTorch (the
 ordinary, copying way): ``python kzc_test_models.py <folder>`` writes ``block.safetensors``
 (the seeded weights, the tied copy left out as Hugging Face leaves it out), ``input.safetensors``
-and ``reference.safetensors``.
+and ``reference.safetensors``; with ``wide`` after the folder, the same for a 256 MiB module
+(``wide*.safetensors``).
 """
 
 from __future__ import annotations
@@ -55,9 +56,49 @@ def build(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     return kube_zerocopy.bind(block, weights).to(device)
 
 
+class Wide(nn.Module):
+    """Large enough weights (256 MiB) for memory to show whether they were copied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(WIDE_IN, WIDE_HIDDEN)
+        self.down = nn.Linear(WIDE_HIDDEN, 16)
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.down(torch.relu(self.up(batch["input"])))
+
+
+WIDE_IN, WIDE_HIDDEN = 4096, 16384
+
+
+def build_wide(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    with kube_zerocopy.empty_weights():
+        wide = Wide()
+    return kube_zerocopy.bind(wide, weights).to(device)
+
+
+def build_wide_copying(weights: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """The ordinary way, for comparison: the module holds its own copy of the weights."""
+    wide = Wide()
+    wide.load_state_dict(weights)
+    return wide.eval().to(device)
+
+
 def answers_a_tuple(weights: Dict[str, torch.Tensor], device: torch.device) -> object:
     """A model whose batches answer a tuple, which the pipeline cannot read."""
     return lambda batch: (batch["input"], batch["input"])
+
+
+def main_wide(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    wide = Wide().eval()
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(folder / "wide.safetensors"))
+    x = torch.randn(ROWS, WIDE_IN)
+    save_file({"input": x}, str(folder / "wide-input.safetensors"))
+    with torch.no_grad():
+        save_file({"output": wide({"input": x})}, str(folder / "wide-reference.safetensors"))
 
 
 def main(folder: Path) -> None:
@@ -76,4 +117,7 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["wide"]:
+        main_wide(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

@@ -147,6 +147,106 @@ fn a_python_pipeline_runs_locally_shard_by_shard_as_on_a_cluster() {
     }
 }
 
+/// Three Python workers map one copy of a 256 MiB module's weights (the PSS of the mapping sums
+/// to one copy), none held a private copy while it loaded (its anonymous memory, sampled every
+/// millisecond, never rose by the weights), and each answers as PyTorch does; a worker whose
+/// code loads the ordinary way holds its own copy beyond the others' memory, which the same
+/// figures show.
+#[test]
+fn three_python_workers_map_one_copy_and_none_copies_while_loading() {
+    use kube_zerocopy_worker::memory::MemoryStats;
+
+    let pod = Pod::new();
+    let dir = pod.dir.path();
+    let status = Command::new(python())
+        .arg(repo().join("tests/python/kzc_test_models.py"))
+        .args([dir.as_os_str(), "wide".as_ref()])
+        .env("PYTHONPATH", python_path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kzc_test_models.py wide failed");
+    let wide = |entry_point: &str| ModelSource {
+        python_entry_point: Some(entry_point.into()),
+        ..source(
+            "wide",
+            ModelFormat::Safetensors,
+            &dir.join("wide.safetensors"),
+        )
+    };
+    let shared = [wide("kzc_test_models:build_wide")];
+    succeeded(&pod.publish(&shared));
+    let (digest, manifest) = pod.bindings().resolve(&pod.store(), "wide").unwrap();
+    let weights_kib = manifest.tensors_bytes / 1024;
+    let blob = pod.store().model_dir(&digest).join("tensors.bin");
+    let input = dir.join("wide-input.safetensors");
+    let spawn = |models: &[ModelSource], output: &str| {
+        let command = worker(&pod, "kube-zerocopy-python-worker", models);
+        Pod::spawn_inspect_with(command, "shared", &input, &dir.join(output)).unwrap()
+    };
+    let workers: Vec<_> = (0..3)
+        .map(|i| spawn(&shared, &format!("shared-{i}.safetensors")))
+        .collect();
+    let copying = spawn(
+        &[wide("kzc_test_models:build_wide_copying")],
+        "copying.safetensors",
+    );
+
+    let reference = read_output(&dir.join("wide-reference.safetensors"));
+    // The copying worker read its copy from the mapping too: a fourth sharer of its pages.
+    let mut pss_total = MemoryStats::of_mapping(&copying.pid(), &blob)
+        .unwrap()
+        .pss_kib;
+    let mut shared_anon = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        let answer = read_output(&dir.join(format!("shared-{i}.safetensors")));
+        let difference = (&answer - &reference).abs().max().double_value(&[]);
+        assert!(
+            difference <= 1e-4,
+            "worker {i} differs from PyTorch by {difference}"
+        );
+        let mapping = MemoryStats::of_mapping(&w.pid(), &blob).unwrap();
+        let process = MemoryStats::of_process(&w.pid()).unwrap();
+        println!(
+            "python worker {i}: mapping RSS {} PSS {} KiB; process anon {} KiB, peak anon while loading {} KiB; weights {weights_kib} KiB",
+            mapping.rss_kib, mapping.pss_kib, process.anon_kib, w.peak_anon_kib
+        );
+        assert!(
+            mapping.rss_kib * 10 >= weights_kib * 9,
+            "worker {i}: {mapping:?}"
+        );
+        assert!(
+            w.peak_anon_kib <= process.anon_kib + weights_kib / 5,
+            "worker {i}'s anonymous memory reached {} KiB while loading, {} KiB now",
+            w.peak_anon_kib,
+            process.anon_kib
+        );
+        pss_total += mapping.pss_kib;
+        shared_anon.push(process.anon_kib);
+    }
+    // The worker's own mapping and the package's are one file's pages: counted once.
+    assert!(
+        pss_total * 10 <= weights_kib * 11 && pss_total * 10 >= weights_kib * 9,
+        "PSS {pss_total} KiB is not one copy of {weights_kib} KiB"
+    );
+    let copy = MemoryStats::of_process(&copying.pid()).unwrap();
+    println!(
+        "copying python worker: {copy:?}, peak anon {} KiB",
+        copying.peak_anon_kib
+    );
+    // The interpreter and torch are in every worker's anonymous memory; the copy is beyond.
+    for anon in shared_anon {
+        assert!(
+            copy.anon_kib >= anon + weights_kib * 8 / 10,
+            "the copying worker's anonymous memory {} KiB, a sharing one's {anon} KiB, for {weights_kib} KiB of weights",
+            copy.anon_kib
+        );
+    }
+    for w in workers {
+        w.finish();
+    }
+    copying.finish();
+}
+
 /// Infers `input` from a replica: the status, and the output or the error's words.
 fn infer(base: &str, input: &tch::Tensor) -> (u16, Result<tch::Tensor, String>) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
