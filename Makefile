@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor clean images images-cuda release-dry-run
+.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor bench-python clean images images-cuda release-dry-run
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -61,6 +61,9 @@ bench-fetch: build
 # batching on and off side by side; an actor pool fed by the driver against Task mode.
 bench-actor: build
 	scripts/bench-actor.sh
+
+bench-python: build
+	scripts/bench-python.sh
 
 # The operator, runtime and pause images as OCI archives, built without a daemon (buildah).
 images: build

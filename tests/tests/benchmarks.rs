@@ -63,6 +63,12 @@ fn bench_actor_runs() {
 }
 
 #[test]
+fn bench_python_runs() {
+    let stdout = smoke("bench_python");
+    assert!(last_figure(&stdout, "python-load from_pretrained/zero-copy") > 0.0);
+}
+
+#[test]
 fn bench_operator_runs() {
     let stdout = smoke("bench_operator");
     assert!(last_figure(&stdout, "reconcile-efficiency operator/raw_apply") > 0.0);
