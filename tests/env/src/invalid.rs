@@ -57,6 +57,11 @@ pub fn invalid_pipelines(namespace: &str) -> Vec<(&'static str, String, &'static
             "give python or architecture, not both",
         ),
         (
+            "Python code with no image to hold it",
+            base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, python: {{entryPoint: 'models:build'}}, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
+            "a model run by Python code needs template.image",
+        ),
+        (
             "a Python entry point that is a path",
             base(&format!("  mode: Task\n  models: [{{name: m, format: Safetensors, python: {{entryPoint: 'models/build.py'}}, source: {{uri: 'file:///m.safetensors'}}}}]\n{task}")),
             "python.entryPoint must be module:callable",
