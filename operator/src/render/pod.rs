@@ -343,8 +343,9 @@ pub(super) fn helper_container(
 }
 
 /// The pod of a helper Job (the planner, the driver): its one container, run once, placed as
-/// the pipeline's pods are, under `account` (a ServiceAccount, and whether its token is
-/// mounted).
+/// the pipeline's pods are (their nodes: selector, tolerations, node affinity), under `account`
+/// (a ServiceAccount, and whether its token is mounted). The template's pod (anti-)affinity is
+/// the workers' (spreading replicas, say): a helper pod bound by it could find no node.
 pub(super) fn helper_pod(
     labels: BTreeMap<String, String>,
     container: Container,
@@ -364,7 +365,14 @@ pub(super) fn helper_pod(
             restart_policy: Some("Never".into()),
             service_account_name: account,
             automount_service_account_token: Some(automount),
-            affinity: overrides.affinity.clone(),
+            affinity: overrides
+                .affinity
+                .as_ref()
+                .and_then(|a| a.node_affinity.clone())
+                .map(|node_affinity| Affinity {
+                    node_affinity: Some(node_affinity),
+                    ..Default::default()
+                }),
             ..placement(overrides)
         }),
     }

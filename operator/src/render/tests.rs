@@ -642,3 +642,32 @@ fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
         "{driver_env:?}"
     );
 }
+
+#[test]
+fn helper_pods_go_to_the_workers_nodes_without_their_pod_anti_affinity() {
+    let p: InferencePipeline = serde_yaml::from_str(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template:\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: pool, operator: In, values: [batch]}]}]\n      podAntiAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          - {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {kube-zerocopy.io/pipeline: p}}}\n",
+    )
+    .unwrap();
+    let Rendered::Actor {
+        deployment, run, ..
+    } = render(&p, &Settings::default()).unwrap()
+    else {
+        panic!("an Actor pipeline renders a Deployment")
+    };
+    let replica = deployment.spec.unwrap().template.spec.unwrap().affinity;
+    assert!(replica.unwrap().pod_anti_affinity.is_some());
+    // The driver runs on the pipeline's nodes, wherever a replica is.
+    let driver = run
+        .unwrap()
+        .job
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .affinity;
+    let driver = driver.unwrap();
+    assert!(driver.node_affinity.is_some());
+    assert!(driver.pod_anti_affinity.is_none() && driver.pod_affinity.is_none());
+}
