@@ -94,6 +94,8 @@ for name in "${!archive_of[@]}"; do
 done
 [ "$missing" -eq 0 ] || die "$missing image(s) the chart uses were not built"
 
-(cd "$OUT" && sha256sum -- * >SHA256SUMS)
+# What a release publishes as files (the images go to a registry, by digest): the chart and the
+# SBOMs.
+(cd "$OUT" && sha256sum -- *.tgz *.spdx.json >SHA256SUMS)
 log "in $OUT:"; ls -l "$OUT" >&2
 echo "release: ${#archive_of[@]} images, 1 chart, $sboms SBOMs, checked"
