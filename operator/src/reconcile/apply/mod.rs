@@ -3,6 +3,8 @@
 //! Actor's replicas and batch run ([`actor`]).
 
 mod actor;
+#[cfg(test)]
+mod mock_api;
 mod owned;
 mod planning;
 mod task;

@@ -84,3 +84,106 @@ pub(super) async fn apply(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::mock_api::{answer, api_server, not_found};
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::render::{render, Rendered, Settings};
+    use http::Method;
+    use kube::runtime::events::{Recorder, Reporter};
+    use kube::runtime::reflector;
+    use kube::Client;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    const JOB_PATH: &str = "/apis/batch/v1/namespaces/tenant/jobs/p-plan";
+
+    /// A reconcile's context on `client`, with empty caches (nothing watched yet).
+    fn context(client: Client) -> Context {
+        let reporter = Reporter {
+            controller: names::MANAGER.into(),
+            instance: None,
+        };
+        Context {
+            client: client.clone(),
+            settings: Settings::default(),
+            recorder: Recorder::new(client, reporter),
+            metrics: Arc::new(Metrics::default()),
+            jobs: reflector::store::<Job>().0,
+            pods: reflector::store().0,
+            failures: Default::default(),
+        }
+    }
+
+    /// A Task pipeline whose shards are not declared: it is planned first.
+    fn unplanned() -> (InferencePipeline, Job) {
+        let mut pipeline: InferencePipeline = serde_yaml::from_str(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p, namespace: tenant, generation: 3}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n",
+        )
+        .unwrap();
+        pipeline.metadata.uid = Some("pipeline-uid".into());
+        let Ok(Rendered::Plan { job }) = render(&pipeline, &Settings::default()) else {
+            panic!("an unplanned Task renders its planning Job")
+        };
+        (pipeline, *job)
+    }
+
+    #[tokio::test]
+    async fn a_missing_planning_job_is_applied_by_the_operator_with_its_generation() {
+        let (pipeline, job) = unplanned();
+        let (client, server) = api_server(vec![
+            answer(Method::GET, JOB_PATH, 404, not_found()),
+            answer(Method::PATCH, JOB_PATH, 200, json!({})),
+        ]);
+        let applied = apply(&context(client), &pipeline, "tenant", job)
+            .await
+            .unwrap();
+        let Applied::Planning(said) = applied else {
+            panic!("the shards are being planned")
+        };
+        assert!(
+            said.contains("Job p-plan lists the input file:///data/in"),
+            "{said}"
+        );
+        let seen = server.await.unwrap();
+        let [_, patch] = &seen[..] else {
+            panic!("a GET, then the apply: {} requests", seen.len())
+        };
+        assert!(
+            patch.uri.contains("fieldManager=kube-zerocopy"),
+            "{}",
+            patch.uri
+        );
+        assert!(patch.uri.contains("force=true"), "{}", patch.uri);
+        let annotations = &patch.body["metadata"]["annotations"];
+        assert_eq!(annotations[names::GENERATION_ANNOTATION], "3");
+        assert!(
+            annotations[names::WORK_ANNOTATION].is_string(),
+            "{annotations}"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_job_of_the_planning_jobs_name_is_left_alone() {
+        let (pipeline, job) = unplanned();
+        let theirs = json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "p-plan", "namespace": "tenant", "uid": "their-uid"},
+        });
+        let (client, server) = api_server(vec![answer(Method::GET, JOB_PATH, 200, theirs)]);
+        let applied = apply(&context(client), &pipeline, "tenant", job)
+            .await
+            .unwrap();
+        let Applied::Blocked(blocked) = applied else {
+            panic!("another's Job is not taken over")
+        };
+        assert_eq!(blocked.reason, Reason::ObjectNotOwned);
+        assert_eq!(
+            server.await.unwrap().len(),
+            1,
+            "only the GET: nothing written"
+        );
+    }
+}
