@@ -1,11 +1,42 @@
 //! A scripted API server for the apply steps' tests: kube's client over `tower-test`, as
 //! kube's own tests do. Each request must be the next one the script expects.
 
+use std::sync::Arc;
+
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
+use k8s_openapi::api::batch::v1::Job;
 use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{reflector, watcher};
 use kube::Client;
+use kube_zerocopy_contract::names;
 use serde_json::{json, Value};
+
+use crate::metrics::Metrics;
+use crate::reconcile::Context;
+use crate::render::Settings;
+
+/// A reconcile's context on `client`, its Job cache holding `jobs` (as the watch would).
+pub(super) fn context(client: Client, jobs: Vec<Job>) -> Context {
+    let reporter = Reporter {
+        controller: names::MANAGER.into(),
+        instance: None,
+    };
+    let (cache, mut writer) = reflector::store::<Job>();
+    for job in jobs {
+        writer.apply_watcher_event(&watcher::Event::Apply(job));
+    }
+    Context {
+        client: client.clone(),
+        settings: Settings::default(),
+        recorder: Recorder::new(client, reporter),
+        metrics: Arc::new(Metrics::default()),
+        jobs: cache,
+        pods: reflector::store().0,
+        failures: Default::default(),
+    }
+}
 
 /// One answer of the scripted API server, to a request of this method and path.
 pub(super) struct Answer {

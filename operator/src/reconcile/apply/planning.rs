@@ -87,35 +87,13 @@ pub(super) async fn apply(
 
 #[cfg(test)]
 mod tests {
-    use super::super::mock_api::{answer, api_server, not_found};
+    use super::super::mock_api::{answer, api_server, context, not_found};
     use super::*;
-    use crate::metrics::Metrics;
     use crate::render::{render, Rendered, Settings};
     use http::Method;
-    use kube::runtime::events::{Recorder, Reporter};
-    use kube::runtime::reflector;
-    use kube::Client;
     use serde_json::json;
-    use std::sync::Arc;
 
     const JOB_PATH: &str = "/apis/batch/v1/namespaces/tenant/jobs/p-plan";
-
-    /// A reconcile's context on `client`, with empty caches (nothing watched yet).
-    fn context(client: Client) -> Context {
-        let reporter = Reporter {
-            controller: names::MANAGER.into(),
-            instance: None,
-        };
-        Context {
-            client: client.clone(),
-            settings: Settings::default(),
-            recorder: Recorder::new(client, reporter),
-            metrics: Arc::new(Metrics::default()),
-            jobs: reflector::store::<Job>().0,
-            pods: reflector::store().0,
-            failures: Default::default(),
-        }
-    }
 
     /// A Task pipeline whose shards are not declared: it is planned first.
     fn unplanned() -> (InferencePipeline, Job) {
@@ -137,7 +115,7 @@ mod tests {
             answer(Method::GET, JOB_PATH, 404, not_found()),
             answer(Method::PATCH, JOB_PATH, 200, json!({})),
         ]);
-        let applied = apply(&context(client), &pipeline, "tenant", job)
+        let applied = apply(&context(client, vec![]), &pipeline, "tenant", job)
             .await
             .unwrap();
         let Applied::Planning(said) = applied else {
@@ -173,7 +151,7 @@ mod tests {
             "metadata": {"name": "p-plan", "namespace": "tenant", "uid": "their-uid"},
         });
         let (client, server) = api_server(vec![answer(Method::GET, JOB_PATH, 200, theirs)]);
-        let applied = apply(&context(client), &pipeline, "tenant", job)
+        let applied = apply(&context(client, vec![]), &pipeline, "tenant", job)
             .await
             .unwrap();
         let Applied::Blocked(blocked) = applied else {

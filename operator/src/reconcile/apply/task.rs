@@ -479,3 +479,104 @@ mod tests {
         assert_eq!(super::work_of(None, &p.spec), work_digest(&p.spec));
     }
 }
+
+/// The step against a scripted API server: what it asks of it, and what it leaves alone.
+#[cfg(test)]
+mod apply_tests {
+    use super::super::mock_api::{answer, api_server, context};
+    use super::*;
+    use crate::render::{render, Rendered, Settings};
+    use http::Method;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+
+    const JOB_PATH: &str = "/apis/batch/v1/namespaces/tenant/jobs/p-zerocopy";
+    const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/tenant/events";
+
+    /// The pipeline at `generation`, running model `model`, and the Job it renders.
+    fn pipeline(generation: i64, model: &str) -> (InferencePipeline, Job) {
+        let mut pipeline: InferencePipeline = serde_yaml::from_str(&format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: {generation}}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///{model}.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n"
+        ))
+        .unwrap();
+        pipeline.metadata.uid = Some("pipeline-uid".into());
+        let Ok(Rendered::Task { job }) = render(&pipeline, &Settings::default()) else {
+            panic!("a planned Task renders its Job")
+        };
+        (pipeline, *job)
+    }
+
+    /// The Job as the operator created it for `generation` (its uid `uid`), finished or not.
+    fn created(generation: i64, model: &str, uid: &str, finished: bool) -> Job {
+        let (pipeline, mut job) = pipeline(generation, model);
+        annotate(
+            &mut job,
+            Some(generation),
+            work_digest(&pipeline.spec),
+            None,
+        );
+        job.metadata.uid = Some(uid.into());
+        job.status = finished.then(|| JobStatus {
+            conditions: Some(vec![JobCondition {
+                type_: "Complete".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        job
+    }
+
+    #[tokio::test]
+    async fn a_job_that_runs_is_never_replaced_by_a_changed_spec() {
+        let running = created(1, "old", "running-uid", false);
+        let (pipeline, job) = pipeline(2, "new");
+        let (client, server) = api_server(vec![]);
+        let applied = apply(&context(client, vec![running]), &pipeline, "tenant", job)
+            .await
+            .unwrap();
+        let Applied::Task(task) = applied else {
+            panic!("the Task's Job")
+        };
+        assert_eq!(task.refused.as_deref(), Some(SPEC_CHANGED_WHILE_RUNNING));
+        assert_eq!(
+            task.job.unwrap().metadata.uid.as_deref(),
+            Some("running-uid")
+        );
+        assert_eq!(
+            server.await.unwrap().len(),
+            0,
+            "nothing asked of the API server"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_of_another_spec_is_deleted_as_seen_and_the_new_one_applied() {
+        let finished = created(1, "old", "finished-uid", true);
+        let (pipeline, job) = pipeline(2, "new");
+        let new = serde_json::to_value(created(2, "new", "new-uid", false)).unwrap();
+        let (client, server) = api_server(vec![
+            answer(Method::DELETE, JOB_PATH, 200, serde_json::json!({})),
+            answer(Method::POST, EVENTS_PATH, 201, serde_json::json!({})),
+            answer(Method::PATCH, JOB_PATH, 200, new),
+        ]);
+        let applied = apply(&context(client, vec![finished]), &pipeline, "tenant", job)
+            .await
+            .unwrap();
+        let Applied::Task(task) = applied else {
+            panic!("the Task's Job")
+        };
+        assert_eq!(task.job.unwrap().metadata.uid.as_deref(), Some("new-uid"));
+        let seen = server.await.unwrap();
+        let [delete, event, patch] = &seen[..] else {
+            panic!("delete, event, apply: {} requests", seen.len())
+        };
+        // Only the Job that was seen: a newer one of the same name is not deleted.
+        assert_eq!(delete.body["preconditions"]["uid"], "finished-uid");
+        assert_eq!(event.body["reason"], Reason::Rerun.as_str());
+        assert!(patch.uri.contains("force=true"), "{}", patch.uri);
+        let annotations = &patch.body["metadata"]["annotations"];
+        assert_eq!(annotations[names::GENERATION_ANNOTATION], "2");
+        let said = annotations.to_string();
+        assert!(said.contains("all 2 shards run again"), "{said}");
+    }
+}
