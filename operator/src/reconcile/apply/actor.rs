@@ -31,6 +31,26 @@ pub(super) struct Objects {
 
 /// Applies an Actor pipeline's Service, NetworkPolicy and batch run, then its Deployment,
 /// scaled to 0 while held or once the run is over.
+impl Objects {
+    /// An Actor pipeline's rendered objects (None for another mode's).
+    pub(super) fn of(rendered: render::Rendered) -> Option<Objects> {
+        match rendered {
+            render::Rendered::Actor {
+                deployment,
+                service,
+                network_policy,
+                run,
+            } => Some(Objects {
+                deployment: *deployment,
+                service: *service,
+                network_policy: *network_policy,
+                run: run.map(|r| *r),
+            }),
+            _ => None,
+        }
+    }
+}
+
 pub(super) async fn apply(
     ctx: &Context,
     pipeline: &InferencePipeline,
@@ -143,4 +163,113 @@ async fn apply_batch_run(
         batch_run::State::Done | batch_run::State::Failed(_) => {}
     }
     Ok(Ok(state))
+}
+
+/// The step against a scripted API server.
+#[cfg(test)]
+mod tests {
+    use super::super::mock_api::{answer, api_server, context, not_found};
+    use super::*;
+    use crate::render::{render, Settings};
+    use crate::status::Reason;
+    use http::Method;
+    use serde_json::json;
+
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/tenant/deployments/p-zerocopy";
+    const SERVICES: &str = "/api/v1/namespaces/tenant/services";
+    const SERVICE: &str = "/api/v1/namespaces/tenant/services/p-zerocopy";
+    const POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/tenant/networkpolicies";
+    const POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/tenant/networkpolicies/p-zerocopy";
+
+    /// An Actor pipeline of 2 replicas (suspended or not) and the objects it renders.
+    fn actor(suspended: bool) -> (InferencePipeline, Objects) {
+        let mut pipeline: InferencePipeline = serde_yaml::from_str(&format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: 1}}\nspec:\n  mode: Actor\n  suspend: {suspended}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  actor: {{replicas: 2}}\n"
+        ))
+        .unwrap();
+        pipeline.metadata.uid = Some("pipeline-uid".into());
+        let objects = Objects::of(render(&pipeline, &Settings::default()).unwrap())
+            .expect("an Actor pipeline renders its objects");
+        (pipeline, objects)
+    }
+
+    #[tokio::test]
+    async fn a_new_actor_creates_its_service_and_policy_then_applies_its_deployment() {
+        let (pipeline, objects) = actor(false);
+        let (client, server) = api_server(vec![
+            answer(Method::GET, DEPLOYMENT, 404, not_found()),
+            answer(Method::GET, SERVICE, 404, not_found()),
+            answer(Method::POST, SERVICES, 201, json!({})),
+            answer(Method::GET, POLICY, 404, not_found()),
+            answer(Method::POST, POLICIES, 201, json!({})),
+            answer(Method::PATCH, DEPLOYMENT, 200, json!({})),
+        ]);
+        let applied = apply(&context(client, vec![]), &pipeline, "tenant", objects)
+            .await
+            .unwrap();
+        let Applied::Actor(actor) = applied else {
+            panic!("the Actor's objects")
+        };
+        assert!(actor.hold.is_none());
+        let seen = server.await.unwrap();
+        // Created as the pipeline's (a POST cannot take an object over), by its field manager.
+        for created in [&seen[2], &seen[4]] {
+            assert!(
+                created.uri.contains("fieldManager=kube-zerocopy"),
+                "{}",
+                created.uri
+            );
+            assert_eq!(
+                created.body["metadata"]["ownerReferences"][0]["uid"],
+                "pipeline-uid"
+            );
+        }
+        assert_eq!(seen[5].body["spec"]["replicas"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_suspended_actor_applies_its_deployment_at_zero_replicas() {
+        let (pipeline, objects) = actor(true);
+        let ours = |kind: &str| {
+            json!({"kind": kind, "metadata": {"name": "p-zerocopy", "ownerReferences": [
+                {"apiVersion": "kube-zerocopy.io/v1alpha1", "kind": "InferencePipeline",
+                 "name": "p", "uid": "pipeline-uid", "controller": true}]}})
+        };
+        let (client, server) = api_server(vec![
+            answer(Method::GET, DEPLOYMENT, 200, ours("Deployment")),
+            answer(Method::GET, SERVICE, 200, ours("Service")),
+            answer(Method::PATCH, SERVICE, 200, json!({})),
+            answer(Method::GET, POLICY, 200, ours("NetworkPolicy")),
+            answer(Method::PATCH, POLICY, 200, json!({})),
+            answer(Method::PATCH, DEPLOYMENT, 200, json!({})),
+        ]);
+        let applied = apply(&context(client, vec![]), &pipeline, "tenant", objects)
+            .await
+            .unwrap();
+        let Applied::Actor(actor) = applied else {
+            panic!("the Actor's objects")
+        };
+        assert!(actor.hold.is_some(), "the status says why nothing serves");
+        let seen = server.await.unwrap();
+        assert_eq!(seen[5].body["spec"]["replicas"], 0);
+    }
+
+    #[tokio::test]
+    async fn another_service_of_the_actors_name_stops_it_before_anything_is_written() {
+        let (pipeline, objects) = actor(false);
+        let theirs =
+            json!({"kind": "Service", "metadata": {"name": "p-zerocopy", "uid": "their-uid"}});
+        let (client, server) = api_server(vec![
+            answer(Method::GET, DEPLOYMENT, 404, not_found()),
+            answer(Method::GET, SERVICE, 200, theirs),
+        ]);
+        let applied = apply(&context(client, vec![]), &pipeline, "tenant", objects)
+            .await
+            .unwrap();
+        let Applied::Blocked(blocked) = applied else {
+            panic!("another's Service is not taken over")
+        };
+        assert_eq!(blocked.reason, Reason::ObjectNotOwned);
+        assert_eq!(server.await.unwrap().len(), 2, "two GETs, no write");
+    }
 }

@@ -113,18 +113,8 @@ pub(super) async fn apply(
     let applied = match rendered {
         Rendered::Task { job } => task::apply(ctx, pipeline, ns, *job).await,
         Rendered::Plan { job } => planning::apply(ctx, pipeline, ns, *job).await,
-        Rendered::Actor {
-            deployment,
-            service,
-            network_policy,
-            run,
-        } => {
-            let objects = actor::Objects {
-                deployment: *deployment,
-                service: *service,
-                network_policy: *network_policy,
-                run: run.map(|r| *r),
-            };
+        actor @ Rendered::Actor { .. } => {
+            let objects = actor::Objects::of(actor).expect("an Actor's objects");
             actor::apply(ctx, pipeline, ns, objects).await
         }
     };
