@@ -388,28 +388,40 @@ mod tests {
         );
     }
 
+    /// A Task pipeline's spec over 30 shards: `input` its input folder, `task` its task
+    /// settings, `extra` more lines of the spec.
+    fn task_spec(input: &str, task: &str, extra: &str) -> crate::crd::InferencePipelineSpec {
+        let p: InferencePipeline = serde_yaml::from_str(&format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  input: {{uri: 'file:///{input}'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 30{task}}}\n{extra}"
+        ))
+        .unwrap();
+        p.spec
+    }
+
+    /// A job of the operator (`generation`, finished or not) that carries `work`.
+    fn job_of_work(generation: i64, end: Option<&str>, work: &str) -> Job {
+        let mut current = job(Some(generation), end);
+        current
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(names::WORK_ANNOTATION.into(), work.into());
+        current
+    }
+
     /// A change of parallelism alone is applied in place, to a running Job or a finished one,
     /// which then does not run again; any other change of the spec changes the work.
     #[test]
     fn a_new_parallelism_is_applied_in_place() {
         let spec = |parallelism: i32, input: &str| {
-            let p: InferencePipeline = serde_yaml::from_str(&format!(
-                "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  input: {{uri: 'file:///{input}'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 30, parallelism: {parallelism}}}\n"
-            ))
-            .unwrap();
-            p.spec
+            task_spec(input, &format!(", parallelism: {parallelism}"), "")
         };
         let work = work_digest(&spec(1, "in"));
         assert_eq!(work, work_digest(&spec(8, "in")));
         assert_ne!(work, work_digest(&spec(1, "elsewhere")));
         for end in [None, Some("Complete")] {
-            let mut current = job(Some(3), end);
-            current
-                .metadata
-                .annotations
-                .as_mut()
-                .unwrap()
-                .insert(names::WORK_ANNOTATION.into(), work.clone());
+            let current = job_of_work(3, end, &work);
             assert_eq!(task_step(Some(&current), Some(4), &work), TaskStep::Rescale);
             let other = work_digest(&spec(8, "elsewhere"));
             assert_ne!(
@@ -423,13 +435,7 @@ mod tests {
     /// neither is a change of what it computes, so neither refuses nor replaces the Job.
     #[test]
     fn suspending_or_a_ttl_never_replaces_the_job() {
-        let spec = |extra: &str| {
-            let p: InferencePipeline = serde_yaml::from_str(&format!(
-                "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///m.pt'}}}}]\n  input: {{uri: 'file:///in'}}\n  output: {{uri: 'file:///out'}}\n  task: {{shards: 30}}\n{extra}"
-            ))
-            .unwrap();
-            p.spec
-        };
+        let spec = |extra: &str| task_spec("in", "", extra);
         let work = work_digest(&spec(""));
         for extra in [
             "  suspend: true\n",
@@ -439,13 +445,7 @@ mod tests {
             let changed = work_digest(&spec(extra));
             assert_eq!(changed, work, "{extra}");
             for end in [None, Some("Complete")] {
-                let mut current = job(Some(3), end);
-                current
-                    .metadata
-                    .annotations
-                    .as_mut()
-                    .unwrap()
-                    .insert(names::WORK_ANNOTATION.into(), work.clone());
+                let current = job_of_work(3, end, &work);
                 assert_eq!(
                     task_step(Some(&current), Some(4), &changed),
                     TaskStep::Rescale
@@ -459,24 +459,16 @@ mod tests {
     /// refused or replaced.
     #[test]
     fn a_job_of_an_earlier_operator_keeps_its_work() {
-        let p: InferencePipeline = serde_yaml::from_str(
-            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///m.pt'}}]\n  input: {uri: 'file:///in'}\n  output: {uri: 'file:///out'}\n  task: {shards: 30}\n  ttlSecondsAfterFinished: 86400\n",
-        )
-        .unwrap();
-        let earlier = super::earlier_work_digest(&p.spec);
-        assert_ne!(earlier, work_digest(&p.spec));
+        let spec = task_spec("in", "", "  ttlSecondsAfterFinished: 86400\n");
+        let earlier = super::earlier_work_digest(&spec);
+        assert_ne!(earlier, work_digest(&spec));
         for end in [None, Some("Complete")] {
-            let mut made = job(Some(3), end);
-            made.metadata
-                .annotations
-                .as_mut()
-                .unwrap()
-                .insert(names::WORK_ANNOTATION.into(), earlier.clone());
-            let work = super::work_of(Some(&made), &p.spec);
+            let made = job_of_work(3, end, &earlier);
+            let work = super::work_of(Some(&made), &spec);
             assert_eq!(task_step(Some(&made), Some(4), &work), TaskStep::Rescale);
         }
         // A Job of this operator, or none: today's digest.
-        assert_eq!(super::work_of(None, &p.spec), work_digest(&p.spec));
+        assert_eq!(super::work_of(None, &spec), work_digest(&spec));
     }
 }
 
