@@ -46,6 +46,10 @@ pub struct Policy {
     /// none by default).
     #[arg(long, env = "KZC_PRIORITY_CLASSES", value_delimiter = ',')]
     pub priority_classes: Vec<String>,
+    /// The RuntimeClasses template.runtimeClassName may name, comma-separated (`*`: any; none
+    /// by default).
+    #[arg(long, env = "KZC_RUNTIME_CLASSES", value_delimiter = ',')]
+    pub runtime_classes: Vec<String>,
 }
 
 /// The operator's own settings (`kube-zerocopy operator`).

@@ -81,6 +81,11 @@ fn render_settings(images: settings::Images, policy: settings::Policy) -> render
             .into_iter()
             .filter(|c| !c.is_empty())
             .collect(),
+        runtime_classes: policy
+            .runtime_classes
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect(),
     };
     settings
 }

@@ -54,6 +54,9 @@ pub struct PipelinePolicy {
     /// The PriorityClasses template.priorityClassName may name (`*`: any): a higher priority
     /// preempts other tenants' pods.
     pub priority_classes: Vec<String>,
+    /// The RuntimeClasses template.runtimeClassName may name (`*`: any): a runtime class
+    /// changes how the pods are isolated (a sandbox, a GPU runtime).
+    pub runtime_classes: Vec<String>,
 }
 
 impl Default for PipelinePolicy {
@@ -64,8 +67,30 @@ impl Default for PipelinePolicy {
             toleration_keys: DEFAULT_TOLERATION_KEYS.map(String::from).to_vec(),
             node_sharing: true,
             priority_classes: vec![],
+            runtime_classes: vec![],
         }
     }
+}
+
+/// Refuses a class name the policy does not list (`*` in the list: any).
+fn listed_class(
+    field: &str,
+    value: &str,
+    allowed: &[String],
+    chart_value: &str,
+) -> Result<(), Refusal> {
+    if allowed.iter().any(|c| c == "*" || c == value) {
+        return Ok(());
+    }
+    Err(Refusal::Forbidden(format!(
+        "template.{field} {value:?} is not among the classes this operator's policy allows \
+         (chart value pipelinePolicy.{chart_value}: {})",
+        if allowed.is_empty() {
+            "none".to_owned()
+        } else {
+            allowed.join(", ")
+        }
+    )))
 }
 
 /// Volume types a template may use: each stays within the pod's namespace.
@@ -238,18 +263,20 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
         }
     }
     if let Some(class) = &template.priority_class_name {
-        let any = policy.priority_classes.iter().any(|c| c == "*");
-        if !any && !policy.priority_classes.contains(class) {
-            return Err(Refusal::Forbidden(format!(
-                "template.priorityClassName {class:?} is not among the PriorityClasses this \
-                 operator's policy allows (chart value pipelinePolicy.priorityClasses: {})",
-                if policy.priority_classes.is_empty() {
-                    "none".to_owned()
-                } else {
-                    policy.priority_classes.join(", ")
-                }
-            )));
-        }
+        listed_class(
+            "priorityClassName",
+            class,
+            &policy.priority_classes,
+            "priorityClasses",
+        )?;
+    }
+    if let Some(class) = &template.runtime_class_name {
+        listed_class(
+            "runtimeClassName",
+            class,
+            &policy.runtime_classes,
+            "runtimeClasses",
+        )?;
     }
     if let Some(affinity) = &template.affinity {
         check_affinity(affinity)?;
@@ -389,6 +416,7 @@ mod tests {
             toleration_keys: vec!["*".into()],
             node_sharing: true,
             priority_classes: vec!["*".into()],
+            runtime_classes: vec!["*".into()],
         };
         for (template, words) in [
             (
@@ -532,7 +560,7 @@ mod tests {
             panic!("a PriorityClass is a policy matter")
         };
         assert!(
-            message.contains("\"batch-high\" is not among the PriorityClasses")
+            message.contains("priorityClassName \"batch-high\" is not among the classes")
                 && message.contains("pipelinePolicy.priorityClasses: none"),
             "{message}"
         );
@@ -545,6 +573,29 @@ mod tests {
         }
         let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n";
         assert_eq!(check(&spec(ordinary), &PipelinePolicy::default()), Ok(()));
+    }
+
+    /// A runtime class changes how the pods are isolated: only one the policy lists.
+    #[test]
+    fn a_runtime_class_only_where_the_policy_lists_it() {
+        let template = "    runtimeClassName: runc-unconfined\n";
+        let Refusal::Forbidden(message) = refused(template, &PipelinePolicy::default()) else {
+            panic!("a RuntimeClass is a policy matter")
+        };
+        assert!(
+            message.contains("runtimeClassName \"runc-unconfined\" is not among the classes")
+                && message.contains("pipelinePolicy.runtimeClasses: none"),
+            "{message}"
+        );
+        let gvisor = PipelinePolicy {
+            runtime_classes: vec!["gvisor".into()],
+            ..PipelinePolicy::default()
+        };
+        assert!(check(&spec(template), &gvisor).is_err());
+        assert_eq!(
+            check(&spec("    runtimeClassName: gvisor\n"), &gvisor),
+            Ok(())
+        );
     }
 
     /// What would loosen the pods or reach past the namespace: a security profile or another

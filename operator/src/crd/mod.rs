@@ -145,6 +145,11 @@ pub struct PodOverrides {
     /// (pipelinePolicy.priorityClasses). Default: the cluster's default priority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// The pods' RuntimeClass (a sandboxed runtime such as gVisor or Kata, or a GPU runtime);
+    /// only those the operator's policy lists (pipelinePolicy.runtimeClasses). Default: the
+    /// nodes' default runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
     /// The pods' affinity (e.g. nodes of one zone, replicas spread apart). With Node sharing
     /// the operator adds its preference for nodes that hold the models.
     #[serde(default, skip_serializing_if = "Option::is_none")]

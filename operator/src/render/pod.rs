@@ -259,6 +259,7 @@ fn placement(overrides: &PodOverrides) -> PodSpec {
         node_selector: overrides.node_selector.clone(),
         tolerations: overrides.tolerations.clone(),
         priority_class_name: overrides.priority_class_name.clone(),
+        runtime_class_name: overrides.runtime_class_name.clone(),
         image_pull_secrets: overrides.image_pull_secrets.clone(),
         security_context: Some(pod_security()),
         ..Default::default()

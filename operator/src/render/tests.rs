@@ -535,13 +535,14 @@ fn a_queued_job_starts_suspended_with_the_queue_label() {
 #[test]
 fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     let digest = "ab".repeat(32);
-    let template = "  sharing: Node\n  template:\n    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    imagePullSecrets: [{name: registry}]\n    priorityClassName: batch\n    annotations: {sidecar.istio.io/inject: 'false'}\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]\n";
+    let template = "  sharing: Node\n  template:\n    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    imagePullSecrets: [{name: registry}]\n    priorityClassName: batch\n    runtimeClassName: gvisor\n    annotations: {sidecar.istio.io/inject: 'false'}\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]\n";
     let mut p = pipeline(template);
     p.spec.models[0].source.uri = "https://m.example/m.pt".into();
     p.spec.models[0].source.sha256 = Some(digest.clone());
     let settings = Settings {
         policy: PipelinePolicy {
             priority_classes: vec!["batch".into()],
+            runtime_classes: vec!["gvisor".into()],
             ..PipelinePolicy::default()
         },
         ..Settings::default()
@@ -565,6 +566,7 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
         .any(|v| v.name == kube_zerocopy_contract::models::MODELS_ENV));
     assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
+    assert_eq!(pod.runtime_class_name.as_deref(), Some("gvisor"));
     let node = pod.affinity.unwrap().node_affinity.unwrap();
     let required = node
         .required_during_scheduling_ignored_during_execution
