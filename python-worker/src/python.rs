@@ -29,13 +29,10 @@ impl PythonBuilder for Builder {
     fn build(
         &self,
         source: &ModelSource,
+        entry_point: &str,
         shared: &SharedModel,
         device: Device,
     ) -> Result<Box<dyn Forward>> {
-        let entry_point = source
-            .python_entry_point
-            .as_deref()
-            .context("the model names no Python entry point")?;
         // <store>/blobs/<digest>: the package maps the model from the store by its digest.
         let store = shared
             .dir

@@ -39,15 +39,22 @@ fn python_path() -> String {
     .join(":")
 }
 
-/// The seeded block's weights, an input and plain PyTorch's output, written into `dir`.
-fn make_block(dir: &Path) {
+/// Runs one of `tests/python`'s scripts, which write a model's weights, an input and the
+/// reference output computed by plain PyTorch (or transformers) into `dir`.
+fn write_model(script: &str, dir: &Path, args: &[&str]) {
     let status = Command::new(python())
-        .arg(repo().join("tests/python/kzc_test_models.py"))
+        .arg(repo().join("tests/python").join(script))
         .arg(dir)
+        .args(args)
         .env("PYTHONPATH", python_path())
         .status()
         .unwrap();
-    assert!(status.success(), "kzc_test_models.py failed");
+    assert!(status.success(), "{script} {args:?} failed");
+}
+
+/// The seeded block's weights, an input and plain PyTorch's output, written into `dir`.
+fn make_block(dir: &Path) {
+    write_model("kzc_test_models.py", dir, &[]);
 }
 
 fn block(dir: &Path, entry_point: &str) -> ModelSource {
@@ -158,13 +165,7 @@ fn three_python_workers_map_one_copy_and_none_copies_while_loading() {
 
     let pod = Pod::new();
     let dir = pod.dir.path();
-    let status = Command::new(python())
-        .arg(repo().join("tests/python/kzc_test_models.py"))
-        .args([dir.as_os_str(), "wide".as_ref()])
-        .env("PYTHONPATH", python_path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kzc_test_models.py wide failed");
+    write_model("kzc_test_models.py", dir, &["wide"]);
     let wide = |entry_point: &str| ModelSource {
         python_entry_point: Some(entry_point.into()),
         ..source(
@@ -337,13 +338,7 @@ fn a_python_replica_batches_requests_through_the_users_module_and_survives_a_bad
 fn a_hugging_face_checkpoint_runs_in_transformers_on_the_mapped_weights() {
     let pod = Pod::new();
     let dir = pod.dir.path();
-    let status = Command::new(python())
-        .arg(repo().join("tests/python/kzc_test_hf.py"))
-        .arg(dir)
-        .env("PYTHONPATH", python_path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kzc_test_hf.py failed");
+    write_model("kzc_test_hf.py", dir, &[]);
     let checkpoint = dir.join("checkpoint");
     let models = [ModelSource {
         python_entry_point: Some("kzc_test_hf:build".into()),

@@ -26,9 +26,11 @@ pub trait Forward: Send + Sync {
 /// Builds the models that name Python code (`python.entryPoint`) from their mapped weights.
 /// The Python worker registers one before it runs its commands; the plain worker has none.
 pub trait PythonBuilder: Send + Sync {
+    /// Builds `source`'s model with its `entry_point` (`module:callable`).
     fn build(
         &self,
         source: &ModelSource,
+        entry_point: &str,
         shared: &SharedModel,
         device: Device,
     ) -> Result<Box<dyn Forward>>;
@@ -50,7 +52,7 @@ fn build_python(
     device: Device,
 ) -> Result<Box<dyn Forward>> {
     match PYTHON.get() {
-        Some(builder) => builder.build(source, shared, device),
+        Some(builder) => builder.build(source, entry_point, shared, device),
         None => bail!(
             "model {:?} is run by Python code ({entry_point}), and this worker has no Python: \
              build the pipeline's image FROM the Python runtime image",
@@ -77,6 +79,15 @@ pub struct LoadedModel {
 
 fn permanent(error: anyhow::Error) -> anyhow::Error {
     Permanent(format!("{error:#}")).into()
+}
+
+/// Permanent, unless the device failed it (a full GPU): that may pass on a retry.
+fn permanent_unless_device(error: anyhow::Error) -> anyhow::Error {
+    if is_device_failure(&format!("{error:#}")) {
+        error
+    } else {
+        permanent(error)
+    }
 }
 
 /// Whether an error is the device's (memory full, a CUDA failure), which a retry on another
@@ -129,28 +140,21 @@ impl LoadedModel {
         // A published model that cannot be built (another architecture, an archive whose code
         // does not load) cannot be built on a retry either: permanent, so a Task fails at once
         // instead of mapping it again for every shard.
-        let module = match source.format {
-            ModelFormat::Safetensors if source.python_entry_point.is_some() => {
-                let entry_point = source.python_entry_point.as_deref().unwrap_or_default();
-                // The user's code, built again on a retry only if the device failed it (its
-                // `.to(device)` met a full GPU); anything else fails the same way every time.
-                let built = build_python(source, entry_point, &shared, device).map_err(|e| {
-                    if is_device_failure(&format!("{e:#}")) {
-                        e
-                    } else {
-                        permanent(e)
-                    }
-                })?;
-                Module::Python(built)
-            }
-            ModelFormat::Safetensors => check_architecture(source)
+        let module = match (source.format, source.python_entry_point.as_deref()) {
+            // The user's code, built again on a retry only if the device failed it (its
+            // `.to(device)` met a full GPU); anything else fails the same way every time.
+            (ModelFormat::Safetensors, Some(entry_point)) => Module::Python(
+                build_python(source, entry_point, &shared, device)
+                    .map_err(permanent_unless_device)?,
+            ),
+            (ModelFormat::Safetensors, None) => check_architecture(source)
                 .and_then(|()| Mlp::bind(&shared))
                 .map_err(permanent)
                 .map(|mut mlp| {
                     mlp.to_device(device);
                     Module::Mlp(mlp)
                 })?,
-            ModelFormat::TorchScript => {
+            (ModelFormat::TorchScript, _) => {
                 let mut m = SharedScriptModule::load(&shared).map_err(permanent)?;
                 m.to_device(device)?;
                 Module::Script(m)

@@ -1,6 +1,6 @@
 use super::*;
 use crate::node_store::held_label;
-use k8s_openapi::api::core::v1::{Container, ProjectedVolumeSource, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, PodSpec, ProjectedVolumeSource, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube_zerocopy_contract::models::MODELS_ATTRIBUTE;
 use kube_zerocopy_contract::pod;
@@ -620,11 +620,12 @@ fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_wo
     assert_eq!(worker.command.unwrap(), ["kube-zerocopy-worker", "task"]);
 }
 
-#[test]
-fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
-    let p: InferencePipeline = serde_yaml::from_str(
-        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template:\n    env: [{name: LD_PRELOAD, value: /data/in/hook.so}]\n",
-    )
+/// The pods of an Actor pipeline of 2 replicas with a batch run whose `template` holds these
+/// lines: the replicas' and the driver's.
+fn batch_run_pods(template: &str) -> (PodSpec, PodSpec) {
+    let p: InferencePipeline = serde_yaml::from_str(&format!(
+        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  actor: {{replicas: 2}}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://a.example/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  template:\n{template}"
+    ))
     .unwrap();
     let Rendered::Actor {
         deployment, run, ..
@@ -632,12 +633,20 @@ fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
     else {
         panic!("an Actor pipeline renders a Deployment")
     };
+    (
+        deployment.spec.unwrap().template.spec.unwrap(),
+        run.unwrap().job.spec.unwrap().template.spec.unwrap(),
+    )
+}
+
+#[test]
+fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
+    let (replica, driver) =
+        batch_run_pods("    env: [{name: LD_PRELOAD, value: /data/in/hook.so}]\n");
     let names =
         |c: &Container| -> Vec<String> { c.env.iter().flatten().map(|v| v.name.clone()).collect() };
-    let replica = deployment.spec.unwrap().template.spec.unwrap();
     assert!(names(&replica.containers[0]).contains(&"LD_PRELOAD".to_owned()));
     // The driver holds its account's token: a tenant's variable must not reach its process.
-    let driver = run.unwrap().job.spec.unwrap().template.spec.unwrap();
     let driver_env = names(&driver.containers[0]);
     assert!(
         !driver_env.contains(&"LD_PRELOAD".to_owned()),
@@ -647,29 +656,12 @@ fn the_batch_runs_driver_takes_nothing_of_the_templates_environment() {
 
 #[test]
 fn helper_pods_go_to_the_workers_nodes_without_their_pod_anti_affinity() {
-    let p: InferencePipeline = serde_yaml::from_str(
-        "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template:\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: pool, operator: In, values: [batch]}]}]\n      podAntiAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          - {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {kube-zerocopy.io/pipeline: p}}}\n",
-    )
-    .unwrap();
-    let Rendered::Actor {
-        deployment, run, ..
-    } = render(&p, &Settings::default()).unwrap()
-    else {
-        panic!("an Actor pipeline renders a Deployment")
-    };
-    let replica = deployment.spec.unwrap().template.spec.unwrap().affinity;
-    assert!(replica.unwrap().pod_anti_affinity.is_some());
+    let (replica, driver) = batch_run_pods(
+        "    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: pool, operator: In, values: [batch]}]}]\n      podAntiAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          - {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {kube-zerocopy.io/pipeline: p}}}\n",
+    );
+    assert!(replica.affinity.unwrap().pod_anti_affinity.is_some());
     // The driver runs on the pipeline's nodes, wherever a replica is.
-    let driver = run
-        .unwrap()
-        .job
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .affinity;
-    let driver = driver.unwrap();
+    let driver = driver.affinity.unwrap();
     assert!(driver.node_affinity.is_some());
     assert!(driver.pod_anti_affinity.is_none() && driver.pod_affinity.is_none());
 }
