@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: fuzz cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor bench-python clean images images-cuda release-dry-run
+.PHONY: fuzz cluster cluster-binaries setup build demo test test-unit e2e-node lint generate bench-load bench-operator bench-replica bench-fetch bench-actor bench-python clean images images-cuda release-dry-run
 
 setup:
 	@scripts/setup-torch.sh >/dev/null
@@ -20,6 +20,10 @@ lint: setup
 
 test: cluster-binaries build lint
 	scripts/test.sh
+
+# A test control plane built from source, until Ctrl-C; its kubeconfig in target/ (see xtask).
+cluster:
+	cargo xtask cluster
 
 # Started first so that the Go builds of the test cluster overlap cargo's (scripts/cluster-binaries.sh).
 cluster-binaries:

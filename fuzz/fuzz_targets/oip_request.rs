@@ -3,9 +3,9 @@
 // chooses whether a JSON header length is given (the binary extension) and where; the body is
 // read into its parts, and JSON data read for its shape, as the replica does before it builds
 // a tensor. Nothing may panic, and nothing may be kept beyond the shape's count of values.
-#[path = "../../worker/src/oip/json_data.rs"]
+#[path = "../../batch/src/protocol/json_data.rs"]
 mod json_data;
-#[path = "../../worker/src/oip/request.rs"]
+#[path = "../../batch/src/protocol/request.rs"]
 mod request;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -8,13 +8,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The crates that ship, whose sources these rules cover.
-const PRODUCT_CRATES: [&str; 10] = [
+const PRODUCT_CRATES: [&str; 11] = [
     "contract",
     "runtime",
     "store",
     "object-storage",
     "fetch",
     "weight-server",
+    "batch",
     "worker",
     "python-worker",
     "operator",
@@ -231,6 +232,7 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
     );
     for krate in [
         "agent",
+        "batch",
         "worker",
         "fetch",
         "weight-server",
@@ -262,6 +264,13 @@ fn the_crates_depend_on_the_contract_and_never_on_the_operator() {
         !worker.contains("kube-zerocopy-fetch"),
         "the worker depends on the fetching crate: {worker:?}"
     );
+    // What a batch run needs beside the models links no libtorch: the worker runs the models
+    // over it.
+    assert!(worker.contains("kube-zerocopy-batch"), "{worker:?}");
+    let batch = dependencies_in("batch/Cargo.toml", "dependencies");
+    for torch in ["tch", "torch-sys", "kube-zerocopy-worker"] {
+        assert!(!batch.contains(torch), "the batch crate names {torch}");
+    }
     // The weight server is a thin binary over the fetching crate.
     assert!(workspace_dependencies("weight-server").contains("kube-zerocopy-fetch"));
 }
@@ -286,7 +295,7 @@ fn dependencies_in(manifest: &str, section: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn the_operators_scenarios_and_their_environment_need_no_libtorch() {
+fn the_operators_scenarios_their_environment_and_the_xtask_need_no_libtorch() {
     let torch = [
         "tch",
         "kube-zerocopy-worker",
@@ -297,6 +306,7 @@ fn the_operators_scenarios_and_their_environment_need_no_libtorch() {
         ("tests/env/Cargo.toml", "dependencies"),
         ("tests/operator/Cargo.toml", "dependencies"),
         ("tests/operator/Cargo.toml", "dev-dependencies"),
+        ("xtask/Cargo.toml", "dependencies"),
     ] {
         let names = dependencies_in(manifest, section);
         assert!(!names.is_empty() || section == "dependencies", "{manifest}");

@@ -325,7 +325,7 @@ fn actor_serves_many_batches_from_one_mapping() {
     let (mut actor, base) = start_actor(&pod, &models, &["--model-name", MODEL]);
 
     let reference = LoadedModel::load_copying(&model, &models[0], tch::Device::Cpu).unwrap();
-    for shard in kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap() {
+    for shard in kube_zerocopy_batch::shards::list_shards(&d.join("in")).unwrap() {
         let input = read_input(&shard).unwrap();
         let (status, answer) = infer(&base, &input);
         assert_eq!(status, 200, "{answer:?}");
@@ -567,7 +567,11 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
 
     // Killed once a fifth of the outputs are in place: its batches in flight are lost with it.
     let started = Instant::now();
-    while kube_zerocopy_worker::task::list_shards(&out).unwrap().len() < SHARDS / 5 {
+    while kube_zerocopy_batch::shards::list_shards(&out)
+        .unwrap()
+        .len()
+        < SHARDS / 5
+    {
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -602,7 +606,7 @@ fn the_driver_writes_every_output_once_though_a_replica_dies() {
 
     // Each output put in place once, and equal to the Task's, byte for byte.
     let counts = renames.counts();
-    let inputs = kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap();
+    let inputs = kube_zerocopy_batch::shards::list_shards(&d.join("in")).unwrap();
     for input in &inputs {
         let name = input.file_name().unwrap().to_str().unwrap();
         assert_eq!(
@@ -845,13 +849,19 @@ fn a_killed_driver_resumes_and_sends_large_shards_in_row_ranges() {
     };
     let mut first = drive();
     let started = Instant::now();
-    while kube_zerocopy_worker::task::list_shards(&out).unwrap().len() < 5 {
+    while kube_zerocopy_batch::shards::list_shards(&out)
+        .unwrap()
+        .len()
+        < 5
+    {
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
     first.kill().unwrap();
     first.wait().unwrap();
-    let written_before = kube_zerocopy_worker::task::list_shards(&out).unwrap().len();
+    let written_before = kube_zerocopy_batch::shards::list_shards(&out)
+        .unwrap()
+        .len();
     assert!(
         written_before < SHARDS,
         "the driver finished before it was killed"
@@ -883,7 +893,7 @@ fn a_killed_driver_resumes_and_sends_large_shards_in_row_ranges() {
         twice.len() <= 4 && twice.iter().all(|(_, n)| **n == 2),
         "{counts:?}"
     );
-    for input in kube_zerocopy_worker::task::list_shards(&d.join("in")).unwrap() {
+    for input in kube_zerocopy_batch::shards::list_shards(&d.join("in")).unwrap() {
         let name = input.file_name().unwrap().to_str().unwrap();
         assert!(counts.contains_key(name), "{name} was never written");
         let got = read_output(&out.join(name));

@@ -456,7 +456,7 @@ async fn volumes_hold_exactly_their_models_read_only_and_share_one_copy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shard = kube_zerocopy_worker::task::list_shards(&input)
+    let shard = kube_zerocopy_batch::shards::list_shards(&input)
         .unwrap()
         .remove(0);
     let reference = LoadedModel::load_copying(&first_file, &first, tch::Device::Cpu).unwrap();

@@ -368,7 +368,7 @@ fn local_run_fetches_its_models_from_s3_with_the_environment_s_credentials() {
         &format!("file://{}", head.display()),
     );
     let mut compared = 0;
-    for shard in kube_zerocopy_worker::task::list_shards(&d.join("from-files")).unwrap() {
+    for shard in kube_zerocopy_batch::shards::list_shards(&d.join("from-files")).unwrap() {
         let name = shard.file_name().unwrap();
         let expected = kube_zerocopy_e2e::read_output(&d.join("from-files").join(name));
         let got = kube_zerocopy_e2e::read_output(&d.join("from-s3").join(name));
@@ -444,7 +444,7 @@ fn a_task_pipeline_reads_and_writes_s3_prefixes_and_writes_a_manifest() {
     ]);
     let server = server_with(&[]);
     server.create_bucket(DATA).unwrap();
-    let shards = kube_zerocopy_worker::task::list_shards(&d.join("input")).unwrap();
+    let shards = kube_zerocopy_batch::shards::list_shards(&d.join("input")).unwrap();
     for shard in &shards {
         let name = shard.file_name().unwrap().to_str().unwrap();
         server.put_file(DATA, &format!("in/{name}"), shard).unwrap();
@@ -515,9 +515,9 @@ fn a_task_pipeline_reads_and_writes_s3_prefixes_and_writes_a_manifest() {
 /// credentials name the field that holds them.
 #[test]
 fn a_changed_input_is_refused_and_an_empty_one_cannot_be_planned() {
+    use kube_zerocopy_batch::data::Store;
+    use kube_zerocopy_batch::shards::{checked_listing, plan, Shard};
     use kube_zerocopy_runtime::process::Permanent;
-    use kube_zerocopy_worker::data::Store;
-    use kube_zerocopy_worker::task::{checked_listing, plan, Shard};
 
     let server = server_with(&[]);
     server.create_bucket(DATA).unwrap();
@@ -695,7 +695,7 @@ fn a_task_pipeline_reads_and_writes_azure_blob_prefixes() {
     ]);
     let server = AzureServer::start().unwrap();
     server.create_container(DATA).unwrap();
-    let shards = kube_zerocopy_worker::task::list_shards(&d.join("input")).unwrap();
+    let shards = kube_zerocopy_batch::shards::list_shards(&d.join("input")).unwrap();
     for shard in &shards {
         let name = shard.file_name().unwrap().to_str().unwrap();
         server.put_file(DATA, &format!("in/{name}"), shard).unwrap();

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
+use kube_zerocopy_batch::shards::list_shards;
 use kube_zerocopy_e2e::{bin, make_model, read_output, source, succeeded, Pod};
 use kube_zerocopy_fetch::ModelFormat;
-use kube_zerocopy_worker::task::{list_shards, read_input, write_output};
+use kube_zerocopy_worker::task::{read_input, write_output};
 use kube_zerocopy_worker::LoadedModel;
 
 fn pipeline_yaml(dir: &Path, parallelism: usize) -> String {

@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actor::{Batching, Limits, Settings};
-use crate::client_token::ClientToken;
-use crate::data::Store;
-use crate::driver;
 use crate::memory::MemoryStats;
 use crate::{task, LoadedModel, Pipeline};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use kube_zerocopy_batch::client_token::ClientToken;
+use kube_zerocopy_batch::data::Store;
+use kube_zerocopy_batch::{driver, shards};
 use kube_zerocopy_contract::models::ModelSource;
 use kube_zerocopy_contract::pod;
 use kube_zerocopy_runtime::process::Permanent;
@@ -143,7 +143,7 @@ fn ms(since: Instant) -> f64 {
 fn run(cli: Cli) -> Result<()> {
     // Planning lists the input: no models, no libtorch.
     if let Command::Plan { input } = &cli.command {
-        let plan = serde_json::to_string(&task::plan(&open_input(input)?)?)?;
+        let plan = serde_json::to_string(&shards::plan(&open_input(input)?)?)?;
         println!("{plan}");
         kube_zerocopy_runtime::process::write_termination_message(&plan);
         return Ok(());
@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<()> {
                 Pipeline::load_shared(&store, &bindings, &models, device, cli.mapping.prefault)?;
             let load_ms = ms(load);
             let infer = Instant::now();
-            let shard = task::Shard {
+            let shard = shards::Shard {
                 input: &input,
                 output: &output,
                 index: shard_index,

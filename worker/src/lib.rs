@@ -7,19 +7,17 @@
 //! - [`jit`]: TorchScript modules whose parameters, buffers and constants live in the mapping.
 //! - [`model`]: one loaded model of either format, on cpu or cuda.
 //! - [`memory`]: RSS/PSS/USS from /proc, to prove the sharing.
-//! - [`task`]: the Task-mode planner and shard runner behind `kube-zerocopy-worker plan` and
-//!   `task`; [`data`]: the folders and object storage prefixes they read and write,
-//!   [`shard_file`] the safetensors files they hold.
+//! - [`task`]: one Task shard through the models, behind `kube-zerocopy-worker task`;
+//!   [`shard_file`]: the tensors of the safetensors files shards hold.
 //! - [`actor`]: the Actor-mode server behind `kube-zerocopy-worker actor`, speaking the Open
-//!   Inference Protocol ([`oip`]); [`driver`]: what streams an input through the replicas.
+//!   Inference Protocol ([`oip`]: tensors in and out of its bodies).
+//! - [`cli`]: the binary's commands, including `plan` and `drive`, whose work (no libtorch)
+//!   is in `kube_zerocopy_batch`, as are the Task data, records and manifests.
 
 pub mod actor;
 pub mod cli;
-pub mod client_token;
 pub mod cuda;
-pub mod data;
 pub mod dlpack;
-pub mod driver;
 mod ffi;
 pub mod jit;
 pub mod memory;

@@ -5,6 +5,8 @@ use anyhow::{bail, Result};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
+use kube_zerocopy_batch::shards::no_tensor;
+
 use crate::task::{INPUT_TENSOR, OUTPUT_TENSOR};
 
 fn kind(d: Dtype) -> Result<Kind> {
@@ -61,32 +63,6 @@ fn decode_named(body: &[u8], name: &str) -> Result<Tensor> {
         &shape,
         kind(view.dtype())?,
     )?)
-}
-
-/// Why `file` is refused for lacking the tensor `name`: with the tensors it has, so that a
-/// misnamed one is seen at once.
-pub fn no_tensor(file: &SafeTensors, name: &str) -> String {
-    let mut names: Vec<&str> = file.names();
-    names.sort_unstable();
-    let shown = names
-        .iter()
-        .take(8)
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>();
-    let more = names.len().saturating_sub(shown.len());
-    format!(
-        "it has no tensor {name:?}; it has {}{}",
-        if shown.is_empty() {
-            "none".to_owned()
-        } else {
-            shown.join(", ")
-        },
-        if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        }
-    )
 }
 
 /// `t` as a safetensors body with tensor `output`.

@@ -1,9 +1,10 @@
-//! Kueue, the job queueing controller, on the test control plane: built from its pinned module
+//! Kueue, the job queueing controller, on the test cluster: built from its pinned module
 //! by scripts/kueue.sh, its CustomResourceDefinitions applied from the same version, run as a
 //! process under the admin's kubeconfig. Only Jobs labelled `kueue.x-k8s.io/queue-name` are
 //! its (`manageJobsWithoutQueueName: false`); its admission webhooks are not registered with
 //! the API server, so a queued Job must be created suspended, as the operator does.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -14,8 +15,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
 
+use crate::cluster::certs::Pki;
 use crate::cluster::process::{wait_until_answers, Process, Spawner};
-use crate::cluster::{free_port, run_script, ControlPlane};
+use crate::cluster::{free_port, run_script, TestCluster};
 use crate::wait::eventually_seen;
 
 /// Kueue answers /readyz once its webhook server listens: seconds, more on a loaded machine.
@@ -34,7 +36,7 @@ pub struct Kueue {
 impl Kueue {
     /// Builds Kueue if needed (minutes, the first time), applies its CRDs, starts it with its
     /// files in the control plane's folder and returns once it is ready.
-    pub async fn start(cp: &ControlPlane, admin: &Client) -> Result<Kueue> {
+    pub async fn start(cluster: &TestCluster, admin: &Client) -> Result<Kueue> {
         let bin = tokio::task::spawn_blocking(|| run_script("kueue.sh", &[])).await??;
         let bin = PathBuf::from(bin.trim());
         if bin.as_os_str().is_empty() {
@@ -52,10 +54,14 @@ impl Kueue {
                 e => Err(e),
             })?;
 
-        let dir = cp.dir().join("kueue");
+        let dir = cluster.dir().join("kueue");
         let certs = dir.join("certs");
         std::fs::create_dir_all(&certs)?;
-        let pki = cp.pki();
+        // Its webhook serves with a certificate of its own CA: no API server calls it here (no
+        // webhook configuration is applied), but Kueue will not start without one.
+        let pki_dir = dir.join("pki");
+        std::fs::create_dir_all(&pki_dir)?;
+        let pki = Pki::create(&pki_dir, Ipv4Addr::LOCALHOST)?;
         pki.issue_server("kueue", "/CN=kueue-webhook-service")?;
         for folder in [certs.as_path(), Path::new(METRICS_CERTS)] {
             std::fs::create_dir_all(folder)
@@ -88,7 +94,7 @@ impl Kueue {
         cmd.arg("--config")
             .arg(&config)
             .arg("--zap-log-level=2")
-            .env("KUBECONFIG", cp.kubeconfig_path());
+            .env("KUBECONFIG", cluster.kubeconfig_path());
         let spawner = Spawner::new()?;
         let mut process = spawner.spawn_logged("kueue", cmd, &log, false)?;
         let url = format!("http://127.0.0.1:{health}/readyz");

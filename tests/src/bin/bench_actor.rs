@@ -244,7 +244,7 @@ fn main() -> Result<()> {
             .output()?;
         ensure!(drive.status.success(), "the driver failed");
         pool_rates.push(total_rows / started.elapsed().as_secs_f64());
-        for shard in kube_zerocopy_worker::task::list_shards(&d.join("in"))? {
+        for shard in kube_zerocopy_batch::shards::list_shards(&d.join("in"))? {
             let name = shard.file_name().context("a shard name")?;
             ensure!(
                 std::fs::read(task_out.join(name))?

@@ -555,7 +555,7 @@ pub async fn infer_through_service(ip: &str, model: &str, body: Vec<u8>) -> Resu
 async fn post(url: &str, file: Vec<u8>) -> Result<Vec<u8>> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let (body, json_length) = oip::request_from_file(&file)?;
+        let (body, json_length) = kube_zerocopy_batch::protocol::request_from_file(&file)?;
         let mut response = ureq::post(&url)
             .header(oip::HEADER_LENGTH, json_length.to_string())
             .send(&body[..])?;
@@ -565,7 +565,7 @@ async fn post(url: &str, file: Vec<u8>) -> Result<Vec<u8>> {
             .and_then(|v| v.to_str().ok()?.parse().ok());
         let mut bytes = Vec::new();
         response.body_mut().as_reader().read_to_end(&mut bytes)?;
-        oip::file_from_answer(&bytes, json_length)
+        kube_zerocopy_batch::protocol::file_from_answer(&bytes, json_length)
     })
     .await?
 }
@@ -593,7 +593,7 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
             "--features",
             "512",
         ]);
-        for shard in kube_zerocopy_worker::task::list_shards(&input)? {
+        for shard in kube_zerocopy_batch::shards::list_shards(&input)? {
             readable_by_all(&shard)?;
         }
         let model = env.models_dir().join(env.torchscript.file);
@@ -613,7 +613,7 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
 
         // A replica killed once outputs appear: the batches it holds are lost with it.
         let started = std::time::Instant::now();
-        while kube_zerocopy_worker::task::list_shards(&output)?.len() < 3 {
+        while kube_zerocopy_batch::shards::list_shards(&output)?.len() < 3 {
             ensure!(
                 started.elapsed() < Duration::from_secs(300),
                 "no output after 5 minutes"
@@ -639,7 +639,7 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
         Api::<Pod>::namespaced(env.client.clone(), &ns.name)
             .delete(&victim_name, &kube::api::DeleteParams::default().grace_period(0))
             .await?;
-        let done_at_kill = kube_zerocopy_worker::task::list_shards(&output)?.len();
+        let done_at_kill = kube_zerocopy_batch::shards::list_shards(&output)?.len();
         println!("  {}/{name}: replica {victim_name} killed with {done_at_kill} of {BATCHES} outputs written", ns.name);
 
         let finished = wait_phase(
@@ -663,7 +663,7 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
         ensure!(done_at_kill < BATCHES, "the run was over before the replica was killed");
 
         let counts = renames.counts();
-        for shard in kube_zerocopy_worker::task::list_shards(&reference)? {
+        for shard in kube_zerocopy_batch::shards::list_shards(&reference)? {
             let file = shard.file_name().context("a shard")?.to_string_lossy().into_owned();
             ensure!(
                 counts.get(&file) == Some(&1),

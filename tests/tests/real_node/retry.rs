@@ -132,7 +132,7 @@ fn kill_worker_of_index(index: usize, run: &str, timeout: Duration) -> Result<i3
 /// status.shards.failedIndexes and in the Failed condition, the three good outputs written.
 pub async fn a_failed_shard_is_listed_and_the_others_run_on(env: Arc<Env>) -> Result<()> {
     let (ns, data) = task_namespace(&env, "failed-shard", &[], "sentiment-data", true).await?;
-    let shards = kube_zerocopy_worker::task::list_shards(&data.join("input"))?;
+    let shards = kube_zerocopy_batch::shards::list_shards(&data.join("input"))?;
     let broken = &shards[2];
     std::fs::write(broken, b"not a safetensors file")?;
     readable_by_all(broken)?;

@@ -624,7 +624,7 @@ pub async fn container_log(
 /// Asserts that every output shard equals the reference's.
 pub fn check_outputs(output: &Path, reference: &Path) -> Result<()> {
     let mut compared = 0;
-    for expected in kube_zerocopy_worker::task::list_shards(reference)? {
+    for expected in kube_zerocopy_batch::shards::list_shards(reference)? {
         let got = output.join(expected.file_name().context("a shard file")?);
         ensure!(got.exists(), "no output {}", got.display());
         let (a, b) = (read_output(&got), read_output(&expected));

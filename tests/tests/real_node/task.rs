@@ -63,7 +63,7 @@ pub async fn torchscript_with_data_on_s3(env: Arc<Env>) -> Result<()> {
     server.create_bucket("batch")?;
     let file = env.models_dir().join(env.torchscript.file);
     server.put_file("models", env.torchscript.file, &file)?;
-    let inputs = kube_zerocopy_worker::task::list_shards(&env.input_dir())?;
+    let inputs = kube_zerocopy_batch::shards::list_shards(&env.input_dir())?;
     for shard in &inputs {
         let name = shard.file_name().context("a shard file")?.to_string_lossy();
         server.put_file("batch", &format!("inputs/{name}"), shard)?;

@@ -42,9 +42,9 @@ use hyper::StatusCode;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::client_token::{ClientToken, Unauthorized};
 use crate::model::{Module, Pipeline};
 use crate::oip::{self, ModelMetadata, TensorSpec};
+use kube_zerocopy_batch::client_token::{ClientToken, Unauthorized};
 use kube_zerocopy_contract::pod;
 
 use batcher::run_jobs;

@@ -13,10 +13,13 @@
 //! `KZC_CONTROL_PLANE_BIN` names a folder with the binaries instead of running the script.
 
 pub mod certs;
+pub mod existing;
 pub mod host;
+pub mod kwok;
 pub mod node;
 pub mod process;
 pub mod real;
+mod test_cluster;
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -25,25 +28,23 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{Node, ServiceAccount};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use serde_json::json;
 
 use certs::{Pki, SERVICE_CIDR};
+pub use existing::ExistingCluster;
+pub use kwok::POD_CIDR;
 pub use process::tail;
 use process::{terminate, Process, Spawner};
+pub use test_cluster::TestCluster;
 
-/// The annotation that makes kwok manage a Node.
-pub const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Names a folder holding the binaries; scripts/control-plane.sh is not run then.
 pub const BIN_ENV: &str = "KZC_CONTROL_PLANE_BIN";
 /// Keeps the temporary folder (logs, kubeconfig) after the control plane is dropped.
 pub const KEEP_ENV: &str = "KZC_KEEP_CLUSTER";
 
-/// The fake pods' IPs (kwok hands them out; nothing routes to them).
-pub const POD_CIDR: &str = "10.244.0.0/16";
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// What to start.
@@ -172,7 +173,7 @@ impl ControlPlane {
 
         let client = self.client().await?;
         if self.options.nodes > 0 {
-            self.create_nodes(&client).await?;
+            kwok::create_nodes(&client, &self.node_names()).await?;
             self.wait_for_nodes(&client).await?;
         }
         // The service-account controller has run: pods can be admitted in new namespaces.
@@ -236,32 +237,17 @@ impl ControlPlane {
 
     /// The fake Nodes' names.
     pub fn node_names(&self) -> Vec<String> {
-        (0..self.options.nodes)
-            .map(|i| format!("kwok-node-{i}"))
-            .collect()
+        kwok::node_names(self.options.nodes)
     }
 
     /// An admin client, from the kubeconfig.
     pub async fn client(&self) -> Result<Client> {
-        let kubeconfig = Kubeconfig::read_from(self.kubeconfig_path())?;
-        let config =
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        client_of(&self.kubeconfig_path()).await
     }
 
-    /// `helm` from the bin folder, on this cluster, with its cache, config and data in the
-    /// temporary folder.
+    /// `helm` on this cluster; see [`helm_command`].
     pub fn helm(&self) -> Command {
-        let mut cmd = Command::new(self.bin.join("helm"));
-        cmd.env("KUBECONFIG", self.kubeconfig_path());
-        for (var, sub) in [
-            ("HELM_CACHE_HOME", "helm/cache"),
-            ("HELM_CONFIG_HOME", "helm/config"),
-            ("HELM_DATA_HOME", "helm/data"),
-        ] {
-            cmd.env(var, self.path.join(sub));
-        }
-        cmd
+        helm_command(&self.bin, &self.kubeconfig_path(), &self.path)
     }
 
     /// Whether the apiserver process runs.
@@ -413,20 +399,13 @@ impl ControlPlane {
     }
 
     fn kwok_command(&self) -> Command {
-        let mut cmd = Command::new(self.bin.join("kwok"));
-        cmd.arg(flag("kubeconfig", self.kubeconfig_path()))
-            .arg(flag("config", &self.options.stages))
-            .arg("--manage-all-nodes=false")
-            .arg(format!(
-                "--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake"
-            ))
-            .arg(format!("--server-address=127.0.0.1:{}", self.ports.kwok))
-            .arg("--node-ip=127.0.0.1")
-            .arg(format!("--cidr={POD_CIDR}"))
-            .arg("--node-lease-duration-seconds=40")
-            // kwok also reads ~/.kwok/kwok.yaml when it exists: not ours.
-            .env("HOME", &self.path);
-        cmd
+        kwok::command(
+            &self.bin,
+            &self.kubeconfig_path(),
+            &self.options.stages,
+            self.ports.kwok,
+            &self.path,
+        )
     }
 
     // ---- files ----
@@ -455,63 +434,10 @@ impl ControlPlane {
 
     // ---- nodes ----
 
-    async fn create_nodes(&self, client: &Client) -> Result<()> {
-        let nodes: Api<Node> = Api::all(client.clone());
-        for name in self.node_names() {
-            let resources = json!({ "cpu": "32", "memory": "256Gi", "pods": "110" });
-            let node: Node = serde_json::from_value(json!({
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "annotations": {
-                        KWOK_ANNOTATION: "fake",
-                        "node.alpha.kubernetes.io/ttl": "0",
-                    },
-                    "labels": {
-                        "type": "kwok",
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                        "node-role.kubernetes.io/agent": "",
-                    },
-                },
-                "spec": {},
-                "status": {
-                    "allocatable": resources,
-                    "capacity": resources,
-                    "nodeInfo": {
-                        "architecture": "amd64",
-                        "operatingSystem": "linux",
-                        "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "",
-                        "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
-                        "osImage": "", "systemUUID": "",
-                    },
-                },
-            }))?;
-            nodes
-                .create(&PostParams::default(), &node)
-                .await
-                .with_context(|| format!("creating Node {name}"))?;
-        }
-        Ok(())
-    }
-
     async fn wait_for_nodes(&mut self, client: &Client) -> Result<()> {
-        let nodes: Api<Node> = Api::all(client.clone());
         let names = self.node_names();
         self.wait_until("kwok", "the fake Nodes to be Ready", || {
-            let nodes = nodes.clone();
-            let names = names.clone();
-            async move {
-                for name in names {
-                    let node = nodes.get(&name).await?;
-                    if !node_ready(&node) {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            }
+            kwok::nodes_ready(client, &names)
         })
         .await
     }
@@ -636,11 +562,26 @@ pub fn run_script(name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn node_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// A client with the credentials of a kubeconfig file.
+pub async fn client_of(kubeconfig: &Path) -> Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// `helm` from the bin folder, on `kubeconfig`'s cluster, with its cache, config and data in
+/// `dir` (none of the user's).
+pub fn helm_command(bin: &Path, kubeconfig: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(bin.join("helm"));
+    cmd.env("KUBECONFIG", kubeconfig);
+    for (var, sub) in [
+        ("HELM_CACHE_HOME", "helm/cache"),
+        ("HELM_CONFIG_HOME", "helm/config"),
+        ("HELM_DATA_HOME", "helm/data"),
+    ] {
+        cmd.env(var, dir.join(sub));
+    }
+    cmd
 }
 
 pub fn free_port() -> Result<u16> {

@@ -9,7 +9,7 @@ use crate::support::{Env, RELEASE};
 
 /// `helm template` of the chart with these `--set` values.
 async fn helm_template(env: &Env, values: &[&str]) -> std::process::Output {
-    let mut helm = env.cp.lock().await.helm();
+    let mut helm = env.cluster.lock().await.helm();
     helm.args(["template", RELEASE])
         .arg(repo().join("charts/kube-zerocopy"));
     for value in values {
@@ -354,7 +354,7 @@ pub async fn helm_upgrade_upgrades_the_crds(env: Arc<Env>) {
         Some("an older release's")
     );
 
-    let mut helm = env.cp.lock().await.helm();
+    let mut helm = env.cluster.lock().await.helm();
     let out = helm
         .args(["upgrade", RELEASE])
         .arg(repo().join("charts/kube-zerocopy"))

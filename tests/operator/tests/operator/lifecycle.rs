@@ -136,7 +136,10 @@ pub async fn an_upgraded_operator_leaves_finished_jobs_alone(env: Arc<Env>) {
 /// would otherwise crash-loop through a control-plane upgrade).
 pub async fn the_operator_rides_out_an_api_server_outage(env: Arc<Env>) {
     settled_pipelines(&env).await;
-    let mut cp = env.cp.lock().await;
+    let mut cluster = env.cluster.lock().await;
+    let cp = cluster
+        .control_plane()
+        .expect("run only where the harness runs the API server");
     let mut operator = env.operator.lock().await;
     cp.stop_apiserver().await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -164,7 +167,7 @@ pub async fn the_operator_rides_out_an_api_server_outage(env: Arc<Env>) {
 /// lease another holder takes exits, so that it never reconciles beside the new leader.
 pub async fn replicas_elect_one_leader_and_hand_over(env: Arc<Env>) {
     settled_pipelines(&env).await;
-    let admin = env.cp.lock().await.client().await.unwrap();
+    let admin = env.cluster.lock().await.client().await.unwrap();
     let mut operator = env.operator.lock().await;
     let mut standby = Operator::start(&env.kubeconfig, &env.log, "operator-1");
     standby.standing_by().await;
@@ -243,7 +246,7 @@ pub async fn replicas_elect_one_leader_and_hand_over(env: Arc<Env>) {
 /// Deleting every pipeline of every scenario removes what each owned, and the operator says
 /// nothing alarming about objects that are simply gone.
 pub async fn deleting_pipelines_removes_their_objects_without_warnings(env: Arc<Env>) {
-    let admin = env.cp.lock().await.client().await.unwrap();
+    let admin = env.cluster.lock().await.client().await.unwrap();
     let mut operator = env.operator.lock().await;
     operator.leading().await;
     let logged_before = std::fs::read_to_string(&env.log).unwrap().len();

@@ -1,12 +1,15 @@
 //! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler built from the official modules, kwok nodes), installed by its chart with
 //! helm and running under the chart's ServiceAccount token (so its RBAC is proven sufficient).
+//! With `KZC_TEST_KUBECONFIG` set, the same scenarios run on that cluster instead (kind, k3d),
+//! with kwok's Nodes beside its own (see `TestCluster`).
 //!
 //! One control plane and one operator for all scenarios, each named after what a user does
 //! and run in a namespace of its own, so that one failure does not hide the others. The
 //! scenarios that stop the operator or the API server run last, one at a time.
 
 mod actor;
+mod backends;
 mod chart;
 mod explain;
 mod lifecycle;
@@ -67,13 +70,21 @@ fn main() {
     let one_at_a_time = scenarios![
         lifecycle::an_operator_killed_mid_reconcile_converges_when_restarted,
         lifecycle::an_upgraded_operator_leaves_finished_jobs_alone,
-        lifecycle::the_operator_rides_out_an_api_server_outage,
         lifecycle::replicas_elect_one_leader_and_hand_over,
         lifecycle::deleting_pipelines_removes_their_objects_without_warnings,
         chart::helm_upgrade_upgrades_the_crds,
     ];
+    // Only where this harness runs the API server (not on a cluster named by a kubeconfig).
+    let api_server_stopped = scenarios![
+        lifecycle::the_operator_rides_out_an_api_server_outage,
+        backends::the_scenarios_run_on_a_cluster_named_by_a_kubeconfig,
+    ];
     if args.list {
-        let names = side_by_side.iter().chain(&one_at_a_time).map(|(n, _)| n);
+        let names = side_by_side
+            .iter()
+            .chain(&one_at_a_time)
+            .chain(&api_server_stopped)
+            .map(|(n, _)| n);
         let trials = names.map(|n| Trial::test(n, || Ok(()))).collect();
         libtest_mimic::run(&args, trials).exit();
     }
@@ -88,6 +99,7 @@ fn main() {
             let trials = side_by_side
                 .iter()
                 .chain(&one_at_a_time)
+                .chain(&api_server_stopped)
                 .map(|(n, _)| {
                     let cause = cause.clone();
                     Trial::test(n, move || Err(Failed::from(cause)))
@@ -116,11 +128,20 @@ fn main() {
         test_threads: Some(1),
         ..args.clone()
     };
-    let last = libtest_mimic::run(&alone, trials(one_at_a_time));
+    let can_stop_api_server = env
+        .cluster
+        .try_lock()
+        .is_ok_and(|cluster| cluster.can_stop_api_server());
+    let mut last_trials = trials(one_at_a_time);
+    last_trials.extend(
+        trials(api_server_stopped)
+            .into_iter()
+            .map(|trial| trial.with_ignored_flag(!can_stop_api_server)),
+    );
+    let last = libtest_mimic::run(&alone, last_trials);
     let failed = first.has_failed() || last.has_failed();
     if let (true, Ok(env)) = (failed, Arc::try_unwrap(env)) {
-        let mut cp = env.cp.into_inner();
-        cp.keep();
+        env.cluster.into_inner().keep();
         println!("operator log: {}", env.log.display());
     }
     drop(runtime);

@@ -32,9 +32,9 @@ async fn agent_pod(env: &Env, node: &str) -> Pod {
 async fn agent_client(env: &Env, node: &str) -> Client {
     let pod = agent_pod(env, node).await;
     let config = {
-        let cp = env.cp.lock().await;
+        let cluster = env.cluster.lock().await;
         token_kubeconfig(
-            &cp,
+            &cluster,
             &env.admin,
             &format!("{RELEASE}-kube-zerocopy-agent"),
             Some(&pod),

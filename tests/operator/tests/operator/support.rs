@@ -14,7 +14,7 @@ use kube::Client;
 use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::render::Settings;
 use kube_zerocopy::status::Reason;
-use kube_zerocopy_test_env::cluster::ControlPlane;
+use kube_zerocopy_test_env::cluster::TestCluster;
 use kube_zerocopy_test_env::kueue::Kueue;
 use kube_zerocopy_test_env::wait::eventually;
 use kube_zerocopy_test_env::{bin, repo};
@@ -30,7 +30,7 @@ pub const MINUTE: Duration = Duration::from_secs(60);
 /// The cluster and the operator that every scenario runs against.
 pub struct Env {
     /// Locked by the scenarios that stop and start the API server.
-    pub cp: Mutex<ControlPlane>,
+    pub cluster: Mutex<TestCluster>,
     pub admin: Client,
     /// Authenticates as the chart's ServiceAccount.
     pub kubeconfig: PathBuf,
@@ -46,20 +46,22 @@ pub struct Env {
 }
 
 impl Env {
-    /// Starts the control plane, installs the chart with helm and starts the operator under
-    /// the chart's ServiceAccount token (so its RBAC is proven sufficient).
+    /// Starts the cluster (see [`TestCluster::start`]), installs the chart with helm and
+    /// starts the operator under the chart's ServiceAccount token (so its RBAC is proven
+    /// sufficient).
     pub async fn start() -> anyhow::Result<Env> {
         let work = tempfile::tempdir()?;
-        let cp = ControlPlane::start().await?;
-        let admin = cp.client().await?;
-        let kueue = Kueue::start(&cp, &admin).await?;
-        helm_install(&cp);
-        let kubeconfig = service_account_kubeconfig(&cp, &admin, work.path()).await;
-        let log = cp.dir().join("operator.log");
+        let cluster = TestCluster::start().await?;
+        let admin = cluster.client().await?;
+        refuse_an_earlier_run(&admin).await?;
+        let kueue = Kueue::start(&cluster, &admin).await?;
+        helm_install(&cluster);
+        let kubeconfig = service_account_kubeconfig(&cluster, &admin, work.path()).await;
+        let log = cluster.dir().join("operator.log");
         let mut operator = Operator::start(&kubeconfig, &log, "operator-0");
         operator.leading().await;
         Ok(Env {
-            cp: Mutex::new(cp),
+            cluster: Mutex::new(cluster),
             admin,
             kubeconfig,
             log,
@@ -317,10 +319,10 @@ impl Drop for Operator {
 
 /// A kubeconfig that authenticates as the chart's ServiceAccount, with a token from the
 /// TokenRequest API (what a pod of the chart's Deployment would get).
-async fn service_account_kubeconfig(cp: &ControlPlane, admin: &Client, dir: &Path) -> PathBuf {
+async fn service_account_kubeconfig(cluster: &TestCluster, admin: &Client, dir: &Path) -> PathBuf {
     let sa_name = format!("{RELEASE}-kube-zerocopy");
     let path = dir.join("operator.kubeconfig");
-    let config = token_kubeconfig(cp, admin, &sa_name, None).await;
+    let config = token_kubeconfig(cluster, admin, &sa_name, None).await;
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
     path
 }
@@ -329,7 +331,7 @@ async fn service_account_kubeconfig(cp: &ControlPlane, admin: &Client, dir: &Pat
 /// namespace, with a token from the TokenRequest API; bound to `pod` as the kubelet binds a
 /// pod's own token (the API server then adds the pod's node to the token's identity).
 pub async fn token_kubeconfig(
-    cp: &ControlPlane,
+    cluster: &TestCluster,
     admin: &Client,
     sa_name: &str,
     pod: Option<&Pod>,
@@ -354,7 +356,7 @@ pub async fn token_kubeconfig(
         .unwrap_or_else(|e| panic!("a token for ServiceAccount {sa_name}: {e}"));
     let token = token.status.expect("token status").token;
     let admin_config: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig_path()).unwrap()).unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(cluster.kubeconfig_path()).unwrap()).unwrap();
     let cluster = admin_config["clusters"][0]["cluster"].clone();
     json!({
         "apiVersion": "v1",
@@ -366,8 +368,22 @@ pub async fn token_kubeconfig(
     })
 }
 
-fn helm_install(cp: &ControlPlane) {
-    let out = Command::new(cp.bin_dir().join("helm"))
+/// Fails on a cluster where the scenarios ran before: their namespaces and the chart's release
+/// would collide with this run's.
+async fn refuse_an_earlier_run(admin: &Client) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    if namespaces.get_opt(OPERATOR_NS).await?.is_some() {
+        anyhow::bail!(
+            "the cluster already has namespace {OPERATOR_NS} (an earlier run?): the scenarios \
+             need a fresh cluster"
+        );
+    }
+    Ok(())
+}
+
+fn helm_install(cluster: &TestCluster) {
+    let out = cluster
+        .helm()
         .args(["install", RELEASE])
         .arg(repo().join("charts/kube-zerocopy"))
         .args([
@@ -380,8 +396,6 @@ fn helm_install(cp: &ControlPlane) {
         // Node sharing's scenarios need the agent's objects (its DaemonSet stays unscheduled
         // on kwok nodes).
         .args(["--set", "nodeStore.enabled=true"])
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig_path())
         .output()
         .unwrap();
     assert!(

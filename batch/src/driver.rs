@@ -25,8 +25,8 @@ use tracing::{info, warn};
 
 use crate::client_token::ClientToken;
 use crate::data::{Entry, Store};
-use crate::oip;
-use crate::task::{self, ShardRecord};
+use crate::protocol;
+use crate::shards::{self, ShardRecord};
 
 /// How the driver runs.
 #[derive(Clone, Debug)]
@@ -146,7 +146,7 @@ pub fn drive(
     if let Some(planned) = settings
         .planned
         .as_deref()
-        .filter(|&p| p != task::listing_digest(&listed))
+        .filter(|&p| p != shards::listing_digest(&listed))
     {
         return Err(Permanent(format!(
             "the input {} changed since its batches were planned (listing sha256 {planned}): \
@@ -155,7 +155,7 @@ pub fn drive(
         ))
         .into());
     }
-    let committed = task::committed_shards(output, &settings.run, &listed)?;
+    let committed = shards::committed_shards(output, &settings.run, &listed)?;
     let mut summary = Summary {
         batches: listed.len(),
         committed_before: committed.len(),
@@ -289,7 +289,7 @@ pub fn drive(
     }
     if summary.failed.is_empty() {
         summary.wrote_manifest =
-            task::commit_if_complete(&input.uri(), output, &settings.run, listed.len())?;
+            shards::commit_if_complete(&input.uri(), output, &settings.run, listed.len())?;
     }
     Ok(summary)
 }
@@ -357,7 +357,7 @@ fn send(
         Ok(file) => file,
         Err(e) => return Outcome::Fatal(e),
     };
-    let requests = match oip::requests_from_file(&file, settings.max_request_bytes) {
+    let requests = match protocol::requests_from_file(&file, settings.max_request_bytes) {
         Ok(requests) => requests,
         Err(e) => return Outcome::Refused(format!("{}: {e:#}", entry.name)),
     };
@@ -372,11 +372,11 @@ fn send(
         }
     }
     let parts: Vec<(&[u8], Option<usize>)> = answers.iter().map(|(a, l)| (&a[..], *l)).collect();
-    let written = match oip::file_from_answers(&parts) {
+    let written = match protocol::file_from_answers(&parts) {
         Ok(written) => written,
         Err(e) => return Outcome::Retry(format!("the answer: {e:#}")),
     };
-    match task::commit_output(output, &settings.run, index, entry, &written) {
+    match shards::commit_output(output, &settings.run, index, entry, &written) {
         Ok(record) => Outcome::Written(record),
         Err(e) => Outcome::Fatal(e),
     }
@@ -392,7 +392,7 @@ fn post(
 ) -> Result<(Vec<u8>, Option<usize>), Outcome> {
     let mut request = agent
         .post(format!("{url}/v2/models/{}/infer", settings.model))
-        .header(oip::HEADER_LENGTH, json_length.to_string())
+        .header(protocol::HEADER_LENGTH, json_length.to_string())
         .header("content-type", "application/octet-stream");
     if let Some(token) = &settings.client_token {
         request = request.header("authorization", token.header());
@@ -402,7 +402,7 @@ fn post(
     let status = response.status().as_u16();
     let json_length = response
         .headers()
-        .get(oip::HEADER_LENGTH)
+        .get(protocol::HEADER_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let answer = response
         .body_mut()
