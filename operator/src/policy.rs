@@ -13,6 +13,8 @@
 
 use k8s_openapi::api::core::v1::Affinity;
 
+use kube_zerocopy_contract::names;
+
 use crate::crd::InferencePipelineSpec;
 
 /// The prefix of every volume the operator adds to a pipeline's pods.
@@ -34,6 +36,23 @@ const FORBIDDEN_ANNOTATION_PREFIXES: [&str; 4] = [
     "seccomp.security.alpha.kubernetes.io/",
     "container.seccomp.security.alpha.kubernetes.io/",
     "k8s.v1.cni.cncf.io/",
+];
+
+/// The well-known labels the operator sets on every object and pod of a pipeline.
+const OPERATORS_LABELS: [&str; 4] = [
+    names::NAME_LABEL,
+    names::INSTANCE_LABEL,
+    names::COMPONENT_LABEL,
+    names::MANAGED_BY_LABEL,
+];
+/// Pod labels that other controllers set and select pods by: the Job controller's, the
+/// Deployment controller's and Kueue's.
+const CONTROLLERS_LABELS: [&str; 5] = [
+    "batch.kubernetes.io/",
+    "controller-uid",
+    "job-name",
+    "pod-template-hash",
+    "kueue.x-k8s.io/",
 ];
 
 /// What the operator lets pipelines add; the default allows no hostPath, no ServiceAccount and
@@ -251,14 +270,26 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
                  with"
             )));
         }
-        if key
-            .split('/')
-            .next()
-            .is_some_and(|domain| domain.ends_with(RESERVED_DOMAIN))
-        {
+        if in_reserved_domain(key) {
             return Err(Refusal::Reserved(format!(
                 "template.annotations: {key:?} is under {RESERVED_DOMAIN}/, the operator's own \
                  annotations; use another key"
+            )));
+        }
+    }
+    for key in template.labels.iter().flatten().map(|(k, _)| k) {
+        if in_reserved_domain(key) || OPERATORS_LABELS.contains(&key.as_str()) {
+            return Err(Refusal::Reserved(format!(
+                "template.labels: {key:?} is one of the operator's own labels (under \
+                 {RESERVED_DOMAIN}/, and {}; its Services and NetworkPolicies select pods by \
+                 them); use another key",
+                OPERATORS_LABELS.join(", ")
+            )));
+        }
+        if let Some(theirs) = CONTROLLERS_LABELS.iter().find(|l| key.starts_with(**l)) {
+            return Err(Refusal::Reserved(format!(
+                "template.labels: {key:?} ({theirs}…) is set by the Job or Deployment \
+                 controller or by Kueue, which find their pods by it; use another key"
             )));
         }
     }
@@ -290,6 +321,14 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Whether a label or annotation key is under the operator's domain (models.kube-zerocopy.io/
+/// included).
+fn in_reserved_domain(key: &str) -> bool {
+    key.split('/')
+        .next()
+        .is_some_and(|domain| domain.ends_with(RESERVED_DOMAIN))
 }
 
 /// A template's affinity stays within its namespace and off control-plane nodes: no node term
@@ -435,6 +474,22 @@ mod tests {
                 "    annotations: {models.kube-zerocopy.io/x: y}\n",
                 "under kube-zerocopy.io/",
             ),
+            (
+                "    labels: {kube-zerocopy.io/pipeline: another}\n",
+                "the operator's own labels",
+            ),
+            (
+                "    labels: {app.kubernetes.io/instance: another}\n",
+                "the operator's own labels",
+            ),
+            (
+                "    labels: {job-name: another-job}\n",
+                "set by the Job or Deployment controller or by Kueue",
+            ),
+            (
+                "    labels: {kueue.x-k8s.io/queue-name: team}\n",
+                "set by the Job or Deployment controller or by Kueue",
+            ),
         ] {
             let Refusal::Reserved(message) = refused(template, &all) else {
                 panic!("{template}: a reserved name is a mistake, not a policy matter")
@@ -571,7 +626,7 @@ mod tests {
             };
             assert_eq!(check(&spec(template), &policy), Ok(()));
         }
-        let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n";
+        let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n    labels: {team: search, app.kubernetes.io/part-of: ranking}\n";
         assert_eq!(check(&spec(ordinary), &PipelinePolicy::default()), Ok(()));
     }
 

@@ -158,6 +158,11 @@ pub struct PodOverrides {
     /// kube-zerocopy.io/ are the operator's and are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
+    /// The labels of every pod the pipeline makes (e.g. a team or cost center for chargeback,
+    /// a service mesh's app label). Keys under kube-zerocopy.io/ are the operator's, and those
+    /// the Job and Deployment controllers or Kueue set are theirs: both are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -235,7 +235,7 @@ pub(super) fn pod_template(
     labels.extend(selector_labels(pipeline));
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(labels),
+            labels: Some(with_template_labels(labels, &overrides)),
             annotations: overrides.annotations.clone(),
             ..Default::default()
         }),
@@ -343,6 +343,17 @@ pub(super) fn helper_container(
     }
 }
 
+/// The template's labels beside the operator's `own` (the policy refuses keys of the operator's;
+/// its own win all the same).
+fn with_template_labels(
+    own: BTreeMap<String, String>,
+    overrides: &PodOverrides,
+) -> BTreeMap<String, String> {
+    let mut labels = overrides.labels.clone().unwrap_or_default();
+    labels.extend(own);
+    labels
+}
+
 /// The pod of a helper Job (the planner, the driver): its one container, run once, placed as
 /// the pipeline's pods are (their nodes: selector, tolerations, node affinity), under `account`
 /// (a ServiceAccount, and whether its token is mounted). The template's pod (anti-)affinity is
@@ -356,7 +367,7 @@ pub(super) fn helper_pod(
 ) -> PodTemplateSpec {
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(labels),
+            labels: Some(with_template_labels(labels, overrides)),
             annotations: overrides.annotations.clone(),
             ..Default::default()
         }),

@@ -529,13 +529,13 @@ fn a_queued_job_starts_suspended_with_the_queue_label() {
 }
 
 /// What the template adds to every pod of a pipeline: the worker's environment after the
-/// operator's, the pull Secrets, the PriorityClass, the annotations and the affinity, to which
-/// Node sharing adds its preference for the nodes that hold the models; the planning Job's pod
-/// is placed the same way.
+/// operator's, the pull Secrets, the PriorityClass, the annotations, the labels (beside the
+/// operator's) and the affinity, to which Node sharing adds its preference for the nodes that
+/// hold the models; the planning Job's pod is placed and labelled the same way.
 #[test]
 fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     let digest = "ab".repeat(32);
-    let template = "  sharing: Node\n  template:\n    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    imagePullSecrets: [{name: registry}]\n    priorityClassName: batch\n    runtimeClassName: gvisor\n    annotations: {sidecar.istio.io/inject: 'false'}\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]\n";
+    let template = "  sharing: Node\n  template:\n    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    imagePullSecrets: [{name: registry}]\n    priorityClassName: batch\n    runtimeClassName: gvisor\n    annotations: {sidecar.istio.io/inject: 'false'}\n    labels: {team: search}\n    affinity:\n      nodeAffinity:\n        requiredDuringSchedulingIgnoredDuringExecution:\n          nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [a]}]}]\n";
     let mut p = pipeline(template);
     p.spec.models[0].source.uri = "https://m.example/m.pt".into();
     p.spec.models[0].source.sha256 = Some(digest.clone());
@@ -551,8 +551,14 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
         panic!("a Task pipeline renders a Job")
     };
     let template = job.spec.unwrap().template;
-    let annotations = template.metadata.unwrap().annotations.unwrap();
-    assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+    let metadata = template.metadata.unwrap();
+    assert_eq!(
+        metadata.annotations.unwrap()["sidecar.istio.io/inject"],
+        "false"
+    );
+    let labels = metadata.labels.unwrap();
+    assert_eq!(labels["team"], "search");
+    assert_eq!(labels[names::PIPELINE_LABEL], "p");
     let pod = template.spec.unwrap();
     // The template's first: where a name were given twice, the operator's (last) would win.
     let env = pod.containers[0].env.clone().unwrap();
@@ -590,7 +596,9 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
     let Rendered::Plan { job } = render(&p, &settings).unwrap() else {
         panic!("an unplanned Task renders its planning Job")
     };
-    let pod = job.spec.unwrap().template.spec.unwrap();
+    let template = job.spec.unwrap().template;
+    assert_eq!(template.metadata.unwrap().labels.unwrap()["team"], "search");
+    let pod = template.spec.unwrap();
     assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
     assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     assert!(pod.affinity.is_some());

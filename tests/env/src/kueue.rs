@@ -1,8 +1,10 @@
 //! Kueue, the job queueing controller, on the test cluster: built from its pinned module
 //! by scripts/kueue.sh, its CustomResourceDefinitions applied from the same version, run as a
-//! process under the admin's kubeconfig. Only Jobs labelled `kueue.x-k8s.io/queue-name` are
-//! its (`manageJobsWithoutQueueName: false`); its admission webhooks are not registered with
-//! the API server, so a queued Job must be created suspended, as the operator does.
+//! process under the admin's kubeconfig. By default only Jobs labelled
+//! `kueue.x-k8s.io/queue-name` are its (`manageJobsWithoutQueueName: false`) and its admission
+//! webhooks are not registered with the API server, so a queued Job must be created suspended,
+//! as the operator does. [`Manage::AlsoUnlabelledIn`] makes it manage every Job of some
+//! namespaces, its Job webhook registered for them, as a cluster's Kueue may.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
@@ -30,13 +34,44 @@ const METRICS_CERTS: &str = "/etc/kueue/metrics/certs";
 pub struct Kueue {
     pub log: PathBuf,
     process: Option<Process>,
+    /// The Job webhook registered for it, by name.
+    webhook: Option<String>,
+    admin: Client,
     _spawner: Spawner,
+}
+
+/// Which Jobs Kueue manages.
+#[derive(Clone, Debug)]
+pub enum Manage {
+    /// Only those labelled `kueue.x-k8s.io/queue-name` (`manageJobsWithoutQueueName: false`).
+    QueuedOnly,
+    /// Those without the label too, in the namespaces labelled `label=value`, suspended when
+    /// they are created by Kueue's Job webhook (registered with the API server for those
+    /// namespaces alone), as where a cluster's Kueue manages every Job.
+    AlsoUnlabelledIn { label: String, value: String },
 }
 
 impl Kueue {
     /// Builds Kueue if needed (minutes, the first time), applies its CRDs, starts it with its
-    /// files in the control plane's folder and returns once it is ready.
+    /// files in the cluster's folder and returns once it is ready. It manages queued Jobs only.
     pub async fn start(cluster: &TestCluster, admin: &Client) -> Result<Kueue> {
+        Self::start_with(
+            &cluster.dir().join("kueue"),
+            &cluster.kubeconfig_path(),
+            admin,
+            Manage::QueuedOnly,
+        )
+        .await
+    }
+
+    /// [`Kueue::start`] on the cluster of `kubeconfig`, with its files in `dir`, managing
+    /// `manage`'s Jobs.
+    pub async fn start_with(
+        dir: &Path,
+        kubeconfig: &Path,
+        admin: &Client,
+        manage: Manage,
+    ) -> Result<Kueue> {
         let bin = tokio::task::spawn_blocking(|| run_script("kueue.sh", &[])).await??;
         let bin = PathBuf::from(bin.trim());
         if bin.as_os_str().is_empty() {
@@ -54,11 +89,10 @@ impl Kueue {
                 e => Err(e),
             })?;
 
-        let dir = cluster.dir().join("kueue");
         let certs = dir.join("certs");
         std::fs::create_dir_all(&certs)?;
-        // Its webhook serves with a certificate of its own CA: no API server calls it here (no
-        // webhook configuration is applied), but Kueue will not start without one.
+        // Its webhook serves with a certificate of its own CA, for 127.0.0.1: an API server
+        // on this machine reaches it where a webhook is registered.
         let pki_dir = dir.join("pki");
         std::fs::create_dir_all(&pki_dir)?;
         let pki = Pki::create(&pki_dir, Ipv4Addr::LOCALHOST)?;
@@ -70,6 +104,14 @@ impl Kueue {
             std::fs::copy(pki.path("kueue.key"), folder.join("tls.key"))?;
         }
         let health = free_port()?;
+        let webhook = free_port()?;
+        let managed = match &manage {
+            Manage::QueuedOnly => "manageJobsWithoutQueueName: false\n".to_owned(),
+            Manage::AlsoUnlabelledIn { label, value } => format!(
+                "manageJobsWithoutQueueName: true\n\
+                 managedJobsNamespaceSelector: {{matchLabels: {{{label}: {value}}}}}\n"
+            ),
+        };
         let config = dir.join("config.yaml");
         std::fs::write(
             &config,
@@ -77,7 +119,7 @@ impl Kueue {
                 "apiVersion: config.kueue.x-k8s.io/v1beta2\n\
                  kind: Configuration\n\
                  namespace: kueue-system\n\
-                 manageJobsWithoutQueueName: false\n\
+                 {managed}\
                  leaderElection: {{leaderElect: false}}\n\
                  internalCertManagement: {{enable: false}}\n\
                  webhook: {{host: 127.0.0.1, port: {webhook}, certDir: {certs}}}\n\
@@ -85,7 +127,6 @@ impl Kueue {
                  health: {{healthProbeBindAddress: \"127.0.0.1:{health}\"}}\n\
                  integrations: {{frameworks: [batch/job]}}\n\
                  featureGates: {{VisibilityOnDemand: false}}\n",
-                webhook = free_port()?,
                 certs = certs.display(),
             ),
         )?;
@@ -94,7 +135,7 @@ impl Kueue {
         cmd.arg("--config")
             .arg(&config)
             .arg("--zap-log-level=2")
-            .env("KUBECONFIG", cluster.kubeconfig_path());
+            .env("KUBECONFIG", kubeconfig);
         let spawner = Spawner::new()?;
         let mut process = spawner.spawn_logged("kueue", cmd, &log, false)?;
         let url = format!("http://127.0.0.1:{health}/readyz");
@@ -104,11 +145,70 @@ impl Kueue {
                 .map(|()| process)
         })
         .await??;
-        Ok(Kueue {
+        let kueue = Kueue {
             log,
             process: Some(process),
+            webhook: None,
+            admin: admin.clone(),
             _spawner: spawner,
-        })
+        };
+        match manage {
+            Manage::QueuedOnly => Ok(kueue),
+            Manage::AlsoUnlabelledIn { label, value } => {
+                let ca = std::fs::read(pki.path("ca.crt"))?;
+                kueue.with_job_webhook(webhook, ca, &label, &value).await
+            }
+        }
+    }
+
+    /// Registers Kueue's Job webhook (which suspends the Jobs it manages as they are created)
+    /// for the namespaces labelled `label=value`; removed on drop.
+    async fn with_job_webhook(
+        mut self,
+        port: u16,
+        ca: Vec<u8>,
+        label: &str,
+        value: &str,
+    ) -> Result<Kueue> {
+        let name = format!("kzc-test-kueue-job-{port}");
+        let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "mjob.kb.io",
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{port}/mutate-batch-v1-job"),
+                    "caBundle": ByteString(ca),
+                },
+                "rules": [{
+                    "apiGroups": ["batch"], "apiVersions": ["v1"],
+                    "operations": ["CREATE"], "resources": ["jobs"],
+                }],
+                "namespaceSelector": {"matchLabels": {label: value}},
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "failurePolicy": "Fail",
+            }],
+        }))?;
+        Api::<MutatingWebhookConfiguration>::all(self.admin.clone())
+            .create(&PostParams::default(), &webhook)
+            .await
+            .context("registering Kueue's Job webhook")?;
+        self.webhook = Some(name);
+        Ok(self)
+    }
+}
+
+impl Kueue {
+    /// Removes its webhook (its namespaces' Jobs would be refused once Kueue is gone) and
+    /// stops it.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(name) = self.webhook.take() {
+            Api::<MutatingWebhookConfiguration>::all(self.admin.clone())
+                .delete(&name, &Default::default())
+                .await
+                .context("removing Kueue's Job webhook")?;
+        }
+        Ok(())
     }
 }
 

@@ -56,6 +56,7 @@ fn main() {
         tenant_attacks::sources_on_node_local_addresses,
         tenant_attacks::an_idle_connection_flood_of_the_node_agent,
         tenant_attacks::a_store_wipe_by_a_crafted_size_header,
+        tenant_attacks::a_kueue_managed_job_without_a_queue_label,
     ];
     let names = || scenarios.iter().map(|(n, _)| n.replace("::", "_"));
     if args.list {

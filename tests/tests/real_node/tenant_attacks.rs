@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy_e2e::cluster::host::GATEWAY;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
+use kube_zerocopy_e2e::kueue::{Kueue, Manage};
 use kube_zerocopy_e2e::s3::S3Server;
 use serde_json::json;
 
@@ -509,4 +510,93 @@ impl std::io::Read for Trickle {
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+/// Where a cluster's Kueue manages every Job of a namespace (`manageJobsWithoutQueueName`, its
+/// Job webhook suspending each as it is created), a tenant's pipeline with no queue label is
+/// Kueue's to admit: its pods must not start until Kueue admits its Workload. The operator
+/// once resumed such a Job at its next look, running pods past Kueue's quota. Here Kueue holds
+/// it: the Job stays suspended, no pod is made, the pipeline says it waits for another
+/// controller, and the Workload Kueue made for it is not admitted.
+pub async fn a_kueue_managed_job_without_a_queue_label(env: Arc<Env>) -> Result<()> {
+    const MANAGED: (&str, &str) = ("kube-zerocopy.io/test-kueue", "manages-every-job");
+    let control_plane = &env.cluster.control_plane;
+    let kueue = Kueue::start_with(
+        &control_plane.dir().join("kueue-every-job"),
+        &control_plane.kubeconfig_path(),
+        &env.client,
+        Manage::AlsoUnlabelledIn {
+            label: MANAGED.0.into(),
+            value: MANAGED.1.into(),
+        },
+    )
+    .await?;
+    let (ns, _data) =
+        task_namespace(&env, "kueue-every-job", &[MANAGED], "embed-data", false).await?;
+    let uri = format!("{}/{}", env.http_base, env.safetensors.file);
+    let pipeline = example(
+        "task-safetensors.yaml",
+        &ns.name,
+        &env.safetensors,
+        &uri,
+        |p| {
+            p["metadata"]["name"] = json!("unqueued");
+            p["spec"]["task"] = json!({"shards": SHARDS, "parallelism": 2});
+        },
+    )?;
+    let outcome = async {
+        apply(&env.client, &pipeline).await?;
+        let two_minutes = Duration::from_secs(120);
+        let queued =
+            wait_phase(&env.client, &ns.name, "unqueued", &["Queued"], two_minutes).await?;
+        let said = queued
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .map(|c| c.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ");
+        ensure!(
+            said.contains("another controller"),
+            "the pipeline says: {said}"
+        );
+        // Looked at again since: the operator has reconciled the suspended Job meanwhile.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
+        let job = jobs.get("unqueued-zerocopy").await?;
+        ensure!(
+            job.spec.as_ref().and_then(|s| s.suspend) == Some(true),
+            "the operator resumed the Job Kueue holds"
+        );
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
+        let made = pods.list(&ListParams::default()).await?.items.len();
+        ensure!(
+            made == 0,
+            "{made} pods were made before Kueue admitted the Job"
+        );
+        let workloads: Api<DynamicObject> = Api::namespaced_with(
+            env.client.clone(),
+            &ns.name,
+            &ApiResource::from_gvk(&GroupVersionKind::gvk(
+                "kueue.x-k8s.io",
+                "v1beta2",
+                "Workload",
+            )),
+        );
+        let workloads = workloads.list(&ListParams::default()).await?.items;
+        ensure!(
+            workloads.len() == 1 && workloads[0].data["status"]["admission"].is_null(),
+            "Kueue's Workloads: {:?}",
+            workloads
+                .iter()
+                .map(|w| &w.data["status"])
+                .collect::<Vec<_>>()
+        );
+        println!("  {}/unqueued: Queued, {said}", ns.name);
+        Ok(())
+    }
+    .await;
+    env.record_attack("a Kueue-managed Job without a queue label", outcome.is_ok());
+    kueue.stop().await?;
+    outcome
 }
