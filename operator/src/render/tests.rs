@@ -5,11 +5,49 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube_zerocopy_contract::models::MODELS_ATTRIBUTE;
 use kube_zerocopy_contract::pod;
 
+/// A Task pipeline with `template` (YAML under spec) besides, its model and data on volumes
+/// of the template (see [`mounted`]).
 fn pipeline(template: &str) -> InferencePipeline {
-    serde_yaml::from_str(&format!(
+    mounted(serde_yaml::from_str(&format!(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
     ))
-    .unwrap()
+    .unwrap())
+}
+
+/// `p` with an emptyDir volume mounted at the folder of each of its `file://` paths that no
+/// mount of its template covers (`data` at /data, ...), as a pipeline needs them.
+fn mounted(mut p: InferencePipeline) -> InferencePipeline {
+    let uris: Vec<String> = p
+        .spec
+        .models
+        .iter()
+        .map(|m| m.source.uri.clone())
+        .chain(p.spec.input.iter().map(|d| d.uri.clone()))
+        .chain(p.spec.output.iter().map(|d| d.uri.clone()))
+        .collect();
+    let overrides = p.spec.template.get_or_insert_with(Default::default);
+    for uri in uris {
+        let Some(path) = uri.strip_prefix("file://") else {
+            continue;
+        };
+        let folder = std::path::Path::new(path).parent().unwrap();
+        let mounts = overrides.volume_mounts.get_or_insert_with(Vec::new);
+        if mounts.iter().any(|m| folder.starts_with(&m.mount_path)) {
+            continue;
+        }
+        let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+        mounts.push(VolumeMount {
+            name: name.clone(),
+            mount_path: folder.display().to_string(),
+            ..Default::default()
+        });
+        overrides.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name,
+            empty_dir: Some(Default::default()),
+            ..Default::default()
+        });
+    }
+    p
 }
 
 fn containers(p: &InferencePipeline) -> (Container, Container) {
@@ -30,7 +68,8 @@ fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  sharing: SHARING\n  actor: {{replicas: 2}}\n  models:\n  - {{name: a, format: TorchScript, source: {{uri: 'https://m.example/a.pt', sha256: '{digest}'}}}}\n  - {{name: b, format: TorchScript, source: {{uri: 'https://m.example/b.pt'}}}}\n"
     );
     let affinity = |sharing: &str| {
-        let p: InferencePipeline = serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap();
+        let p: InferencePipeline =
+            mounted(serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap());
         let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
             panic!("an Actor pipeline renders a Deployment")
         };
@@ -61,10 +100,10 @@ fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
 /// container of the pod mounts it.
 #[test]
 fn a_private_model_s_secret_goes_to_the_node_agent_with_the_volume_alone() {
-    let p: InferencePipeline = serde_yaml::from_str(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  sharing: Node\n  actor: {replicas: 1}\n  models:\n    - {name: a, format: TorchScript, source: {uri: 'https://hub.example/a.pt', bearerTokenSecret: {name: team-models, key: hub-token}}}\n    - {name: b, format: TorchScript, source: {uri: 's3://weights/b.pt', s3: {region: eu-west-1, credentialsSecret: team-models}}}\n",
     )
-    .unwrap();
+    .unwrap());
     let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
         panic!("an Actor pipeline renders a Deployment")
     };
@@ -150,10 +189,10 @@ fn models_of(sidecar: Container) -> Vec<kube_zerocopy_contract::models::ModelSou
 
 #[test]
 fn the_client_token_reaches_the_replicas_and_the_driver_only() {
-    let p: InferencePipeline = serde_yaml::from_str(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2, tokenSecret: {name: clients, key: bearer}}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n",
     )
-    .unwrap();
+    .unwrap());
     let Rendered::Actor {
         deployment, run, ..
     } = render(&p, &Settings::default()).unwrap()
@@ -231,10 +270,10 @@ fn the_client_token_reaches_the_replicas_and_the_driver_only() {
 
 #[test]
 fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_says() {
-    let p: InferencePipeline = serde_yaml::from_str(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - {name: open, format: TorchScript, source: {uri: 'https://a.example/m.pt', size: 2Ki}}\n    - name: private\n      format: TorchScript\n      source:\n        uri: https://b.example/m.pt\n        bearerTokenSecret: {name: hub, key: token}\n        caConfigMap: {name: corp-ca, key: bundle.pem}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
-    .unwrap();
+    .unwrap());
     let (sidecar, worker) = containers(&p);
     let source = mount_of(&sidecar, "kzc-source-1");
     assert_eq!(
@@ -275,10 +314,10 @@ fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_say
 
 #[test]
 fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_session_token() {
-    let p: InferencePipeline = serde_yaml::from_str(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: s3://weights/head.safetensors\n        s3: {endpoint: 'http://minio.storage:9000', region: eu-west-1, credentialsSecret: s3-reader}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
-    .unwrap();
+    .unwrap());
     let (sidecar, worker) = containers(&p);
     assert_eq!(
         mount_of(&sidecar, "kzc-source-0").mount_path,
@@ -334,10 +373,10 @@ fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_sessio
 /// only, each under its own folder and named in the settings the process reads.
 #[test]
 fn azure_keys_are_mounted_where_they_are_read() {
-    let p: InferencePipeline = serde_yaml::from_str(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: az://weights/head.safetensors\n        azure: {account: models, credentialsSecret: az-models}\n  input: {uri: 'az://batch/in/', azure: {account: data, endpoint: 'http://azurite:10000/data', credentialsSecret: az-data}}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
-    .unwrap();
+    .unwrap());
     let (sidecar, worker) = containers(&p);
     let names = |c: &Container| -> Vec<String> {
         c.volume_mounts
@@ -393,17 +432,45 @@ fn azure_keys_are_mounted_where_they_are_read() {
     );
 }
 
+/// A `file://` path the pods would not see is refused in words that say what to mount: a model
+/// or input on no volume of the template (unless the pipeline's own image may hold it), an
+/// output on no volume whatever the image (the containers' files are read-only); with Node
+/// sharing the node agent reads file:// models itself, from its own folders.
 #[test]
-fn a_file_model_under_no_mount_still_renders() {
-    // Only readable if a custom image has it; not an error for the operator.
-    let (sidecar, _) = containers(&pipeline(""));
-    let names: Vec<_> = sidecar
-        .volume_mounts
+fn file_paths_the_pods_cannot_see_are_refused_with_what_to_mount() {
+    let task = |template: &str| -> InferencePipeline {
+        serde_yaml::from_str(&format!(
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
+        ))
         .unwrap()
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
-    assert_eq!(names, [STORE_VOLUME, BINDINGS_VOLUME, DOWNLOADS_VOLUME]);
+    };
+    let refused = |p: &InferencePipeline| match render(p, &Settings::default()) {
+        Err(Error::Invalid(e)) => e.to_string(),
+        other => panic!("refused as invalid, not {:?}", other.map(|_| ())),
+    };
+    let data = "  template:\n    volumes: [{name: data, persistentVolumeClaim: {claimName: batch}}]\n    volumeMounts: [{name: data, mountPath: /data}]\n";
+    let said = refused(&task(data));
+    assert!(
+        said.contains("spec.models[0].source.uri file:///opt/models/m.pt: no volume of the template is mounted there")
+            && said.contains("mount it at /opt/models (or a folder above) in template.volumeMounts, or build it into your own template.image"),
+        "{said}"
+    );
+    // In the pipeline's own image, the model may be: it renders.
+    let own_image = format!("{data}    image: registry.example/with-model:1\n");
+    assert!(render(&task(&own_image), &Settings::default()).is_ok());
+    // The output must be on a volume, whatever the image.
+    let models_only = "  template:\n    image: registry.example/with-model:1\n    volumes: [{name: in, emptyDir: {}}]\n    volumeMounts: [{name: in, mountPath: /data/in/}]\n";
+    let said = refused(&task(models_only));
+    assert!(
+        said.starts_with("spec.output.uri file:///data/out: no volume")
+            && said.ends_with("mount it at /data (or a folder above) in template.volumeMounts"),
+        "{said}"
+    );
+    // A mount of the folder above covers it; with Node sharing the model is the agent's.
+    let node = format!("  sharing: Node\n{data}");
+    assert!(render(&task(&node), &Settings::default()).is_ok());
+    let above = "  template:\n    volumes: [{name: all, emptyDir: {}}]\n    volumeMounts: [{name: all, mountPath: /}]\n";
+    assert!(render(&task(above), &Settings::default()).is_ok());
 }
 
 #[test]
@@ -514,10 +581,10 @@ fn a_queued_job_starts_suspended_with_the_queue_label() {
         Some(&"team-a".to_owned())
     );
     assert_eq!(queued_job.spec.unwrap().suspend, Some(true));
-    let mut actor: InferencePipeline = serde_yaml::from_str(
+    let mut actor: InferencePipeline = mounted(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: a}\nspec:\n  mode: Actor\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///opt/models/m.pt'}}]\n  actor: {replicas: 1}\n",
     )
-    .unwrap();
+    .unwrap());
     actor.metadata.labels = queued.metadata.labels.clone();
     let refused = render(&actor, &Settings::default())
         .unwrap_err()
@@ -611,7 +678,7 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
 fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_worker() {
     let python = "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: MODE\n  models: [{name: m, format: Safetensors, python: {entryPoint: 'models:build'}, source: {uri: 'https://m.example/m.safetensors'}}]\n  template: {image: 'registry.example/mine:1'}\n";
     let command = |yaml: &str| -> Vec<String> {
-        let p: InferencePipeline = serde_yaml::from_str(yaml).unwrap();
+        let p: InferencePipeline = mounted(serde_yaml::from_str(yaml).unwrap());
         let pod = match render(&p, &Settings::default()).unwrap() {
             Rendered::Task { job } => job.spec.unwrap().template.spec.unwrap(),
             Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template.spec.unwrap(),
@@ -631,10 +698,10 @@ fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_wo
 /// The pods of an Actor pipeline of 2 replicas with a batch run whose `template` holds these
 /// lines: the replicas' and the driver's.
 fn batch_run_pods(template: &str) -> (PodSpec, PodSpec) {
-    let p: InferencePipeline = serde_yaml::from_str(&format!(
+    let p: InferencePipeline = mounted(serde_yaml::from_str(&format!(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  actor: {{replicas: 2}}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://a.example/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  template:\n{template}"
     ))
-    .unwrap();
+    .unwrap());
     let Rendered::Actor {
         deployment, run, ..
     } = render(&p, &Settings::default()).unwrap()

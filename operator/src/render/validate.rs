@@ -1,11 +1,12 @@
 //! What a pipeline may not ask for, checked before anything is built: the operator's policy,
-//! the worker's resources, Node sharing's one Secret, Kueue's label on an Actor.
+//! the worker's resources, file:// paths the pods cannot see, Node sharing's one Secret, Kueue's
+//! label on an Actor.
 
 use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
 use super::Settings;
-use crate::crd::{InferencePipeline, Mode, Sharing};
+use crate::crd::{InferencePipeline, InferencePipelineSpec, Mode, Sharing};
 use crate::policy::{self};
 use crate::quantity;
 
@@ -22,6 +23,68 @@ pub(super) fn check_resources(resources: Option<&ResourceRequirements>) -> Resul
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Every `file://` path the pods read or write lies where they can see it: the output on a
+/// volume the template mounts (the containers' own files are read-only, and gone with the pod);
+/// the models the weight server reads (Pod sharing; with Node sharing the node agent reads
+/// them from its own `nodeStore.fileSources`) and the input on such a volume too, or in the
+/// pipeline's own image (`template.image`), which may hold them. Elsewhere the pods would
+/// start and fail on a path that is not there.
+pub(super) fn check_file_paths_are_seen(spec: &InferencePipelineSpec) -> Result<()> {
+    let template = spec.template.as_ref();
+    let mounts: Vec<&str> = template
+        .iter()
+        .flat_map(|t| t.volume_mounts.iter().flatten())
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    let own_image = template.is_some_and(|t| t.image.is_some());
+    let models = spec
+        .models
+        .iter()
+        .enumerate()
+        .filter(|_| spec.sharing == Sharing::Pod)
+        .map(|(i, m)| {
+            (
+                format!("spec.models[{i}].source.uri"),
+                &m.source.uri,
+                own_image,
+            )
+        });
+    let data = [
+        ("input", &spec.input, own_image),
+        ("output", &spec.output, false),
+    ]
+    .into_iter()
+    .filter_map(|(field, data, in_image)| {
+        Some((format!("spec.{field}.uri"), &data.as_ref()?.uri, in_image))
+    });
+    for (field, uri, in_image) in models.chain(data) {
+        let Some(path) = uri.strip_prefix("file://") else {
+            continue;
+        };
+        let on = |mount: &&str| {
+            let mount = mount.trim_end_matches('/');
+            path == mount || path.starts_with(&format!("{mount}/"))
+        };
+        if in_image || mounts.iter().any(on) {
+            continue;
+        }
+        let folder = std::path::Path::new(path)
+            .parent()
+            .map_or("/".into(), |p| p.display().to_string());
+        let or_image = if field.ends_with("output.uri") {
+            ""
+        } else {
+            ", or build it into your own template.image"
+        };
+        bail!(
+            "{field} {uri}: no volume of the template is mounted there, so the pods would not \
+             find it: add the volume that holds it to template.volumes and mount it at {folder} \
+             (or a folder above) in template.volumeMounts{or_image}"
+        );
     }
     Ok(())
 }
@@ -43,6 +106,7 @@ pub fn validate(pipeline: &InferencePipeline, settings: &Settings) -> Result<(),
     let spec = &pipeline.spec;
     policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
+    check_file_paths_are_seen(spec)?;
     if spec.sharing == Sharing::Node {
         spec.volume_secret()?;
     }

@@ -47,7 +47,8 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// A Task pipeline with one TorchScript model, for the operator's tests and benchmark.
+/// A Task pipeline with one TorchScript model, for the operator's tests and benchmark: the
+/// model and the data on volumes of the template (empty: kwok runs no container).
 pub fn task_pipeline(
     name: &str,
     namespace: &str,
@@ -65,6 +66,9 @@ spec:
   input: {{uri: "file:///data/in"}}
   output: {{uri: "file:///data/out"}}
   task: {{shards: {shards}, parallelism: {parallelism}}}
+  template:
+    volumes: [{{name: models, emptyDir: {{}}}}, {{name: data, emptyDir: {{}}}}]
+    volumeMounts: [{{name: models, mountPath: /models}}, {{name: data, mountPath: /data}}]
 "#
     ))
     .expect("a valid pipeline")

@@ -14,7 +14,7 @@ use crate::memory::MemoryStats;
 use crate::model::Pipeline;
 
 /// The actor's metrics, prefixed `kube_zerocopy_worker_`.
-pub(super) struct ActorMetrics {
+pub struct ActorMetrics {
     pub(super) batches: Counter,
     pub(super) failed: Counter,
     pub(super) rows: Counter,
@@ -30,8 +30,14 @@ pub(super) struct ActorMetrics {
     registry: Registry,
 }
 
+impl Default for ActorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ActorMetrics {
-    pub(super) fn new() -> Self {
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kube_zerocopy_worker");
         let counter = |registry: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
@@ -106,7 +112,7 @@ impl ActorMetrics {
     }
 
     /// The text format, with the memory gauges read from /proc now.
-    pub(super) fn render(&self, in_flight: usize) -> Result<String> {
+    pub fn render(&self, in_flight: usize) -> Result<String> {
         self.in_flight.set(in_flight as i64);
         let process = MemoryStats::of_process("self")?;
         self.process_pss.set(process.pss_kib as i64 * 1024);

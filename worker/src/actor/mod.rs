@@ -30,7 +30,7 @@
 mod batcher;
 mod drain;
 mod http;
-mod metrics;
+pub mod metrics;
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::sync_channel;

@@ -184,7 +184,7 @@ pub async fn a_pipeline_named_after_an_administrators_account_cannot_take_it_ove
     let mut run = actor_pipeline("etl", &ns, 1, "file:///models/a.safetensors");
     run.spec.input = Some(serde_json::from_value(json!({"uri": "file:///data/in"})).unwrap());
     run.spec.output = Some(serde_json::from_value(json!({"uri": "file:///data/out"})).unwrap());
-    run.spec.template = Some(serde_json::from_value(json!({"image": "tenant/own:1"})).unwrap());
+    run.spec.template.as_mut().unwrap().image = Some("tenant/own:1".into());
     pipelines.create(&post, &run).await.unwrap();
     let refused = |kind: &'static str| {
         let pipelines = pipelines.clone();

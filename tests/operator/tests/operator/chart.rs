@@ -381,3 +381,71 @@ pub async fn helm_upgrade_upgrades_the_crds(env: Arc<Env>) {
         Some("keep")
     );
 }
+
+/// Monitoring is opt-in: the default install has no monitor, rule or dashboard; asked for, the
+/// chart renders the operator's ServiceMonitor, the agents' and actors' PodMonitors (the
+/// pipeline's name kept as `pipeline`), the alert rules and the dashboard as a ConfigMap the
+/// Grafana sidecar loads, and a headless Service of the agents' metrics.
+pub async fn monitoring_is_opt_in_and_complete_when_asked(env: Arc<Env>) {
+    let kinds = |documents: &[serde_yaml::Value]| -> Vec<(String, String)> {
+        documents
+            .iter()
+            .map(|d| {
+                let field = |v: &serde_yaml::Value| v.as_str().unwrap_or_default().to_owned();
+                (field(&d["kind"]), field(&d["metadata"]["name"]))
+            })
+            .collect()
+    };
+    let defaults = kinds(&rendered(&env, &["nodeStore.enabled=true"]).await);
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(!defaults.iter().any(|(k, _)| k == kind), "{defaults:?}");
+    }
+    assert!(!defaults.iter().any(|(_, n)| n.ends_with("-dashboard")));
+
+    let documents = rendered(
+        &env,
+        &[
+            "nodeStore.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.serviceMonitor.labels.release=prometheus",
+            "metrics.prometheusRule.enabled=true",
+            "metrics.grafanaDashboard.enabled=true",
+        ],
+    )
+    .await;
+    let asked = kinds(&documents);
+    for (kind, name) in [
+        ("ServiceMonitor", "kzc-kube-zerocopy-operator"),
+        ("PodMonitor", "kzc-kube-zerocopy-node-agent"),
+        ("PodMonitor", "kzc-kube-zerocopy-actors"),
+        ("PrometheusRule", "kzc-kube-zerocopy"),
+        ("ConfigMap", "kzc-kube-zerocopy-dashboard"),
+        ("Service", "kzc-kube-zerocopy-agent-metrics"),
+    ] {
+        assert!(
+            asked.contains(&(kind.to_owned(), name.to_owned())),
+            "no {kind} {name} in {asked:?}"
+        );
+    }
+    let find = |kind: &str, name: &str| {
+        documents
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap()
+    };
+    let operator = find("ServiceMonitor", "kzc-kube-zerocopy-operator");
+    assert_eq!(operator["metadata"]["labels"]["release"], "prometheus");
+    let actors = find("PodMonitor", "kzc-kube-zerocopy-actors");
+    let endpoint = &actors["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["relabelings"][0]["targetLabel"], "pipeline");
+    let rules = find("PrometheusRule", "kzc-kube-zerocopy");
+    let groups = rules["spec"]["groups"].as_sequence().unwrap();
+    assert!(groups.len() >= 4, "{groups:?}");
+    let dashboard = find("ConfigMap", "kzc-kube-zerocopy-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["kube-zerocopy.json"].as_str().unwrap()).unwrap();
+    assert!(json["panels"].as_array().unwrap().len() >= 10);
+    let service = find("Service", "kzc-kube-zerocopy-agent-metrics");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+}

@@ -45,6 +45,7 @@ fn main() {
         chart::the_charts_containers_set_only_what_their_binaries_read,
         chart::the_default_install_runs_no_node_agent,
         chart::node_pools_get_an_agent_each_with_their_capacity,
+        chart::monitoring_is_opt_in_and_complete_when_asked,
         explain::kubectl_explain_describes_every_field,
         linking::the_operators_scenarios_load_no_libtorch,
         mistakes::invalid_pipelines_are_rejected_in_the_cli_s_words,

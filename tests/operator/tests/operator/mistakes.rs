@@ -9,7 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
-use kube_zerocopy::crd::{InferencePipeline, Phase, PodOverrides};
+use kube_zerocopy::crd::{InferencePipeline, Phase};
 use kube_zerocopy::status::Reason;
 use kube_zerocopy::validation;
 use kube_zerocopy_test_env::invalid::invalid_pipelines;
@@ -127,10 +127,8 @@ pub async fn a_pipeline_whose_job_is_refused_says_why_until_fixed(env: Arc<Env>)
     let pipelines: Api<InferencePipeline> = env.api(&ns);
     let jobs: Api<Job> = env.api(&ns);
     let mut p = task_pipeline("refused", &ns, 2);
-    p.spec.template = Some(PodOverrides {
-        node_selector: Some([("not a label key".to_string(), "x".to_string())].into()),
-        ..Default::default()
-    });
+    p.spec.template.as_mut().unwrap().node_selector =
+        Some([("not a label key".to_string(), "x".to_string())].into());
     pipelines.create(&PostParams::default(), &p).await.unwrap();
     let (phase, degraded) = eventually("the refused pipeline to say why", MINUTE, || {
         degraded_with(&pipelines, "refused", Reason::ObjectsRefused.as_str())
@@ -320,11 +318,12 @@ pub async fn a_pipeline_whose_pods_cannot_be_scheduled_says_why(env: Arc<Env>) {
     let ns = env.namespace("unschedulable").await;
     let pipelines: Api<InferencePipeline> = env.api(&ns);
     let mut p = task_pipeline("no-claim", &ns, 2);
-    p.spec.template = Some(
-        serde_json::from_value(json!({
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "sentiment-data"}}],
-            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-        }))
+    // The data volume is a claim that does not exist.
+    p.spec.template.as_mut().unwrap().volumes = Some(
+        serde_json::from_value(json!([
+            {"name": "models", "emptyDir": {}},
+            {"name": "data", "persistentVolumeClaim": {"claimName": "sentiment-data"}},
+        ]))
         .unwrap(),
     );
     pipelines.create(&PostParams::default(), &p).await.unwrap();

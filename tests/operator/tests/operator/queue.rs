@@ -176,8 +176,8 @@ fn queued(name: &str, ns: &str, shards: i32) -> InferencePipeline {
         .labels
         .get_or_insert_with(Default::default)
         .insert(QUEUE_LABEL.into(), "team".into());
-    pipeline.spec.template =
-        Some(serde_json::from_value(json!({"resources": {"requests": {"cpu": "1"}}})).unwrap());
+    pipeline.spec.template.as_mut().unwrap().resources =
+        Some(serde_json::from_value(json!({"requests": {"cpu": "1"}})).unwrap());
     pipeline
 }
 

@@ -115,6 +115,9 @@ spec:
   models:
     - {{name: mlp, format: Safetensors, architecture: Mlp, source: {{uri: "{uri}", size: 32Mi}}}}
   actor: {{replicas: {replicas}}}
+  template:
+    volumes: [{{name: models, emptyDir: {{}}}}, {{name: data, emptyDir: {{}}}}]
+    volumeMounts: [{{name: models, mountPath: /models}}, {{name: data, mountPath: /data}}]
 "#
     ))
 }
