@@ -161,19 +161,7 @@ mod tests {
     use kube_zerocopy_fetch::{ModelFormat, S3Access};
 
     fn model(uri: &str) -> ModelSource {
-        ModelSource {
-            name: "m".into(),
-            format: ModelFormat::Safetensors,
-            uri: uri.into(),
-            sha256: None,
-            architecture: None,
-            python_entry_point: None,
-            max_bytes: None,
-            bearer_token_file: None,
-            ca_file: None,
-            s3: None,
-            azure: None,
-        }
+        ModelSource::new("m", ModelFormat::Safetensors, uri)
     }
 
     #[test]

@@ -77,6 +77,24 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
+    /// A source of `name` in `format` at `uri`, with nothing else: no digest, no size, no
+    /// credentials, no code to run it (what a tool or a test starts from and adds to).
+    pub fn new(name: &str, format: ModelFormat, uri: &str) -> ModelSource {
+        ModelSource {
+            name: name.into(),
+            format,
+            uri: uri.into(),
+            sha256: None,
+            architecture: None,
+            python_entry_point: None,
+            max_bytes: None,
+            bearer_token_file: None,
+            ca_file: None,
+            s3: None,
+            azure: None,
+        }
+    }
+
     /// Whether its source is read with credentials the pipeline named (a bearer token, an S3
     /// or Azure credentials folder): a private model.
     pub fn names_credentials(&self) -> bool {
@@ -157,17 +175,9 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_duplicates_and_bad_digests() {
         let m = ModelSource {
-            name: "a".into(),
-            format: ModelFormat::TorchScript,
-            uri: "file:///m.pt".into(),
-            sha256: None,
-            architecture: None,
-            python_entry_point: None,
             max_bytes: Some(1 << 20),
             bearer_token_file: Some("/kzc/sources/a/token".into()),
-            ca_file: None,
-            s3: None,
-            azure: None,
+            ..ModelSource::new("a", ModelFormat::TorchScript, "file:///m.pt")
         };
         let json = models_to_json(std::slice::from_ref(&m));
         assert_eq!(models_from_json(&json).unwrap(), vec![m.clone()]);

@@ -40,19 +40,7 @@ pub fn make_model(args: &[&str]) {
 }
 
 pub fn source(name: &str, format: ModelFormat, path: &Path) -> ModelSource {
-    ModelSource {
-        name: name.into(),
-        format,
-        uri: format!("file://{}", path.display()),
-        sha256: None,
-        architecture: None,
-        python_entry_point: None,
-        max_bytes: None,
-        bearer_token_file: None,
-        ca_file: None,
-        s3: None,
-        azure: None,
-    }
+    ModelSource::new(name, format, &format!("file://{}", path.display()))
 }
 
 /// Asserts that a finished command succeeded, showing its stderr otherwise; returns that.

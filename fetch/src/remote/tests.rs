@@ -236,17 +236,8 @@ fn publish_into(
         observer: None,
     };
     let model = ModelSource {
-        name: "m".into(),
-        format,
-        uri: uri.into(),
         sha256,
-        architecture: None,
-        python_entry_point: None,
-        max_bytes: None,
-        bearer_token_file: None,
-        ca_file: None,
-        s3: None,
-        azure: None,
+        ..ModelSource::new("m", format, uri)
     };
     let result = publisher.publish(&model).map(|hold| hold.digest.clone());
     Published {
