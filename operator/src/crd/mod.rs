@@ -243,8 +243,10 @@ pub struct ModelSourceSpec {
     #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*@')").message("source.uri must not carry credentials (user:password@): put a token in a Secret and name it in source.bearerTokenSecret"))]
     #[x_kube(validation = Rule::new("!self.matches('(?i)[?&#](x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|awsaccesskeyid|signature|sig|access_token|token)=')").message("source.uri must not carry a signature or token in its query (a presigned or SAS URL is a credential, and a source's URI is shown in logs, events and status): put a token in a Secret named in source.bearerTokenSecret, or use s3:// or az:// with source.credentialsSecret"))]
     pub uri: String,
-    /// The model file's size as a quantity (e.g. 400Mi, 2Gi): sizes the shared-memory volume
-    /// and the weight server's memory. Default: no size limit on the volume.
+    /// The model file's size as a quantity (e.g. 400Mi, 2Gi), or a little more: sizes each
+    /// pod's shared-memory volume and the weight server's memory. Required with sharing: Pod
+    /// (the operator refuses a pipeline without it); with sharing: Node it bounds what the node
+    /// agent fetches, and by default nothing does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "bounded_quantity")]
     #[x_kube(validation = Rule::new("isQuantity(string(self))").message("source.size must be a quantity such as 400Mi or 2Gi"))]

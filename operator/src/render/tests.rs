@@ -6,17 +6,24 @@ use kube_zerocopy_contract::models::MODELS_ATTRIBUTE;
 use kube_zerocopy_contract::pod;
 
 /// A Task pipeline with `template` (YAML under spec) besides, its model and data on volumes
-/// of the template (see [`mounted`]).
+/// of the template (see [`runnable`]).
 fn pipeline(template: &str) -> InferencePipeline {
-    mounted(serde_yaml::from_str(&format!(
+    runnable(serde_yaml::from_str(&format!(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
     ))
     .unwrap())
 }
 
-/// `p` with an emptyDir volume mounted at the folder of each of its `file://` paths that no
-/// mount of its template covers (`data` at /data, ...), as a pipeline needs them.
-fn mounted(mut p: InferencePipeline) -> InferencePipeline {
+/// `p` as a pipeline must be to run: an emptyDir volume mounted at the folder of each of its
+/// `file://` paths that no mount of its template covers (`data` at /data, ...), and a size of
+/// 1Mi for each model without one.
+fn runnable(mut p: InferencePipeline) -> InferencePipeline {
+    for model in &mut p.spec.models {
+        model
+            .source
+            .size
+            .get_or_insert_with(|| Quantity("1Mi".into()));
+    }
     let uris: Vec<String> = p
         .spec
         .models
@@ -69,7 +76,7 @@ fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
     );
     let affinity = |sharing: &str| {
         let p: InferencePipeline =
-            mounted(serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap());
+            runnable(serde_yaml::from_str(&yaml.replace("SHARING", sharing)).unwrap());
         let Rendered::Actor { deployment, .. } = render(&p, &Settings::default()).unwrap() else {
             panic!("an Actor pipeline renders a Deployment")
         };
@@ -100,7 +107,7 @@ fn node_sharing_pods_prefer_the_nodes_that_hold_their_models() {
 /// container of the pod mounts it.
 #[test]
 fn a_private_model_s_secret_goes_to_the_node_agent_with_the_volume_alone() {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  sharing: Node\n  actor: {replicas: 1}\n  models:\n    - {name: a, format: TorchScript, source: {uri: 'https://hub.example/a.pt', bearerTokenSecret: {name: team-models, key: hub-token}}}\n    - {name: b, format: TorchScript, source: {uri: 's3://weights/b.pt', s3: {region: eu-west-1, credentialsSecret: team-models}}}\n",
     )
     .unwrap());
@@ -189,7 +196,7 @@ fn models_of(sidecar: Container) -> Vec<kube_zerocopy_contract::models::ModelSou
 
 #[test]
 fn the_client_token_reaches_the_replicas_and_the_driver_only() {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Actor\n  actor: {replicas: 2, tokenSecret: {name: clients, key: bearer}}\n  models: [{name: m, format: TorchScript, source: {uri: 'https://a.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n",
     )
     .unwrap());
@@ -270,7 +277,7 @@ fn the_client_token_reaches_the_replicas_and_the_driver_only() {
 
 #[test]
 fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_says() {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - {name: open, format: TorchScript, source: {uri: 'https://a.example/m.pt', size: 2Ki}}\n    - name: private\n      format: TorchScript\n      source:\n        uri: https://b.example/m.pt\n        bearerTokenSecret: {name: hub, key: token}\n        caConfigMap: {name: corp-ca, key: bundle.pem}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
     .unwrap());
@@ -314,7 +321,7 @@ fn only_the_weight_server_mounts_a_models_token_and_ca_where_its_models_list_say
 
 #[test]
 fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_session_token() {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: s3://weights/head.safetensors\n        s3: {endpoint: 'http://minio.storage:9000', region: eu-west-1, credentialsSecret: s3-reader}\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
     .unwrap());
@@ -373,7 +380,7 @@ fn s3_credentials_are_mounted_for_the_weight_server_only_with_an_optional_sessio
 /// only, each under its own folder and named in the settings the process reads.
 #[test]
 fn azure_keys_are_mounted_where_they_are_read() {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: Task\n  models:\n    - name: head\n      format: Safetensors\n      architecture: Mlp\n      source:\n        uri: az://weights/head.safetensors\n        azure: {account: models, credentialsSecret: az-models}\n  input: {uri: 'az://batch/in/', azure: {account: data, endpoint: 'http://azurite:10000/data', credentialsSecret: az-data}}\n  output: {uri: 'file:///data/out'}\n  task: {shards: 1}\n",
     )
     .unwrap());
@@ -432,6 +439,25 @@ fn azure_keys_are_mounted_where_they_are_read() {
     );
 }
 
+/// With Pod sharing a model without a size is refused, saying what the size is for; with Node
+/// sharing the node agent's store holds the weights and the size is not needed.
+#[test]
+fn a_model_of_unknown_size_is_refused_with_pod_sharing() {
+    let mut p = pipeline("");
+    p.spec.models[0].source.size = None;
+    let Err(Error::Invalid(said)) = render(&p, &Settings::default()) else {
+        panic!("a Pod-sharing model without a size is invalid")
+    };
+    assert!(
+        said.to_string().starts_with(
+            "spec.models[0].source.size is missing: with sharing: Pod it sizes each pod's memory"
+        ),
+        "{said}"
+    );
+    p.spec.sharing = crate::crd::Sharing::Node;
+    assert!(render(&p, &Settings::default()).is_ok());
+}
+
 /// A `file://` path the pods would not see is refused in words that say what to mount: a model
 /// or input on no volume of the template (unless the pipeline's own image may hold it), an
 /// output on no volume whatever the image (the containers' files are read-only); with Node
@@ -440,7 +466,7 @@ fn azure_keys_are_mounted_where_they_are_read() {
 fn file_paths_the_pods_cannot_see_are_refused_with_what_to_mount() {
     let task = |template: &str| -> InferencePipeline {
         serde_yaml::from_str(&format!(
-            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'file:///opt/models/m.pt', size: 1Mi}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n{template}"
         ))
         .unwrap()
     };
@@ -581,7 +607,7 @@ fn a_queued_job_starts_suspended_with_the_queue_label() {
         Some(&"team-a".to_owned())
     );
     assert_eq!(queued_job.spec.unwrap().suspend, Some(true));
-    let mut actor: InferencePipeline = mounted(serde_yaml::from_str(
+    let mut actor: InferencePipeline = runnable(serde_yaml::from_str(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: a}\nspec:\n  mode: Actor\n  models: [{name: m, format: TorchScript, source: {uri: 'file:///opt/models/m.pt'}}]\n  actor: {replicas: 1}\n",
     )
     .unwrap());
@@ -678,7 +704,7 @@ fn the_templates_environment_placement_and_annotations_reach_every_pod() {
 fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_worker() {
     let python = "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p}\nspec:\n  mode: MODE\n  models: [{name: m, format: Safetensors, python: {entryPoint: 'models:build'}, source: {uri: 'https://m.example/m.safetensors'}}]\n  template: {image: 'registry.example/mine:1'}\n";
     let command = |yaml: &str| -> Vec<String> {
-        let p: InferencePipeline = mounted(serde_yaml::from_str(yaml).unwrap());
+        let p: InferencePipeline = runnable(serde_yaml::from_str(yaml).unwrap());
         let pod = match render(&p, &Settings::default()).unwrap() {
             Rendered::Task { job } => job.spec.unwrap().template.spec.unwrap(),
             Rendered::Actor { deployment, .. } => deployment.spec.unwrap().template.spec.unwrap(),
@@ -698,7 +724,7 @@ fn models_run_by_python_code_are_run_by_the_python_worker_and_the_rest_by_the_wo
 /// The pods of an Actor pipeline of 2 replicas with a batch run whose `template` holds these
 /// lines: the replicas' and the driver's.
 fn batch_run_pods(template: &str) -> (PodSpec, PodSpec) {
-    let p: InferencePipeline = mounted(serde_yaml::from_str(&format!(
+    let p: InferencePipeline = runnable(serde_yaml::from_str(&format!(
         "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p}}\nspec:\n  mode: Actor\n  actor: {{replicas: 2}}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://a.example/m.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  template:\n{template}"
     ))
     .unwrap());

@@ -1,6 +1,6 @@
 //! What a pipeline may not ask for, checked before anything is built: the operator's policy,
-//! the worker's resources, file:// paths the pods cannot see, Node sharing's one Secret, Kueue's
-//! label on an Actor.
+//! the worker's resources, file:// paths the pods cannot see, models of unknown size (Pod
+//! sharing), Node sharing's one Secret, Kueue's label on an Actor.
 
 use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -89,6 +89,25 @@ pub(super) fn check_file_paths_are_seen(spec: &InferencePipelineSpec) -> Result<
     Ok(())
 }
 
+/// With Pod sharing each pod holds its own copy of the weights: the models' sizes are what the
+/// weight server's memory is requested by and the pod's store limited to, and what the
+/// scheduler places the pod by. A pipeline without them would run pods sized for nothing.
+pub(super) fn check_sizes_are_given(spec: &InferencePipelineSpec) -> Result<()> {
+    if spec.sharing != Sharing::Pod {
+        return Ok(());
+    }
+    let without_size = spec.models.iter().position(|m| m.source.size.is_none());
+    if let Some(i) = without_size {
+        bail!(
+            "spec.models[{i}].source.size is missing: with sharing: Pod it sizes each pod's \
+             memory for the weights (the weight server's request and the store's limit), which \
+             the scheduler places the pod by; give the model file's size or a little more \
+             (e.g. 400Mi), or use sharing: Node (the node agent's store holds the weights)"
+        );
+    }
+    Ok(())
+}
+
 /// Why a pipeline cannot become objects. [`Error::Refused`] is the operator's policy speaking;
 /// every other check says the pipeline is invalid.
 #[derive(thiserror::Error, Debug)]
@@ -107,6 +126,7 @@ pub fn validate(pipeline: &InferencePipeline, settings: &Settings) -> Result<(),
     policy::check(spec, &settings.policy)?;
     check_resources(spec.template.as_ref().and_then(|t| t.resources.as_ref()))?;
     check_file_paths_are_seen(spec)?;
+    check_sizes_are_given(spec)?;
     if spec.sharing == Sharing::Node {
         spec.volume_secret()?;
     }

@@ -184,7 +184,7 @@ mod tests {
     /// An Actor pipeline of 2 replicas (suspended or not) and the objects it renders.
     fn actor(suspended: bool) -> (InferencePipeline, Objects) {
         let mut pipeline: InferencePipeline = serde_yaml::from_str(&format!(
-            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: 1}}\nspec:\n  mode: Actor\n  suspend: {suspended}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://m.example/m.pt'}}}}]\n  actor: {{replicas: 2}}\n"
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: 1}}\nspec:\n  mode: Actor\n  suspend: {suspended}\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://m.example/m.pt', size: 1Mi}}}}]\n  actor: {{replicas: 2}}\n"
         ))
         .unwrap();
         pipeline.metadata.uid = Some("pipeline-uid".into());

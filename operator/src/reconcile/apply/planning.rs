@@ -98,7 +98,7 @@ mod tests {
     /// A Task pipeline whose shards are not declared: it is planned first.
     fn unplanned() -> (InferencePipeline, Job) {
         let mut pipeline: InferencePipeline = serde_yaml::from_str(
-            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p, namespace: tenant, generation: 3}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'https://m.example/m.pt'}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template: {volumes: [{name: data, emptyDir: {}}], volumeMounts: [{name: data, mountPath: /data}]}\n",
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {name: p, namespace: tenant, generation: 3}\nspec:\n  mode: Task\n  models: [{name: m, format: TorchScript, source: {uri: 'https://m.example/m.pt', size: 1Mi}}]\n  input: {uri: 'file:///data/in'}\n  output: {uri: 'file:///data/out'}\n  template: {volumes: [{name: data, emptyDir: {}}], volumeMounts: [{name: data, mountPath: /data}]}\n",
         )
         .unwrap();
         pipeline.metadata.uid = Some("pipeline-uid".into());

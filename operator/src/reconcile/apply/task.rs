@@ -487,7 +487,7 @@ mod apply_tests {
     /// The pipeline at `generation`, running model `model`, and the Job it renders.
     fn pipeline(generation: i64, model: &str) -> (InferencePipeline, Job) {
         let mut pipeline: InferencePipeline = serde_yaml::from_str(&format!(
-            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: {generation}}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://m.example/{model}.pt'}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n  template: {{volumes: [{{name: data, emptyDir: {{}}}}], volumeMounts: [{{name: data, mountPath: /data}}]}}\n"
+            "apiVersion: kube-zerocopy.io/v1alpha1\nkind: InferencePipeline\nmetadata: {{name: p, namespace: tenant, generation: {generation}}}\nspec:\n  mode: Task\n  models: [{{name: m, format: TorchScript, source: {{uri: 'https://m.example/{model}.pt', size: 1Mi}}}}]\n  input: {{uri: 'file:///data/in'}}\n  output: {{uri: 'file:///data/out'}}\n  task: {{shards: 2}}\n  template: {{volumes: [{{name: data, emptyDir: {{}}}}], volumeMounts: [{{name: data, mountPath: /data}}]}}\n"
         ))
         .unwrap();
         pipeline.metadata.uid = Some("pipeline-uid".into());
