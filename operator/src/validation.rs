@@ -204,12 +204,60 @@ fn structural(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String
                     (None, Some(s)) if s.is_object() => structural(s, v, &at, errors),
                     (None, Some(Value::Bool(true))) => {}
                     _ if preserve => {}
-                    _ => errors.push(format!("unknown field {at:?}")),
+                    _ => errors.push(format!(
+                        "unknown field {at:?}{}",
+                        hint(path, key, properties)
+                    )),
                 }
             }
         }
         _ => {}
     }
+}
+
+/// What an unknown field was likely meant to be: the pod template's fields written under a
+/// `spec` of their own, or a known field a letter or two away (`sharding` for `sharing`).
+fn hint(path: &str, key: &str, properties: Option<&serde_json::Map<String, Value>>) -> String {
+    if path == "spec.template" && key == "spec" {
+        return "; the pod template's fields sit directly under spec.template (image, \
+                resources, volumes, env, ...), not under spec.template.spec"
+            .into();
+    }
+    let known = properties.into_iter().flat_map(|p| p.keys());
+    let closest = known
+        .map(|name| {
+            (
+                edit_distance(&key.to_lowercase(), &name.to_lowercase()),
+                name,
+            )
+        })
+        .filter(|(distance, _)| *distance <= 2)
+        .min();
+    match closest {
+        Some((_, name)) => format!("; did you mean {:?}?", child(path, name)),
+        None => String::new(),
+    }
+}
+
+/// Levenshtein's distance: the single-letter insertions, deletions and substitutions that
+/// turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn has_type(value: &Value, expected: &str) -> bool {
@@ -346,6 +394,30 @@ mod tests {
                 "unknown field \"spec.extra\"",
             ]
         );
+    }
+
+    /// An unknown field close to a known one says which was meant; the pod template's fields
+    /// written under a `spec` of their own say where they go.
+    #[test]
+    fn unknown_fields_say_what_was_likely_meant() {
+        let mut spec = task();
+        spec["sharding"] = json!("Pod");
+        spec["Task"] = json!({"shards": 2});
+        spec["template"] = json!({"spec": {"image": "mine:1"}});
+        let mut found = errors(pipeline(spec));
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "unknown field \"spec.Task\"; did you mean \"spec.task\"?",
+                "unknown field \"spec.sharding\"; did you mean \"spec.sharing\"?",
+                "unknown field \"spec.template.spec\"; the pod template's fields sit directly \
+                 under spec.template (image, resources, volumes, env, ...), not under \
+                 spec.template.spec",
+            ]
+        );
+        assert_eq!(edit_distance("sharding", "sharing"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]
