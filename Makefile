@@ -29,9 +29,9 @@ cluster:
 cluster-binaries:
 	@scripts/cluster-binaries.sh
 
-# The pure crates' tests (operator, store, fetching, agent): no torch, no cluster, seconds once built.
+# The pure crates' tests (operator, store, fetching, batch, agent): no torch, no cluster, seconds once built.
 test-unit:
-	cargo test --release -p kube-zerocopy -p kube-zerocopy-store -p kube-zerocopy-fetch -p kube-zerocopy-agent
+	cargo test --release -p kube-zerocopy -p kube-zerocopy-store -p kube-zerocopy-fetch -p kube-zerocopy-batch -p kube-zerocopy-agent
 
 # The real-node scenarios alone (root: a kubelet, containerd and kube-proxy on this machine,
 # the images from `make images`, the chart installed). `make test` runs them too.

@@ -46,7 +46,7 @@ const OPERATORS_LABELS: [&str; 4] = [
     names::MANAGED_BY_LABEL,
 ];
 /// Pod labels that other controllers set and select pods by: the Job controller's, the
-/// Deployment controller's and Kueue's.
+/// Deployment controller's and Kueue's; a key ending in '/' stands for its whole prefix.
 const CONTROLLERS_LABELS: [&str; 5] = [
     "batch.kubernetes.io/",
     "controller-uid",
@@ -286,7 +286,11 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
                 OPERATORS_LABELS.join(", ")
             )));
         }
-        if let Some(theirs) = CONTROLLERS_LABELS.iter().find(|l| key.starts_with(**l)) {
+        let theirs = |label: &&&str| match label.strip_suffix('/') {
+            Some(_) => key.starts_with(**label),
+            None => key == **label,
+        };
+        if let Some(theirs) = CONTROLLERS_LABELS.iter().find(theirs) {
             return Err(Refusal::Reserved(format!(
                 "template.labels: {key:?} ({theirs}…) is set by the Job or Deployment \
                  controller or by Kueue, which find their pods by it; use another key"
@@ -323,12 +327,12 @@ pub fn check(spec: &InferencePipelineSpec, policy: &PipelinePolicy) -> Result<()
     Ok(())
 }
 
-/// Whether a label or annotation key is under the operator's domain (models.kube-zerocopy.io/
-/// included).
+/// Whether a label or annotation key's prefix is the operator's domain or one of its
+/// subdomains (models.kube-zerocopy.io/).
 fn in_reserved_domain(key: &str) -> bool {
-    key.split('/')
-        .next()
-        .is_some_and(|domain| domain.ends_with(RESERVED_DOMAIN))
+    key.split_once('/').is_some_and(|(domain, _)| {
+        domain == RESERVED_DOMAIN || domain.ends_with(&format!(".{RESERVED_DOMAIN}"))
+    })
 }
 
 /// A template's affinity stays within its namespace and off control-plane nodes: no node term
@@ -626,7 +630,7 @@ mod tests {
             };
             assert_eq!(check(&spec(template), &policy), Ok(()));
         }
-        let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false'}\n    labels: {team: search, app.kubernetes.io/part-of: ranking}\n";
+        let ordinary = "    env: [{name: OMP_NUM_THREADS, value: '4'}]\n    annotations: {sidecar.istio.io/inject: 'false', notkube-zerocopy.io/x: y}\n    labels: {team: search, app.kubernetes.io/part-of: ranking, job-name-alias: etl}\n";
         assert_eq!(check(&spec(ordinary), &PipelinePolicy::default()), Ok(()));
     }
 

@@ -223,6 +223,8 @@ fn hint(path: &str, key: &str, properties: Option<&serde_json::Map<String, Value
                 resources, volumes, env, ...), not under spec.template.spec"
             .into();
     }
+    // Two edits at most, fewer for a short key: any two-letter key is two edits from another.
+    let most = (key.chars().count() / 3).min(2);
     let known = properties.into_iter().flat_map(|p| p.keys());
     let closest = known
         .map(|name| {
@@ -231,7 +233,7 @@ fn hint(path: &str, key: &str, properties: Option<&serde_json::Map<String, Value
                 name,
             )
         })
-        .filter(|(distance, _)| *distance <= 2)
+        .filter(|(distance, _)| *distance <= most)
         .min();
     match closest {
         Some((_, name)) => format!("; did you mean {:?}?", child(path, name)),

@@ -159,8 +159,10 @@ pub struct PodOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
     /// The labels of every pod the pipeline makes (e.g. a team or cost center for chargeback,
-    /// a service mesh's app label). Keys under kube-zerocopy.io/ are the operator's, and those
-    /// the Job and Deployment controllers or Kueue set are theirs: both are refused.
+    /// a service mesh's app label). Refused: the operator's own (keys under kube-zerocopy.io/,
+    /// and app.kubernetes.io/ name, instance, component and managed-by), and those the Job and
+    /// Deployment controllers or Kueue set (batch.kubernetes.io/, job-name, controller-uid,
+    /// pod-template-hash, kueue.x-k8s.io/).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
 }

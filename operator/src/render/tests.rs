@@ -492,6 +492,28 @@ fn file_paths_the_pods_cannot_see_are_refused_with_what_to_mount() {
             && said.ends_with("mount it at /data (or a folder above) in template.volumeMounts"),
         "{said}"
     );
+    // An output on a read-only mount could not be written.
+    let read_only = "  template:\n    volumes: [{name: all, emptyDir: {}}]\n    volumeMounts: [{name: all, mountPath: /, readOnly: true}, {name: all, mountPath: /data/out, subPath: out}]\n";
+    assert!(render(&task(read_only), &Settings::default()).is_ok());
+    let read_only = "  template:\n    volumes: [{name: all, emptyDir: {}}]\n    volumeMounts: [{name: all, mountPath: /, readOnly: true}]\n";
+    let said = refused(&task(read_only));
+    assert!(
+        said.starts_with("spec.output.uri file:///data/out: the volume \"all\" holding it is mounted read-only at /"),
+        "{said}"
+    );
+    // A batch run's input is read by its driver, which runs the operator's image.
+    let mut batch = task(&own_image);
+    batch.spec.mode = Mode::Actor;
+    batch.spec.task = None;
+    batch.spec.actor = Some(serde_json::from_value(serde_json::json!({"replicas": 1})).unwrap());
+    batch.spec.template.as_mut().unwrap().volume_mounts = Some(vec![]);
+    batch.spec.models[0].source.uri = "https://m.example/m.pt".into();
+    let said = refused(&batch);
+    assert!(
+        said.starts_with("spec.input.uri file:///data/in: no volume")
+            && said.ends_with("in template.volumeMounts"),
+        "{said}"
+    );
     // A mount of the folder above covers it; with Node sharing the model is the agent's.
     let node = format!("  sharing: Node\n{data}");
     assert!(render(&task(&node), &Settings::default()).is_ok());

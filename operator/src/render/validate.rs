@@ -3,7 +3,7 @@
 //! sharing), Node sharing's one Secret, Kueue's label on an Actor.
 
 use anyhow::{bail, Result};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ResourceRequirements, VolumeMount};
 
 use super::Settings;
 use crate::crd::{InferencePipeline, InferencePipelineSpec, Mode, Sharing};
@@ -28,19 +28,20 @@ pub(super) fn check_resources(resources: Option<&ResourceRequirements>) -> Resul
 }
 
 /// Every `file://` path the pods read or write lies where they can see it: the output on a
-/// volume the template mounts (the containers' own files are read-only, and gone with the pod);
-/// the models the weight server reads (Pod sharing; with Node sharing the node agent reads
-/// them from its own `nodeStore.fileSources`) and the input on such a volume too, or in the
-/// pipeline's own image (`template.image`), which may hold them. Elsewhere the pods would
-/// start and fail on a path that is not there.
+/// volume the template mounts writable (the containers' own files are read-only, and gone with
+/// the pod); the models the weight server reads (Pod sharing; with Node sharing the node agent
+/// reads them from its own `nodeStore.fileSources`) and a Task's input on such a volume too, or
+/// in the pipeline's own image (`template.image`), which may hold them. A batch run's input is
+/// read by its driver, which runs the operator's image: on a volume only. Elsewhere the pods
+/// would start and fail on a path that is not there.
 pub(super) fn check_file_paths_are_seen(spec: &InferencePipelineSpec) -> Result<()> {
     let template = spec.template.as_ref();
-    let mounts: Vec<&str> = template
+    let mounts: Vec<&VolumeMount> = template
         .iter()
         .flat_map(|t| t.volume_mounts.iter().flatten())
-        .map(|m| m.mount_path.as_str())
         .collect();
     let own_image = template.is_some_and(|t| t.image.is_some());
+    // (field, URI, whether the pipeline's own image could hold it, whether pods write it)
     let models = spec
         .models
         .iter()
@@ -50,35 +51,54 @@ pub(super) fn check_file_paths_are_seen(spec: &InferencePipelineSpec) -> Result<
             (
                 format!("spec.models[{i}].source.uri"),
                 &m.source.uri,
-                own_image,
+                true,
+                false,
             )
         });
     let data = [
-        ("input", &spec.input, own_image),
-        ("output", &spec.output, false),
+        ("input", &spec.input, spec.mode == Mode::Task, false),
+        ("output", &spec.output, false, true),
     ]
     .into_iter()
-    .filter_map(|(field, data, in_image)| {
-        Some((format!("spec.{field}.uri"), &data.as_ref()?.uri, in_image))
+    .filter_map(|(field, data, imaged, written)| {
+        Some((
+            format!("spec.{field}.uri"),
+            &data.as_ref()?.uri,
+            imaged,
+            written,
+        ))
     });
-    for (field, uri, in_image) in models.chain(data) {
+    for (field, uri, imaged, written) in models.chain(data) {
         let Some(path) = uri.strip_prefix("file://") else {
             continue;
         };
-        let on = |mount: &&str| {
-            let mount = mount.trim_end_matches('/');
-            path == mount || path.starts_with(&format!("{mount}/"))
-        };
-        if in_image || mounts.iter().any(on) {
-            continue;
+        // The deepest mount holding the path is the one the pods see it on.
+        let holder = mounts
+            .iter()
+            .filter(|m| {
+                let mount = m.mount_path.trim_end_matches('/');
+                path == mount || path.starts_with(&format!("{mount}/"))
+            })
+            .max_by_key(|m| m.mount_path.trim_end_matches('/').len());
+        match holder {
+            Some(mount) if written && mount.read_only == Some(true) => bail!(
+                "{field} {uri}: the volume {:?} holding it is mounted read-only at {}, and the \
+                 workers write the outputs there: mount it writable, or write the output \
+                 elsewhere",
+                mount.name,
+                mount.mount_path
+            ),
+            Some(_) => continue,
+            None if imaged && own_image => continue,
+            None => {}
         }
         let folder = std::path::Path::new(path)
             .parent()
             .map_or("/".into(), |p| p.display().to_string());
-        let or_image = if field.ends_with("output.uri") {
-            ""
-        } else {
+        let or_image = if imaged {
             ", or build it into your own template.image"
+        } else {
+            ""
         };
         bail!(
             "{field} {uri}: no volume of the template is mounted there, so the pods would not \

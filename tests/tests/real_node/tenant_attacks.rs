@@ -10,11 +10,13 @@ use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::ResourceExt;
 use kube_zerocopy::crd::InferencePipeline;
 use kube_zerocopy_e2e::cluster::host::GATEWAY;
 use kube_zerocopy_e2e::cluster::real::OPERATOR_NAMESPACE;
 use kube_zerocopy_e2e::kueue::{Kueue, Manage};
 use kube_zerocopy_e2e::s3::S3Server;
+use kube_zerocopy_e2e::wait::eventually_seen;
 use serde_json::json;
 
 use crate::actor::run_actor;
@@ -530,9 +532,24 @@ pub async fn a_kueue_managed_job_without_a_queue_label(env: Arc<Env>) -> Result<
             value: MANAGED.1.into(),
         },
     )
-    .await?;
+    .await;
+    let outcome = match &kueue {
+        Ok(_) => held_by_kueue(&env, MANAGED).await,
+        Err(e) => Err(anyhow::anyhow!("starting Kueue: {e:#}")),
+    };
+    env.record_attack("a Kueue-managed Job without a queue label", outcome.is_ok());
+    // Its webhook goes with it, or Jobs of that namespace would be refused from now on.
+    if let Ok(kueue) = kueue {
+        kueue.stop().await?;
+    }
+    outcome
+}
+
+/// A Task pipeline without a queue label in a namespace labelled `managed`, which Kueue
+/// manages: it waits for Kueue, and no pod of it is made.
+async fn held_by_kueue(env: &Env, managed: (&str, &str)) -> Result<()> {
     let (ns, _data) =
-        task_namespace(&env, "kueue-every-job", &[MANAGED], "embed-data", false).await?;
+        task_namespace(env, "kueue-every-job", &[managed], "embed-data", false).await?;
     let uri = format!("{}/{}", env.http_base, env.safetensors.file);
     let pipeline = example(
         "task-safetensors.yaml",
@@ -544,59 +561,59 @@ pub async fn a_kueue_managed_job_without_a_queue_label(env: Arc<Env>) -> Result<
             p["spec"]["task"] = json!({"shards": SHARDS, "parallelism": 2});
         },
     )?;
-    let outcome = async {
-        apply(&env.client, &pipeline).await?;
-        let two_minutes = Duration::from_secs(120);
-        let queued =
-            wait_phase(&env.client, &ns.name, "unqueued", &["Queued"], two_minutes).await?;
-        let said = queued
-            .status
-            .iter()
-            .flat_map(|s| &s.conditions)
-            .map(|c| c.message.clone())
-            .collect::<Vec<_>>()
-            .join("; ");
-        ensure!(
-            said.contains("another controller"),
-            "the pipeline says: {said}"
-        );
-        // Looked at again since: the operator has reconciled the suspended Job meanwhile.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
-        let job = jobs.get("unqueued-zerocopy").await?;
-        ensure!(
-            job.spec.as_ref().and_then(|s| s.suspend) == Some(true),
-            "the operator resumed the Job Kueue holds"
-        );
-        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
-        let made = pods.list(&ListParams::default()).await?.items.len();
-        ensure!(
-            made == 0,
-            "{made} pods were made before Kueue admitted the Job"
-        );
-        let workloads: Api<DynamicObject> = Api::namespaced_with(
-            env.client.clone(),
-            &ns.name,
-            &ApiResource::from_gvk(&GroupVersionKind::gvk(
-                "kueue.x-k8s.io",
-                "v1beta2",
-                "Workload",
-            )),
-        );
-        let workloads = workloads.list(&ListParams::default()).await?.items;
-        ensure!(
-            workloads.len() == 1 && workloads[0].data["status"]["admission"].is_null(),
-            "Kueue's Workloads: {:?}",
-            workloads
-                .iter()
-                .map(|w| &w.data["status"])
-                .collect::<Vec<_>>()
-        );
-        println!("  {}/unqueued: Queued, {said}", ns.name);
-        Ok(())
-    }
-    .await;
-    env.record_attack("a Kueue-managed Job without a queue label", outcome.is_ok());
-    kueue.stop().await?;
-    outcome
+    apply(&env.client, &pipeline).await?;
+    let two_minutes = Duration::from_secs(120);
+    let queued = wait_phase(&env.client, &ns.name, "unqueued", &["Queued"], two_minutes).await?;
+    let said = queued
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .map(|c| c.message.clone())
+        .collect::<Vec<_>>()
+        .join("; ");
+    ensure!(
+        said.contains("another controller"),
+        "the pipeline says: {said}"
+    );
+    let workloads: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &ns.name,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "kueue.x-k8s.io",
+            "v1beta2",
+            "Workload",
+        )),
+    );
+    // Kueue makes the Workload of the Job it holds, once it has seen the Job.
+    let workload = eventually_seen("Kueue's Workload of the Job", two_minutes, || {
+        let workloads = workloads.clone();
+        async move {
+            let listed = workloads.list(&ListParams::default()).await?.items;
+            let seen = format!("{} Workloads", listed.len());
+            Ok((listed.into_iter().next(), seen))
+        }
+    })
+    .await?;
+    // Looked at again since: the operator has reconciled the suspended Job meanwhile.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns.name);
+    let job = jobs.get("unqueued-zerocopy").await?;
+    ensure!(
+        job.spec.as_ref().and_then(|s| s.suspend) == Some(true),
+        "the operator resumed the Job Kueue holds"
+    );
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
+    let made = pods.list(&ListParams::default()).await?.items.len();
+    ensure!(
+        made == 0,
+        "{made} pods were made before Kueue admitted the Job"
+    );
+    let workload = workloads.get(&workload.name_any()).await?;
+    ensure!(
+        workload.data["status"]["admission"].is_null(),
+        "Kueue admitted the Workload: {}",
+        workload.data["status"]
+    );
+    println!("  {}/unqueued: Queued, {said}", ns.name);
+    Ok(())
 }

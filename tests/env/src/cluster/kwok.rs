@@ -41,7 +41,8 @@ pub fn command(bin: &Path, kubeconfig: &Path, stages: &Path, port: u16, home: &P
     cmd
 }
 
-/// Creates the fake Nodes, each with room for any scenario's pods.
+/// Creates the fake Nodes, each with room for any scenario's pods (one of the name there
+/// already is kept).
 pub async fn create_nodes(client: &Client, names: &[String]) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     for name in names {
@@ -76,10 +77,13 @@ pub async fn create_nodes(client: &Client, names: &[String]) -> Result<()> {
                 },
             },
         }))?;
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .with_context(|| format!("creating Node {name}"))?;
+        match nodes.create(&PostParams::default(), &node).await {
+            // Left by an earlier run on a cluster of someone else's: kwok takes it over.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            created => {
+                created.with_context(|| format!("creating Node {name}"))?;
+            }
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -30,29 +31,47 @@ pub async fn the_scenarios_run_on_a_cluster_named_by_a_kubeconfig(_env: Arc<Env>
     .unwrap();
     let admin = cluster.client().await.unwrap();
     let nodes: Api<Node> = Api::all(admin.clone());
-    // Ready (as its kubelet would say) so that no taint keeps pods off it: the node
-    // controller would taint it only once this heartbeat is some 50 s old.
-    let heartbeat = k8s_openapi::jiff::Timestamp::now().to_string();
-    let own_node = serde_json::from_value(json!({
-        "metadata": {"name": "someone-elses-node"},
-        "status": {"conditions": [{
+    // Ready, as its kubelet would say, its heartbeat renewed while the refusal is tried: the
+    // node controller taints a Node whose heartbeat is some 50 s old, and a tainted Node
+    // takes no pods (the harness would then have nothing to refuse).
+    let ready = |heartbeat: String| {
+        json!({"status": {"conditions": [{
             "type": "Ready", "status": "True", "reason": "KubeletReady",
             "lastHeartbeatTime": heartbeat, "lastTransitionTime": heartbeat,
-        }]},
-    }));
+        }]}})
+    };
+    let now = || k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut own_node = ready(now());
+    own_node["metadata"] = json!({"name": "someone-elses-node"});
     nodes
-        .create(&PostParams::default(), &own_node.unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(own_node).unwrap(),
+        )
         .await
         .unwrap();
+    let kubelet = tokio::spawn({
+        let nodes = nodes.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let beat = Patch::Merge(ready(now()));
+                let params = PatchParams::default();
+                let _ = nodes
+                    .patch_status("someone-elses-node", &params, &beat)
+                    .await;
+            }
+        }
+    });
     // The API server taints a new Node not-ready until the node controller sees it Ready.
     eventually("someone-elses-node without taints", MINUTE, || async {
         let node = nodes.get("someone-elses-node").await.unwrap();
         node.spec?.taints.is_none_or(|t| t.is_empty()).then_some(())
     })
     .await;
-
-    let (refused, said) = run_here(&cluster).await;
-    assert!(!refused, "{said}");
+    let (passed, said) = run_here(&cluster).await;
+    kubelet.abort();
+    assert!(!passed, "{said}");
     assert!(
         said.contains("cordon them first (kubectl cordon someone-elses-node)"),
         "{said}"
