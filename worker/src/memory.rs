@@ -104,20 +104,39 @@ pub fn status_kib(pid: &str, name: &str) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// Read from a process of its own that writes 32 MiB and waits: inside this test binary,
+    /// other tests' threads allocate and free meanwhile, and a difference of this process's
+    /// readings would measure them too.
     #[test]
     fn status_fields_follow_the_process() {
-        let before = status_kib("self", "RssAnon").unwrap();
-        let block = vec![1u8; 32 << 20];
-        std::hint::black_box(block.iter().step_by(4096).map(|&b| b as u64).sum::<u64>());
-        let during = status_kib("self", "RssAnon").unwrap();
-        assert!(during >= before + 30 * 1024, "{before} -> {during} KiB");
-        // One reading of both: other tests' threads of this binary allocate meanwhile, and
-        // the kernel shows the peak as at least the resident size only within one reading.
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, time\nb = bytearray(b'\\x01') * (32 << 20)\nprint('written', flush=True)\ntime.sleep(60)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "written");
+        let pid = child.id().to_string();
+        let anon = status_kib(&pid, "RssAnon").unwrap();
+        // One reading of both: the kernel shows the peak as at least the resident size only
+        // within one reading.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let read = |name| status.lines().find_map(|l| field(l, name)).unwrap();
         let (peak, now) = (read("VmHWM"), read("VmRSS"));
-        assert!(peak >= now && now >= during, "peak {peak}, now {now}");
-        drop(block);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(anon >= 32 * 1024, "RssAnon {anon} KiB after writing 32 MiB");
+        assert!(
+            peak >= now && now >= anon,
+            "peak {peak}, now {now}, anon {anon}"
+        );
         assert!(status_kib("self", "NoSuchField").is_err());
     }
 

@@ -661,6 +661,11 @@ pub async fn batch_run_survives_a_killed_replica(env: Arc<Env>) -> Result<()> {
             "status.batches {batches:?}"
         );
         ensure!(done_at_kill < BATCHES, "the run was over before the replica was killed");
+        // The killed replica held batches (two in flight per replica): they were sent again.
+        ensure!(
+            batches.retried >= 1,
+            "no batch was sent again after replica {victim_name} was killed: {batches:?}"
+        );
 
         let counts = renames.counts();
         for shard in kube_zerocopy_batch::shards::list_shards(&reference)? {
